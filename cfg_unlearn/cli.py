@@ -1,0 +1,82 @@
+"""Command line: ``python train.py fit|validate|test --config ...`` (LightningCLI) and the
+``cfg-unlearn`` console script, which adds the project's own subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from lightning.pytorch.cli import LightningCLI
+
+from cfg_unlearn.data.datamodule import PairDataModule
+from cfg_unlearn.module import UnlearnModule
+
+TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
+
+
+class UnlearnCLI(LightningCLI):
+    """LightningCLI with the model's name linked into the data module (one model path:
+    the tokenizer always matches the model) and optimizers injected, not auto-built."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model", "data.tokenizer")
+
+
+def quiet_third_party_warnings() -> None:
+    # Deprecation chatter from inside jsonargparse/Lightning is not actionable by users.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jsonargparse.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"jsonargparse.*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> UnlearnCLI:
+    """Entry point of ``train.py``. ``args`` (for tests) replaces ``sys.argv[1:]``."""
+    quiet_third_party_warnings()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork
+    return UnlearnCLI(
+        UnlearnModule,
+        PairDataModule,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        args=args,
+        run=run,
+    )
+
+
+def _build_tiny(argv: list[str]) -> None:
+    from cfg_unlearn.tiny import TinySpec, build_tiny
+
+    p = argparse.ArgumentParser(prog="cfg-unlearn build-tiny", description="Build the offline tiny model.")
+    p.add_argument("--out", required=True, help="directory to create (must not exist)")
+    p.add_argument("--vocab-size", type=int, default=TinySpec.vocab_size)
+    p.add_argument("--hidden-size", type=int, default=TinySpec.hidden_size)
+    p.add_argument("--layers", type=int, default=TinySpec.num_hidden_layers)
+    p.add_argument("--seed", type=int, default=TinySpec.seed)
+    a = p.parse_args(argv)
+    if os.path.exists(a.out):
+        p.error(f"{a.out} already exists")
+    spec = TinySpec(vocab_size=a.vocab_size, hidden_size=a.hidden_size, num_hidden_layers=a.layers, seed=a.seed)
+    print(build_tiny(a.out, spec=spec))
+
+
+def console_main(argv: list[str] | None = None) -> None:
+    """``cfg-unlearn <fit|validate|test|build-tiny> ...``"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: cfg-unlearn {fit,validate,test,build-tiny} [options]   (-h after a command for its help)"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        print("  fit/validate/test  train or score with a YAML config (same as `python train.py ...`)")
+        print("  build-tiny         build the offline tiny tokenizer + model into a directory")
+        sys.exit(0 if argv else 2)
+    cmd, rest = argv[0], argv[1:]
+    if cmd in TRAINER_SUBCOMMANDS:
+        cli_main([cmd, *rest])
+    elif cmd == "build-tiny":
+        _build_tiny(rest)
+    else:
+        print(f"cfg-unlearn: unknown command {cmd!r}\n{usage}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,312 @@
+"""PairDataModule: pairs -> token tensors, with a conditioned and an unconditioned
+variant of every pair so that the module's conditioning hook can pick per sample.
+
+Layout of a batch (``B`` pairs, ``L`` = longest sequence in the batch, right padded)::
+
+    batch["cond"]["input_ids"]      (B, 2, L)   [:, 0] = prompt+chosen, [:, 1] = prompt+rejected
+    batch["cond"]["attention_mask"] (B, 2, L)
+    batch["cond"]["labels"]         (B, 2, L)   -100 on prompt and padding (response + EOS only)
+    batch["cond"]["nll_labels"]     (B, 2, L)   labels of the NLL term: == labels for
+                                                nll_span="response"; prompt too for "prompt_response"
+    batch["uncond"][...]            same, with the system instruction blanked (or replaced
+                                    by ``uncond_system_prompt``, the negative instruction)
+
+Both variants share one ``L`` so the hook can choose rows with a ``torch.where``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from cfg_unlearn.data.schema import DEFAULT_MAX_CHARS, PairRecord, read_pairs
+from cfg_unlearn.data.world import World, WorldConfig
+from cfg_unlearn.models import load_tokenizer
+from cfg_unlearn.prompts import FALLBACK_ROLE_PREFIX, SAFETY_INSTRUCTION
+from cfg_unlearn.tiny import resolve_pretrained
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+VARIANTS = ("cond", "uncond")
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]] | tuple, system: str | None) -> str:
+    """The prompt text up to where the assistant answer starts.
+
+    With a chat template: the template with ``add_generation_prompt=True``; a blank
+    (None or empty) system instruction means *no* system message. Without one, the
+    documented fallback: ``System: ...\\n\\nUser: ...\\n\\nAssistant: `` (bos prepended).
+    """
+    msgs = ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in messages]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    text = "\n\n".join(FALLBACK_ROLE_PREFIX[m["role"]] + m["content"] for m in msgs)
+    return (tokenizer.bos_token or "") + text + "\n\n" + FALLBACK_ROLE_PREFIX["assistant"].rstrip()
+
+
+@dataclass
+class EncodeStats:
+    pairs: int = 0
+    truncated_prompts: int = 0  # sequences whose prompt was cut from the left
+    prompt_tokens_cut: int = 0
+
+
+def encode_sequence(
+    prompt_ids: list[int], answer_ids: list[int], *, max_length: int, bos_id: int | None, nll_on_prompt: bool
+) -> tuple[list[int], list[int], list[int], int]:
+    """prompt + answer (answer already ends with EOS) -> (input_ids, labels, nll_labels,
+    tokens cut). Answers are kept whole; the prompt is cut from the left, keeping a
+    leading BOS. The caller guarantees ``len(answer_ids) <= max_length``."""
+    room = max_length - len(answer_ids)
+    n_prompt = len(prompt_ids)
+    if n_prompt > room:
+        keep_bos = bos_id is not None and n_prompt > 0 and prompt_ids[0] == bos_id and room >= 1
+        k = room - 1 if keep_bos else room  # prompt tokens kept from the right
+        prompt_ids = ([bos_id] if keep_bos else []) + prompt_ids[n_prompt - k :]
+    cut = n_prompt - len(prompt_ids)
+    ids = prompt_ids + answer_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+    nll = ids[:] if nll_on_prompt else labels[:]
+    return ids, labels, nll, cut
+
+
+class PairDataset(Dataset):
+    """Pre-tokenised pairs (plain lists, so it pickles cheaply into workers)."""
+
+    def __init__(self, items: list[dict[str, Any]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
+class PairCollator:
+    """Right-pads cond/uncond x chosen/rejected to one length per batch."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        length = max(len(seq) for it in items for v in VARIANTS for seq in it[v]["input_ids"])
+        batch: dict[str, Any] = {"id": [it["id"] for it in items]}
+        for v in VARIANTS:
+            out = {
+                "input_ids": torch.full((len(items), 2, length), self.pad_token_id, dtype=torch.long),
+                "attention_mask": torch.zeros((len(items), 2, length), dtype=torch.long),
+                "labels": torch.full((len(items), 2, length), IGNORE_INDEX, dtype=torch.long),
+                "nll_labels": torch.full((len(items), 2, length), IGNORE_INDEX, dtype=torch.long),
+            }
+            for b, it in enumerate(items):
+                for k in range(2):
+                    n = len(it[v]["input_ids"][k])
+                    out["input_ids"][b, k, :n] = torch.tensor(it[v]["input_ids"][k])
+                    out["attention_mask"][b, k, :n] = 1
+                    out["labels"][b, k, :n] = torch.tensor(it[v]["labels"][k])
+                    out["nll_labels"][b, k, :n] = torch.tensor(it[v]["nll_labels"][k])
+            batch[v] = out
+        return batch
+
+
+def split_by_group(records: list[PairRecord], val_fraction: float, seed: int) -> tuple[list, list]:
+    """Train/val split by conversation (``group``), never by sample: no conversation
+    contributes to both sides. Seeded and independent of input order."""
+    groups = sorted({r.group for r in records})
+    if val_fraction <= 0 or len(groups) < 2:
+        return list(records), []
+    rng = random.Random(seed)
+    rng.shuffle(groups)
+    n_val = min(len(groups) - 1, max(1, round(val_fraction * len(groups))))
+    val_groups = set(groups[:n_val])
+    return [r for r in records if r.group not in val_groups], [r for r in records if r.group in val_groups]
+
+
+class PairDataModule(L.LightningDataModule):
+    """Pairs for every objective.
+
+    Args:
+        tokenizer: hub name, path or ``tiny:<dir>``; linked to the model's name by the CLI.
+        train_file: pair JSONL (our format or TRL-style). Exclusive with ``world``.
+        val_file: optional separate validation pairs; without it ``val_fraction`` of the
+            conversations (groups) of ``train_file`` are held out.
+        world: build pairs from the synthetic PII world instead of a file.
+        system_prompt: the conditioning instruction, used for records without ``system``.
+        uncond_system_prompt: what replaces the instruction in the unconditioned variant:
+            None blanks it (conditioning dropout); a string such as
+            :data:`~cfg_unlearn.prompts.NEGATIVE_INSTRUCTION` is the swap variant's
+            negative instruction.
+        max_length: tokens per sequence; prompts are cut from the left to fit (counted),
+            an answer that alone exceeds it is an error.
+        nll_span: ``response`` (default: the prompt may hold the PII being removed) or
+            ``prompt_response`` (TRL's ORPO, for parity).
+        val_fraction: share of conversations held out when ``val_file`` is not given.
+        batch_size: pairs per training batch (per device).
+        eval_batch_size: pairs per validation batch (default: ``batch_size``).
+        num_workers: DataLoader workers.
+        seed: shuffling and split seed.
+        max_chars: per-field character cap of the JSONL reader.
+        on_error: ``raise`` on the first bad row, or ``skip`` bad rows (counted, logged).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "tiny:.cache/cfg_unlearn/tiny",
+        train_file: str | None = None,
+        val_file: str | None = None,
+        world: WorldConfig | None = None,
+        system_prompt: str = SAFETY_INSTRUCTION,
+        uncond_system_prompt: str | None = None,
+        max_length: int = 512,
+        nll_span: Literal["response", "prompt_response"] = "response",
+        val_fraction: float = 0.1,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        max_chars: int = DEFAULT_MAX_CHARS,
+        on_error: Literal["raise", "skip"] = "raise",
+    ):
+        super().__init__()
+        if (train_file is None) == (world is None):
+            raise ValueError("PairDataModule needs exactly one of `train_file` or `world`")
+        if nll_span not in ("response", "prompt_response"):
+            raise ValueError(f"nll_span must be 'response' or 'prompt_response', got {nll_span!r}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.tokenizer_name = tokenizer
+        self.train_file, self.val_file, self.world = train_file, val_file, world
+        self.system_prompt, self.uncond_system_prompt = system_prompt, uncond_system_prompt
+        self.max_length, self.nll_span = max_length, nll_span
+        self.val_fraction, self.seed = val_fraction, seed
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.max_chars, self.on_error = num_workers, max_chars, on_error
+        self.tokenizer = None
+        self.train_dataset: PairDataset | None = None
+        self.val_dataset: PairDataset | None = None
+        self.stats: dict[str, int] = {}
+
+    # -------------------------------------------------------------------- loading
+
+    def prepare_data(self) -> None:
+        # local rank 0 only: build the tiny model once before other ranks load it
+        resolve_pretrained(self.tokenizer_name)
+
+    def load_records(self) -> tuple[list[PairRecord], list[PairRecord]]:
+        if self.world is not None:
+            records = World(self.world).pairs()
+            source = f"world(seed={self.world.seed}, n_people={self.world.n_people})"
+            rank_zero_info(f"{source}: {len(records)} pairs")
+        else:
+            records, st = read_pairs(self.train_file, max_chars=self.max_chars, on_error=self.on_error)
+            rank_zero_info(st.summary())
+            self.stats["skipped_rows"] = st.skipped
+        if self.val_file:
+            val, st = read_pairs(self.val_file, max_chars=self.max_chars, on_error=self.on_error)
+            rank_zero_info(st.summary())
+            self.stats["skipped_rows"] = self.stats.get("skipped_rows", 0) + st.skipped
+            return records, val
+        return split_by_group(records, self.val_fraction, self.seed)
+
+    def encode(self, records: list[PairRecord], stats: EncodeStats) -> list[dict[str, Any]]:
+        tok = self.tokenizer
+        eos = tok.eos_token_id
+        nll_on_prompt = self.nll_span == "prompt_response"
+        items = []
+        for rec in records:
+            answers = []
+            for side in ("chosen", "rejected"):
+                ids = tok(getattr(rec, side), add_special_tokens=False)["input_ids"] + [eos]
+                if len(ids) > self.max_length:
+                    where = rec.source or f"record {rec.id!r}"
+                    raise ValueError(
+                        f"{where}: field '{side}': answer is {len(ids)} tokens (with EOS), more than "
+                        f"max_length={self.max_length}; answers are never truncated, raise max_length"
+                    )
+                answers.append(ids)
+            item: dict[str, Any] = {"id": rec.id}
+            for v in VARIANTS:
+                system = (rec.system or self.system_prompt) if v == "cond" else self.uncond_system_prompt
+                prompt_ids = tok(render_prompt(tok, rec.prompt, system), add_special_tokens=False)["input_ids"]
+                seqs = [
+                    encode_sequence(
+                        prompt_ids, a, max_length=self.max_length, bos_id=tok.bos_token_id, nll_on_prompt=nll_on_prompt
+                    )
+                    for a in answers
+                ]
+                for s in seqs:
+                    if s[3]:
+                        stats.truncated_prompts += 1
+                        stats.prompt_tokens_cut += s[3]
+                item[v] = {
+                    "input_ids": [s[0] for s in seqs],
+                    "labels": [s[1] for s in seqs],
+                    "nll_labels": [s[2] for s in seqs],
+                }
+            items.append(item)
+            stats.pairs += 1
+        return items
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(resolve_pretrained(self.tokenizer_name))
+        train, val = self.load_records()
+        if not train:
+            raise ValueError("no training pairs: the pair file is empty or every row was skipped")
+        st = EncodeStats()
+        self.train_dataset = PairDataset(self.encode(train, st))
+        self.val_dataset = PairDataset(self.encode(val, st)) if val else None
+        self.stats.update(
+            train_pairs=len(train),
+            val_pairs=len(val),
+            train_groups=len({r.group for r in train}),
+            val_groups=len({r.group for r in val}),
+            truncated_prompts=st.truncated_prompts,
+            prompt_tokens_cut=st.prompt_tokens_cut,
+        )
+        rank_zero_info(
+            "pairs: {train_pairs} train / {val_pairs} val ({train_groups} / {val_groups} conversations); "
+            "{truncated_prompts} sequences had their prompt cut from the left to max_length".format(**self.stats)
+        )
+        if st.truncated_prompts:
+            log.warning(
+                "%d sequences (%d prompt tokens) were cut to max_length=%d",
+                st.truncated_prompts, st.prompt_tokens_cut, self.max_length,
+            )
+
+    # -------------------------------------------------------------------- loaders
+
+    def _loader(self, ds: PairDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        g = torch.Generator()
+        g.manual_seed(self.seed)
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=g if shuffle else None,
+            num_workers=self.num_workers,
+            collate_fn=PairCollator(self.tokenizer.pad_token_id),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            return []
+        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)

@@ -1,0 +1,333 @@
+"""The one pair format every objective trains on, and its validating JSONL reader.
+
+A pair record (one JSON object per line)::
+
+    {"id": "p-17",                      # optional in TRL-style rows (defaults to file:line)
+     "system": "Avoid using ...",       # optional system instruction
+     "prompt": "..." | [{"role": "user", "content": "..."}, ...],
+     "chosen": "...",                   # the PII-free replacement
+     "rejected": "...",                 # the leaky original
+     "pii": [{"type": "EMAIL", "value": "a@b.c"}],   # optional: what `rejected` leaks
+     "group": "conv-3"}                 # optional conversation id, for train/val splits
+
+TRL-style rows are read too: ``prompt``/``chosen``/``rejected`` as strings or chat
+message lists (a system message at the head of the prompt becomes ``system``; a
+prompt-less row whose chosen and rejected are whole conversations has its shared
+prefix taken as the prompt, like TRL's ``maybe_extract_prompt``).
+
+Bad input raises :class:`PairFormatError` naming file, line and field; nothing is
+dropped silently: :class:`ReadStats` counts blank lines and (with
+``on_error="skip"``) every skipped row with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cfg_unlearn.utils import atomic_write
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+#: Default cap on the characters of one text field. A 100k-character prompt in a PII
+#: pair file is almost always a broken export (a whole document pasted into one cell);
+#: raise the cap explicitly if your prompts really are that long.
+DEFAULT_MAX_CHARS = 32_768
+
+
+class PairFormatError(ValueError):
+    """A row of a pair file is malformed. ``str(err)`` reads ``file:line: field 'x': why``."""
+
+    def __init__(self, source: str, line: int | None, field_name: str | None, reason: str):
+        self.source, self.line, self.field, self.reason = source, line, field_name, reason
+        where = f"{source}:{line}" if line is not None else source
+        what = f" field '{field_name}':" if field_name else ""
+        super().__init__(f"{where}:{what} {reason}")
+
+
+@dataclass(frozen=True)
+class PIIItem:
+    type: str
+    value: str
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """One validated pair. ``prompt`` is always a list of user/assistant messages ending
+    with a user turn; the system instruction lives in ``system`` so that the data module
+    can render it, blank it or replace it (conditioning dropout, instruction swap)."""
+
+    id: str
+    prompt: tuple[dict[str, str], ...]
+    chosen: str
+    rejected: str
+    system: str | None = None
+    pii: tuple[PIIItem, ...] = ()
+    group: str = ""
+    #: where the row came from ("file:line"), for error messages; not serialised
+    source: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.group:
+            object.__setattr__(self, "group", self.id)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id}
+        if self.system is not None:
+            out["system"] = self.system
+        out["prompt"] = [dict(m) for m in self.prompt]
+        out["chosen"] = self.chosen
+        out["rejected"] = self.rejected
+        if self.pii:
+            out["pii"] = [{"type": p.type, "value": p.value} for p in self.pii]
+        out["group"] = self.group
+        return out
+
+
+@dataclass
+class ReadStats:
+    """What a read saw. Every input line is accounted for:
+    ``lines == records + blank + skipped``."""
+
+    source: str
+    lines: int = 0
+    records: int = 0
+    blank: int = 0
+    skipped: int = 0
+    skip_reasons: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        s = f"{self.source}: {self.records} pairs from {self.lines} lines ({self.blank} blank"
+        return s + (f", {self.skipped} skipped)" if self.skipped else ")")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _text(obj: dict, key: str, src: str, line: int | None, max_chars: int, *, required: bool = True) -> str | None:
+    if key not in obj or obj[key] is None:
+        if required:
+            raise PairFormatError(src, line, key, "missing required field")
+        return None
+    val = obj[key]
+    if not isinstance(val, str):
+        raise PairFormatError(src, line, key, f"expected a string, got {type(val).__name__}")
+    if len(val) > max_chars:
+        raise PairFormatError(
+            src, line, key, f"{len(val):,} characters exceeds max_chars={max_chars:,} (raise it if this is intended)"
+        )
+    return val
+
+
+def _messages(val: Any, src: str, line: int | None, key: str, max_chars: int) -> list[dict[str, str]]:
+    if not isinstance(val, list) or not val:
+        raise PairFormatError(src, line, key, "expected a non-empty list of {role, content} messages")
+    out = []
+    for i, m in enumerate(val):
+        where = f"{key}[{i}]"
+        if not isinstance(m, dict):
+            raise PairFormatError(src, line, where, f"expected an object, got {type(m).__name__}")
+        role = m.get("role")
+        if role not in ROLES:
+            raise PairFormatError(src, line, f"{where}.role", f"expected one of {ROLES}, got {role!r}")
+        content = _text(m, "content", src, line, max_chars)
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _answer(val: Any, src: str, line: int | None, key: str, max_chars: int) -> str:
+    """An answer is a string, or (TRL conversational) a list holding one assistant message."""
+    if isinstance(val, list):
+        msgs = _messages(val, src, line, key, max_chars)
+        if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+            raise PairFormatError(src, line, key, "a message-list answer must be exactly one assistant message")
+        val = msgs[0]["content"]
+    elif not isinstance(val, str):
+        raise PairFormatError(src, line, key, f"expected a string or message list, got {type(val).__name__}")
+    if len(val) > max_chars:
+        raise PairFormatError(src, line, key, f"{len(val):,} characters exceeds max_chars={max_chars:,}")
+    if not val.strip():
+        raise PairFormatError(src, line, key, "empty answer")
+    return val
+
+
+def _split_implicit_prompt(obj: dict, src: str, line: int | None, max_chars: int) -> tuple[list, Any, Any]:
+    """TRL's implicit-prompt rows: chosen and rejected are whole conversations."""
+    chosen = _messages(obj["chosen"], src, line, "chosen", max_chars)
+    rejected = _messages(obj["rejected"], src, line, "rejected", max_chars)
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise PairFormatError(src, line, "prompt", "missing, and chosen/rejected share no conversation prefix")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def record_from_dict(
+    obj: Any, *, source: str = "<dict>", line: int | None = None, max_chars: int = DEFAULT_MAX_CHARS
+) -> PairRecord:
+    """Validate one row (our format or TRL-style) into a :class:`PairRecord`."""
+    src = source
+    if not isinstance(obj, dict):
+        raise PairFormatError(src, line, None, f"expected a JSON object, got {type(obj).__name__}")
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            raise PairFormatError(src, line, key, "missing required field")
+    if "prompt" not in obj:
+        if not (isinstance(obj["chosen"], list) and isinstance(obj["rejected"], list)):
+            raise PairFormatError(src, line, "prompt", "missing required field")
+        prompt_msgs, chosen_raw, rejected_raw = _split_implicit_prompt(obj, src, line, max_chars)
+    else:
+        prompt_raw = obj["prompt"]
+        if isinstance(prompt_raw, str):
+            if len(prompt_raw) > max_chars:
+                raise PairFormatError(
+                    src, line, "prompt",
+                    f"{len(prompt_raw):,} characters exceeds max_chars={max_chars:,} (raise it if this is intended)",
+                )
+            if not prompt_raw.strip():
+                raise PairFormatError(src, line, "prompt", "empty prompt")
+            prompt_msgs = [{"role": "user", "content": prompt_raw}]
+        elif isinstance(prompt_raw, list):
+            prompt_msgs = _messages(prompt_raw, src, line, "prompt", max_chars)
+        else:
+            raise PairFormatError(
+                src, line, "prompt", f"expected a string or message list, got {type(prompt_raw).__name__}"
+            )
+        chosen_raw, rejected_raw = obj["chosen"], obj["rejected"]
+
+    system = _text(obj, "system", src, line, max_chars, required=False)
+    if prompt_msgs and prompt_msgs[0]["role"] == "system":
+        if system is not None:
+            raise PairFormatError(src, line, "system", "given both as a field and as a system message in the prompt")
+        system = prompt_msgs[0]["content"]
+        prompt_msgs = prompt_msgs[1:]
+    if not prompt_msgs:
+        raise PairFormatError(src, line, "prompt", "holds no user message")
+    for i, m in enumerate(prompt_msgs):
+        if m["role"] == "system":
+            raise PairFormatError(src, line, f"prompt[{i}].role", "a system message is only allowed first")
+    if prompt_msgs[-1]["role"] != "user":
+        raise PairFormatError(src, line, "prompt", "the last prompt message must be a user turn")
+
+    chosen = _answer(chosen_raw, src, line, "chosen", max_chars)
+    rejected = _answer(rejected_raw, src, line, "rejected", max_chars)
+
+    rid = obj.get("id")
+    if rid is None:
+        rid = f"{Path(src).name}:{line}" if line is not None else None
+        if rid is None:
+            raise PairFormatError(src, line, "id", "missing required field")
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        raise PairFormatError(src, line, "id", f"expected a string or integer, got {type(rid).__name__}")
+    group = obj.get("group", "")
+    if group is None:
+        group = ""
+    if not isinstance(group, (str, int)) or isinstance(group, bool):
+        raise PairFormatError(src, line, "group", f"expected a string or integer, got {type(group).__name__}")
+
+    pii_raw = obj.get("pii") or []
+    if not isinstance(pii_raw, list):
+        raise PairFormatError(src, line, "pii", f"expected a list of {{type, value}}, got {type(pii_raw).__name__}")
+    pii = []
+    for i, p in enumerate(pii_raw):
+        if not isinstance(p, dict):
+            raise PairFormatError(src, line, f"pii[{i}]", "expected an object {type, value}")
+        ptype = _text(p, "type", src, line, max_chars)
+        pval = _text(p, "value", src, line, max_chars)
+        if not pval.strip():
+            raise PairFormatError(src, line, f"pii[{i}].value", "empty value")
+        pii.append(PIIItem(ptype, pval))
+
+    return PairRecord(
+        id=str(rid),
+        prompt=tuple(prompt_msgs),
+        chosen=chosen,
+        rejected=rejected,
+        system=system,
+        pii=tuple(pii),
+        group=str(group),
+        source=f"{src}:{line}" if line is not None else src,
+    )
+
+
+# --------------------------------------------------------------------------- files
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, PairFormatError | None]]:
+    """Yield ``(line_number, obj, error)`` for each line of a JSONL file: ``obj`` is None
+    for a blank line or a line that failed to decode/parse (then ``error`` says why).
+    Bytes are decoded per line so that a non-UTF-8 byte names its line."""
+    src = str(path)
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise PairFormatError(src, None, None, f"cannot open: {e.strerror}") from None
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                reason = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                yield lineno, None, PairFormatError(src, lineno, None, reason)
+                continue
+            if not text.strip():
+                yield lineno, None, None
+                continue
+            try:
+                yield lineno, json.loads(text), None
+            except json.JSONDecodeError as e:
+                yield lineno, None, PairFormatError(src, lineno, None, f"invalid JSON: {e.msg} at column {e.colno}")
+
+
+def read_pairs(
+    path: str | os.PathLike,
+    *,
+    max_chars: int = DEFAULT_MAX_CHARS,
+    on_error: Literal["raise", "skip"] = "raise",
+) -> tuple[list[PairRecord], ReadStats]:
+    """Read and validate a pair file. ``on_error="skip"`` skips bad rows but counts
+    and logs each one; duplicate ids are always an error."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    stats = ReadStats(source=str(path))
+    records: list[PairRecord] = []
+    seen: dict[str, int] = {}
+    for lineno, obj, err in iter_jsonl(path):
+        stats.lines = lineno
+        if err is None and obj is None:
+            stats.blank += 1
+            continue
+        try:
+            if err is not None:
+                raise err
+            rec = record_from_dict(obj, source=str(path), line=lineno, max_chars=max_chars)
+            if rec.id in seen:
+                # never skippable: which of the two rows is the right one is not ours to guess
+                raise PairFormatError(str(path), lineno, "id", f"duplicate id {rec.id!r} (first on line {seen[rec.id]})")
+        except PairFormatError as e:
+            if on_error == "raise" or (e.field == "id" and e.reason.startswith("duplicate")):
+                raise
+            stats.skipped += 1
+            stats.skip_reasons.append(str(e))
+            log.warning("skipping %s", e)
+            continue
+        seen[rec.id] = lineno
+        records.append(rec)
+        stats.records += 1
+    if stats.skipped:
+        log.warning("%s", stats.summary())
+    return records, stats
+
+
+def write_pairs(path: str | os.PathLike, records: Iterable[PairRecord]) -> int:
+    """Write records as JSONL atomically (temp file + rename). Returns the count."""
+    lines = [json.dumps(r.to_json(), ensure_ascii=False) for r in records]
+    atomic_write(path, "".join(line + "\n" for line in lines))
+    return len(lines)

@@ -1,0 +1,68 @@
+"""The one model-loading path: fit, validate, generation and export all come here.
+
+``tiny:<dir>`` names are resolved to a built tiny model first (see :mod:`cfg_unlearn.tiny`);
+everything else goes to ``AutoTokenizer`` / ``AutoModelForCausalLM`` unchanged, so hub
+names work where the hub is reachable and local paths work everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from cfg_unlearn.tiny import resolve_pretrained
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | None) -> torch.dtype | str | None:
+    if dtype is None or dtype == "auto":
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'") from None
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
+    """Load a tokenizer; give it a pad token (EOS) if it has none, as padding needs one
+    and the pad positions are masked everywhere anyway."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_pretrained(name_or_path), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+        log.info("tokenizer has no pad token; using EOS (%r) for padding", tok.eos_token)
+    return tok
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    dtype: str | None = "float32",
+    attn_implementation: str | None = "sdpa",
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+):
+    """Load a causal LM. ``trust_remote_code`` stays off unless asked: a hub repo's code
+    would run with the user's credentials."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(name_or_path), **kwargs)
+    if gradient_checkpointing:
+        # non-reentrant: works with frozen inputs (LoRA) and with FSDP
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model

@@ -1,0 +1,45 @@
+"""Learning-rate schedules usable from YAML as ``lr_scheduler`` callables."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+class WarmupCosine(LambdaLR):
+    """Linear warm-up, then cosine decay to ``min_ratio`` of the peak (the paper: to 10%).
+
+    Stepped once per optimizer step. ``total_steps=None`` (the default) is filled in by
+    :class:`~cfg_unlearn.module.UnlearnModule` from the trainer's
+    ``estimated_stepping_batches``, so the schedule follows ``max_epochs``/``max_steps``.
+    """
+
+    needs_total_steps = True
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
+        min_ratio: float = 0.1,
+    ):
+        if warmup_steps < 0 or not 0.0 <= min_ratio <= 1.0:
+            raise ValueError("warmup_steps must be >= 0 and min_ratio in [0, 1]")
+        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+        self.needs_total_steps = total_steps is None
+        super().__init__(optimizer, self._factor)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        self.total_steps = max(1, total_steps)
+        self.needs_total_steps = False
+
+    def _factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if not self.total_steps:
+            return 1.0
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
