@@ -82,14 +82,16 @@ def orpo_loss(
         ``rewards/margins``, ``rewards/accuracies``, ``log_odds_ratio`` (mean
         ``log sigmoid(log_odds)``), ``log_odds_chosen`` (mean ``log_odds``), ``nll_loss``.
     """
-    lp_c, lp_r = chosen_logps.float(), rejected_logps.float()
+    # at least fp32 (bf16 log-odds are too coarse), fp64 stays fp64
+    dt = torch.promote_types(chosen_logps.dtype, torch.float32)
+    lp_c, lp_r = chosen_logps.to(dt), rejected_logps.to(dt)
     # a log-prob of exactly 0 would make the odds infinite; clamp a hair below
     # (float32 resolution near 0 is ~1e-45, far beyond anything a model produces)
     lp_c = lp_c.clamp(max=-1e-30)
     lp_r = lp_r.clamp(max=-1e-30)
     log_odds = (lp_c - lp_r) - (log1mexp(lp_c) - log1mexp(lp_r))
     ratio = F.logsigmoid(log_odds)
-    nll = chosen_nll.float().mean()
+    nll = chosen_nll.to(dt).mean()
     loss = nll - beta * ratio.mean()
     with torch.no_grad():
         r_c, r_r = beta * lp_c, beta * lp_r
