@@ -113,6 +113,7 @@ def build_tiny(out_dir: str | os.PathLike, texts: list[str] | None = None, spec:
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
         (tmp / "tiny_spec.json").write_text(__import__("json").dumps(asdict(spec), indent=2))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a shared cache must be readable
         try:
             os.rename(tmp, out_dir)
         except OSError:

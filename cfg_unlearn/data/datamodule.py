@@ -43,7 +43,7 @@ def render_prompt(tokenizer, messages: list[dict[str, str]] | tuple, system: str
 
     With a chat template: the template with ``add_generation_prompt=True``; a blank
     (None or empty) system instruction means *no* system message. Without one, the
-    documented fallback: ``System: ...\\n\\nUser: ...\\n\\nAssistant: `` (bos prepended).
+    documented fallback: ``System: ...\\n\\nUser: ...\\n\\nAssistant:`` (bos prepended).
     """
     msgs = ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in messages]
     if getattr(tokenizer, "chat_template", None):

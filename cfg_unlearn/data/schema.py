@@ -110,18 +110,27 @@ class ReadStats:
 # --------------------------------------------------------------------------- parsing
 
 
-def _text(obj: dict, key: str, src: str, line: int | None, max_chars: int, *, required: bool = True) -> str | None:
+def _text(
+    obj: dict, key: str, src: str, line: int | None, max_chars: int, *, required: bool = True, path: str | None = None
+) -> str | None:
+    """A string field; ``path`` names it in errors (``prompt[0].content``), default ``key``."""
+    name = path or key
     if key not in obj or obj[key] is None:
         if required:
-            raise PairFormatError(src, line, key, "missing required field")
+            raise PairFormatError(src, line, name, "missing required field")
         return None
     val = obj[key]
     if not isinstance(val, str):
-        raise PairFormatError(src, line, key, f"expected a string, got {type(val).__name__}")
+        raise PairFormatError(src, line, name, f"expected a string, got {type(val).__name__}")
     if len(val) > max_chars:
         raise PairFormatError(
-            src, line, key, f"{len(val):,} characters exceeds max_chars={max_chars:,} (raise it if this is intended)"
+            src, line, name, f"{len(val):,} characters exceeds max_chars={max_chars:,} (raise it if this is intended)"
         )
+    try:
+        val.encode("utf-8")
+    except UnicodeEncodeError:
+        # a JSON escape like "\ud800" decodes to a lone surrogate that no UTF-8 writer accepts
+        raise PairFormatError(src, line, name, "contains an unpaired surrogate escape (invalid Unicode)") from None
     return val
 
 
@@ -136,7 +145,9 @@ def _messages(val: Any, src: str, line: int | None, key: str, max_chars: int) ->
         role = m.get("role")
         if role not in ROLES:
             raise PairFormatError(src, line, f"{where}.role", f"expected one of {ROLES}, got {role!r}")
-        content = _text(m, "content", src, line, max_chars)
+        content = _text(m, "content", src, line, max_chars, path=f"{where}.content")
+        if not content.strip():
+            raise PairFormatError(src, line, f"{where}.content", "empty message")
         out.append({"role": role, "content": content})
     return out
 
@@ -150,8 +161,7 @@ def _answer(val: Any, src: str, line: int | None, key: str, max_chars: int) -> s
         val = msgs[0]["content"]
     elif not isinstance(val, str):
         raise PairFormatError(src, line, key, f"expected a string or message list, got {type(val).__name__}")
-    if len(val) > max_chars:
-        raise PairFormatError(src, line, key, f"{len(val):,} characters exceeds max_chars={max_chars:,}")
+    _text({key: val}, key, src, line, max_chars)
     if not val.strip():
         raise PairFormatError(src, line, key, "empty answer")
     return val
@@ -226,21 +236,25 @@ def record_from_dict(
             raise PairFormatError(src, line, "id", "missing required field")
     if not isinstance(rid, (str, int)) or isinstance(rid, bool):
         raise PairFormatError(src, line, "id", f"expected a string or integer, got {type(rid).__name__}")
+    if not str(rid).strip():
+        raise PairFormatError(src, line, "id", "empty id")
     group = obj.get("group", "")
     if group is None:
         group = ""
     if not isinstance(group, (str, int)) or isinstance(group, bool):
         raise PairFormatError(src, line, "group", f"expected a string or integer, got {type(group).__name__}")
 
-    pii_raw = obj.get("pii") or []
+    pii_raw = obj.get("pii")
+    if pii_raw is None:
+        pii_raw = []
     if not isinstance(pii_raw, list):
         raise PairFormatError(src, line, "pii", f"expected a list of {{type, value}}, got {type(pii_raw).__name__}")
     pii = []
     for i, p in enumerate(pii_raw):
         if not isinstance(p, dict):
             raise PairFormatError(src, line, f"pii[{i}]", "expected an object {type, value}")
-        ptype = _text(p, "type", src, line, max_chars)
-        pval = _text(p, "value", src, line, max_chars)
+        ptype = _text(p, "type", src, line, max_chars, path=f"pii[{i}].type")
+        pval = _text(p, "value", src, line, max_chars, path=f"pii[{i}].value")
         if not pval.strip():
             raise PairFormatError(src, line, f"pii[{i}].value", "empty value")
         pii.append(PIIItem(ptype, pval))
@@ -284,6 +298,9 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, PairF
                 yield lineno, json.loads(text), None
             except json.JSONDecodeError as e:
                 yield lineno, None, PairFormatError(src, lineno, None, f"invalid JSON: {e.msg} at column {e.colno}")
+            except (ValueError, RecursionError) as e:
+                # e.g. an integer literal over Python's digit limit, or absurdly deep nesting
+                yield lineno, None, PairFormatError(src, lineno, None, f"invalid JSON: {str(e)[:120]}")
 
 
 def read_pairs(

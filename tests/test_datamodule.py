@@ -1,0 +1,483 @@
+"""PairDataModule with the offline tiny model: batch layout, label masks, cond/uncond
+variants, group splits, left truncation, file input and workers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cfg_unlearn.data.datamodule import (
+    IGNORE_INDEX,
+    VARIANTS,
+    PairCollator,
+    PairDataModule,
+    encode_sequence,
+    render_prompt,
+    split_by_group,
+)
+from cfg_unlearn.data.schema import PairRecord, write_pairs
+from cfg_unlearn.data.world import World, WorldConfig
+from cfg_unlearn.models import load_tokenizer
+from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION
+from cfg_unlearn.tiny import build_tiny
+
+WORLD = WorldConfig(seed=0, n_people=10)
+
+
+@pytest.fixture(scope="module")
+def tiny_name(tmp_path_factory) -> str:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        path = build_tiny(tmp_path_factory.mktemp("dm_tiny") / "tiny")
+        yield f"tiny:{path}"
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_name):
+    return load_tokenizer(tiny_name)
+
+
+@pytest.fixture(scope="module")
+def world_pairs() -> dict[str, PairRecord]:
+    return {r.id: r for r in World(WORLD).pairs()}
+
+
+def make_dm(tiny_name, **kw) -> PairDataModule:
+    kw.setdefault("world", None if "train_file" in kw else WORLD)
+    dm = PairDataModule(tokenizer=tiny_name, **kw)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture(scope="module")
+def dm(tiny_name) -> PairDataModule:
+    return make_dm(tiny_name, batch_size=4)
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _split_seq(batch, v, b, k):
+    """(prompt ids, answer ids, n real tokens) of one sequence of a batch."""
+    ids = batch[v]["input_ids"][b, k]
+    lab = batch[v]["labels"][b, k]
+    n = int(batch[v]["attention_mask"][b, k].sum())
+    p = int((lab[:n] == IGNORE_INDEX).sum())
+    return ids[:p].tolist(), ids[p:n].tolist(), n
+
+
+# ------------------------------------------------------------------ batch layout
+
+
+def test_setup_stats(dm):
+    assert dm.stats["train_pairs"] + dm.stats["val_pairs"] == 60  # 10 people x 6 attributes
+    assert dm.stats["train_groups"] + dm.stats["val_groups"] == 30
+    assert dm.stats["val_groups"] == 3  # round(0.1 * 30)
+    assert dm.stats["truncated_prompts"] == 0
+    assert len(dm.train_dataset) == dm.stats["train_pairs"]
+    assert len(dm.val_dataset) == dm.stats["val_pairs"]
+
+
+def test_batch_keys_and_shapes(dm):
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"id", "cond", "uncond"}
+    assert len(batch["id"]) == 4
+    shape = batch["cond"]["input_ids"].shape
+    assert shape[:2] == (4, 2)
+    for v in VARIANTS:
+        assert set(batch[v]) == {"input_ids", "attention_mask", "labels", "nll_labels"}
+        for key, t in batch[v].items():
+            assert t.shape == shape, (v, key)  # both variants share one L
+            assert t.dtype == torch.long
+    # L is the longest real sequence of the batch, over both variants
+    longest = max(int(batch[v]["attention_mask"].sum(-1).max()) for v in VARIANTS)
+    assert shape[2] == longest
+
+
+def test_labels_mask_prompt_and_padding(dm, tok, world_pairs):
+    batch = next(iter(dm.train_dataloader()))
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    for v in VARIANTS:
+        ids, mask, lab = batch[v]["input_ids"], batch[v]["attention_mask"], batch[v]["labels"]
+        for b, rid in enumerate(batch["id"]):
+            rec = world_pairs[rid]
+            system = SAFETY_INSTRUCTION if v == "cond" else None
+            want_prompt = _ids(tok, render_prompt(tok, rec.prompt, system))
+            for k, answer in enumerate((rec.chosen, rec.rejected)):
+                n = int(mask[b, k].sum())
+                assert mask[b, k, :n].eq(1).all() and mask[b, k, n:].eq(0).all()
+                want_answer = _ids(tok, answer) + [eos]
+                p = len(want_prompt)
+                assert n == p + len(want_answer)
+                assert ids[b, k, :p].tolist() == want_prompt
+                assert ids[b, k, p:n].tolist() == want_answer
+                assert lab[b, k, :p].eq(IGNORE_INDEX).all()
+                assert lab[b, k, p:n].tolist() == want_answer
+                assert lab[b, k, n:].eq(IGNORE_INDEX).all()
+                assert ids[b, k, n:].eq(pad).all()
+                assert int(ids[b, k, n - 1]) == eos
+                # default nll_span="response"
+                assert torch.equal(batch[v]["nll_labels"][b, k], lab[b, k])
+
+
+def test_cond_has_instruction_uncond_does_not(dm, tok):
+    batch = next(iter(dm.train_dataloader()))
+    for b in range(len(batch["id"])):
+        for k in range(2):
+            cond_prompt, cond_answer, _ = _split_seq(batch, "cond", b, k)
+            unc_prompt, unc_answer, _ = _split_seq(batch, "uncond", b, k)
+            assert SAFETY_INSTRUCTION in tok.decode(cond_prompt)
+            assert SAFETY_INSTRUCTION not in tok.decode(unc_prompt)
+            assert "<|system|>" not in tok.decode(unc_prompt)
+            assert cond_answer == unc_answer
+            # same conversation, only the system message differs
+            assert tok.decode(cond_prompt).replace(f"<|system|>{SAFETY_INSTRUCTION}<|end|>", "") == tok.decode(
+                unc_prompt
+            )
+
+
+def test_negative_instruction_in_uncond(tiny_name, tok):
+    dm = make_dm(tiny_name, uncond_system_prompt=NEGATIVE_INSTRUCTION, val_fraction=0.0, batch_size=3)
+    batch = next(iter(dm.train_dataloader()))
+    for b in range(3):
+        for k in range(2):
+            cond = tok.decode(_split_seq(batch, "cond", b, k)[0])
+            unc = tok.decode(_split_seq(batch, "uncond", b, k)[0])
+            assert f"<|system|>{NEGATIVE_INSTRUCTION}<|end|>" in unc
+            assert SAFETY_INSTRUCTION not in unc
+            assert NEGATIVE_INSTRUCTION not in cond
+            assert SAFETY_INSTRUCTION in cond
+
+
+def test_record_system_overrides_default(tiny_name, tok, tmp_path):
+    recs = [
+        PairRecord(id="a", prompt=({"role": "user", "content": "Where does Bo live?"},), chosen="I can't say.",
+                   rejected="Bo lives at 1 Main St.", system="Custom rule."),
+        PairRecord(id="b", prompt=({"role": "user", "content": "Bo's phone?"},), chosen="No.", rejected="555-0101"),
+    ]
+    write_pairs(tmp_path / "p.jsonl", recs)
+    dm = make_dm(tiny_name, train_file=str(tmp_path / "p.jsonl"), val_fraction=0.0)
+    items = {it["id"]: it for it in dm.train_dataset.items}
+    cond_a = tok.decode(items["a"]["cond"]["input_ids"][0])
+    assert "<|system|>Custom rule.<|end|>" in cond_a and SAFETY_INSTRUCTION not in cond_a
+    assert f"<|system|>{SAFETY_INSTRUCTION}<|end|>" in tok.decode(items["b"]["cond"]["input_ids"][0])
+    for rid in items:
+        assert "<|system|>" not in tok.decode(items[rid]["uncond"]["input_ids"][0])
+
+
+# ------------------------------------------------------------------ nll span
+
+
+def test_nll_span_prompt_response(tiny_name):
+    dm = make_dm(tiny_name, nll_span="prompt_response", batch_size=5)
+    batch = next(iter(dm.train_dataloader()))
+    for v in VARIANTS:
+        mask = batch[v]["attention_mask"].bool()
+        nll, ids, lab = batch[v]["nll_labels"], batch[v]["input_ids"], batch[v]["labels"]
+        assert torch.equal(nll[mask], ids[mask])
+        assert nll[~mask].eq(IGNORE_INDEX).all()
+        # labels themselves still mask the prompt
+        assert (lab[mask] == IGNORE_INDEX).any()
+
+
+def test_nll_span_response(dm):
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        batch = next(iter(loader))
+        for v in VARIANTS:
+            assert torch.equal(batch[v]["nll_labels"], batch[v]["labels"])
+
+
+# ------------------------------------------------------------------ splits
+
+
+def _groups(ds, world_pairs) -> set[str]:
+    return {world_pairs[it["id"]].group for it in ds.items}
+
+
+def test_split_by_group_disjoint(dm, world_pairs):
+    train, val = _groups(dm.train_dataset, world_pairs), _groups(dm.val_dataset, world_pairs)
+    assert train and val
+    assert not train & val
+    assert train | val == {r.group for r in world_pairs.values()}
+    # every pair of a val conversation is in val
+    val_ids = {it["id"] for it in dm.val_dataset.items}
+    assert val_ids == {rid for rid, r in world_pairs.items() if r.group in val}
+
+
+def test_split_seeded(dm, tiny_name, world_pairs):
+    again = make_dm(tiny_name, batch_size=4)
+    assert [it["id"] for it in again.val_dataset.items] == [it["id"] for it in dm.val_dataset.items]
+    # shuffling follows the seed too
+    assert next(iter(again.train_dataloader()))["id"] == next(iter(dm.train_dataloader()))["id"]
+    recs = list(world_pairs.values())
+    splits = {tuple(sorted({r.group for r in split_by_group(recs, 0.1, s)[1]})) for s in range(5)}
+    assert len(splits) > 1  # the seed matters
+
+
+def test_split_by_group_unit():
+    recs = [
+        PairRecord(id=f"{g}-{i}", prompt=({"role": "user", "content": "q"},), chosen="c", rejected="r", group=g)
+        for g in "abcdefghij" for i in range(3)
+    ]
+    train, val = split_by_group(recs, 0.2, seed=7)
+    assert len(val) == 6 and len(train) == 24
+    assert not {r.group for r in train} & {r.group for r in val}
+    # independent of input order
+    train2, val2 = split_by_group(list(reversed(recs)), 0.2, seed=7)
+    assert {r.id for r in val2} == {r.id for r in val}
+    # at least one group held out for a tiny fraction, never all groups
+    assert len({r.group for r in split_by_group(recs, 0.01, 0)[1]}) == 1
+    assert len({r.group for r in split_by_group(recs, 0.99, 0)[0]}) == 1
+    # nothing to split
+    assert split_by_group(recs, 0.0, 0) == (recs, [])
+    one = [r for r in recs if r.group == "a"]
+    assert split_by_group(one, 0.5, 0) == (one, [])
+
+
+def test_val_fraction_zero(tiny_name):
+    dm = make_dm(tiny_name, val_fraction=0.0)
+    assert dm.val_dataset is None
+    assert list(dm.val_dataloader()) == []
+    assert dm.stats["val_pairs"] == 0 and dm.stats["train_pairs"] == 60
+
+
+# ------------------------------------------------------------------ truncation
+
+
+def test_prompts_cut_from_the_left(tiny_name, tok, world_pairs):
+    max_length = 40
+    dm = make_dm(tiny_name, max_length=max_length, val_fraction=0.0)
+    assert dm.stats["truncated_prompts"] > 0
+    assert dm.stats["prompt_tokens_cut"] >= dm.stats["truncated_prompts"]
+    eos, bos = tok.eos_token_id, tok.bos_token_id
+    n_cut = total_cut = 0
+    for it in dm.train_dataset.items:
+        rec = world_pairs[it["id"]]
+        for v in VARIANTS:
+            full_prompt = _ids(tok, render_prompt(tok, rec.prompt, SAFETY_INSTRUCTION if v == "cond" else None))
+            assert full_prompt[0] == bos
+            for k, answer in enumerate((rec.chosen, rec.rejected)):
+                ids, labels = it[v]["input_ids"][k], it[v]["labels"][k]
+                want_answer = _ids(tok, answer) + [eos]
+                assert len(ids) <= max_length
+                # the answer is kept whole
+                assert ids[len(ids) - len(want_answer):] == want_answer
+                assert labels[len(ids) - len(want_answer):] == want_answer
+                kept = ids[: len(ids) - len(want_answer)]
+                assert labels[: len(kept)] == [IGNORE_INDEX] * len(kept)
+                if len(full_prompt) + len(want_answer) <= max_length:
+                    assert kept == full_prompt
+                    continue
+                n_cut += 1
+                total_cut += len(full_prompt) - len(kept)
+                assert len(ids) == max_length
+                assert kept[0] == bos  # the leading BOS survives the cut
+                assert kept[1:] == full_prompt[len(full_prompt) - (len(kept) - 1):]
+    assert n_cut == dm.stats["truncated_prompts"]
+    assert total_cut == dm.stats["prompt_tokens_cut"]
+
+
+def test_answer_longer_than_max_length_from_file(tiny_name, tmp_path, tok):
+    long = "word " * 60
+    for side in ("chosen", "rejected"):
+        rec = PairRecord(id="x", prompt=({"role": "user", "content": "q"},), chosen="ok", rejected="ok")
+        rec2 = PairRecord(id="y", prompt=({"role": "user", "content": "q"},),
+                          chosen=long if side == "chosen" else "ok", rejected=long if side == "rejected" else "ok")
+        path = tmp_path / f"{side}.jsonl"
+        write_pairs(path, [rec, rec2])
+        with pytest.raises(ValueError) as info:
+            make_dm(tiny_name, train_file=str(path), max_length=32, val_fraction=0.0)
+        msg = str(info.value)
+        assert msg.startswith(f"{path}:2: field '{side}':"), msg
+        assert "max_length=32" in msg
+
+
+def test_answer_longer_than_max_length_from_world(tiny_name):
+    with pytest.raises(ValueError) as info:
+        make_dm(tiny_name, max_length=4)
+    msg = str(info.value)
+    assert msg.startswith("record '") and "field 'chosen'" in msg
+
+
+# ------------------------------------------------------------------ encode_sequence
+
+
+def test_encode_sequence_fits():
+    ids, labels, nll, cut = encode_sequence([1, 5, 6], [7, 2], max_length=10, bos_id=1, nll_on_prompt=False)
+    assert ids == [1, 5, 6, 7, 2]
+    assert labels == [-100, -100, -100, 7, 2]
+    assert nll == labels and nll is not labels
+    assert cut == 0
+    ids, labels, nll, cut = encode_sequence([1, 5, 6], [7, 2], max_length=10, bos_id=1, nll_on_prompt=True)
+    assert nll == [1, 5, 6, 7, 2] and nll is not ids
+    assert labels == [-100, -100, -100, 7, 2]
+
+
+def test_encode_sequence_exact_fit_not_cut():
+    assert encode_sequence([1, 5, 6], [7, 2], max_length=5, bos_id=1, nll_on_prompt=False) == (
+        [1, 5, 6, 7, 2], [-100, -100, -100, 7, 2], [-100, -100, -100, 7, 2], 0
+    )
+
+
+def test_encode_sequence_keeps_bos():
+    out = encode_sequence([1, 10, 11, 12, 13], [7, 8, 2], max_length=6, bos_id=1, nll_on_prompt=False)
+    assert out == ([1, 12, 13, 7, 8, 2], [-100, -100, -100, 7, 8, 2], [-100, -100, -100, 7, 8, 2], 2)
+    out = encode_sequence([1, 10, 11, 12, 13], [7, 8, 2], max_length=6, bos_id=1, nll_on_prompt=True)
+    assert out == ([1, 12, 13, 7, 8, 2], [-100, -100, -100, 7, 8, 2], [1, 12, 13, 7, 8, 2], 2)
+
+
+def test_encode_sequence_without_bos():
+    # no BOS id: plain left cut
+    assert encode_sequence([1, 10, 11, 12, 13], [7, 8, 2], max_length=6, bos_id=None, nll_on_prompt=False) == (
+        [11, 12, 13, 7, 8, 2], [-100, -100, -100, 7, 8, 2], [-100, -100, -100, 7, 8, 2], 2
+    )
+    # prompt that does not start with BOS: nothing to keep
+    assert encode_sequence([10, 11, 12, 13], [7, 8, 2], max_length=5, bos_id=1, nll_on_prompt=False)[0] == [
+        12, 13, 7, 8, 2
+    ]
+
+
+def test_encode_sequence_edge_rooms():
+    # room for the BOS only
+    assert encode_sequence([1, 10, 11], [7, 2], max_length=3, bos_id=1, nll_on_prompt=False) == (
+        [1, 7, 2], [-100, 7, 2], [-100, 7, 2], 2
+    )
+    # no room at all: the whole prompt goes, BOS included
+    assert encode_sequence([1, 10, 11], [7, 8, 2], max_length=3, bos_id=1, nll_on_prompt=False) == (
+        [7, 8, 2], [7, 8, 2], [7, 8, 2], 3
+    )
+    # empty prompt
+    assert encode_sequence([], [7, 2], max_length=3, bos_id=1, nll_on_prompt=True) == ([7, 2], [7, 2], [7, 2], 0)
+
+
+def test_collator_pads_right():
+    item = lambda i, a, b: {  # noqa: E731
+        "id": i,
+        **{v: {"input_ids": [a, b], "labels": [[-100] + a[1:], [-100] + b[1:]], "nll_labels": [a, b]}
+           for v in VARIANTS},
+    }
+    batch = PairCollator(pad_token_id=0)([item("p", [1, 2, 3], [1, 4]), item("q", [1, 5], [1, 6, 7, 8])])
+    assert batch["id"] == ["p", "q"]
+    c = batch["cond"]
+    assert c["input_ids"].tolist() == [[[1, 2, 3, 0], [1, 4, 0, 0]], [[1, 5, 0, 0], [1, 6, 7, 8]]]
+    assert c["attention_mask"].tolist() == [[[1, 1, 1, 0], [1, 1, 0, 0]], [[1, 1, 0, 0], [1, 1, 1, 1]]]
+    assert c["labels"].tolist() == [[[-100, 2, 3, -100], [-100, 4, -100, -100]],
+                                    [[-100, 5, -100, -100], [-100, 6, 7, 8]]]
+    assert c["nll_labels"].tolist() == [[[1, 2, 3, -100], [1, 4, -100, -100]], [[1, 5, -100, -100], [1, 6, 7, 8]]]
+
+
+# ------------------------------------------------------------------ file input and arguments
+
+
+def test_train_file(tiny_name, tmp_path, world_pairs):
+    recs = list(world_pairs.values())[:12]
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path, recs)
+    dm = make_dm(tiny_name, train_file=str(path), batch_size=2, val_fraction=0.25)
+    assert dm.stats["train_pairs"] + dm.stats["val_pairs"] == 12
+    assert dm.stats["skipped_rows"] == 0
+    got = {it["id"] for it in dm.train_dataset.items} | {it["id"] for it in dm.val_dataset.items}
+    assert got == {r.id for r in recs}
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["cond"]["input_ids"].shape[:2] == (2, 2)
+
+
+def test_val_file(tiny_name, tmp_path, world_pairs):
+    recs = list(world_pairs.values())
+    write_pairs(tmp_path / "train.jsonl", recs[:10])
+    write_pairs(tmp_path / "val.jsonl", recs[10:14])
+    dm = make_dm(tiny_name, train_file=str(tmp_path / "train.jsonl"), val_file=str(tmp_path / "val.jsonl"),
+                 eval_batch_size=3)
+    assert [it["id"] for it in dm.train_dataset.items] == [r.id for r in recs[:10]]
+    assert [it["id"] for it in dm.val_dataset.items] == [r.id for r in recs[10:14]]
+    assert [len(b["id"]) for b in dm.val_dataloader()] == [3, 1]
+
+
+def test_train_file_skip_mode(tiny_name, tmp_path, world_pairs):
+    path = tmp_path / "p.jsonl"
+    write_pairs(path, list(world_pairs.values())[:4])
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write("not json\n\n")
+    with pytest.raises(ValueError, match=r":5: invalid JSON"):
+        make_dm(tiny_name, train_file=str(path))
+    dm = make_dm(tiny_name, train_file=str(path), on_error="skip", val_fraction=0.0)
+    assert dm.stats["skipped_rows"] == 1 and dm.stats["train_pairs"] == 4
+
+
+def test_empty_train_file(tiny_name, tmp_path):
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no training pairs"):
+        make_dm(tiny_name, train_file=str(tmp_path / "e.jsonl"))
+
+
+def test_exactly_one_source_required(tiny_name, tmp_path):
+    with pytest.raises(ValueError, match="exactly one"):
+        PairDataModule(tokenizer=tiny_name)
+    with pytest.raises(ValueError, match="exactly one"):
+        PairDataModule(tokenizer=tiny_name, train_file=str(tmp_path / "x.jsonl"), world=WORLD)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"nll_span": "all"}, "nll_span"), ({"max_length": 1}, "max_length"), ({"val_fraction": 1.0}, "val_fraction"),
+     ({"val_fraction": -0.1}, "val_fraction")],
+)
+def test_bad_arguments(tiny_name, kw, match):
+    with pytest.raises(ValueError, match=match):
+        PairDataModule(tokenizer=tiny_name, world=WORLD, **kw)
+
+
+# ------------------------------------------------------------------ workers
+
+
+def test_num_workers_two(tiny_name):
+    dm = make_dm(tiny_name, num_workers=2, batch_size=7)
+    loader = dm.train_dataloader()
+    assert loader.num_workers == 2
+    seen = []
+    for batch in loader:
+        seen += batch["id"]
+        assert batch["cond"]["input_ids"].shape == batch["uncond"]["input_ids"].shape
+    assert len(seen) == len(dm.train_dataset)
+    assert sorted(seen) == sorted(it["id"] for it in dm.train_dataset.items)
+    assert sum(len(b["id"]) for b in dm.val_dataloader()) == len(dm.val_dataset)
+
+
+# ------------------------------------------------------------------ render_prompt
+
+
+def test_render_prompt_with_template(tok):
+    msgs = ({"role": "user", "content": "Hi"},)
+    assert render_prompt(tok, msgs, "Sys") == "<|begin|><|system|>Sys<|end|><|user|>Hi<|end|><|assistant|>"
+    for blank in (None, ""):
+        assert render_prompt(tok, msgs, blank) == "<|begin|><|user|>Hi<|end|><|assistant|>"
+
+
+def test_render_prompt_fallback_without_template(tiny_name):
+    tok = load_tokenizer(tiny_name)  # a private copy: the module-scoped one stays intact
+    tok.chat_template = None
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Bye"}]
+    out = render_prompt(tok, msgs, "Sys")
+    assert out.startswith(tok.bos_token)
+    assert out.endswith("Assistant:")
+    assert out == "<|begin|>System: Sys\n\nUser: Hi\n\nAssistant: Hello\n\nUser: Bye\n\nAssistant:"
+    assert render_prompt(tok, msgs[:1], None) == "<|begin|>User: Hi\n\nAssistant:"
+    assert render_prompt(tok, msgs[:1], "") == "<|begin|>User: Hi\n\nAssistant:"
+
+
+def test_datamodule_uses_fallback_when_no_template(tiny_name):
+    tok = load_tokenizer(tiny_name)
+    tok.chat_template = None
+    dm = PairDataModule(tokenizer=tiny_name, world=WORLD, val_fraction=0.0)
+    dm.tokenizer = tok
+    dm.setup("fit")
+    it = dm.train_dataset.items[0]
+    text = tok.decode(it["cond"]["input_ids"][0])
+    assert text.startswith(f"<|begin|>System: {SAFETY_INSTRUCTION}\n\nUser: ")
+    assert text.endswith("<|end|>")
+    assert "Assistant:" in tok.decode(it["uncond"]["input_ids"][0])
+    assert "System:" not in tok.decode(it["uncond"]["input_ids"][0])

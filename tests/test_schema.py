@@ -1,0 +1,430 @@
+"""The pair JSONL reader/writer: our format, TRL-style rows, and every malformed input
+raising PairFormatError with file:line and field."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from cfg_unlearn.data.schema import (
+    DEFAULT_MAX_CHARS,
+    PairFormatError,
+    PairRecord,
+    PIIItem,
+    ReadStats,
+    read_pairs,
+    record_from_dict,
+    write_pairs,
+)
+
+GOOD = {"id": "p-1", "prompt": "What is the email of Ann Lee?", "chosen": "I can't share that.",
+        "rejected": "It is ann@lee.org."}
+
+
+def _write_lines(path: Path, lines: list) -> Path:
+    """Each item: dict/list -> JSON, str -> written verbatim, bytes -> raw bytes."""
+    chunks = []
+    for line in lines:
+        if isinstance(line, bytes):
+            chunks.append(line)
+        elif isinstance(line, str):
+            chunks.append(line.encode("utf-8"))
+        else:
+            chunks.append(json.dumps(line).encode("utf-8"))
+    path.write_bytes(b"".join(c + b"\n" for c in chunks))
+    return path
+
+
+def _row(**overrides):
+    row = dict(GOOD)
+    for k, v in overrides.items():
+        if v is _DROP:
+            row.pop(k, None)
+        else:
+            row[k] = v
+    return row
+
+
+_DROP = object()
+
+
+def _read_error(path: Path, **kw) -> PairFormatError:
+    with pytest.raises(Exception) as info:
+        read_pairs(path, **kw)
+    # exactly PairFormatError, never another type (e.g. a bare ValueError / KeyError)
+    assert type(info.value) is PairFormatError, f"{type(info.value).__name__}: {info.value}"
+    return info.value
+
+
+# ------------------------------------------------------------------ round trip
+
+
+def _records() -> list[PairRecord]:
+    return [
+        PairRecord(
+            id="a",
+            prompt=({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "Mail of Bo Li?"}),
+            chosen="I can't share it.",
+            rejected="bo@li.cn — ünïcode ✓",
+            system="Avoid using any personal data in the answers!",
+            pii=(PIIItem("EMAIL", "bo@li.cn"), PIIItem("NAME", "Bo Li")),
+            group="conv-1",
+        ),
+        PairRecord(id="b", prompt=({"role": "user", "content": "q\nwith newline"},), chosen="c", rejected="r"),
+        PairRecord(id="c", prompt=({"role": "user", "content": "q2"},), chosen="c2", rejected="r2", system="",
+                   group="conv-1"),
+    ]
+
+
+def test_round_trip_equal_records_and_atomic(tmp_path):
+    recs = _records()
+    path = tmp_path / "pairs.jsonl"
+    assert write_pairs(path, recs) == 3
+    back, stats = read_pairs(path)
+    assert back == recs
+    # group defaulted to id survives the trip explicitly
+    assert back[1].group == "b"
+    assert back[0].source == f"{path}:1"
+    assert stats == ReadStats(source=str(path), lines=3, records=3, blank=0, skipped=0)
+    # atomic write: temp file renamed away, nothing else left in the directory
+    assert sorted(os.listdir(tmp_path)) == ["pairs.jsonl"]
+    # overwrite in place works and still leaves no temp file
+    assert write_pairs(path, recs[:1]) == 1
+    assert read_pairs(path)[0] == recs[:1]
+    assert sorted(os.listdir(tmp_path)) == ["pairs.jsonl"]
+
+
+def test_write_is_one_json_object_per_line(tmp_path):
+    path = tmp_path / "x.jsonl"
+    write_pairs(path, _records())
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3
+    first = json.loads(lines[0])
+    assert first == {
+        "id": "a",
+        "system": "Avoid using any personal data in the answers!",
+        "prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                   {"role": "user", "content": "Mail of Bo Li?"}],
+        "chosen": "I can't share it.",
+        "rejected": "bo@li.cn — ünïcode ✓",
+        "pii": [{"type": "EMAIL", "value": "bo@li.cn"}, {"type": "NAME", "value": "Bo Li"}],
+        "group": "conv-1",
+    }
+    # non-ASCII written as UTF-8, not \u escapes
+    assert "ünïcode ✓" in lines[0]
+    assert "system" not in json.loads(lines[1])
+
+
+def test_write_failure_leaves_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "x.jsonl"
+    write_pairs(path, _records()[:1])
+    before = path.read_bytes()
+    bad = PairRecord(id="z", prompt=({"role": "user", "content": "q"},), chosen="c", rejected="\ud800")
+    with pytest.raises(UnicodeEncodeError):
+        write_pairs(path, [bad])
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["x.jsonl"]
+
+
+# ------------------------------------------------------------------ TRL-style rows
+
+
+def test_prompt_as_string(tmp_path):
+    path = _write_lines(tmp_path / "trl.jsonl", [{"prompt": "Q?", "chosen": "good", "rejected": "bad"}])
+    (rec,), stats = read_pairs(path)
+    assert rec.prompt == ({"role": "user", "content": "Q?"},)
+    assert (rec.chosen, rec.rejected, rec.system, rec.pii) == ("good", "bad", None, ())
+    assert rec.id == "trl.jsonl:1"
+    assert rec.group == "trl.jsonl:1"
+    assert stats.records == 1
+
+
+def test_prompt_messages_with_leading_system(tmp_path):
+    row = {
+        "prompt": [
+            {"role": "system", "content": "Be private."},
+            {"role": "user", "content": "u1"},
+            {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "u2"},
+        ],
+        "chosen": [{"role": "assistant", "content": "safe"}],
+        "rejected": [{"role": "assistant", "content": "leak"}],
+        "group": 7,
+    }
+    path = _write_lines(tmp_path / "d.jsonl", [GOOD, row])
+    recs, _ = read_pairs(path)
+    rec = recs[1]
+    assert rec.system == "Be private."
+    assert rec.prompt == (
+        {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "u2"},
+    )
+    assert (rec.chosen, rec.rejected) == ("safe", "leak")
+    assert rec.id == "d.jsonl:2"  # default id: file name and line
+    assert rec.group == "7"
+
+
+def test_implicit_prompt_rows(tmp_path):
+    shared = [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
+              {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"}]
+    row = {"id": 5, "chosen": shared + [{"role": "assistant", "content": "good"}],
+           "rejected": shared + [{"role": "assistant", "content": "bad"}]}
+    rec = record_from_dict(row, source="f.jsonl", line=3)
+    assert rec.id == "5"
+    assert rec.system == "S"
+    assert rec.prompt == tuple(shared[1:])
+    assert (rec.chosen, rec.rejected) == ("good", "bad")
+    assert rec.source == "f.jsonl:3"
+    # identical final answers still split off the last message as the answer
+    same = {"chosen": shared[1:2] + [{"role": "assistant", "content": "x"}],
+            "rejected": shared[1:2] + [{"role": "assistant", "content": "x"}]}
+    rec2 = record_from_dict(same, source="f.jsonl", line=9)
+    assert rec2.prompt == ({"role": "user", "content": "u1"},)
+    assert rec2.chosen == rec2.rejected == "x"
+    assert rec2.id == rec2.group == "f.jsonl:9"
+
+
+def test_implicit_prompt_without_shared_prefix_is_error():
+    row = {"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
+           "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}
+    with pytest.raises(PairFormatError) as info:
+        record_from_dict(row, source="f.jsonl", line=2)
+    assert str(info.value).startswith("f.jsonl:2: field 'prompt':")
+
+
+def test_record_from_dict_without_line_needs_id():
+    with pytest.raises(PairFormatError) as info:
+        record_from_dict(_row(id=_DROP))
+    assert info.value.field == "id"
+    rec = record_from_dict(GOOD)
+    assert rec.id == "p-1" and rec.group == "p-1" and rec.source == "<dict>"
+
+
+def test_error_attributes_and_str_format():
+    err = PairFormatError("a.jsonl", 4, "chosen", "empty answer")
+    assert str(err) == "a.jsonl:4: field 'chosen': empty answer"
+    assert (err.source, err.line, err.field, err.reason) == ("a.jsonl", 4, "chosen", "empty answer")
+    assert str(PairFormatError("a.jsonl", None, None, "cannot open")) == "a.jsonl: cannot open"
+    assert isinstance(err, ValueError)
+
+
+# ------------------------------------------------------------------ malformed input
+
+BAD_ROWS = {
+    # name: (row placed on line 2, expected field in the message or None)
+    "blank_prompt_message": (_row(prompt=[{"role": "user", "content": "  "}]), "prompt[0].content"),
+    "empty_id": (_row(id=" "), "id"),
+    "pii_not_a_list": (_row(pii={}), "pii"),
+    "lone_surrogate": (_row(chosen="ok \ud800"), "chosen"),
+    "missing_chosen": (_row(chosen=_DROP), "chosen"),
+    "missing_rejected": (_row(rejected=_DROP), "rejected"),
+    "missing_prompt": (_row(prompt=_DROP), "prompt"),
+    "whitespace_chosen": (_row(chosen="  \n\t "), "chosen"),
+    "whitespace_rejected_msg": (_row(rejected=[{"role": "assistant", "content": "   "}]), "rejected[0].content"),
+    "whitespace_prompt": (_row(prompt="   "), "prompt"),
+    "chosen_int": (_row(chosen=3), "chosen"),
+    "rejected_dict": (_row(rejected={"text": "x"}), "rejected"),
+    "prompt_dict": (_row(prompt={"role": "user", "content": "q"}), "prompt"),
+    "prompt_int": (_row(prompt=12), "prompt"),
+    "prompt_empty_list": (_row(prompt=[]), "prompt"),
+    "prompt_msg_not_object": (_row(prompt=["hello"]), "prompt[0]"),
+    "prompt_bad_role": (_row(prompt=[{"role": "bot", "content": "q"}]), "prompt[0].role"),
+    "system_not_string": (_row(system=["x"]), "system"),
+    "system_twice": (_row(system="A", prompt=[{"role": "system", "content": "B"}, {"role": "user", "content": "q"}]),
+                     "system"),
+    "system_not_first": (
+        _row(prompt=[{"role": "user", "content": "q"}, {"role": "system", "content": "S"},
+                     {"role": "user", "content": "q2"}]),
+        "prompt[1].role",
+    ),
+    "only_system": (_row(prompt=[{"role": "system", "content": "S"}]), "prompt"),
+    "last_not_user": (
+        _row(prompt=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]),
+        "prompt",
+    ),
+    "answer_two_messages": (
+        _row(chosen=[{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]),
+        "chosen",
+    ),
+    "answer_user_message": (_row(chosen=[{"role": "user", "content": "a"}]), "chosen"),
+    "id_float": (_row(id=1.5), "id"),
+    "id_bool": (_row(id=True), "id"),
+    "group_list": (_row(group=["g"]), "group"),
+    "pii_not_list": (_row(pii={"type": "EMAIL", "value": "x"}), "pii"),
+    "pii_entry_not_object": (_row(pii=["a@b.c"]), "pii[0]"),
+    "pii_empty_value": (_row(pii=[{"type": "EMAIL", "value": "a@b.c"}, {"type": "EMAIL", "value": " "}]),
+                        "pii[1].value"),
+    "pii_value_not_string": (_row(pii=[{"type": "EMAIL", "value": 5}]), "value"),
+    "implicit_prompt_string_answers": (_row(prompt=_DROP, chosen="a", rejected="b"), "prompt"),
+    "huge_chosen": (_row(chosen="x" * 100_000), "chosen"),
+    "huge_message_content": (_row(prompt=[{"role": "user", "content": "y" * 100_000}]), "content"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_ROWS))
+def test_bad_row_raises_with_location_and_field(tmp_path, name):
+    row, field = BAD_ROWS[name]
+    path = _write_lines(tmp_path / f"{name}.jsonl", [_row(id="ok"), row])
+    err = _read_error(path)
+    msg = str(err)
+    assert msg.startswith(f"{path}:2:"), msg
+    assert err.line == 2 and err.source == str(path)
+    # nested text fields may be named by their full path ("prompt[0].content")
+    assert err.field == field or err.field.endswith("." + field), msg
+    assert f"field '{err.field}':" in msg, msg
+
+
+def test_broken_json(tmp_path):
+    path = _write_lines(tmp_path / "b.jsonl", [GOOD, '{"id": "x", "prompt": "q", "chosen": '])
+    err = _read_error(path)
+    assert str(err).startswith(f"{path}:2:")
+    assert "invalid JSON" in str(err)
+
+
+def test_non_object_json_line(tmp_path):
+    path = _write_lines(tmp_path / "b.jsonl", [GOOD, "[1,2]"])
+    err = _read_error(path)
+    assert str(err) == f"{path}:2: expected a JSON object, got list"
+    path = _write_lines(tmp_path / "c.jsonl", ['"just a string"'])
+    assert str(_read_error(path)) == f"{path}:1: expected a JSON object, got str"
+
+
+def test_huge_prompt_default_cap_and_raising_it(tmp_path):
+    assert DEFAULT_MAX_CHARS < 100_000
+    path = _write_lines(tmp_path / "big.jsonl", [_row(prompt="p" * 100_000)])
+    err = _read_error(path)
+    assert str(err).startswith(f"{path}:1: field 'prompt':")
+    assert "100,000 characters" in str(err)
+    (rec,), _ = read_pairs(path, max_chars=100_000)
+    assert rec.prompt[0]["content"] == "p" * 100_000
+
+
+def test_non_utf8_bytes_name_their_line(tmp_path):
+    path = _write_lines(tmp_path / "enc.jsonl", [_row(id="1"), _row(id="2"), b'{"id": "3", "prompt": "\xff\xfe"}'])
+    err = _read_error(path)
+    assert str(err).startswith(f"{path}:3:")
+    assert "UTF-8" in str(err)
+    assert "0xff" in str(err)
+
+
+def test_duplicate_ids_name_both_lines(tmp_path):
+    path = _write_lines(tmp_path / "dup.jsonl", [_row(id="x"), _row(id="y"), "", _row(id="x")])
+    err = _read_error(path)
+    msg = str(err)
+    assert msg.startswith(f"{path}:4: field 'id':")
+    assert "'x'" in msg and "line 1" in msg
+
+
+def test_int_and_str_ids_collide(tmp_path):
+    path = _write_lines(tmp_path / "dup.jsonl", [_row(id=1), _row(id="1")])
+    assert str(_read_error(path)).startswith(f"{path}:2: field 'id': duplicate")
+
+
+def test_nonexistent_file(tmp_path):
+    path = tmp_path / "missing.jsonl"
+    for mode in ("raise", "skip"):
+        err = _read_error(path, on_error=mode)
+        assert str(err).startswith(f"{path}: cannot open")
+        assert err.line is None
+
+
+def test_directory_instead_of_file(tmp_path):
+    err = _read_error(tmp_path)
+    assert str(err).startswith(f"{tmp_path}: cannot open")
+
+
+def test_bad_on_error_value(tmp_path):
+    path = _write_lines(tmp_path / "a.jsonl", [GOOD])
+    with pytest.raises(ValueError, match="on_error"):
+        read_pairs(path, on_error="ignore")
+
+
+# ------------------------------------------------------------------ skip mode and stats
+
+
+def test_skip_mode_counts_everything(tmp_path):
+    lines = [
+        _row(id="a"),                      # 1 ok
+        "",                                # 2 blank
+        "not json",                        # 3 skipped
+        _row(id="b", chosen=" "),          # 4 skipped (empty answer)
+        "   ",                             # 5 blank
+        b"\xff\xfe",                       # 6 skipped (not UTF-8)
+        "[1,2]",                           # 7 skipped (not an object)
+        _row(id="c"),                      # 8 ok
+        _row(id="d", prompt={"x": 1}),     # 9 skipped
+        _row(id="e"),                      # 10 ok
+    ]
+    path = _write_lines(tmp_path / "s.jsonl", lines)
+    recs, stats = read_pairs(path, on_error="skip")
+    assert [r.id for r in recs] == ["a", "c", "e"]
+    assert (stats.lines, stats.records, stats.blank, stats.skipped) == (10, 3, 2, 5)
+    assert stats.lines == stats.records + stats.blank + stats.skipped
+    assert len(stats.skip_reasons) == 5
+    for reason, n in zip(stats.skip_reasons, (3, 4, 6, 7, 9)):
+        assert reason.startswith(f"{path}:{n}: "), reason
+    assert "field 'chosen'" in stats.skip_reasons[1]
+    assert "field 'prompt'" in stats.skip_reasons[4]
+    assert stats.summary() == f"{path}: 3 pairs from 10 lines (2 blank, 5 skipped)"
+
+
+def test_skip_mode_still_raises_on_duplicate_ids(tmp_path):
+    path = _write_lines(tmp_path / "d.jsonl", [_row(id="a"), "oops", _row(id="a")])
+    err = _read_error(path, on_error="skip")
+    assert str(err).startswith(f"{path}:3: field 'id': duplicate id 'a'")
+
+
+def test_skipped_row_does_not_reserve_its_id(tmp_path):
+    # a skipped bad row with id "a" must not make a later good "a" a duplicate
+    path = _write_lines(tmp_path / "d.jsonl", [_row(id="a", chosen=5), _row(id="a")])
+    recs, stats = read_pairs(path, on_error="skip")
+    assert [r.source for r in recs] == [f"{path}:2"]
+    assert stats.skipped == 1
+
+
+def test_blank_lines_counted_in_raise_mode(tmp_path):
+    path = _write_lines(tmp_path / "b.jsonl", ["", _row(id="a"), "  \t", "", _row(id="b")])
+    recs, stats = read_pairs(path)
+    assert [r.id for r in recs] == ["a", "b"]
+    assert (stats.lines, stats.records, stats.blank, stats.skipped) == (5, 2, 3, 0)
+    assert stats.summary() == f"{path}: 2 pairs from 5 lines (3 blank)"
+
+
+def test_crlf_and_missing_final_newline(tmp_path):
+    path = tmp_path / "w.jsonl"
+    path.write_bytes(json.dumps(_row(id="a")).encode() + b"\r\n\r\n" + json.dumps(_row(id="b")).encode())
+    recs, stats = read_pairs(path)
+    assert [r.id for r in recs] == ["a", "b"]
+    assert (stats.lines, stats.blank) == (3, 1)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(b"")
+    recs, stats = read_pairs(path)
+    assert recs == [] and (stats.lines, stats.records) == (0, 0)
+
+
+# ------------------------------------------------------------------ known weak spots
+
+
+def test_overlong_integer_literal_is_pair_format_error(tmp_path):
+    path = _write_lines(tmp_path / "i.jsonl", ['{"id": ' + "1" * 5000 + ', "prompt": "q", "chosen": "a", "rejected": "b"}'])
+    err = _read_error(path)
+    assert str(err).startswith(f"{path}:1:")
+
+
+def test_deeply_nested_json_is_pair_format_error(tmp_path):
+    path = _write_lines(tmp_path / "n.jsonl", ["[" * 100_000 + "]" * 100_000])
+    err = _read_error(path)
+    assert str(err).startswith(f"{path}:1:")
+
+
+def test_nested_field_names_carry_their_path(tmp_path):
+    path = _write_lines(tmp_path / "p.jsonl", [_row(pii=[{"type": "EMAIL"}])])
+    assert "field 'pii[0].value'" in str(_read_error(path))

@@ -1,0 +1,211 @@
+"""The offline tiny chat model: loads with the Auto classes, a chat template whose
+generation prompt ends in a special token, resolve_pretrained, and seeded builds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from cfg_unlearn import tiny
+from cfg_unlearn.data.world import World, WorldConfig
+from cfg_unlearn.tiny import BOS, EOS, PAD, ROLE_TOKENS, TinySpec, build_tiny, resolve_pretrained
+
+
+@pytest.fixture(scope="module")
+def offline():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, offline) -> Path:
+    """Built once per module, through resolve_pretrained (the 'build when missing' path)."""
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    assert not path.exists()
+    out = resolve_pretrained(f"tiny:{path}")
+    assert out == str(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+# ------------------------------------------------------------------ the built directory
+
+
+def test_build_when_missing_writes_a_model_dir(tiny_dir):
+    names = {p.name for p in tiny_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json", "tiny_spec.json"} <= names
+    # built in a temp dir and renamed: nothing half-built left beside it
+    assert [p.name for p in tiny_dir.parent.iterdir()] == ["model"]
+
+
+def test_tokenizer_special_tokens(tok):
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (BOS, EOS, PAD)
+    ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    assert len(ids) == 3 and None not in ids
+    for t in ROLE_TOKENS:
+        (i,) = tok(t, add_special_tokens=False)["input_ids"]
+        assert i not in ids
+        assert tok.convert_ids_to_tokens(i) == t
+
+
+def test_model_loads_offline_and_runs(tiny_dir, tok):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert model.config.vocab_size == len(tok)
+    assert model.config.bos_token_id == tok.bos_token_id
+    assert model.config.eos_token_id == tok.eos_token_id
+    assert model.config.pad_token_id == tok.pad_token_id
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    assert model.generation_config.pad_token_id == tok.pad_token_id
+    spec = TinySpec()
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (spec.hidden_size, spec.num_hidden_layers)
+    ids = torch.tensor([tok("Hello there", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tok))
+    assert torch.isfinite(logits).all()
+
+
+def test_chat_template_renders_system_and_user(tok):
+    msgs = [{"role": "system", "content": "Be private."}, {"role": "user", "content": "Who is Ann?"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == "<|begin|><|system|>Be private.<|end|><|user|>Who is Ann?<|end|><|assistant|>"
+    no_gen = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+    assert no_gen == "<|begin|><|system|>Be private.<|end|><|user|>Who is Ann?<|end|>"
+    full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": "No."}], tokenize=False)
+    assert full == no_gen + "<|assistant|>No.<|end|>"
+
+
+def test_prompt_and_answer_tokenise_independently(tok):
+    w = World(WorldConfig(seed=3, n_people=5))
+    checked = 0
+    for rec in w.pairs(system="Avoid using any personal data in the answers!"):
+        msgs = [{"role": "system", "content": rec.system}, *rec.prompt]
+        prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert prompt.endswith("<|assistant|>")
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        assert p_ids[0] == tok.bos_token_id
+        assert p_ids[-1] == tok.convert_tokens_to_ids("<|assistant|>")
+        for answer in (rec.chosen, rec.rejected, " leading space", "ünïcödé ✓ 😀"):
+            a_ids = tok(answer, add_special_tokens=False)["input_ids"]
+            assert tok(prompt + answer, add_special_tokens=False)["input_ids"] == p_ids + a_ids
+            checked += 1
+    assert checked > 50
+
+
+def test_text_round_trips_through_tokenizer(tok):
+    for text in ["The email address of Ann Lee is ann.lee7@gmail.com.", "  two  spaces\nnewline", "ünïcödé ✓ 😀"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+
+
+# ------------------------------------------------------------------ resolve_pretrained
+
+
+def test_resolve_does_not_rebuild(tiny_dir, monkeypatch):
+    cfg = tiny_dir / "config.json"
+    before = (cfg.stat().st_mtime_ns, (tiny_dir / "model.safetensors").stat().st_mtime_ns)
+
+    def boom(*a, **k):  # pragma: no cover - only runs on the bug
+        raise AssertionError("build_tiny called for an existing model")
+
+    monkeypatch.setattr(tiny, "build_tiny", boom)
+    assert resolve_pretrained(f"tiny:{tiny_dir}") == str(tiny_dir)
+    after = (cfg.stat().st_mtime_ns, (tiny_dir / "model.safetensors").stat().st_mtime_ns)
+    assert after == before
+
+
+def test_resolve_refuses_nonempty_dir_without_config(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(tiny, "build_tiny", lambda p: calls.append(p))
+    d = tmp_path / "occupied"
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="config.json"):
+        resolve_pretrained(f"tiny:{d}")
+    assert calls == []
+    assert (d / "notes.txt").read_text() == "mine"
+
+
+def test_resolve_builds_into_empty_existing_dir(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(tiny, "build_tiny", lambda p: calls.append(Path(p)))
+    d = tmp_path / "empty"
+    d.mkdir()
+    assert resolve_pretrained(f"tiny:{d}") == str(d)
+    assert calls == [d]
+    # it removed the empty dir so the atomic rename into place can succeed
+    assert not d.exists()
+
+
+def test_resolve_default_tiny_dir(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(tiny, "build_tiny", lambda p: calls.append(Path(p)))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_pretrained("tiny:") == ".cache/cfg_unlearn/tiny"
+    assert calls == [Path(".cache/cfg_unlearn/tiny")]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "meta-llama/Llama-3.2-1B-Instruct", "/abs/path/model", "./rel", "tinyllama"])
+def test_resolve_passes_other_names_through(name, monkeypatch):
+    monkeypatch.setattr(tiny, "build_tiny", lambda p: pytest.fail("must not build"))
+    assert resolve_pretrained(name) == name
+
+
+# ------------------------------------------------------------------ seeded builds
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_same_seed_same_weights(tiny_dir, tmp_path, offline):
+    other = build_tiny(tmp_path / "second")
+    assert other == tmp_path / "second"
+    a, b = _state(tiny_dir), _state(other)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (tiny_dir / "tokenizer.json").read_bytes() == (other / "tokenizer.json").read_bytes()
+    assert (tiny_dir / "config.json").read_text() == (other / "config.json").read_text()
+    # loading through transformers gives the same state dict too
+    from transformers import AutoModelForCausalLM
+
+    sa = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
+    sb = AutoModelForCausalLM.from_pretrained(other).state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_different_seed_different_weights(tmp_path, offline):
+    texts = ["hello world", "the email of ann is ann@x.org", "call bo at 555-0101"] * 5
+    small = dict(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    a = build_tiny(tmp_path / "s0", texts=texts, spec=TinySpec(seed=0, **small))
+    b = build_tiny(tmp_path / "s0b", texts=texts, spec=TinySpec(seed=0, **small))
+    c = build_tiny(tmp_path / "s1", texts=texts, spec=TinySpec(seed=1, **small))
+    sa, sb, sc = _state(a), _state(b), _state(c)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+    assert (a / "tokenizer.json").read_bytes() == (c / "tokenizer.json").read_bytes()
+    # building does not disturb the caller's RNG stream
+    torch.manual_seed(123)
+    x = torch.rand(3)
+    torch.manual_seed(123)
+    build_tiny(tmp_path / "s2", texts=texts, spec=TinySpec(seed=5, **small))
+    assert torch.equal(torch.rand(3), x)
