@@ -62,7 +62,11 @@ def load_causal_lm(
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(name_or_path), **kwargs)
     if gradient_checkpointing:
-        # non-reentrant: works with frozen inputs (LoRA) and with FSDP
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant: works with frozen inputs (LoRA) and with FSDP. transformers >= 5.2x
+        # calls it activation checkpointing; keep the older name working too.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model

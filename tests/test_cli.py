@@ -78,3 +78,14 @@ def test_tiny_fit_then_validate_end_to_end(tiny_model_dir, tmp_path):
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert validate.returncode == 0, validate.stderr[-3000:]
     assert "val/rewards/margins" in validate.stdout
+
+
+def test_console_build_tiny(tmp_path, capsys):
+    out = tmp_path / "small"
+    console_main(["build-tiny", "--out", str(out), "--vocab-size", "600", "--hidden-size", "32", "--layers", "1"])
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(out)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (32, 1, 600)
+    with pytest.raises(SystemExit):  # refuses to overwrite
+        console_main(["build-tiny", "--out", str(out)])

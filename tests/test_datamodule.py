@@ -19,18 +19,13 @@ from cfg_unlearn.data.schema import PairRecord, write_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.models import load_tokenizer
 from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION
-from cfg_unlearn.tiny import build_tiny
 
 WORLD = WorldConfig(seed=0, n_people=10)
 
 
 @pytest.fixture(scope="module")
-def tiny_name(tmp_path_factory) -> str:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        path = build_tiny(tmp_path_factory.mktemp("dm_tiny") / "tiny")
-        yield f"tiny:{path}"
+def tiny_name(tiny_model_dir) -> str:
+    return f"tiny:{tiny_model_dir}"
 
 
 @pytest.fixture(scope="module")

@@ -145,3 +145,22 @@ def test_swap_mode_requires_negative_instruction(tiny_model_dir, tmp_path):
 def test_bad_module_arguments_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         UnlearnModule(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"gradient_checkpointing": True}, {"dtype": "bfloat16"}],
+                         ids=["grad-ckpt", "bf16"])
+def test_memory_and_precision_options_give_finite_gradients(tiny_setup, kwargs):
+    spec, dm = tiny_setup
+    m = UnlearnModule(model=spec, **kwargs)
+    m.configure_model()
+    if "dtype" in kwargs:
+        assert next(m.model.parameters()).dtype == torch.bfloat16
+    else:
+        assert getattr(m.model, "is_activation_checkpointing", None) or m.model.is_gradient_checkpointing
+    batch = next(iter(dm.train_dataloader()))
+    loss, metrics = m.forward_pairs(apply_conditioning(batch, torch.zeros(4, dtype=torch.bool)))
+    loss.backward()
+    assert torch.isfinite(loss) and loss.dtype == torch.float32  # loss math is upcast
+    grads = [p.grad for p in m.model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
