@@ -202,7 +202,8 @@ class UnlearnModule(L.LightningModule):
             )
 
     def on_train_epoch_end(self) -> None:
-        dropped, total = self.cond_counts.tolist()
+        # summed over ranks (every rank calls this hook, so the collective is safe)
+        dropped, total = self.trainer.strategy.reduce(self.cond_counts.clone(), reduce_op="sum").tolist()
         if total and self.cond_dropout > 0:
             rank_zero_info(f"conditioning dropout: {dropped}/{total} samples unconditioned ({dropped / total:.3f})")
 
