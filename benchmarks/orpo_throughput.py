@@ -76,6 +76,12 @@ def make_records(tok, n: int, prompt_tokens: int = 170, answer_tokens: int = 85)
     return recs
 
 
+def parity_datamodule(model_dir: str, pairs_file: str) -> PairDataModule:
+    """Our data path in TRL's NLL span, whole batches of BATCH pairs, no held-out split."""
+    return PairDataModule(tokenizer=model_dir, train_file=pairs_file, nll_span="prompt_response",
+                          val_fraction=0.0, batch_size=BATCH, max_length=512)
+
+
 class StepTimer:
     """Wall time from the start of step ``warmup`` to the end of training."""
 
@@ -103,8 +109,7 @@ def run_ours(model_dir: str, pairs_file: str, steps: int, warmup: int) -> float:
             timer.stop()
 
     L.seed_everything(0, verbose=False)
-    dm = PairDataModule(tokenizer=model_dir, train_file=pairs_file, nll_span="prompt_response",
-                        val_fraction=0.0, batch_size=BATCH, max_length=512)
+    dm = parity_datamodule(model_dir, pairs_file)
     module = UnlearnModule(model=model_dir, beta=0.1, cond_dropout=0.0,
                            optimizer=lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=0.0))
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
@@ -157,8 +162,7 @@ def first_batch_losses(model_dir: str, pairs_file: str, records, tok, out_dir: s
     with torch.no_grad():
         trl_loss, _ = trl.get_batch_loss_metrics(trl.model, trl_batch, train_eval="train")
 
-    dm = PairDataModule(tokenizer=model_dir, train_file=pairs_file, nll_span="prompt_response",
-                        val_fraction=0.0, batch_size=BATCH, max_length=512)
+    dm = parity_datamodule(model_dir, pairs_file)
     dm.setup("fit")
     batch = dm.train_dataloader().collate_fn([dm.train_dataset[i] for i in range(BATCH)])
     module = UnlearnModule(model=model_dir)

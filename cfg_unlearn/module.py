@@ -26,7 +26,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from cfg_unlearn.models import load_causal_lm
-from cfg_unlearn.objectives import IGNORE_INDEX, masked_nll, orpo_loss, token_logps
+from cfg_unlearn.objectives import IGNORE_INDEX, masked_nll, masked_sequence_mean, orpo_loss, token_logps
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class UnlearnModule(L.LightningModule):
         logps, _ = token_logps(logits, scored)
         resp_mask = labels[:, 1:] != IGNORE_INDEX
         nll_mask = nll_labels[:, 1:] != IGNORE_INDEX
-        seq = (logps * resp_mask).sum(-1) / resp_mask.sum(-1).clamp(min=1)
+        seq = masked_sequence_mean(logps, resp_mask)
         chosen_nll = masked_nll(logps[:b], nll_mask[:b])
         loss, metrics = orpo_loss(seq[:b], seq[b:], chosen_nll, beta=self.beta)
         metrics["logps/chosen"] = seq[:b].detach().mean()

@@ -42,8 +42,12 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = T
     """Per-sequence log-probability of the scored tokens: the mean over them
     (``average=True``, ORPO) or their sum (NPO, DPO). Shape ``(B,)``."""
     logps, mask = token_logps(logits, labels)
-    total = logps.sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if average else total
+    return masked_sequence_mean(logps, mask) if average else logps.sum(-1)
+
+
+def masked_sequence_mean(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row mean of ``logps`` over ``mask`` (``(B, T)`` -> ``(B,)``); 0 for empty rows."""
+    return (logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ in <dir>, built there first if missing" (see :func:`resolve_pretrained`).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -112,7 +113,7 @@ def build_tiny(out_dir: str | os.PathLike, texts: list[str] | None = None, spec:
     try:
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
-        (tmp / "tiny_spec.json").write_text(__import__("json").dumps(asdict(spec), indent=2))
+        (tmp / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2))
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a shared cache must be readable
         try:
             os.rename(tmp, out_dir)

@@ -325,16 +325,16 @@ def read_pairs(
             if err is not None:
                 raise err
             rec = record_from_dict(obj, source=str(path), line=lineno, max_chars=max_chars)
-            if rec.id in seen:
-                # never skippable: which of the two rows is the right one is not ours to guess
-                raise PairFormatError(str(path), lineno, "id", f"duplicate id {rec.id!r} (first on line {seen[rec.id]})")
         except PairFormatError as e:
-            if on_error == "raise" or (e.field == "id" and e.reason.startswith("duplicate")):
+            if on_error == "raise":
                 raise
             stats.skipped += 1
             stats.skip_reasons.append(str(e))
             log.warning("skipping %s", e)
             continue
+        if rec.id in seen:
+            # never skippable: which of the two rows is the right one is not ours to guess
+            raise PairFormatError(str(path), lineno, "id", f"duplicate id {rec.id!r} (first on line {seen[rec.id]})")
         seen[rec.id] = lineno
         records.append(rec)
         stats.records += 1
