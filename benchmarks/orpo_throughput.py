@@ -32,15 +32,13 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cfg_unlearn.data.datamodule import PairDataModule, render_prompt  # noqa: E402
+from cfg_unlearn.data.datamodule import PairDataModule  # noqa: E402
 from cfg_unlearn.data.schema import PairRecord, write_pairs  # noqa: E402
 from cfg_unlearn.data.world import World, WorldConfig  # noqa: E402
 from cfg_unlearn.module import UnlearnModule, apply_conditioning  # noqa: E402
-from cfg_unlearn.prompts import SAFETY_INSTRUCTION  # noqa: E402
-from cfg_unlearn.tiny import TinySpec, build_tiny  # noqa: E402
+from cfg_unlearn.prompts import SAFETY_INSTRUCTION, render_prompt  # noqa: E402
+from cfg_unlearn.tiny import BENCH_SPEC, build_tiny  # noqa: E402
 
-BENCH_SPEC = TinySpec(vocab_size=4096, hidden_size=384, intermediate_size=768, num_hidden_layers=6,
-                      num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=1024, seed=0)
 BATCH = 8
 LR = 1e-4
 

@@ -48,6 +48,12 @@ class TinySpec:
     seed: int = 0
 
 
+#: The ~12M-parameter shape the benchmarks measure (large enough that the model, not
+#: Python overhead, dominates a step on CPU).
+BENCH_SPEC = TinySpec(vocab_size=4096, hidden_size=384, intermediate_size=768, num_hidden_layers=6,
+                      num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=1024, seed=0)
+
+
 def train_tokenizer(texts: list[str], vocab_size: int):
     """Train a byte-level BPE tokenizer with our chat template and special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

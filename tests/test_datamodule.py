@@ -12,9 +12,9 @@ from cfg_unlearn.data.datamodule import (
     PairCollator,
     PairDataModule,
     encode_sequence,
-    render_prompt,
     split_by_group,
 )
+from cfg_unlearn.prompts import render_prompt
 from cfg_unlearn.data.schema import PairRecord, write_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.models import load_tokenizer

@@ -29,27 +29,13 @@ from torch.utils.data import DataLoader, Dataset
 from cfg_unlearn.data.schema import DEFAULT_MAX_CHARS, PairRecord, read_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.models import load_tokenizer
-from cfg_unlearn.prompts import FALLBACK_ROLE_PREFIX, SAFETY_INSTRUCTION
+from cfg_unlearn.prompts import SAFETY_INSTRUCTION, render_prompt
 from cfg_unlearn.tiny import resolve_pretrained
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 VARIANTS = ("cond", "uncond")
-
-
-def render_prompt(tokenizer, messages: list[dict[str, str]] | tuple, system: str | None) -> str:
-    """The prompt text up to where the assistant answer starts.
-
-    With a chat template: the template with ``add_generation_prompt=True``; a blank
-    (None or empty) system instruction means *no* system message. Without one, the
-    documented fallback: ``System: ...\\n\\nUser: ...\\n\\nAssistant:`` (bos prepended).
-    """
-    msgs = ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in messages]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    text = "\n\n".join(FALLBACK_ROLE_PREFIX[m["role"]] + m["content"] for m in msgs)
-    return (tokenizer.bos_token or "") + text + "\n\n" + FALLBACK_ROLE_PREFIX["assistant"].rstrip()
 
 
 @dataclass

@@ -1,0 +1,381 @@
+"""Classifier-free guidance decoding: the one engine behind evaluation, replacement
+generation and users' own inference.
+
+At every step the model scores the next token twice, under the conditioned prompt (the
+safety instruction) and under the unconditioned one (instruction blanked, or a negative
+instruction), and the two distributions are extrapolated by the guidance scale ``g``:
+
+* ``space="logprob"`` (Sanchez et al. 2023; Hugging Face's ``guidance_scale``):
+  ``s = u + g * (c - u)`` on log-softmaxed logits;
+* ``space="prob"`` (the seed paper's "modified CFG"): ``P = P_u + g * (P_c - P_u)``,
+  clamped at 0 and renormalised, so it can be sampled; greedy takes the argmax.
+
+``g = 1`` is plain decoding, exactly: the unconditioned branch is not run at all.
+
+Why it is shaped like this (and faster than ``generate(guidance_scale=...)``):
+
+* Both branches go through **one** forward of ``2B`` rows per step with one KV cache,
+  instead of a second sequential forward with its own cache.
+* Prompts are left padded with position ids counted from each row's first real token,
+  so a padded batch decodes the same tokens as each prompt alone (tested).
+* Only the last position's logits are computed (``logits_to_keep=1``) in the prefill.
+* Under DDP/FSDP each forward is a collective for sharded weights: with
+  ``sync_ranks=True`` ranks agree to stop only when every rank is done, so all run
+  the same number of steps (callers must also give every rank the same number of
+  prompts, hence batches).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from cfg_unlearn.prompts import render_prompt
+
+Space = Literal["logprob", "prob"]
+SPACES = ("logprob", "prob")
+Prompt = str | Sequence[dict[str, str]]
+
+
+# --------------------------------------------------------------------------- the math
+
+
+def guided_scores(
+    cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, guidance_scale: float, space: Space = "logprob"
+) -> torch.Tensor:
+    """Next-token scores after guidance, as log-probabilities (``-inf`` where the
+    probability-space mixture was clamped to 0). ``uncond_logits`` None or ``g == 1``
+    returns the conditioned log-softmax."""
+    c = F.log_softmax(cond_logits.float(), dim=-1)
+    if uncond_logits is None or guidance_scale == 1:
+        return c
+    u = F.log_softmax(uncond_logits.float(), dim=-1)
+    if space == "logprob":
+        # same expression and order as transformers' CFG logits processor, so greedy
+        # decoding is token-identical to it
+        return guidance_scale * (c - u) + u
+    if space == "prob":
+        pu = u.exp()
+        p = (pu + guidance_scale * (c.exp() - pu)).clamp_min(0.0)
+        # the unclamped mixture sums to 1, so the clamped one sums to >= 1: never 0
+        return (p / p.sum(dim=-1, keepdim=True)).log()
+    raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+
+
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of tokens whose probability reaches
+    ``top_p`` (always at least one), as transformers' ``TopPLogitsWarper``."""
+    if top_p >= 1.0:
+        return scores
+    sorted_scores, order = scores.sort(dim=-1, descending=False)
+    cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cum <= (1 - top_p)
+    drop_sorted[..., -1] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def pick_tokens(
+    scores: torch.Tensor,
+    *,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Greedy argmax, or a temperature / top-p sample, of ``(B, V)`` scores."""
+    if not do_sample:
+        return scores.argmax(dim=-1)
+    scores = top_p_filter(scores / temperature, top_p)
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_token_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> left-padded ``(input_ids, attention_mask)`` of ``length`` columns."""
+    length = max(len(s) for s in seqs) if length is None else length
+    ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s) == 0:
+            raise ValueError(f"prompt {i} is empty after tokenisation")
+        ids[i, length - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, length - len(s) :] = 1
+    return ids, mask
+
+
+def _repad_left(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    extra = length - ids.shape[1]
+    if extra == 0:
+        return ids, mask
+    return F.pad(ids, (extra, 0), value=pad_token_id), F.pad(mask, (extra, 0), value=0)
+
+
+def _position_ids(mask: torch.Tensor) -> torch.Tensor:
+    # counted from each row's first real token; pads get 1, as in transformers' generate
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill_(mask == 0, 1)
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _all_ranks_done(done: bool, device: torch.device) -> bool:
+    """True when every rank is done (a collective: every rank must call it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return done
+    flag = torch.tensor([0.0 if done else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+@torch.no_grad()
+def cfg_decode(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    uncond_input_ids: torch.Tensor | None = None,
+    uncond_attention_mask: torch.Tensor | None = None,
+    *,
+    guidance_scale: float = 1.0,
+    space: Space = "logprob",
+    max_new_tokens: int = 64,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    sync_ranks: bool = False,
+) -> torch.Tensor:
+    """Decode ``(B, T)`` new tokens for left-padded ``(B, L)`` prompts.
+
+    The tensor-level engine under :func:`generate`. Unconditioned prompts are required
+    unless ``guidance_scale == 1`` (then they are ignored and only ``B`` rows run).
+    Rows that emit an EOS are padded with ``pad_token_id`` afterwards; decoding stops when
+    every row has (on every rank, with ``sync_ranks``) or after ``max_new_tokens``.
+    ``eos_token_id=None`` never stops early (benchmarks).
+    """
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    guided = guidance_scale != 1
+    if guided and uncond_input_ids is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs unconditioned prompts (uncond_input_ids)")
+    device = next(model.parameters()).device
+    b = input_ids.shape[0]
+    ids, mask = input_ids.to(device), attention_mask.to(device)
+    if guided:
+        u_ids, u_mask = uncond_input_ids.to(device), uncond_attention_mask.to(device)
+        if u_ids.shape[0] != b:
+            raise ValueError(f"{b} conditioned prompts but {u_ids.shape[0]} unconditioned ones")
+        length = max(ids.shape[1], u_ids.shape[1])
+        ids, mask = _repad_left(ids, mask, length, pad_token_id)
+        u_ids, u_mask = _repad_left(u_ids, u_mask, length, pad_token_id)
+        # rows [0, B) conditioned, [B, 2B) unconditioned: one forward, one cache
+        ids, mask = torch.cat([ids, u_ids]), torch.cat([mask, u_mask])
+    eos = torch.tensor(
+        [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
+        dtype=torch.long,
+        device=device,
+    )
+    pos = _position_ids(mask)
+    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
+    cache, logits = out.past_key_values, out.logits[:, -1]
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        if guided:
+            scores = guided_scores(logits[:b], logits[b:], guidance_scale, space)
+        else:
+            # g == 1: argmax of the raw logits, exactly what plain greedy decoding takes
+            scores = logits.float() if not do_sample else F.log_softmax(logits.float(), dim=-1)
+        nxt = pick_tokens(scores, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
+        nxt = nxt.masked_fill(finished, pad_token_id)
+        new_tokens.append(nxt)
+        finished |= torch.isin(nxt, eos)
+        if step == max_new_tokens - 1:
+            break
+        if sync_ranks:
+            if _all_ranks_done(bool(finished.all()), device):
+                break
+        elif finished.all():
+            break
+        feed = torch.cat([nxt, nxt]) if guided else nxt
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=feed[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+    return torch.stack(new_tokens, dim=1) if new_tokens else ids.new_zeros((b, 0))
+
+
+# --------------------------------------------------------------------------- text
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
+    """Every id that ends an answer: the generation config's (Llama-3 has several) and
+    the tokenizer's."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    cfg_eos = getattr(gen, "eos_token_id", None)
+    if isinstance(cfg_eos, int):
+        ids.add(cfg_eos)
+    elif cfg_eos:
+        ids.update(int(i) for i in cfg_eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def split_system(messages: Sequence[dict[str, str]]) -> tuple[str | None, list[dict[str, str]]]:
+    """``(system instruction or None, the other messages)`` of a chat prompt."""
+    msgs = [dict(m) for m in messages]
+    if msgs and msgs[0].get("role") == "system":
+        return msgs[0]["content"], msgs[1:]
+    return None, msgs
+
+
+def encode_prompts(
+    tokenizer, prompts: Sequence[Prompt], *, system: str | None = None, blank_system: bool = False,
+    replacement_system: str | None = None,
+) -> list[list[int]]:
+    """Token ids of each prompt, rendered exactly as the data module renders training
+    prompts. Message lists use the chat template; their system instruction is a leading
+    system message or else ``system``. With ``blank_system`` the instruction is removed
+    (or replaced by ``replacement_system``): the unconditioned variant. Strings are raw
+    text, tokenised with the tokenizer's special tokens and never altered."""
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            out.append(tokenizer(p)["input_ids"])
+            continue
+        own, rest = split_system(p)
+        if not rest:
+            raise ValueError(f"prompt {i}: a chat prompt needs at least one non-system message")
+        instruction = replacement_system if blank_system else (own if own is not None else system)
+        text = render_prompt(tokenizer, rest, instruction)
+        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    uncond_prompts: Sequence[Prompt] | None = None,
+    system: str | None = None,
+    uncond_system: str | None = None,
+    guidance_scale: float = 1.0,
+    space: Space = "logprob",
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    batch_size: int = 16,
+    sync_ranks: bool = False,
+    progress: bool = False,
+) -> list[str]:
+    """Decode an answer for each prompt with classifier-free guidance.
+
+    Args:
+        model: a Hugging Face causal LM (or PEFT model). Put in eval mode for the call.
+        tokenizer: its tokenizer.
+        prompts: chat message lists (``[{"role", "content"}, ...]``) or raw strings.
+        uncond_prompts: explicit unconditioned prompts, one per prompt. Default for chat
+            prompts: the same conversation with the system instruction blanked (or
+            replaced by ``uncond_system``). Raw-string prompts need them when ``g != 1``.
+        system: the conditioning instruction for chat prompts without a system message
+            (e.g. :data:`~cfg_unlearn.prompts.SAFETY_INSTRUCTION`).
+        uncond_system: a negative instruction for the unconditioned branch instead of a
+            blank (the instruction-swap variant).
+        guidance_scale: ``g``; 1 is plain decoding.
+        space: ``logprob`` or ``prob`` (see the module docstring).
+        max_new_tokens: tokens per answer at most.
+        do_sample, temperature, top_p: sampling; greedy by default.
+        seed: seeds the sampling generator (reproducible samples).
+        batch_size: prompts per batch (``2 * batch_size`` rows with guidance). Prompts
+            are decoded longest first, so batches waste little padding; results come
+            back in the input order.
+        sync_ranks: under DDP/FSDP, run the same number of steps on every rank; every
+            rank must then call with the same number of prompts.
+        progress: show a progress bar over batches.
+
+    Returns:
+        The decoded answers (special tokens removed, cut at EOS).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompts = list(prompts)
+    guided = guidance_scale != 1
+    cond = encode_prompts(tokenizer, prompts, system=system)
+    uncond = None
+    if guided:
+        if uncond_prompts is not None:
+            if len(uncond_prompts) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(uncond_prompts)} uncond_prompts")
+            uncond = encode_prompts(tokenizer, list(uncond_prompts), system=None)
+        else:
+            if any(isinstance(p, str) for p in prompts):
+                raise ValueError(
+                    "raw-string prompts have no system instruction to blank: pass uncond_prompts, "
+                    "or give chat message lists"
+                )
+            uncond = encode_prompts(tokenizer, prompts, blank_system=True, replacement_system=uncond_system)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token")
+    eos = eos_token_ids(model, tokenizer)
+    generator = None
+    if do_sample and seed is not None:
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    order = sorted(range(len(prompts)), key=lambda i: -len(cond[i]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    answers: list[str | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        from tqdm.auto import tqdm
+
+        for idx in tqdm(batches, desc=f"decode g={guidance_scale:g}", disable=not progress, leave=False):
+            ids, mask = left_pad([cond[i] for i in idx], pad)
+            u_ids = u_mask = None
+            if guided:
+                u_ids, u_mask = left_pad([uncond[i] for i in idx], pad)
+            new = cfg_decode(
+                model, ids, mask, u_ids, u_mask,
+                guidance_scale=guidance_scale, space=space, max_new_tokens=max_new_tokens,
+                eos_token_id=eos, pad_token_id=pad, do_sample=do_sample, temperature=temperature,
+                top_p=top_p, generator=generator, sync_ranks=sync_ranks,
+            )
+            for row, i in zip(new.tolist(), idx):
+                answers[i] = tokenizer.decode(_cut_at_eos(row, eos), skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return answers  # type: ignore[return-value]
+
+
+def _cut_at_eos(tokens: list[int], eos: Sequence[int]) -> list[int]:
+    for j, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:j]
+    return tokens

@@ -1,0 +1,318 @@
+"""The CFG decoding engine: the math pinned by hand, the loop on a scripted model, and
+token identity against transformers on the tiny model."""
+
+import math
+import os
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from cfg_unlearn.data.world import World, WorldConfig
+from cfg_unlearn.guidance import (
+    cfg_decode,
+    encode_prompts,
+    eos_token_ids,
+    generate,
+    guided_scores,
+    left_pad,
+    pick_tokens,
+    top_p_filter,
+)
+from cfg_unlearn.models import load_causal_lm, load_tokenizer
+from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION, render_prompt
+
+# ------------------------------------------------------------------ the math
+
+
+def test_logprob_space_is_u_plus_g_times_c_minus_u():
+    c_logits = torch.tensor([[2.0, 1.0, 0.0]])
+    u_logits = torch.tensor([[0.0, 1.0, 2.0]])
+    c, u = c_logits.log_softmax(-1), u_logits.log_softmax(-1)
+    # log-softmax of (2, 1, 0) is (2, 1, 0) - log(e^2 + e + 1)
+    lse = math.log(math.e**2 + math.e + 1)
+    assert c[0, 0].item() == pytest.approx(2 - lse, abs=1e-6)
+    out = guided_scores(c_logits, u_logits, 3.0, "logprob")
+    # u + 3 (c - u) = 3c - 2u: token 0 -> 3(2-lse) - 2(0-lse) = 6 - lse
+    want = torch.tensor([[6 - lse, 1 - lse, -4 - lse]])
+    assert torch.allclose(out, want, atol=1e-5)
+    assert torch.equal(guided_scores(c_logits, u_logits, 1.0, "logprob"), c)
+    assert torch.equal(guided_scores(c_logits, None, 3.0, "prob"), c)
+
+
+@pytest.mark.parametrize(
+    "g, want",
+    [
+        # P_c = (0.7, 0.2, 0.1), P_u = (0.4, 0.4, 0.2)
+        (1.5, (0.85, 0.10, 0.05)),  # 0.4 + 1.5 * 0.3 etc.: sums to 1, nothing clamped
+        (2.0, (1.0, 0.0, 0.0)),  # (1.0, 0.0, 0.0) exactly
+        (3.0, (1.0, 0.0, 0.0)),  # (1.3, -0.2, -0.1) -> clamp -> (1.3, 0, 0) -> renormalise
+        (0.0, (0.4, 0.4, 0.2)),  # g = 0 is the unconditioned model
+    ],
+)
+def test_prob_space_clamps_and_renormalises(g, want):
+    c = torch.tensor([[0.7, 0.2, 0.1]]).log()
+    u = torch.tensor([[0.4, 0.4, 0.2]]).log()
+    p = guided_scores(c, u, g, "prob").exp()
+    assert torch.allclose(p, torch.tensor([want]), atol=1e-6)
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_prob_space_sampling_never_picks_clamped_tokens():
+    c = torch.tensor([[0.5, 0.3, 0.1, 0.1]]).log().expand(4000, 4)
+    u = torch.tensor([[0.2, 0.2, 0.3, 0.3]]).log().expand(4000, 4)
+    # g=3: (1.1, 0.5, -0.3, -0.3) -> (1.1, 0.5, 0, 0) / 1.6
+    scores = guided_scores(c, u, 3.0, "prob")
+    draws = pick_tokens(scores, do_sample=True, generator=torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {0, 1}
+    assert (draws == 0).float().mean().item() == pytest.approx(1.1 / 1.6, abs=0.03)
+
+
+def test_unknown_space_is_an_error():
+    with pytest.raises(ValueError, match="space must be one of"):
+        guided_scores(torch.zeros(1, 3), torch.zeros(1, 3), 2.0, "logit")
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    scores = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = torch.isfinite(top_p_filter(scores, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 >= 0.7
+    kept = torch.isfinite(top_p_filter(scores, 0.85))
+    assert kept.tolist() == [[True, True, True, False]]
+    assert torch.isfinite(top_p_filter(scores, 0.01)).sum() == 1  # never empty
+    assert torch.equal(top_p_filter(scores, 1.0), scores)
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        left_pad([[1], []], 0)
+
+
+# ------------------------------------------------------------------ the loop, on a scripted model
+
+
+class ScriptedLM(torch.nn.Module):
+    """Next token = last token + 1 (one-hot logits); ``EOS`` = vocab - 1. Records every
+    forward's inputs so the test can check positions, masks and the number of steps."""
+
+    VOCAB = 12
+    EOS = 11
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.calls: list[dict] = []
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache, past_key_values=None, logits_to_keep=0):
+        self.calls.append(
+            {"ids": input_ids.clone(), "mask": attention_mask.clone(), "pos": position_ids.clone(),
+             "cache": past_key_values}
+        )
+        nxt = (input_ids[:, -1:] + 1).clamp(max=self.EOS)
+        logits = torch.nn.functional.one_hot(nxt, self.VOCAB).float() * 10
+        return SimpleNamespace(logits=logits, past_key_values=len(self.calls))
+
+
+def test_rows_stop_at_eos_and_are_padded_after_it():
+    lm = ScriptedLM()
+    ids, mask = left_pad([[1, 2, 9], [7], [3, 4]], pad_token_id=0)
+    out = cfg_decode(lm, ids, mask, max_new_tokens=10, eos_token_id=ScriptedLM.EOS, pad_token_id=0)
+    assert out.tolist() == [
+        [10, 11, 0, 0, 0, 0, 0],
+        [8, 9, 10, 11, 0, 0, 0],
+        [5, 6, 7, 8, 9, 10, 11],
+    ]
+    assert len(lm.calls) == 7  # the prefill + 6 steps: stops once every row is done
+    # positions count from each row's first real token; pads get 1 (as transformers does)
+    assert lm.calls[0]["pos"].tolist() == [[0, 1, 2], [1, 1, 0], [1, 0, 1]]
+    assert lm.calls[1]["pos"].tolist() == [[3], [1], [2]]
+    assert lm.calls[1]["mask"].tolist() == [[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]]
+    assert lm.calls[2]["cache"] == 2  # each step continues from the previous step's cache
+
+
+def test_max_new_tokens_bounds_and_eos_none_never_stops():
+    lm = ScriptedLM()
+    ids, mask = left_pad([[1]], 0)
+    assert cfg_decode(lm, ids, mask, max_new_tokens=3, eos_token_id=ScriptedLM.EOS).tolist() == [[2, 3, 4]]
+    assert len(lm.calls) == 3  # no forward is wasted after the last token
+    out = cfg_decode(ScriptedLM(), *left_pad([[9]], 0), max_new_tokens=5, eos_token_id=None)
+    assert out.tolist() == [[10, 11, 11, 11, 11]]
+
+
+def test_guided_rows_share_one_forward():
+    lm = ScriptedLM()
+    ids, mask = left_pad([[1, 2, 3], [4]], 0)
+    u_ids, u_mask = left_pad([[3], [2, 3, 4, 4]], 0)
+    out = cfg_decode(lm, ids, mask, u_ids, u_mask, guidance_scale=2.0, max_new_tokens=2, eos_token_id=None)
+    first = lm.calls[0]
+    assert first["ids"].shape == (4, 4)  # 2B rows, one length: the longest of both sides
+    assert first["ids"].tolist() == [[0, 1, 2, 3], [0, 0, 0, 4], [0, 0, 0, 3], [2, 3, 4, 4]]
+    # both branches are fed the guided token of their pair
+    assert lm.calls[1]["ids"][:, 0].tolist() == out[:, 0].tolist() * 2
+    with pytest.raises(ValueError, match="needs unconditioned prompts"):
+        cfg_decode(lm, ids, mask, guidance_scale=2.0)
+
+
+# ------------------------------------------------------------------ synced stop under DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sync_worker(rank: int, port: int, sync: bool, results) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        lm = ScriptedLM()
+        # rank 0's row is done after 1 token (EOS), rank 1's after 8 (4, 5, ..., 11)
+        ids, mask = left_pad([[10] if rank == 0 else [3]], 0)
+        out = cfg_decode(lm, ids, mask, max_new_tokens=20, eos_token_id=ScriptedLM.EOS, sync_ranks=sync)
+        results[rank] = (len(lm.calls), out.tolist())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_sync_ranks_runs_the_same_number_of_forwards_on_every_rank(sync):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_sync_worker, args=(_free_port(), sync, results), nprocs=2, join=True)
+        calls = {r: results[r][0] for r in (0, 1)}
+        outs = {r: results[r][1] for r in (0, 1)}
+    assert outs[0][0][0] == 11 and outs[1][0][-1] == 11  # same tokens either way
+    if sync:
+        assert calls[0] == calls[1] == 8  # the prefill + 7 steps of rank 1 (tokens 4..11)
+        assert outs[0] == [[11, 0, 0, 0, 0, 0, 0, 0]]  # kept stepping on padding
+    else:
+        assert (calls[0], calls[1]) == (1, 8)  # what would deadlock a sharded model
+
+
+# ------------------------------------------------------------------ the tiny model vs transformers
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir), dtype="float32").eval()
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """8 chat prompts of different lengths (0-7 history turns before a held-out probe)."""
+    world = World(WorldConfig(seed=3, n_people=10))
+    history = [m for c in world.conversations for m in c.messages]
+    return [history[: 2 * i] + list(world.leak_probes[5 * i].prompt) for i in range(8)]
+
+
+def _hf_generate(model, tok, ids, uncond=None, g=1.0, n=16):
+    x = torch.tensor([ids])
+    kw = {}
+    if uncond is not None:
+        u = torch.tensor([uncond])
+        kw = {"guidance_scale": g, "negative_prompt_ids": u, "negative_prompt_attention_mask": torch.ones_like(u)}
+    eos = eos_token_ids(model, tok)
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                         eos_token_id=eos, pad_token_id=tok.pad_token_id, **kw)
+    new = out[0, len(ids):].tolist()
+    new = new[: next((j for j, t in enumerate(new) if t in eos), len(new))]
+    return tok.decode(new, skip_special_tokens=True)
+
+
+def test_g1_equals_plain_greedy_generate(tiny, prompts):
+    model, tok = tiny
+    ours = generate(model, tok, prompts, system=SAFETY_INSTRUCTION, max_new_tokens=16)
+    ids = encode_prompts(tok, prompts, system=SAFETY_INSTRUCTION)
+    assert ours == [_hf_generate(model, tok, p) for p in ids]
+    assert len(set(ours)) > 4 and all(ours)  # real, varied text: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("g", [1.5, 3.0])
+def test_log_space_equals_transformers_cfg_at_batch_1(tiny, prompts, g):
+    model, tok = tiny
+    ids = encode_prompts(tok, prompts, system=SAFETY_INSTRUCTION)
+    neg = encode_prompts(tok, prompts, blank_system=True)
+    ours = generate(model, tok, prompts, system=SAFETY_INSTRUCTION, guidance_scale=g, max_new_tokens=16,
+                    batch_size=1)
+    assert ours == [_hf_generate(model, tok, c, u, g) for c, u in zip(ids, neg)]
+    plain = generate(model, tok, prompts, system=SAFETY_INSTRUCTION, max_new_tokens=16)
+    assert sum(a != b for a, b in zip(ours, plain)) >= 2  # guidance changed the answers
+
+
+@pytest.mark.parametrize("g, space", [(1.0, "logprob"), (2.0, "logprob"), (2.0, "prob"), (3.0, "prob")])
+def test_padded_batch_equals_one_at_a_time(tiny, prompts, g, space):
+    model, tok = tiny
+    lengths = [len(x) for x in encode_prompts(tok, prompts, system=SAFETY_INSTRUCTION)]
+    assert len(set(lengths)) == 8  # every row of the batch is padded differently
+    kw = dict(system=SAFETY_INSTRUCTION, guidance_scale=g, space=space, max_new_tokens=16)
+    batched = generate(model, tok, prompts, batch_size=8, **kw)
+    single = [generate(model, tok, [p], batch_size=1, **kw)[0] for p in prompts]
+    assert batched == single
+
+
+def test_default_uncond_blanks_the_system_and_options_replace_it(tiny, prompts):
+    model, tok = tiny
+    p = prompts[:3]
+    with_system = [[{"role": "system", "content": SAFETY_INSTRUCTION}, *x] for x in p]
+    blank = [list(x) for x in p]
+    kw = dict(guidance_scale=2.0, max_new_tokens=12)
+    # a leading system message == the `system` argument; blanked == explicit uncond prompts
+    a = generate(model, tok, with_system, **kw)
+    assert a == generate(model, tok, p, system=SAFETY_INSTRUCTION, **kw)
+    assert a == generate(model, tok, with_system, uncond_prompts=blank, **kw)
+    negative = [[{"role": "system", "content": NEGATIVE_INSTRUCTION}, *x] for x in p]
+    b = generate(model, tok, with_system, uncond_system=NEGATIVE_INSTRUCTION, **kw)
+    assert b == generate(model, tok, with_system, uncond_prompts=negative, **kw)
+    assert a != b
+
+
+def test_prompts_are_rendered_as_training_renders_them(tiny, prompts):
+    _, tok = tiny
+    ids = encode_prompts(tok, prompts[:2], system=SAFETY_INSTRUCTION)
+    for p, got in zip(prompts[:2], ids):
+        want = tok(render_prompt(tok, p, SAFETY_INSTRUCTION), add_special_tokens=False)["input_ids"]
+        assert got == want
+    assert encode_prompts(tok, ["raw text"]) == [tok("raw text")["input_ids"]]
+
+
+def test_sampling_is_seeded_and_order_is_kept(tiny, prompts):
+    model, tok = tiny
+    kw = dict(system=SAFETY_INSTRUCTION, guidance_scale=2.0, space="prob", do_sample=True, top_p=0.9,
+              temperature=0.8, max_new_tokens=12)
+    a = generate(model, tok, prompts, seed=7, **kw)
+    assert a == generate(model, tok, prompts, seed=7, **kw)
+    assert a != generate(model, tok, prompts, seed=8, **kw)
+    # results come back in input order whatever the batching
+    greedy = dict(system=SAFETY_INSTRUCTION, guidance_scale=2.0, max_new_tokens=12)
+    assert generate(model, tok, prompts, batch_size=3, **greedy) == generate(model, tok, prompts, **greedy)
+
+
+def test_generate_restores_train_mode_and_checks_its_inputs(tiny, prompts):
+    model, tok = tiny
+    model.train()
+    try:
+        generate(model, tok, prompts[:1], max_new_tokens=2)
+        assert model.training
+    finally:
+        model.eval()
+    with pytest.raises(ValueError, match="raw-string prompts"):
+        generate(model, tok, ["hello"], guidance_scale=2.0)
+    with pytest.raises(ValueError, match="1 prompts but 2 uncond_prompts"):
+        generate(model, tok, ["hello"], uncond_prompts=["a", "b"], guidance_scale=2.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        generate(model, tok, ["hello"], batch_size=0)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, tok, ["hello"], do_sample=True, temperature=0.0)
+    # raw strings with explicit unconditioned strings are fine
+    out = generate(model, tok, ["The email of"], uncond_prompts=["The"], guidance_scale=2.0, max_new_tokens=4)
+    assert len(out) == 1 and isinstance(out[0], str)
