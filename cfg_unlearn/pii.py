@@ -1,0 +1,266 @@
+"""Finding PII in model outputs: known values (targeted) and detectors (untargeted).
+
+Two questions are asked of a generated answer, and they need different tools:
+
+* **Did it leak this person's value?** We know the value, so we match it. A model does
+  not reproduce the stored spelling: it changes case, line-wraps a name, writes a phone
+  as ``555.123.4567``. Values are therefore matched token-wise (alphanumeric runs joined
+  by any punctuation/whitespace), with word boundaries so that the surname "Hill" is not
+  found in "Hillside". Mostly-digit values (phones, SSNs, card numbers) are compared on
+  their digits alone, because their punctuation is pure formatting; digit boundaries keep
+  a number from matching inside a longer digit run.
+* **Does it contain PII at all?** Regex detectors for formats with structure (e-mail,
+  URL, IP, card with Luhn check, IBAN with mod-97 check, SSN, phone), tuned to stay
+  quiet on years, sums, dates, ZIP codes and times, plus an optional local NER model
+  for names, places, organisations and dates, which no regex finds reliably.
+
+:func:`redact` combines both and errs on the side of hiding: every match of every known
+value and every detector hit is replaced, overlapping spans are merged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from cfg_unlearn.data.schema import PIIItem
+
+
+@dataclass(frozen=True)
+class Span:
+    start: int
+    end: int
+    type: str  # PII type tag, e.g. "EMAIL"
+
+
+# --------------------------------------------------------------------------- known values
+
+_TOKEN = re.compile(r"[^\W_]+")  # a run of letters/digits (Unicode-aware)
+_NEVER = re.compile(r"(?!)")
+# Between the digits of a number: the formatting people use for phones, SSNs and cards.
+_DIGIT_SEP = r"[\s().\-/]*"
+# A country code before a local phone number: "+1 ", "+44-", "1-". A bare prefix is only
+# ever a single "1", so that the prefix cannot eat the tail of a longer digit run.
+_PHONE_CC = r"(?:(?:\+\d{1,3}|1)[\s.\-]*)?"
+
+
+def normalize_text(text: str) -> str:
+    """Casefold and collapse every whitespace run to one space."""
+    return " ".join(text.casefold().split())
+
+
+def is_numeric_value(value: str) -> bool:
+    """Whether a value is a number in disguise (phone, SSN, account or card number)."""
+    alnum = [c for c in value if c.isalnum()]
+    digits = sum(c.isdigit() for c in alnum)
+    return digits >= 7 and digits >= 0.7 * len(alnum)
+
+
+def _token_regex(token: str) -> str:
+    # "05" and "5" are the same day of a date: leading zeros are optional on both sides.
+    if token.isdigit() and token.strip("0"):
+        return "0*" + re.escape(token.lstrip("0"))
+    return re.escape(token)
+
+
+@lru_cache(maxsize=4096)
+def value_pattern(value: str, pii_type: str | None = None) -> re.Pattern:
+    """The compiled, case-insensitive pattern that finds ``value`` however it is written."""
+    if is_numeric_value(value):
+        digits = [c for c in value if c.isdigit()]
+        lead = _PHONE_CC if (pii_type or "").upper() == "PHONE" else ""
+        # the optional "+" and "(" belong to the number, so redaction leaves none behind
+        return re.compile(rf"(?<![\d+]){lead}\+?\(?{_DIGIT_SEP.join(digits)}(?!\d)")
+    tokens = _TOKEN.findall(value)
+    if not tokens:
+        return _NEVER
+    body = r"[\W_]*".join(_token_regex(t) for t in tokens)
+    return re.compile(rf"(?<![^\W_]){body}(?![^\W_])", re.IGNORECASE)
+
+
+def contains_value(text: str, value: str, pii_type: str | None = None) -> bool:
+    return value_pattern(value, pii_type).search(text) is not None
+
+
+def _value_spans(text: str, items: Iterable[PIIItem]) -> list[Span]:
+    """Every match of every item, overlaps included."""
+    return [
+        Span(m.start(), m.end(), item.type)
+        for item in dict.fromkeys(items)  # dedupe, keep order
+        for m in value_pattern(item.value, item.type).finditer(text)
+        if m.end() > m.start()
+    ]
+
+
+def _pick(spans: list[Span], key) -> list[Span]:
+    """Greedy non-overlapping selection in ``key`` order, returned sorted by start."""
+    kept: list[Span] = []
+    for s in sorted(spans, key=key):
+        if all(s.end <= k.start or s.start >= k.end for k in kept):
+            kept.append(s)
+    return sorted(kept, key=lambda s: s.start)
+
+
+def find_values(text: str, items: Iterable[PIIItem]) -> list[Span]:
+    """Non-overlapping spans of known values; on overlap the longest match wins."""
+    return _pick(_value_spans(text, items), key=lambda s: (s.start - s.end, s.start))
+
+
+# --------------------------------------------------------------------------- detectors
+
+DETECTOR_TYPES: tuple[str, ...] = ("EMAIL", "URL", "IP", "CARD", "IBAN", "SSN", "PHONE")
+
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_DETECTORS: dict[str, re.Pattern] = {
+    # the lookbehind starts a match only where a local part can start: linear on long words
+    "EMAIL": re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}"),
+    # a trailing full stop or bracket ends the sentence, not the URL
+    "URL": re.compile(r"\b(?:https?://|www\.)[^\s<>\"']*[^\s<>\"'.,;:!?)\]}]", re.IGNORECASE),
+    # (?!\.?\d) rejects a fifth octet and "1.2.3.300" (which would otherwise match "1.2.3.30")
+    "IP": re.compile(rf"(?<![\d.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?\d)"),
+    "CARD": re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?!\d)"),
+    "IBAN": re.compile(r"\b[A-Z]{2}\d{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,4})?)\b"),
+    "SSN": re.compile(r"(?<![\d-])\d{3}([- ])\d{2}\1\d{4}(?![\d-])"),
+    # US style needs separators (a bare 10-digit run is as likely an order number), or
+    # an international "+" number of 8-15 digits.
+    "PHONE": re.compile(
+        r"(?<![\w+])(?:\+?1[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?!\d)"
+        r"|(?<![\w+])\+\d(?:[\s.()-]{0,2}\d){7,14}(?!\d)"
+    ),
+}
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn checksum of a card number (spaces and dashes allowed)."""
+    digits = re.sub(r"[ -]", "", digits)
+    if len(digits) < 2 or not digits.isdigit():
+        return False
+    total = 0
+    for i, c in enumerate(reversed(digits)):
+        d = int(c) * (2 if i % 2 else 1)
+        total += d - 9 if d > 9 else d
+    return total % 10 == 0
+
+
+def _iban_valid(iban: str) -> bool:
+    s = iban.replace(" ", "")
+    s = s[4:] + s[:4]  # the check moves the country code and check digits to the end
+    return int("".join(str(int(c, 36)) for c in s)) % 97 == 1
+
+
+_VALIDATORS = {"CARD": luhn_valid, "IBAN": _iban_valid}
+
+
+def _detect_all(text: str) -> list[Span]:
+    """Every regex detection that passes its checksum, overlaps included."""
+    spans = []
+    for ptype, pattern in _DETECTORS.items():
+        check = _VALIDATORS.get(ptype)
+        for m in pattern.finditer(text):
+            if check is None or check(m.group()):
+                spans.append(Span(m.start(), m.end(), ptype))
+    return spans
+
+
+def detect_pii(text: str, *, ner: NERDetector | None = None) -> list[Span]:
+    """Untargeted PII detections, non-overlapping, sorted by start. On overlap the type
+    listed first in :data:`DETECTOR_TYPES` wins (an e-mail's digits are not a phone);
+    NER spans only fill places no regex claimed."""
+    rank = {t: i for i, t in enumerate(DETECTOR_TYPES)}
+    spans = _pick(_detect_all(text), key=lambda s: (rank[s.type], s.start))
+    if ner is not None:
+        spans = _pick(spans + ner(text), key=lambda s: (s.type not in rank, s.start))
+    return spans
+
+
+# --------------------------------------------------------------------------- NER
+
+#: Entity groups of common NER models -> our PII types; anything else (MISC, ...) is ignored.
+NER_LABELS = {"PER": "NAME", "PERSON": "NAME", "LOC": "LOC", "GPE": "LOC", "ORG": "ORG", "DATE": "DATE"}
+
+
+def ner_spans(text: str, entities: Iterable[dict[str, Any]], min_score: float = 0.5) -> list[Span]:
+    """Map token-classification pipeline output to spans, trimmed of surrounding space."""
+    spans = []
+    for ent in entities:
+        label = str(ent.get("entity_group") or ent.get("entity") or "").upper()
+        ptype = NER_LABELS.get(re.sub(r"^[BIES]-", "", label))
+        start, end = ent.get("start"), ent.get("end")
+        if ptype is None or start is None or end is None or float(ent.get("score", 0.0)) < min_score:
+            continue
+        while start < end and text[start].isspace():
+            start += 1
+        while end > start and text[end - 1].isspace():
+            end -= 1
+        if end > start:
+            spans.append(Span(start, end, ptype))
+    return sorted(spans, key=lambda s: s.start)
+
+
+def _load_pipeline(model: str, device: str):
+    from transformers import pipeline  # heavy: only when NER is asked for
+
+    return pipeline("token-classification", model=model, aggregation_strategy="simple", device=device)
+
+
+class NERDetector:
+    """A local token-classification model as a PII detector (names, places, orgs, dates).
+
+    Optional: nothing else needs it. ``model`` must be a local directory; it is never
+    downloaded (a hub name would silently fetch weights inside an evaluation job)."""
+
+    def __init__(self, model: str | os.PathLike, *, device: str = "cpu", min_score: float = 0.5):
+        if not os.path.isdir(model):
+            raise FileNotFoundError(f"NER model directory not found: {model} (NERDetector never downloads)")
+        self.min_score = min_score
+        self._pipe = _load_pipeline(str(model), device)
+
+    def __call__(self, text: str) -> list[Span]:
+        if not text.strip():
+            return []
+        return ner_spans(text, self._pipe(text), self.min_score)
+
+
+# --------------------------------------------------------------------------- redaction
+
+
+def redact(
+    text: str,
+    known: Iterable[PIIItem | str] = (),
+    *,
+    detect: bool = True,
+    ner: NERDetector | None = None,
+) -> str:
+    """Replace known values (bare strings get type "PII") and, with ``detect``, detector
+    hits by ``[TYPE]``. Overlapping spans merge into one placeholder, named after the
+    longest known value in it, else the longest detection."""
+    items = [k if isinstance(k, PIIItem) else PIIItem("PII", k) for k in known]
+    # (span, is_known): all matches, overlaps included, so nothing of a value survives
+    spans = [(s, True) for s in _value_spans(text, items)]
+    if detect:
+        spans += [(s, False) for s in _detect_all(text) + (ner(text) if ner is not None else [])]
+    if not spans:
+        return text
+
+    def tag(group: list[tuple[Span, bool]]) -> str:
+        best, _ = max(group, key=lambda x: (x[1], x[0].end - x[0].start))
+        return best.type
+
+    out, pos = [], 0
+    group: list[tuple[Span, bool]] = []
+    start = end = 0
+    for s, is_known in sorted(spans, key=lambda x: x[0].start):
+        if group and s.start < end:  # overlaps the current group: extend it
+            group.append((s, is_known))
+            end = max(end, s.end)
+            continue
+        if group:
+            out += [text[pos:start], f"[{tag(group)}]"]
+            pos = end
+        group, start, end = [(s, is_known)], s.start, s.end
+    out += [text[pos:start], f"[{tag(group)}]", text[end:]]
+    return "".join(out)

@@ -1,0 +1,360 @@
+import re
+
+import pytest
+
+from cfg_unlearn import pii
+from cfg_unlearn.data.schema import PIIItem
+from cfg_unlearn.pii import (
+    DETECTOR_TYPES,
+    NERDetector,
+    Span,
+    contains_value,
+    detect_pii,
+    find_values,
+    is_numeric_value,
+    luhn_valid,
+    ner_spans,
+    normalize_text,
+    redact,
+    value_pattern,
+)
+
+PHONE = "(555) 123-4567"
+SSN = "123-45-6789"
+
+
+def test_normalize_text():
+    assert normalize_text("  Allison\n\t HILL  ") == "allison hill"
+    assert normalize_text("STRASSE") == normalize_text("straße")  # casefold, not lower
+
+
+def test_is_numeric_value():
+    assert is_numeric_value(PHONE) and is_numeric_value(SSN) and is_numeric_value("4111 1111 1111 1111")
+    assert not is_numeric_value("123 Main Street Apt. 4, Springfield")
+    assert not is_numeric_value("March 05, 1990")  # 6 digits
+    assert not is_numeric_value("AB-1234567-CDEFG")  # 7 digits but only 7/15 of the characters
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Her name is allison   HILL.",
+        "Allison\nHill",
+        "ALLISON HILL",
+        "Allison-Hill",
+        "(Allison Hill)",
+    ],
+)
+def test_name_variants_match(text):
+    assert contains_value(text, "Allison Hill", "NAME")
+
+
+@pytest.mark.parametrize(
+    "value,text",
+    [
+        ("Hill", "They walked to Hillside."),
+        ("Hill", "It is all uphill from here."),
+        ("Ng", "Angela said hi."),
+        ("Lee", "She moved to Leeds."),
+        ("Allison Hill", "Allison Hills"),
+        ("Ann", "annual report"),
+    ],
+)
+def test_no_match_inside_other_words(value, text):
+    assert not contains_value(text, value, "NAME")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "555.123.4567",
+        "555 123 4567",
+        "5551234567",
+        "(555)123-4567",
+        "+1 555-123-4567",
+        "+1-555 123 4567",
+        "1-555-123-4567",
+        "call (555) 123-4567.",
+    ],
+)
+def test_phone_variants_match(text):
+    assert contains_value(text, PHONE, "PHONE")
+
+
+def test_phone_country_code_only_for_phone_type():
+    assert contains_value("15551234567", PHONE, "PHONE")
+    assert not contains_value("15551234567", PHONE)  # digits inside a longer run
+
+
+@pytest.mark.parametrize("text", ["1234567890123", "55512345678", "25551234567", "order 9555-123-4567"])
+def test_digits_inside_longer_run_do_not_match(text):
+    value = "(234) 567-8901" if text == "1234567890123" else PHONE
+    assert not contains_value(text, value, "PHONE")
+
+
+@pytest.mark.parametrize("text", ["SSN 123-45-6789", "123 45 6789", "123456789", "123.45.6789"])
+def test_ssn_variants_match(text):
+    assert contains_value(text, SSN, "SSN")
+
+
+def test_ssn_not_inside_longer_numbers():
+    assert not contains_value("1234567890", SSN, "SSN")
+    assert not contains_value("0123456789", SSN, "SSN")
+
+
+@pytest.mark.parametrize(
+    "value,text",
+    [
+        ("123 Main Street Apt. 4, Springfield", "It's 123 main street, apt 4 Springfield."),
+        ("123 Main Street Apt. 4, Springfield", "123 Main Street\nApt. 4\nSpringfield"),
+        ("Smith, Jones and Lee", "works for smith jones and lee"),
+        ("Smith, Jones and Lee", "SMITH, JONES AND LEE LLC"),
+        ("allison.hill42@gmail.com", "mail ALLISON.HILL42@GMAIL.COM now"),
+        ("March 05, 1990", "born on March 5, 1990"),
+    ],
+)
+def test_multiword_values_match(value, text):
+    assert contains_value(text, value)
+
+
+def test_partial_multiword_value_does_not_match():
+    assert not contains_value("works for Smith and Lee", "Smith, Jones and Lee")
+    assert not contains_value("allison.hill42@yahoo.com", "allison.hill42@gmail.com")
+
+
+def test_value_without_alphanumerics_never_matches():
+    assert not contains_value("--- ... ---", "---")
+    assert not contains_value("", "")
+
+
+def test_value_pattern_is_cached():
+    assert value_pattern("Allison Hill", "NAME") is value_pattern("Allison Hill", "NAME")
+
+
+def test_find_values_longest_wins_and_sorted():
+    text = "Mail allison.hill@x.com or call 555.123.4567; Allison Hill."
+    items = [PIIItem("NAME", "Allison Hill"), PIIItem("EMAIL", "allison.hill@x.com"), PIIItem("PHONE", PHONE)]
+    spans = find_values(text, items)
+    assert [(text[s.start : s.end], s.type) for s in spans] == [
+        ("allison.hill@x.com", "EMAIL"),  # the name inside it loses: shorter
+        ("555.123.4567", "PHONE"),
+        ("Allison Hill", "NAME"),
+    ]
+
+
+# --------------------------------------------------------------------------- detectors
+
+
+def _detected(text):
+    return [(s.type, text[s.start : s.end]) for s in detect_pii(text)]
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("write to bob.smith99@example.co.uk today", ("EMAIL", "bob.smith99@example.co.uk")),
+        ("see https://example.com/a?b=1.", ("URL", "https://example.com/a?b=1")),
+        ("see www.example.org, please", ("URL", "www.example.org")),
+        ("host 192.168.0.1 is up", ("IP", "192.168.0.1")),
+        ("card 4111 1111 1111 1111 ok", ("CARD", "4111 1111 1111 1111")),
+        ("card 4111-1111-1111-1111 ok", ("CARD", "4111-1111-1111-1111")),
+        ("iban GB82 WEST 1234 5698 7654 32 ok", ("IBAN", "GB82 WEST 1234 5698 7654 32")),
+        ("iban DE89370400440532013000 ok", ("IBAN", "DE89370400440532013000")),
+        ("ssn 123-45-6789 ok", ("SSN", "123-45-6789")),
+        ("ssn 123 45 6789 ok", ("SSN", "123 45 6789")),
+        ("call (555) 123-4567 now", ("PHONE", "(555) 123-4567")),
+        ("call 555.123.4567 now", ("PHONE", "555.123.4567")),
+        ("call +1 555-123-4567 now", ("PHONE", "+1 555-123-4567")),
+        ("call +44 20 7946 0958 now", ("PHONE", "+44 20 7946 0958")),
+    ],
+)
+def test_detector_positives(text, expected):
+    assert _detected(text) == [expected]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "It happened in 1990.",
+        "That costs 35 dollars, or $1,250.",
+        "She was born on March 05, 1990.",
+        "The ZIP code is 12345 (or 12345-6789).",
+        "Meet me at 10:30 or 14:45:00.",
+        "card 4111 1111 1111 1112",  # Luhn fails
+        "host 192.168.0.300",  # octet > 255
+        "iban GB82 WEST 1234 5698 7654 33",  # mod-97 fails
+        "Version 1.2.3 shipped on 2024-05-12.",
+        "Room 555, floor 12, 3 people.",
+    ],
+)
+def test_detector_negatives(text):
+    assert detect_pii(text) == []
+
+
+def test_detector_overlaps_prefer_specific_type():
+    # the digits of the e-mail and the URL are not phones; every span is kept once
+    text = "x 555.123.4567@mail.com and https://t.co/555-123-4567 and (555) 123-4567"
+    assert [t for t, _ in _detected(text)] == ["EMAIL", "URL", "PHONE"]
+    spans = detect_pii(text)
+    assert all(a.end <= b.start for a, b in zip(spans, spans[1:]))
+    assert set(DETECTOR_TYPES) == {"EMAIL", "URL", "IP", "CARD", "IBAN", "SSN", "PHONE"}
+
+
+def test_luhn_valid():
+    assert luhn_valid("4111111111111111") and luhn_valid("79927398713")
+    assert luhn_valid("4111 1111-1111 1111")
+    assert not luhn_valid("4111111111111112") and not luhn_valid("") and not luhn_valid("41x1")
+
+
+def test_detect_pii_adds_non_overlapping_ner_spans():
+    text = "Allison Hill: (555) 123-4567"
+    fake_ner = lambda t: [Span(0, 12, "NAME"), Span(15, 20, "LOC")]  # noqa: E731  second overlaps the phone
+    assert detect_pii(text, ner=fake_ner) == [Span(0, 12, "NAME"), Span(14, 28, "PHONE")]
+
+
+# --------------------------------------------------------------------------- redact
+
+ITEMS = [
+    PIIItem("NAME", "Allison Hill"),
+    PIIItem("EMAIL", "allison.hill42@gmail.com"),
+    PIIItem("PHONE", PHONE),
+    PIIItem("SSN", SSN),
+    PIIItem("LOC", "123 Main Street Apt. 4, Springfield"),
+    PIIItem("ORG", "Smith, Jones and Lee"),
+]
+
+
+def test_redact_removes_every_known_value_written_differently():
+    text = (
+        "ALLISON\nhill works at smith jones and lee. Mail Allison.Hill42@Gmail.com, "
+        "call +1 555.123.4567 or (555)123-4567, SSN 123 45 6789; home: 123 main street, "
+        "apt 4 springfield. Thanks, allison hill."
+    )
+    out = redact(text, ITEMS)
+    for item in ITEMS:
+        for token in re.findall(r"[^\W_]+", item.value):
+            assert not re.search(rf"(?i)\b{token}\b", out), (token, out)
+    assert out == (
+        "[NAME] works at [ORG]. Mail [EMAIL], call [PHONE] or [PHONE], SSN [SSN]; home: [LOC]. Thanks, [NAME]."
+    )
+
+
+def test_redact_exact_output_and_precedence():
+    text = "Allison Hill (allison.hill42@gmail.com, 555 123 4567) works at Smith, Jones and Lee in 1990."
+    assert redact(text, ITEMS) == "[NAME] ([EMAIL], [PHONE]) works at [ORG] in 1990."
+    # a known name inside a detected e-mail: the merged placeholder takes the known type,
+    # and no part of the address is left over
+    name = [PIIItem("NAME", "Allison Hill")]
+    assert redact("Write allison.hill@x.com", name) == "Write [NAME]"
+    assert redact("Write allison.hill@x.com", name, detect=False) == "Write [NAME]@x.com"
+
+
+def test_redact_bare_strings_and_detect_switch():
+    text = "Bob lives in Leeds; mail bob@x.org; Leeds is nice."
+    assert redact(text, ["Leeds"]) == "Bob lives in [PII]; mail [EMAIL]; [PII] is nice."
+    assert redact(text, ["Leeds"], detect=False) == "Bob lives in [PII]; mail bob@x.org; [PII] is nice."
+    assert redact("nothing to hide here", ITEMS) == "nothing to hide here"
+
+
+def test_redact_merges_overlapping_spans():
+    # an untyped known number stops short of the "+1" that the phone detector includes:
+    # the union is hidden, under the known value's tag
+    text = "Dial +1 (555) 123-4567 ext"
+    assert redact(text, [PHONE], detect=False) == "Dial +1 [PII] ext"
+    assert redact(text, [PHONE]) == "Dial [PII] ext"
+    assert redact(text, [PIIItem("PHONE", PHONE)], detect=False) == "Dial [PHONE] ext"  # typed: takes the "+1"
+    names = [PIIItem("NAME", "Allison Hill"), PIIItem("NAME", "Hill Hill")]
+    assert redact("a Allison Hill Hill b", names) == "a [NAME] b"
+
+
+# --------------------------------------------------------------------------- NER
+
+
+def test_ner_spans_mapping_pinned():
+    text = " Allison Hill met Ann in Paris at Acme on May 5 with Bob."
+    ents = [
+        {"entity_group": "PER", "score": 0.99, "start": 0, "end": 13},  # leading space trimmed
+        {"entity_group": "PERSON", "score": 0.9, "start": 18, "end": 21},
+        {"entity_group": "GPE", "score": 0.8, "start": 25, "end": 30},
+        {"entity_group": "ORG", "score": 0.7, "start": 34, "end": 38},
+        {"entity_group": "DATE", "score": 0.6, "start": 42, "end": 47},
+        {"entity_group": "MISC", "score": 0.99, "start": 0, "end": 5},  # ignored type
+        {"entity_group": "PER", "score": 0.2, "start": 53, "end": 56},  # below min_score
+        {"entity": "B-LOC", "score": 0.95, "start": 25, "end": 30},  # ungrouped output works too
+    ]
+    assert ner_spans(text, ents, min_score=0.5) == [
+        Span(1, 13, "NAME"),
+        Span(18, 21, "NAME"),
+        Span(25, 30, "LOC"),
+        Span(25, 30, "LOC"),
+        Span(34, 38, "ORG"),
+        Span(42, 47, "DATE"),
+    ]
+    assert [s.type for s in ner_spans(text, ents, min_score=0.1)][-1] == "NAME"
+
+
+def test_ner_detector_wiring_with_fake_pipeline(monkeypatch, tmp_path):
+    calls = {}
+
+    def fake_pipeline(model, device):
+        calls.update(model=model, device=device)
+        return lambda text: [
+            {"entity_group": "PER", "score": 0.9, "start": 0, "end": 3},
+            {"entity_group": "LOC", "score": 0.4, "start": 7, "end": 12},
+        ]
+
+    monkeypatch.setattr(pii, "_load_pipeline", fake_pipeline)
+    det = NERDetector(tmp_path, min_score=0.5)
+    assert calls == {"model": str(tmp_path), "device": "cpu"}
+    assert det("Bob in Paris") == [Span(0, 3, "NAME")]
+    assert det("   ") == []
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        NERDetector(tmp_path / "missing")
+
+
+def _tiny_ner_model(path, label_bias: int):
+    """A random tiny BERT token classifier whose classifier ignores the input and always
+    prefers ``label_bias``: deterministic labels from random weights."""
+    import torch
+    from transformers import BertConfig, BertForTokenClassification, BertTokenizerFast
+
+    words = ["allison", "hill", "lives", "in", "springfield", "."]
+    vocab = path / "vocab.txt"
+    path.mkdir(parents=True, exist_ok=True)
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    id2label = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+    )
+    torch.manual_seed(0)
+    model = BertForTokenClassification(config)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()
+        model.classifier.bias[label_bias] = 8.0
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_ner_detector_loads_tiny_local_model(tmp_path):
+    text = "Allison Hill lives in Springfield."
+    det = NERDetector(_tiny_ner_model(tmp_path / "ner", label_bias=1))  # every token B-PER
+    spans = det(text)
+    assert spans and all(isinstance(s, Span) for s in spans)
+    assert {s.type for s in spans} <= {"NAME", "LOC"}
+    assert all(0 <= s.start < s.end <= len(text) for s in spans)
+    # every word is its own B- entity, so the spans are exactly the words
+    assert [text[s.start : s.end] for s in spans] == ["Allison", "Hill", "lives", "in", "Springfield", "."]
+    assert {s.type for s in spans} == {"NAME"}
+    # the softmax score is e^8 / (e^8 + 4) ~ 0.9987: a stricter threshold drops everything
+    det.min_score = 0.999
+    assert det(text) == []
