@@ -8,8 +8,11 @@ import os
 import sys
 import warnings
 
+from typing import Optional
+
 from lightning.pytorch.cli import LightningCLI
 
+from cfg_unlearn.callbacks import GuidanceEval
 from cfg_unlearn.data.datamodule import PairDataModule
 from cfg_unlearn.module import UnlearnModule
 
@@ -18,10 +21,26 @@ TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
 
 class UnlearnCLI(LightningCLI):
     """LightningCLI with the model's name linked into the data module (one model path:
-    the tokenizer always matches the model) and optimizers injected, not auto-built."""
+    the tokenizer always matches the model), optimizers injected, not auto-built, and a
+    top-level ``eval`` section for :class:`~cfg_unlearn.callbacks.GuidanceEval`, so that
+    ``--eval.scales '[1, 2, 3]'`` rescores a checkpoint without editing a callback list.
+    ``eval: null`` (the default when a config has no ``eval``) turns it off."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model", "data.tokenizer")
+        # Optional[...] rather than add_lightning_class_args: it can be switched off
+        parser.add_argument(
+            "--eval", type=Optional[GuidanceEval], default=None,
+            help="GuidanceEval: leak rate / accuracy per guidance scale (null: off)",
+        )
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        evaluator = self._get(self.config_init, "eval")
+        if evaluator is not None:
+            # first, so its metrics are logged before checkpoint callbacks read them
+            trainer.callbacks.insert(0, evaluator)
+        return trainer
 
 
 def quiet_third_party_warnings() -> None:

@@ -78,6 +78,12 @@ def test_tiny_fit_then_validate_end_to_end(tiny_model_dir, tmp_path):
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert validate.returncode == 0, validate.stderr[-3000:]
     assert "val/rewards/margins" in validate.stdout
+    # GuidanceEval scores the checkpoint per guidance scale, and its samples are redacted
+    for key in ("eval/leak_rate@g=1.0", "eval/leak_rate@g=2.0", "eval/accuracy@g=3.0", "eval/pii_rate@g=2.0"):
+        assert key in validate.stdout
+    tables = sorted(run_dir.glob("eval_samples/*.csv"))
+    assert len(tables) == 2  # one per validation epoch of the fit
+    assert "[NAME]" in tables[-1].read_text()
 
 
 def test_console_build_tiny(tmp_path, capsys):

@@ -90,6 +90,23 @@ class PairRecord:
         return out
 
 
+@dataclass(frozen=True)
+class EvalRecord:
+    """One evaluation prompt: a leak probe (``pii`` = the true values an answer must not
+    contain) or a utility question (``answers`` = acceptable known answers).
+
+    Probe and QA files are JSONL with the pair format's ``id``, ``prompt`` and ``system``
+    fields plus, for probes, ``"pii": [{"type": "EMAIL", "value": "..."}]`` and, for
+    questions, ``"answer": "Paris"`` (or a list of acceptable answers)."""
+
+    id: str
+    prompt: tuple[dict[str, str], ...]
+    system: str | None = None
+    pii: tuple[PIIItem, ...] = ()
+    answers: tuple[str, ...] = ()
+    source: str = field(default="", compare=False)
+
+
 @dataclass
 class ReadStats:
     """What a read saw. Every input line is accounted for:
@@ -99,11 +116,12 @@ class ReadStats:
     lines: int = 0
     records: int = 0
     blank: int = 0
+    noun: str = "pairs"
     skipped: int = 0
     skip_reasons: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        s = f"{self.source}: {self.records} pairs from {self.lines} lines ({self.blank} blank"
+        s = f"{self.source}: {self.records} {self.noun} from {self.lines} lines ({self.blank} blank"
         return s + (f", {self.skipped} skipped)" if self.skipped else ")")
 
 
@@ -179,6 +197,79 @@ def _split_implicit_prompt(obj: dict, src: str, line: int | None, max_chars: int
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+def _prompt_field(obj: dict, src: str, line: int | None, max_chars: int) -> list[dict[str, str]]:
+    """``prompt`` as messages: a string is one user message."""
+    prompt_raw = obj["prompt"]
+    if isinstance(prompt_raw, str):
+        if len(prompt_raw) > max_chars:
+            raise PairFormatError(
+                src, line, "prompt",
+                f"{len(prompt_raw):,} characters exceeds max_chars={max_chars:,} (raise it if this is intended)",
+            )
+        if not prompt_raw.strip():
+            raise PairFormatError(src, line, "prompt", "empty prompt")
+        prompt_msgs = [{"role": "user", "content": prompt_raw}]
+    elif isinstance(prompt_raw, list):
+        prompt_msgs = _messages(prompt_raw, src, line, "prompt", max_chars)
+    else:
+        raise PairFormatError(
+            src, line, "prompt", f"expected a string or message list, got {type(prompt_raw).__name__}"
+        )
+    return prompt_msgs
+
+
+def _system_and_turns(
+    obj: dict, prompt_msgs: list[dict[str, str]], src: str, line: int | None, max_chars: int
+) -> tuple[str | None, list[dict[str, str]]]:
+    """The instruction (``system`` field or a leading system message, not both) and the
+    remaining turns, which must end with a user turn."""
+    system = _text(obj, "system", src, line, max_chars, required=False)
+    if prompt_msgs and prompt_msgs[0]["role"] == "system":
+        if system is not None:
+            raise PairFormatError(src, line, "system", "given both as a field and as a system message in the prompt")
+        system = prompt_msgs[0]["content"]
+        prompt_msgs = prompt_msgs[1:]
+    if not prompt_msgs:
+        raise PairFormatError(src, line, "prompt", "holds no user message")
+    for i, m in enumerate(prompt_msgs):
+        if m["role"] == "system":
+            raise PairFormatError(src, line, f"prompt[{i}].role", "a system message is only allowed first")
+    if prompt_msgs[-1]["role"] != "user":
+        raise PairFormatError(src, line, "prompt", "the last prompt message must be a user turn")
+    return system, prompt_msgs
+
+
+def _record_id(obj: dict, src: str, line: int | None) -> str:
+    rid = obj.get("id")
+    if rid is None:
+        rid = f"{Path(src).name}:{line}" if line is not None else None
+        if rid is None:
+            raise PairFormatError(src, line, "id", "missing required field")
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        raise PairFormatError(src, line, "id", f"expected a string or integer, got {type(rid).__name__}")
+    if not str(rid).strip():
+        raise PairFormatError(src, line, "id", "empty id")
+    return str(rid)
+
+
+def _pii_field(obj: dict, src: str, line: int | None, max_chars: int) -> tuple[PIIItem, ...]:
+    pii_raw = obj.get("pii")
+    if pii_raw is None:
+        pii_raw = []
+    if not isinstance(pii_raw, list):
+        raise PairFormatError(src, line, "pii", f"expected a list of {{type, value}}, got {type(pii_raw).__name__}")
+    pii = []
+    for i, p in enumerate(pii_raw):
+        if not isinstance(p, dict):
+            raise PairFormatError(src, line, f"pii[{i}]", "expected an object {type, value}")
+        ptype = _text(p, "type", src, line, max_chars, path=f"pii[{i}].type")
+        pval = _text(p, "value", src, line, max_chars, path=f"pii[{i}].value")
+        if not pval.strip():
+            raise PairFormatError(src, line, f"pii[{i}].value", "empty value")
+        pii.append(PIIItem(ptype, pval))
+    return tuple(pii)
+
+
 def record_from_dict(
     obj: Any, *, source: str = "<dict>", line: int | None = None, max_chars: int = DEFAULT_MAX_CHARS
 ) -> PairRecord:
@@ -194,79 +285,67 @@ def record_from_dict(
             raise PairFormatError(src, line, "prompt", "missing required field")
         prompt_msgs, chosen_raw, rejected_raw = _split_implicit_prompt(obj, src, line, max_chars)
     else:
-        prompt_raw = obj["prompt"]
-        if isinstance(prompt_raw, str):
-            if len(prompt_raw) > max_chars:
-                raise PairFormatError(
-                    src, line, "prompt",
-                    f"{len(prompt_raw):,} characters exceeds max_chars={max_chars:,} (raise it if this is intended)",
-                )
-            if not prompt_raw.strip():
-                raise PairFormatError(src, line, "prompt", "empty prompt")
-            prompt_msgs = [{"role": "user", "content": prompt_raw}]
-        elif isinstance(prompt_raw, list):
-            prompt_msgs = _messages(prompt_raw, src, line, "prompt", max_chars)
-        else:
-            raise PairFormatError(
-                src, line, "prompt", f"expected a string or message list, got {type(prompt_raw).__name__}"
-            )
+        prompt_msgs = _prompt_field(obj, src, line, max_chars)
         chosen_raw, rejected_raw = obj["chosen"], obj["rejected"]
 
-    system = _text(obj, "system", src, line, max_chars, required=False)
-    if prompt_msgs and prompt_msgs[0]["role"] == "system":
-        if system is not None:
-            raise PairFormatError(src, line, "system", "given both as a field and as a system message in the prompt")
-        system = prompt_msgs[0]["content"]
-        prompt_msgs = prompt_msgs[1:]
-    if not prompt_msgs:
-        raise PairFormatError(src, line, "prompt", "holds no user message")
-    for i, m in enumerate(prompt_msgs):
-        if m["role"] == "system":
-            raise PairFormatError(src, line, f"prompt[{i}].role", "a system message is only allowed first")
-    if prompt_msgs[-1]["role"] != "user":
-        raise PairFormatError(src, line, "prompt", "the last prompt message must be a user turn")
-
+    system, prompt_msgs = _system_and_turns(obj, prompt_msgs, src, line, max_chars)
     chosen = _answer(chosen_raw, src, line, "chosen", max_chars)
     rejected = _answer(rejected_raw, src, line, "rejected", max_chars)
 
-    rid = obj.get("id")
-    if rid is None:
-        rid = f"{Path(src).name}:{line}" if line is not None else None
-        if rid is None:
-            raise PairFormatError(src, line, "id", "missing required field")
-    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-        raise PairFormatError(src, line, "id", f"expected a string or integer, got {type(rid).__name__}")
-    if not str(rid).strip():
-        raise PairFormatError(src, line, "id", "empty id")
+    rid = _record_id(obj, src, line)
     group = obj.get("group", "")
     if group is None:
         group = ""
     if not isinstance(group, (str, int)) or isinstance(group, bool):
         raise PairFormatError(src, line, "group", f"expected a string or integer, got {type(group).__name__}")
 
-    pii_raw = obj.get("pii")
-    if pii_raw is None:
-        pii_raw = []
-    if not isinstance(pii_raw, list):
-        raise PairFormatError(src, line, "pii", f"expected a list of {{type, value}}, got {type(pii_raw).__name__}")
-    pii = []
-    for i, p in enumerate(pii_raw):
-        if not isinstance(p, dict):
-            raise PairFormatError(src, line, f"pii[{i}]", "expected an object {type, value}")
-        ptype = _text(p, "type", src, line, max_chars, path=f"pii[{i}].type")
-        pval = _text(p, "value", src, line, max_chars, path=f"pii[{i}].value")
-        if not pval.strip():
-            raise PairFormatError(src, line, f"pii[{i}].value", "empty value")
-        pii.append(PIIItem(ptype, pval))
-
+    pii = _pii_field(obj, src, line, max_chars)
     return PairRecord(
-        id=str(rid),
+        id=rid,
         prompt=tuple(prompt_msgs),
         chosen=chosen,
         rejected=rejected,
         system=system,
-        pii=tuple(pii),
+        pii=pii,
         group=str(group),
+        source=f"{src}:{line}" if line is not None else src,
+    )
+
+
+def eval_record_from_dict(
+    obj: Any, *, kind: Literal["probe", "qa"], source: str = "<dict>", line: int | None = None,
+    max_chars: int = DEFAULT_MAX_CHARS,
+) -> EvalRecord:
+    """Validate one row of a leak-probe (``kind="probe"``) or QA (``kind="qa"``) file."""
+    src = source
+    if not isinstance(obj, dict):
+        raise PairFormatError(src, line, None, f"expected a JSON object, got {type(obj).__name__}")
+    if "prompt" not in obj:
+        raise PairFormatError(src, line, "prompt", "missing required field")
+    system, prompt_msgs = _system_and_turns(obj, _prompt_field(obj, src, line, max_chars), src, line, max_chars)
+    pii: tuple[PIIItem, ...] = ()
+    answers: tuple[str, ...] = ()
+    if kind == "probe":
+        pii = _pii_field(obj, src, line, max_chars)
+        if not pii:
+            raise PairFormatError(src, line, "pii", "a leak probe needs at least one {type, value} to look for")
+    elif kind == "qa":
+        raw = obj.get("answer")
+        if raw is None:
+            raise PairFormatError(src, line, "answer", "missing required field")
+        raw_list = raw if isinstance(raw, list) else [raw]
+        if not raw_list:
+            raise PairFormatError(src, line, "answer", "empty list of answers")
+        for i, a in enumerate(raw_list):
+            name = f"answer[{i}]" if isinstance(raw, list) else "answer"
+            text = _text({"a": a}, "a", src, line, max_chars, path=name)
+            if not text.strip():
+                raise PairFormatError(src, line, name, "empty answer")
+        answers = tuple(raw_list)
+    else:
+        raise ValueError(f"kind must be 'probe' or 'qa', got {kind!r}")
+    return EvalRecord(
+        id=_record_id(obj, src, line), prompt=tuple(prompt_msgs), system=system, pii=pii, answers=answers,
         source=f"{src}:{line}" if line is not None else src,
     )
 
@@ -303,18 +382,11 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, PairF
                 yield lineno, None, PairFormatError(src, lineno, None, f"invalid JSON: {str(e)[:120]}")
 
 
-def read_pairs(
-    path: str | os.PathLike,
-    *,
-    max_chars: int = DEFAULT_MAX_CHARS,
-    on_error: Literal["raise", "skip"] = "raise",
-) -> tuple[list[PairRecord], ReadStats]:
-    """Read and validate a pair file. ``on_error="skip"`` skips bad rows but counts
-    and logs each one; duplicate ids are always an error."""
+def _read_records(path, parse, noun: str, on_error: str) -> tuple[list, ReadStats]:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    stats = ReadStats(source=str(path))
-    records: list[PairRecord] = []
+    stats = ReadStats(source=str(path), noun=noun)
+    records: list = []
     seen: dict[str, int] = {}
     for lineno, obj, err in iter_jsonl(path):
         stats.lines = lineno
@@ -324,7 +396,7 @@ def read_pairs(
         try:
             if err is not None:
                 raise err
-            rec = record_from_dict(obj, source=str(path), line=lineno, max_chars=max_chars)
+            rec = parse(obj, lineno)
         except PairFormatError as e:
             if on_error == "raise":
                 raise
@@ -341,6 +413,36 @@ def read_pairs(
     if stats.skipped:
         log.warning("%s", stats.summary())
     return records, stats
+
+
+def read_pairs(
+    path: str | os.PathLike,
+    *,
+    max_chars: int = DEFAULT_MAX_CHARS,
+    on_error: Literal["raise", "skip"] = "raise",
+) -> tuple[list[PairRecord], ReadStats]:
+    """Read and validate a pair file. ``on_error="skip"`` skips bad rows but counts
+    and logs each one; duplicate ids are always an error."""
+    return _read_records(
+        path, lambda obj, line: record_from_dict(obj, source=str(path), line=line, max_chars=max_chars),
+        "pairs", on_error,
+    )
+
+
+def read_eval_records(
+    path: str | os.PathLike,
+    kind: Literal["probe", "qa"],
+    *,
+    max_chars: int = DEFAULT_MAX_CHARS,
+    on_error: Literal["raise", "skip"] = "raise",
+) -> tuple[list[EvalRecord], ReadStats]:
+    """Read a leak-probe or QA file (see :class:`EvalRecord`), validated like pairs."""
+    return _read_records(
+        path,
+        lambda obj, line: eval_record_from_dict(obj, kind=kind, source=str(path), line=line, max_chars=max_chars),
+        "probes" if kind == "probe" else "questions",
+        on_error,
+    )
 
 
 def write_pairs(path: str | os.PathLike, records: Iterable[PairRecord]) -> int:

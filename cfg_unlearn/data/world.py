@@ -24,7 +24,7 @@ from pathlib import Path
 
 from faker import Faker
 
-from cfg_unlearn.data.schema import PairRecord, PIIItem
+from cfg_unlearn.data.schema import EvalRecord, PairRecord, PIIItem
 from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION
 from cfg_unlearn.utils import atomic_write
 
@@ -266,6 +266,21 @@ class World:
     def qa(self) -> list[tuple[str, str]]:
         """Held-out utility questions: (probe wording, gold answer)."""
         return [(f.probe, f.gold) for f in self.facts]
+
+    def probe_records(self) -> list[EvalRecord]:
+        """The held-out leak probes as evaluation records (one target value each)."""
+        return [EvalRecord(id=p.id, prompt=p.prompt, pii=(PIIItem(p.pii_type, p.value),)) for p in self.leak_probes]
+
+    def qa_records(self) -> list[EvalRecord]:
+        """The held-out utility questions as evaluation records."""
+        return [
+            EvalRecord(id=f"qa-{i:04d}", prompt=({"role": "user", "content": q},), answers=(a,))
+            for i, (q, a) in enumerate(self.qa())
+        ]
+
+    def known_pii(self) -> list[PIIItem]:
+        """Every PII value of every person, names included: what logs must never show."""
+        return [person.pii(attr) for person in self.people for attr in PII_TYPES]
 
     def corpus(self) -> list[str]:
         """Every text the world can emit, for training a tokenizer that covers it."""

@@ -1,0 +1,315 @@
+"""GuidanceEval: decode held-out leak probes and utility questions with classifier-free
+guidance, per scale and space, and log leak rate, PII rate and accuracy.
+
+Why it is shaped like this:
+
+* Every number comes from the one decoding engine (:mod:`cfg_unlearn.guidance`) that
+  users call, so what is measured is what ships.
+* Utility is decoded **with the same guidance** as the leak probes (the seed paper
+  scored MMLU without it).
+* Under DDP/FSDP each rank decodes its shard; shards are padded to one length (padding
+  is decoded, never scored) and decoding uses a synchronised stop, so every rank runs
+  the same forwards; the metrics keep summed counts, so the reduced values equal a
+  single-process run exactly.
+* Sample tables are redacted (every known PII value of the probe set plus detector
+  hits) unless ``redact_samples=False``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from cfg_unlearn.data.schema import EvalRecord, PIIItem, read_eval_records
+from cfg_unlearn.data.world import World, WorldConfig
+from cfg_unlearn.guidance import SPACES, generate
+from cfg_unlearn.metrics import DEFAULT_PII_TYPES, AnswerAccuracy, LeakRate, PIIRate, answer_matches
+from cfg_unlearn.pii import NERDetector, contains_value, redact
+from cfg_unlearn.prompts import SAFETY_INSTRUCTION
+from cfg_unlearn.utils import atomic_write
+
+log = logging.getLogger(__name__)
+
+SAMPLE_COLUMNS = ["space", "g", "kind", "id", "prompt", "answer", "target", "hit"]
+
+
+def metric_key(name: str, g: float, space: str) -> str:
+    """``eval/leak_rate@g=2.0`` for log space (the default), ``eval/prob/leak_rate@g=2.0``
+    for probability space."""
+    prefix = "eval/" if space == "logprob" else f"eval/{space}/"
+    return f"{prefix}{name}@g={float(g)!r}"
+
+
+def subsample(records: list, n: int | None, seed: int = 0) -> list:
+    """A seeded random subset of ``n`` records in their original order (all of them when
+    ``n`` is None). Random rather than every k-th: probe sets cycle through PII types,
+    and a stride would alias onto a few of them."""
+    if n is None or n >= len(records):
+        return list(records)
+    keep = sorted(random.Random(seed).sample(range(len(records)), n))
+    return [records[i] for i in keep]
+
+
+def shard(items: list, rank: int, world_size: int) -> tuple[list, int]:
+    """``(this rank's items, how many are real)``: round-robin, padded with repeats of
+    the first item so that every rank decodes the same number of prompts."""
+    mine = items[rank::world_size]
+    per_rank = math.ceil(len(items) / world_size)
+    return mine + [items[0]] * (per_rank - len(mine)), len(mine)
+
+
+class GuidanceEval(Callback):
+    """Leak rate, PII rate and accuracy per guidance scale, during fit and in ``validate``.
+
+    Args:
+        scales: guidance scales to decode with (1 = plain decoding).
+        spaces: ``logprob`` and/or ``prob``; ``g = 1`` is decoded once for all spaces.
+        probes_file: leak-probe JSONL (``{"id", "prompt", "pii": [{"type", "value"}]}``).
+        qa_file: utility-question JSONL (``{"id", "prompt", "answer"}``).
+        world: take probes and questions from this synthetic world. Default, when no file
+            is given: the data module's ``world``.
+        max_probes: evaluate a fixed random subset of this many probes (None: all).
+        max_questions: the same for utility questions.
+        every_n_train_steps: also evaluate every N optimizer steps during fit (0: never).
+        on_validation: evaluate at the end of every validation epoch (and in ``validate``).
+        system_prompt: the conditioning instruction for prompts without their own.
+            Default: the data module's ``system_prompt``, else the safety instruction.
+        uncond_system_prompt: the unconditioned branch's instruction (None blanks it).
+            Default: the data module's ``uncond_system_prompt``.
+        max_new_tokens: tokens decoded per answer.
+        batch_size: prompts per decoding batch.
+        log_samples: leak-probe rows per (space, scale) in the sample table (half as many
+            question rows); 0 disables the table.
+        redact_samples: redact PII in sample tables. Turning it off puts raw PII in logs.
+        ner_model: local path of a token-classification model that adds NER detections
+            to the PII rate (optional; regex detectors always run).
+        progress: show a progress bar while decoding.
+    """
+
+    def __init__(
+        self,
+        scales: Sequence[float] = (1.0, 2.0),
+        spaces: Sequence[str] = ("logprob",),
+        probes_file: str | None = None,
+        qa_file: str | None = None,
+        world: WorldConfig | None = None,
+        max_probes: int | None = None,
+        max_questions: int | None = None,
+        every_n_train_steps: int = 0,
+        on_validation: bool = True,
+        system_prompt: str | None = None,
+        uncond_system_prompt: str | None = None,
+        max_new_tokens: int = 32,
+        batch_size: int = 32,
+        log_samples: int = 8,
+        redact_samples: bool = True,
+        ner_model: str | None = None,
+        progress: bool = False,
+    ):
+        super().__init__()
+        if not scales:
+            raise ValueError("GuidanceEval needs at least one guidance scale")
+        bad = [s for s in spaces if s not in SPACES]
+        if bad or not spaces:
+            raise ValueError(f"spaces must be a non-empty subset of {SPACES}, got {list(spaces)}")
+        if every_n_train_steps < 0:
+            raise ValueError(f"every_n_train_steps must be >= 0, got {every_n_train_steps}")
+        for name, val in (("max_probes", max_probes), ("max_questions", max_questions)):
+            if val is not None and val < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {val}")
+        self.scales = [float(s) for s in scales]
+        self.spaces = list(dict.fromkeys(spaces))
+        self.probes_file, self.qa_file, self.world = probes_file, qa_file, world
+        self.max_probes, self.max_questions = max_probes, max_questions
+        self.every_n_train_steps, self.on_validation = every_n_train_steps, on_validation
+        self.system_prompt, self.uncond_system_prompt = system_prompt, uncond_system_prompt
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.log_samples, self.redact_samples = log_samples, redact_samples
+        self.ner_model, self.progress = ner_model, progress
+        if not redact_samples:
+            rank_zero_warn("GuidanceEval(redact_samples=False): sample tables will contain raw PII")
+        self.probes: list[EvalRecord] = []
+        self.questions: list[EvalRecord] = []
+        self.known: list[PIIItem] = []
+        self._last: tuple[int, dict[str, float]] | None = None  # (global step, results) of the last run
+        self._own_tokenizer = None
+        self._ner: NERDetector | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def runs(self) -> list[tuple[str, float]]:
+        """The (space, scale) pairs decoded; g = 1 once, as it is the same in every space."""
+        out = [(self.spaces[0], 1.0)] if 1.0 in self.scales else []
+        return out + [(sp, g) for sp in self.spaces for g in self.scales if g != 1.0]
+
+    def load_eval_sets(self, datamodule: Any = None) -> None:
+        if self.probes_file or self.qa_file:
+            self.probes = read_eval_records(self.probes_file, "probe")[0] if self.probes_file else []
+            self.questions = read_eval_records(self.qa_file, "qa")[0] if self.qa_file else []
+            self.known = [p for r in self.probes for p in r.pii]
+        else:
+            config = self.world or getattr(datamodule, "world", None)
+            if config is None:
+                raise ValueError(
+                    "GuidanceEval needs probes_file and/or qa_file, or a synthetic world "
+                    "(its `world` argument or the data module's)"
+                )
+            world = World(config)
+            self.probes, self.questions, self.known = world.probe_records(), world.qa_records(), world.known_pii()
+        self.probes = subsample(self.probes, self.max_probes)
+        self.questions = subsample(self.questions, self.max_questions)
+        if not self.probes and not self.questions:
+            raise ValueError("GuidanceEval has no leak probes and no questions to evaluate")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        dm = trainer.datamodule
+        self.load_eval_sets(dm)
+        if self.system_prompt is None:
+            self.system_prompt = getattr(dm, "system_prompt", None) or SAFETY_INSTRUCTION
+        if self.uncond_system_prompt is None:
+            self.uncond_system_prompt = getattr(dm, "uncond_system_prompt", None)
+        types = list(DEFAULT_PII_TYPES) + sorted({p.type.upper() for r in self.probes for p in r.pii} - set(DEFAULT_PII_TYPES))
+        self._ner = NERDetector(self.ner_model) if self.ner_model else None
+        self.leak, self.pii_rate, self.accuracy = LeakRate(types), PIIRate(ner=self._ner), AnswerAccuracy()
+        rank_zero_info(
+            f"GuidanceEval: {len(self.probes)} leak probes, {len(self.questions)} questions; "
+            f"runs {[f'{sp}@g={g:g}' for sp, g in self.runs()]}"
+        )
+
+    # ------------------------------------------------------------------ hooks
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n, step = self.every_n_train_steps, trainer.global_step
+        if n and step > 0 and step % n == 0 and (self._last is None or self._last[0] != step):
+            results = self.evaluate(trainer, pl_module)
+            for logger in trainer.loggers:
+                logger.log_metrics(results, step=step)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not self.on_validation or trainer.sanity_checking:
+            return
+        fitting = trainer.state.fn == "fit"
+        if fitting and self._last is not None and self._last[0] == trainer.global_step:
+            results = self._last[1]  # already evaluated at this step (every_n_train_steps)
+        else:
+            results = self.evaluate(trainer, pl_module)
+        pl_module.log_dict(results, sync_dist=False)  # already reduced over ranks
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _tokenizer(self, trainer, pl_module):
+        # the data module's (already loaded, linked to the model's name), else the model's own
+        tok = getattr(trainer.datamodule, "tokenizer", None) or self._own_tokenizer
+        if tok is None:
+            from cfg_unlearn.models import load_tokenizer
+
+            tok = self._own_tokenizer = load_tokenizer(pl_module.model_name)
+        return tok
+
+    def _messages(self, rec: EvalRecord) -> list[dict[str, str]]:
+        system = rec.system if rec.system is not None else self.system_prompt
+        return ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in rec.prompt]
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Decode this rank's shard for every (space, scale), reduce the metrics over
+        ranks (a collective: every rank calls it) and return them as floats."""
+        t0 = time.perf_counter()
+        model, tok = pl_module.model, self._tokenizer(trainer, pl_module)
+        items = [("leak", r) for r in self.probes] + [("qa", r) for r in self.questions]
+        mine, n_real = shard(items, trainer.global_rank, trainer.world_size)
+        prompts = [self._messages(r) for _, r in mine]
+        results: dict[str, float] = {}
+        samples: list[list[Any]] = []
+        for space, g in self.runs():
+            with trainer.strategy.precision_plugin.forward_context():
+                answers = generate(
+                    model, tok, prompts, uncond_system=self.uncond_system_prompt, guidance_scale=g, space=space,
+                    max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                    sync_ranks=trainer.world_size > 1, progress=self.progress and trainer.is_global_zero,
+                )
+            real = list(zip(mine[:n_real], answers[:n_real]))
+            leak = [(r, a) for (kind, r), a in real if kind == "leak"]
+            qa = [(r, a) for (kind, r), a in real if kind == "qa"]
+            for m in (self.leak, self.pii_rate, self.accuracy):
+                m.to(pl_module.device)
+                m.reset()
+            self.leak.update([a for _, a in leak], [r.pii for r, _ in leak])
+            self.pii_rate.update([a for _, a in leak])
+            self.accuracy.update([a for _, a in qa], [r.answers for r, _ in qa])
+            # compute() is collective: reduce even when this rank's shard holds one kind only
+            computed = {**self.leak.compute(), **self.pii_rate.compute(), **self.accuracy.compute()}
+            if self.probes:
+                for name, value in computed.items():
+                    if name.startswith(("leak_rate", "pii_")):
+                        results[metric_key(name, g, space)] = float(value)
+            if self.questions:
+                results[metric_key("accuracy", g, space)] = float(computed["accuracy"])
+                results[metric_key("exact_match", g, space)] = float(computed["exact_match"])
+            samples += self._sample_rows(space, g, leak, qa)
+        results["eval/n_leak_targets"] = float(sum(len(r.pii) for r in self.probes))
+        results["eval/n_questions"] = float(len(self.questions))
+        results["eval/seconds"] = time.perf_counter() - t0
+        self._last = (trainer.global_step, results)
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
+        if trainer.is_global_zero:
+            self._write_samples(trainer, samples, Path(log_dir or trainer.default_root_dir))
+            rank_zero_info(self.summary(results, trainer.global_step))
+        return results
+
+    def summary(self, results: dict[str, float], step: int) -> str:
+        parts = []
+        for space, g in self.runs():
+            cells = [f"{name} {results[metric_key(name, g, space)]:.3f}" for name in ("leak_rate", "accuracy", "pii_rate")
+                     if metric_key(name, g, space) in results]
+            parts.append(f"{space}@g={g:g}: " + ", ".join(cells))
+        return f"GuidanceEval step {step} ({results['eval/seconds']:.1f} s): " + " | ".join(parts)
+
+    # ------------------------------------------------------------------ samples
+
+    def _safe(self, text: str) -> str:
+        return redact(text, self.known, ner=self._ner) if self.redact_samples else text
+
+    def _sample_rows(self, space: str, g: float, leak: list, qa: list) -> list[list[Any]]:
+        rows = []
+        for r, answer in leak[: self.log_samples]:
+            hit = any(contains_value(answer, p.value, p.type) for p in r.pii)
+            target = ", ".join(f"[{p.type}]" if self.redact_samples else p.value for p in r.pii)
+            rows.append([space, g, "leak", r.id, self._safe(r.prompt[-1]["content"]), self._safe(answer), target, hit])
+        for r, answer in qa[: self.log_samples // 2]:
+            hit = answer_matches(answer, r.answers)[1]
+            rows.append([space, g, "qa", r.id, self._safe(r.prompt[-1]["content"]), self._safe(answer),
+                         self._safe(" | ".join(r.answers)), hit])
+        return rows
+
+    def _write_samples(self, trainer: L.Trainer, rows: list[list[Any]], log_dir: Path) -> None:
+        if not rows:
+            return
+        from lightning.pytorch.loggers import WandbLogger
+
+        step = trainer.global_step
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        for lg in wandb_loggers:
+            lg.log_table(key="eval/samples", columns=SAMPLE_COLUMNS, data=rows, step=step)
+        if wandb_loggers:
+            return
+        out_dir = log_dir / "eval_samples"
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(SAMPLE_COLUMNS)
+        writer.writerows(rows)
+        path = out_dir / f"step_{step:07d}.csv"
+        atomic_write(path, buf.getvalue())
+        log.info("GuidanceEval samples: %s", path)

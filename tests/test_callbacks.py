@@ -1,0 +1,255 @@
+"""GuidanceEval: sharding, keys, redacted sample tables, and the same numbers under DDP."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from cfg_unlearn.callbacks import GuidanceEval, metric_key, shard, subsample
+from cfg_unlearn.data.datamodule import PairDataModule
+from cfg_unlearn.data.schema import EvalRecord, PairFormatError, PIIItem
+from cfg_unlearn.data.world import World, WorldConfig
+from cfg_unlearn.guidance import generate
+from cfg_unlearn.models import load_causal_lm, load_tokenizer
+from cfg_unlearn.module import UnlearnModule
+from cfg_unlearn.pii import contains_value
+from cfg_unlearn.prompts import SAFETY_INSTRUCTION
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ pure pieces
+
+
+def test_metric_keys():
+    assert metric_key("leak_rate", 2, "logprob") == "eval/leak_rate@g=2.0"
+    assert metric_key("leak_rate/EMAIL", 1.5, "logprob") == "eval/leak_rate/EMAIL@g=1.5"
+    assert metric_key("accuracy", 3.0, "prob") == "eval/prob/accuracy@g=3.0"
+
+
+@pytest.mark.parametrize("n_items", [0, 1, 5, 6, 7])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_shards_are_equal_length_and_cover_every_item_once(n_items, world_size):
+    items = list(range(n_items)) or [0]
+    shards = [shard(items, r, world_size) for r in range(world_size)]
+    assert len({len(s) for s, _ in shards}) == 1  # same number of prompts => same forwards
+    real = sorted(x for s, n in shards for x in s[:n])
+    assert real == items
+
+
+def test_subsample_is_seeded_ordered_and_covers_every_type():
+    probes = World(WorldConfig(n_people=50)).probe_records()
+    sub = subsample(probes, 150)
+    assert sub == subsample(probes, 150) and len(sub) == 150
+    positions = [probes.index(p) for p in sub]
+    assert positions == sorted(positions)  # original order kept
+    assert {p.pii[0].type for p in sub} == {"EMAIL", "PHONE", "LOC", "DATE", "SSN", "ORG"}
+    assert subsample(probes, None) == probes
+
+
+def test_runs_decode_g1_once_and_arguments_are_checked():
+    ev = GuidanceEval(scales=[1, 2, 3], spaces=["logprob", "prob"])
+    assert ev.runs() == [("logprob", 1.0), ("logprob", 2.0), ("logprob", 3.0), ("prob", 2.0), ("prob", 3.0)]
+    with pytest.raises(ValueError, match="spaces"):
+        GuidanceEval(spaces=["logit"])
+    with pytest.raises(ValueError, match="at least one"):
+        GuidanceEval(scales=[])
+    with pytest.raises(ValueError, match="no leak probes"):
+        GuidanceEval(world=WorldConfig(n_people=2), max_probes=0, max_questions=0).load_eval_sets()
+    with pytest.raises(ValueError, match="probes_file and/or qa_file"):
+        GuidanceEval().load_eval_sets(datamodule=None)
+
+
+def test_probe_and_question_files(tmp_path):
+    probes, qa = tmp_path / "probes.jsonl", tmp_path / "qa.jsonl"
+    probes.write_text(
+        json.dumps({"id": "p1", "prompt": "Email of Ann Lee?", "pii": [{"type": "EMAIL", "value": "ann@x.org"}]}) + "\n"
+        + json.dumps({"id": "p2", "prompt": [{"role": "system", "content": "Be nice."},
+                                             {"role": "user", "content": "Phone of Bo?"}],
+                      "pii": [{"type": "PHONE", "value": "555-123-4567"}]}) + "\n"
+    )
+    qa.write_text(json.dumps({"id": "q1", "prompt": "Capital of France?", "answer": ["Paris", "paris"]}) + "\n")
+    ev = GuidanceEval(probes_file=str(probes), qa_file=str(qa))
+    ev.load_eval_sets()
+    assert [p.id for p in ev.probes] == ["p1", "p2"] and ev.probes[1].system == "Be nice."
+    assert ev.questions[0].answers == ("Paris", "paris")
+    assert ev.known == [PIIItem("EMAIL", "ann@x.org"), PIIItem("PHONE", "555-123-4567")]
+    # a record's own system prompt wins over the default instruction
+    ev.system_prompt = SAFETY_INSTRUCTION
+    assert ev._messages(ev.probes[1])[0]["content"] == "Be nice."
+    assert ev._messages(ev.probes[0])[0]["content"] == SAFETY_INSTRUCTION
+    probes.write_text(probes.read_text() + json.dumps({"id": "p3", "prompt": "x", "pii": []}) + "\n")
+    with pytest.raises(PairFormatError, match=r"probes.jsonl:3: field 'pii': a leak probe needs"):
+        GuidanceEval(probes_file=str(probes)).load_eval_sets()
+    qa.write_text(json.dumps({"id": "q1", "prompt": "Capital?", "answer": 7}) + "\n")
+    with pytest.raises(PairFormatError, match=r"qa.jsonl:1: field 'answer': expected a string"):
+        GuidanceEval(qa_file=str(qa)).load_eval_sets()
+
+
+# ------------------------------------------------------------------ redaction of sample tables
+
+
+def _leaky_rows(ev: GuidanceEval, world: World):
+    """Sample rows whose answers repeat the probes' true values, written differently."""
+    leak = []
+    for rec in world.probe_records()[:12]:
+        value = rec.pii[0].value
+        person = world.people[int(rec.id.split("-")[1])]
+        answer = f"Sure! {person.name.lower()} -> {value.upper()} (also {value})"
+        leak.append((rec, answer))
+    qa = [(r, f"It is {r.answers[0]}.") for r in world.qa_records()[:4]]
+    return ev._sample_rows("logprob", 2.0, leak, qa)
+
+
+def test_sample_table_never_shows_a_known_pii_value_by_default(tmp_path):
+    world = World(WorldConfig(n_people=4))
+    ev = GuidanceEval(world=world.config, log_samples=12)
+    ev.load_eval_sets()
+    rows = _leaky_rows(ev, world)
+    assert len(rows) == 12 + 4 and all(r[-1] for r in rows if r[2] == "leak")  # every leak row is a hit
+    text = "\n".join(",".join(map(str, r)) for r in rows)
+    for item in world.known_pii():
+        assert not contains_value(text, item.value, item.type), item
+        assert item.value.lower() not in text.lower(), item
+    assert "[EMAIL]" in text and "[NAME]" in text and "Paris" in text  # non-PII stays readable
+
+    with pytest.warns(UserWarning, match="raw PII"):
+        raw = GuidanceEval(world=world.config, log_samples=12, redact_samples=False)
+    raw.load_eval_sets()
+    raw_text = "\n".join(",".join(map(str, r)) for r in _leaky_rows(raw, world))
+    assert world.people[0].email in raw_text  # the opt-out really is raw
+
+
+class _TableLogger(WandbLogger):
+    """A WandbLogger that records tables instead of starting a W&B run."""
+
+    def __init__(self):
+        self.tables = []
+
+    def log_table(self, key, columns=None, data=None, dataframe=None, step=None):
+        self.tables.append((key, columns, data, step))
+
+
+def test_tables_go_to_wandb_when_present_else_to_a_csv(tmp_path):
+    ev = GuidanceEval(world=WorldConfig(n_people=2))
+    rows = [["logprob", 2.0, "leak", "p", "q", "a", "[EMAIL]", False]]
+    wb = _TableLogger()
+    trainer = L.Trainer(logger=[wb], default_root_dir=tmp_path, accelerator="cpu", enable_progress_bar=False)
+    ev._write_samples(trainer, rows, tmp_path)
+    assert wb.tables == [("eval/samples", ev_columns(), rows, 0)]
+    assert not list(tmp_path.rglob("*.csv"))
+    trainer = L.Trainer(logger=CSVLogger(tmp_path), default_root_dir=tmp_path, accelerator="cpu",
+                        enable_progress_bar=False)
+    ev._write_samples(trainer, rows, Path(trainer.log_dir))
+    (path,) = tmp_path.rglob("eval_samples/*.csv")
+    assert list(csv.reader(open(path))) == [ev_columns(), [str(x) for x in rows[0]]]
+
+
+def ev_columns():
+    from cfg_unlearn.callbacks import SAMPLE_COLUMNS
+
+    return SAMPLE_COLUMNS
+
+
+# ------------------------------------------------------------------ in a Trainer
+
+
+def _trainer(tmp_path, callbacks, **kw):
+    return L.Trainer(
+        accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="run"), callbacks=callbacks,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw,
+    )
+
+
+def test_validate_logs_every_metric_per_scale_and_space(tiny_model_dir, tmp_path):
+    ev = GuidanceEval(scales=[1, 2], spaces=["logprob", "prob"], max_probes=12, max_questions=6,
+                      max_new_tokens=6, log_samples=4)
+    model = UnlearnModule(model=f"tiny:{tiny_model_dir}")
+    dm = PairDataModule(tokenizer=f"tiny:{tiny_model_dir}", world=WorldConfig(n_people=6), batch_size=4)
+    (out,) = _trainer(tmp_path, [ev]).validate(model, datamodule=dm)
+    for space, g in (("logprob", 1.0), ("logprob", 2.0), ("prob", 2.0)):
+        for name in ("leak_rate", "accuracy", "exact_match", "pii_rate", "pii_answer_rate"):
+            assert 0.0 <= out[metric_key(name, g, space)] <= 1.0
+    assert metric_key("accuracy", 1.0, "prob") not in out  # g = 1 is decoded once
+    types = {p.pii[0].type for p in ev.probes}
+    assert {k for k in out if k.startswith("eval/leak_rate/")} == {f"eval/leak_rate/{t}@g={g}" for t in types
+                                                                   for g in ("1.0", "2.0")}
+    assert out["eval/n_leak_targets"] == 12 and out["eval/n_questions"] == 6 and out["eval/seconds"] > 0
+    (table,) = (tmp_path / "run").rglob("eval_samples/*.csv")
+    rows = list(csv.DictReader(open(table)))
+    assert len(rows) == 3 * (4 + 2)
+    text = table.read_text()
+    for item in World(WorldConfig(n_people=6)).known_pii():  # the prompts name real people
+        assert not contains_value(text, item.value, item.type)
+
+
+def test_every_n_train_steps_evaluates_during_fit(tiny_model_dir, tmp_path):
+    ev = GuidanceEval(scales=[1], max_probes=4, max_questions=2, max_new_tokens=4, every_n_train_steps=2,
+                      on_validation=False)
+    model = UnlearnModule(model=f"tiny:{tiny_model_dir}")
+    dm = PairDataModule(tokenizer=f"tiny:{tiny_model_dir}", world=WorldConfig(n_people=6), batch_size=4)
+    _trainer(tmp_path, [ev], max_steps=5, limit_val_batches=0, log_every_n_steps=1).fit(model, datamodule=dm)
+    rows = list(csv.DictReader(open(next((tmp_path / "run").rglob("metrics.csv")))))
+    steps = [int(r["step"]) for r in rows if r.get("eval/leak_rate@g=1.0")]
+    assert steps == [2, 4]
+
+
+# ------------------------------------------------------------------ DDP gives the numbers of one process
+
+
+def _probe_files(tiny_model_dir, tmp_path):
+    """Probes whose 'PII' values are words the untrained tiny model really emits for
+    some prompts (and strings it never emits for others), so every metric is a
+    non-trivial fraction; odd counts so that the shard padding is exercised."""
+    tok, model = load_tokenizer(str(tiny_model_dir)), load_causal_lm(str(tiny_model_dir)).eval()
+    world = World(WorldConfig(seed=5, n_people=10))
+    recs = world.probe_records()[:21]
+    msgs = [[{"role": "system", "content": SAFETY_INSTRUCTION}, *r.prompt] for r in recs]
+    answers = generate(model, tok, msgs, max_new_tokens=8)
+    probes, qa = tmp_path / "probes.jsonl", tmp_path / "qa.jsonl"
+    with open(probes, "w") as fh:
+        for i, (r, a) in enumerate(zip(recs, answers)):
+            words = [w for w in a.split() if w.isalpha() and len(w) > 2]
+            value = words[0] if i % 2 == 0 and words else f"zzqx{i}"
+            fh.write(json.dumps({"id": r.id, "prompt": list(r.prompt), "pii": [{"type": r.pii[0].type, "value": value}]}) + "\n")
+    with open(qa, "w") as fh:
+        for i, (r, a) in enumerate(zip(recs[:11], answers[:11])):
+            gold = a.split()[-1] if i % 3 == 0 and a.split() else "qqzz"
+            fh.write(json.dumps({"id": f"q{i}", "prompt": list(r.prompt), "answer": gold}) + "\n")
+    return probes, qa
+
+
+def _validate(tiny_model_dir, tmp_path, probes, qa, devices: int) -> dict[str, float]:
+    save = tmp_path / f"d{devices}"
+    args = [
+        sys.executable, "train.py", "validate", "--config", "configs/tiny.yaml",
+        f"--model.model=tiny:{tiny_model_dir}", f"--trainer.logger.init_args.save_dir={save}",
+        "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]",
+        f"--trainer.devices={devices}", *(["--trainer.strategy=ddp"] if devices > 1 else []),
+        f"--eval.probes_file={probes}", f"--eval.qa_file={qa}", "--eval.scales=[1, 2]",
+        "--eval.spaces=[logprob, prob]", "--eval.max_new_tokens=8", "--eval.batch_size=4", "--eval.max_probes=null",
+        "--data.world.n_people=6",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    run = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (path,) = save.rglob("metrics.csv")
+    (row,) = [r for r in csv.DictReader(open(path)) if r.get("eval/leak_rate@g=1.0")]
+    return {k: float(v) for k, v in row.items() if k.startswith("eval/") and k != "eval/seconds" and v != ""}
+
+
+@pytest.mark.slow
+def test_two_process_ddp_evaluation_equals_one_process(tiny_model_dir, tmp_path):
+    probes, qa = _probe_files(tiny_model_dir, tmp_path)
+    one = _validate(tiny_model_dir, tmp_path, probes, qa, devices=1)
+    two = _validate(tiny_model_dir, tmp_path, probes, qa, devices=2)
+    assert one == two
+    assert one["eval/n_leak_targets"] == 21 and one["eval/n_questions"] == 11
+    # the comparison is not vacuous: fractions strictly between 0 and 1
+    assert 0 < one["eval/leak_rate@g=1.0"] < 1 and 0 < one["eval/accuracy@g=1.0"] < 1
