@@ -2,7 +2,7 @@
 
 One random-init Llama (~12M parameters), one set of chat prompts of different lengths
 (system instruction + a conversation; the unconditioned prompt is the same conversation
-without it), greedy, a fixed number of new tokens for every method (EOS ignored), at
+without it; two sets: short evaluation probes and long conversations), greedy, a fixed number of new tokens for every method (EOS ignored), at
 batch 1 (prompts one at a time) and batch 8 (one left-padded batch):
 
 * ``plain``:  ``model.generate(...)`` (no guidance), the cost floor;
@@ -44,12 +44,17 @@ from cfg_unlearn.tiny import BENCH_SPEC, build_tiny  # noqa: E402
 N_PROMPTS = 8
 
 
-def make_prompts(n: int) -> list[list[dict[str, str]]]:
-    """Chat prompts of growing length: 0..n-1 history turns from the synthetic world
-    before a held-out leak probe (about 30 to 200 tokens with the tiny tokenizer)."""
+def make_prompts(n: int, max_turns: int) -> list[list[dict[str, str]]]:
+    """Chat prompts of different lengths: 0..max_turns history turns from the synthetic
+    world before a held-out leak probe."""
     world = World(WorldConfig(seed=1, n_people=20))
     history = [m for c in world.conversations for m in c.messages]
-    return [history[: 2 * i] + list(world.leak_probes[i].prompt) for i in range(n)]
+    return [history[: 2 * (i % (max_turns + 1))] + list(world.leak_probes[i].prompt) for i in range(n)]
+
+
+#: name -> history turns: "probes" is the evaluation workload (a question, at most two
+#: earlier exchanges); "long" has up to 7 exchanges, where the prefill dominates.
+PROMPT_SETS = {"probes": 2, "long": 7}
 
 
 def time_it(fn) -> float:
@@ -64,6 +69,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each; the median is reported")
     ap.add_argument("--scale", type=float, default=2.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sets", nargs="+", default=list(PROMPT_SETS), choices=list(PROMPT_SETS))
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -73,19 +79,25 @@ def main() -> None:
     model_dir = str(build_tiny(work / "model", spec=BENCH_SPEC))
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(a.device).eval()
-    prompts = make_prompts(N_PROMPTS)
-    cond = encode_prompts(tok, prompts, system=SAFETY_INSTRUCTION)
-    uncond = encode_prompts(tok, prompts, blank_system=True)
     pad, n_new, g = tok.pad_token_id, a.new_tokens, a.scale
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.1f}M parameters on {a.device}; {N_PROMPTS} prompts of "
-          f"{min(map(len, cond))}-{max(map(len, cond))} tokens (unconditioned {min(map(len, uncond))}-"
-          f"{max(map(len, uncond))}); {n_new} new tokens each; g={g}; torch threads {torch.get_num_threads()}")
+    print(f"model: {n_params / 1e6:.1f}M parameters on {a.device}; {N_PROMPTS} prompts per set; {n_new} new "
+          f"tokens each; g={g}; torch threads {torch.get_num_threads()}")
+    for set_name in a.sets:
+        prompts = make_prompts(N_PROMPTS, PROMPT_SETS[set_name])
+        cond = encode_prompts(tok, prompts, system=SAFETY_INSTRUCTION)
+        uncond = encode_prompts(tok, prompts, blank_system=True)
+        print(f"[{set_name}] prompts of {min(map(len, cond))}-{max(map(len, cond))} tokens (unconditioned "
+              f"{min(map(len, uncond))}-{max(map(len, uncond))})")
+        run_set(model, cond, uncond, pad, n_new, g, a.repeats, a.device)
+
+
+def run_set(model, cond, uncond, pad: int, n_new: int, g: float, repeats: int, device: str) -> None:
 
     def batches(bs: int):
         for i in range(0, N_PROMPTS, bs):
-            c = [t.to(a.device) for t in left_pad(cond[i : i + bs], pad)]
-            u = [t.to(a.device) for t in left_pad(uncond[i : i + bs], pad)]
+            c = [t.to(device) for t in left_pad(cond[i : i + bs], pad)]
+            u = [t.to(device) for t in left_pad(uncond[i : i + bs], pad)]
             yield c, u
 
     def plain(bs: int) -> None:
@@ -106,18 +118,18 @@ def main() -> None:
             assert out.shape[1] == n_new
 
     methods = {"plain": plain, "hf_cfg": hf_cfg, "ours": ours}
-    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for bs in (1, 8):
         for fn in methods.values():  # warm-up: allocator, kernels, first-call overheads
             fn(bs)
         times: dict[str, list[float]] = {k: [] for k in methods}
-        for _ in range(a.repeats):
+        for _ in range(repeats):
             for k, fn in methods.items():
                 sync()
                 times[k].append(time_it(lambda: (fn(bs), sync())))
         tps = {k: N_PROMPTS * n_new / statistics.median(v) for k, v in times.items()}
-        print(f"batch {bs}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in tps.items()))
-        print(f"  ours vs HF CFG throughput: {tps['ours'] / tps['hf_cfg']:.2f}x   "
+        print(f"  batch {bs}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in tps.items()))
+        print(f"    ours vs HF CFG throughput: {tps['ours'] / tps['hf_cfg']:.2f}x   "
               f"ours cost vs plain greedy: {tps['plain'] / tps['ours']:.2f}x   "
               f"(HF CFG cost vs plain: {tps['plain'] / tps['hf_cfg']:.2f}x)")
 
