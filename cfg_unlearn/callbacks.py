@@ -17,6 +17,7 @@ Why it is shaped like this:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -35,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from cfg_unlearn.data.schema import EvalRecord, PIIItem, read_eval_records
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.guidance import SPACES, generate
-from cfg_unlearn.metrics import DEFAULT_PII_TYPES, AnswerAccuracy, LeakRate, PIIRate, answer_matches
+from cfg_unlearn.metrics import DEFAULT_PII_TYPES, OTHER, AnswerAccuracy, LeakRate, PIIRate, answer_matches
 from cfg_unlearn.pii import NERDetector, contains_value, redact
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 from cfg_unlearn.utils import atomic_write
@@ -68,6 +69,22 @@ def shard(items: list, rank: int, world_size: int) -> tuple[list, int]:
     mine = items[rank::world_size]
     per_rank = math.ceil(len(items) / world_size)
     return mine + [items[0]] * (per_rank - len(mine)), len(mine)
+
+
+def full_params_outside_forward(strategy: Any):
+    """Under FSDP (FSDP1, as Lightning's FSDPStrategy wraps it) the parameters that live
+    outside the wrapped decoder layers (embeddings, final norm, lm_head) are only whole
+    inside the root wrapper's forward; decoding calls the inner model directly, so
+    gather those root parameters for the duration (``recurse=False``: the wrapped layers
+    still gather their own, one at a time). Other strategies: nothing to do."""
+    root = getattr(strategy, "model", None)
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:  # torch built without distributed
+        return contextlib.nullcontext()
+    if isinstance(root, FSDP):
+        return FSDP.summon_full_params(root, recurse=False, writeback=False)
+    return contextlib.nullcontext()
 
 
 class GuidanceEval(Callback):
@@ -158,7 +175,7 @@ class GuidanceEval(Callback):
         if self.probes_file or self.qa_file:
             self.probes = read_eval_records(self.probes_file, "probe")[0] if self.probes_file else []
             self.questions = read_eval_records(self.qa_file, "qa")[0] if self.qa_file else []
-            self.known = [p for r in self.probes for p in r.pii]
+            self.known = list(dict.fromkeys(p for r in self.probes for p in (*r.pii, *r.context_pii)))
         else:
             config = self.world or getattr(datamodule, "world", None)
             if config is None:
@@ -180,7 +197,8 @@ class GuidanceEval(Callback):
             self.system_prompt = getattr(dm, "system_prompt", None) or SAFETY_INSTRUCTION
         if self.uncond_system_prompt is None:
             self.uncond_system_prompt = getattr(dm, "uncond_system_prompt", None)
-        types = list(DEFAULT_PII_TYPES) + sorted({p.type.upper() for r in self.probes for p in r.pii} - set(DEFAULT_PII_TYPES))
+        seen = {p.type.upper() for r in self.probes for p in r.pii}
+        types = list(DEFAULT_PII_TYPES) + sorted(seen - set(DEFAULT_PII_TYPES) - {OTHER})
         self._ner = NERDetector(self.ner_model) if self.ner_model else None
         self.leak, self.pii_rate, self.accuracy = LeakRate(types), PIIRate(ner=self._ner), AnswerAccuracy()
         rank_zero_info(
@@ -194,8 +212,12 @@ class GuidanceEval(Callback):
         n, step = self.every_n_train_steps, trainer.global_step
         if n and step > 0 and step % n == 0 and (self._last is None or self._last[0] != step):
             results = self.evaluate(trainer, pl_module)
+            # straight to the loggers at this exact step (self.log from this hook would
+            # repeat the value at later steps), and into callback_metrics so that
+            # ModelCheckpoint / EarlyStopping (ordered after this callback) can monitor it
             for logger in trainer.loggers:
                 logger.log_metrics(results, step=step)
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in results.items()})
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not self.on_validation or trainer.sanity_checking:
@@ -205,7 +227,9 @@ class GuidanceEval(Callback):
             results = self._last[1]  # already evaluated at this step (every_n_train_steps)
         else:
             results = self.evaluate(trainer, pl_module)
-        pl_module.log_dict(results, sync_dist=False)  # already reduced over ranks
+        # the values are already reduced and equal on every rank; sync_dist averages equal
+        # numbers (a no-op on the values) and keeps Lightning's epoch-level check quiet
+        pl_module.log_dict(results, sync_dist=True)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -219,7 +243,7 @@ class GuidanceEval(Callback):
         return tok
 
     def _messages(self, rec: EvalRecord) -> list[dict[str, str]]:
-        system = rec.system if rec.system is not None else self.system_prompt
+        system = rec.system or self.system_prompt  # as the data module renders training prompts
         return ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in rec.prompt]
 
     @torch.no_grad()
@@ -234,7 +258,7 @@ class GuidanceEval(Callback):
         results: dict[str, float] = {}
         samples: list[list[Any]] = []
         for space, g in self.runs():
-            with trainer.strategy.precision_plugin.forward_context():
+            with full_params_outside_forward(trainer.strategy), trainer.strategy.precision_plugin.forward_context():
                 answers = generate(
                     model, tok, prompts, uncond_system=self.uncond_system_prompt, guidance_scale=g, space=space,
                     max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
@@ -251,13 +275,14 @@ class GuidanceEval(Callback):
             self.accuracy.update([a for _, a in qa], [r.answers for r, _ in qa])
             # compute() is collective: reduce even when this rank's shard holds one kind only
             computed = {**self.leak.compute(), **self.pii_rate.compute(), **self.accuracy.compute()}
+            named = {}
             if self.probes:
-                for name, value in computed.items():
-                    if name.startswith(("leak_rate", "pii_")):
-                        results[metric_key(name, g, space)] = float(value)
+                named.update({k: float(v) for k, v in computed.items() if k.startswith(("leak_rate", "pii_"))})
             if self.questions:
-                results[metric_key("accuracy", g, space)] = float(computed["accuracy"])
-                results[metric_key("exact_match", g, space)] = float(computed["exact_match"])
+                named.update(accuracy=float(computed["accuracy"]), exact_match=float(computed["exact_match"]))
+            # g = 1 is decoded once, and every space's curve gets that point
+            for sp in self.spaces if g == 1.0 else [space]:
+                results.update({metric_key(name, g, sp): v for name, v in named.items()})
             samples += self._sample_rows(space, g, leak, qa)
         results["eval/n_leak_targets"] = float(sum(len(r.pii) for r in self.probes))
         results["eval/n_questions"] = float(len(self.questions))

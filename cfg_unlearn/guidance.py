@@ -148,6 +148,18 @@ def _preallocated_cache(model: torch.nn.Module, max_len: int):
         return None
 
 
+def _mergeable_cache(model: torch.nn.Module) -> bool:
+    """Whether the split prefill can merge this model's caches: a transformers model whose
+    layers all keep every position. Decided from the config, before any forward, so that
+    every rank takes the same path (under FSDP a different number of forwards hangs)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or _preallocated_cache(model, 1) is None:
+        return False
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return False  # sliding-window, linear-attention or state-space layers
+    return not (getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True))
+
+
 def _prefill_pair(model, cond, uncond, max_len: int, extra: dict) -> tuple[object | None, torch.Tensor | None]:
     """Prefill the conditioned and unconditioned prompts as two forwards, each at its own
     padded length, and merge their caches (left padded to one length) into one
@@ -155,8 +167,8 @@ def _prefill_pair(model, cond, uncond, max_len: int, extra: dict) -> tuple[objec
     rows padded to the longer side (the unconditioned prompts lack the instruction), and
     the conditioned rows are computed exactly as plain decoding computes them.
 
-    Returns ``(None, None)`` where the model's caches do not expose per-layer tensors
-    (then the caller prefills all ``2B`` rows at once)."""
+    Returns ``(None, None)`` where the caches turn out not to expose whole per-layer
+    tensors after all (then the caller prefills all ``2B`` rows at once)."""
     outs = [
         model(input_ids=i, attention_mask=m, position_ids=_position_ids(m), use_cache=True, **extra)
         for i, m in (cond, uncond)
@@ -179,6 +191,16 @@ def _prefill_pair(model, cond, uncond, max_len: int, extra: dict) -> tuple[objec
         values = torch.cat([F.pad(lc.values, pad[0]), F.pad(lu.values, pad[1])])
         merged.update(keys, values, i)
     return merged, torch.cat([outs[0].logits[:, -1], outs[1].logits[:, -1]])
+
+
+def _checked_cache(out) -> object:
+    cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        raise ValueError(
+            "the model returned no KV cache (past_key_values): cfg_decode needs a transformers causal LM "
+            "that supports use_cache=True"
+        )
+    return cache
 
 
 def _all_ranks_done(done: bool, device: torch.device) -> bool:
@@ -226,8 +248,10 @@ def cfg_decode(
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     guided = guidance_scale != 1
-    if guided and uncond_input_ids is None:
-        raise ValueError(f"guidance_scale={guidance_scale} needs unconditioned prompts (uncond_input_ids)")
+    if guided and (uncond_input_ids is None or uncond_attention_mask is None):
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs unconditioned prompts: uncond_input_ids and uncond_attention_mask"
+        )
     device = next(model.parameters()).device
     b = input_ids.shape[0]
     ids, mask = input_ids.to(device), attention_mask.to(device)
@@ -243,7 +267,7 @@ def cfg_decode(
             raise ValueError(f"{b} conditioned prompts but {u_ids.shape[0]} unconditioned ones")
         length = max(ids.shape[1], u_ids.shape[1])
         cache = logits = None
-        if _preallocated_cache(model, 1) is not None:  # a transformers model with Cache objects
+        if _mergeable_cache(model):
             cache, logits = _prefill_pair(model, (ids, mask), (u_ids, u_mask), length + max_new_tokens, extra)
         ids, mask = _repad_left(ids, mask, length, pad_token_id)
         u_ids, u_mask = _repad_left(u_ids, u_mask, length, pad_token_id)
@@ -254,12 +278,12 @@ def cfg_decode(
             cache = _preallocated_cache(model, length + max_new_tokens)
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                         **extra)
-            cache, logits = out.past_key_values, out.logits[:, -1]
+            cache, logits = _checked_cache(out), out.logits[:, -1]
     else:
         pos = _position_ids(mask)
         cache = _preallocated_cache(model, ids.shape[1] + max_new_tokens)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, **extra)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = _checked_cache(out), out.logits[:, -1]
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     new_tokens = []
     for step in range(max_new_tokens):
@@ -323,14 +347,18 @@ def encode_prompts(
     (or replaced by ``replacement_system``): the unconditioned variant. Strings are raw
     text, tokenised with the tokenizer's special tokens and never altered."""
     out = []
+    side = "unconditioned prompt" if blank_system else "prompt"
     for i, p in enumerate(prompts):
         if isinstance(p, str):
-            out.append(tokenizer(p)["input_ids"])
+            ids = tokenizer(p)["input_ids"]
+            if not ids:
+                raise ValueError(f"{side} {i} is empty after tokenisation")
+            out.append(ids)
             continue
         own, rest = split_system(p)
         if not rest:
             raise ValueError(f"prompt {i}: a chat prompt needs at least one non-system message")
-        instruction = replacement_system if blank_system else (own if own is not None else system)
+        instruction = replacement_system if blank_system else (own or system)  # as training renders it
         text = render_prompt(tokenizer, rest, instruction)
         out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return out

@@ -46,6 +46,9 @@ _DIGIT_SEP = r"[\s().\-/]*"
 # A country code before a local phone number: "+1 ", "+44-", "1-". A bare prefix is only
 # ever a single "1", so that the prefix cannot eat the tail of a longer digit run.
 _PHONE_CC = r"(?:(?:\+\d{1,3}|1)[\s.\-]*)?"
+# a stored phone's own country code ("+44 20 ...", "+1-555-...") and extension ("x89")
+_STORED_CC = re.compile(r"\s*\+\d{1,3}(?=[\s.\-(])[\s.\-]*")
+_PHONE_EXT = re.compile(r"\s*(?:x|ext\.?|extension)\s*\d+\s*$", re.IGNORECASE)
 
 
 def normalize_text(text: str) -> str:
@@ -70,9 +73,19 @@ def _token_regex(token: str) -> str:
 @lru_cache(maxsize=4096)
 def value_pattern(value: str, pii_type: str | None = None) -> re.Pattern:
     """The compiled, case-insensitive pattern that finds ``value`` however it is written."""
+    is_phone = (pii_type or "").upper() == "PHONE"
+    if is_phone:
+        value = _PHONE_EXT.sub("", value)
     if is_numeric_value(value):
+        lead = ""
+        if is_phone:
+            lead = _PHONE_CC
+            # a stored "+1 555 123 4567" is found as "555-123-4567" too: the country code
+            # is optional, whichever side wrote it
+            m = _STORED_CC.match(value)
+            if m:
+                value = value[m.end():]
         digits = [c for c in value if c.isdigit()]
-        lead = _PHONE_CC if (pii_type or "").upper() == "PHONE" else ""
         # the optional "+" and "(" belong to the number, so redaction leaves none behind
         return re.compile(rf"(?<![\d+]){lead}\+?\(?{_DIGIT_SEP.join(digits)}(?!\d)")
     tokens = _TOKEN.findall(value)
@@ -228,6 +241,24 @@ class NERDetector:
 # --------------------------------------------------------------------------- redaction
 
 
+def redaction_items(items: Iterable[PIIItem]) -> list[PIIItem]:
+    """The known values plus the fragments of them that still identify a person in a
+    log line: each word of a name ("Megan", "Chang") and an e-mail's local part
+    ("megan.chang54"). Used for redaction only (over-redacting a log is cheap);
+    leak rates score whole values."""
+    out = []
+    for item in items:
+        out.append(item)
+        kind = item.type.upper()
+        if kind in ("NAME", "PERSON"):
+            out += [PIIItem(item.type, w) for w in _TOKEN.findall(item.value) if len(w) >= 2]
+        elif kind == "EMAIL" and "@" in item.value:
+            local = item.value.split("@", 1)[0]
+            if len(local) >= 3:
+                out.append(PIIItem(item.type, local))
+    return list(dict.fromkeys(out))
+
+
 def redact(
     text: str,
     known: Iterable[PIIItem | str] = (),
@@ -238,7 +269,7 @@ def redact(
     """Replace known values (bare strings get type "PII") and, with ``detect``, detector
     hits by ``[TYPE]``. Overlapping spans merge into one placeholder, named after the
     longest known value in it, else the longest detection."""
-    items = [k if isinstance(k, PIIItem) else PIIItem("PII", k) for k in known]
+    items = redaction_items(k if isinstance(k, PIIItem) else PIIItem("PII", k) for k in known)
     # (span, is_known): all matches, overlaps included, so nothing of a value survives
     spans = [(s, True) for s in _value_spans(text, items)]
     if detect:

@@ -316,3 +316,24 @@ def test_generate_restores_train_mode_and_checks_its_inputs(tiny, prompts):
     # raw strings with explicit unconditioned strings are fine
     out = generate(model, tok, ["The email of"], uncond_prompts=["The"], guidance_scale=2.0, max_new_tokens=4)
     assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_unconditioned_prompts_longer_than_the_conditioned_ones(tiny, prompts):
+    """The merged cache then pads the conditioned side: still exact."""
+    model, tok = tiny
+    cond = prompts[:4]
+    longer = [[*prompts[7][:-1], *p] for p in cond]  # extra history in the unconditioned branch
+    ids, neg = encode_prompts(tok, cond), encode_prompts(tok, longer)
+    assert all(len(n) > len(c) for c, n in zip(ids, neg))
+    kw = dict(guidance_scale=2.0, max_new_tokens=12)
+    batched = generate(model, tok, cond, uncond_prompts=longer, **kw)
+    assert batched == [generate(model, tok, [c], uncond_prompts=[u], **kw)[0] for c, u in zip(cond, longer)]
+    assert batched == [_hf_generate(model, tok, c, u, 2.0, n=12) for c, u in zip(ids, neg)]
+
+
+def test_empty_prompts_are_named(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, tok, ["some text", ""], max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt 0: a chat prompt needs at least one non-system message"):
+        generate(model, tok, [[{"role": "system", "content": "x"}]], max_new_tokens=2)

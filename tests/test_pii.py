@@ -358,3 +358,24 @@ def test_ner_detector_loads_tiny_local_model(tmp_path):
     # the softmax score is e^8 / (e^8 + 4) ~ 0.9987: a stricter threshold drops everything
     det.min_score = 0.999
     assert det(text) == []
+
+
+# ------------------------------------------------------------------ stored phones with country codes, fragments
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Call 555-123-4567", "Call +1 (555) 123-4567 now", "call 1-555-123-4567", "Call 555.123.4567 ext. 89"],
+)
+def test_stored_country_code_and_extension_are_optional(text):
+    for stored in ("+1 555 123 4567", "555-123-4567x89", "+1-555-123-4567 ext 89"):
+        assert contains_value(text, stored, "PHONE"), (text, stored)
+    assert not contains_value("Call 555-123-4568", "+1 555 123 4567", "PHONE")
+
+
+def test_redaction_removes_fragments_of_names_and_emails():
+    known = [PIIItem("NAME", "Megan Chang"), PIIItem("EMAIL", "megan.chang54@gmail.com")]
+    out = redact("Her name is Megan. Mrs Chang wrote from megan.chang54@ (truncated)", known)
+    assert out == "Her name is [NAME]. Mrs [NAME] wrote from [EMAIL]@ (truncated)"
+    # fragments are for logs only: a leak is still the whole value
+    assert not contains_value("Mrs Chang", "Megan Chang", "NAME")

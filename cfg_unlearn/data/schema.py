@@ -97,13 +97,17 @@ class EvalRecord:
 
     Probe and QA files are JSONL with the pair format's ``id``, ``prompt`` and ``system``
     fields plus, for probes, ``"pii": [{"type": "EMAIL", "value": "..."}]`` and, for
-    questions, ``"answer": "Paris"`` (or a list of acceptable answers)."""
+    questions, ``"answer": "Paris"`` (or a list of acceptable answers). Optional
+    ``"context_pii"`` (same shape as ``pii``) lists PII the prompt itself contains, such as
+    the name of the person asked about: redacted from logs, not scored."""
 
     id: str
     prompt: tuple[dict[str, str], ...]
     system: str | None = None
     pii: tuple[PIIItem, ...] = ()
     answers: tuple[str, ...] = ()
+    #: other PII in the prompt (the person asked about): redacted in logs, never scored
+    context_pii: tuple[PIIItem, ...] = ()
     source: str = field(default="", compare=False)
 
 
@@ -252,20 +256,20 @@ def _record_id(obj: dict, src: str, line: int | None) -> str:
     return str(rid)
 
 
-def _pii_field(obj: dict, src: str, line: int | None, max_chars: int) -> tuple[PIIItem, ...]:
-    pii_raw = obj.get("pii")
+def _pii_field(obj: dict, src: str, line: int | None, max_chars: int, key: str = "pii") -> tuple[PIIItem, ...]:
+    pii_raw = obj.get(key)
     if pii_raw is None:
         pii_raw = []
     if not isinstance(pii_raw, list):
-        raise PairFormatError(src, line, "pii", f"expected a list of {{type, value}}, got {type(pii_raw).__name__}")
+        raise PairFormatError(src, line, key, f"expected a list of {{type, value}}, got {type(pii_raw).__name__}")
     pii = []
     for i, p in enumerate(pii_raw):
         if not isinstance(p, dict):
-            raise PairFormatError(src, line, f"pii[{i}]", "expected an object {type, value}")
-        ptype = _text(p, "type", src, line, max_chars, path=f"pii[{i}].type")
-        pval = _text(p, "value", src, line, max_chars, path=f"pii[{i}].value")
+            raise PairFormatError(src, line, f"{key}[{i}]", "expected an object {type, value}")
+        ptype = _text(p, "type", src, line, max_chars, path=f"{key}[{i}].type")
+        pval = _text(p, "value", src, line, max_chars, path=f"{key}[{i}].value")
         if not pval.strip():
-            raise PairFormatError(src, line, f"pii[{i}].value", "empty value")
+            raise PairFormatError(src, line, f"{key}[{i}].value", "empty value")
         pii.append(PIIItem(ptype, pval))
     return tuple(pii)
 
@@ -325,6 +329,7 @@ def eval_record_from_dict(
     system, prompt_msgs = _system_and_turns(obj, _prompt_field(obj, src, line, max_chars), src, line, max_chars)
     pii: tuple[PIIItem, ...] = ()
     answers: tuple[str, ...] = ()
+    context = _pii_field(obj, src, line, max_chars, key="context_pii")
     if kind == "probe":
         pii = _pii_field(obj, src, line, max_chars)
         if not pii:
@@ -346,7 +351,7 @@ def eval_record_from_dict(
         raise ValueError(f"kind must be 'probe' or 'qa', got {kind!r}")
     return EvalRecord(
         id=_record_id(obj, src, line), prompt=tuple(prompt_msgs), system=system, pii=pii, answers=answers,
-        source=f"{src}:{line}" if line is not None else src,
+        context_pii=context, source=f"{src}:{line}" if line is not None else src,
     )
 
 

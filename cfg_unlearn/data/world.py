@@ -269,7 +269,11 @@ class World:
 
     def probe_records(self) -> list[EvalRecord]:
         """The held-out leak probes as evaluation records (one target value each)."""
-        return [EvalRecord(id=p.id, prompt=p.prompt, pii=(PIIItem(p.pii_type, p.value),)) for p in self.leak_probes]
+        return [
+            EvalRecord(id=p.id, prompt=p.prompt, pii=(PIIItem(p.pii_type, p.value),),
+                       context_pii=(self.people[p.person].pii("name"),))
+            for p in self.leak_probes
+        ]
 
     def qa_records(self) -> list[EvalRecord]:
         """The held-out utility questions as evaluation records."""
