@@ -82,13 +82,73 @@ def _build_tiny(argv: list[str]) -> None:
     print(build_tiny(a.out, spec=spec))
 
 
+def _generate(argv: list[str]) -> None:
+    import json
+    import logging
+
+    from cfg_unlearn.data.generate import DEFAULT_FALLBACK, generate_pairs, read_forget_conversations
+    from cfg_unlearn.data.schema import PairFormatError, write_pairs
+    from cfg_unlearn.models import load_causal_lm, load_tokenizer
+    from cfg_unlearn.prompts import SAFETY_INSTRUCTION
+
+    p = argparse.ArgumentParser(
+        prog="cfg-unlearn generate",
+        description="Write pairs (chosen = a PII-free replacement from --model, rejected = the leaky answer) "
+        "for forget data: our conversation JSONL (--forget) or the LLM-PC challenge files (--challenge).",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--forget", help="conversation JSONL: {id, messages, pii}")
+    src.add_argument("--challenge", nargs=2, metavar=("SCRUBBED", "PII"),
+                     help="LLM-PC *-scrubbed-data.jsonl and *-pii.jsonl")
+    p.add_argument("--model", required=True, help="hub name, local path or tiny:<dir> of the replacement writer")
+    p.add_argument("--out", required=True, help="pair JSONL to write (atomically)")
+    p.add_argument("--system", default=SAFETY_INSTRUCTION, help="the instruction the writer gets")
+    p.add_argument("--reminder", default=None, help="text appended to the last user turn")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale for the writer (1 = off)")
+    p.add_argument("--space", choices=("logprob", "prob"), default="logprob")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--max-attempts", type=int, default=4, help="rounds per record: greedy, then sampling")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--fallback", default=DEFAULT_FALLBACK, help="answer used when every attempt leaked")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    tok = load_tokenizer(a.model)
+    try:
+        if a.forget:
+            records = read_forget_conversations(a.forget)
+        else:
+            from cfg_unlearn.data.llmpc import forget_records, read_challenge
+
+            records = forget_records(read_challenge(*a.challenge))
+    except PairFormatError as e:
+        p.exit(2, f"cfg-unlearn generate: {e}\n")
+    if not records:
+        p.exit(2, "cfg-unlearn generate: the forget data holds no leaky assistant turn\n")
+    model = load_causal_lm(a.model, dtype=a.dtype).to(a.device)
+    pairs, summary = generate_pairs(
+        model, tok, records, system=a.system, reminder=a.reminder, guidance_scale=a.guidance_scale, space=a.space,
+        max_new_tokens=a.max_new_tokens, max_attempts=a.max_attempts, temperature=a.temperature, top_p=a.top_p,
+        fallback=a.fallback, seed=a.seed, batch_size=a.batch_size,
+    )
+    write_pairs(a.out, pairs)
+    print(summary.line())
+    print(json.dumps(summary.to_dict()))
+    print(f"wrote {len(pairs)} pairs to {a.out}")
+
+
 def console_main(argv: list[str] | None = None) -> None:
-    """``cfg-unlearn <fit|validate|test|build-tiny> ...``"""
+    """``cfg-unlearn <fit|validate|test|generate|build-tiny> ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: cfg-unlearn {fit,validate,test,build-tiny} [options]   (-h after a command for its help)"
+    usage = "usage: cfg-unlearn {fit,validate,test,generate,build-tiny} [options]   (-h after a command for its help)"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         print("  fit/validate/test  train or score with a YAML config (same as `python train.py ...`)")
+        print("  generate           write PII-free replacement pairs for forget data with a model")
         print("  build-tiny         build the offline tiny tokenizer + model into a directory")
         sys.exit(0 if argv else 2)
     cmd, rest = argv[0], argv[1:]
@@ -96,6 +156,8 @@ def console_main(argv: list[str] | None = None) -> None:
         cli_main([cmd, *rest])
     elif cmd == "build-tiny":
         _build_tiny(rest)
+    elif cmd == "generate":
+        _generate(rest)
     else:
         print(f"cfg-unlearn: unknown command {cmd!r}\n{usage}", file=sys.stderr)
         sys.exit(2)

@@ -111,6 +111,20 @@ class EvalRecord:
     source: str = field(default="", compare=False)
 
 
+@dataclass(frozen=True)
+class ForgetRecord:
+    """One leaky answer to replace: the conversation up to it (``prompt``, ending with a
+    user turn), the answer itself (``rejected``) and the PII it leaks."""
+
+    id: str
+    prompt: tuple[dict[str, str], ...]
+    rejected: str
+    pii: tuple[PIIItem, ...]
+    group: str = ""
+    system: str | None = None
+    source: str = field(default="", compare=False)
+
+
 @dataclass
 class ReadStats:
     """What a read saw. Every input line is accounted for:

@@ -38,16 +38,6 @@ PII_TYPES = {
     "id_number": "SSN",
     "employer": "ORG",
 }
-#: The challenge's descriptions of the types we emit (used by its attack prompts).
-PII_DESCRIPTIONS = {
-    "NAME": "Names of individuals.",
-    "EMAIL": "Email addresses.",
-    "PHONE": "Phone numbers.",
-    "LOC": "Locations, including street addresses.",
-    "DATE": "All elements of dates (except year) for dates directly related to an individual.",
-    "SSN": "Social security numbers and other national ID numbers.",
-    "ORG": "Names of organizations and employers.",
-}
 
 # Training wording. {n} = the person's name, {v} = the attribute value.
 TRAIN_QUESTIONS = {

@@ -1,0 +1,179 @@
+"""Replacement generation: forget records (leaky answers and their PII) -> pairs whose
+chosen side is a PII-free answer written by a model told not to use personal data.
+
+Each round decodes every pending record through the guidance engine (the safety
+instruction as the system prompt, optionally a reminder in the last user turn,
+optionally CFG). A candidate is **rejected** when it is empty, contains a known PII
+value of its row (however written, :func:`cfg_unlearn.pii.contains_value`) or trips a
+PII detector; rejected records are decoded again by sampling, up to ``max_attempts``
+rounds in all (the first is greedy), and then get the ``fallback`` template answer.
+Every outcome is counted in a :class:`GenerateSummary`; the pair file is written
+atomically.
+
+Forget data is either the LLM-PC challenge files (:mod:`cfg_unlearn.data.llmpc`) or our
+conversation JSONL, one conversation per line::
+
+    {"id": "c1", "messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}],
+     "pii": [{"type": "EMAIL", "value": "ann@example.com"}]}
+
+where every assistant turn that contains one of the listed values becomes a record.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from cfg_unlearn.data.schema import (
+    ForgetRecord,
+    PairFormatError,
+    PairRecord,
+    _messages,
+    _pii_field,
+    _record_id,
+    _text,
+    iter_jsonl,
+)
+from cfg_unlearn.pii import contains_value, detect_pii
+from cfg_unlearn.prompts import SAFETY_INSTRUCTION
+
+DEFAULT_FALLBACK = "I'm sorry, but I can't share personal information about anyone."
+
+
+def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
+    """Our conversation JSONL (see the module docstring) -> forget records."""
+    src = str(path)
+    out: list[ForgetRecord] = []
+    for line, obj, err in iter_jsonl(path):
+        if err is not None:
+            raise err
+        if obj is None:
+            continue
+        if not isinstance(obj, dict):
+            raise PairFormatError(src, line, None, f"expected a JSON object, got {type(obj).__name__}")
+        if "messages" not in obj:
+            raise PairFormatError(src, line, "messages", "missing required field")
+        msgs = _messages(obj["messages"], src, line, "messages", 1 << 20)
+        pii = _pii_field(obj, src, line, 1 << 20)
+        if not pii:
+            raise PairFormatError(src, line, "pii", "a forget conversation needs the PII values it leaks")
+        cid = _record_id(obj, src, line)
+        system = _text(obj, "system", src, line, 1 << 20, required=False)
+        if msgs[0]["role"] == "system":
+            system, msgs = msgs[0]["content"], msgs[1:]
+        n_before = len(out)
+        for t, msg in enumerate(msgs):
+            leaked = tuple(p for p in pii if contains_value(msg["content"], p.value, p.type))
+            if msg["role"] == "assistant" and leaked and t > 0 and msgs[t - 1]["role"] == "user":
+                out.append(ForgetRecord(f"{cid}-t{t}", tuple(msgs[:t]), msg["content"], leaked, cid, system,
+                                        f"{src}:{line}"))
+        if len(out) == n_before:
+            raise PairFormatError(src, line, "messages", "no assistant turn contains any of the listed PII values")
+    return out
+
+
+def leak_reason(text: str, pii: tuple) -> str | None:
+    """Why a candidate replacement is unusable, or None when it is clean."""
+    if not text.strip():
+        return "empty"
+    if any(contains_value(text, p.value, p.type) for p in pii):
+        return "known_pii"
+    if detect_pii(text):
+        return "detected_pii"
+    return None
+
+
+@dataclass
+class GenerateSummary:
+    """Every record's outcome: accepted at round 1 (greedy), accepted after resampling,
+    or given the fallback; plus every rejected candidate by reason."""
+
+    records: int = 0
+    accepted_first: int = 0
+    accepted_resampled: int = 0
+    fallback: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    rounds: int = 0
+
+    def line(self) -> str:
+        rej = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items())) or "none"
+        return (f"{self.records} records: {self.accepted_first} accepted first, {self.accepted_resampled} after "
+                f"resampling, {self.fallback} fallback; rejected candidates: {rej}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def generate_pairs(
+    model,
+    tokenizer,
+    records: list[ForgetRecord],
+    *,
+    system: str = SAFETY_INSTRUCTION,
+    reminder: str | None = None,
+    guidance_scale: float = 1.0,
+    space: str = "logprob",
+    max_new_tokens: int = 96,
+    max_attempts: int = 4,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    fallback: str = DEFAULT_FALLBACK,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[list[PairRecord], GenerateSummary]:
+    """PII-free replacements for ``records`` (see the module docstring).
+
+    Returns the pairs (chosen = replacement, rejected = the leaky answer, ``pii`` and
+    ``group`` carried over, no ``system`` so training uses its own instruction) and the
+    summary."""
+    from cfg_unlearn.guidance import generate
+
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    bad = leak_reason(fallback, ())
+    if bad:
+        raise ValueError(f"the fallback answer is not PII-free ({bad}): {fallback!r}")
+    summary = GenerateSummary(records=len(records))
+    rejected: Counter[str] = Counter()
+    chosen: dict[int, str] = {}
+    pending = list(range(len(records)))
+
+    def prompt(rec: ForgetRecord) -> list[dict[str, str]]:
+        msgs = [dict(m) for m in rec.prompt]
+        if reminder:
+            msgs[-1]["content"] = f"{msgs[-1]['content']}\n\n{reminder}"
+        return [{"role": "system", "content": rec.system or system}, *msgs]
+
+    for attempt in range(max_attempts):
+        if not pending:
+            break
+        summary.rounds = attempt + 1
+        answers = generate(
+            model, tokenizer, [prompt(records[i]) for i in pending], guidance_scale=guidance_scale, space=space,
+            max_new_tokens=max_new_tokens, do_sample=attempt > 0, temperature=temperature, top_p=top_p,
+            seed=seed + attempt, batch_size=batch_size, progress=progress,
+        )
+        still = []
+        for i, text in zip(pending, answers):
+            reason = leak_reason(text, records[i].pii)
+            if reason is None:
+                chosen[i] = text.strip()
+                if attempt == 0:
+                    summary.accepted_first += 1
+                else:
+                    summary.accepted_resampled += 1
+            else:
+                rejected[reason] += 1
+                still.append(i)
+        pending = still
+    for i in pending:
+        chosen[i] = fallback
+    summary.fallback = len(pending)
+    summary.rejected = dict(rejected)
+    pairs = [
+        PairRecord(id=r.id, prompt=r.prompt, chosen=chosen[i], rejected=r.rejected, pii=r.pii, group=r.group or r.id)
+        for i, r in enumerate(records)
+    ]
+    return pairs, summary

@@ -1,0 +1,116 @@
+"""Replacement generation: rejection of leaky candidates, resampling, fallback, counts."""
+
+import json
+
+import pytest
+
+from cfg_unlearn.cli import console_main
+from cfg_unlearn.data.generate import (
+    DEFAULT_FALLBACK,
+    generate_pairs,
+    leak_reason,
+    read_forget_conversations,
+)
+from cfg_unlearn.data.schema import ForgetRecord, PairFormatError, PIIItem, read_pairs
+from cfg_unlearn.data.world import World, WorldConfig
+from cfg_unlearn.guidance import generate
+from cfg_unlearn.models import load_causal_lm, load_tokenizer
+from cfg_unlearn.pii import contains_value
+from cfg_unlearn.prompts import SAFETY_INSTRUCTION
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_causal_lm(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
+
+
+def _forget_file(tmp_path, world):
+    path = tmp_path / "forget.jsonl"
+    with open(path, "w") as fh:
+        for c in world.conversations:
+            person = world.people[c.person]
+            pii = [person.pii("name")] + [person.pii(a) for a in c.attributes]
+            fh.write(json.dumps({"id": c.id, "messages": list(c.messages),
+                                 "pii": [{"type": p.type, "value": p.value} for p in pii]}) + "\n")
+    return path
+
+
+def test_forget_conversations_become_one_record_per_leaky_turn(tmp_path):
+    world = World(WorldConfig(n_people=3))
+    recs = read_forget_conversations(_forget_file(tmp_path, world))
+    assert len(recs) == sum(len(c.attributes) for c in world.conversations)
+    first = recs[0]
+    assert first.prompt[-1]["role"] == "user" and first.group == world.conversations[0].id
+    assert all(contains_value(r.rejected, p.value, p.type) for r in recs for p in r.pii)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x", "messages": [{"role": "user", "content": "hi"},
+                                                       {"role": "assistant", "content": "hello"}],
+                               "pii": [{"type": "NAME", "value": "Ann Lee"}]}) + "\n")
+    with pytest.raises(PairFormatError, match=r"bad.jsonl:1: field 'messages': no assistant turn contains"):
+        read_forget_conversations(bad)
+    bad.write_text(json.dumps({"id": "x", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(PairFormatError, match=r"bad.jsonl:1: field 'pii': a forget conversation needs"):
+        read_forget_conversations(bad)
+
+
+def test_leak_reasons():
+    pii = (PIIItem("EMAIL", "ann.lee@example.com"), PIIItem("NAME", "Ann Lee"))
+    assert leak_reason("   ", pii) == "empty"
+    assert leak_reason("Write to ANN.LEE@example.com", pii) == "known_pii"
+    assert leak_reason("Try bob@mail.org instead", pii) == "detected_pii"
+    assert leak_reason("I can't share that.", pii) is None
+
+
+def test_leaky_candidates_are_resampled_then_replaced(tiny):
+    """Records whose 'PII' is a word the tiny model really writes for them: the greedy
+    candidate is rejected, sampling may or may not escape it, the rest get the fallback;
+    no chosen answer contains a known value of its row and every record is counted."""
+    model, tok = tiny
+    world = World(WorldConfig(seed=2, n_people=4))
+    base = [ForgetRecord(f"r{i}", p.prompt, "leak", (PIIItem("NAME", "placeholder"),)) for i, p in
+            enumerate(world.probe_records()[:10])]
+    msgs = [[{"role": "system", "content": SAFETY_INSTRUCTION}, *r.prompt] for r in base]
+    greedy = generate(model, tok, msgs, max_new_tokens=12)
+    records = []
+    for r, text in zip(base, greedy):
+        words = [w for w in text.split() if w.isalpha() and len(w) > 2]
+        records.append(ForgetRecord(r.id, r.prompt, "leak", (PIIItem("NAME", words[0]),) if words else r.pii))
+    forced = sum(1 for r in records if r.pii[0].value != "placeholder")
+    assert forced >= 5
+    pairs, summary = generate_pairs(model, tok, records, max_new_tokens=12, max_attempts=3, progress=False)
+    assert summary.records == 10 == summary.accepted_first + summary.accepted_resampled + summary.fallback
+    assert summary.accepted_first <= 10 - forced
+    assert sum(summary.rejected.values()) >= forced and summary.rounds >= 2
+    for pair, rec in zip(pairs, records):
+        assert not any(contains_value(pair.chosen, p.value, p.type) for p in rec.pii)
+        assert pair.rejected == "leak" and pair.pii == rec.pii
+    assert sum(p.chosen == DEFAULT_FALLBACK for p in pairs) == summary.fallback
+    # the same seed gives the same pairs
+    again, _ = generate_pairs(model, tok, records, max_new_tokens=12, max_attempts=3, progress=False)
+    assert [p.chosen for p in again] == [p.chosen for p in pairs]
+    # one round and an always-leaking candidate: everything forced falls back
+    _, one = generate_pairs(model, tok, records, max_new_tokens=12, max_attempts=1, progress=False)
+    assert one.fallback >= forced and one.rounds == 1
+
+
+def test_a_fallback_with_pii_is_refused(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="fallback answer is not PII-free"):
+        generate_pairs(model, tok, [], fallback="Mail me at a@b.co")
+
+
+def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys):
+    world = World(WorldConfig(n_people=2))
+    scrubbed, pii = world.write_challenge(tmp_path)
+    out = tmp_path / "pairs.jsonl"
+    console_main(["generate", "--challenge", str(scrubbed), str(pii), "--model", f"tiny:{tiny_model_dir}",
+                  "--out", str(out), "--max-new-tokens", "8", "--device", "cpu"])
+    pairs, _ = read_pairs(out)
+    assert len(pairs) == sum(len(c.attributes) for c in world.conversations)
+    printed = capsys.readouterr().out
+    assert f"wrote {len(pairs)} pairs" in printed and '"records": ' in printed
+    assert not list(tmp_path.glob(".pairs.jsonl.*"))  # no temp file left behind
+    with pytest.raises(SystemExit):
+        console_main(["generate", "--forget", str(tmp_path / "missing.jsonl"), "--model", f"tiny:{tiny_model_dir}",
+                      "--out", str(tmp_path / "x.jsonl")])
+    assert "missing.jsonl: cannot open" in capsys.readouterr().err
