@@ -86,6 +86,8 @@ def _generate(argv: list[str]) -> None:
     import json
     import logging
 
+    import torch
+
     from cfg_unlearn.data.generate import DEFAULT_FALLBACK, generate_pairs, read_forget_conversations
     from cfg_unlearn.data.schema import PairFormatError, write_pairs
     from cfg_unlearn.models import load_causal_lm, load_tokenizer
@@ -114,7 +116,7 @@ def _generate(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tok = load_tokenizer(a.model)

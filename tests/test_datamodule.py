@@ -14,11 +14,10 @@ from cfg_unlearn.data.datamodule import (
     encode_sequence,
     split_by_group,
 )
-from cfg_unlearn.prompts import render_prompt
 from cfg_unlearn.data.schema import PairRecord, write_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.models import load_tokenizer
-from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION
+from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION, render_prompt
 
 WORLD = WorldConfig(seed=0, n_people=10)
 
