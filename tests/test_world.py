@@ -290,3 +290,16 @@ def test_challenge_and_pairs_hold_for_other_seeds(seed):
             rebuilt = rebuilt.replace(f"[{key}]", value)
         assert rebuilt == _conv_text(conv)
         assert not any(getattr(w.people[conv.person], a) in row["messages"] for a in ATTRS)
+
+
+def test_memorisation_examples_cover_every_value_in_training_wordings_only():
+    world = World(WorldConfig(n_people=3))
+    ex = world.memorisation_examples(paraphrases=4)
+    assert len(ex) == 3 * len(TRAIN_QUESTIONS) * 4 + len(world.facts)
+    asked = {m[0]["content"] for m, _ in ex}
+    probes = {p.prompt[0]["content"] for p in world.leak_probes} | {q for q, _ in world.qa()}
+    assert not asked & probes  # evaluation wording never trained on
+    answers = " ".join(a for _, a in ex)
+    assert all(p.value in answers for p in world.known_pii())
+    with pytest.raises(ValueError, match="paraphrases"):
+        world.memorisation_examples(paraphrases=0)
