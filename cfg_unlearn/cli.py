@@ -143,12 +143,41 @@ def _generate(argv: list[str]) -> None:
     print(f"wrote {len(pairs)} pairs to {a.out}")
 
 
+def _demo(argv: list[str]) -> None:
+    from cfg_unlearn.demo import DemoConfig, run_demo
+
+    d = DemoConfig()
+    p = argparse.ArgumentParser(
+        prog="cfg-unlearn demo",
+        description="The whole method offline on CPU: a synthetic PII world, a tiny model fine-tuned until it leaks, "
+        "replacement pairs written by that model, ORPO with conditioning dropout, and leak rate / accuracy of both "
+        "models per guidance scale (metrics.json, report.md, leak_vs_guidance.png in --out).",
+    )
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--people", type=int, default=d.people)
+    p.add_argument("--leak-epochs", type=int, default=d.leak_epochs)
+    p.add_argument("--unlearn-epochs", type=int, default=d.unlearn_epochs)
+    p.add_argument("--unlearn-lr", type=float, default=d.unlearn_lr)
+    p.add_argument("--cond-dropout", type=float, default=d.cond_dropout)
+    p.add_argument("--scales", type=float, nargs="+", default=list(d.scales))
+    p.add_argument("--spaces", nargs="+", choices=("logprob", "prob"), default=list(d.spaces))
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    quiet_third_party_warnings()
+    cfg = DemoConfig(out=a.out, seed=a.seed, people=a.people, leak_epochs=a.leak_epochs,
+                     unlearn_epochs=a.unlearn_epochs, unlearn_lr=a.unlearn_lr, cond_dropout=a.cond_dropout,
+                     scales=tuple(a.scales), spaces=tuple(a.spaces))
+    run_demo(cfg, progress=not a.quiet)
+
+
 def console_main(argv: list[str] | None = None) -> None:
-    """``cfg-unlearn <fit|validate|test|generate|build-tiny> ...``"""
+    """``cfg-unlearn <demo|fit|validate|test|generate|build-tiny> ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: cfg-unlearn {fit,validate,test,generate,build-tiny} [options]   (-h after a command for its help)"
+    usage = "usage: cfg-unlearn {demo,fit,validate,test,generate,build-tiny} [options]   (-h after a command for its help)"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
+        print("  demo               the whole method end to end on CPU, offline (report in --out)")
         print("  fit/validate/test  train or score with a YAML config (same as `python train.py ...`)")
         print("  generate           write PII-free replacement pairs for forget data with a model")
         print("  build-tiny         build the offline tiny tokenizer + model into a directory")
@@ -160,6 +189,8 @@ def console_main(argv: list[str] | None = None) -> None:
         _build_tiny(rest)
     elif cmd == "generate":
         _generate(rest)
+    elif cmd == "demo":
+        _demo(rest)
     else:
         print(f"cfg-unlearn: unknown command {cmd!r}\n{usage}", file=sys.stderr)
         sys.exit(2)

@@ -295,7 +295,7 @@ def test_challenge_and_pairs_hold_for_other_seeds(seed):
 def test_memorisation_examples_cover_every_value_in_training_wordings_only():
     world = World(WorldConfig(n_people=3))
     ex = world.memorisation_examples(paraphrases=4)
-    assert len(ex) == 3 * len(TRAIN_QUESTIONS) * 4 + len(world.facts)
+    assert len(ex) == (3 * len(TRAIN_QUESTIONS) + len(world.facts)) * 4
     asked = {m[0]["content"] for m, _ in ex}
     probes = {p.prompt[0]["content"] for p in world.leak_probes} | {q for q, _ in world.qa()}
     assert not asked & probes  # evaluation wording never trained on

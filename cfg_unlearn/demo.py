@@ -1,0 +1,255 @@
+"""``cfg-unlearn demo``: the whole method on a laptop, offline, in minutes.
+
+1. build the synthetic PII world and an offline tiny Llama for it;
+2. fine-tune it on the world until it leaks (the model to fix);
+3. generate replacement pairs **with that model** (``cfg-unlearn generate``'s code path);
+4. ORPO with conditioning dropout on the pairs (``UnlearnModule`` in a Lightning Trainer);
+5. evaluate the leaky and the unlearned model on held-out direct probes, challenge-style
+   continuation attacks and utility questions, every one decoded with the same guidance,
+   at each scale and space;
+6. write ``metrics.json``, ``report.md`` and ``leak_vs_guidance.png`` and print the table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from cfg_unlearn.data.schema import EvalRecord, ForgetRecord, write_pairs
+from cfg_unlearn.data.world import World, WorldConfig
+from cfg_unlearn.prompts import SAFETY_INSTRUCTION, render_prompt
+from cfg_unlearn.tiny import TinySpec, build_tiny
+from cfg_unlearn.utils import atomic_write
+
+log = logging.getLogger(__name__)
+
+#: Large enough to memorise a 30-person world in a few epochs on 2 CPU cores.
+DEMO_SPEC = TinySpec(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, seed=0)
+
+
+@dataclass
+class DemoConfig:
+    out: str = "demo_out"
+    seed: int = 0
+    people: int = 30
+    paraphrases: int = 8
+    leak_epochs: int = 14
+    leak_lr: float = 3e-3
+    unlearn_epochs: int = 3
+    unlearn_lr: float = 2.5e-4
+    cond_dropout: float = 0.3
+    beta: float = 0.1
+    scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
+    spaces: tuple[str, ...] = ("logprob", "prob")
+    max_new_tokens: int = 32
+    max_attacks: int | None = 150
+    batch_size: int = 16
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def finetune(model, tokenizer, examples, *, epochs: int, lr: float, seed: int, batch_size: int = 16,
+             progress: bool = True) -> list[float]:
+    """Plain causal-LM fine-tuning on (prompt messages, answer) pairs, answer tokens only:
+    the "before" of the story (how the model came to memorise PII), kept to a seeded
+    loop so that every run of the demo starts from the same leaky model."""
+    from tqdm.auto import tqdm
+
+    def encode(prompt, answer):
+        p = tokenizer(render_prompt(tokenizer, prompt, None), add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return p + a, [-100] * len(p) + a
+
+    data = [encode(p, a) for p, a in examples]
+    torch.manual_seed(seed)
+    steps = epochs * -(-len(data) // batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    model.train()
+    losses = []
+    bar = tqdm(total=steps, desc="fine-tune the model to fix", disable=not progress)
+    for epoch in range(epochs):
+        order = list(range(len(data)))
+        random.Random(f"{seed}-{epoch}").shuffle(order)
+        for i in range(0, len(order), batch_size):
+            batch = [data[j] for j in order[i : i + batch_size]]
+            length = max(len(x) for x, _ in batch)
+            ids = torch.tensor([x + [tokenizer.pad_token_id] * (length - len(x)) for x, _ in batch])
+            labels = torch.tensor([y + [-100] * (length - len(y)) for _, y in batch])
+            mask = (torch.arange(length)[None] < torch.tensor([len(x) for x, _ in batch])[:, None]).long()
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        losses.append(loss.item())
+    bar.close()
+    model.eval()
+    return losses
+
+
+def evaluate(model, tokenizer, probes: list[EvalRecord], attacks: list[EvalRecord], questions: list[EvalRecord],
+             *, scale: float, space: str, max_new_tokens: int, batch_size: int) -> dict[str, float]:
+    """Leak rate (direct probes and challenge attacks), PII rate and accuracy at one
+    (scale, space), every prompt under the safety instruction with guidance."""
+    from cfg_unlearn.data.llmpc import ATTACK_NEW_TOKENS, challenge_hit
+    from cfg_unlearn.guidance import generate
+    from cfg_unlearn.metrics import AnswerAccuracy, LeakRate, PIIRate
+
+    def decode(records, n):
+        return generate(model, tokenizer, [list(r.prompt) for r in records], system=SAFETY_INSTRUCTION,
+                        guidance_scale=scale, space=space, max_new_tokens=n, batch_size=batch_size)
+
+    leak, pii_rate, acc = LeakRate(), PIIRate(), AnswerAccuracy()
+    answers = decode(probes, max_new_tokens)
+    leak.update(answers, [r.pii for r in probes])
+    pii_rate.update(answers)
+    acc.update(decode(questions, max_new_tokens), [q.answers for q in questions])
+    attack_out = decode(attacks, ATTACK_NEW_TOKENS) if attacks else []
+    hits = sum(challenge_hit(r.pii[0].value, o) for r, o in zip(attacks, attack_out))
+    return {
+        "leak_rate": float(leak.compute()["leak_rate"]),
+        "attack_leak_rate": hits / len(attacks) if attacks else 0.0,
+        "accuracy": float(acc.compute()["accuracy"]),
+        "pii_rate": float(pii_rate.compute()["pii_rate"]),
+    }
+
+
+def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from cfg_unlearn.callbacks import subsample
+    from cfg_unlearn.data.datamodule import PairDataModule
+    from cfg_unlearn.data.generate import generate_pairs
+    from cfg_unlearn.data.llmpc import attack_probes, read_challenge
+    from cfg_unlearn.models import load_causal_lm, load_tokenizer
+    from cfg_unlearn.module import UnlearnModule
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    t_all = t0 = time.perf_counter()
+    world = World(WorldConfig(seed=cfg.seed, n_people=cfg.people))
+    base_dir = out / "models" / "base"
+    if not base_dir.exists():
+        build_tiny(base_dir, texts=world.corpus(), spec=DEMO_SPEC)
+    tok = load_tokenizer(str(base_dir))
+    seconds["build"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model = load_causal_lm(str(base_dir))
+    finetune(model, tok, world.memorisation_examples(cfg.paraphrases), epochs=cfg.leak_epochs, lr=cfg.leak_lr,
+             seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
+    leaky_dir = out / "models" / "leaky"
+    model.save_pretrained(leaky_dir)
+    tok.save_pretrained(leaky_dir)
+    seconds["leak"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    forget = [ForgetRecord(p.id, p.prompt, p.rejected, p.pii, p.group) for p in world.pairs()]
+    pairs, summary = generate_pairs(model, tok, forget, seed=cfg.seed, batch_size=64, progress=progress,
+                                    max_new_tokens=cfg.max_new_tokens)
+    write_pairs(out / "pairs.jsonl", pairs)
+    seconds["generate"] = time.perf_counter() - t0
+    print(f"replacement pairs: {summary.line()}")
+
+    t0 = time.perf_counter()
+    L.seed_everything(cfg.seed, verbose=False)
+    module = UnlearnModule(model=str(leaky_dir), cond_dropout=cfg.cond_dropout, beta=cfg.beta, seed=cfg.seed,
+                           optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.unlearn_lr, weight_decay=0.0))
+    data = PairDataModule(tokenizer=str(leaky_dir), train_file=str(out / "pairs.jsonl"), val_fraction=0.0,
+                          batch_size=cfg.batch_size, seed=cfg.seed)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=cfg.unlearn_epochs, logger=CSVLogger(out, "logs"),
+                        enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+                        deterministic=True, log_every_n_steps=5, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    unlearned = module.model.eval()
+    unlearned.save_pretrained(out / "models" / "unlearned")
+    tok.save_pretrained(out / "models" / "unlearned")
+    seconds["unlearn"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    scrubbed, pii = world.write_challenge(out / "challenge")
+    # a fixed random subset: the 200-token attack contexts dominate the evaluation time
+    attacks = subsample(attack_probes(read_challenge(scrubbed, pii), tok), cfg.max_attacks, seed=cfg.seed)
+    probes, questions = world.probe_records(), world.qa_records()
+    kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=64)
+    baseline = evaluate(model, tok, probes, attacks, questions, scale=1.0, space="logprob", **kw)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for space in cfg.spaces:
+        results[space] = {}
+        for g in cfg.scales:
+            if g == 1.0 and space != cfg.spaces[0]:
+                results[space][repr(g)] = results[cfg.spaces[0]][repr(g)]
+                continue
+            results[space][repr(float(g))] = evaluate(unlearned, tok, probes, attacks, questions, scale=g,
+                                                      space=space, **kw)
+    seconds["evaluate"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_all
+    config = {k: v for k, v in asdict(cfg).items() if k != "seconds"}
+    metrics = {
+        "baseline": {**baseline, "n_leak_probes": len(probes), "n_attack_probes": len(attacks),
+                     "n_qa": len(questions)},
+        "unlearned": results,
+        "pairs": summary.to_dict(),
+        "config": config,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
+    report = render_report(metrics)
+    atomic_write(out / "report.md", report)
+    plot(metrics, out / "leak_vs_guidance.png")
+    print(report)
+    return metrics
+
+
+def render_report(m: dict) -> str:
+    b = m["baseline"]
+    lines = [
+        "# cfg-unlearn demo",
+        "",
+        f"Leaky model (g=1): leak rate {b['leak_rate']:.3f} on {b['n_leak_probes']} held-out direct probes, "
+        f"challenge attack {b['attack_leak_rate']:.3f} on {b['n_attack_probes']}, accuracy {b['accuracy']:.3f} on "
+        f"{b['n_qa']} utility questions.",
+        "",
+        "| space | g | leak rate | attack leak rate | accuracy | PII per answer |",
+        "|---|---|---|---|---|---|",
+    ]
+    for space, rows in m["unlearned"].items():
+        for g, r in rows.items():
+            lines.append(f"| {space} | {g} | {r['leak_rate']:.3f} | {r['attack_leak_rate']:.3f} | {r['accuracy']:.3f} "
+                         f"| {r['pii_rate']:.3f} |")
+    lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in m["seconds"].items()), ""]
+    return "\n".join(lines)
+
+
+def plot(m: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key, title in ((axes[0], "leak_rate", "leak rate"), (axes[1], "accuracy", "accuracy")):
+        for space, rows in m["unlearned"].items():
+            gs = [float(g) for g in rows]
+            ax.plot(gs, [rows[g][key] for g in rows], marker="o", label=f"unlearned ({space})")
+        ax.axhline(m["baseline"][key], color="gray", linestyle="--", label="leaky model (g=1)")
+        ax.set_xlabel("guidance scale g")
+        ax.set_title(title)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)

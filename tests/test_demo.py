@@ -1,0 +1,31 @@
+"""The demo end to end, shrunk: every stage runs and every output is written."""
+
+import json
+
+import pytest
+
+from cfg_unlearn.cli import console_main
+from cfg_unlearn.data.schema import read_pairs
+from cfg_unlearn.data.world import World, WorldConfig
+from cfg_unlearn.pii import contains_value
+
+
+@pytest.mark.slow
+def test_demo_writes_metrics_report_and_plot(tmp_path):
+    out = tmp_path / "demo"
+    console_main(["demo", "--out", str(out), "--people", "3", "--leak-epochs", "2", "--unlearn-epochs", "1",
+                  "--scales", "1", "2", "--quiet"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m) == {"baseline", "unlearned", "pairs", "config", "seconds"}
+    assert {"leak_rate", "accuracy", "n_leak_probes", "n_qa"} <= set(m["baseline"])
+    assert m["baseline"]["n_leak_probes"] == 3 * 6
+    assert set(m["unlearned"]) == {"logprob", "prob"} and set(m["unlearned"]["prob"]) == {"1.0", "2.0"}
+    for rows in m["unlearned"].values():
+        for r in rows.values():
+            assert {"leak_rate", "accuracy", "pii_rate"} <= set(r) and 0 <= r["leak_rate"] <= 1
+    assert "| logprob | 2.0 |" in (out / "report.md").read_text()
+    assert (out / "leak_vs_guidance.png").read_bytes()[:4] == b"\x89PNG"
+    # the pairs the demo trained on: no chosen answer holds a known value of its row
+    pairs, _ = read_pairs(out / "pairs.jsonl")
+    assert len(pairs) == m["pairs"]["records"] == len(World(WorldConfig(n_people=3)).pairs())
+    assert not any(contains_value(p.chosen, v.value, v.type) for p in pairs for v in p.pii)
