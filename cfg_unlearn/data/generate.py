@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from cfg_unlearn.data.schema import (
+    DEFAULT_MAX_CHARS,
     ForgetRecord,
     PairFormatError,
     PairRecord,
@@ -54,12 +55,12 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
             raise PairFormatError(src, line, None, f"expected a JSON object, got {type(obj).__name__}")
         if "messages" not in obj:
             raise PairFormatError(src, line, "messages", "missing required field")
-        msgs = _messages(obj["messages"], src, line, "messages", 1 << 20)
-        pii = _pii_field(obj, src, line, 1 << 20)
+        msgs = _messages(obj["messages"], src, line, "messages", DEFAULT_MAX_CHARS)
+        pii = _pii_field(obj, src, line, DEFAULT_MAX_CHARS)
         if not pii:
             raise PairFormatError(src, line, "pii", "a forget conversation needs the PII values it leaks")
         cid = _record_id(obj, src, line)
-        system = _text(obj, "system", src, line, 1 << 20, required=False)
+        system = _text(obj, "system", src, line, DEFAULT_MAX_CHARS, required=False)
         if msgs[0]["role"] == "system":
             system, msgs = msgs[0]["content"], msgs[1:]
         n_before = len(out)
