@@ -115,3 +115,165 @@ def masked_nll(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Token-mean negative log-likelihood over the scored tokens of a batch (what
     ``nn.CrossEntropyLoss`` with ``ignore_index=-100`` computes)."""
     return -(logps * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------- baselines
+# GA, NPO, DPO and SFT (method.md section 3): the baselines users compare ORPO with.
+# Same conventions as ``orpo_loss``: pure functions of per-sequence quantities,
+# ``(loss, metrics)`` with detached metrics, computed in at least fp32.
+
+
+def _at_least_fp32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cast to a common dtype of at least fp32 (bf16 log-ratios are too coarse: bf16
+    resolves 0.0625 at |x| = 10), fp64 stays fp64. Mixed inputs (a bf16 policy with a
+    precomputed fp32 reference) promote together."""
+    dt = torch.float32
+    for t in tensors:
+        dt = torch.promote_types(dt, t.dtype)
+    return tuple(t.to(dt) for t in tensors)
+
+
+def _same_shape(**tensors: torch.Tensor) -> None:
+    """Policy and reference log-probs must pair up one to one: ``(B,)`` minus ``(B, 1)``
+    would silently broadcast to ``(B, B)`` and average the wrong pairs."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"shapes disagree: {shapes}")
+
+
+def _positive_beta(beta: float) -> None:
+    if not beta > 0:  # also rejects NaN
+        raise ValueError(f"beta must be > 0, got {beta}")
+
+
+def ga_loss(forget_nll: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Gradient ascent on the forget set: ``L = -NLL(forget)`` (the unlearning baseline of
+    Jang et al. 2023, arXiv 2210.01504; used as the baseline in NPO, arXiv 2404.05868).
+
+    Its gradient pushes every forget token's log-prob down at a constant rate however low
+    it already is, so the model collapses quickly (NPO's motivation): a baseline only.
+
+    Args:
+        forget_nll: token-mean NLL of the forget answers (a scalar, as ``masked_nll``
+            gives) or ``(B,)`` (averaged here).
+
+    Returns:
+        ``(loss, metrics)``; metrics (detached): ``forget_nll`` (the NLL being raised).
+    """
+    (nll,) = _at_least_fp32(forget_nll)
+    nll = nll.mean()
+    return -nll, {"forget_nll": nll.detach()}
+
+
+def npo_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """NPO (Zhang, Lin, Bai, Mei 2024, arXiv 2404.05868): DPO with only a "rejected"
+    answer, the forget answer. With sequence-summed log-probs ``lp`` (policy) and ``lr``
+    (frozen reference, the model before unlearning) and ``d = lp - lr``::
+
+        L = -(2 / beta) * mean(log sigmoid(-beta * d))
+
+    ``dL/d lp_i = (2 / B) * sigmoid(beta * d_i)``: gradient ascent on the summed log-prob
+    (gradient ``1 / B``) reweighted by ``2 sigmoid(beta d) = 2 p^beta / (p^beta + p_ref^beta)``,
+    which is 1 at the start (``p = p_ref``) and decays exponentially as the answer is
+    forgotten, so NPO collapses far more slowly than GA. As ``beta -> 0``, NPO -> GA.
+    At ``d = 0`` the loss is ``(2 / beta) log 2`` per sample.
+
+    Args:
+        policy_logps, ref_logps: ``(B,)`` sequence-summed log-probs of the forget answers
+            (``sequence_logps(..., average=False)``); the reference carries no gradient
+            in training, but nothing here requires that.
+        beta: inverse temperature (paper default 0.1); must be > 0.
+
+    Returns:
+        ``(loss, metrics)``; metrics (detached): ``npo/log_ratio`` (mean ``d``),
+        ``npo/weight`` (mean ``2 sigmoid(beta d)``, the GA reweighting: 1 at the start,
+        -> 0 as the answers are forgotten), ``logps/forget`` and ``logps/ref`` (means).
+    """
+    _positive_beta(beta)
+    _same_shape(policy_logps=policy_logps, ref_logps=ref_logps)
+    lp, lr = _at_least_fp32(policy_logps, ref_logps)
+    d = lp - lr
+    # F.logsigmoid is the stable form (min(x, 0) - log1p(exp(-|x|))): finite for any finite d
+    loss = -(2.0 / beta) * F.logsigmoid(-beta * d).mean()
+    with torch.no_grad():
+        metrics = {
+            "npo/log_ratio": d.mean(),
+            "npo/weight": (2.0 * torch.sigmoid(beta * d)).mean(),
+            "logps/forget": lp.mean(),
+            "logps/ref": lr.mean(),
+        }
+    return loss, metrics
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sigmoid DPO (Rafailov et al. 2023, arXiv 2305.18290) with sequence-summed log-probs::
+
+        z = (lp_c - lr_c) - (lp_r - lr_r)
+        L = mean(-(1 - ls) * log sigmoid(beta z) - ls * log sigmoid(-beta z))
+
+    ``ls > 0`` is conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"):
+    the preference label is taken as flipped with probability ``ls``. TRL 0.x's ``sigmoid``
+    loss applied ``label_smoothing`` this way; TRL 1.16's ``sigmoid`` ignores it (only its
+    robust/EXO/AOT losses read it). The log-ratios are formed per response first (policy
+    minus reference of the same sequence: close numbers, so the subtraction is nearly
+    exact even in fp32) and only then differenced, as TRL 1.16 does.
+
+    Args:
+        chosen_logps, rejected_logps: ``(B,)`` policy log-probs of the chosen
+            (replacement) and rejected (leaky) answers, summed over tokens.
+        ref_chosen_logps, ref_rejected_logps: the same under the frozen reference.
+        beta: inverse temperature (> 0); TRL's default 0.1.
+        label_smoothing: ``ls`` in ``[0, 0.5)``.
+
+    Returns:
+        ``(loss, metrics)``; metrics (detached) are the ones TRL logs:
+        ``rewards/chosen = beta * (lp_c - lr_c)`` (batch mean), ``rewards/rejected``,
+        ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``.
+    """
+    _positive_beta(beta)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    _same_shape(
+        chosen_logps=chosen_logps,
+        rejected_logps=rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
+    lp_c, lp_r, lr_c, lr_r = _at_least_fp32(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    ratio_c, ratio_r = lp_c - lr_c, lp_r - lr_r
+    z = beta * (ratio_c - ratio_r)
+    per_pair = -F.logsigmoid(z)
+    if label_smoothing:
+        per_pair = (1.0 - label_smoothing) * per_pair - label_smoothing * F.logsigmoid(-z)
+    loss = per_pair.mean()
+    with torch.no_grad():
+        r_c, r_r = beta * ratio_c, beta * ratio_r
+        metrics = {
+            "rewards/chosen": r_c.mean(),
+            "rewards/rejected": r_r.mean(),
+            "rewards/margins": (r_c - r_r).mean(),
+            "rewards/accuracies": (r_c > r_r).float().mean(),
+            "logps/chosen": lp_c.mean(),
+            "logps/rejected": lp_r.mean(),
+        }
+    return loss, metrics
+
+
+def sft_loss(chosen_nll: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Plain SFT on the replacement answers: ``L = NLL(chosen)``, i.e. ORPO without its
+    odds-ratio term. Trivial; it exists so every objective has the same
+    ``(loss, metrics)`` shape. Metrics: ``nll_loss`` (as ORPO logs it)."""
+    (nll,) = _at_least_fp32(chosen_nll)
+    nll = nll.mean()
+    return nll, {"nll_loss": nll.detach()}

@@ -2,12 +2,23 @@
 test compares against an independent 50-digit implementation (mpmath)."""
 
 import math
+from types import SimpleNamespace
 
 import mpmath
 import pytest
 import torch
 
-from cfg_unlearn.objectives import log1mexp, masked_nll, orpo_loss, sequence_logps, token_logps
+from cfg_unlearn.objectives import (
+    dpo_loss,
+    ga_loss,
+    log1mexp,
+    masked_nll,
+    npo_loss,
+    orpo_loss,
+    sequence_logps,
+    sft_loss,
+    token_logps,
+)
 
 
 def test_sequence_logps_hand_values():
@@ -114,3 +125,330 @@ def test_orpo_loss_float32_extremes_are_finite():
     assert torch.isfinite(loss)
     assert torch.isfinite(lp_c.grad).all() and torch.isfinite(lp_r.grad).all()
     assert all(torch.isfinite(v) for v in metrics.values())
+
+
+# ------------------------------------------------------------------ GA, NPO, DPO, SFT
+# Independent references: plain Python floats (float64) and the ``math`` module, one
+# sample at a time, with the textbook stable log-sigmoid; no torch, no F.logsigmoid.
+# The DPO reference also forms its logit in the other order (policy margin minus
+# reference margin, as TRL 0.x did) than ``dpo_loss`` does (chosen ratio minus rejected).
+
+
+
+
+def _ref_logsigmoid(x: float) -> float:
+    """log(1 / (1 + e^-x)), never exponentiating a positive number."""
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def _ref_sigmoid(x: float) -> float:
+    return math.exp(_ref_logsigmoid(x))
+
+
+def _ref_npo(lp: list[float], lr: list[float], beta: float) -> tuple[float, list[float]]:
+    """NPO loss and its gradient w.r.t. each policy log-prob, (2 / N) sigmoid(beta d)."""
+    n = len(lp)
+    loss = math.fsum(-(2.0 / beta) * _ref_logsigmoid(-beta * (p - r)) for p, r in zip(lp, lr)) / n
+    grad = [2.0 / n * _ref_sigmoid(beta * (p - r)) for p, r in zip(lp, lr)]
+    return loss, grad
+
+
+def _ref_dpo(pc, pr, rc, rr, beta, ls) -> tuple[float, list[float]]:
+    """cDPO loss and its gradient w.r.t. each policy chosen log-prob:
+    d/dz of -(1-ls) log s(bz) - ls log s(-bz) is -b ((1-ls) s(-bz) - ls s(bz))."""
+    n = len(pc)
+    losses, grads = [], []
+    for c, r, c0, r0 in zip(pc, pr, rc, rr):
+        z = beta * ((c - r) - (c0 - r0))
+        losses.append(-(1 - ls) * _ref_logsigmoid(z) - ls * _ref_logsigmoid(-z))
+        grads.append(-beta / n * ((1 - ls) * _ref_sigmoid(-z) - ls * _ref_sigmoid(z)))
+    return math.fsum(losses) / n, grads
+
+
+def _close(got: float, want: float, dtype: torch.dtype) -> bool:
+    """1e-6 absolute; for fp32 1e-6 relative once |want| > 1: fp32 cannot hold a loss of
+    2e4 (extreme NPO/DPO values) to better than its ulp there, ~2e-3."""
+    scale = max(1.0, abs(want)) if dtype == torch.float32 else 1.0
+    return abs(got - want) <= 1e-6 * scale
+
+
+# policy, reference: log-ratios of +-1e4 (one side ~0), +-500, 0 at -1e4 and at -1e-8,
+# and two ordinary values
+NPO_EXTREMES = [
+    (-1e4, -1e-8),
+    (-1e-8, -1e4),
+    (-1e-8, -1e-8),
+    (-1e4, -1e4),
+    (-1000.0, -500.0),
+    (-500.0, -1000.0),
+    (-9500.0, -1e4),
+    (-1e-8, -2e-8),
+    (-3.25, -2.5),
+    (-40.0, -47.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("beta", [0.1, 0.5, 1.0])
+def test_npo_loss_matches_independent_implementation_including_extremes(dtype, beta):
+    lp = torch.tensor([p for p, _ in NPO_EXTREMES], dtype=dtype, requires_grad=True)
+    lr = torch.tensor([r for _, r in NPO_EXTREMES], dtype=dtype, requires_grad=True)
+    loss, metrics = npo_loss(lp, lr, beta=beta)
+    # the reference sees exactly the values the function sees (fp32 -> float is exact)
+    want, want_grad = _ref_npo(lp.tolist(), lr.tolist(), beta)
+    assert loss.dtype == dtype
+    assert _close(loss.item(), want, dtype), (loss.item(), want)
+    loss.backward()
+    assert torch.isfinite(lp.grad).all() and torch.isfinite(lr.grad).all()
+    assert all(torch.isfinite(v) for v in metrics.values())
+    for got, w in zip(lp.grad.tolist(), want_grad):
+        assert abs(got - w) <= 1e-6
+    assert torch.equal(lr.grad, -lp.grad)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_npo_loss_random_matches_reference_to_float64_precision(seed):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(256, generator=g, dtype=torch.float64) * 300
+    lr = lp + torch.randn(256, generator=g, dtype=torch.float64) * 20
+    loss, _ = npo_loss(lp, lr.clamp(max=0), beta=0.1)
+    want, _ = _ref_npo(lp.tolist(), lr.clamp(max=0).tolist(), 0.1)
+    assert loss.item() == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 1.0])
+def test_npo_loss_at_the_reference_is_2_over_beta_log_2(beta):
+    """d = 0: log sigmoid(0) = -ln 2, so L = (2 / beta) ln 2 per sample (and as the mean):
+    beta 0.1 -> 13.862943611198906, 0.5 -> 2.772588722239781, 1 -> 1.3862943611198906.
+    The GA reweighting 2 sigmoid(0) is exactly 1."""
+    lp = torch.tensor([-1e-8, -3.0, -250.0, -1e4], dtype=torch.float64)
+    loss, m = npo_loss(lp, lp.clone(), beta=beta)
+    assert loss.item() == pytest.approx(2 / beta * math.log(2), rel=1e-14)
+    by_hand = {0.1: 13.862943611198906, 0.5: 2.772588722239781, 1.0: 1.3862943611198906}
+    assert loss.item() == pytest.approx(by_hand[beta], rel=1e-14)
+    assert m["npo/weight"].item() == 1.0
+    assert m["npo/log_ratio"].item() == 0.0
+    loss32, _ = npo_loss(lp.float(), lp.float(), beta=beta)
+    assert loss32.item() == pytest.approx(2 / beta * math.log(2), rel=1e-6)
+
+
+def test_npo_loss_hand_values_and_gradient():
+    """beta = 0.1, d = lp - lr = +10 and -10, so beta d = +1 and -1.
+    Sample 1: -(2/0.1) log sigmoid(-1) = 20 ln(1 + e) = 20 (1 + ln(1 + 1/e))
+      = 20 * 1.3132616875182228 = 26.265233750364455.
+    Sample 2: 20 ln(1 + 1/e) = 20 * 0.31326168751822286 = 6.265233750364457.
+    Mean: 16.265233750364456 (= 20 ln(1 + 1/e) + 10).
+    dL/dd_i = (2/N) sigmoid(beta d_i) with N = 2: sigmoid(1) = 0.7310585786300049 and
+    sigmoid(-1) = 0.2689414213699951. npo/weight = mean 2 sigmoid(beta d) = s(1) + s(-1) = 1;
+    npo/log_ratio = 0; logps/forget = (-5 - 25) / 2 = -15, logps/ref = (-15 - 15) / 2 = -15."""
+    lp = torch.tensor([-5.0, -25.0], dtype=torch.float64, requires_grad=True)
+    lr = torch.tensor([-15.0, -15.0], dtype=torch.float64)
+    loss, m = npo_loss(lp, lr, beta=0.1)
+    assert loss.item() == pytest.approx(16.265233750364456, abs=1e-12)
+    one, _ = npo_loss(lp[:1], lr[:1], beta=0.1)
+    assert one.item() == pytest.approx(26.265233750364455, abs=1e-12)
+    two, _ = npo_loss(lp[1:], lr[1:], beta=0.1)
+    assert two.item() == pytest.approx(6.265233750364457, abs=1e-12)
+    (grad,) = torch.autograd.grad(loss, lp)
+    assert grad.tolist() == pytest.approx([0.7310585786300049, 0.2689414213699951], abs=1e-15)
+    assert m["npo/weight"].item() == pytest.approx(1.0, abs=1e-15)
+    assert m["npo/log_ratio"].item() == 0.0
+    assert m["logps/forget"].item() == -15.0 and m["logps/ref"].item() == -15.0
+    assert all(not v.requires_grad for v in m.values())
+
+
+def test_npo_small_beta_is_gradient_ascent_on_summed_logps():
+    """L = (2/beta) ln 2 + mean(d) + O(beta) as beta -> 0: every dL/dlp_i -> 1/N, the
+    gradient of GA's -NLL = +mean(lp) on summed log-probs."""
+    lp = torch.tensor([-2.0, -30.0, -400.0], dtype=torch.float64, requires_grad=True)
+    loss, _ = npo_loss(lp, torch.tensor([-1.0, -40.0, -300.0], dtype=torch.float64), beta=1e-6)
+    (grad,) = torch.autograd.grad(loss, lp)
+    assert grad.tolist() == pytest.approx([1 / 3] * 3, abs=1e-4)
+
+
+# chosen, rejected, ref chosen, ref rejected
+DPO_EXTREMES = [
+    (-1e4, -1e-8, -1e-8, -1e4),  # z = -2e4: the loss is 2e4 beta
+    (-1e-8, -1e4, -1e4, -1e-8),  # z = +2e4: the loss is ~0
+    (-1000.0, -500.0, -500.0, -1000.0),  # log-ratios -500 and +500
+    (-500.0, -1000.0, -1000.0, -500.0),
+    (-1e4, -1e4, -1e4, -1e4),  # z = 0: ln 2
+    (-1e-8, -1e-8, -2e-8, -1e-8),
+    (-9500.0, -1e4, -1e4, -9500.0),
+    (-35.25, -41.75, -36.0, -40.125),
+]
+
+
+def _dpo_inputs(rows, dtype):
+    cols = list(zip(*rows))
+    return [torch.tensor(c, dtype=dtype, requires_grad=True) for c in cols]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+def test_dpo_loss_matches_independent_implementation_including_extremes(dtype, beta, ls):
+    pc, pr, rc, rr = _dpo_inputs(DPO_EXTREMES, dtype)
+    loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=ls)
+    want, want_grad = _ref_dpo(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), beta, ls)
+    assert loss.dtype == dtype
+    assert _close(loss.item(), want, dtype), (loss.item(), want)
+    loss.backward()
+    for t in (pc, pr, rc, rr):
+        assert torch.isfinite(t.grad).all()
+    assert all(torch.isfinite(v) for v in metrics.values())
+    for got, w in zip(pc.grad.tolist(), want_grad):
+        assert abs(got - w) <= 1e-6
+    # z is linear in the four inputs with signs + - - +
+    assert torch.equal(pr.grad, -pc.grad) and torch.equal(rc.grad, -pc.grad) and torch.equal(rr.grad, pc.grad)
+
+
+def test_dpo_loss_hand_values():
+    """beta = 0.1: chosen log-ratio -10 - (-12) = +2, rejected -20 - (-15) = -5, so
+    z = beta (2 - (-5)) = 0.7 and L = -log sigmoid(0.7) = ln(1 + e^-0.7) = 0.40318604888545784.
+    With ls = 0.1: 0.9 ln(1 + e^-0.7) + 0.1 ln(1 + e^0.7) = ln(1 + e^-0.7) + 0.1 * 0.7
+      = 0.47318604888545784 (ln(1 + e^x) = x + ln(1 + e^-x)).
+    dL/dlp_c = -beta sigmoid(-0.7) = -0.1 * 0.3318122278318339 (ls = 0).
+    rewards: chosen 0.1 * 2 = 0.2, rejected -0.5, margin 0.7, accuracy 1;
+    logps/chosen -10, logps/rejected -20."""
+    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    pc = t(-10.0).requires_grad_()
+    loss, m = dpo_loss(pc, t(-20.0), t(-12.0), t(-15.0), beta=0.1)
+    assert loss.item() == pytest.approx(0.40318604888545784, abs=1e-14)
+    (grad,) = torch.autograd.grad(loss, pc)
+    assert grad.item() == pytest.approx(-0.03318122278318339, abs=1e-15)
+    assert m["rewards/chosen"].item() == pytest.approx(0.2, abs=1e-15)
+    assert m["rewards/rejected"].item() == pytest.approx(-0.5, abs=1e-15)
+    assert m["rewards/margins"].item() == pytest.approx(0.7, abs=1e-15)
+    assert m["rewards/accuracies"].item() == 1.0
+    assert m["logps/chosen"].item() == -10.0 and m["logps/rejected"].item() == -20.0
+    assert all(not v.requires_grad for v in m.values())
+    smoothed, _ = dpo_loss(pc, t(-20.0), t(-12.0), t(-15.0), beta=0.1, label_smoothing=0.1)
+    assert smoothed.item() == pytest.approx(0.47318604888545784, abs=1e-14)
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.2])
+def test_dpo_loss_at_the_reference_is_log_2(ls):
+    """z = 0: -(1 - ls) ln(1/2) - ls ln(1/2) = ln 2 whatever ls; rewards all 0, accuracy 0
+    (a tie is not a win, as TRL counts it)."""
+    lp = torch.tensor([-1.0, -70.0, -1e4], dtype=torch.float64)
+    loss, m = dpo_loss(lp, lp - 3, lp.clone(), lp - 3, beta=0.5, label_smoothing=ls)
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-14)
+    assert m["rewards/margins"].item() == 0.0 and m["rewards/accuracies"].item() == 0.0
+
+
+def _trl_dpo(pc, pr, rc, rr, beta, loss_type="sigmoid", ls=0.0):
+    """TRL 1.16's DPO loss and logged rewards. The loss has no standalone function there
+    (0.x's ``DPOTrainer.dpo_loss`` is gone): it is inlined in ``DPOTrainer._compute_loss``,
+    which reads a handful of trainer attributes and the model's fused-LM-head outputs.
+    We call it unbound on a stand-in trainer and a stand-in model whose single scored
+    token carries the whole sequence log-prob; references are "precomputed" inputs."""
+    dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
+    from collections import defaultdict
+
+    n = pc.shape[0]
+    per_token = torch.cat([pc, pr]).unsqueeze(1)  # (2n, 1): [chosen; rejected], one token each
+    zeros = torch.zeros_like(per_token)
+    out = SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+    fake_trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True),
+        accelerator=SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=ls,
+        use_weighting=False,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    inputs = {
+        "input_ids": torch.zeros(2 * n, 2, dtype=torch.long),
+        "attention_mask": torch.ones(2 * n, 2, dtype=torch.long),
+        "completion_mask": torch.tensor([[0, 1]] * (2 * n)),
+        "ref_chosen_logps": rc,
+        "ref_rejected_logps": rr,
+    }
+    loss = dpo_trainer.DPOTrainer._compute_loss(fake_trainer, lambda **kw: out, inputs, return_outputs=False)
+    return loss, fake_trainer._metrics["train"]
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_dpo_loss_matches_trl(beta):
+    pc, pr, rc, rr = (c.detach() for c in _dpo_inputs(DPO_EXTREMES, torch.float64))
+    want, trl_metrics = _trl_dpo(pc, pr, rc, rr, beta)
+    loss, m = dpo_loss(pc, pr, rc, rr, beta=beta)
+    assert abs(loss.item() - want.item()) <= 1e-6
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert m[key].item() == pytest.approx(trl_metrics[key][-1], abs=1e-9), key
+
+
+def test_dpo_label_smoothing_matches_trl_aot_on_single_pairs():
+    """TRL 1.16's ``sigmoid`` loss ignores label_smoothing; its ``aot`` loss applies
+    -(1-ls) log s(beta delta) - ls log s(-beta delta) to batch-sorted log-ratio margins,
+    and with a batch of one the sort is the identity, so it is cDPO exactly."""
+    for row in DPO_EXTREMES:
+        pc, pr, rc, rr = (c.detach() for c in _dpo_inputs([row], torch.float64))
+        want, _ = _trl_dpo(pc, pr, rc, rr, 0.1, loss_type="aot", ls=0.1)
+        loss, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.1)
+        assert abs(loss.item() - want.item()) <= 1e-6, row
+
+
+def test_ga_loss_is_negative_nll_with_flipped_gradient():
+    """GA: L = -NLL; the gradient w.r.t. the logits is exactly the NLL's, negated."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g, requires_grad=True)
+    labels = torch.tensor([[-100, 3, 1, 4, -100], [-100, -100, 2, 6, 0]])
+    nll = masked_nll(*token_logps(logits, labels))
+    (nll_grad,) = torch.autograd.grad(nll, logits, retain_graph=True)
+    loss, m = ga_loss(nll)
+    (ga_grad,) = torch.autograd.grad(loss, logits)
+    assert loss.item() == -nll.item()
+    assert m["forget_nll"].item() == nll.item() and not m["forget_nll"].requires_grad
+    assert torch.equal(ga_grad, -nll_grad)
+    # (B,) per-sample NLLs are averaged: -(1 + 3) / 2
+    assert ga_loss(torch.tensor([1.0, 3.0]))[0].item() == -2.0
+
+
+def test_sft_loss_is_the_nll():
+    loss, m = sft_loss(torch.tensor([1.0, 2.0]))
+    assert loss.item() == 1.5 and m["nll_loss"].item() == 1.5
+
+
+def test_baseline_losses_promote_to_at_least_fp32():
+    """bf16 in -> fp32 out; a bf16 policy with an fp64 reference computes in fp64."""
+    lp = torch.tensor([-3.0, -5.0], dtype=torch.bfloat16)
+    assert npo_loss(lp, lp - 1)[0].dtype == torch.float32
+    assert npo_loss(lp, (lp - 1).double())[0].dtype == torch.float64
+    assert dpo_loss(lp, lp - 2, lp, lp)[0].dtype == torch.float32
+    assert ga_loss(torch.tensor(2.0, dtype=torch.bfloat16))[0].dtype == torch.float32
+    assert sft_loss(torch.tensor(2.0, dtype=torch.bfloat16))[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("beta", [0.0, -0.1, float("nan")])
+def test_npo_and_dpo_reject_nonpositive_beta(beta):
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="beta"):
+        npo_loss(x, x, beta=beta)
+    with pytest.raises(ValueError, match="beta"):
+        dpo_loss(x, x, x, x, beta=beta)
+
+
+@pytest.mark.parametrize("ls", [-0.1, 0.5, 1.0])
+def test_dpo_rejects_label_smoothing_outside_0_to_half(ls):
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(x, x, x, x, label_smoothing=ls)
+
+
+def test_npo_and_dpo_reject_mismatched_shapes():
+    """(B,) against (B, 1) would broadcast to (B, B) and pair every sample with every other."""
+    a, b = torch.zeros(3), torch.zeros(3, 1)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        npo_loss(a, b)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        dpo_loss(a, a, a, b)
