@@ -1,0 +1,506 @@
+"""Model subtraction with task vectors (method.md, section 1, item 5):
+
+    theta = theta_base - alpha * (theta_finetuned - theta_base)
+
+``finetuned`` is the model that memorised the PII (base fine-tuned on it), so
+``finetuned - base`` is the "leak" direction and subtracting it pushes the base away
+from it. The paper found ``alpha = 0.5`` usable and ``alpha = 1`` model-breaking, and the
+whole step weak: it is an option, not part of the default recipe.
+
+Both inputs are Hugging Face model directories with safetensors weights (one
+``model.safetensors``, or shards listed in ``model.safetensors.index.json``). Memory is
+bounded by a few copies of the largest single tensor, whatever the model size:
+
+* headers are read first (:func:`read_layout`) and every name, shape and dtype is checked
+  (:func:`check_compatible`) before any tensor is loaded, so a mismatch fails in
+  seconds, not after an hour of writing;
+* output shards mirror the base's (same file names, same tensors in each) and are
+  *streamed*: the safetensors header is computed from the base's header, then each
+  tensor is loaded from both models, combined (:func:`subtract_tensor`), written and
+  dropped (:func:`write_safetensors_streaming`);
+* everything is written into a temp directory next to the output, which is renamed
+  into place only when complete (:func:`publish_dir`): an interrupted run leaves no
+  half-written model.
+
+Command line: ``cfg-unlearn subtract --base B --finetuned F --alpha 0.5 --out O``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALPHA = 0.5
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+#: Bytes per element of each safetensors dtype tag. Needed to lay out a shard's header
+#: before its tensors are computed (the header, with every offset, comes first).
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}
+
+#: Files in a model directory that hold weights (in any format). They are never copied
+#: to the output: a base ``pytorch_model.bin`` next to our new safetensors would be the
+#: *base's* weights under the output's name.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+WEIGHT_INDEX_SUFFIX = ".index.json"  # model.safetensors.index.json, pytorch_model.bin.index.json, ...
+
+#: How many names to list when the two models' tensor names differ.
+MAX_LISTED = 5
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as its safetensors header describes it (no data loaded)."""
+
+    name: str
+    file: str  # file name inside the model directory
+    dtype: str  # safetensors tag: "F32", "BF16", "I64", ...
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the data, from the header alone (to lay out an output header)."""
+        if self.dtype not in DTYPE_SIZES:
+            raise ValueError(f"tensor {self.name!r} in {self.file}: unsupported safetensors dtype {self.dtype}")
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+@dataclass
+class WeightLayout:
+    """Where every tensor of a model directory lives: its shard files (in index order),
+    the tensors of each, and the index JSON when the model is sharded."""
+
+    model_dir: Path
+    files: list[str]
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, dict[str, str]]  # per file: the safetensors ``__metadata__``
+    index: dict | None = None
+
+    def names_in(self, file: str) -> list[str]:
+        """Names stored in ``file`` (in header order, as safetensors lists them)."""
+        return [t.name for t in self.tensors.values() if t.file == file]
+
+
+@dataclass
+class SubtractSummary:
+    """What a run did, for the log line and for tests."""
+
+    tensors: int = 0
+    parameters: int = 0
+    float_tensors: int = 0
+    copied_tensors: int = 0  # non-float (int/bool buffers), equal in both models, copied as is
+    shards: int = 0
+    seconds: float = 0.0
+    task_vector_norm: float = 0.0  # ||finetuned - base|| over float tensors (0: the two models are equal)
+    base_norm: float = 0.0
+
+    def line(self) -> str:
+        rel = self.task_vector_norm / self.base_norm if self.base_norm else float("nan")
+        return (
+            f"subtracted {self.float_tensors} float tensors and copied {self.copied_tensors} others "
+            f"({self.tensors} tensors, {self.parameters:,} parameters, {self.shards} shard(s)) "
+            f"in {self.seconds:.1f}s; ||finetuned - base|| = {self.task_vector_norm:.4g} "
+            f"({rel:.3g} of ||base||)"
+        )
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def check_alpha(alpha: float) -> float:
+    """Reject NaN and infinities up front: they would silently turn every weight into
+    NaN/inf, and nothing would fail until the model is used."""
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha}")
+    return alpha
+
+
+def weight_files(model_dir: str | os.PathLike) -> tuple[list[str], dict | None]:
+    """The safetensors files of a model directory (``[model.safetensors]``, or the shards
+    the index names, in order of first appearance) and the index JSON (``None`` when
+    not sharded). Raises :class:`FileNotFoundError` naming what is missing."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir} is not a directory")
+    index_path = model_dir / INDEX_FILE
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_path} has no weight_map")
+        files = list(dict.fromkeys(weight_map.values()))
+        missing = [f for f in files if not (model_dir / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index_path} lists safetensors files that do not exist: {', '.join(missing)}")
+        return files, index
+    if (model_dir / SINGLE_FILE).is_file():
+        return [SINGLE_FILE], None
+    hint = ""
+    if any(model_dir.glob("*.bin")):
+        hint = " (it has .bin weights: load and save_pretrained it once to convert them to safetensors)"
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}{hint}")
+
+
+def read_layout(model_dir: str | os.PathLike) -> WeightLayout:
+    """Read every safetensors header of a model directory (no tensor data), and check
+    that the index, when there is one, agrees with the shards' contents: a broken index
+    would otherwise produce an output that silently drops or duplicates tensors."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    files, index = weight_files(model_dir)
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, dict[str, str]] = {}
+    for file in files:
+        with safe_open(str(model_dir / file), framework="pt") as f:
+            metadata[file] = dict(f.metadata() or {})
+            for name in f.keys():
+                if name in tensors:
+                    raise ValueError(
+                        f"tensor {name!r} is stored twice in {model_dir}: in {tensors[name].file} and {file}"
+                    )
+                s = f.get_slice(name)
+                tensors[name] = TensorInfo(name, file, s.get_dtype(), tuple(s.get_shape()))
+    if index is not None:
+        wrong = [n for n, file in index["weight_map"].items() if n not in tensors or tensors[n].file != file]
+        wrong += [n for n in tensors if n not in index["weight_map"]]
+        if wrong:
+            raise ValueError(
+                f"{model_dir / INDEX_FILE} disagrees with its shards for {len(wrong)} tensor(s), e.g. "
+                f"{', '.join(map(repr, wrong[:MAX_LISTED]))}"
+            )
+    return WeightLayout(model_dir, files, tensors, metadata, index)
+
+
+def check_compatible(base: WeightLayout, finetuned: WeightLayout) -> None:
+    """Same tensor names, and per tensor the same shape and dtype, from the headers
+    alone. Errors name the tensor and both files, so the user can see which checkpoint
+    is not what they thought (a different architecture, a LoRA adapter, a dtype cast)."""
+    only_base = sorted(set(base.tensors) - set(finetuned.tensors))
+    only_ft = sorted(set(finetuned.tensors) - set(base.tensors))
+    if only_base or only_ft:
+        parts = []
+        for names, where in ((only_base, base.model_dir), (only_ft, finetuned.model_dir)):
+            if names:
+                shown = ", ".join(map(repr, names[:MAX_LISTED])) + (", ..." if len(names) > MAX_LISTED else "")
+                parts.append(f"{len(names)} only in {where}: {shown}")
+        raise ValueError("the two models have different tensor names: " + "; ".join(parts))
+    for name, b in base.tensors.items():
+        f = finetuned.tensors[name]
+        where = f"{base.model_dir / b.file} and {finetuned.model_dir / f.file}"
+        if b.shape != f.shape:
+            raise ValueError(f"tensor {name!r}: shape {list(b.shape)} vs {list(f.shape)} in {where}")
+        if b.dtype != f.dtype:
+            raise ValueError(f"tensor {name!r}: dtype {b.dtype} vs {f.dtype} in {where}")
+
+
+def check_not_quantized(model_dir: Path) -> None:
+    """Quantized weights are codes relative to per-block scales stored elsewhere, so
+    subtracting them elementwise is meaningless: refuse rather than write nonsense."""
+    config = model_dir / "config.json"
+    if config.is_file():
+        cfg = json.loads(config.read_text())
+        if isinstance(cfg, dict) and cfg.get("quantization_config"):
+            raise ValueError(f"{config} describes a quantized model; subtract the unquantized checkpoints instead")
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other float (bf16, fp16, fp8, fp32) is combined in
+    float32, so low-precision weights lose nothing until the single final cast."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def subtract_tensor(base: torch.Tensor, finetuned: torch.Tensor, alpha: float, name: str = "?") -> torch.Tensor:
+    """``base - alpha * (finetuned - base)`` in :func:`compute_dtype`, cast back to the
+    base's dtype. For float32 this is exactly torch's elementwise fp32 result (the same
+    two ops, no fused kernel). Non-float tensors (int/bool buffers such as position ids)
+    have no task vector: they must be equal and are returned as is."""
+    if base.shape != finetuned.shape or base.dtype != finetuned.dtype:
+        raise ValueError(
+            f"tensor {name!r}: {base.dtype}{list(base.shape)} vs {finetuned.dtype}{list(finetuned.shape)}"
+        )
+    if not base.is_floating_point():
+        if not torch.equal(base, finetuned):
+            raise ValueError(f"tensor {name!r} ({base.dtype}) is not a float tensor and differs between the models")
+        return base
+    ct = compute_dtype(base.dtype)
+    b, f = base.to(ct), finetuned.to(ct)
+    return (b - alpha * (f - b)).to(base.dtype)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _padded_header(entries: list[TensorInfo], metadata: dict[str, str]) -> tuple[bytes, list[TensorInfo]]:
+    """The safetensors header for ``entries`` and the order their data must follow.
+    Largest element size first and the header padded to 8 bytes (as safetensors does),
+    so every tensor starts aligned and mmap-loading never copies."""
+    order = sorted(entries, key=lambda t: (-DTYPE_SIZES.get(t.dtype, 1), t.name))
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for t in order:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return raw, order
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor without a copy (when contiguous);
+    works for bf16 and fp8, which numpy has no dtype for, via a uint8 view."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def write_safetensors_streaming(
+    path: str | os.PathLike,
+    entries: list[TensorInfo],
+    produce: Callable[[TensorInfo], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    on_tensor: Callable[[TensorInfo, torch.Tensor], None] | None = None,
+) -> int:
+    """Write a safetensors file one tensor at a time: the header is laid out from
+    ``entries`` (names, dtypes, shapes), then ``produce(entry)`` is called for each and
+    its bytes written and dropped. ``safetensors.torch.save_file`` would need the whole
+    shard in memory. Returns the data size in bytes; the file is fsynced."""
+    header, order = _padded_header(entries, dict(metadata or {}))
+    total = 0
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(header)))
+        fh.write(header)
+        for entry in order:
+            t = produce(entry)
+            if tuple(t.shape) != entry.shape or t.element_size() * t.numel() != entry.nbytes:
+                raise ValueError(
+                    f"tensor {entry.name!r}: produced {t.dtype}{list(t.shape)}, "
+                    f"header says {entry.dtype}{list(entry.shape)}"
+                )
+            fh.write(tensor_bytes(t))
+            total += entry.nbytes
+            if on_tensor is not None:
+                on_tensor(entry, t)
+            del t
+        fh.flush()
+        os.fsync(fh.fileno())
+    return total
+
+
+def is_weight_file(name: str) -> bool:
+    """Weights in any format, and their indexes: these must not be copied from the base."""
+    return name.endswith(WEIGHT_SUFFIXES) or (name.endswith(WEIGHT_INDEX_SUFFIX) and (
+        ".safetensors" in name or ".bin" in name))
+
+
+def copy_non_weight_files(src: Path, dst: Path) -> tuple[list[str], list[str]]:
+    """Copy the base's config, generation config, tokenizer files, README, ... (every
+    top-level regular file that is not a weight file) into ``dst``. Subdirectories are
+    skipped (e.g. Llama's ``original/`` holds a second copy of the base weights).
+    Returns (copied, skipped) names."""
+    copied, skipped = [], []
+    for p in sorted(src.iterdir()):
+        if p.is_file() and not is_weight_file(p.name):
+            shutil.copy2(p, dst / p.name)  # follows symlinks (HF cache snapshots)
+            copied.append(p.name)
+        elif not is_weight_file(p.name):
+            skipped.append(p.name)
+    return copied, skipped
+
+
+def check_out_dir(out: Path, overwrite: bool, inputs: Iterable[Path]) -> None:
+    """Refuse, before any work, to write over a non-empty directory (unless
+    ``overwrite``) or over one of the input models (the output replaces it only at the
+    end, but then the inputs are gone)."""
+    resolved = out.resolve()
+    for p in inputs:
+        if resolved == p.resolve():
+            raise ValueError(f"--out {out} is one of the input models; write the result elsewhere")
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+
+
+def publish_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished temp directory to ``out`` by rename (atomic on one
+    filesystem). An existing output is renamed aside first and deleted only after the
+    new one is in place, so at no time does ``out`` hold a mix of the two."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rename(out, old / out.name)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old / out.name, out)  # put the previous output back
+            old.rmdir()
+            raise
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out)
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+
+
+def _write_shard(
+    base: WeightLayout,
+    ft: WeightLayout,
+    file: str,
+    ft_handles: dict,
+    path: Path,
+    alpha: float,
+    summary: SubtractSummary,
+    advance: Callable[[], object],
+) -> int:
+    """Stream one output shard: the base shard's tensors, each combined with the same
+    tensor from whichever fine-tuned shard holds it (the two models may be sharded
+    differently). ``summary``'s norms accumulate *squared* here. Returns the bytes."""
+    from safetensors import safe_open
+
+    with safe_open(str(base.model_dir / file), framework="pt") as bf:
+
+        def produce(entry: TensorInfo) -> torch.Tensor:
+            ft_file = ft.tensors[entry.name].file
+            b, f = bf.get_tensor(entry.name), ft_handles[ft_file].get_tensor(entry.name)
+            try:
+                out = subtract_tensor(b, f, alpha, name=entry.name)
+            except ValueError as e:
+                raise ValueError(f"{e} (in {base.model_dir / file} and {ft.model_dir / ft_file})") from None
+            if b.is_floating_point():
+                ct = compute_dtype(b.dtype)
+                summary.task_vector_norm += float(torch.linalg.vector_norm(f.to(ct) - b.to(ct))) ** 2
+                summary.base_norm += float(torch.linalg.vector_norm(b.to(ct))) ** 2
+            return out
+
+        def count(entry: TensorInfo, t: torch.Tensor) -> None:
+            summary.parameters += t.numel()
+            if t.is_floating_point():
+                summary.float_tensors += 1
+            else:
+                summary.copied_tensors += 1
+            advance()
+
+        metadata = {"format": "pt", **base.metadata[file]}
+        entries = [base.tensors[n] for n in base.names_in(file)]
+        return write_safetensors_streaming(path, entries, produce, metadata, count)
+
+
+def subtract_models(
+    base_dir: str | os.PathLike,
+    finetuned_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    alpha: float = DEFAULT_ALPHA,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> SubtractSummary:
+    """Write ``base - alpha * (finetuned - base)`` as a Hugging Face model directory at
+    ``out_dir`` (weights sharded like the base, the base's config and tokenizer files
+    copied). All checks run on headers before any tensor is read; the output appears
+    only when complete."""
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    alpha = check_alpha(alpha)
+    base_dir, finetuned_dir, out = Path(base_dir), Path(finetuned_dir), Path(out_dir)
+    base, ft = read_layout(base_dir), read_layout(finetuned_dir)
+    if not (base_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {base_dir}: the output would not load as a model")
+    check_not_quantized(base_dir)
+    check_not_quantized(finetuned_dir)
+    check_compatible(base, ft)
+    for t in base.tensors.values():
+        _ = t.nbytes  # unsupported dtypes fail here, before any writing
+    check_out_dir(out, overwrite, (base_dir, finetuned_dir))
+
+    summary = SubtractSummary(tensors=len(base.tensors), shards=len(base.files))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        copied, skipped = copy_non_weight_files(base_dir, tmp)
+        if skipped:
+            log.warning("not copied from %s (not a top-level file): %s", base_dir, ", ".join(skipped))
+        bar = tqdm(total=len(base.tensors), desc="subtract", unit="tensor", disable=not progress)
+        with ExitStack() as stack, bar:
+            ft_handles = {file: stack.enter_context(safe_open(str(finetuned_dir / file), framework="pt"))
+                          for file in ft.files}
+            total_size = sum(_write_shard(base, ft, file, ft_handles, tmp / file, alpha, summary, bar.update)
+                             for file in base.files)
+        if base.index is not None:
+            index = dict(base.index)
+            index["metadata"] = {**(index.get("metadata") or {}), "total_size": total_size}
+            index["weight_map"] = {n: base.tensors[n].file for n in sorted(base.tensors)}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
+        publish_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary.task_vector_norm, summary.base_norm = math.sqrt(summary.task_vector_norm), math.sqrt(summary.base_norm)
+    summary.seconds = time.perf_counter() - start
+    if summary.float_tensors and summary.task_vector_norm == 0.0:
+        log.warning("the fine-tuned model equals the base: the output is a copy of the base")
+    log.info("%s; copied %s", summary.line(), ", ".join(copied) or "no other files")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cfg-unlearn subtract",
+        description="Model subtraction with task vectors: write theta = base - alpha * (finetuned - base), "
+        "tensor by tensor, as a Hugging Face model directory (safetensors sharded like --base; the base's "
+        "config and tokenizer files copied). alpha=0.5 was usable in the paper, alpha=1 broke the model.",
+    )
+    p.add_argument("--base", required=True, help="model directory of the base (before fine-tuning on the PII)")
+    p.add_argument("--finetuned", required=True, help="model directory of the fine-tuned (leaky) model")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="how far to step away (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output model directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``cfg-unlearn subtract ...``: usage errors and bad inputs exit with status 2 and a
+    one-line message, not a traceback."""
+    p = build_parser()
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        summary = subtract_models(a.base, a.finetuned, a.out, alpha=a.alpha, overwrite=a.overwrite,
+                                  progress=not a.quiet)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        p.exit(2, f"cfg-unlearn subtract: {e}\n")
+    print(f"wrote {a.out} ({summary.tensors} tensors, {summary.parameters:,} parameters, {summary.seconds:.1f}s)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])
