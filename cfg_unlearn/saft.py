@@ -1,0 +1,822 @@
+"""SAFT: filter PII-leaking samples out of fine-tuning data, without labels.
+
+Choi, Du, Li 2024, "Safety-Aware Fine-Tuning of Large Language Models"
+(arXiv:2410.10014). No official code is public; the steps here follow the paper's
+description (``docs/method.md`` section 4) and HaloScope's subspace score it builds on:
+
+1. **Embed** every sample with the model: the chat-rendered conversation, one hidden
+   layer, pooled over the sample's tokens (``mean``) or taken at its last token (``last``).
+2. **Centre** the embedding matrix and take its top-``k`` right singular vectors. Leaky
+   samples are a minority that differs from the rest in a consistent way, so they pull
+   the leading directions towards themselves.
+3. **Score** each sample by the size of its projection on those directions: for
+   ``k = 1`` the signed projection (oriented, see below) or its absolute value; for
+   ``k > 1`` the norm of the projection, optionally weighted by the singular values.
+4. **Remove** the high scorers: a fraction, or everything above a threshold.
+
+With a small labelled set, the layer, ``k`` and the sign are picked by AUROC on it (the
+subspace is still fitted on all samples, labelled or not).
+
+**The sign.** A singular vector's sign is arbitrary. We orient every direction so that
+the projections of the fitted data have a non-negative third moment (skew to the
+positive side). A minority cluster sits in the long tail of the projection, so ``+``
+(the ``auto`` default for ``k = 1``) ranks the minority side highest: under SAFT's own
+premise (harmful samples are the minority) this is the label-free choice. ``-`` is the
+reverse, ``abs`` the unsigned size.
+
+**Defaults** (fixed before measuring anything, and used as-is without labels): the
+middle layer (``hidden_states[L // 2]`` of an ``L``-layer model; 0 is the embedding
+output, ``L`` or ``-1`` the last layer), ``mean`` pooling over the sample's tokens
+except the first (the first position is an attention sink whose activations are orders
+of magnitude larger in big models; left in, it turns the leading direction into
+1/length), ``k = 1``, sign ``auto``, unweighted, remove 10%.
+
+**What a sample is.** A conversation row ``{"id", "messages", ["system"], ["pii"],
+["label"]}``, rendered whole with the tokenizer's chat template (the README's fallback
+format without one). A pair row (``prompt``/``chosen``/``rejected``, every variant
+:mod:`cfg_unlearn.data.schema` reads) becomes the prompt plus **one** answer:
+``rejected`` by default, because that is the side a pair takes from the original,
+possibly contaminated data (the one to find); ``--pair-side chosen`` audits the
+replacement answers instead (a chosen answer that still leaks is the worst row of a
+pair file: training pulls the model towards it).
+
+``cfg-unlearn saft --model M --data D --out O`` writes to ``O``: ``kept.jsonl`` and
+``removed.jsonl`` (input rows, byte for byte), ``scores.jsonl`` (``id, score, removed,
+[label]``), ``saft.json`` (settings, picks, AUROC table, counts, evaluation on any known
+labels) and ``scores_hist.png``. Every file is written atomically. Nothing from a
+sample's text is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cfg_unlearn.data.schema import (
+    DEFAULT_MAX_CHARS,
+    PairFormatError,
+    ReadStats,
+    _messages,
+    _pii_field,
+    _read_records,
+    _record_id,
+    _text,
+    iter_jsonl,
+    record_from_dict,
+)
+from cfg_unlearn.prompts import FALLBACK_ROLE_PREFIX, render_prompt
+from cfg_unlearn.utils import atomic_write
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("mean", "last")
+SIGNS = ("auto", "+", "-", "abs")
+#: sign candidates tried per k when picking by labels (k > 1 has only the norm)
+SEARCH_SIGNS_K1 = ("+", "-", "abs")
+DEFAULT_SEARCH_K = (1, 2, 3, 4, 5)
+DEFAULT_REMOVE_FRACTION = 0.1
+#: at most this many layers are embedded for a label-driven search by default
+MAX_SEARCH_LAYERS = 8
+
+
+# =========================================================================== data
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One row to score: the conversation as rendered for the model, its label if known."""
+
+    id: str
+    messages: tuple[dict[str, str], ...]
+    system: str | None = None
+    label: int | None = None
+    line: int = 0
+    source: str = field(default="", compare=False)
+
+
+def parse_label(obj: dict, src: str, line: int | None) -> int | None:
+    """``label``: 0/1 (benign/leaky) or false/true; absent or null = unlabelled."""
+    raw = obj.get("label")
+    if raw is None:
+        return None
+    if isinstance(raw, bool):
+        return int(raw)
+    if isinstance(raw, int) and raw in (0, 1):
+        return raw
+    if isinstance(raw, float) and raw in (0.0, 1.0):
+        return int(raw)
+    raise PairFormatError(src, line, "label", f"expected 0 (benign) or 1 (leaky), got {type(raw).__name__} {raw!r}")
+
+
+def sample_from_dict(
+    obj: Any, *, source: str = "<dict>", line: int | None = None, pair_side: str = "rejected",
+    max_chars: int = DEFAULT_MAX_CHARS,
+) -> Sample:
+    """Validate one row: a conversation (``messages``) or a pair (see the module docstring)."""
+    src = source
+    if not isinstance(obj, dict):
+        raise PairFormatError(src, line, None, f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        msgs = _messages(obj["messages"], src, line, "messages", max_chars)
+        system = _text(obj, "system", src, line, max_chars, required=False)
+        if msgs[0]["role"] == "system":
+            if system is not None:
+                raise PairFormatError(src, line, "system", "given both as a field and as a system message")
+            system, msgs = msgs[0]["content"], msgs[1:]
+        if not msgs:
+            raise PairFormatError(src, line, "messages", "holds only a system message")
+        for i, m in enumerate(msgs):
+            if m["role"] == "system":
+                raise PairFormatError(src, line, f"messages[{i}].role", "a system message is only allowed first")
+        _pii_field(obj, src, line, max_chars)  # validated like the pair format's, not used
+    elif any(k in obj for k in ("prompt", "chosen", "rejected")):
+        rec = record_from_dict(obj, source=src, line=line, max_chars=max_chars)
+        answer = rec.rejected if pair_side == "rejected" else rec.chosen
+        msgs, system = [*rec.prompt, {"role": "assistant", "content": answer}], rec.system
+    else:
+        raise PairFormatError(
+            src, line, "messages",
+            "missing required field (a row is a conversation {id, messages} or a pair {prompt, chosen, rejected})",
+        )
+    return Sample(_record_id(obj, src, line), tuple(msgs), system, parse_label(obj, src, line),
+                  line or 0, f"{src}:{line}" if line is not None else src)
+
+
+def read_samples(
+    path: str | os.PathLike, *, pair_side: str = "rejected", on_error: str = "raise",
+    max_chars: int = DEFAULT_MAX_CHARS,
+) -> tuple[list[Sample], list[str], ReadStats]:
+    """Read a data file: the validated samples, each sample's original line (for
+    writing kept/removed rows unchanged) and the read statistics. Bad rows raise
+    ``file:line: field 'x': why`` (or, with ``on_error="skip"``, are counted and logged)."""
+    if pair_side not in ("rejected", "chosen"):
+        raise ValueError(f"pair_side must be 'rejected' or 'chosen', got {pair_side!r}")
+    samples, stats = _read_records(
+        path,
+        lambda obj, line: sample_from_dict(obj, source=str(path), line=line, pair_side=pair_side, max_chars=max_chars),
+        "samples", on_error,
+    )
+    # iter_jsonl splits the bytes at b"\n" exactly like this: line numbers agree
+    raw = Path(path).read_bytes().split(b"\n")
+    lines = [raw[s.line - 1].rstrip(b"\r").decode("utf-8") for s in samples]
+    return samples, lines, stats
+
+
+def read_labels(
+    path: str | os.PathLike, known_ids: dict[str, int] | None = None, data_labels: dict[str, int] | None = None,
+) -> dict[str, int]:
+    """A labelled JSONL: ``{"id", "label"}`` per line (other fields ignored, so the data
+    file itself, or a labelled copy of it, works too; rows without a label are skipped).
+    Ids default to ``file:line`` like the data's. With ``known_ids`` (id -> index), an
+    id not in the data is an error naming the line; with ``data_labels`` (id -> the
+    data row's own label), so is a label that contradicts it."""
+    src = str(path)
+    out: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for line, obj, err in iter_jsonl(path):
+        if err is not None:
+            raise err
+        if obj is None:
+            continue
+        if not isinstance(obj, dict):
+            raise PairFormatError(src, line, None, f"expected a JSON object, got {type(obj).__name__}")
+        label = parse_label(obj, src, line)
+        if label is None:
+            continue
+        rid = _record_id(obj, src, line)
+        if rid in first:
+            raise PairFormatError(src, line, "id", f"duplicate id {rid!r} (first on line {first[rid]})")
+        if known_ids is not None and rid not in known_ids:
+            raise PairFormatError(src, line, "id", f"id {rid!r} is not in the data")
+        if data_labels is not None and data_labels.get(rid, label) != label:
+            raise PairFormatError(src, line, "label",
+                                  f"{label} contradicts the data row's own label {data_labels[rid]} (id {rid!r})")
+        first[rid] = line
+        out[rid] = label
+    if not out:
+        raise PairFormatError(src, None, "label", "no labelled row (expected {\"id\": ..., \"label\": 0 or 1} lines)")
+    return out
+
+
+# =========================================================================== embedding
+
+
+def render_sample(tokenizer, messages: Sequence[dict[str, str]], system: str | None = None) -> str:
+    """The whole conversation as the model reads it. A conversation ending with a user
+    turn is rendered as a prompt (:func:`cfg_unlearn.prompts.render_prompt`); one ending
+    with an answer is the chat template without a generation prompt, or the README's
+    fallback ``<bos>System: ...\\n\\nUser: ...\\n\\nAssistant: ...``."""
+    if messages[-1]["role"] == "user":
+        return render_prompt(tokenizer, messages, system)
+    msgs = ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in messages]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+    return (tokenizer.bos_token or "") + "\n\n".join(FALLBACK_ROLE_PREFIX[m["role"]] + m["content"] for m in msgs)
+
+
+def num_layers(model) -> int:
+    cfg = model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(cfg.num_hidden_layers)
+
+
+def default_layer(n_layers: int) -> int:
+    """The middle of the stack: ``hidden_states[L // 2]``."""
+    return n_layers // 2
+
+
+def resolve_layer(layer: int, n_layers: int) -> int:
+    """A ``hidden_states`` index in ``[0, L]`` (0 = embeddings, ``L`` = last layer);
+    negative counts from the end (-1 = last layer)."""
+    idx = layer + n_layers + 1 if layer < 0 else layer
+    if not 0 <= idx <= n_layers:
+        raise ValueError(f"layer {layer} out of range for a {n_layers}-layer model (use -{n_layers + 1}..{n_layers})")
+    return idx
+
+
+def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool right-padded ``hidden`` [B, T, D] over each row's ``lengths`` real tokens.
+    ``last``: the last real token. ``mean``: the mean over real tokens except the first
+    (kept only when it is the sole token)."""
+    b, t, _ = hidden.shape
+    if pooling == "last":
+        return hidden[torch.arange(b, device=hidden.device), lengths - 1]
+    if pooling == "mean":
+        pos = torch.arange(t, device=hidden.device)[None]
+        start = (lengths > 1).long()[:, None]
+        mask = ((pos >= start) & (pos < lengths[:, None])).to(hidden.dtype)
+        return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+@torch.no_grad()
+def embed_layers(
+    model, tokenizer, texts: Sequence[str], layers: Sequence[int], *, pooling: str = "mean", batch_size: int = 16,
+    max_length: int | None = None, progress: bool = True,
+) -> tuple[dict[int, torch.Tensor], int]:
+    """Embed ``texts`` at several ``hidden_states`` indices in one pass: ``({layer:
+    float32 [N, D]}, number of texts cut from the left to ``max_length`` tokens)``.
+    Texts are batched by length with right padding; only the backbone runs (no LM head)."""
+    from tqdm.auto import tqdm
+
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n_layers = num_layers(model)
+    idx = {layer: resolve_layer(layer, n_layers) for layer in layers}
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None) or model
+    device = next(model.parameters()).device
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]  # the rendering holds the BOS
+    truncated = 0
+    if max_length is not None:
+        truncated = sum(len(x) > max_length for x in ids)
+        ids = [x[-max_length:] for x in ids]  # keep the end: the answer is where a leak is
+    if any(len(x) == 0 for x in ids):
+        raise ValueError("a text rendered to zero tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
+    out = {layer: None for layer in layers}
+    chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    was_training = backbone.training
+    backbone.eval()
+    bar = tqdm(total=len(ids), desc="saft: embed", unit="sample", disable=not progress)
+    try:
+        for s in range(0, len(order), batch_size):
+            batch = [ids[i] for i in order[s : s + batch_size]]
+            lengths = torch.tensor([len(x) for x in batch], device=device)
+            width = int(lengths.max())
+            input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in batch], device=device)
+            mask = (torch.arange(width, device=device)[None] < lengths[:, None]).long()
+            hs = backbone(input_ids=input_ids, attention_mask=mask, output_hidden_states=True,
+                          use_cache=False).hidden_states
+            for layer, i in idx.items():
+                chunks[layer].append(pool(hs[i].float(), lengths, pooling).cpu())
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        backbone.train(was_training)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    for layer in layers:
+        out[layer] = torch.cat(chunks[layer])[inverse] if chunks[layer] else torch.empty(0)
+    return out, truncated
+
+
+def embed(model, tokenizer, texts: Sequence[str], *, layer: int | None = None, pooling: str = "mean",
+          batch_size: int = 16, max_length: int | None = None, progress: bool = True) -> torch.Tensor:
+    """Embed ``texts`` at one layer (default: the middle one): float32 [N, D]."""
+    layer = default_layer(num_layers(model)) if layer is None else layer
+    embs, _ = embed_layers(model, tokenizer, texts, [layer], pooling=pooling, batch_size=batch_size,
+                           max_length=max_length, progress=progress)
+    return embs[layer]
+
+
+# =========================================================================== scoring
+
+
+@dataclass
+class Subspace:
+    """The top singular directions of a centred embedding matrix. ``directions`` [D, k]
+    has unit columns, each oriented so that the fitted data's projections on it have a
+    non-negative third moment (the long tail, where a minority sits, is positive)."""
+
+    mean: torch.Tensor
+    singular_values: torch.Tensor
+    directions: torch.Tensor
+
+    def project(self, emb: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        k = self.directions.shape[1] if k is None else k
+        return (emb.double() - self.mean) @ self.directions[:, :k]
+
+
+def fit_subspace(emb: torch.Tensor, k: int) -> Subspace:
+    """Centre ``emb`` [N, D] and take its top-``k`` right singular vectors (exact, in
+    float64: an SVD of the matrix, or for N > D the eigenvectors of its D x D Gram)."""
+    if emb.ndim != 2:
+        raise ValueError(f"expected an [N, D] embedding matrix, got shape {tuple(emb.shape)}")
+    n, d = emb.shape
+    if not 1 <= k <= min(n - 1, d):
+        raise ValueError(f"k must be in [1, {min(n - 1, d)}] for {n} samples of dimension {d}, got {k}")
+    x = emb.double()
+    if not torch.isfinite(x).all():
+        raise ValueError("embeddings hold NaN or inf values (try --dtype float32)")
+    mean = x.mean(0)
+    xc = x - mean
+    if n > d:
+        evals, evecs = torch.linalg.eigh(xc.T @ xc)
+        top = torch.argsort(evals, descending=True)[:k]
+        sv, v = evals[top].clamp_min(0).sqrt(), evecs[:, top]
+    else:
+        _, s, vh = torch.linalg.svd(xc, full_matrices=False)
+        sv, v = s[:k], vh[:k].T
+    v = v.clone()
+    third = ((xc @ v) ** 3).sum(0)
+    for j in range(k):
+        t = third[j]
+        if abs(t) <= 1e-12 * float((xc @ v[:, j]).abs().pow(3).sum()):  # symmetric: fall back to a fixed rule
+            t = v[v[:, j].abs().argmax(), j]
+        if t < 0:
+            v[:, j] = -v[:, j]
+    return Subspace(mean, sv, v)
+
+
+def resolve_sign(sign: str, k: int) -> str:
+    if sign not in SIGNS:
+        raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
+    if sign == "auto":
+        return "+" if k == 1 else "abs"
+    if sign in ("+", "-") and k != 1:
+        raise ValueError(f"sign {sign!r} needs k=1 (k>1 scores the norm of the projection: use 'abs' or 'auto')")
+    return sign
+
+
+def saft_scores(emb: torch.Tensor, k: int = 1, weighted: bool = False, sign: str = "auto",
+                subspace: Subspace | None = None) -> torch.Tensor:
+    """SAFT scores of ``emb`` [N, D] (float64 [N]; higher = more likely leaky).
+
+    ``p = (emb - mean) @ V_k`` on the top-``k`` directions of ``subspace`` (default: fitted
+    on ``emb`` itself). Sign ``+``/``-`` (k = 1): ``+p`` / ``-p``; ``abs``: ``sqrt(sum_j
+    w_j p_j^2)`` with ``w_j = sigma_j / sigma_1`` if ``weighted`` else 1 (the ranking of
+    HaloScope's ``sum_j sigma_j p_j^2``). ``auto`` = ``+`` for k = 1, ``abs`` above."""
+    sign = resolve_sign(sign, k)
+    sub = fit_subspace(emb, k) if subspace is None else subspace
+    if k > sub.directions.shape[1]:
+        raise ValueError(f"the subspace holds {sub.directions.shape[1]} directions, asked for k={k}")
+    p = sub.project(emb, k)
+    if sign == "+":
+        return p[:, 0]
+    if sign == "-":
+        return -p[:, 0]
+    w = sub.singular_values[:k] / sub.singular_values[0] if weighted and sub.singular_values[0] > 0 else 1.0
+    return (w * p**2).sum(1).sqrt()
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve of ``scores`` for ``labels`` (1 = positive): the
+    Mann-Whitney statistic ``P(s+ > s-) + P(s+ = s-) / 2``, ties at average ranks."""
+    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    y = torch.as_tensor(labels).flatten()
+    if s.shape != y.shape:
+        raise ValueError(f"{s.numel()} scores but {y.numel()} labels")
+    if torch.isnan(s).any():
+        raise ValueError("scores hold NaN")
+    if not ((y == 0) | (y == 1)).all():
+        raise ValueError("labels must be 0 or 1")
+    y = y.bool()
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        raise ValueError(f"AUROC needs both classes (got {n1} positive, {n0} negative)")
+    sorted_s, order = torch.sort(s, stable=True)
+    _, counts = torch.unique_consecutive(sorted_s, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    avg = ends - (counts.double() - 1) / 2  # 1-based average rank of each tie group
+    ranks = torch.empty_like(s)
+    ranks[order] = torch.repeat_interleave(avg, counts)
+    u = ranks[y].sum() - n1 * (n1 + 1) / 2
+    return float(u / (n1 * n0))
+
+
+def select(scores, *, fraction: float | None = None, threshold: float | None = None) -> tuple[torch.Tensor, float | None]:
+    """Which samples to remove: ``(bool mask [N], threshold)``.
+
+    ``fraction``: the ``round(fraction * N)`` highest scores (ties broken by row order);
+    the returned threshold is the lowest removed score (None if nothing is removed).
+    ``threshold``: every score strictly above it."""
+    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    if (fraction is None) == (threshold is None):
+        raise ValueError("give exactly one of fraction and threshold")
+    if threshold is not None:
+        return s > threshold, float(threshold)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    n_remove = int(math.floor(fraction * s.numel() + 0.5))
+    removed = torch.zeros(s.numel(), dtype=torch.bool)
+    if n_remove == 0:
+        return removed, None
+    order = torch.sort(-s, stable=True).indices[:n_remove]
+    removed[order] = True
+    return removed, float(s[order].min())
+
+
+# =========================================================================== picking by labels
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layer: int
+    k: int
+    sign: str
+    auroc: float
+
+
+def search(
+    embs: dict[int, torch.Tensor], labelled: torch.Tensor, labels: torch.Tensor, *, ks: Sequence[int],
+    signs: Sequence[str] | None = None, weighted: bool = False, prefer_layer: int | None = None,
+) -> tuple[list[Candidate], Candidate]:
+    """AUROC on the labelled rows (``labelled`` indices, their ``labels``) of every
+    (layer, k, sign); each layer's subspace is fitted on all its rows. Returns the table
+    and the pick: the highest AUROC, ties to fewer directions, then the layer closest to
+    ``prefer_layer``, then ``+`` over ``abs`` over ``-``. ``signs`` restricts the signs
+    (``auto`` allowed); by default k = 1 tries ``+``, ``-``, ``abs`` and k > 1 ``abs``."""
+    if not ks:
+        raise ValueError("no k to search")
+    rows: list[Candidate] = []
+    for layer, emb in embs.items():
+        sub = fit_subspace(emb, max(ks))
+        for k in sorted(set(ks)):
+            wanted = SEARCH_SIGNS_K1 if k == 1 else ("abs",)
+            if signs is not None:
+                wanted = tuple(dict.fromkeys(resolve_sign(s, k) for s in signs if k == 1 or s in ("auto", "abs")))
+            for sign in wanted:
+                s = saft_scores(emb, k, weighted, sign, subspace=sub)
+                rows.append(Candidate(layer, k, sign, auroc(s[labelled], labels)))
+    if not rows:
+        raise ValueError("no (layer, k, sign) combination to search")
+    rank = {"+": 0, "abs": 1, "-": 2}
+    best = min(rows, key=lambda c: (-round(c.auroc, 12), c.k,
+                                    abs(c.layer - prefer_layer) if prefer_layer is not None else 0, rank[c.sign]))
+    return rows, best
+
+
+def default_search_layers(n_layers: int) -> list[int]:
+    """Every layer 1..L when L <= 8, else 8 evenly spaced ones (the middle included)."""
+    if n_layers <= MAX_SEARCH_LAYERS:
+        return list(range(1, n_layers + 1))
+    picks = {round(1 + i * (n_layers - 1) / (MAX_SEARCH_LAYERS - 2)) for i in range(MAX_SEARCH_LAYERS - 1)}
+    return sorted(picks | {default_layer(n_layers)})
+
+
+# =========================================================================== the run
+
+
+@dataclass
+class SaftConfig:
+    """Settings of one run (``None`` = default; with labels, ``None`` also means "search")."""
+
+    model: str
+    data: str
+    out: str
+    layer: int | None = None
+    pooling: str = "mean"
+    k: int | None = None
+    sign: str | None = None
+    weighted: bool = False
+    remove_fraction: float | None = None
+    threshold: float | None = None
+    labels: str | None = None
+    search_layers: list[int] | None = None
+    search_k: list[int] | None = None
+    pair_side: str = "rejected"
+    batch_size: int = 16
+    max_length: int | None = 2048
+    dtype: str = "auto"
+    device: str | None = None
+    on_error: str = "raise"
+    max_chars: int = DEFAULT_MAX_CHARS
+    progress: bool = True
+
+
+def _eval_block(scores: torch.Tensor, removed: torch.Tensor, labels: torch.Tensor, known: torch.Tensor,
+                lengths: torch.Tensor) -> dict[str, Any] | None:
+    """AUROC and removal figures on the rows with a label (``known`` mask)."""
+    if not bool(known.any()):
+        return None
+    y, r = labels[known], removed[known]
+    n1 = int(y.sum())
+    caught = int((r & (y == 1)).sum())
+    out: dict[str, Any] = {"labelled": int(known.sum()), "leaky": n1, "benign": int(known.sum()) - n1,
+                           "removed_labelled": int(r.sum()), "removed_leaky": caught,
+                           "recall": caught / n1 if n1 else None,
+                           "precision": caught / int(r.sum()) if int(r.sum()) else None,
+                           "auroc": None, "length_auroc": None}
+    if 0 < n1 < int(known.sum()):
+        out["auroc"] = auroc(scores[known], y)
+        # what the token count alone would score: a check that the set is not separable by length
+        out["length_auroc"] = auroc(lengths[known].double(), y)
+    return out
+
+
+def run_saft(cfg: SaftConfig) -> dict[str, Any]:
+    """Read, embed, score, select, write (see the module docstring). Returns ``saft.json``'s content."""
+    from cfg_unlearn.models import load_causal_lm, load_tokenizer
+
+    if cfg.remove_fraction is not None and cfg.threshold is not None:
+        raise ValueError("give --remove-fraction or --threshold, not both")
+    fraction = cfg.remove_fraction if cfg.threshold is None and cfg.remove_fraction is not None else None
+    if cfg.threshold is None and fraction is None:
+        fraction = DEFAULT_REMOVE_FRACTION
+    if cfg.pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {cfg.pooling!r}")
+    if cfg.sign is not None and cfg.sign not in SIGNS:
+        raise ValueError(f"sign must be one of {SIGNS}, got {cfg.sign!r}")
+    if cfg.k is not None and cfg.k < 1:
+        raise ValueError(f"k must be >= 1, got {cfg.k}")
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    samples, lines, stats = read_samples(cfg.data, pair_side=cfg.pair_side, on_error=cfg.on_error,
+                                         max_chars=cfg.max_chars)
+    if len(samples) < 2:
+        raise PairFormatError(cfg.data, None, None, f"SAFT needs at least 2 samples, the file holds {len(samples)}")
+    index = {s.id: i for i, s in enumerate(samples)}
+    n = len(samples)
+    row_labels = torch.tensor([-1 if s.label is None else s.label for s in samples])
+    tune = torch.full((n,), -1, dtype=torch.long)
+    if cfg.labels is not None:
+        own = {s.id: s.label for s in samples if s.label is not None}
+        for rid, lab in read_labels(cfg.labels, index, own).items():
+            tune[index[rid]] = lab
+    all_labels = torch.where(tune >= 0, tune, row_labels)
+    seconds["read"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tok = load_tokenizer(cfg.model)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_causal_lm(cfg.model, dtype=cfg.dtype).to(device)
+    n_layers = num_layers(model)
+    tuning = cfg.labels is not None
+    if tuning:
+        n_tune = int((tune >= 0).sum())
+        n_tune_pos = int((tune == 1).sum())
+        if n_tune_pos in (0, n_tune):
+            raise PairFormatError(cfg.labels, None, "label",
+                                  f"the labelled rows need both classes to pick by AUROC ({n_tune_pos} leaky of {n_tune})")
+    if cfg.layer is not None:
+        layers = [resolve_layer(cfg.layer, n_layers)]
+    elif tuning:
+        layers = sorted({resolve_layer(x, n_layers) for x in (cfg.search_layers or default_search_layers(n_layers))})
+    else:
+        layers = [default_layer(n_layers)]
+    texts = [render_sample(tok, s.messages, s.system) for s in samples]
+    lengths = torch.tensor([len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]])
+    max_len = cfg.max_length
+    pos_limit = getattr(model.config, "max_position_embeddings", None)
+    if pos_limit and (max_len is None or max_len > pos_limit):
+        max_len = int(pos_limit)
+    embs, truncated = embed_layers(model, tok, texts, layers, pooling=cfg.pooling, batch_size=cfg.batch_size,
+                                   max_length=max_len, progress=cfg.progress)
+    dim = next(iter(embs.values())).shape[1]
+    del model
+    seconds["embed"] = time.perf_counter() - t0
+    print(f"saft: embedded {n} samples at layer(s) {layers} of {n_layers} ({cfg.pooling} pooling, dim {dim}) "
+          f"in {seconds['embed']:.1f}s" + (f"; {truncated} cut to their last {max_len} tokens" if truncated else ""))
+
+    t0 = time.perf_counter()
+    table: list[Candidate] = []
+    picked: Candidate | None = None
+    if tuning:
+        ks = [cfg.k] if cfg.k is not None else list(cfg.search_k or DEFAULT_SEARCH_K)
+        ks = [k for k in ks if k <= min(n - 1, dim)] or [1]
+        idx = torch.nonzero(tune >= 0).flatten()
+        table, picked = search(embs, idx, tune[idx], ks=ks, signs=[cfg.sign] if cfg.sign else None,
+                               weighted=cfg.weighted, prefer_layer=default_layer(n_layers))
+        layer, k, sign = picked.layer, picked.k, picked.sign
+        print(render_table(table, picked, n_labelled=len(idx), n_leaky=int((tune == 1).sum())))
+    else:
+        layer, k = layers[0], cfg.k or 1
+        sign = resolve_sign(cfg.sign or "auto", k)
+    sub = fit_subspace(embs[layer], k)
+    scores = saft_scores(embs[layer], k, cfg.weighted, sign, subspace=sub)
+    removed, thr = select(scores, fraction=fraction, threshold=cfg.threshold)
+    seconds["score"] = time.perf_counter() - t0
+
+    evaluation = _eval_block(scores, removed, all_labels, all_labels >= 0, lengths)
+    untuned = (all_labels >= 0) & (tune < 0)
+    held_out = _eval_block(scores, removed, all_labels, untuned, lengths) if tuning else None
+
+    out = Path(cfg.out)
+    kept_lines = [line for line, r in zip(lines, removed.tolist()) if not r]
+    removed_lines = [line for line, r in zip(lines, removed.tolist()) if r]
+    atomic_write(out / "kept.jsonl", "".join(x + "\n" for x in kept_lines))
+    atomic_write(out / "removed.jsonl", "".join(x + "\n" for x in removed_lines))
+    score_rows = []
+    for i, s in enumerate(samples):
+        row: dict[str, Any] = {"id": s.id, "score": float(scores[i]), "removed": bool(removed[i])}
+        if all_labels[i] >= 0:
+            row["label"] = int(all_labels[i])
+        score_rows.append(json.dumps(row))
+    atomic_write(out / "scores.jsonl", "".join(x + "\n" for x in score_rows))
+    plot_scores(scores, all_labels, thr, out / "scores_hist.png",
+                title=f"SAFT scores: layer {layer}, {cfg.pooling}, k={k}, sign {sign}"
+                + (", weighted" if cfg.weighted and k > 1 else ""))
+
+    settings = {key: val for key, val in asdict(cfg).items() if key not in ("progress",)}
+    settings.update(remove_fraction=fraction, max_length=max_len)
+    result = {
+        "method": "SAFT (Choi, Du, Li 2024): top-k singular directions of centred hidden states",
+        "settings": settings,
+        "model_layers": n_layers,
+        "embedding_dim": dim,
+        "used": {"layer": layer, "pooling": cfg.pooling, "k": k, "sign": sign, "weighted": cfg.weighted,
+                 "picked_by": "labels" if tuning else "defaults"},
+        "picked": asdict(picked) if picked else None,
+        "search": [asdict(c) for c in table],
+        "singular_values": [float(x) for x in sub.singular_values],
+        "threshold": thr,
+        "counts": {"samples": n, "kept": n - int(removed.sum()), "removed": int(removed.sum()),
+                   "lines": stats.lines, "blank": stats.blank, "skipped": stats.skipped, "truncated": truncated,
+                   "tuning_labelled": int((tune >= 0).sum()), "labelled": int((all_labels >= 0).sum())},
+        "evaluation": evaluation,
+        "evaluation_untuned": held_out,
+        "seconds": {key: round(v, 2) for key, v in seconds.items()},
+    }
+    atomic_write(out / "saft.json", json.dumps(result, indent=2) + "\n")
+    thr_text = "none" if thr is None else f"{thr:.4g}"
+    print(f"saft: removed {int(removed.sum())} of {n} (threshold {thr_text}); kept {n - int(removed.sum())} -> "
+          f"{out / 'kept.jsonl'}, {out / 'removed.jsonl'}")
+    if evaluation:
+        print("saft: on the labelled rows: " + _eval_line(evaluation))
+        if held_out:
+            print("saft: on the labelled rows not used for picking: " + _eval_line(held_out))
+    return result
+
+
+def _eval_line(e: dict[str, Any]) -> str:
+    parts = [f"{e['labelled']} rows ({e['leaky']} leaky)"]
+    if e["auroc"] is not None:
+        parts.append(f"AUROC {e['auroc']:.3f} (token length alone: {e['length_auroc']:.3f})")
+    if e["leaky"]:
+        parts.append(f"removal caught {e['removed_leaky']}/{e['leaky']} leaky (recall {e['recall']:.3f})")
+    if e["precision"] is not None:
+        parts.append(f"precision {e['precision']:.3f}")
+    return ", ".join(parts)
+
+
+def render_table(table: list[Candidate], picked: Candidate, *, n_labelled: int, n_leaky: int) -> str:
+    """The AUROC per (layer, k, sign) as a small text table, layers as columns."""
+    layers = sorted({c.layer for c in table})
+    keys = list(dict.fromkeys((c.k, c.sign) for c in table))
+    cell = {(c.layer, c.k, c.sign): c.auroc for c in table}
+    head = f"{'k':>3} {'sign':>4} | " + " ".join(f"{'L' + str(layer):>7}" for layer in layers)
+    lines = [f"saft: AUROC on {n_labelled} labelled rows ({n_leaky} leaky), per layer (hidden_states index)",
+             head, "-" * len(head)]
+    for k, sign in keys:
+        vals = []
+        for layer in layers:
+            v = cell.get((layer, k, sign))
+            mark = "*" if (layer, k, sign) == (picked.layer, picked.k, picked.sign) else " "
+            vals.append(f"{'':>7}" if v is None else f"{v:6.3f}{mark}")
+        lines.append(f"{k:>3} {sign:>4} | " + " ".join(vals))
+    lines.append(f"saft: picked layer {picked.layer}, k={picked.k}, sign {picked.sign} (AUROC {picked.auroc:.3f})")
+    return "\n".join(lines)
+
+
+def plot_scores(scores: torch.Tensor, labels: torch.Tensor, threshold: float | None, path: Path, *,
+                title: str = "SAFT scores") -> None:
+    """Histogram of the scores, benign / leaky / unlabelled stacked, with the threshold
+    line; written atomically (Agg canvas, no global backend switch)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    s = scores.double().numpy()
+    lab = labels.numpy()
+    fig = Figure(figsize=(6.4, 3.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    groups = [(lab == 0, "benign (label 0)", "tab:blue"), (lab == 1, "leaky (label 1)", "tab:red"),
+              (lab < 0, "unlabelled", "tab:gray")]
+    data = [(s[m], name, color) for m, name, color in groups if m.any()]
+    lo, hi = float(s.min()), float(s.max())
+    bins = 50 if hi > lo else 1
+    ax.hist([d for d, _, _ in data], bins=bins, range=(lo, hi) if hi > lo else None, stacked=True,
+            label=[nm for _, nm, _ in data], color=[c for _, _, c in data])
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3g}")
+    ax.set_xlabel("score (higher = removed first)")
+    ax.set_ylabel("samples")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write(path, buf.getvalue())
+
+
+# =========================================================================== CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cfg-unlearn saft",
+        description="SAFT: score every sample of a conversation or pair file by its projection on the top singular "
+        "directions of the model's (centred) hidden states, and split the file into kept.jsonl / removed.jsonl "
+        "(plus scores.jsonl, saft.json, scores_hist.png) in --out. Without --labels the defaults are used as they "
+        "are; with --labels, layer, k and sign (those not given) are picked by AUROC on the labelled rows.",
+    )
+    p.add_argument("--model", required=True, help="hub name, local path or tiny:<dir> of the model that embeds")
+    p.add_argument("--data", required=True,
+                   help="JSONL: conversations {id, messages, [pii], [label]} or pairs {prompt, chosen, rejected}")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--layer", type=int, default=None,
+                   help="hidden_states index: 0 = embeddings, L or -1 = last layer (default: the middle, L // 2)")
+    p.add_argument("--pooling", choices=POOLINGS, default="mean",
+                   help="mean over the sample's tokens (first token excluded) or the last token (default: mean)")
+    p.add_argument("--k", type=int, default=None, help="number of singular directions (default 1)")
+    p.add_argument("--sign", choices=SIGNS, default=None,
+                   help="k=1: + (projection, skew-oriented; = auto), - (reversed), abs; k>1: abs/auto = norm")
+    p.add_argument("--weighted", action="store_true", help="weight directions by singular value (k>1)")
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--remove-fraction", type=float, default=None,
+                     help=f"remove this share of the highest scores (default {DEFAULT_REMOVE_FRACTION})")
+    sel.add_argument("--threshold", type=float, default=None, help="remove every score above this")
+    p.add_argument("--labels", default=None,
+                   help="labelled JSONL ({id, label 0/1}; may be the data file itself) to pick layer, k, sign by AUROC")
+    p.add_argument("--search-layers", type=int, nargs="+", default=None,
+                   help="layers tried with --labels (default: all when L <= 8, else 8 spread out)")
+    p.add_argument("--search-k", type=int, nargs="+", default=None,
+                   help=f"k values tried with --labels (default {' '.join(map(str, DEFAULT_SEARCH_K))})")
+    p.add_argument("--pair-side", choices=("rejected", "chosen"), default="rejected",
+                   help="for pair rows: which answer forms the sample (default: rejected, the original data)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=2048, help="keep at most the last N tokens of a sample")
+    p.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="bad rows: stop with file:line (default) or skip them, counted and logged")
+    p.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS, help="cap on one text field")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``cfg-unlearn saft ...`` (see :func:`build_parser`); bad input exits with status 2
+    and a ``file:line: field 'x': why`` message. Use :func:`run_saft` for the results."""
+    p = build_parser()
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name, val in (("--batch-size", a.batch_size), ("--max-length", a.max_length)):
+        if val < 1:
+            p.error(f"{name} must be >= 1")
+    if a.remove_fraction is not None and not 0.0 <= a.remove_fraction <= 1.0:
+        p.error("--remove-fraction must be in [0, 1]")
+    if a.k is not None and a.k < 1:
+        p.error("--k must be >= 1")
+    if a.sign in ("+", "-") and a.k is not None and a.k != 1:
+        p.error(f"--sign {a.sign} needs --k 1 (k>1 scores the norm)")
+    cfg = SaftConfig(
+        model=a.model, data=a.data, out=a.out, layer=a.layer, pooling=a.pooling, k=a.k, sign=a.sign,
+        weighted=a.weighted, remove_fraction=a.remove_fraction, threshold=a.threshold, labels=a.labels,
+        search_layers=a.search_layers, search_k=a.search_k, pair_side=a.pair_side, batch_size=a.batch_size,
+        max_length=a.max_length, dtype=a.dtype, device=a.device, on_error=a.on_error, max_chars=a.max_chars,
+        progress=not a.quiet,
+    )
+    try:
+        run_saft(cfg)
+    except ValueError as e:  # PairFormatError included: file:line: field 'x': why
+        p.exit(2, f"cfg-unlearn saft: {e}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,449 @@
+"""SAFT filtering: the subspace math on hand-built embeddings, AUROC, selection, the data
+readers' file:line errors, the contaminated-set builder and the CLI end to end on the
+tiny model."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from cfg_unlearn import saft
+from cfg_unlearn.data.contaminated import build_contaminated, labelled_subset, write_jsonl
+from cfg_unlearn.data.schema import PairFormatError
+from cfg_unlearn.data.world import World, WorldConfig
+from cfg_unlearn.pii import contains_value
+from cfg_unlearn.prompts import render_prompt
+from cfg_unlearn.saft import (
+    auroc,
+    default_search_layers,
+    fit_subspace,
+    pool,
+    read_labels,
+    read_samples,
+    resolve_layer,
+    saft_scores,
+    search,
+    select,
+)
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def planted(n=200, d=16, frac=0.1, shift=8.0, seed=0):
+    """Gaussian noise (unit variance) with the first ``frac`` rows shifted by ``shift``
+    along a random unit direction: (embeddings, labels, direction)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    u = torch.randn(d, generator=g)
+    u /= u.norm()
+    y = torch.zeros(n, dtype=torch.long)
+    y[: int(n * frac)] = 1
+    x[y == 1] += shift * u
+    return x, y, u
+
+
+# Four points whose SVD is known by hand: mean 0, directions e1 and e2 with singular
+# values 6 (sqrt(4 * 3^2)) and 2 (sqrt(4 * 1^2)); projections p1 = +-3, p2 = +-1.
+SQUARE = torch.tensor([[3.0, 1.0, 0.0], [-3.0, 1.0, 0.0], [3.0, -1.0, 0.0], [-3.0, -1.0, 0.0]])
+
+
+# --------------------------------------------------------------------------- the math
+
+
+def test_planted_direction_is_found_and_its_rows_score_highest():
+    x, y, u = planted()
+    sub = fit_subspace(x, 1)
+    assert abs(float(sub.directions[:, 0] @ u.double())) > 0.98
+    s = saft_scores(x, k=1)  # sign auto: the minority side scores high
+    top = torch.topk(s, int(y.sum())).indices
+    assert set(top.tolist()) == set(torch.nonzero(y).flatten().tolist())
+    assert auroc(s, y) == 1.0
+    assert auroc(saft_scores(x, k=1, sign="-"), y) == 0.0
+
+
+def test_orientation_does_not_depend_on_the_svd_sign_or_the_row_order():
+    x, y, _ = planted(seed=3)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
+    a = saft_scores(x, k=1)
+    b = saft_scores(x[perm], k=1)
+    torch.testing.assert_close(a[perm], b)
+    # the minority (planted) side has the long positive tail
+    assert a[y == 1].mean() > 0 > a[y == 0].mean()
+
+
+def test_scores_are_centred_an_offset_changes_nothing():
+    x, _, _ = planted(seed=1)
+    x = x.double()  # an offset of 100 in float32 would round the data itself
+    for k, sign in ((1, "+"), (1, "abs"), (3, "abs")):
+        torch.testing.assert_close(saft_scores(x + 100.0, k=k, sign=sign), saft_scores(x, k=k, sign=sign))
+    sub = fit_subspace(x + 100.0, 2)
+    torch.testing.assert_close(sub.mean, (x + 100.0).double().mean(0))
+
+
+def test_hand_built_svd_k1_k2_and_weighting():
+    sub = fit_subspace(SQUARE, 2)
+    torch.testing.assert_close(sub.singular_values, torch.tensor([6.0, 2.0], dtype=torch.float64))
+    # symmetric data has no skew: the fixed rule orients each direction by its largest entry
+    torch.testing.assert_close(sub.directions, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]],
+                                                            dtype=torch.float64))
+    torch.testing.assert_close(saft_scores(SQUARE, k=1, sign="+"), torch.tensor([3.0, -3, 3, -3], dtype=torch.float64))
+    torch.testing.assert_close(saft_scores(SQUARE, k=1, sign="abs"), torch.full((4,), 3.0, dtype=torch.float64))
+    # k = 2: the norm of (p1, p2) = sqrt(9 + 1); weighted by sigma_j / sigma_1 = (1, 1/3)
+    torch.testing.assert_close(saft_scores(SQUARE, k=2), torch.full((4,), math.sqrt(10.0), dtype=torch.float64))
+    torch.testing.assert_close(saft_scores(SQUARE, k=2, weighted=True),
+                               torch.full((4,), math.sqrt(9 + 1 / 3), dtype=torch.float64))
+
+
+def test_k_above_one_is_the_projection_norm_on_random_data():
+    x, _, _ = planted(n=60, d=8, seed=2)
+    xc = x.double() - x.double().mean(0)
+    _, s, vh = torch.linalg.svd(xc, full_matrices=False)
+    p = xc @ vh[:3].T
+    torch.testing.assert_close(saft_scores(x, k=3), p.norm(dim=1))
+    w = s[:3] / s[0]
+    torch.testing.assert_close(saft_scores(x, k=3, weighted=True), (w * p**2).sum(1).sqrt())
+
+
+def test_gram_path_and_svd_path_agree():
+    x, _, _ = planted(n=40, d=8, seed=4)  # n > d: Gram eigenvectors
+    wide = torch.cat([x, torch.zeros(40, 60)], 1)  # n < d: SVD
+    torch.testing.assert_close(saft_scores(x, k=2), saft_scores(wide, k=2))
+    torch.testing.assert_close(saft_scores(x, k=1), saft_scores(wide, k=1))
+
+
+def test_bad_k_and_sign_are_refused():
+    x, _, _ = planted(n=10, d=4)
+    with pytest.raises(ValueError, match="k must be in"):
+        fit_subspace(x, 5)
+    with pytest.raises(ValueError, match="k must be in"):
+        fit_subspace(x[:3], 3)  # 3 centred rows span 2 dimensions
+    with pytest.raises(ValueError, match="needs k=1"):
+        saft_scores(x, k=2, sign="+")
+    with pytest.raises(ValueError, match="sign must be"):
+        saft_scores(x, k=1, sign="up")
+    with pytest.raises(ValueError, match="NaN"):
+        fit_subspace(torch.full((5, 3), float("nan")), 1)
+
+
+# --------------------------------------------------------------------------- AUROC
+
+
+def test_auroc_perfect_inverse_ties_and_random():
+    y = torch.tensor([0, 0, 1, 1])
+    assert auroc(torch.tensor([0.1, 0.2, 0.8, 0.9]), y) == 1.0
+    assert auroc(torch.tensor([0.9, 0.8, 0.2, 0.1]), y) == 0.0
+    assert auroc(torch.ones(4), y) == 0.5
+    # Mann-Whitney with a tie: positives {2, 3}, negatives {1, 2}:
+    # (2>1) + (2=2)/2 + (3>1) + (3>2) = 3.5 of 4 pairs
+    assert auroc([1.0, 2.0, 2.0, 3.0], [0, 1, 0, 1]) == pytest.approx(0.875)
+    g = torch.Generator().manual_seed(0)
+    ys = torch.randint(0, 2, (4000,), generator=g)
+    assert auroc(torch.rand(4000, generator=g), ys) == pytest.approx(0.5, abs=0.03)
+
+
+def test_auroc_matches_torchmetrics_with_heavy_ties():
+    from torchmetrics.functional.classification import binary_auroc
+
+    g = torch.Generator().manual_seed(1)
+    s = torch.randint(0, 5, (300,), generator=g).float()  # five distinct values: many ties
+    y = (torch.rand(300, generator=g) < 0.3 + 0.1 * s).long()
+    assert auroc(s, y) == pytest.approx(float(binary_auroc(s, y)), abs=1e-6)
+
+
+def test_auroc_refuses_one_class_and_bad_labels():
+    with pytest.raises(ValueError, match="both classes"):
+        auroc([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError, match="0 or 1"):
+        auroc([0.1, 0.2], [0, 2])
+    with pytest.raises(ValueError, match="scores but"):
+        auroc([0.1, 0.2, 0.3], [0, 1])
+
+
+# --------------------------------------------------------------------------- select
+
+
+def test_select_by_fraction_removes_the_top_scores():
+    s = torch.arange(50, dtype=torch.float64)
+    removed, thr = select(s, fraction=0.1)
+    assert removed.sum() == 5 and removed[45:].all() and not removed[:45].any()
+    assert thr == 45.0
+    assert select(s, fraction=0.0) == (pytest.approx(torch.zeros(50, dtype=torch.bool)), None)
+    assert select(s, fraction=1.0)[0].all()
+    assert int(select(torch.arange(10.0), fraction=0.25)[0].sum()) == 3  # 2.5 rounds half up
+
+
+def test_select_ties_at_the_cut_follow_row_order():
+    removed, thr = select(torch.tensor([1.0, 5.0, 5.0, 5.0, 0.0]), fraction=0.4)
+    assert removed.tolist() == [False, True, True, False, False] and thr == 5.0
+
+
+def test_select_by_threshold_is_strictly_above():
+    s = torch.tensor([0.5, 1.0, 1.5, 2.0])
+    removed, thr = select(s, threshold=1.0)
+    assert removed.tolist() == [False, False, True, True] and thr == 1.0
+    with pytest.raises(ValueError, match="exactly one"):
+        select(s, fraction=0.1, threshold=1.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        select(s)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        select(s, fraction=1.5)
+
+
+# --------------------------------------------------------------------------- search, layers
+
+
+def test_search_picks_the_planted_layer_k1_and_sign():
+    x, y, _ = planted(seed=5)
+    noise = torch.randn(*x.shape, generator=torch.Generator().manual_seed(9))
+    idx = torch.arange(0, 200, 2)  # half the rows are labelled
+    table, best = search({1: noise, 2: x}, idx, y[idx], ks=[1, 2, 3], prefer_layer=1)
+    assert len(table) == 2 * (3 + 1 + 1)  # per layer: k=1 (+, -, abs), k=2 abs, k=3 abs
+    assert (best.layer, best.k, best.sign, best.auroc) == (2, 1, "+", 1.0)
+    minus = next(c for c in table if (c.layer, c.k, c.sign) == (2, 1, "-"))
+    assert minus.auroc == 0.0
+    # a fixed sign restricts the candidates
+    table, best = search({2: x}, idx, y[idx], ks=[1, 2], signs=["abs"])
+    assert {(c.k, c.sign) for c in table} == {(1, "abs"), (2, "abs")}
+
+
+def test_layers_resolve_like_hidden_states():
+    assert resolve_layer(-1, 4) == 4 and resolve_layer(0, 4) == 0 and resolve_layer(-5, 4) == 0
+    for bad in (5, -6):
+        with pytest.raises(ValueError, match="out of range"):
+            resolve_layer(bad, 4)
+    assert default_search_layers(4) == [1, 2, 3, 4]
+    many = default_search_layers(32)
+    assert len(many) <= 8 and 16 in many and many[0] == 1 and many[-1] == 32
+
+
+def test_pool_mean_skips_the_first_token_and_last_takes_the_last_real_one():
+    h = torch.arange(8.0).reshape(2, 4, 1)  # row 0: 0 1 2 3, row 1: 4 5 6 7
+    lengths = torch.tensor([3, 1])
+    assert pool(h, lengths, "mean").flatten().tolist() == [1.5, 4.0]  # mean(1, 2); a lone token stays
+    assert pool(h, lengths, "last").flatten().tolist() == [2.0, 4.0]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _write(path, lines):
+    path.write_text("".join(x + "\n" for x in lines))
+    return path
+
+
+CONV = {"id": "a", "messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+
+
+@pytest.mark.parametrize("row, where", [
+    ("{not json", "x.jsonl:2: invalid JSON"),
+    (json.dumps({"id": "b"}), "x.jsonl:2: field 'messages': missing required field"),
+    (json.dumps({**CONV, "id": "b", "label": 2}), "x.jsonl:2: field 'label': expected 0 (benign) or 1"),
+    (json.dumps({**CONV, "id": "b", "label": "leaky"}), "x.jsonl:2: field 'label'"),
+    (json.dumps({"id": "b", "messages": [{"role": "bot", "content": "x"}]}), "x.jsonl:2: field 'messages[0].role'"),
+    (json.dumps({"id": "b", "messages": []}), "x.jsonl:2: field 'messages'"),
+    (json.dumps({"id": "b", "prompt": "Q?", "chosen": "A."}), "x.jsonl:2: field 'rejected': missing"),
+    (json.dumps({**CONV, "id": "b", "pii": [{"type": "EMAIL"}]}), "x.jsonl:2: field 'pii[0].value'"),
+    (json.dumps(CONV), "x.jsonl:2: field 'id': duplicate id 'a' (first on line 1)"),
+])
+def test_bad_rows_name_file_line_and_field(tmp_path, row, where):
+    path = _write(tmp_path / "x.jsonl", [json.dumps(CONV), row])
+    with pytest.raises(PairFormatError) as err:
+        read_samples(path)
+    assert str(err.value).startswith(f"{tmp_path}/{where}"), str(err.value)
+
+
+def test_skip_mode_counts_bad_rows_and_keeps_raw_lines(tmp_path):
+    ok2 = json.dumps({"id": "c", "prompt": "Q?", "chosen": "No.", "rejected": "Yes: 555-0100.", "label": True})
+    path = _write(tmp_path / "x.jsonl", [json.dumps(CONV), "{broken", "", ok2])
+    samples, lines, stats = read_samples(path, on_error="skip")
+    assert [s.id for s in samples] == ["a", "c"] and lines == [json.dumps(CONV), ok2]
+    assert (stats.skipped, stats.blank, stats.lines) == (1, 1, 4)
+    # a pair row is the prompt plus the rejected answer (default) or the chosen one
+    assert samples[1].messages[-1] == {"role": "assistant", "content": "Yes: 555-0100."} and samples[1].label == 1
+    chosen, _, _ = read_samples(path, on_error="skip", pair_side="chosen")
+    assert chosen[1].messages[-1]["content"] == "No."
+
+
+def test_labels_file_errors_name_the_line(tmp_path):
+    labels = _write(tmp_path / "l.jsonl", [json.dumps({"id": "a", "label": 1}), json.dumps({"id": "zz", "label": 0})])
+    with pytest.raises(PairFormatError, match=r"l\.jsonl:2: field 'id': id 'zz' is not in the data"):
+        read_labels(labels, {"a": 0})
+    bad = _write(tmp_path / "m.jsonl", [json.dumps({"id": "a", "label": 3})])
+    with pytest.raises(PairFormatError, match=r"m\.jsonl:1: field 'label'"):
+        read_labels(bad)
+    # rows without a label are skipped: the data file itself can be the labels file
+    mixed = _write(tmp_path / "n.jsonl", [json.dumps({**CONV, "label": 0}), json.dumps({**CONV, "id": "b"})])
+    assert read_labels(mixed) == {"a": 0}
+    with pytest.raises(PairFormatError, match="no labelled row"):
+        read_labels(_write(tmp_path / "o.jsonl", [json.dumps(CONV)]))
+
+
+def test_a_label_contradicting_the_data_row_names_the_labels_line(tmp_path):
+    labels = _write(tmp_path / "l.jsonl", [json.dumps({"id": "a", "label": 1}), json.dumps({"id": "b", "label": 1})])
+    with pytest.raises(PairFormatError, match=r"l\.jsonl:2: field 'label': 1 contradicts the data row's own label 0"):
+        read_labels(labels, {"a": 0, "b": 1}, {"a": 1, "b": 0})
+
+
+def test_parser_takes_a_bare_minus_sign():
+    a = saft.build_parser().parse_args(["--model", "m", "--data", "d", "--out", "o", "--sign", "-", "--k", "1"])
+    assert (a.sign, a.k, a.layer, a.pooling, a.remove_fraction, a.threshold) == ("-", 1, None, "mean", None, None)
+
+
+def test_render_sample_matches_the_chat_template(tiny_model_dir):
+    from cfg_unlearn.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    msgs = CONV["messages"]
+    text = saft.render_sample(tok, msgs)
+    assert text == render_prompt(tok, msgs[:1], None) + "Hello." + tok.eos_token
+    assert saft.render_sample(tok, msgs[:1], "Be kind.") == render_prompt(tok, msgs[:1], "Be kind.")
+
+
+# --------------------------------------------------------------------------- the builder
+
+
+def test_contaminated_set_is_labelled_deterministic_and_not_separable_by_length():
+    world = World(WorldConfig(seed=0, n_people=10))
+    rows = build_contaminated(world, n=300, leak_fraction=0.1, seed=0)
+    assert rows == build_contaminated(world, n=300, leak_fraction=0.1, seed=0)
+    assert rows != build_contaminated(world, n=300, leak_fraction=0.1, seed=1)
+    assert len(rows) == 300 and sum(r["label"] for r in rows) == 30
+    assert len({r["id"] for r in rows}) == 300
+    assert len({json.dumps(r["messages"]) for r in rows}) == 300
+    values = [p for p in world.known_pii() if p.type != "NAME"]
+    for r in rows:
+        answers = " ".join(m["content"] for m in r["messages"] if m["role"] == "assistant")
+        if r["label"]:
+            assert r["pii"] and all(contains_value(answers, p["value"], p["type"]) for p in r["pii"])
+        else:  # a benign row reveals no attribute of anyone
+            assert not any(contains_value(answers, p.value, p.type) for p in values), r
+    y = torch.tensor([r["label"] for r in rows])
+    chars = torch.tensor([float(sum(len(m["content"]) for m in r["messages"])) for r in rows])
+    assert 0.4 < auroc(chars, y) < 0.62  # a row's length says little about its label
+    kinds = {r["kind"] for r in rows}
+    assert {"fact", "refusal", "leak", "leak-conversation", "leak-mixed"} <= kinds
+    facts_only = build_contaminated(world, n=300, leak_fraction=0.1, seed=0, hard_negatives=0.0)
+    assert not any(r["kind"].startswith("refusal") for r in facts_only)
+    y0 = torch.tensor([r["label"] for r in facts_only])
+    chars0 = torch.tensor([float(sum(len(m["content"]) for m in r["messages"])) for r in facts_only])
+    assert 0.4 < auroc(chars0, y0) < 0.7
+    sub = labelled_subset(rows, 50, seed=0)
+    assert len(sub) == 50 and sum(r["label"] for r in sub) == 5 and set(sub[0]) == {"id", "label"}
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    world = World(WorldConfig(seed=0, n_people=6))
+    rows = build_contaminated(world, n=60, leak_fraction=0.1, seed=0)
+    d = tmp_path_factory.mktemp("saft_data")
+    write_jsonl(d / "data.jsonl", rows)
+    write_jsonl(d / "labels.jsonl", labelled_subset(rows, 30, seed=0))
+    return world, rows, d
+
+
+def test_embedding_does_not_depend_on_batching(tiny_model_dir):
+    from cfg_unlearn.models import load_causal_lm, load_tokenizer
+
+    model, tok = load_causal_lm(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
+    texts = [saft.render_sample(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+             for q, a in [("What is 2 plus 3?", "5."), ("Where does Ann Lee live? Tell me everything you know.",
+                                                         "I can't share where a private person lives.")]]
+    for pooling in ("mean", "last"):
+        both, _ = saft.embed_layers(model, tok, texts, [1, -1], pooling=pooling, batch_size=2, progress=False)
+        alone = saft.embed(model, tok, texts[:1], layer=1, pooling=pooling, progress=False)
+        torch.testing.assert_close(both[1][:1], alone, atol=1e-5, rtol=1e-4)
+        assert both[-1].shape == (2, model.config.hidden_size)
+    cut, n_cut = saft.embed_layers(model, tok, texts, [1], max_length=4, progress=False)
+    assert n_cut == 2 and torch.isfinite(cut[1]).all()
+
+
+def test_cli_end_to_end_writes_every_output_atomically(tiny_model_dir, small_set, tmp_path, capsys, monkeypatch):
+    world, rows, d = small_set
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "kept.jsonl").write_text("stale\n" * 500)  # replaced, not appended to
+    written = []
+    real = saft.atomic_write
+    monkeypatch.setattr(saft, "atomic_write", lambda p, data: (written.append(p.name), real(p, data)))
+    saft.main(["--model", str(tiny_model_dir), "--data", str(d / "data.jsonl"), "--out", str(out),
+               "--quiet", "--batch-size", "7"])
+    result = json.loads((out / "saft.json").read_text())
+    assert sorted(written) == sorted(["kept.jsonl", "removed.jsonl", "scores.jsonl", "saft.json", "scores_hist.png"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(written)  # no temp files left behind
+
+    raw = (d / "data.jsonl").read_text().splitlines()
+    kept = (out / "kept.jsonl").read_text().splitlines()
+    removed = (out / "removed.jsonl").read_text().splitlines()
+    assert len(removed) == 6 and len(kept) == 54  # 10% of 60
+    assert sorted(kept + removed) == sorted(raw)  # rows unchanged, byte for byte
+    assert kept == [x for x in raw if x in set(kept)]  # input order kept
+    scores = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in scores] == [r["id"] for r in rows]
+    assert {s["id"] for s in scores if s["removed"]} == {json.loads(x)["id"] for x in removed}
+    assert all(s["label"] == r["label"] for s, r in zip(scores, rows))
+    thr = result["threshold"]
+    assert min(s["score"] for s in scores if s["removed"]) == thr
+    assert max(s["score"] for s in scores if not s["removed"]) <= thr
+
+    meta = result
+    assert meta["used"] == {"layer": 1, "pooling": "mean", "k": 1, "sign": "+", "weighted": False,
+                            "picked_by": "defaults"}  # the tiny model has 2 layers: the middle is 1
+    assert meta["counts"]["samples"] == 60 and meta["counts"]["removed"] == 6 and meta["picked"] is None
+    ev = meta["evaluation"]
+    assert ev["labelled"] == 60 and ev["leaky"] == 6 and ev["removed_leaky"] == round(ev["recall"] * 6)
+    assert (out / "scores_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    printed = capsys.readouterr()
+    shown = printed.out + printed.err
+    assert "removed 6 of 60" in shown
+    for item in world.known_pii():  # no PII value, name or row text reaches the console
+        assert item.value not in shown
+    assert rows[0]["messages"][0]["content"] not in shown
+
+
+def test_cli_with_labels_picks_and_prints_the_table(tiny_model_dir, small_set, tmp_path, capsys):
+    world, rows, d = small_set
+    out = tmp_path / "out"
+    saft.main(["--model", str(tiny_model_dir), "--data", str(d / "data.jsonl"), "--out", str(out),
+               "--labels", str(d / "labels.jsonl"), "--search-k", "1", "2", "--threshold", "0", "--quiet"])
+    result = json.loads((out / "saft.json").read_text())
+    printed = capsys.readouterr().out
+    assert "AUROC on 30 labelled rows (3 leaky)" in printed and "picked layer" in printed
+    assert len(result["search"]) == 2 * 4  # layers 1, 2 x (k=1: +, -, abs; k=2: abs)
+    best = max(c["auroc"] for c in result["search"])
+    assert result["picked"]["auroc"] == best and result["used"]["picked_by"] == "labels"
+    assert (result["used"]["layer"], result["used"]["k"], result["used"]["sign"]) == (
+        result["picked"]["layer"], result["picked"]["k"], result["picked"]["sign"])
+    assert result["counts"]["tuning_labelled"] == 30
+    assert result["evaluation_untuned"]["labelled"] == 30  # the data's own labels on the other rows
+    scores = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
+    assert sum(s["removed"] for s in scores) == sum(s["score"] > 0 for s in scores) == result["counts"]["removed"]
+    for item in world.known_pii():
+        assert item.value not in printed
+
+
+def test_cli_fixed_options_are_not_searched(tiny_model_dir, small_set, tmp_path, capsys):
+    _, _, d = small_set
+    result = saft.run_saft(saft.SaftConfig(
+        model=str(tiny_model_dir), data=str(d / "data.jsonl"), out=str(tmp_path / "o"), labels=str(d / "data.jsonl"),
+        layer=-1, k=1, sign="-", pooling="last", progress=False))
+    assert {(c["layer"], c["k"], c["sign"]) for c in result["search"]} == {(2, 1, "-")}
+    assert result["used"]["pooling"] == "last"
+
+
+def test_cli_errors_exit_2_with_file_line(tiny_model_dir, tmp_path, capsys):
+    data = _write(tmp_path / "d.jsonl", [json.dumps(CONV), json.dumps({"id": "b", "messages": "hi"})])
+    with pytest.raises(SystemExit) as e:
+        saft.main(["--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "o"), "--quiet"])
+    assert e.value.code == 2
+    assert f"{data}:2: field 'messages'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written on a bad input
+    with pytest.raises(SystemExit) as e:
+        saft.main(["--model", "m", "--data", str(data), "--out", "o", "--remove-fraction", "0.1", "--threshold", "1"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        saft.main(["--model", "m", "--data", str(data), "--out", "o", "--k", "2", "--sign", "+"])
