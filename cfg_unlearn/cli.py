@@ -162,24 +162,29 @@ def _demo(argv: list[str]) -> None:
     p.add_argument("--cond-dropout", type=float, default=d.cond_dropout)
     p.add_argument("--scales", type=float, nargs="+", default=list(d.scales))
     p.add_argument("--spaces", nargs="+", choices=("logprob", "prob"), default=list(d.spaces))
+    p.add_argument("--compare", action="store_true",
+                   help="also train ORPO without dropout, NPO, gradient ascent, DPO and SFT on the same pairs and "
+                   "apply model subtraction, and compare them (a few more minutes; comparison.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     quiet_third_party_warnings()
     cfg = DemoConfig(out=a.out, seed=a.seed, people=a.people, leak_epochs=a.leak_epochs,
                      unlearn_epochs=a.unlearn_epochs, unlearn_lr=a.unlearn_lr, cond_dropout=a.cond_dropout,
-                     scales=tuple(a.scales), spaces=tuple(a.spaces))
+                     scales=tuple(a.scales), spaces=tuple(a.spaces), compare=a.compare)
     run_demo(cfg, progress=not a.quiet)
 
 
 def console_main(argv: list[str] | None = None) -> None:
-    """``cfg-unlearn <demo|fit|validate|test|generate|build-tiny> ...``"""
+    """``cfg-unlearn <demo|fit|validate|test|generate|subtract|saft|build-tiny> ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: cfg-unlearn {demo,fit,validate,test,generate,build-tiny} [options]   (-h after a command for its help)"
+    usage = "usage: cfg-unlearn {demo,fit,validate,test,generate,subtract,saft,build-tiny} [options]   (-h after a command for its help)"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         print("  demo               the whole method end to end on CPU, offline (report in --out)")
         print("  fit/validate/test  train or score with a YAML config (same as `python train.py ...`)")
         print("  generate           write PII-free replacement pairs for forget data with a model")
+        print("  subtract           model subtraction: base - alpha * (finetuned - base), tensor by tensor")
+        print("  saft               score and filter PII-bearing samples from a data set (SAFT)")
         print("  build-tiny         build the offline tiny tokenizer + model into a directory")
         sys.exit(0 if argv else 2)
     cmd, rest = argv[0], argv[1:]
@@ -191,6 +196,14 @@ def console_main(argv: list[str] | None = None) -> None:
         _generate(rest)
     elif cmd == "demo":
         _demo(rest)
+    elif cmd == "subtract":
+        from cfg_unlearn.subtract import main as subtract_main
+
+        subtract_main(rest)
+    elif cmd == "saft":
+        from cfg_unlearn.saft import main as saft_main
+
+        saft_main(rest)
     else:
         print(f"cfg-unlearn: unknown command {cmd!r}\n{usage}", file=sys.stderr)
         sys.exit(2)
