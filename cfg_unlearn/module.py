@@ -1,4 +1,5 @@
-"""UnlearnModule: the Hugging Face model, the conditioning hook and the ORPO step.
+"""UnlearnModule: the Hugging Face model, the conditioning hook and the training step
+(ORPO by default; NPO, DPO, gradient ascent and SFT as baselines on the same data).
 
 Design notes (why it looks like this):
 
@@ -9,6 +10,11 @@ Design notes (why it looks like this):
   same forwards.
 * The optimizer and scheduler are injected callables over the *trainable* parameters
   only, so a frozen base under LoRA costs no optimizer state.
+* NPO and DPO need the log-probs of a reference (the model before unlearning). With
+  LoRA it is the same model with its adapters disabled (no second copy); for full
+  fine-tuning, a frozen copy (``reference: copy``) or log-probs computed once before
+  training and kept in the checkpoint (``reference: precomputed``: no second model in
+  memory, one extra pass over the data; resumed runs keep the original reference).
 * The conditioning hook (:func:`apply_conditioning`) is a pure function of the batch and
   a per-sample mask drawn from a generator seeded by (seed, rank, epoch, batch index),
   so a run is reproducible and a resumed run draws the same masks.
@@ -25,12 +31,28 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from cfg_unlearn.data.datamodule import VARIANTS
 from cfg_unlearn.models import load_causal_lm
-from cfg_unlearn.objectives import IGNORE_INDEX, masked_nll, masked_sequence_mean, orpo_loss, token_logps
+from cfg_unlearn.objectives import (
+    IGNORE_INDEX,
+    dpo_loss,
+    ga_loss,
+    masked_nll,
+    masked_sequence_mean,
+    npo_loss,
+    orpo_loss,
+    sft_loss,
+    token_logps,
+)
 
 log = logging.getLogger(__name__)
 
 TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "nll_labels")
+OBJECTIVES = ("orpo", "npo", "dpo", "ga", "sft")
+#: which answers of a pair each objective scores (0 = chosen/replacement, 1 = rejected/leak):
+#: only those rows go through the model
+SIDES = {"orpo": (0, 1), "dpo": (0, 1), "npo": (1,), "ga": (1,), "sft": (0,)}
+NEEDS_REFERENCE = ("npo", "dpo")
 
 
 def draw_dropout_mask(n: int, p: float, seed_parts: tuple[int, ...]) -> torch.Tensor:
@@ -75,8 +97,16 @@ class UnlearnModule(L.LightningModule):
             for the model's own default.
         gradient_checkpointing: recompute activations in backward (less memory).
         trust_remote_code: run a hub repo's modelling code. Off unless you trust it.
-        objective: training objective; ``orpo`` (NPO/DPO/GA/SFT arrive with issue 5).
-        beta: weight of ORPO's odds-ratio term (the paper's lambda, TRL's beta).
+        objective: ``orpo`` (the method: NLL on the replacement + odds ratio against
+            the leak), or a baseline on the same pairs: ``npo`` (negative preference
+            optimisation on the leak), ``dpo`` (replacement over leak), ``ga``
+            (gradient ascent on the leak), ``sft`` (NLL on the replacement).
+        beta: ORPO's odds-ratio weight (the paper's lambda, TRL's beta); NPO's and DPO's
+            inverse temperature. 0.1 is every paper's default.
+        reference: for ``npo``/``dpo`` with full fine-tuning: ``copy`` (a frozen copy of
+            the starting model) or ``precomputed`` (its log-probs, computed once at fit
+            start and saved in checkpoints). A LoRA model uses itself with adapters
+            disabled and ignores this.
         cond_dropout: per-sample probability of training on the unconditioned variant.
         cond_mode: ``dropout`` (blanked instruction, same targets) or ``swap`` (the
             negative instruction with chosen and rejected exchanged; needs
@@ -93,8 +123,9 @@ class UnlearnModule(L.LightningModule):
         attn_implementation: str | None = "sdpa",
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
-        objective: Literal["orpo"] = "orpo",
+        objective: Literal["orpo", "npo", "dpo", "ga", "sft"] = "orpo",
         beta: float = 0.1,
+        reference: Literal["copy", "precomputed"] = "copy",
         cond_dropout: float = 0.0,
         cond_mode: Literal["dropout", "swap"] = "dropout",
         seed: int = 0,
@@ -102,8 +133,12 @@ class UnlearnModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()
-        if objective != "orpo":
-            raise ValueError(f"objective {objective!r} is not available yet; supported: 'orpo'")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
+        if reference not in ("copy", "precomputed"):
+            raise ValueError(f"reference must be 'copy' or 'precomputed', got {reference!r}")
+        if beta <= 0 and objective in ("npo", "dpo"):
+            raise ValueError(f"beta must be > 0 for {objective}, got {beta}")
         if not 0.0 <= cond_dropout <= 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
         if cond_mode not in ("dropout", "swap"):
@@ -111,6 +146,11 @@ class UnlearnModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model_name = model
         self.beta, self.cond_dropout, self.cond_mode, self.seed = beta, cond_dropout, cond_mode, seed
+        self.objective, self.reference = objective, reference
+        # not a registered submodule: kept out of checkpoints, the optimizer and sharding
+        self._reference_model: tuple[torch.nn.Module, ...] = ()
+        # id -> (variant cond/uncond, side chosen/rejected) summed log-probs of the reference
+        self.reference_logps: dict[str, torch.Tensor] | None = None
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.model: torch.nn.Module | None = None
         # cumulative conditioning counts, for the measured dropout rate
@@ -152,26 +192,87 @@ class UnlearnModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
 
-    def forward_pairs(self, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """ORPO loss and metrics for ``(B, 2, L)`` tensors, in one forward of ``2B`` rows."""
+    def _uses_adapters_as_reference(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.model, PeftModel)  # adapters off = the starting model
+
+    def _build_reference(self) -> None:
+        if self.objective not in NEEDS_REFERENCE or self._uses_adapters_as_reference():
+            return
+        if self.reference == "copy" and not self._reference_model:
+            import copy
+
+            ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self._reference_model = (ref,)
+
+    def _rows(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``(B, 2, L)`` -> ``(len(sides)*B, L)``, the objective's sides stacked (chosen first)."""
+        return {k: torch.cat([x[k][:, s] for s in SIDES[self.objective]], dim=0) for k in TENSOR_KEYS}
+
+    def _reference_forward(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed response log-probs of the reference model, ``(rows,)``."""
+        with torch.no_grad():
+            if self._uses_adapters_as_reference():
+                with self.model.disable_adapter():
+                    logits = self.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
+                                        use_cache=False).logits
+            else:
+                ref = self._reference_model[0]
+                if next(ref.parameters()).device != rows["input_ids"].device:
+                    ref.to(rows["input_ids"].device)
+                logits = ref(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], use_cache=False).logits
+            logps, mask = token_logps(logits, rows["labels"])
+            return logps.sum(-1).float()
+
+    def reference_for(self, x: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], ids: list[str] | None,
+                      use_uncond: torch.Tensor | None) -> torch.Tensor | None:
+        """The reference's summed log-probs of the rows in ``rows``: from the adapters-off
+        model, the frozen copy, or the precomputed table (looked up by pair id and
+        conditioning variant, swapped like the batch in swap mode). None when the table
+        is missing (validate without a fit's checkpoint)."""
+        if self._uses_adapters_as_reference() or self.reference == "copy":
+            return self._reference_forward(rows)
+        if self.reference_logps is None or ids is None:
+            return None
+        table = torch.stack([self.reference_logps[i] for i in ids])  # (B, variant, side)
+        uncond = use_uncond.to(table.device).view(-1, 1) if use_uncond is not None else None
+        per_side = table[:, 0] if uncond is None else torch.where(uncond, table[:, 1], table[:, 0])  # (B, side)
+        if uncond is not None and self.cond_mode == "swap":
+            per_side = torch.where(uncond, per_side.flip(1), per_side)
+        return torch.cat([per_side[:, s] for s in SIDES[self.objective]]).to(rows["input_ids"].device)
+
+    def forward_pairs(self, x: dict[str, torch.Tensor], ids: list[str] | None = None,
+                      use_uncond: torch.Tensor | None = None) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The objective's loss and metrics for ``(B, 2, L)`` tensors: the sides it
+        scores go through the model in one forward (``2B`` rows for ORPO and DPO,
+        ``B`` for the others). ``ids``/``use_uncond`` locate precomputed reference
+        log-probs. The loss is None if the reference is unavailable."""
         b = x["input_ids"].shape[0]
-
-        def rows(t: torch.Tensor) -> torch.Tensor:  # (B, 2, L) -> (2B, L): chosen rows first
-            return torch.cat([t[:, 0], t[:, 1]], dim=0)
-
-        input_ids, attn, labels, nll_labels = (rows(x[k]) for k in TENSOR_KEYS)
-        logits = self.model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits
+        rows = self._rows(x)
+        logits = self.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], use_cache=False).logits
         # one gather for both terms: nll_labels score a superset of labels' positions
-        scored = torch.where(nll_labels != IGNORE_INDEX, nll_labels, labels)
+        scored = torch.where(rows["nll_labels"] != IGNORE_INDEX, rows["nll_labels"], rows["labels"])
         logps, _ = token_logps(logits, scored)
-        resp_mask = labels[:, 1:] != IGNORE_INDEX
-        nll_mask = nll_labels[:, 1:] != IGNORE_INDEX
-        seq = masked_sequence_mean(logps, resp_mask)
-        chosen_nll = masked_nll(logps[:b], nll_mask[:b])
-        loss, metrics = orpo_loss(seq[:b], seq[b:], chosen_nll, beta=self.beta)
-        metrics["logps/chosen"] = seq[:b].detach().mean()
-        metrics["logps/rejected"] = seq[b:].detach().mean()
-        return loss, metrics
+        resp_mask = rows["labels"][:, 1:] != IGNORE_INDEX
+        nll_mask = rows["nll_labels"][:, 1:] != IGNORE_INDEX
+        if self.objective == "orpo":
+            seq = masked_sequence_mean(logps, resp_mask)
+            loss, metrics = orpo_loss(seq[:b], seq[b:], masked_nll(logps[:b], nll_mask[:b]), beta=self.beta)
+            metrics["logps/chosen"] = seq[:b].detach().mean()
+            metrics["logps/rejected"] = seq[b:].detach().mean()
+            return loss, metrics
+        if self.objective == "sft":
+            return sft_loss(masked_nll(logps, nll_mask))
+        if self.objective == "ga":  # the forget answer only, never its prompt
+            return ga_loss(masked_nll(logps, resp_mask))
+        seq = (logps * resp_mask).sum(-1)  # NPO and DPO use summed log-probs
+        ref = self.reference_for(x, rows, ids, use_uncond)
+        if ref is None:
+            return None, {"logps/" + ("forget" if self.objective == "npo" else "chosen"): seq[:b].detach().mean()}
+        if self.objective == "npo":
+            return npo_loss(seq, ref, beta=self.beta)
+        return dpo_loss(seq[:b], seq[b:], ref[:b], ref[b:], beta=self.beta)
 
     def conditioning_mask(self, n: int, batch_idx: int) -> torch.Tensor:
         return draw_dropout_mask(n, self.cond_dropout, (self.seed, self.global_rank, self.current_epoch, batch_idx))
@@ -180,26 +281,83 @@ class UnlearnModule(L.LightningModule):
         n = batch["cond"]["input_ids"].shape[0]
         use_uncond = self.conditioning_mask(n, batch_idx)
         x = apply_conditioning(batch, use_uncond, self.cond_mode)
-        loss, metrics = self.forward_pairs(x)
+        loss, metrics = self.forward_pairs(x, batch.get("id"), use_uncond)
+        if loss is None:
+            raise RuntimeError("the reference log-probs of this batch are missing (reference='precomputed')")
         self.cond_counts += torch.tensor([int(use_uncond.sum()), n], device=self.cond_counts.device)
         metrics["cond_dropout_rate"] = use_uncond.float().mean()
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
-        self.log("train/rewards/margins", metrics.pop("rewards/margins"), prog_bar=True, batch_size=n)
+        if "rewards/margins" in metrics:  # the preference objectives' headline number
+            self.log("train/rewards/margins", metrics.pop("rewards/margins"), prog_bar=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=n)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         n = batch["cond"]["input_ids"].shape[0]
-        for name, use_uncond in (("val", False), ("val/uncond", True)):
-            x = apply_conditioning(batch, torch.full((n,), use_uncond), self.cond_mode)
-            loss, metrics = self.forward_pairs(x)
-            metrics["loss"] = loss
+        for name, flag in (("val", False), ("val/uncond", True)):
+            use_uncond = torch.full((n,), flag)
+            x = apply_conditioning(batch, use_uncond, self.cond_mode)
+            loss, metrics = self.forward_pairs(x, batch.get("id"), use_uncond)
+            if loss is not None:
+                metrics["loss"] = loss
             self.log_dict(
                 {f"{name}/{k}": v for k, v in metrics.items()},
                 batch_size=n,
                 sync_dist=True,
                 prog_bar=False,
             )
+
+    # ------------------------------------------------------------------ reference
+
+    def on_fit_start(self) -> None:
+        self._build_reference()
+        if (self.objective in NEEDS_REFERENCE and self.reference == "precomputed"
+                and not self._uses_adapters_as_reference() and self.reference_logps is None):
+            self.reference_logps = self.compute_reference_logps()
+
+    def compute_reference_logps(self) -> dict[str, torch.Tensor]:
+        """Summed response log-probs of the current (starting) model for every pair of
+        the data module, both variants and both answers: ``id -> (2, 2)`` tensor.
+        Every rank computes the whole table, so no collective is needed."""
+        from tqdm.auto import tqdm
+
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "reference_dataloaders"):
+            raise ValueError("reference='precomputed' needs a PairDataModule (data: in the config)")
+        was_training = self.model.training
+        self.model.eval()
+        table: dict[str, torch.Tensor] = {}
+        loaders = dm.reference_dataloaders()
+        total = sum(len(dl) for dl in loaders)
+        with torch.no_grad():
+            bar = tqdm(total=total, desc="reference log-probs", disable=self.global_rank != 0)
+            for dl in loaders:
+                for batch in dl:
+                    per_variant = []
+                    for v in VARIANTS:
+                        x = {k: batch[v][k].to(self.device) for k in TENSOR_KEYS}
+                        rows = {k: torch.cat([x[k][:, 0], x[k][:, 1]]) for k in TENSOR_KEYS}
+                        logits = self.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
+                                            use_cache=False).logits
+                        logps, _ = token_logps(logits, rows["labels"])
+                        per_variant.append(logps.sum(-1).float().view(2, -1).T.cpu())  # (B, side)
+                    for i, pid in enumerate(batch["id"]):
+                        table[pid] = torch.stack([per_variant[0][i], per_variant[1][i]])
+                    bar.update(1)
+            bar.close()
+        self.model.train(was_training)
+        return table
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a resumed run must compare against the *starting* model, not the resumed one
+        if self.reference_logps is not None:
+            ids = sorted(self.reference_logps)
+            checkpoint["reference_logps"] = {"ids": ids, "values": torch.stack([self.reference_logps[i] for i in ids])}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("reference_logps")
+        if saved is not None:
+            self.reference_logps = dict(zip(saved["ids"], saved["values"]))
 
     def on_train_epoch_end(self) -> None:
         # summed over ranks (every rank calls this hook, so the collective is safe)

@@ -1,5 +1,7 @@
 """UnlearnModule: the conditioning hook, the one-forward ORPO step, optimizer wiring."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch
 from cfg_unlearn.data.datamodule import PairDataModule
 from cfg_unlearn.data.world import WorldConfig
 from cfg_unlearn.module import UnlearnModule, apply_conditioning, draw_dropout_mask
-from cfg_unlearn.objectives import orpo_loss, sequence_logps
+from cfg_unlearn.objectives import dpo_loss, npo_loss, orpo_loss, sequence_logps
 from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION
 
 
@@ -140,7 +142,9 @@ def test_swap_mode_requires_negative_instruction(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("kwargs,match", [
     ({"cond_dropout": 1.5}, "cond_dropout"),
     ({"cond_mode": "flip"}, "cond_mode"),
-    ({"objective": "npo"}, "not available yet"),
+    ({"objective": "kto"}, "objective must be one of"),
+    ({"objective": "npo", "beta": 0.0}, "beta must be > 0"),
+    ({"objective": "dpo", "reference": "disk"}, "reference must be"),
 ])
 def test_bad_module_arguments_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -164,3 +168,122 @@ def test_memory_and_precision_options_give_finite_gradients(tiny_setup, kwargs):
     grads = [p.grad for p in m.model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+# ------------------------------------------------------------------ baselines: NPO, DPO, GA, SFT
+
+
+def _fit(module, dm, tmp_path, steps=3, **kw):
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                        deterministic=True, **{"enable_checkpointing": False, **kw})
+    trainer.fit(module, datamodule=dm)
+    return trainer
+
+
+def test_baseline_objectives_at_the_start_equal_their_closed_forms(tiny_setup):
+    """Before any update the policy is its own reference: NPO gives (2/beta) ln 2 and DPO
+    ln 2 exactly; SFT is Hugging Face's loss on the replacement (prompt+response span, as
+    configured) and GA minus its loss on the leak's response tokens."""
+    spec, dm = tiny_setup
+    batch = next(iter(dm.train_dataloader()))
+    x = apply_conditioning(batch, torch.zeros(4, dtype=torch.bool))
+    out = {}
+    for objective in ("npo", "dpo", "sft", "ga"):
+        m = UnlearnModule(model=spec, objective=objective, beta=0.5)
+        m.configure_model()
+        m.model.eval()
+        m._build_reference()
+        with torch.no_grad():
+            out[objective] = m.forward_pairs(x)[0].item()
+    with torch.no_grad():
+        hf_c = m.model(input_ids=x["input_ids"][:, 0], attention_mask=x["attention_mask"][:, 0],
+                       labels=x["nll_labels"][:, 0]).loss.item()
+        hf_r = m.model(input_ids=x["input_ids"][:, 1], attention_mask=x["attention_mask"][:, 1],
+                       labels=x["labels"][:, 1]).loss.item()
+    assert out["npo"] == pytest.approx(2 / 0.5 * math.log(2), abs=1e-6)
+    assert out["dpo"] == pytest.approx(math.log(2), abs=1e-6)
+    assert out["sft"] == pytest.approx(hf_c, abs=1e-5)
+    assert out["ga"] == pytest.approx(-hf_r, abs=1e-5)
+    assert hf_c != pytest.approx(hf_r, abs=1e-3)  # the two sides really differ
+
+
+def test_npo_and_dpo_against_separately_computed_reference(tiny_setup):
+    """After the policy moves, the step's NPO/DPO loss equals the pure loss on summed
+    log-probs from two separate forwards of the policy and of the untouched start model."""
+    spec, dm = tiny_setup
+    batch = next(iter(dm.train_dataloader()))
+    x = apply_conditioning(batch, torch.tensor([False, True, False, True]))
+    start = UnlearnModule(model=spec)
+    start.configure_model()
+    start.model.eval()
+    for objective in ("npo", "dpo"):
+        m = UnlearnModule(model=spec, objective=objective)
+        m.configure_model()
+        m._build_reference()  # copies the start ...
+        with torch.no_grad():  # ... then the policy moves away from it
+            for p in m.model.parameters():
+                p.add_(0.02 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
+        m.model.eval()
+        with torch.no_grad():
+            loss, _ = m.forward_pairs(x)
+            pol = [sequence_logps(m.model(input_ids=x["input_ids"][:, k], attention_mask=x["attention_mask"][:, k]).logits,
+                                  x["labels"][:, k], average=False) for k in (0, 1)]
+            ref = [sequence_logps(start.model(input_ids=x["input_ids"][:, k],
+                                              attention_mask=x["attention_mask"][:, k]).logits,
+                                  x["labels"][:, k], average=False) for k in (0, 1)]
+        expected = npo_loss(pol[1], ref[1])[0] if objective == "npo" else dpo_loss(pol[0], pol[1], ref[0], ref[1])[0]
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert abs(loss.item() - (20 * math.log(2) if objective == "npo" else math.log(2))) > 1e-3
+
+
+@pytest.mark.parametrize("objective,cond_mode", [("npo", "dropout"), ("dpo", "swap")])
+def test_precomputed_reference_trains_exactly_like_the_frozen_copy(tiny_model_dir, tmp_path, objective, cond_mode):
+    """Same seed, same batches, same conditioning draws (half the rows unconditioned, swapped
+    in swap mode): the table looked up by pair id and variant gives the weights the frozen
+    copy gives."""
+    spec = f"tiny:{tiny_model_dir}"
+    weights = {}
+    for reference in ("copy", "precomputed"):
+        dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4, val_fraction=0.0,
+                            uncond_system_prompt=NEGATIVE_INSTRUCTION if cond_mode == "swap" else None)
+        L.seed_everything(0)
+        m = UnlearnModule(model=spec, objective=objective, reference=reference, cond_dropout=0.5, cond_mode=cond_mode,
+                          optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
+        _fit(m, dm, tmp_path, steps=3)
+        weights[reference] = {n: p.detach().clone() for n, p in m.model.named_parameters()}
+        if reference == "precomputed":
+            assert len(m.reference_logps) == 4 * 6 and m._reference_model == ()  # no second model
+        else:
+            assert m.reference_logps is None
+    start = UnlearnModule(model=spec)
+    start.configure_model()
+    start_weights = dict(start.model.named_parameters())
+    for n, w in weights["copy"].items():
+        torch.testing.assert_close(weights["precomputed"][n], w, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(w, start_weights[n]) for n, w in weights["copy"].items())  # training moved them
+    assert m.cond_counts[0] > 0  # the unconditioned lookups were exercised
+
+
+def test_precomputed_reference_is_kept_in_checkpoints(tiny_model_dir, tmp_path):
+    """A resumed NPO run must compare with the starting model: the table travels in the
+    checkpoint and is not recomputed from the resumed weights."""
+    spec = f"tiny:{tiny_model_dir}"
+    dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4, val_fraction=0.0)
+    m = UnlearnModule(model=spec, objective="npo", reference="precomputed",
+                      optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    trainer = _fit(m, dm, tmp_path, steps=2, enable_checkpointing=True)
+    ckpt = trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path
+    table = m.reference_logps
+    resumed = UnlearnModule(model=spec, objective="npo", reference="precomputed",
+                            optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    trainer2 = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                         enable_checkpointing=False)
+    trainer2.fit(resumed, datamodule=dm, ckpt_path=ckpt)
+    assert trainer2.global_step == 3
+    assert resumed.reference_logps.keys() == table.keys()
+    for k in table:
+        assert torch.equal(resumed.reference_logps[k], table[k])
+    fresh = resumed.compute_reference_logps()  # what the resumed weights would have given
+    assert any(not torch.allclose(fresh[k], table[k]) for k in table)

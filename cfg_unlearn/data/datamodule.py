@@ -33,6 +33,9 @@ from cfg_unlearn.prompts import SAFETY_INSTRUCTION, render_prompt
 from cfg_unlearn.tiny import resolve_pretrained
 
 log = logging.getLogger(__name__)
+# the data module's hyperparameters (saved in every checkpoint) may hold a WorldConfig:
+# a plain dataclass of numbers, safe for torch.load(weights_only=True), which resume uses
+torch.serialization.add_safe_globals([WorldConfig])
 
 IGNORE_INDEX = -100
 VARIANTS = ("cond", "uncond")
@@ -291,6 +294,12 @@ class PairDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def reference_dataloaders(self) -> list[DataLoader]:
+        """Every train and validation pair once, in order: for a reference model's
+        log-probs computed before training (NPO/DPO with ``reference: precomputed``)."""
+        return [self._loader(ds, self.eval_batch_size, shuffle=False)
+                for ds in (self.train_dataset, self.val_dataset) if ds is not None]
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:
