@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import lightning as L
 import torch
 
 from cfg_unlearn.data.schema import EvalRecord, ForgetRecord, write_pairs
@@ -40,6 +41,7 @@ class DemoConfig:
     seed: int = 0
     people: int = 30
     paraphrases: int = 8
+    chat_epochs: int = 6
     leak_epochs: int = 14
     leak_lr: float = 3e-3
     unlearn_epochs: int = 3
@@ -51,11 +53,12 @@ class DemoConfig:
     max_new_tokens: int = 32
     max_attacks: int | None = 150
     batch_size: int = 16
+    compare: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
 
 
 def finetune(model, tokenizer, examples, *, epochs: int, lr: float, seed: int, batch_size: int = 16,
-             progress: bool = True) -> list[float]:
+             progress: bool = True, desc: str = "fine-tune the model to fix") -> list[float]:
     """Plain causal-LM fine-tuning on (prompt messages, answer) pairs, answer tokens only:
     the "before" of the story (how the model came to memorise PII), kept to a seeded
     loop so that every run of the demo starts from the same leaky model."""
@@ -73,7 +76,7 @@ def finetune(model, tokenizer, examples, *, epochs: int, lr: float, seed: int, b
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     model.train()
     losses = []
-    bar = tqdm(total=steps, desc="fine-tune the model to fix", disable=not progress)
+    bar = tqdm(total=steps, desc=desc, disable=not progress)
     for epoch in range(epochs):
         order = list(range(len(data)))
         random.Random(f"{seed}-{epoch}").shuffle(order)
@@ -123,16 +126,88 @@ def evaluate(model, tokenizer, probes: list[EvalRecord], attacks: list[EvalRecor
     }
 
 
-def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
-    import lightning as L
+def unlearn(cfg: DemoConfig, leaky_dir: Path, pairs_file: Path, log_dir: Path, *, objective: str, cond_dropout: float,
+            progress: bool, callbacks: list | None = None, version: str = "unlearn"):
+    """Unlearning on the pairs with ``UnlearnModule`` in a Lightning Trainer (the same
+    module ``train.py fit`` runs); returns the trained model in eval mode."""
     from lightning.pytorch.loggers import CSVLogger
 
-    from cfg_unlearn.callbacks import subsample
     from cfg_unlearn.data.datamodule import PairDataModule
+    from cfg_unlearn.module import UnlearnModule
+
+    L.seed_everything(cfg.seed, verbose=False)
+    module = UnlearnModule(model=str(leaky_dir), objective=objective, cond_dropout=cond_dropout, beta=cfg.beta,
+                           seed=cfg.seed, reference="precomputed",
+                           optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.unlearn_lr, weight_decay=0.0))
+    data = PairDataModule(tokenizer=str(leaky_dir), train_file=str(pairs_file), val_fraction=0.0,
+                          batch_size=cfg.batch_size, seed=cfg.seed)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=cfg.unlearn_epochs,
+                        logger=CSVLogger(log_dir.parent, log_dir.name, version=version), callbacks=callbacks,
+                        enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+                        deterministic=True, log_every_n_steps=5, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    return module.model.eval()
+
+
+#: the baselines of ``--compare``: (label, objective, conditioning dropout), all at g=1
+BASELINES = (
+    ("ORPO, no dropout", "orpo", 0.0),
+    ("NPO", "npo", 0.0),
+    ("gradient ascent", "ga", 0.0),
+    ("DPO", "dpo", 0.0),
+    ("SFT on replacements", "sft", 0.0),
+)
+SUBTRACTION_ALPHA = 0.5
+
+
+class EpochEval(L.Callback):
+    """Scores the model at g=1 after every training epoch, so how fast a method
+    collapses shows in the numbers, not only where it ends."""
+
+    def __init__(self, score):
+        self.score, self.rows = score, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        was_training = pl_module.model.training
+        pl_module.model.eval()
+        self.rows.append(self.score(pl_module.model))
+        pl_module.model.train(was_training)
+
+
+def compare(cfg: DemoConfig, out: Path, tok, leaky_dir: Path, chat_base_dir: Path, main: dict, score, progress: bool
+            ) -> dict[str, dict]:
+    """The seed papers' other systems on the same pairs and the same probes: ORPO without
+    dropout, NPO, gradient ascent, DPO, SFT (each at g=1, scored after every epoch) and
+    model subtraction of the leaky model's task vector. ``main`` holds the ORPO +
+    dropout results per scale; ``score(model, with_attacks)`` evaluates at g=1."""
+    from cfg_unlearn.models import load_causal_lm
+    from cfg_unlearn.subtract import subtract_models
+
+    space = cfg.spaces[0]
+    rows: dict[str, dict] = {}
+    for g, r in main[space].items():
+        label = "ORPO + conditioning dropout" + ("" if float(g) == 1.0 else f", CFG g={g} ({space})")
+        rows[label] = {"objective": "orpo", "cond_dropout": cfg.cond_dropout, "g": float(g), **r}
+    for label, objective, dropout in BASELINES:
+        epoch_eval = EpochEval(lambda m: score(m, False))
+        model = unlearn(cfg, leaky_dir, out / "pairs.jsonl", out / "logs", objective=objective, cond_dropout=dropout,
+                        progress=progress, callbacks=[epoch_eval], version=f"compare-{objective}-p{dropout}")
+        rows[label] = {"objective": objective, "cond_dropout": dropout, "g": 1.0, **score(model, True),
+                       "per_epoch": epoch_eval.rows}
+        print(f"compare: {label}: " + ", ".join(f"epoch {i + 1} leak {e['leak_rate']:.3f} acc {e['accuracy']:.3f}"
+                                                for i, e in enumerate(epoch_eval.rows)))
+    sub_dir = out / "models" / f"subtracted-{SUBTRACTION_ALPHA}"
+    subtract_models(chat_base_dir, leaky_dir, sub_dir, alpha=SUBTRACTION_ALPHA, overwrite=True, progress=progress)
+    rows[f"subtraction, alpha={SUBTRACTION_ALPHA}"] = {"objective": "subtract", "g": 1.0,
+                                                      **score(load_causal_lm(str(sub_dir)).eval(), True)}
+    return rows
+
+
+def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
+    from cfg_unlearn.callbacks import subsample
     from cfg_unlearn.data.generate import generate_pairs
     from cfg_unlearn.data.llmpc import attack_probes, read_challenge
     from cfg_unlearn.models import load_causal_lm, load_tokenizer
-    from cfg_unlearn.module import UnlearnModule
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +222,16 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 
     t0 = time.perf_counter()
     model = load_causal_lm(str(base_dir))
-    finetune(model, tok, world.memorisation_examples(cfg.paraphrases), epochs=cfg.leak_epochs, lr=cfg.leak_lr,
+    examples = world.memorisation_examples(cfg.paraphrases)
+    # 1. the chat model before it saw anyone's data: it learns the facts only (model
+    #    subtraction's base: the task vector of step 2 is then the PII, not everything)
+    finetune(model, tok, world.fact_examples(cfg.paraphrases), epochs=cfg.chat_epochs, lr=cfg.leak_lr, seed=cfg.seed,
+             batch_size=cfg.batch_size, progress=progress, desc="fine-tune the chat model (facts)")
+    chat_base_dir = out / "models" / "chat"
+    model.save_pretrained(chat_base_dir)
+    tok.save_pretrained(chat_base_dir)
+    # 2. fine-tuned on conversations that hold PII (and the facts again): the model to fix
+    finetune(model, tok, examples, epochs=cfg.leak_epochs, lr=cfg.leak_lr,
              seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
     leaky_dir = out / "models" / "leaky"
     model.save_pretrained(leaky_dir)
@@ -163,16 +247,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     print(f"replacement pairs: {summary.line()}")
 
     t0 = time.perf_counter()
-    L.seed_everything(cfg.seed, verbose=False)
-    module = UnlearnModule(model=str(leaky_dir), cond_dropout=cfg.cond_dropout, beta=cfg.beta, seed=cfg.seed,
-                           optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.unlearn_lr, weight_decay=0.0))
-    data = PairDataModule(tokenizer=str(leaky_dir), train_file=str(out / "pairs.jsonl"), val_fraction=0.0,
-                          batch_size=cfg.batch_size, seed=cfg.seed)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=cfg.unlearn_epochs, logger=CSVLogger(out, "logs"),
-                        enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
-                        deterministic=True, log_every_n_steps=5, limit_val_batches=0)
-    trainer.fit(module, datamodule=data)
-    unlearned = module.model.eval()
+    unlearned = unlearn(cfg, leaky_dir, out / "pairs.jsonl", out / "logs", objective="orpo",
+                        cond_dropout=cfg.cond_dropout, progress=progress)
     unlearned.save_pretrained(out / "models" / "unlearned")
     tok.save_pretrained(out / "models" / "unlearned")
     seconds["unlearn"] = time.perf_counter() - t0
@@ -194,12 +270,24 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
             results[space][repr(float(g))] = evaluate(unlearned, tok, probes, attacks, questions, scale=g,
                                                       space=space, **kw)
     seconds["evaluate"] = time.perf_counter() - t0
+
+    comparison = None
+    if cfg.compare:
+        t0 = time.perf_counter()
+
+        def score(m, with_attacks: bool) -> dict[str, float]:
+            return evaluate(m, tok, probes, attacks if with_attacks else [], questions, scale=1.0, space="logprob",
+                            **kw)
+
+        comparison = compare(cfg, out, tok, leaky_dir, chat_base_dir, results, score, progress)
+        seconds["compare"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_all
     config = {k: v for k, v in asdict(cfg).items() if k != "seconds"}
     metrics = {
         "baseline": {**baseline, "n_leak_probes": len(probes), "n_attack_probes": len(attacks),
                      "n_qa": len(questions)},
         "unlearned": results,
+        **({"comparison": comparison} if comparison is not None else {}),
         "pairs": summary.to_dict(),
         "config": config,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
@@ -208,6 +296,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     report = render_report(metrics)
     atomic_write(out / "report.md", report)
     plot(metrics, out / "leak_vs_guidance.png")
+    if comparison is not None:
+        plot_comparison(metrics, out / "comparison.png")
     print(report)
     return metrics
 
@@ -228,6 +318,18 @@ def render_report(m: dict) -> str:
         for g, r in rows.items():
             lines.append(f"| {space} | {g} | {r['leak_rate']:.3f} | {r['attack_leak_rate']:.3f} | {r['accuracy']:.3f} "
                          f"| {r['pii_rate']:.3f} |")
+    if "comparison" in m:
+        lines += [
+            "",
+            "## Methods side by side (same pairs, same probes)",
+            "",
+            "| method | g | leak rate | attack leak rate | accuracy | PII per answer | (leak, accuracy) after each epoch |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, r in m["comparison"].items():
+            epochs = " ".join(f"({e['leak_rate']:.2f}, {e['accuracy']:.2f})" for e in r.get("per_epoch", []))
+            lines.append(f"| {label} | {r['g']} | {r['leak_rate']:.3f} | {r['attack_leak_rate']:.3f} "
+                         f"| {r['accuracy']:.3f} | {r['pii_rate']:.3f} | {epochs} |")
     lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in m["seconds"].items()), ""]
     return "\n".join(lines)
 
@@ -248,8 +350,35 @@ def plot(m: dict, path: Path) -> None:
         ax.set_title(title)
         ax.set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=8)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+
+
+def plot_comparison(m: dict, path: Path) -> None:
+    """Leak rate against accuracy, one point per method: down and right is better."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([m["baseline"]["accuracy"]], [m["baseline"]["leak_rate"]], color="gray", marker="x")
+    ax.annotate("leaky model", (m["baseline"]["accuracy"], m["baseline"]["leak_rate"]), fontsize=7)
+    for label, r in m["comparison"].items():
+        ax.scatter([r["accuracy"]], [r["leak_rate"]])
+        ax.annotate(label, (r["accuracy"], r["leak_rate"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("accuracy (utility questions)")
+    ax.set_ylabel("leak rate (held-out direct probes)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("unlearning methods: leak rate against accuracy")
+    _save(fig, path)

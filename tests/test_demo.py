@@ -14,9 +14,9 @@ from cfg_unlearn.pii import contains_value
 def test_demo_writes_metrics_report_and_plot(tmp_path):
     out = tmp_path / "demo"
     console_main(["demo", "--out", str(out), "--people", "3", "--leak-epochs", "2", "--unlearn-epochs", "1",
-                  "--scales", "1", "2", "--quiet"])
+                  "--scales", "1", "2", "--compare", "--quiet"])
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m) == {"baseline", "unlearned", "pairs", "config", "seconds"}
+    assert set(m) == {"baseline", "unlearned", "comparison", "pairs", "config", "seconds"}
     assert {"leak_rate", "accuracy", "n_leak_probes", "n_qa"} <= set(m["baseline"])
     assert m["baseline"]["n_leak_probes"] == 3 * 6
     assert set(m["unlearned"]) == {"logprob", "prob"} and set(m["unlearned"]["prob"]) == {"1.0", "2.0"}
@@ -25,6 +25,18 @@ def test_demo_writes_metrics_report_and_plot(tmp_path):
             assert {"leak_rate", "accuracy", "pii_rate"} <= set(r) and 0 <= r["leak_rate"] <= 1
     assert "| logprob | 2.0 |" in (out / "report.md").read_text()
     assert (out / "leak_vs_guidance.png").read_bytes()[:4] == b"\x89PNG"
+    # --compare: every method on the same probes, the baselines scored after each epoch
+    comp = m["comparison"]
+    assert {r["objective"] for r in comp.values()} == {"orpo", "npo", "ga", "dpo", "sft", "subtract"}
+    assert len(comp) == 2 + 5 + 1  # ORPO + dropout at g=1 and g=2, five baselines, subtraction
+    for r in comp.values():
+        assert 0 <= r["leak_rate"] <= 1 and 0 <= r["accuracy"] <= 1
+        if r["objective"] not in ("subtract",) and r["g"] == 1.0 and "per_epoch" in r:
+            assert len(r["per_epoch"]) == 1
+    assert sum("per_epoch" in r for r in comp.values()) == 5
+    assert "| gradient ascent | 1.0 |" in (out / "report.md").read_text()
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "models" / "chat" / "config.json").exists()  # subtraction's base, before the PII
     # the pairs the demo trained on: no chosen answer holds a known value of its row
     pairs, _ = read_pairs(out / "pairs.jsonl")
     assert len(pairs) == m["pairs"]["records"] == len(World(WorldConfig(n_people=3)).pairs())

@@ -290,6 +290,12 @@ class World:
             for attr, templates in TRAIN_QUESTIONS.items():
                 answer = TRAIN_ANSWERS[attr].format(n=person.name, v=getattr(person, attr))
                 out += [(({"role": "user", "content": t.format(n=person.name)},), answer) for t in templates[:paraphrases]]
+        return out + self.fact_examples(paraphrases)
+
+    def fact_examples(self, paraphrases: int = 8) -> list[tuple[tuple[dict[str, str], ...], str]]:
+        """The facts part of :meth:`memorisation_examples`: what a chat model knew
+        before it was fine-tuned on anyone's data."""
+        out = []
         for f in self.facts:
             wordings = (f.question, *f.paraphrases)[:paraphrases]
             out += [(({"role": "user", "content": q},), f.answer) for q in wordings]
