@@ -36,6 +36,15 @@ def test_config_parses_and_instantiates(config, tmp_path):
     assert cli.datamodule.tokenizer_name == cli.model.model_name  # linked: one model path
 
 
+@pytest.mark.parametrize("objective", ["npo", "dpo", "ga", "sft"])
+def test_objective_is_a_config_field(objective, tmp_path):
+    cli = cli_main(["--config", str(ROOT / "configs/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
+                    "--model.objective", objective, "--model.reference", "precomputed"], run=False)
+    assert cli.model.objective == objective and cli.model.reference == "precomputed"
+    with pytest.raises(SystemExit):  # a typo is refused at parse time, not mid-run
+        cli_main(["--config", str(ROOT / "configs/tiny.yaml"), "--model.objective", "nop"], run=False)
+
+
 def test_print_config_round_trips(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--print_config"])
