@@ -73,7 +73,7 @@ from cfg_unlearn.data.schema import (
     _read_records,
     _record_id,
     _text,
-    iter_jsonl,
+    iter_json_objects,
     record_from_dict,
 )
 from cfg_unlearn.prompts import FALLBACK_ROLE_PREFIX, render_prompt
@@ -185,13 +185,7 @@ def read_labels(
     src = str(path)
     out: dict[str, int] = {}
     first: dict[str, int] = {}
-    for line, obj, err in iter_jsonl(path):
-        if err is not None:
-            raise err
-        if obj is None:
-            continue
-        if not isinstance(obj, dict):
-            raise PairFormatError(src, line, None, f"expected a JSON object, got {type(obj).__name__}")
+    for line, obj in iter_json_objects(path):
         label = parse_label(obj, src, line)
         if label is None:
             continue

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from cfg_unlearn.callbacks import GuidanceEval, metric_key, shard, subsample
 from cfg_unlearn.data.datamodule import PairDataModule
-from cfg_unlearn.data.schema import EvalRecord, PairFormatError, PIIItem
+from cfg_unlearn.data.schema import PairFormatError, PIIItem
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.guidance import generate
 from cfg_unlearn.models import load_causal_lm, load_tokenizer

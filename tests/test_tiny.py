@@ -3,7 +3,6 @@ generation prompt ends in a special token, resolve_pretrained, and seeded builds
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -34,7 +34,7 @@ from cfg_unlearn.data.schema import (
     _pii_field,
     _record_id,
     _text,
-    iter_jsonl,
+    iter_json_objects,
 )
 from cfg_unlearn.pii import contains_value, detect_pii
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
@@ -46,13 +46,7 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
     """Our conversation JSONL (see the module docstring) -> forget records."""
     src = str(path)
     out: list[ForgetRecord] = []
-    for line, obj, err in iter_jsonl(path):
-        if err is not None:
-            raise err
-        if obj is None:
-            continue
-        if not isinstance(obj, dict):
-            raise PairFormatError(src, line, None, f"expected a JSON object, got {type(obj).__name__}")
+    for line, obj in iter_json_objects(path):
         if "messages" not in obj:
             raise PairFormatError(src, line, "messages", "missing required field")
         msgs = _messages(obj["messages"], src, line, "messages", DEFAULT_MAX_CHARS)

@@ -401,6 +401,19 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, PairF
                 yield lineno, None, PairFormatError(src, lineno, None, f"invalid JSON: {str(e)[:120]}")
 
 
+def iter_json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """``(line_number, object)`` for each non-blank line of a JSONL file; the first bad
+    line (not UTF-8, not JSON, not an object) raises, naming the file and line."""
+    for line, obj, err in iter_jsonl(path):
+        if err is not None:
+            raise err
+        if obj is None:
+            continue
+        if not isinstance(obj, dict):
+            raise PairFormatError(str(path), line, None, f"expected a JSON object, got {type(obj).__name__}")
+        yield line, obj
+
+
 def _read_records(path, parse, noun: str, on_error: str) -> tuple[list, ReadStats]:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
