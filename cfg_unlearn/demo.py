@@ -41,7 +41,6 @@ class DemoConfig:
     seed: int = 0
     people: int = 30
     paraphrases: int = 8
-    chat_epochs: int = 6
     leak_epochs: int = 14
     leak_lr: float = 3e-3
     unlearn_epochs: int = 3
@@ -160,26 +159,38 @@ BASELINES = (
 SUBTRACTION_ALPHA = 0.5
 
 
-class EpochEval(L.Callback):
-    """Scores the model at g=1 after every training epoch, so how fast a method
-    collapses shows in the numbers, not only where it ends."""
+class ProgressEval(L.Callback):
+    """Scores the model at g=1 after the first few optimizer steps and after every
+    epoch, so how fast a method collapses shows in the numbers (gradient ascent within
+    a few steps, NPO more slowly), not only where it ends."""
 
-    def __init__(self, score):
-        self.score, self.rows = score, []
+    def __init__(self, score, early_steps: tuple[int, ...] = (2, 4, 8)):
+        self.score, self.early_steps, self.rows = score, early_steps, []
 
-    def on_train_epoch_end(self, trainer, pl_module):
+    def _record(self, trainer, pl_module):
+        if self.rows and self.rows[-1]["step"] == trainer.global_step:
+            return
         was_training = pl_module.model.training
         pl_module.model.eval()
-        self.rows.append(self.score(pl_module.model))
+        self.rows.append({"step": trainer.global_step, **self.score(pl_module.model)})
         pl_module.model.train(was_training)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step in self.early_steps:
+            self._record(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._record(trainer, pl_module)
 
 
 def compare(cfg: DemoConfig, out: Path, tok, leaky_dir: Path, chat_base_dir: Path, main: dict, score, progress: bool
             ) -> dict[str, dict]:
     """The seed papers' other systems on the same pairs and the same probes: ORPO without
-    dropout, NPO, gradient ascent, DPO, SFT (each at g=1, scored after every epoch) and
-    model subtraction of the leaky model's task vector. ``main`` holds the ORPO +
-    dropout results per scale; ``score(model, with_attacks)`` evaluates at g=1."""
+    dropout, NPO, gradient ascent, DPO, SFT (each at g=1, scored during training) and
+    model subtraction of the leaky model's task vector against ``chat_base_dir`` (the
+    same training without the PII, itself scored as the exact-unlearning reference). ``main`` holds the ORPO +
+    dropout results per scale; ``score(model, with_attacks)`` evaluates at g=1.
+    The baselines are also scored during training (``ProgressEval``)."""
     from cfg_unlearn.models import load_causal_lm
     from cfg_unlearn.subtract import subtract_models
 
@@ -189,13 +200,15 @@ def compare(cfg: DemoConfig, out: Path, tok, leaky_dir: Path, chat_base_dir: Pat
         label = "ORPO + conditioning dropout" + ("" if float(g) == 1.0 else f", CFG g={g} ({space})")
         rows[label] = {"objective": "orpo", "cond_dropout": cfg.cond_dropout, "g": float(g), **r}
     for label, objective, dropout in BASELINES:
-        epoch_eval = EpochEval(lambda m: score(m, False))
+        progress_eval = ProgressEval(lambda m: score(m, False))
         model = unlearn(cfg, leaky_dir, out / "pairs.jsonl", out / "logs", objective=objective, cond_dropout=dropout,
-                        progress=progress, callbacks=[epoch_eval], version=f"compare-{objective}-p{dropout}")
+                        progress=progress, callbacks=[progress_eval], version=f"compare-{objective}-p{dropout}")
         rows[label] = {"objective": objective, "cond_dropout": dropout, "g": 1.0, **score(model, True),
-                       "per_epoch": epoch_eval.rows}
-        print(f"compare: {label}: " + ", ".join(f"epoch {i + 1} leak {e['leak_rate']:.3f} acc {e['accuracy']:.3f}"
-                                                for i, e in enumerate(epoch_eval.rows)))
+                       "during_training": progress_eval.rows}
+        print(f"compare: {label}: " + ", ".join(f"step {e['step']} leak {e['leak_rate']:.3f} acc {e['accuracy']:.3f}"
+                                                for e in progress_eval.rows))
+    rows["retrained without the PII (reference)"] = {"objective": "retrain", "g": 1.0,
+                                                      **score(load_causal_lm(str(chat_base_dir)).eval(), True)}
     sub_dir = out / "models" / f"subtracted-{SUBTRACTION_ALPHA}"
     subtract_models(chat_base_dir, leaky_dir, sub_dir, alpha=SUBTRACTION_ALPHA, overwrite=True, progress=progress)
     rows[f"subtraction, alpha={SUBTRACTION_ALPHA}"] = {"objective": "subtract", "g": 1.0,
@@ -222,16 +235,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 
     t0 = time.perf_counter()
     model = load_causal_lm(str(base_dir))
-    examples = world.memorisation_examples(cfg.paraphrases)
-    # 1. the chat model before it saw anyone's data: it learns the facts only (model
-    #    subtraction's base: the task vector of step 2 is then the PII, not everything)
-    finetune(model, tok, world.fact_examples(cfg.paraphrases), epochs=cfg.chat_epochs, lr=cfg.leak_lr, seed=cfg.seed,
-             batch_size=cfg.batch_size, progress=progress, desc="fine-tune the chat model (facts)")
-    chat_base_dir = out / "models" / "chat"
-    model.save_pretrained(chat_base_dir)
-    tok.save_pretrained(chat_base_dir)
-    # 2. fine-tuned on conversations that hold PII (and the facts again): the model to fix
-    finetune(model, tok, examples, epochs=cfg.leak_epochs, lr=cfg.leak_lr,
+    finetune(model, tok, world.memorisation_examples(cfg.paraphrases), epochs=cfg.leak_epochs, lr=cfg.leak_lr,
              seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
     leaky_dir = out / "models" / "leaky"
     model.save_pretrained(leaky_dir)
@@ -279,6 +283,16 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
             return evaluate(m, tok, probes, attacks if with_attacks else [], questions, scale=1.0, space="logprob",
                             **kw)
 
+        # subtraction's base: the same initialisation and schedule on the facts alone,
+        # i.e. the model as it would be without the PII conversations (a separate run:
+        # training the facts first and the PII on top stopped the tiny model from
+        # generalising to held-out wordings: measured leak 0.04, accuracy 0.13)
+        chat = load_causal_lm(str(base_dir))
+        finetune(chat, tok, world.fact_examples(cfg.paraphrases), epochs=cfg.leak_epochs, lr=cfg.leak_lr,
+                 seed=cfg.seed, batch_size=cfg.batch_size, progress=progress, desc="fine-tune without the PII")
+        chat_base_dir = out / "models" / "without-pii"
+        chat.save_pretrained(chat_base_dir)
+        tok.save_pretrained(chat_base_dir)
         comparison = compare(cfg, out, tok, leaky_dir, chat_base_dir, results, score, progress)
         seconds["compare"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_all
@@ -323,11 +337,12 @@ def render_report(m: dict) -> str:
             "",
             "## Methods side by side (same pairs, same probes)",
             "",
-            "| method | g | leak rate | attack leak rate | accuracy | PII per answer | (leak, accuracy) after each epoch |",
+            "| method | g | leak rate | attack leak rate | accuracy | PII per answer | during training: step (leak, accuracy) |",
             "|---|---|---|---|---|---|---|",
         ]
         for label, r in m["comparison"].items():
-            epochs = " ".join(f"({e['leak_rate']:.2f}, {e['accuracy']:.2f})" for e in r.get("per_epoch", []))
+            epochs = " ".join(f"{e['step']} ({e['leak_rate']:.2f}, {e['accuracy']:.2f})"
+                              for e in r.get("during_training", []))
             lines.append(f"| {label} | {r['g']} | {r['leak_rate']:.3f} | {r['attack_leak_rate']:.3f} "
                          f"| {r['accuracy']:.3f} | {r['pii_rate']:.3f} | {epochs} |")
     lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in m["seconds"].items()), ""]

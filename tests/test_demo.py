@@ -25,18 +25,18 @@ def test_demo_writes_metrics_report_and_plot(tmp_path):
             assert {"leak_rate", "accuracy", "pii_rate"} <= set(r) and 0 <= r["leak_rate"] <= 1
     assert "| logprob | 2.0 |" in (out / "report.md").read_text()
     assert (out / "leak_vs_guidance.png").read_bytes()[:4] == b"\x89PNG"
-    # --compare: every method on the same probes, the baselines scored after each epoch
+    # --compare: every method on the same probes, the baselines scored during training
     comp = m["comparison"]
-    assert {r["objective"] for r in comp.values()} == {"orpo", "npo", "ga", "dpo", "sft", "subtract"}
-    assert len(comp) == 2 + 5 + 1  # ORPO + dropout at g=1 and g=2, five baselines, subtraction
+    assert {r["objective"] for r in comp.values()} == {"orpo", "npo", "ga", "dpo", "sft", "retrain", "subtract"}
+    assert len(comp) == 2 + 5 + 2  # ORPO + dropout at g=1 and g=2, five baselines, retrain, subtraction
     for r in comp.values():
         assert 0 <= r["leak_rate"] <= 1 and 0 <= r["accuracy"] <= 1
-        if r["objective"] not in ("subtract",) and r["g"] == 1.0 and "per_epoch" in r:
-            assert len(r["per_epoch"]) == 1
-    assert sum("per_epoch" in r for r in comp.values()) == 5
+        if "during_training" in r:  # 1 epoch of 2 steps: scored after step 2 (early) and at the epoch end, once
+            assert [e["step"] for e in r["during_training"]] == [2]
+    assert sum("during_training" in r for r in comp.values()) == 5
     assert "| gradient ascent | 1.0 |" in (out / "report.md").read_text()
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
-    assert (out / "models" / "chat" / "config.json").exists()  # subtraction's base, before the PII
+    assert (out / "models" / "without-pii" / "config.json").exists()  # subtraction's base
     # the pairs the demo trained on: no chosen answer holds a known value of its row
     pairs, _ = read_pairs(out / "pairs.jsonl")
     assert len(pairs) == m["pairs"]["records"] == len(World(WorldConfig(n_people=3)).pairs())
