@@ -23,6 +23,8 @@ Design notes (why it looks like this):
 from __future__ import annotations
 
 import logging
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning as L
@@ -53,6 +55,33 @@ OBJECTIVES = ("orpo", "npo", "dpo", "ga", "sft")
 #: only those rows go through the model
 SIDES = {"orpo": (0, 1), "dpo": (0, 1), "npo": (1,), "ga": (1,), "sft": (0,)}
 NEEDS_REFERENCE = ("npo", "dpo")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters (peft) on the loaded model; the base stays frozen, so it needs no
+    gradients or optimizer state. Defaults are the paper's: r=16, alpha=32, dropout
+    0.01 on all linear layers.
+
+    Args:
+        r: adapter rank.
+        alpha: scaling numerator (``lora_alpha``; the update is scaled by alpha / r).
+        dropout: dropout on the adapter input.
+        target_modules: ``all-linear`` (every linear layer but the output head) or a list
+            of module names (e.g. ``[q_proj, k_proj, v_proj, o_proj]``).
+        adapter_only_checkpoints: checkpoints hold only the adapter weights (megabytes
+            instead of the whole model); the base is reloaded from ``model`` on resume.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.01
+    target_modules: list[str] | str = field(default="all-linear")
+    adapter_only_checkpoints: bool = False
+
+
+# saved in the hyperparameters of every checkpoint: allow it for torch.load(weights_only=True)
+torch.serialization.add_safe_globals([LoraSettings])
 
 
 def draw_dropout_mask(n: int, p: float, seed_parts: tuple[int, ...]) -> torch.Tensor:
@@ -86,6 +115,24 @@ def apply_conditioning(
     return {k: v[..., :length] for k, v in out.items()}
 
 
+def add_lora(model, settings: LoraSettings):
+    """Wrap ``model`` in peft LoRA adapters. With gradient checkpointing the embedding
+    output must require grad, or the frozen base gives the checkpointed blocks no
+    graph to backpropagate through."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=settings.target_modules, task_type="CAUSAL_LM")
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.2x name
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
+        model.enable_input_require_grads()
+    with warnings.catch_warnings():  # peft reads transformers' deprecated attribute name
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
 class UnlearnModule(L.LightningModule):
     """Unlearning by preference optimisation on (PII-free replacement, leaky answer) pairs.
 
@@ -107,6 +154,8 @@ class UnlearnModule(L.LightningModule):
             the starting model) or ``precomputed`` (its log-probs, computed once at fit
             start and saved in checkpoints). A LoRA model uses itself with adapters
             disabled and ignores this.
+        lora: train LoRA adapters instead of every weight (``LoraSettings``); None =
+            full fine-tuning.
         cond_dropout: per-sample probability of training on the unconditioned variant.
         cond_mode: ``dropout`` (blanked instruction, same targets) or ``swap`` (the
             negative instruction with chosen and rejected exchanged; needs
@@ -126,6 +175,7 @@ class UnlearnModule(L.LightningModule):
         objective: Literal["orpo", "npo", "dpo", "ga", "sft"] = "orpo",
         beta: float = 0.1,
         reference: Literal["copy", "precomputed"] = "copy",
+        lora: LoraSettings | None = None,
         cond_dropout: float = 0.0,
         cond_mode: Literal["dropout", "swap"] = "dropout",
         seed: int = 0,
@@ -146,7 +196,11 @@ class UnlearnModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model_name = model
         self.beta, self.cond_dropout, self.cond_mode, self.seed = beta, cond_dropout, cond_mode, seed
-        self.objective, self.reference = objective, reference
+        self.objective, self.reference, self.lora = objective, reference, lora
+        if lora is not None and lora.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {lora.r}")
+        # adapter-only checkpoints lack the frozen base: it comes from `model` on load
+        self.strict_loading = not (lora is not None and lora.adapter_only_checkpoints)
         # not a registered submodule: kept out of checkpoints, the optimizer and sharding
         self._reference_model: tuple[torch.nn.Module, ...] = ()
         # id -> (variant cond/uncond, side chosen/rejected) summed log-probs of the reference
@@ -169,6 +223,8 @@ class UnlearnModule(L.LightningModule):
             trust_remote_code=hp.trust_remote_code,
             gradient_checkpointing=hp.gradient_checkpointing,
         )
+        if self.lora is not None:
+            self.model = add_lora(self.model, self.lora)
         # from_pretrained returns eval mode and Lightning 2.6 keeps submodule modes as
         # found: without this, dropout (LoRA's included) would be off during training
         self.model.train()
@@ -349,6 +405,9 @@ class UnlearnModule(L.LightningModule):
         return table
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.lora is not None and self.lora.adapter_only_checkpoints:
+            trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # a resumed run must compare against the *starting* model, not the resumed one
         if self.reference_logps is not None:
             ids = sorted(self.reference_logps)

@@ -8,7 +8,7 @@ import torch
 
 from cfg_unlearn.data.datamodule import PairDataModule
 from cfg_unlearn.data.world import WorldConfig
-from cfg_unlearn.module import UnlearnModule, apply_conditioning, draw_dropout_mask
+from cfg_unlearn.module import LoraSettings, UnlearnModule, apply_conditioning, draw_dropout_mask
 from cfg_unlearn.objectives import dpo_loss, npo_loss, orpo_loss, sequence_logps
 from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION
 
@@ -287,3 +287,79 @@ def test_precomputed_reference_is_kept_in_checkpoints(tiny_model_dir, tmp_path):
         assert torch.equal(resumed.reference_logps[k], table[k])
     fresh = resumed.compute_reference_logps()  # what the resumed weights would have given
     assert any(not torch.allclose(fresh[k], table[k]) for k in table)
+
+
+# ------------------------------------------------------------------ LoRA
+
+
+def test_lora_trains_only_adapters_and_is_its_own_npo_reference(tiny_model_dir, tmp_path):
+    """LoRA: only adapter weights are trainable and move; the base is untouched; NPO uses
+    the adapters-off model as reference (no copy), so its first loss is (2/beta) ln 2
+    (LoRA's B starts at zero) and after training the adapters-off log-probs are exactly
+    the starting model's."""
+    spec = f"tiny:{tiny_model_dir}"
+    dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4, val_fraction=0.0)
+    dm.setup("fit")
+    m = UnlearnModule(model=spec, objective="npo", lora=LoraSettings(r=4, alpha=8),
+                      optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    m.configure_model()
+    trainable = [n for n, p in m.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in m.model.named_parameters()}
+    batch = next(iter(dm.train_dataloader()))
+    x = apply_conditioning(batch, torch.zeros(4, dtype=torch.bool))
+    with torch.no_grad():
+        assert m.forward_pairs(x)[0].item() == pytest.approx(20 * math.log(2), abs=1e-5)
+    _fit(m, dm, tmp_path, steps=3)
+    assert m._reference_model == ()  # no second model held
+    for n, p in m.model.named_parameters():
+        if "lora_B" in n:
+            assert not torch.equal(before[n], p.detach()), f"{n} did not move"
+        elif "lora_" not in n:
+            assert torch.equal(before[n], p.detach()), f"base weight {n} changed"
+    start = UnlearnModule(model=spec)
+    start.configure_model()
+    start.model.eval()
+    m.model.eval()
+    rows = m._rows(x)
+    with torch.no_grad():
+        ref = m._reference_forward(rows)
+        want = sequence_logps(start.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits,
+                              rows["labels"], average=False)
+        policy = sequence_logps(m.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits,
+                                rows["labels"], average=False)
+    torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
+    assert (policy < ref - 1e-3).all()  # the adapters did push the leak down
+
+
+def test_lora_with_gradient_checkpointing_gives_adapter_gradients(tiny_setup):
+    spec, dm = tiny_setup
+    m = UnlearnModule(model=spec, gradient_checkpointing=True, lora=LoraSettings(r=4, target_modules=["q_proj", "v_proj"]))
+    m.configure_model()
+    batch = next(iter(dm.train_dataloader()))
+    loss, _ = m.forward_pairs(apply_conditioning(batch, torch.zeros(4, dtype=torch.bool)))
+    loss.backward()
+    named = dict(m.model.named_parameters())
+    lora_b = [p for n, p in named.items() if "lora_B" in n]  # (A's gradient is 0 while B is still 0)
+    assert len(lora_b) == 2 * 2  # q_proj and v_proj in each of the tiny model's 2 layers
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in lora_b)
+    assert all(p.grad is None for n, p in named.items() if "lora_" not in n)
+
+
+def test_adapter_only_checkpoints_hold_adapters_and_restore_exactly(tiny_model_dir, tmp_path):
+    spec = f"tiny:{tiny_model_dir}"
+    dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4, val_fraction=0.0)
+    lora = LoraSettings(r=4, adapter_only_checkpoints=True)
+    m = UnlearnModule(model=spec, lora=lora, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    trainer = _fit(m, dm, tmp_path, steps=2, enable_checkpointing=True)
+    ckpt_path = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    keys = list(ckpt["state_dict"])
+    assert keys and all("lora_" in k for k in keys)
+    saved = sum(v.numel() for v in ckpt["state_dict"].values())
+    assert saved < sum(p.numel() for p in m.model.parameters()) / 10  # adapters only: a small fraction
+    restored = UnlearnModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    # load_from_checkpoint calls configure_model, then loads the adapters non-strictly
+    assert restored.lora == lora
+    for n, p in m.model.named_parameters():
+        assert torch.equal(dict(restored.model.named_parameters())[n], p.detach()), n
