@@ -16,14 +16,15 @@ Design notes (why it looks like this):
   training and kept in the checkpoint (``reference: precomputed``: no second model in
   memory, one extra pass over the data; resumed runs keep the original reference).
 * The conditioning hook (:func:`apply_conditioning`) is a pure function of the batch and
-  a per-sample mask drawn from a generator seeded by (seed, rank, epoch, batch index),
-  so a run is reproducible and a resumed run draws the same masks.
+  a per-sample mask that is a pure function of (seed, epoch, sample id), so a run is
+  reproducible, a resumed run draws the same masks, and so does any world size.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -84,15 +85,19 @@ class LoraSettings:
 torch.serialization.add_safe_globals([LoraSettings])
 
 
-def draw_dropout_mask(n: int, p: float, seed_parts: tuple[int, ...]) -> torch.Tensor:
-    """``n`` Bernoulli(p) draws from a generator seeded by ``seed_parts``."""
+def draw_dropout_mask(ids: list[str], p: float, seed: int, epoch: int) -> torch.Tensor:
+    """One Bernoulli(p) draw per sample, a pure function of (seed, epoch, sample id):
+    the same sample gets the same draw whatever the rank, world size, batch
+    composition or resume point, so a 2-process run sees the masks of a 1-process run
+    and a resumed run the masks of an uninterrupted one. Ids are hashed with CRC-32
+    (stable across processes, unlike ``hash``)."""
     if p <= 0:
-        return torch.zeros(n, dtype=torch.bool)
+        return torch.zeros(len(ids), dtype=torch.bool)
     if p >= 1:
-        return torch.ones(n, dtype=torch.bool)
-    seed = int(np.random.SeedSequence([int(s) & 0xFFFFFFFF for s in seed_parts]).generate_state(1)[0])
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, generator=g) < p
+        return torch.ones(len(ids), dtype=torch.bool)
+    u = [np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, zlib.crc32(i.encode())]).generate_state(1)[0] / 2**32
+         for i in ids]
+    return torch.tensor(u, dtype=torch.float64) < p
 
 
 def apply_conditioning(
@@ -330,12 +335,12 @@ class UnlearnModule(L.LightningModule):
             return npo_loss(seq, ref, beta=self.beta)
         return dpo_loss(seq[:b], seq[b:], ref[:b], ref[b:], beta=self.beta)
 
-    def conditioning_mask(self, n: int, batch_idx: int) -> torch.Tensor:
-        return draw_dropout_mask(n, self.cond_dropout, (self.seed, self.global_rank, self.current_epoch, batch_idx))
+    def conditioning_mask(self, ids: list[str]) -> torch.Tensor:
+        return draw_dropout_mask(ids, self.cond_dropout, self.seed, self.current_epoch)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         n = batch["cond"]["input_ids"].shape[0]
-        use_uncond = self.conditioning_mask(n, batch_idx)
+        use_uncond = self.conditioning_mask(batch["id"])
         x = apply_conditioning(batch, use_uncond, self.cond_mode)
         loss, metrics = self.forward_pairs(x, batch.get("id"), use_uncond)
         if loss is None:

@@ -16,16 +16,21 @@ from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])
 def test_measured_dropout_rate_within_two_points(p):
     module = UnlearnModule(cond_dropout=p, seed=123)
-    draws = torch.cat([module.conditioning_mask(8, batch_idx=i) for i in range(1250)])  # 10,000 samples
+    draws = module.conditioning_mask([f"c{i:05d}-t0" for i in range(10_000)])
     assert draws.numel() == 10_000
     assert abs(draws.float().mean().item() - p) < 0.02
 
 
-def test_dropout_mask_is_reproducible_and_varies_by_batch():
-    a = draw_dropout_mask(64, 0.5, (0, 0, 0, 7))
-    assert torch.equal(a, draw_dropout_mask(64, 0.5, (0, 0, 0, 7)))
-    assert not torch.equal(a, draw_dropout_mask(64, 0.5, (0, 0, 0, 8)))
-    assert not draw_dropout_mask(5, 0.0, (1,)).any() and draw_dropout_mask(5, 1.0, (1,)).all()
+def test_dropout_mask_is_a_function_of_seed_epoch_and_sample_id():
+    ids = [f"pair-{i}" for i in range(64)]
+    a = draw_dropout_mask(ids, 0.5, seed=0, epoch=0)
+    assert torch.equal(a, draw_dropout_mask(ids, 0.5, seed=0, epoch=0))
+    # any split of the batch (ranks, batch sizes, resume points) gives the same draws
+    assert torch.equal(torch.cat([draw_dropout_mask(ids[:10], 0.5, 0, 0), draw_dropout_mask(ids[10:], 0.5, 0, 0)]), a)
+    assert torch.equal(draw_dropout_mask(ids[::-1], 0.5, 0, 0), a.flip(0))
+    assert not torch.equal(a, draw_dropout_mask(ids, 0.5, seed=0, epoch=1))  # a new draw every epoch
+    assert not torch.equal(a, draw_dropout_mask(ids, 0.5, seed=1, epoch=0))
+    assert not draw_dropout_mask(ids[:5], 0.0, 1, 0).any() and draw_dropout_mask(ids[:5], 1.0, 1, 0).all()
 
 
 def _toy_batch():
