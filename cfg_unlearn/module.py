@@ -303,6 +303,16 @@ class UnlearnModule(L.LightningModule):
             per_side = torch.where(uncond, per_side.flip(1), per_side)
         return torch.cat([per_side[:, s] for s in SIDES[self.objective]]).to(rows["input_ids"].device)
 
+    def _nll(self, logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token-mean NLL. In distributed training the mean is over the tokens of the
+        *global* batch: DDP averages the ranks' gradients, so each rank divides its token
+        sum by (global tokens / world size). A per-rank mean would weight a token by how
+        many tokens its rank happened to get, and 2 processes would not follow 1."""
+        if not (self.training and self._trainer is not None and self.trainer.world_size > 1):
+            return masked_nll(logps, mask)
+        total = self.trainer.strategy.reduce(mask.sum().float(), reduce_op="sum")
+        return -(logps * mask).sum() / (total / self.trainer.world_size).clamp(min=1)
+
     def forward_pairs(self, x: dict[str, torch.Tensor], ids: list[str] | None = None,
                       use_uncond: torch.Tensor | None = None) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """The objective's loss and metrics for ``(B, 2, L)`` tensors: the sides it
@@ -319,14 +329,14 @@ class UnlearnModule(L.LightningModule):
         nll_mask = rows["nll_labels"][:, 1:] != IGNORE_INDEX
         if self.objective == "orpo":
             seq = masked_sequence_mean(logps, resp_mask)
-            loss, metrics = orpo_loss(seq[:b], seq[b:], masked_nll(logps[:b], nll_mask[:b]), beta=self.beta)
+            loss, metrics = orpo_loss(seq[:b], seq[b:], self._nll(logps[:b], nll_mask[:b]), beta=self.beta)
             metrics["logps/chosen"] = seq[:b].detach().mean()
             metrics["logps/rejected"] = seq[b:].detach().mean()
             return loss, metrics
         if self.objective == "sft":
-            return sft_loss(masked_nll(logps, nll_mask))
+            return sft_loss(self._nll(logps, nll_mask))
         if self.objective == "ga":  # the forget answer only, never its prompt
-            return ga_loss(masked_nll(logps, resp_mask))
+            return ga_loss(self._nll(logps, resp_mask))
         seq = (logps * resp_mask).sum(-1)  # NPO and DPO use summed log-probs
         ref = self.reference_for(x, rows, ids, use_uncond)
         if ref is None:

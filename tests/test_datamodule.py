@@ -475,3 +475,23 @@ def test_datamodule_uses_fallback_when_no_template(tiny_name):
     assert text.endswith("<|end|>")
     assert "Assistant:" in tok.decode(it["uncond"]["input_ids"][0])
     assert "System:" not in tok.decode(it["uncond"]["input_ids"][0])
+
+
+def test_train_sampler_shards_the_one_process_global_batches():
+    """Rank r of 2 takes positions r, r+2, ... of the same seeded permutation, so each
+    2-process global batch of 2 x 4 holds exactly the pairs of the 1-process batch of 8;
+    every epoch reshuffles; Lightning keeps this sampler instead of injecting its own."""
+    from types import SimpleNamespace
+
+    def order(world, rank, epoch):
+        dm = PairDataModule(tokenizer="unused", world=WorldConfig(seed=0, n_people=4), seed=3)
+        dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+        sampler = dm._train_sampler(list(range(24)))
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    one = order(1, 0, 1)
+    assert sorted(one) == list(range(24)) and one != order(1, 0, 0)
+    ranks = [order(2, r, 1) for r in range(2)]
+    for b in range(3):
+        assert sorted(ranks[0][4 * b : 4 * b + 4] + ranks[1][4 * b : 4 * b + 4]) == sorted(one[8 * b : 8 * b + 8])

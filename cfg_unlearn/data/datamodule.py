@@ -24,7 +24,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cfg_unlearn.data.schema import DEFAULT_MAX_CHARS, PairRecord, read_pairs
 from cfg_unlearn.data.world import World, WorldConfig
@@ -279,14 +279,21 @@ class PairDataModule(L.LightningDataModule):
 
     # -------------------------------------------------------------------- loaders
 
+    def _train_sampler(self, ds: PairDataset) -> DistributedSampler:
+        """One seeded permutation per epoch (seed + epoch), rank ``r`` of ``W`` taking
+        positions ``r, r+W, ...`` of it: a global batch of ``W x b`` pairs holds exactly the
+        pairs of a one-process batch of ``W x b``, so 2 processes follow 1. Lightning
+        keeps a ``DistributedSampler`` as given (its own replacement would reshuffle with
+        another seed) and calls ``set_epoch`` on it."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+
     def _loader(self, ds: PairDataset, batch_size: int, shuffle: bool) -> DataLoader:
-        g = torch.Generator()
-        g.manual_seed(self.seed)
         return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=g if shuffle else None,
+            sampler=self._train_sampler(ds) if shuffle else None,
             num_workers=self.num_workers,
             collate_fn=PairCollator(self.tokenizer.pad_token_id),
             persistent_workers=self.num_workers > 0,

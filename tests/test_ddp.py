@@ -1,0 +1,81 @@
+"""Training with DDP on CPU (gloo): ``train.py fit --trainer.devices 2 --trainer.strategy ddp``
+follows the one-process run at the same global batch."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fit(tiny_model_dir, save: Path, devices: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """3 optimizer steps on 24 pairs, global batch 8 (8 on one process, 4 + 4 on two),
+    conditioning dropout on, then GuidanceEval; returns final weights and eval metrics."""
+    args = [
+        sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml",
+        f"--model.model=tiny:{tiny_model_dir}", f"--trainer.logger.init_args.save_dir={save}",
+        "--trainer.enable_progress_bar=false", f"--trainer.devices={devices}",
+        *(["--trainer.strategy=ddp"] if devices > 1 else []),
+        "--trainer.max_steps=3", "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1",
+        "--data.world.n_people=4", "--data.val_fraction=0", f"--data.batch_size={8 // devices}",
+        "--model.cond_dropout=0.5", "--eval.max_probes=21", "--eval.batch_size=4",
+        "--eval.max_new_tokens=8", "--eval.scales=[1, 2]", "--eval.every_n_train_steps=3",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (ckpt,) = save.rglob("last.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    (path,) = save.rglob("metrics.csv")
+    rows = [r for r in csv.DictReader(open(path)) if r.get("eval/n_leak_targets")]
+    metrics = {k: float(v) for k, v in rows[-1].items() if k.startswith("eval") and k != "eval/seconds" and v}
+    return state, metrics
+
+
+@pytest.mark.slow
+def test_two_process_ddp_fit_follows_the_one_process_run(tiny_model_dir, tmp_path):
+    w1, m1 = _fit(tiny_model_dir, tmp_path / "one", devices=1)
+    w2, m2 = _fit(tiny_model_dir, tmp_path / "two", devices=2)
+    assert w1.keys() == w2.keys()
+    from cfg_unlearn.module import UnlearnModule
+
+    init = UnlearnModule(model=f"tiny:{tiny_model_dir}")
+    init.configure_model()
+    w0 = {f"model.{n}": p.detach() for n, p in init.model.named_parameters()}
+    gap = sum((w2[k] - w1[k]).abs().sum() for k in w0) / sum(v.numel() for v in w0.values())
+    moved = sum((w1[k] - w0[k]).abs().sum() for k in w0) / sum(v.numel() for v in w0.values())
+    # same pairs in every global batch, the same dropout draws, the NLL over the global
+    # batch's tokens: what is left is float summation order (gradients agree to ~1e-7)
+    for k in w0:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5)
+    print(f"mean |w2 - w1| = {gap:.2e}, mean |w1 - w0| = {moved:.2e}")
+    assert moved > 1e-4 and gap < 1e-3 * moved, (gap, moved)
+    assert m1 == m2  # GuidanceEval's in-run metrics of the two runs agree exactly
+    assert m1["eval/n_leak_targets"] == 21
+    # the tiny model knows no PII, so those metrics are 0 on both sides: also compare the
+    # answers themselves: the two runs' models decode the same tokens, and they are not
+    # the untrained model's
+    from cfg_unlearn.data.world import World, WorldConfig
+    from cfg_unlearn.guidance import generate
+    from cfg_unlearn.models import load_tokenizer
+    from cfg_unlearn.prompts import SAFETY_INSTRUCTION
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    prompts = [list(r.prompt) for r in World(WorldConfig(seed=5, n_people=4)).probe_records()]
+
+    def answers(weights):
+        model = UnlearnModule(model=f"tiny:{tiny_model_dir}")
+        model.configure_model()
+        if weights is not None:
+            model.load_state_dict(weights)
+        return [generate(model.model.eval(), tok, prompts, system=SAFETY_INSTRUCTION, guidance_scale=g,
+                         max_new_tokens=8) for g in (1.0, 2.0)]
+
+    a1, a2 = answers(w1), answers(w2)
+    assert a1 == a2
+    assert a1 != answers(None)
