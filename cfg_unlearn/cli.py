@@ -175,14 +175,16 @@ def _demo(argv: list[str]) -> None:
 
 
 def console_main(argv: list[str] | None = None) -> None:
-    """``cfg-unlearn <demo|fit|validate|test|generate|subtract|saft|build-tiny> ...``"""
+    """``cfg-unlearn <demo|fit|validate|test|generate|export|chat|subtract|saft|build-tiny> ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: cfg-unlearn {demo,fit,validate,test,generate,subtract,saft,build-tiny} [options]   (-h after a command for its help)"
+    usage = "usage: cfg-unlearn {demo,fit,validate,test,generate,export,chat,subtract,saft,build-tiny} [options]   (-h after a command for its help)"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         print("  demo               the whole method end to end on CPU, offline (report in --out)")
         print("  fit/validate/test  train or score with a YAML config (same as `python train.py ...`)")
         print("  generate           write PII-free replacement pairs for forget data with a model")
+        print("  export             a checkpoint -> a merged Hugging Face model + tokenizer + cfg_unlearn.json")
+        print("  chat               chat with an exported model, decoded with classifier-free guidance")
         print("  subtract           model subtraction: base - alpha * (finetuned - base), tensor by tensor")
         print("  saft               score and filter PII-bearing samples from a data set (SAFT)")
         print("  build-tiny         build the offline tiny tokenizer + model into a directory")
@@ -196,6 +198,14 @@ def console_main(argv: list[str] | None = None) -> None:
         _generate(rest)
     elif cmd == "demo":
         _demo(rest)
+    elif cmd == "export":
+        from cfg_unlearn.export import main_export
+
+        main_export(rest)
+    elif cmd == "chat":
+        from cfg_unlearn.export import main_chat
+
+        main_chat(rest)
     elif cmd == "subtract":
         from cfg_unlearn.subtract import main as subtract_main
 

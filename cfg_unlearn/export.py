@@ -1,0 +1,527 @@
+"""Export a trained checkpoint as a plain Hugging Face model, and chat with the export.
+
+``cfg-unlearn export --ckpt C --out DIR`` turns a Lightning checkpoint of
+:class:`~cfg_unlearn.module.UnlearnModule` into a directory that anything reading Hugging
+Face models loads (``AutoModelForCausalLM.from_pretrained(DIR)``, vLLM, TGI, ...):
+
+* the model, rebuilt exactly as Lightning restores it (``load_from_checkpoint``: the
+  module's ``configure_model`` then its state dict), every checkpoint tensor checked to
+  have arrived; LoRA adapters are merged into the base weights (:func:`merged_model`),
+  so the export needs no ``peft``;
+* ``model.safetensors`` (sharded for large models), ``config.json`` and the generation
+  config, written by ``save_pretrained``; the tokenizer (with its chat template);
+* ``cfg_unlearn.json``: how the model is meant to be decoded, since guidance is not a
+  property of the weights: the conditioning instruction, the unconditioned one (None =
+  blanked), the guidance scale and space, the source checkpoint and our version.
+  Defaults come from the checkpoint's data module (the instructions it was trained
+  with), else :data:`~cfg_unlearn.prompts.SAFETY_INSTRUCTION` / blank, g=2, logprob.
+
+Everything is written into a temp directory next to ``DIR`` and renamed into place
+(:func:`cfg_unlearn.subtract.publish_dir`), so a failed export leaves nothing behind and
+an existing export is replaced only by a complete one (``--overwrite``).
+
+``cfg-unlearn chat DIR`` is a small REPL over an export: it keeps the conversation and
+decodes each answer with :func:`cfg_unlearn.guidance.generate` under the exported
+instructions and scale. ``/reset`` clears the history, ``/quit`` (or end of input) exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from cfg_unlearn.guidance import SPACES, encode_prompts, generate
+from cfg_unlearn.prompts import SAFETY_INSTRUCTION
+from cfg_unlearn.subtract import check_out_dir, publish_dir
+
+log = logging.getLogger(__name__)
+
+EXPORT_CONFIG = "cfg_unlearn.json"
+DEFAULT_GUIDANCE_SCALE = 2.0
+DEFAULT_SPACE = "logprob"
+MODULE_CLASS = "UnlearnModule"
+
+
+# ----------------------------------------------------------------------------- the decoding config
+
+
+@dataclass
+class ExportConfig:
+    """The contents of ``cfg_unlearn.json``: how an exported model is meant to be decoded."""
+
+    system_instruction: str | None
+    uncond_instruction: str | None  # None: the instruction is blanked in the unconditioned branch
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    space: str = DEFAULT_SPACE
+    source_checkpoint: str | None = None
+    cfg_unlearn_version: str | None = None
+
+    def __post_init__(self) -> None:
+        check_guidance(self.guidance_scale, self.space)
+        for name in ("system_instruction", "uncond_instruction"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string or null, got {type(value).__name__}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def read(cls, export_dir: str | os.PathLike) -> ExportConfig:
+        """Read and check ``export_dir/cfg_unlearn.json``."""
+        export_dir = Path(export_dir)
+        if not export_dir.is_dir():
+            raise FileNotFoundError(f"{export_dir} is not a directory")
+        path = export_dir / EXPORT_CONFIG
+        if not path.is_file():
+            raise ValueError(f"{export_dir} has no {EXPORT_CONFIG}: not a directory written by `cfg-unlearn export`")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        missing = [k for k in ("system_instruction", "uncond_instruction", "guidance_scale", "space") if k not in raw]
+        if missing:
+            raise ValueError(f"{path}: missing {', '.join(missing)}")
+        known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        if not isinstance(known["guidance_scale"], (int, float)) or isinstance(known["guidance_scale"], bool):
+            raise ValueError(f"{path}: guidance_scale must be a number")
+        try:
+            return cls(**known)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def check_guidance(guidance_scale: float, space: str) -> None:
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
+
+
+def _blank_to_none(text: str | None) -> str | None:
+    return text if text else None
+
+
+# ----------------------------------------------------------------------------- reading the checkpoint
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint file (memory-mapped where possible, so reading it next to
+    Lightning's own load costs little memory) and check that it is a Lightning
+    checkpoint of an :class:`~cfg_unlearn.module.UnlearnModule`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    if path.is_dir():
+        raise ValueError(
+            f"checkpoint {path} is a directory: a sharded (FSDP/DeepSpeed) checkpoint must first be "
+            "consolidated into one file (python -m lightning.pytorch.utilities.consolidate_checkpoint, or "
+            "DeepSpeed's zero_to_fp32.py)"
+        )
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a checkpoint we can read"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable PyTorch Lightning checkpoint ({first})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{path} is not a PyTorch Lightning checkpoint (no 'state_dict')")
+    hp = ckpt.get("hyper_parameters")
+    class_path = hp.get("_class_path") if isinstance(hp, dict) else None
+    if isinstance(class_path, str) and class_path.rsplit(".", 1)[-1] != MODULE_CLASS:
+        raise ValueError(f"{path} is a checkpoint of {class_path}, not of cfg_unlearn's {MODULE_CLASS}")
+    if not isinstance(hp, dict) or not isinstance(hp.get("model"), str):
+        raise ValueError(
+            f"{path} is not an {MODULE_CLASS} checkpoint: its hyper_parameters name no 'model' "
+            "(save_hyperparameters of UnlearnModule records it)"
+        )
+    if not any(k.startswith("model.") for k in ckpt["state_dict"]):
+        raise ValueError(f"{path} is not an {MODULE_CLASS} checkpoint: its state_dict holds no 'model.*' weights")
+    return ckpt
+
+
+def checkpoint_instructions(ckpt: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The (conditioning, unconditioned) instructions the checkpoint was trained with:
+    its data module's ``system_prompt`` / ``uncond_system_prompt`` where it saved them,
+    else :data:`SAFETY_INSTRUCTION` and None (blanked)."""
+    dm = ckpt.get("datamodule_hyper_parameters")
+    dm = dm if isinstance(dm, dict) else {}
+    system = dm.get("system_prompt", SAFETY_INSTRUCTION)
+    uncond = dm.get("uncond_system_prompt")
+    system = _blank_to_none(system) if isinstance(system, str) or system is None else SAFETY_INSTRUCTION
+    uncond = _blank_to_none(uncond) if isinstance(uncond, str) else None
+    return system, uncond
+
+
+def load_module(ckpt_path: str | os.PathLike, ckpt: dict[str, Any] | None = None):
+    """The :class:`UnlearnModule` of a checkpoint, rebuilt as Lightning restores it
+    (``load_from_checkpoint`` calls ``configure_model`` and loads the state dict), then
+    checked: every ``model.*`` tensor of the checkpoint must be in the module, equal.
+    (A module that loads non-strictly, e.g. adapters only, cannot silently drop one.)"""
+    from cfg_unlearn.module import UnlearnModule
+
+    ckpt = read_checkpoint(ckpt_path) if ckpt is None else ckpt
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = UnlearnModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    for w in caught:
+        if module.strict_loading is False and "not in the checkpoint" in str(w.message):
+            # adapter-only checkpoints: the base comes from `model`, by design
+            n = sum(k.startswith("model.") for k in ckpt["state_dict"])
+            log.info("restored %d tensors from %s over the base model %s", n, ckpt_path, module.hparams.model)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    module.configure_model()  # idempotent: a no-op after load_from_checkpoint
+    if module.model is None:
+        raise RuntimeError(f"{MODULE_CLASS}.configure_model built no model")
+    state = module.state_dict()
+    for name, saved in ckpt["state_dict"].items():
+        if not name.startswith("model.") or not isinstance(saved, torch.Tensor):
+            continue
+        if name not in state:
+            raise ValueError(
+                f"checkpoint tensor {name!r} has no place in the rebuilt model (a different architecture?)"
+            )
+        if not torch.equal(state[name].detach().cpu(), saved.to(state[name].dtype)):
+            raise RuntimeError(f"checkpoint tensor {name!r} did not load into the model")
+    return module
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def merged_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain Hugging Face model: a PEFT model's adapters (LoRA) merged into its base
+    weights (``merge_and_unload``, in place); any other model returned as is."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return model
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
+def write_export(
+    model: torch.nn.Module,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    config: ExportConfig,
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    protect: tuple[str | os.PathLike, ...] = (),
+) -> Path:
+    """Write ``model`` (adapters merged, cast to ``dtype`` unless None/``auto``), its
+    tokenizer and ``cfg_unlearn.json`` to ``out_dir``, atomically. ``protect``: input
+    files that ``out_dir`` must neither be nor contain (an ``--overwrite`` would delete
+    them)."""
+    from cfg_unlearn.models import parse_dtype
+
+    out = Path(out_dir)
+    check_export_target(out, overwrite, protect)
+    torch_dtype = parse_dtype(dtype)
+    model = merged_model(model)
+    if isinstance(torch_dtype, torch.dtype):
+        model = model.to(torch_dtype)
+    model.eval()
+    if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
+        model.config.use_cache = True  # training with gradient checkpointing turns it off
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / EXPORT_CONFIG).write_text(config.to_json(), encoding="utf-8")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
+        publish_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def check_export_target(out: Path, overwrite: bool, protect: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Refuse, before any work, a non-empty ``out`` without ``overwrite``, and an ``out``
+    that is or contains one of the ``protect`` paths."""
+    inputs = [Path(p) for p in protect]
+    check_out_dir(out, overwrite, inputs)
+    resolved = out.resolve()
+    for p in inputs:
+        if resolved in p.resolve().parents:
+            raise ValueError(f"--out {out} contains {p}: replacing it would delete the input; write elsewhere")
+
+
+def export_checkpoint(
+    ckpt_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    guidance_scale: float | None = None,
+    space: str | None = None,
+    system: str | None = None,
+    uncond_system: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, ExportConfig]:
+    """Export a Lightning checkpoint of :class:`UnlearnModule` to ``out_dir``.
+
+    ``system`` / ``uncond_system``: None keeps the checkpoint's (its data module's)
+    instructions; an empty string blanks one. ``guidance_scale`` / ``space``: None
+    gives 2.0 / ``logprob``. Returns the directory and the written decoding config.
+    """
+    from cfg_unlearn import __version__
+
+    ckpt_path, out = Path(ckpt_path), Path(out_dir)
+    g = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale)
+    space = DEFAULT_SPACE if space is None else space
+    check_guidance(g, space)
+    from cfg_unlearn.models import load_tokenizer, parse_dtype
+
+    parse_dtype(dtype)  # these checks come before the (slow) load
+    check_export_target(out, overwrite, (ckpt_path,))
+    ckpt = read_checkpoint(ckpt_path)
+    trained_system, trained_uncond = checkpoint_instructions(ckpt)
+    config = ExportConfig(
+        system_instruction=trained_system if system is None else _blank_to_none(system),
+        uncond_instruction=trained_uncond if uncond_system is None else _blank_to_none(uncond_system),
+        guidance_scale=g,
+        space=space,
+        source_checkpoint=str(ckpt_path.resolve()),
+        cfg_unlearn_version=__version__,
+    )
+    module = load_module(ckpt_path, ckpt)
+    hp = ckpt["hyper_parameters"]
+    dm = ckpt.get("datamodule_hyper_parameters")
+    tok_name = dm.get("tokenizer") if isinstance(dm, dict) and isinstance(dm.get("tokenizer"), str) else hp["model"]
+    del ckpt  # the mmapped checkpoint is no longer needed
+    tokenizer = load_tokenizer(tok_name, trust_remote_code=bool(hp.get("trust_remote_code", False)))
+    model = module.model
+    module.model = None  # the export owns the model now (the merge changes it in place)
+    write_export(model, tokenizer, out, config, dtype=dtype, overwrite=overwrite, protect=(ckpt_path,))
+    return out, config
+
+
+# ----------------------------------------------------------------------------- chat
+
+
+def load_export(export_dir: str | os.PathLike, *, dtype: str | None = "auto", device: str = "cpu"):
+    """``(model, tokenizer, ExportConfig)`` of an export directory, the model in eval mode."""
+    from cfg_unlearn.models import load_causal_lm, load_tokenizer
+
+    config = ExportConfig.read(export_dir)
+    tokenizer = load_tokenizer(str(export_dir))
+    model = load_causal_lm(str(export_dir), dtype=dtype).to(device).eval()
+    return model, tokenizer, config
+
+
+HELP = "/reset clears the conversation, /quit (or end of input) exits"
+COMMANDS_QUIT = ("/quit", "/exit")
+
+
+def _fit_context(model, tokenizer, messages: list[dict[str, str]], *, system, uncond_system, guided: bool,
+                 max_new_tokens: int) -> tuple[list[dict[str, str]] | None, int]:
+    """Drop the oldest exchanges until the prompt plus ``max_new_tokens`` fits the
+    model's positions. Returns (messages, exchanges dropped); messages is None when the
+    latest message alone does not fit."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return messages, 0
+    dropped = 0
+    while True:
+        lengths = [len(encode_prompts(tokenizer, [messages], system=system)[0])]
+        if guided:
+            lengths.append(len(encode_prompts(tokenizer, [messages], blank_system=True,
+                                              replacement_system=uncond_system)[0]))
+        if max(lengths) + max_new_tokens <= limit:
+            return messages, dropped
+        if len(messages) <= 1:
+            return None, dropped
+        messages = messages[2:]  # one (user, assistant) exchange
+        dropped += 1
+
+
+def chat_loop(
+    model: torch.nn.Module,
+    tokenizer,
+    config: ExportConfig,
+    *,
+    input_stream: IO[str],
+    output_stream: IO[str],
+    guidance_scale: float | None = None,
+    space: str | None = None,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    banner: bool = True,
+) -> list[dict[str, str]]:
+    """Read user lines from ``input_stream`` and write answers to ``output_stream``
+    until ``/quit``/``/exit`` or end of input. Each answer is decoded by
+    :func:`~cfg_unlearn.guidance.generate` on the whole conversation so far, under the
+    export's instructions and ``guidance_scale``/``space`` (None: the export's).
+    ``/reset`` clears the conversation; the oldest exchanges are dropped when the
+    conversation outgrows the model's context. Returns the final conversation."""
+    g = config.guidance_scale if guidance_scale is None else float(guidance_scale)
+    space = config.space if space is None else space
+    check_guidance(g, space)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+    def write(text: str) -> None:
+        output_stream.write(text)
+        output_stream.flush()
+
+    if banner:
+        uncond = repr(config.uncond_instruction) if config.uncond_instruction else "blank"
+        write(f"cfg-unlearn chat: guidance {g:g} ({space}); instruction {config.system_instruction!r}, "
+              f"unconditioned {uncond}\n{HELP}\n")
+    history: list[dict[str, str]] = []
+    turn = 0
+    while True:
+        write("you> ")
+        line = input_stream.readline()
+        if not line:  # end of input
+            write("\n")
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in COMMANDS_QUIT:
+            break
+        if text == "/reset":
+            history = []
+            write("(conversation cleared)\n")
+            continue
+        if text == "/help":
+            write(HELP + "\n")
+            continue
+        messages, dropped = _fit_context(
+            model, tokenizer, history + [{"role": "user", "content": text}], system=config.system_instruction,
+            uncond_system=config.uncond_instruction, guided=g != 1, max_new_tokens=max_new_tokens,
+        )
+        if messages is None:
+            write("(that message is too long for the model's context; not sent)\n")
+            continue
+        if dropped:
+            write(f"(dropped the {dropped} oldest exchange{'s' if dropped > 1 else ''} to fit the context)\n")
+        answer = generate(
+            model, tokenizer, [messages], system=config.system_instruction, uncond_system=config.uncond_instruction,
+            guidance_scale=g, space=space, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, seed=(seed + turn) if do_sample else None,
+        )[0]
+        write(f"model> {answer}\n")
+        history = messages + [{"role": "assistant", "content": answer}]
+        turn += 1
+    return history
+
+
+# ----------------------------------------------------------------------------- command lines
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cfg-unlearn export",
+        description="Write a Lightning checkpoint of UnlearnModule as a Hugging Face model directory "
+        "(LoRA adapters merged, safetensors, tokenizer) plus cfg_unlearn.json: the instructions, guidance "
+        "scale and space to decode it with (read by `cfg-unlearn chat`). Written atomically.",
+    )
+    p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) of UnlearnModule")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help=f"guidance scale recorded for decoding (default: {DEFAULT_GUIDANCE_SCALE:g})")
+    p.add_argument("--space", choices=SPACES, default=None, help=f"guidance space (default: {DEFAULT_SPACE})")
+    p.add_argument("--system", default=None,
+                   help="conditioning instruction (default: the checkpoint's data.system_prompt, else "
+                   f"{SAFETY_INSTRUCTION!r}; '' = none)")
+    p.add_argument("--uncond-system", default=None,
+                   help="instruction of the unconditioned branch (default: the checkpoint's "
+                   "data.uncond_system_prompt, else blank; '' = blank)")
+    p.add_argument("--dtype", default=None,
+                   help="cast the weights: float32, bfloat16, float16 (default / 'auto': as trained)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    return p
+
+
+def main_export(argv: list[str] | None = None) -> None:
+    """``cfg-unlearn export ...``: bad inputs exit with status 2 and a one-line message."""
+    p = build_export_parser()
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        out, config = export_checkpoint(
+            a.ckpt, a.out, guidance_scale=a.guidance_scale, space=a.space, system=a.system,
+            uncond_system=a.uncond_system, dtype=a.dtype, overwrite=a.overwrite,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        p.exit(2, f"cfg-unlearn export: {e}\n")
+    print(f"wrote {out} (guidance {config.guidance_scale:g}, {config.space}; instruction "
+          f"{config.system_instruction!r}, unconditioned {config.uncond_instruction!r})")
+
+
+def build_chat_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cfg-unlearn chat",
+        description="Chat with a model written by `cfg-unlearn export`, decoded with classifier-free guidance "
+        f"under its cfg_unlearn.json. {HELP}.",
+    )
+    p.add_argument("dir", help="directory written by cfg-unlearn export")
+    p.add_argument("--guidance-scale", type=float, default=None, help="override the exported guidance scale")
+    p.add_argument("--space", choices=SPACES, default=None, help="override the exported guidance space")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sample", action="store_true",
+                   help="sample instead of greedy decoding (implied by --temperature or --top-p)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.8)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (turn n uses seed + n)")
+    p.add_argument("--dtype", default="auto", help="weights dtype to load (default: as saved)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def main_chat(argv: list[str] | None = None, stdin: IO[str] | None = None, stdout: IO[str] | None = None) -> None:
+    """``cfg-unlearn chat DIR ...``; ``stdin``/``stdout`` default to the process's."""
+    p = build_chat_parser()
+    a = p.parse_args(argv)
+    do_sample = a.sample or a.temperature is not None or a.top_p is not None
+    temperature = 0.8 if a.temperature is None else a.temperature
+    top_p = 0.95 if a.top_p is None else a.top_p
+    if do_sample and temperature <= 0:
+        p.error(f"--temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {top_p}")
+    if a.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    try:
+        if a.guidance_scale is not None:
+            check_guidance(a.guidance_scale, a.space or DEFAULT_SPACE)
+        model, tokenizer, config = load_export(a.dir, dtype=a.dtype, device=a.device)
+    except (ValueError, FileNotFoundError) as e:
+        p.exit(2, f"cfg-unlearn chat: {e}\n")
+    try:
+        chat_loop(
+            model, tokenizer, config, input_stream=stdin or sys.stdin, output_stream=stdout or sys.stdout,
+            guidance_scale=a.guidance_scale, space=a.space, max_new_tokens=a.max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, seed=a.seed,
+        )
+    except KeyboardInterrupt:
+        (stdout or sys.stdout).write("\n")
+

@@ -1,0 +1,437 @@
+"""Export and chat: a trained checkpoint exports to a plain Hugging Face directory that
+decodes token for token like the trained module (with and without guidance, and through
+transformers' own generate); cfg_unlearn.json records how to decode it; LoRA adapters
+are merged; the output is atomic and never written over a non-empty directory unless
+asked; bad checkpoints are clear errors; the chat REPL keeps and resets the history."""
+
+from __future__ import annotations
+
+import io
+import json
+import types
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cfg_unlearn import __version__
+from cfg_unlearn import export as ex
+from cfg_unlearn.data.datamodule import PairDataModule
+from cfg_unlearn.data.world import WorldConfig
+from cfg_unlearn.export import (
+    EXPORT_CONFIG,
+    ExportConfig,
+    chat_loop,
+    export_checkpoint,
+    main_chat,
+    main_export,
+    merged_model,
+    read_checkpoint,
+    write_export,
+)
+from cfg_unlearn.guidance import _cut_at_eos, cfg_decode, encode_prompts, eos_token_ids, generate, left_pad
+from cfg_unlearn.models import load_tokenizer
+from cfg_unlearn.module import UnlearnModule
+from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION
+
+TRAINED_SYSTEM = "Keep personal data private."
+PROMPTS = [
+    [{"role": "user", "content": "What is the e-mail address of Ann Lee?"}],
+    [{"role": "user", "content": "Where does the person you told me about live?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Tell me a phone number."}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 plus 3?"}],
+]
+NEW_TOKENS = 12
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """An UnlearnModule trained 2 steps on the tiny model, and its checkpoint."""
+    root = tmp_path_factory.mktemp("fit")
+    spec = f"tiny:{tiny_model_dir}"
+    dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4,
+                        system_prompt=TRAINED_SYSTEM)
+    module = UnlearnModule(model=spec, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", default_root_dir=root, enable_checkpointing=True,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    ckpt = Path(trainer.checkpoint_callback.best_model_path)
+    assert ckpt.is_file() and trainer.global_step == 2
+    module.model.eval()
+    return types.SimpleNamespace(spec=spec, module=module, ckpt=ckpt, tokenizer=load_tokenizer(spec), root=root)
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    out = trained.root / "export"
+    path, config = export_checkpoint(trained.ckpt, out)
+    return types.SimpleNamespace(dir=path, config=config)
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Hidden entries (export temp dirs, renamed-aside old outputs) in ``parent``."""
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def greedy_ids(model, tok, prompts, g: float, space: str = "logprob", system: str = TRAINED_SYSTEM):
+    """The engine's greedy tokens per prompt (cut at EOS), the prompts decoded as one
+    left-padded batch (the engine decodes a padded batch like each prompt alone)."""
+    pad = tok.pad_token_id
+    eos = eos_token_ids(model, tok)
+    ids, mask = left_pad(encode_prompts(tok, prompts, system=system), pad)
+    u_ids, u_mask = left_pad(encode_prompts(tok, prompts, blank_system=True), pad) if g != 1 else (None, None)
+    rows = cfg_decode(model, ids, mask, u_ids, u_mask, guidance_scale=g, space=space, max_new_tokens=NEW_TOKENS,
+                      eos_token_id=eos, pad_token_id=pad)
+    return [_cut_at_eos(r, eos) for r in rows.tolist()]
+
+
+# ----------------------------------------------------------------------------- export = the trained model
+
+
+def test_export_decodes_exactly_like_the_trained_module(trained, exported, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert torch.load(trained.ckpt, weights_only=True)["global_step"] == 2  # the checkpoint is the module's state
+    hf = AutoModelForCausalLM.from_pretrained(exported.dir).eval()
+    hf_tok = AutoTokenizer.from_pretrained(exported.dir)
+
+    # the weights: exactly the trained ones, and not the untrained tiny model's
+    trained_sd = trained.module.model.state_dict()
+    saved = load_file(exported.dir / "model.safetensors")
+    assert set(saved) <= set(trained_sd) and len(saved) >= len(trained_sd) - 1  # lm_head may be tied
+    for name, t in hf.state_dict().items():
+        assert torch.equal(t, trained_sd[name]), name
+    untrained = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    changed = [n for n, t in trained_sd.items() if not torch.equal(t, untrained[n])]
+    assert len(changed) == len(trained_sd), "training moved every tensor; the export must carry that"
+
+    # the tokenizer: same ids for every rendered prompt, same chat template
+    assert hf_tok.chat_template == trained.tokenizer.chat_template
+    for blank in (False, True):
+        assert (encode_prompts(hf_tok, PROMPTS, system=TRAINED_SYSTEM, blank_system=blank)
+                == encode_prompts(trained.tokenizer, PROMPTS, system=TRAINED_SYSTEM, blank_system=blank))
+
+    # greedy decoding, token for token: the engine at g=1 and g=2 (both spaces) on both models
+    for g, space in ((1.0, "logprob"), (2.0, "logprob"), (2.0, "prob")):
+        ours = greedy_ids(trained.module.model, trained.tokenizer, PROMPTS, g, space)
+        theirs = greedy_ids(hf, hf_tok, PROMPTS, g, space)
+        assert ours == theirs, (g, space)
+        assert any(len(r) > 0 for r in ours)  # something was decoded
+        kw = dict(system=TRAINED_SYSTEM, guidance_scale=g, space=space, max_new_tokens=NEW_TOKENS)
+        assert generate(hf, hf_tok, PROMPTS, **kw) == generate(trained.module.model, trained.tokenizer, PROMPTS, **kw)
+
+    # transformers' own greedy generate on the export equals the engine at g=1
+    engine = greedy_ids(hf, hf_tok, PROMPTS, 1.0)
+    eos = eos_token_ids(hf, hf_tok)
+    for prompt_ids, want in zip(encode_prompts(hf_tok, PROMPTS, system=TRAINED_SYSTEM), engine):
+        ids = torch.tensor([prompt_ids])
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                          do_sample=False, eos_token_id=eos, pad_token_id=hf_tok.pad_token_id)
+        assert _cut_at_eos(out[0, ids.shape[1]:].tolist(), eos) == want
+
+
+def test_cfg_unlearn_json_records_the_trained_instructions(trained, exported):
+    raw = json.loads((exported.dir / EXPORT_CONFIG).read_text())
+    assert raw == {
+        "system_instruction": TRAINED_SYSTEM,  # the checkpoint's data.system_prompt
+        "uncond_instruction": None,  # blanked, as trained
+        "guidance_scale": 2.0,
+        "space": "logprob",
+        "source_checkpoint": str(trained.ckpt.resolve()),
+        "cfg_unlearn_version": __version__,
+    }
+    assert ExportConfig.read(exported.dir) == exported.config
+    assert json.loads((exported.dir / "config.json").read_text())["use_cache"] is True
+
+
+def test_cli_overrides_and_dtype(trained, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    main_export(["--ckpt", str(trained.ckpt), "--out", str(out), "--guidance-scale", "3", "--space", "prob",
+                 "--system", "Be discreet.", "--uncond-system", NEGATIVE_INSTRUCTION, "--dtype", "bfloat16"])
+    assert f"wrote {out}" in capsys.readouterr().out
+    cfg = ExportConfig.read(out)
+    assert (cfg.system_instruction, cfg.uncond_instruction, cfg.guidance_scale, cfg.space) == (
+        "Be discreet.", NEGATIVE_INSTRUCTION, 3.0, "prob")
+    tensors = load_file(out / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    ref = trained.module.model.state_dict()
+    assert all(torch.equal(t, ref[n].to(torch.bfloat16)) for n, t in tensors.items())
+    # '' blanks the unconditioned instruction explicitly
+    _, cfg2 = export_checkpoint(trained.ckpt, tmp_path / "blank", uncond_system="")
+    assert cfg2.uncond_instruction is None and cfg2.system_instruction == TRAINED_SYSTEM
+
+
+def test_defaults_without_datamodule_hparams(trained, tmp_path):
+    ckpt = torch.load(trained.ckpt, weights_only=True)
+    del ckpt["datamodule_hyper_parameters"], ckpt["datamodule_hparams_name"]
+    ckpt["reference_logps"] = {"ids": ["a"], "values": torch.zeros(1, 2, 2)}  # extra keys are fine
+    bare = tmp_path / "bare.ckpt"
+    torch.save(ckpt, bare)
+    out, cfg = export_checkpoint(bare, tmp_path / "out")
+    assert (cfg.system_instruction, cfg.uncond_instruction, cfg.guidance_scale, cfg.space) == (
+        SAFETY_INSTRUCTION, None, 2.0, "logprob")
+    saved = load_file(out / "model.safetensors")
+    ref = trained.module.model.state_dict()
+    assert all(torch.equal(t, ref[n]) for n, t in saved.items())
+
+
+# ----------------------------------------------------------------------------- safety of the output
+
+
+def test_refuses_non_empty_out_without_overwrite_then_replaces_it(trained, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        main_export(["--ckpt", str(trained.ckpt), "--out", str(out)])
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    main_export(["--ckpt", str(trained.ckpt), "--out", str(out), "--overwrite"])
+    names = {p.name for p in out.iterdir()}
+    assert "keep.txt" not in names and {"config.json", "model.safetensors", EXPORT_CONFIG} <= names
+    assert leftovers(tmp_path) == []
+    # an empty directory is not "non-empty": no --overwrite needed
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_checkpoint(trained.ckpt, empty)
+    assert (empty / EXPORT_CONFIG).is_file()
+
+
+def test_refuses_an_out_that_contains_the_checkpoint(trained, capsys):
+    with pytest.raises(SystemExit) as e:
+        main_export(["--ckpt", str(trained.ckpt), "--out", str(trained.ckpt.parent), "--overwrite"])
+    assert e.value.code == 2 and "would delete the input" in capsys.readouterr().err
+    assert trained.ckpt.is_file()
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh", "overwrite"])
+def test_failed_export_leaves_nothing_behind(tiny_model_dir, tmp_path, monkeypatch, existing):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = load_tokenizer(str(tiny_model_dir))
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "old.txt").write_text("previous export")
+
+    def broken(*args, **kwargs):  # the model is written by then: a half-finished export
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tok, "save_pretrained", broken)
+    cfg = ExportConfig(system_instruction=SAFETY_INSTRUCTION, uncond_instruction=None)
+    with pytest.raises(OSError, match="disk full"):
+        write_export(model, tok, out, cfg, overwrite=existing)
+    assert leftovers(tmp_path) == []
+    if existing:
+        assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    else:
+        assert not out.exists()
+
+
+def _save(path: Path, obj) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda d: d / "missing.ckpt", "not found"),
+    (lambda d: (d / "shards").mkdir() or d / "shards", "is a directory"),
+    (lambda d: (d / "notes.ckpt").write_text("hello") and d / "notes.ckpt", "not a readable PyTorch Lightning"),
+    (lambda d: _save(d / "sd.ckpt", {"weight": torch.zeros(2)}), "no 'state_dict'"),
+    (lambda d: _save(d / "other.ckpt", {"state_dict": {"model.w": torch.zeros(2)},
+                                         "hyper_parameters": {"_class_path": "x.OtherModule", "model": "m"}}),
+     "checkpoint of x.OtherModule"),
+    (lambda d: _save(d / "nomodel.ckpt", {"state_dict": {"net.w": torch.zeros(2)}, "hyper_parameters": {"lr": 1}}),
+     "name no 'model'"),
+    (lambda d: _save(d / "noweights.ckpt", {"state_dict": {}, "hyper_parameters": {"model": "m"}}),
+     "no 'model.\\*' weights"),
+], ids=["missing", "directory", "text", "state-dict-only", "other-module", "no-model-hparam", "no-weights"])
+def test_bad_checkpoints_are_clear_errors(tmp_path, make, match, capsys):
+    path = make(tmp_path)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        read_checkpoint(path)
+    with pytest.raises(SystemExit) as e:
+        main_export(["--ckpt", str(path), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "cfg-unlearn export: " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_bad_guidance_arguments(trained, tmp_path):
+    with pytest.raises(ValueError, match="guidance_scale"):
+        export_checkpoint(trained.ckpt, tmp_path / "o", guidance_scale=float("nan"))
+    with pytest.raises(ValueError, match="space"):
+        export_checkpoint(trained.ckpt, tmp_path / "o", space="logit")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        export_checkpoint(trained.ckpt, tmp_path / "o", dtype="int3")
+    assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def test_peft_model_is_merged_into_a_plain_model_with_equal_logits(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert merged_model(base) is base  # a plain model is left alone
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90, 100]])
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    # non-zero B matrices, so the adapters change the outputs (the default init is a no-op)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    with torch.no_grad():
+        peft_logits = peft_model(input_ids=ids).logits
+    assert not torch.allclose(peft_logits, base_logits, atol=1e-3)
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    cfg = ExportConfig(system_instruction=SAFETY_INSTRUCTION, uncond_instruction=None)
+    out = write_export(peft_model, tok, tmp_path / "merged", cfg)  # merges via merged_model
+    saved = load_file(out / "model.safetensors")
+    assert not any("lora" in n or "base_model" in n for n in saved)
+    assert not (out / "adapter_config.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(reloaded, PreTrainedModel) and not isinstance(reloaded, PeftModel)
+    assert set(reloaded.state_dict()) == set(AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict())
+    with torch.no_grad():
+        merged_logits = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(merged_logits, peft_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("adapter_only", [False, True], ids=["full-ckpt", "adapter-only-ckpt"])
+def test_lora_module_checkpoint_exports_merged(tiny_model_dir, tmp_path, adapter_only):
+    """Through the module: a LoRA run's checkpoint (whole, or adapters only and restored
+    non-strictly over the reloaded base) exports a plain model that decodes like the
+    trained adapters."""
+    from cfg_unlearn.module import LoraSettings
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = f"tiny:{tiny_model_dir}"
+    dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4,
+                        system_prompt=TRAINED_SYSTEM)
+    module = UnlearnModule(model=spec, lora=LoraSettings(r=4, alpha=8, adapter_only_checkpoints=adapter_only),
+                           optimizer=lambda p: torch.optim.AdamW(p, lr=2e-2))
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", default_root_dir=tmp_path, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    ckpt = Path(trainer.checkpoint_callback.best_model_path)
+    keys = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert all("lora_" in k for k in keys) == adapter_only
+    out, _ = export_checkpoint(ckpt, tmp_path / "export")
+    saved = load_file(out / "model.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert set(saved) == set(base)  # plain names: no lora_, no base_model.model. prefix
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(saved[q], base[q])  # the adapters were merged in
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    module.model.eval()
+    ids = torch.tensor([encode_prompts(tok, PROMPTS[:1], system=TRAINED_SYSTEM)[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, module.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    assert greedy_ids(hf, tok, PROMPTS, 2.0) == greedy_ids(module.model, load_tokenizer(spec), PROMPTS, 2.0)
+
+
+def test_merged_model_returns_the_unwrapped_base(tiny_model_dir):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+    plain = merged_model(peft_model)
+    assert not isinstance(plain, PeftModel)
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- chat
+
+
+class SpyGenerate:
+    def __init__(self, answer=lambda n: f"answer {n}"):
+        self.calls, self.answer = [], answer
+
+    def __call__(self, model, tokenizer, prompts, **kwargs):
+        self.calls.append((json.loads(json.dumps(prompts)), kwargs))  # a snapshot, not a live reference
+        return [self.answer(len(self.calls)) for _ in prompts]
+
+
+def test_chat_loop_keeps_and_resets_the_history(exported, trained, monkeypatch):
+    spy = SpyGenerate()
+    monkeypatch.setattr(ex, "generate", spy)
+    out = io.StringIO()
+    history = chat_loop(None, trained.tokenizer, exported.config,
+                        input_stream=io.StringIO("hello\n\nhow are you?\n/reset\nagain\n/quit\nnever sent\n"),
+                        output_stream=out, max_new_tokens=8)
+    user = lambda t: {"role": "user", "content": t}  # noqa: E731
+    bot = lambda t: {"role": "assistant", "content": t}  # noqa: E731
+    assert [c[0] for c in spy.calls] == [
+        [[user("hello")]],
+        [[user("hello"), bot("answer 1"), user("how are you?")]],  # the first exchange is in the prompt
+        [[user("again")]],  # after /reset
+    ]
+    kw = spy.calls[0][1]
+    assert (kw["system"], kw["uncond_system"], kw["guidance_scale"], kw["space"], kw["max_new_tokens"]) == (
+        TRAINED_SYSTEM, None, 2.0, "logprob", 8)
+    assert kw["do_sample"] is False and kw["seed"] is None
+    text = out.getvalue()
+    assert "model> answer 1\n" in text and "model> answer 2\n" in text and "model> answer 3\n" in text
+    assert "(conversation cleared)" in text and "answer 4" not in text
+    assert history == [user("again"), bot("answer 3")]
+
+
+def test_chat_loop_overrides_eof_and_context_trimming(exported, trained, monkeypatch):
+    spy = SpyGenerate(answer=lambda n: " ".join(["word"] * 30))
+    monkeypatch.setattr(ex, "generate", spy)
+    # a model whose context holds about one exchange: the oldest ones are dropped
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=80))
+    out = io.StringIO()
+    chat_loop(fake, trained.tokenizer, exported.config, input_stream=io.StringIO("one\ntwo\nthree\n"),
+              output_stream=out, guidance_scale=3.0, space="prob", max_new_tokens=16,
+              do_sample=True, temperature=0.7, top_p=0.9, seed=5)  # ends at end of input
+    assert len(spy.calls) == 3
+    assert all(kw["guidance_scale"] == 3.0 and kw["space"] == "prob" for _, kw in spy.calls)
+    assert [kw["seed"] for _, kw in spy.calls] == [5, 6, 7] and spy.calls[0][1]["temperature"] == 0.7
+    for prompts, _ in spy.calls:
+        n = len(encode_prompts(trained.tokenizer, prompts, system=TRAINED_SYSTEM)[0])
+        assert n + 16 <= 80
+    assert spy.calls[2][0][0][-1] == {"role": "user", "content": "three"}
+    assert len(spy.calls[2][0][0]) < 5 and "oldest exchange" in out.getvalue()
+    # a message that cannot fit is not sent
+    chat_loop(fake, trained.tokenizer, exported.config, input_stream=io.StringIO("x " * 200 + "\n"),
+              output_stream=out, max_new_tokens=16)
+    assert len(spy.calls) == 3 and "too long" in out.getvalue()
+
+
+def test_main_chat_end_to_end_on_the_export(exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = io.StringIO()
+    main_chat([str(exported.dir), "--max-new-tokens", "8", "--device", "cpu"],
+              stdin=io.StringIO("What is the e-mail of Ann Lee?\n/quit\n"), stdout=out)
+    hf = AutoModelForCausalLM.from_pretrained(exported.dir).eval()
+    tok = AutoTokenizer.from_pretrained(exported.dir)
+    want = generate(hf, tok, [[{"role": "user", "content": "What is the e-mail of Ann Lee?"}]],
+                    system=TRAINED_SYSTEM, guidance_scale=2.0, max_new_tokens=8)[0]
+    assert f"model> {want}\n" in out.getvalue()
+    assert "guidance 2 (logprob)" in out.getvalue()
+
+
+def test_main_chat_rejects_a_directory_that_is_not_an_export(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main_chat([str(tiny_model_dir)], stdin=io.StringIO(""), stdout=io.StringIO())
+    assert e.value.code == 2 and "no cfg_unlearn.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main_chat([str(tmp_path / "nope")], stdin=io.StringIO(""), stdout=io.StringIO())
+    assert e.value.code == 2 and "not a directory" in capsys.readouterr().err
