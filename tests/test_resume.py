@@ -1,0 +1,429 @@
+"""Crash-safe checkpoints and exact resume (``cfg_unlearn.checkpointing``).
+
+* A save that dies half-way (an exception, or SIGKILL) leaves the previous checkpoint
+  byte-identical and loadable, and no temp file behind (SIGKILL: one that ``last``
+  lookup ignores and a later save removes).
+* A fit killed mid-epoch (or between epochs) and resumed from ``last.ckpt`` ends with
+  exactly the weights of an uninterrupted fit: the real module and data module on the
+  tiny model, conditioning dropout 0.5, AdamW + WarmupCosine, shuffling on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import types
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader, TensorDataset
+
+from cfg_unlearn.checkpointing import (
+    AtomicCheckpointIO,
+    AtomicModelCheckpoint,
+    ExactResume,
+    atomic_torch_save,
+    install_checkpointing,
+    remove_stale_temp_files,
+)
+from cfg_unlearn.data.datamodule import PairDataModule
+from cfg_unlearn.data.world import WorldConfig
+from cfg_unlearn.module import UnlearnModule
+from cfg_unlearn.schedules import WarmupCosine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _temps(directory: Path) -> list[str]:
+    return sorted(p.name for p in Path(directory).iterdir() if p.name.endswith(".tmp"))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# ====================================================================== atomic writes
+
+
+def test_atomic_save_round_trips_with_normal_permissions_and_no_temp_files(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "sub" / "last.ckpt"  # the directory is created
+    io.save_checkpoint({"state_dict": {"w": torch.arange(5.0)}, "epoch": 3}, path)
+    loaded = io.load_checkpoint(path, weights_only=True)
+    assert torch.equal(loaded["state_dict"]["w"], torch.arange(5.0)) and loaded["epoch"] == 3
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~_umask()
+    assert _temps(path.parent) == []
+    with pytest.raises(TypeError):
+        io.save_checkpoint({}, path, storage_options={"x": 1})
+
+
+def test_remote_paths_keep_lightnings_fsspec_save():
+    import fsspec
+
+    io = AtomicCheckpointIO()
+    path = "memory://cfg-unlearn-test-resume/last.ckpt"
+    io.save_checkpoint({"a": torch.ones(2)}, path)
+    try:
+        with fsspec.open(path, "rb") as fh:
+            assert torch.equal(torch.load(fh, weights_only=True)["a"], torch.ones(2))
+    finally:
+        fsspec.filesystem("memory").rm("/cfg-unlearn-test-resume", recursive=True)
+
+
+class _Died(BaseException):
+    """Stands in for the process dying (not an Exception: nothing may swallow it)."""
+
+
+def _partial_torch_save(real_save, exc):
+    def save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint " * 4096)  # ~100 kB of a zip that never ends
+        raise exc
+
+    return save
+
+
+@pytest.mark.parametrize("failure", ["torch.save raises OSError", "torch.save dies", "fsync fails", "replace fails"])
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch, failure):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.full((64, 64), 1.0)}, "global_step": 1}, path)
+    before = path.read_bytes()
+    with monkeypatch.context() as m:
+        if failure == "torch.save raises OSError":
+            m.setattr(torch, "save", _partial_torch_save(torch.save, OSError(28, "No space left on device")))
+        elif failure == "torch.save dies":
+            m.setattr(torch, "save", _partial_torch_save(torch.save, _Died()))
+        elif failure == "fsync fails":
+            m.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "I/O error")))
+        else:
+            m.setattr(os, "replace", lambda *a, **k: (_ for _ in ()).throw(OSError(18, "cross-device")))
+        with pytest.raises((OSError, _Died)):
+            io.save_checkpoint({"state_dict": {"w": torch.full((64, 64), 2.0)}, "global_step": 2}, path)
+    assert path.read_bytes() == before  # byte-identical
+    loaded = io.load_checkpoint(path, weights_only=True)
+    assert loaded["global_step"] == 1 and torch.equal(loaded["state_dict"]["w"], torch.full((64, 64), 1.0))
+    assert _temps(tmp_path) == []
+
+
+_KILLED_WRITER = textwrap.dedent("""
+    import sys, time, torch
+    from cfg_unlearn.checkpointing import AtomicCheckpointIO
+    path, marker = sys.argv[1], sys.argv[2]
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(256, 256)}, path)
+    real = torch.save
+    def slow_save(obj, f, *a, **k):
+        f.write(b"x" * 1_000_000)
+        f.flush()
+        open(marker, "w").close()  # half written: kill me now
+        time.sleep(120)
+    torch.save = slow_save
+    io.save_checkpoint({"global_step": 2, "w": torch.zeros(256, 256)}, path)
+""")
+
+
+def test_sigkill_mid_save_keeps_last_ckpt_and_the_leftover_is_ignored_then_cleaned(tmp_path):
+    path, marker = tmp_path / "last.ckpt", tmp_path / "writing"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(path), str(marker)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the writer never started its second save"
+            time.sleep(0.05)
+        before = path.read_bytes()
+        (leftover,) = _temps(tmp_path)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert path.read_bytes() == before
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["global_step"] == 1 and torch.equal(ckpt["w"], torch.ones(256, 256))
+    # SIGKILL cannot clean up: the temp file stays, but `ckpt_path="last"` never picks it
+    assert _temps(tmp_path) == [leftover]
+    assert ModelCheckpoint(dirpath=tmp_path)._find_last_checkpoints(None) == {os.path.normpath(path)}
+    # a later save removes stale leftovers of its own target (old enough to be dead), not fresh ones
+    fresh = tmp_path / ".last.ckpt.fresh.tmp"
+    fresh.write_bytes(b"another writer")
+    old = time.time() - 3600
+    os.utime(tmp_path / leftover, (old, old))
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3}, path)
+    assert _temps(tmp_path) == [fresh.name]
+    assert remove_stale_temp_files(path, older_than_s=-1) == [str(fresh)]
+
+
+def test_link_mode_last_checkpoint_is_swapped_atomically(tmp_path, monkeypatch):
+    trainer = types.SimpleNamespace(is_global_zero=True, strategy=types.SimpleNamespace(barrier=lambda *a: None))
+    for step in (1, 2):
+        atomic_torch_save({"global_step": step}, tmp_path / f"step={step}.ckpt")
+    last = tmp_path / "last.ckpt"
+    atomic_torch_save({"global_step": 0}, last)  # a regular file first: replaced by the link
+    AtomicModelCheckpoint._link_checkpoint(trainer, str(tmp_path / "step=1.ckpt"), str(last))
+    assert last.is_symlink() and os.readlink(last) == "step=1.ckpt"
+    AtomicModelCheckpoint._link_checkpoint(trainer, str(tmp_path / "step=2.ckpt"), str(last))
+    assert os.readlink(last) == "step=2.ckpt" and torch.load(last, weights_only=True)["global_step"] == 2
+    # no symlinks allowed: an atomic copy instead
+    monkeypatch.setattr(os, "symlink", lambda *a, **k: (_ for _ in ()).throw(OSError(1, "not permitted")))
+    AtomicModelCheckpoint._link_checkpoint(trainer, str(tmp_path / "step=1.ckpt"), str(last))
+    assert not last.is_symlink() and torch.load(last, weights_only=True)["global_step"] == 1
+    assert _temps(tmp_path) == []
+
+
+def test_install_checkpointing_swaps_the_plain_io_and_adds_exact_resume_once(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[ckpt], enable_progress_bar=False)
+    assert type(trainer.strategy.checkpoint_io) is TorchCheckpointIO
+    install_checkpointing(install_checkpointing(trainer))
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    resumers = [cb for cb in trainer.callbacks if isinstance(cb, ExactResume)]
+    assert len(resumers) == 1 and trainer.callbacks.index(resumers[0]) < trainer.callbacks.index(ckpt)
+
+    class MyIO(TorchCheckpointIO):
+        pass
+
+    custom = L.Trainer(accelerator="cpu", devices=1, logger=False, plugins=[MyIO()], enable_progress_bar=False)
+    install_checkpointing(custom, exact_resume=False)
+    assert type(custom.strategy.checkpoint_io) is MyIO  # a user's own IO is left alone
+    assert not any(isinstance(cb, ExactResume) for cb in custom.callbacks)
+
+
+def test_cli_trainer_is_wired_for_atomic_saves_and_exact_resume(tmp_path, monkeypatch):
+    from cfg_unlearn.cli import cli_main
+
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    cli = cli_main(["--config", str(ROOT / "configs/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path)],
+                   run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert any(isinstance(cb, ExactResume) for cb in cli.trainer.callbacks)
+
+
+# ====================================================================== exact resume: the real module
+
+
+class _Kill(Exception):
+    """The run dies here."""
+
+
+class _KillAt(Callback):
+    """Dies before the optimizer step ``step`` (0-based), i.e. after ``step`` steps."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise _Kill(f"killed before step {self.step}")
+
+
+class _Record(Callback):
+    """(epoch, batch_idx, pair ids) of every training batch."""
+
+    def __init__(self):
+        self.seen: list[tuple[int, int, tuple[str, ...]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.current_epoch, batch_idx, tuple(batch["id"])))
+
+
+EPOCHS = 3  # 22 training pairs, batches of 4: 6 steps an epoch, 18 in all
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matmuls: a second intra-op thread only adds contention on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _fit(spec: str, root: Path, *, kill_at: int | None = None, ckpt_path: str | None = None, exact: bool = True,
+         every_step: bool = True):
+    """One fit of the tiny model; returns (module, trainer, recorder). Killed runs return
+    after the kill; every run (killed or resumed) writes its checkpoints into ``root``."""
+    L.seed_everything(0, verbose=False)
+    module = UnlearnModule(model=spec, cond_dropout=0.5, optimizer=partial(torch.optim.AdamW, lr=1e-3),
+                           lr_scheduler=partial(WarmupCosine, warmup_steps=3, min_ratio=0.1))
+    data = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4, max_length=128)
+    record = _Record()
+    # every step: save_top_k=0 and a step interval write last.ckpt after each step. Per
+    # epoch: save_top_k=1 (Lightning 2.6 writes last.ckpt at an epoch end only when it
+    # wrote a top-k checkpoint there; save_top_k=0 alone writes it at the end of fit only)
+    callbacks = [record, ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0, every_n_train_steps=1)
+                 if every_step else ModelCheckpoint(dirpath=root, save_last=True, save_top_k=1)]
+    if kill_at is not None:
+        callbacks.append(_KillAt(kill_at))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=EPOCHS, callbacks=callbacks, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+                        num_sanity_val_steps=0)
+    install_checkpointing(trainer, exact_resume=exact)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    except _Kill:
+        assert kill_at is not None
+    return module, trainer, record
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_model_dir):
+    return f"tiny:{tiny_model_dir}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(spec, tmp_path_factory):
+    module, trainer, record = _fit(spec, tmp_path_factory.mktemp("full"))
+    assert trainer.global_step == 6 * EPOCHS and trainer.num_training_batches == 6
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    return {k: v.clone() for k, v in module.state_dict().items()}, record.seen, lr
+
+
+def _assert_same_run(uninterrupted, resumed_module, resumed_trainer, resumed_record, resumed_from_step):
+    weights, seen, lr = uninterrupted
+    assert resumed_trainer.global_step == 6 * EPOCHS
+    # the resumed run trained on exactly the batches the uninterrupted run had left, in order
+    assert resumed_record.seen == seen[resumed_from_step:]
+    state = resumed_module.state_dict()
+    assert state.keys() == weights.keys()
+    differ = [k for k in weights if not torch.equal(state[k], weights[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    assert resumed_trainer.optimizers[0].param_groups[0]["lr"] == lr
+
+
+@pytest.mark.parametrize("kill_at", [3, 9], ids=["epoch0-mid", "epoch1-mid"])
+def test_mid_epoch_resume_ends_with_the_weights_of_an_uninterrupted_run(spec, uninterrupted, tmp_path, kill_at,
+                                                                        recwarn):
+    _, killed, _ = _fit(spec, tmp_path, kill_at=kill_at)
+    assert killed.global_step == kill_at
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)  # loadable the way resume loads it
+    assert ckpt["global_step"] == kill_at and ckpt["epoch"] == kill_at // 6
+    module, trainer, record = _fit(spec, tmp_path, ckpt_path=str(tmp_path / "last.ckpt"))
+    _assert_same_run(uninterrupted, module, trainer, record, kill_at)
+    # Lightning's "your dataloader is not resumable" warning is not true here, so not shown
+    assert not [w for w in recwarn if "dataloader is not resumable" in str(w.message)]
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+@pytest.mark.parametrize("exact", [True, False], ids=["ExactResume", "plain-Lightning"])
+def test_end_of_epoch_resume_ends_with_the_weights_of_an_uninterrupted_run(spec, uninterrupted, tmp_path, exact):
+    """Saved by ModelCheckpoint's end-of-epoch path, killed before the third epoch. With
+    the data module's (seed, epoch) permutation Lightning alone resumes this exactly;
+    ExactResume must not change that."""
+    _fit(spec, tmp_path, kill_at=12, exact=exact, every_step=False)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 12
+    module, trainer, record = _fit(spec, tmp_path, ckpt_path=str(tmp_path / "last.ckpt"), exact=exact,
+                                   every_step=False)
+    _assert_same_run(uninterrupted, module, trainer, record, 12)
+
+
+def test_killed_during_a_checkpoint_save_resumes_from_the_previous_one(spec, uninterrupted, tmp_path, monkeypatch):
+    """The run dies inside the save of step 10: ``last.ckpt`` is still step 9's, whole,
+    and ``ckpt_path="last"`` (which a stray temp file must not fool) resumes exactly."""
+    real_save, calls, before = torch.save, [], {}
+
+    def dying_save(obj, f, *args, **kwargs):
+        calls.append(obj.get("global_step"))
+        if obj.get("global_step") == 10:
+            before["bytes"] = (tmp_path / "last.ckpt").read_bytes()
+            f.write(b"PK\x03\x04" + b"\0" * 50_000)
+            raise _Died()
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(_Died):
+        _fit(spec, tmp_path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert calls[-1] == 10
+    assert (tmp_path / "last.ckpt").read_bytes() == before["bytes"]
+    assert _temps(tmp_path) == []
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 9
+    (tmp_path / ".last.ckpt.stray.tmp").write_bytes(b"garbage")  # as a SIGKILL would leave it
+    module, trainer, record = _fit(spec, tmp_path, ckpt_path="last")
+    _assert_same_run(uninterrupted, module, trainer, record, 9)
+
+
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
+def test_without_exact_resume_lightning_restarts_the_epochs_data_from_the_top(spec, uninterrupted, tmp_path):
+    """Why ExactResume exists (Lightning 2.6, plain DataLoader): killed after batch 2 of
+    epoch 1, the resumed run counts on from batch_idx 3 but takes its batches from the
+    top of epoch 1's permutation: batches 0-2 are trained on twice, 3-5 never. If this
+    starts failing, Lightning has learnt to resume such loaders and the callback may be
+    redundant."""
+    _fit(spec, tmp_path, kill_at=9, exact=False)
+    module, trainer, record = _fit(spec, tmp_path, ckpt_path=str(tmp_path / "last.ckpt"), exact=False)
+    _, seen, _ = uninterrupted
+    assert [s[:2] for s in record.seen] == [s[:2] for s in seen[9:]]  # the same (epoch, batch_idx) ...
+    assert [s[2] for s in record.seen[:3]] == [s[2] for s in seen[6:9]]  # ... but epoch 1's batches 0-2 again
+    assert not all(torch.equal(module.state_dict()[k], v) for k, v in uninterrupted[0].items())
+
+
+# ====================================================================== exact resume: generators, workers, dropout
+
+
+class _DropoutNet(L.LightningModule):
+    """A model whose steps use the global RNG (dropout) and a loader shuffled by a
+    ``torch.Generator`` (the common ``DataLoader(shuffle=True, generator=g)``)."""
+
+    def __init__(self, num_workers: int):
+        super().__init__()
+        self.num_workers = num_workers
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 1))
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y, i = batch
+        self.seen.append(i.tolist())
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(1234)
+        x = torch.linspace(-1, 1, 22 * 8).view(22, 8)
+        ds = TensorDataset(x, x.sum(1, keepdim=True).sin(), torch.arange(22))
+        return DataLoader(ds, batch_size=4, shuffle=True, generator=g, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+
+def _fit_dropout(root: Path, num_workers: int, kill_at: int | None = None, ckpt_path: str | None = None):
+    L.seed_everything(0, verbose=False)
+    model = _DropoutNet(num_workers)
+    callbacks = [ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0, every_n_train_steps=1)]
+    if kill_at is not None:
+        callbacks.append(_KillAt(kill_at))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=3, callbacks=callbacks, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, deterministic=True)
+    install_checkpointing(trainer)
+    try:
+        trainer.fit(model, ckpt_path=ckpt_path)
+    except _Kill:
+        pass
+    return model
+
+
+@pytest.mark.parametrize("num_workers", [0, 2], ids=["in-process", "2-persistent-workers"])
+def test_generator_shuffled_loader_and_dropout_resume_exactly(tmp_path, num_workers):
+    full = _fit_dropout(tmp_path / "full", num_workers)
+    for kill_at in (9, 12):  # mid-epoch 1; end of epoch 1 (saved after its last batch)
+        root = tmp_path / f"kill{kill_at}"
+        _fit_dropout(root, num_workers, kill_at=kill_at)
+        resumed = _fit_dropout(root, num_workers, ckpt_path=str(root / "last.ckpt"))
+        assert resumed.seen == full.seen[kill_at:], kill_at
+        for k, v in full.state_dict().items():
+            assert torch.equal(resumed.state_dict()[k], v), (kill_at, k)
