@@ -1,0 +1,444 @@
+"""FSDP for YAML configs (cfg_unlearn.strategies) and the shipped GPU configs.
+
+CPU only, except the last test (a 2-step FSDP fit on a GPU, skipped without one). The
+wrap policies are checked as pure functions of the tiny Llama's module tree, then under a
+real FSDP wrap (gloo, world size 1), then through Lightning in a subprocess. The GPU
+configs are parsed as written (``--print_config``) and instantiated with the trainer
+moved to the CPU: nothing is downloaded, weights load in ``configure_model``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from cfg_unlearn.cli import cli_main
+from cfg_unlearn.data.datamodule import PairDataModule
+from cfg_unlearn.models import load_causal_lm
+from cfg_unlearn.module import LoraSettings, UnlearnModule, add_lora
+from cfg_unlearn.strategies import (
+    NormClippingFSDPPrecision,
+    UnlearnFSDPStrategy,
+    build_auto_wrap_policy,
+    decoder_like_class_names,
+    lora_aware_policy,
+    no_split_module_names,
+    resolve_layer_classes,
+    restore_unsharded_param_views,
+    wrap_plan,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_CONFIGS = ["llama3.1-8b-lora.yaml", "llama3.1-8b-ddp8.yaml", "llama3.1-8b-fsdp-full.yaml",
+               "qwen2.5-0.5b-quick.yaml"]
+PROJECTIONS = 7  # q, k, v, o, gate, up, down: "all-linear" adapts each of them
+
+
+@pytest.fixture(autouse=True)
+def _clean_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # LightningCLI reads sys.argv otherwise
+
+
+@pytest.fixture()
+def llama(tiny_model_dir):
+    return load_causal_lm(str(tiny_model_dir))
+
+
+@pytest.fixture()
+def lora_llama(tiny_model_dir):
+    return add_lora(load_causal_lm(str(tiny_model_dir)), LoraSettings(r=4))
+
+
+def decoder_layer_class(model):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    assert any(isinstance(m, LlamaDecoderLayer) for m in model.modules())
+    return LlamaDecoderLayer
+
+
+# ---------------------------------------------------------------------- class names
+
+
+def test_default_layer_classes_come_from_no_split_modules(llama, lora_llama):
+    layer = decoder_layer_class(llama)
+    assert no_split_module_names(llama) == ["LlamaDecoderLayer"]
+    assert resolve_layer_classes(llama) == {layer}
+    # through the peft wrapper and a LightningModule-like holder as well
+    assert resolve_layer_classes(lora_llama) == {layer}
+    holder = nn.Module()
+    holder.model = lora_llama
+    assert resolve_layer_classes(holder) == {layer}
+
+
+def test_explicit_names_resolve_to_the_model_classes(llama):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    layer = decoder_layer_class(llama)
+    assert resolve_layer_classes(llama, ["LlamaDecoderLayer"]) == {layer}
+    assert resolve_layer_classes(llama, ["LlamaDecoderLayer", "LlamaRMSNorm"]) == {layer, LlamaRMSNorm}
+
+
+def test_unknown_class_name_is_a_clear_error_listing_candidates(llama):
+    with pytest.raises(ValueError, match=r"no module of class MistralDecoderLayer in LlamaForCausalLM; "
+                                         r"decoder-like classes found: \['LlamaDecoderLayer'\]"):
+        resolve_layer_classes(llama, ["LlamaDecoderLayer", "MistralDecoderLayer"])
+    with pytest.raises(ValueError, match="empty"):
+        resolve_layer_classes(llama, [])
+
+
+def test_model_without_no_split_modules_needs_explicit_names():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+    model = nn.Sequential(nn.Embedding(10, 4), nn.ModuleList([Block(), Block()]))
+    assert decoder_like_class_names(model) == ["Block"]
+    with pytest.raises(ValueError, match=r"declares no _no_split_modules.*wrap_layer_classes.*\['Block'\]"):
+        resolve_layer_classes(model)
+    assert resolve_layer_classes(model, ["Block"]) == {Block}
+
+
+# ---------------------------------------------------------------------- policies
+
+
+def test_full_finetuning_wraps_each_decoder_layer(llama):
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    policy = build_auto_wrap_policy(llama)
+    assert isinstance(policy, ModuleWrapPolicy)
+    plan = wrap_plan(llama, policy)
+    n_layers = llama.config.num_hidden_layers
+    assert [u.cls for u in plan] == ["LlamaForCausalLM"] + ["LlamaDecoderLayer"] * n_layers
+    assert all(u.frozen == 0 for u in plan)
+    assert sum(u.trainable for u in plan) == sum(p.numel() for p in llama.parameters())
+
+
+def test_lora_policy_keeps_frozen_and_trainable_weights_in_separate_units(lora_llama):
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+    policy = build_auto_wrap_policy(lora_llama)  # LoRA detected: frozen base + trainable adapters
+    assert isinstance(policy, CustomPolicy)
+    plan = wrap_plan(lora_llama, policy)
+    n_layers = lora_llama.config.num_hidden_layers
+    assert not [u for u in plan if u.mixed]
+    trainable_units = [u for u in plan if u.trainable]
+    assert len(trainable_units) == 2 * PROJECTIONS * n_layers  # lora_A and lora_B of every linear
+    assert all(".lora_A.default" in u.name or ".lora_B.default" in u.name for u in trainable_units)
+    frozen_units = [u for u in plan if u.frozen]
+    assert [u.cls for u in frozen_units] == ["PeftModelForCausalLM"] + ["LlamaDecoderLayer"] * n_layers
+    # every parameter is accounted for exactly once
+    params = list(lora_llama.parameters())
+    assert sum(u.trainable for u in plan) == sum(p.numel() for p in params if p.requires_grad)
+    assert sum(u.frozen for u in plan) == sum(p.numel() for p in params if not p.requires_grad)
+    # for contrast: decoder layers alone put the adapters in with their frozen base weights
+    plain = build_auto_wrap_policy(lora_llama, lora=False)
+    mixed = [u for u in wrap_plan(lora_llama, plain) if u.mixed]
+    assert [u.cls for u in mixed] == ["LlamaDecoderLayer"] * n_layers
+    # explicit classes work the same way
+    assert not [u for u in wrap_plan(lora_llama, lora_aware_policy(resolve_layer_classes(lora_llama))) if u.mixed]
+
+
+@pytest.fixture()
+def process_group(tmp_path):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore:FSDP.state_dict_type\\(\\) and FSDP.set_state_dict_type\\(\\):FutureWarning")
+@pytest.mark.filterwarnings("ignore:When using ``NO_SHARD``:UserWarning")
+@pytest.mark.parametrize("lora", [True, False], ids=["lora_aware", "decoder_layers_only"])
+def test_under_fsdp_frozen_weights_get_no_gradient(lora_llama, process_group, lora):
+    """A real FSDP wrap (world size 1): with the LoRA-aware policy every FlatParameter is
+    uniformly frozen or trainable, so the frozen base has ``requires_grad=False`` flat
+    parameters (no gradient buffer, no reduce-scatter) and FSDP does not warn; decoder
+    layers alone make mixed units, which FSDP warns allocate gradients for the frozen
+    weights. After a backward the state dict is whole (restore_unsharded_param_views)."""
+    from torch.distributed.fsdp import FullStateDictConfig, ShardingStrategy, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    n_params = len(dict(lora_llama.named_parameters()))
+    policy = build_auto_wrap_policy(lora_llama, lora=lora)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fsdp = FSDP(lora_llama, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"),
+                    sharding_strategy=ShardingStrategy.NO_SHARD)
+    mixed_warnings = [w for w in caught if "both parameters with requires_grad=True and False" in str(w.message)]
+    flat = [(u._handle.flat_param, u) for u in FSDP.fsdp_modules(fsdp) if u._handle is not None]
+    if lora:
+        assert not mixed_warnings
+        assert len(flat) == len(wrap_plan(lora_llama, policy))
+        for fp, _ in flat:  # uniform: FSDP stores requires_grad per FlatParameter
+            assert fp.requires_grad == any(p.requires_grad for p in fp._params)
+            assert fp.requires_grad == all(p.requires_grad for p in fp._params)
+        assert sum(not fp.requires_grad for fp, _ in flat) == 1 + lora_llama.config.num_hidden_layers
+    else:
+        assert mixed_warnings
+
+    ids = torch.randint(0, 100, (2, 8))
+    fsdp(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
+    for name, p in fsdp.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+        else:
+            assert p.grad is None, name
+    if lora:
+        assert all(fp.grad is None for fp, _ in flat if not fp.requires_grad)
+    restore_unsharded_param_views(fsdp)
+    fsdp(input_ids=ids).logits.sum()  # a second step's forward keeps the parameters
+    with FSDP.state_dict_type(fsdp, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
+        assert len(fsdp.state_dict()) == n_params
+
+
+# ---------------------------------------------------------------------- strategy
+
+
+def test_strategy_arguments_map_to_fsdp():
+    from torch.distributed.fsdp import CPUOffload, ShardingStrategy
+
+    s = UnlearnFSDPStrategy(wrap_layer_classes=["LlamaDecoderLayer"], activation_checkpointing=True,
+                            state_dict_type="sharded", sharding_strategy="SHARD_GRAD_OP", cpu_offload=True)
+    assert s.wrap_layer_classes == ["LlamaDecoderLayer"] and s.activation_checkpointing
+    assert s.sharding_strategy == ShardingStrategy.SHARD_GRAD_OP
+    assert s._state_dict_type == "sharded"
+    assert isinstance(s.cpu_offload, CPUOffload) and s.cpu_offload.offload_params
+    assert s.kwargs["use_orig_params"] is True and s.kwargs["limit_all_gathers"] is True
+    # HYBRID_SHARD needs a policy at construction in Lightning: the placeholder satisfies it
+    assert UnlearnFSDPStrategy(sharding_strategy="HYBRID_SHARD").sharding_strategy == ShardingStrategy.HYBRID_SHARD
+    with pytest.raises(ValueError, match="non-empty list of class names"):
+        UnlearnFSDPStrategy(wrap_layer_classes=[])
+    with pytest.raises(ValueError, match="state_dict_type"):
+        UnlearnFSDPStrategy(state_dict_type="consolidated")
+    # the trainer's precision becomes the norm-clipping FSDP plugin
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+
+    s.precision_plugin = FSDPPrecision("bf16-mixed")
+    assert isinstance(s.precision_plugin, NormClippingFSDPPrecision)
+    assert s.precision_plugin.mixed_precision_config.param_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_configure_wrapping_resolves_on_the_built_module(tiny_model_dir, lora):
+    from torch.distributed.fsdp.wrap import CustomPolicy, ModuleWrapPolicy
+
+    module = UnlearnModule(model=f"tiny:{tiny_model_dir}", lora=LoraSettings(r=4) if lora else None,
+                           gradient_checkpointing=True)
+    module.configure_model()
+    layer = decoder_layer_class(module)
+    s = UnlearnFSDPStrategy(activation_checkpointing=True)
+    with pytest.warns(UserWarning, match="replaces the model's own gradient checkpointing"):
+        s.configure_wrapping(module)
+    policy = s.kwargs["auto_wrap_policy"]
+    assert isinstance(policy, CustomPolicy if lora else ModuleWrapPolicy)
+    assert s.resolved_layer_classes == {layer}
+    assert not [u for u in s.plan if u.mixed]
+    ac = s._activation_checkpointing_kwargs["auto_wrap_policy"]
+    assert isinstance(ac, ModuleWrapPolicy) and ac._module_classes == {layer}
+    # the model's own checkpointing is off: one recomputation, not two
+    assert not any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
+
+    forced = UnlearnFSDPStrategy(lora_aware=False)
+    if lora:
+        with pytest.warns(UserWarning, match="hold frozen and trainable parameters"):
+            forced.configure_wrapping(module)
+    else:
+        forced.configure_wrapping(module)
+    assert isinstance(forced.kwargs["auto_wrap_policy"], ModuleWrapPolicy)
+    assert forced._activation_checkpointing_kwargs == {}
+    with pytest.raises(ValueError, match="no module of class Qwen2DecoderLayer.*'LlamaDecoderLayer'"):
+        UnlearnFSDPStrategy(wrap_layer_classes=["Qwen2DecoderLayer"]).configure_wrapping(module)
+    with pytest.raises(ValueError, match="configure_model"):
+        UnlearnFSDPStrategy().configure_wrapping(UnlearnModule(model=f"tiny:{tiny_model_dir}"))
+
+
+# ---------------------------------------------------------------------- configs
+
+
+def _raw(name: str) -> dict:
+    return yaml.safe_load((ROOT / "configs" / name).read_text())
+
+
+def _cpu_args(name: str) -> list[str]:
+    """Instantiate a GPU config on this machine: its trainer moved to one CPU device."""
+    if _raw(name)["trainer"].get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        return ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+    return []
+
+
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_config_parses_as_written(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["fit", "--config", str(ROOT / "configs" / name), "--print_config"])
+    assert e.value.code == 0
+    header = (ROOT / "configs" / name).read_text().splitlines()[:12]
+    assert any(f"--config configs/{name}" in line for line in header), "header must give the launch command"
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["model"] == _raw(name)["model"]["model"]
+    assert printed["trainer"]["accelerator"] == _raw(name)["trainer"]["accelerator"]  # as written, not moved
+
+
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_config_instantiates_without_downloading(name, tmp_path):
+    cli = cli_main(["--config", str(ROOT / "configs" / name), "--trainer.default_root_dir", str(tmp_path),
+                    *_cpu_args(name)], run=False)
+    assert isinstance(cli.model, UnlearnModule) and isinstance(cli.datamodule, PairDataModule)
+    assert cli.model.model is None  # weights load in configure_model
+    assert cli.datamodule.tokenizer is None  # the tokenizer loads in setup
+    assert cli.datamodule.tokenizer_name == cli.model.model_name
+    strategy = cli.trainer.strategy
+    if name == "llama3.1-8b-fsdp-full.yaml":
+        assert type(strategy) is UnlearnFSDPStrategy
+        assert strategy.wrap_layer_classes == ["LlamaDecoderLayer"] and strategy.activation_checkpointing
+        assert strategy._state_dict_type == "sharded"
+        assert cli.model.lora is None and not cli.model.hparams.gradient_checkpointing
+        assert cli.model.hparams.dtype == "float32"
+    if name == "llama3.1-8b-ddp8.yaml":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        assert isinstance(strategy, DDPStrategy)
+
+
+def test_llama_lora_config_has_the_papers_hyperparameters(tmp_path):
+    name = "llama3.1-8b-lora.yaml"
+    cli = cli_main(["--config", str(ROOT / "configs" / name), "--trainer.default_root_dir", str(tmp_path),
+                    *_cpu_args(name)], run=False)
+    m = cli.model
+    assert m.model_name == "meta-llama/Llama-3.1-8B-Instruct"
+    assert (m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules) == (16, 32, 0.01, "all-linear")
+    assert m.objective == "orpo" and m.beta == 0.1
+    assert m.cond_dropout == 0.3 and m.cond_mode == "dropout"  # as configs/tiny.yaml
+    assert m.hparams.gradient_checkpointing and m.hparams.dtype == "bfloat16"
+    opt = m.optimizer_factory([nn.Parameter(torch.zeros(1))])
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+    sched = m.scheduler_factory(opt)
+    assert sched.min_ratio == pytest.approx(0.1) and sched.needs_total_steps  # cosine to 10% of all steps
+    sched.set_total_steps(100)
+    assert sched._factor(100) == pytest.approx(0.1)
+    assert cli.trainer.max_epochs == 3
+    raw = _raw(name)["trainer"]
+    assert raw["precision"] == "bf16-mixed" and raw["devices"] == 1
+    assert cli.trainer.precision == "bf16-mixed"
+    assert cli.config_init.get("eval") is not None  # GuidanceEval on, as in tiny.yaml
+
+
+def test_multi_gpu_configs_keep_the_global_batch_and_the_method():
+    def global_batch(name):
+        raw = _raw(name)
+        return raw["data"]["batch_size"] * raw["trainer"]["devices"] * raw["trainer"].get("accumulate_grad_batches", 1)
+
+    one = _raw("llama3.1-8b-lora.yaml")
+    assert global_batch("llama3.1-8b-lora.yaml") == global_batch("llama3.1-8b-ddp8.yaml") == 16
+    assert global_batch("llama3.1-8b-fsdp-full.yaml") == 16
+    ddp = _raw("llama3.1-8b-ddp8.yaml")
+    assert ddp["trainer"]["devices"] == 8 and ddp["trainer"]["strategy"] == "ddp"
+    for key in ("model", "lora", "beta", "objective", "cond_dropout", "optimizer", "lr_scheduler", "dtype"):
+        assert ddp["model"][key] == one["model"][key], key
+    assert ddp["trainer"]["max_epochs"] == one["trainer"]["max_epochs"] == 3
+    fsdp = _raw("llama3.1-8b-fsdp-full.yaml")
+    assert fsdp["trainer"]["devices"] == 8
+    assert fsdp["trainer"]["strategy"]["class_path"] == "cfg_unlearn.strategies.UnlearnFSDPStrategy"
+
+
+# ---------------------------------------------------------------------- FSDP fits
+
+FIT_SCRIPT = r"""
+import json, sys, torch, lightning as L
+from cfg_unlearn.data.datamodule import PairDataModule
+from cfg_unlearn.data.world import WorldConfig
+from cfg_unlearn.module import LoraSettings, UnlearnModule
+from cfg_unlearn.strategies import NormClippingFSDPPrecision, UnlearnFSDPStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+model_dir, accelerator, out = sys.argv[1:4]
+clips = []
+_clip = NormClippingFSDPPrecision.clip_grad_by_norm
+def counted(self, optimizer, clip_val):
+    clips.append(clip_val)
+    return _clip(self, optimizer, clip_val)
+NormClippingFSDPPrecision.clip_grad_by_norm = counted
+
+results = {}
+for case, lora, state_dict_type in (("lora", True, "full"), ("full", False, "sharded")):
+    spec = f"tiny:{model_dir}"
+    module = UnlearnModule(model=spec, lora=LoraSettings(r=4) if lora else None, cond_dropout=0.3,
+                           optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=6), batch_size=4)
+    strategy = UnlearnFSDPStrategy(activation_checkpointing=True, state_dict_type=state_dict_type)
+    trainer = L.Trainer(accelerator=accelerator, devices=1, strategy=strategy, max_steps=2, limit_val_batches=0,
+                        gradient_clip_val=1.0, precision="bf16-mixed" if accelerator == "cuda" else "32-true",
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=f"{out}/{case}")
+    trainer.fit(module, dm)
+    root = trainer.strategy.model
+    units = [u for u in FSDP.fsdp_modules(root) if u._handle is not None]
+    trainer.save_checkpoint(f"{out}/{case}/final.ckpt")
+    results[case] = {
+        "root_is_fsdp": isinstance(root, FSDP),
+        "units": len(units),
+        "frozen_units": sum(not u._handle.flat_param.requires_grad for u in units),
+        "planned_units": len(trainer.strategy.plan),
+        "mixed_units": sum(u.mixed for u in trainer.strategy.plan),
+        "checkpointed_layers": sum(isinstance(m, CheckpointWrapper) for m in root.modules()),
+        "steps": trainer.global_step,
+        "loss": float(trainer.callback_metrics["train/loss"]),
+        "layers": module.model.config.num_hidden_layers,
+    }
+results["clips"] = len(clips)
+print("RESULT " + json.dumps(results))
+"""
+
+
+def _run_fit(tiny_model_dir, tmp_path, accelerator: str) -> dict:
+    script = tmp_path / "fit_fsdp.py"
+    script.write_text(FIT_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(script), str(tiny_model_dir), accelerator, str(tmp_path / "out")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def _check_fit(results: dict, tmp_path: Path) -> None:
+    lora, full = results["lora"], results["full"]
+    n = lora["layers"]
+    for r in (lora, full):
+        assert r["root_is_fsdp"] and r["steps"] == 2 and r["loss"] == r["loss"]  # finite, not NaN
+        assert r["units"] == r["planned_units"] and r["mixed_units"] == 0
+        assert r["checkpointed_layers"] == n
+    assert lora["units"] == 1 + n + 2 * PROJECTIONS * n and lora["frozen_units"] == 1 + n
+    assert full["units"] == 1 + n and full["frozen_units"] == 0
+    assert results["clips"] == 4  # 2 steps x 2 runs, through FSDP's clip_grad_norm_
+    assert (tmp_path / "out" / "lora" / "final.ckpt").is_file()  # full state dict: one file
+    assert (tmp_path / "out" / "full" / "final.ckpt").is_dir()  # sharded: one file per rank
+
+
+@pytest.mark.slow
+def test_fsdp_fit_on_cpu(tiny_model_dir, tmp_path):
+    """The strategy through Lightning on the CPU (gloo; Lightning's own FSDPStrategy refuses
+    CPUs, this one wraps with the CPU device): LoRA with a full checkpoint and full
+    fine-tuning with a sharded one, 2 steps each, with activation checkpointing and norm
+    clipping. In a subprocess: it initialises a process group."""
+    _check_fit(_run_fit(tiny_model_dir, tmp_path, "cpu"), tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA GPU")
+def test_fsdp_fit_on_gpu(tiny_model_dir, tmp_path):
+    """The same 2-step FSDP fits on one GPU in bf16-mixed (FSDP runs NO_SHARD on one rank)."""
+    _check_fit(_run_fit(tiny_model_dir, tmp_path, "cuda"), tmp_path)
