@@ -421,7 +421,14 @@ class UnlearnModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.lora is not None and self.lora.adapter_only_checkpoints:
-            trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            # FSDP/activation-checkpoint wrappers add name parts the saved keys do not have
+            wrappers = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+            trainable = set()
+            for n, p in self.model.named_parameters():
+                if p.requires_grad:
+                    for w in wrappers:
+                        n = n.replace(w, "")
+                    trainable.add(f"model.{n}")
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # a resumed run must compare against the *starting* model, not the resumed one
         if self.reference_logps is not None:
