@@ -31,6 +31,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from cfg_unlearn.data.schema import EvalRecord, PIIItem, read_eval_records
@@ -47,10 +48,14 @@ SAMPLE_COLUMNS = ["space", "g", "kind", "id", "prompt", "answer", "target", "hit
 
 
 def metric_key(name: str, g: float, space: str) -> str:
-    """``eval/leak_rate@g=2.0`` for log space (the default), ``eval/prob/leak_rate@g=2.0``
-    for probability space."""
-    prefix = "eval/" if space == "logprob" else f"eval/{space}/"
-    return f"{prefix}{name}@g={float(g)!r}"
+    """``eval@g=2.0/leak_rate`` for log space (the default), ``eval@g=2.0/prob/leak_rate``
+    for probability space: the scale comes before the first ``/`` because W&B groups
+    panels into sections by that prefix, so each guidance scale gets its own section
+    (leak rate, per-type leak rates, PII rate and accuracy side by side). Run-level keys
+    (``eval/seconds``, ``eval/n_leak_targets``, ``eval/n_questions``, the ``eval/samples``
+    table) stay under ``eval/``."""
+    space_part = "" if space == "logprob" else f"{space}/"
+    return f"eval@g={float(g)!r}/{space_part}{name}"
 
 
 def subsample(records: list, n: int | None, seed: int = 0) -> list:
@@ -338,3 +343,40 @@ class GuidanceEval(Callback):
         path = out_dir / f"step_{step:07d}.csv"
         atomic_write(path, buf.getvalue())
         log.info("GuidanceEval samples: %s", path)
+
+
+# ---------------------------------------------------------------------- the resolved config
+
+
+#: the resolved config's file name among a W&B run's files (W&B writes its own config.yaml)
+WANDB_CONFIG_FILE = "lightning_config.yaml"
+
+
+def log_resolved_config(trainer: L.Trainer, config_yaml: str) -> None:
+    """Send the resolved LightningCLI config (``parser.dump`` of it) to every W&B logger of
+    ``trainer``: as the run config's ``config`` entry (a nested dict, so runs can be
+    filtered and compared on any field; under one key, because the module's own
+    hyperparameters are logged at the top level and ``model`` would collide) and as the
+    file ``lightning_config.yaml`` among the run's files, which ``--config`` accepts as
+    it is. (SaveConfigCallback's own ``config.yaml`` goes to ``trainer.log_dir``, which
+    with a WandbLogger alone is its ``save_dir``, shared by every run.) Call on rank zero
+    only (a logger's experiment exists only there)."""
+    import yaml
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger):
+            lg.log_hyperparams({"config": yaml.safe_load(config_yaml)})
+            run_dir = getattr(lg.experiment, "dir", None)
+            if run_dir:
+                # a plain write: W&B uploads what lies in its run directory, a temp file included
+                (Path(run_dir) / WANDB_CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
+
+
+class LoggerSaveConfigCallback(SaveConfigCallback):
+    """LightningCLI's :class:`SaveConfigCallback` (``config.yaml`` in the log directory)
+    that also logs the resolved config to W&B (:func:`log_resolved_config`). Pass it as
+    ``LightningCLI(save_config_callback=LoggerSaveConfigCallback)``."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        log_resolved_config(trainer, self.parser.dump(self.config, skip_none=False))

@@ -12,7 +12,8 @@ from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI
 
-from cfg_unlearn.callbacks import GuidanceEval
+from cfg_unlearn.callbacks import GuidanceEval, LoggerSaveConfigCallback
+from cfg_unlearn.checkpointing import install_checkpointing
 from cfg_unlearn.data.datamodule import PairDataModule
 from cfg_unlearn.module import UnlearnModule
 
@@ -36,6 +37,7 @@ class UnlearnCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
+        install_checkpointing(trainer)  # atomic checkpoint writes + exact mid-epoch resume
         evaluator = self._get(self.config_init, "eval")
         if evaluator is not None:
             # first, so its metrics are logged before checkpoint callbacks read them
@@ -59,6 +61,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> UnlearnCLI:
         UnlearnModule,
         PairDataModule,
         auto_configure_optimizers=False,
+        save_config_callback=LoggerSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
         args=args,

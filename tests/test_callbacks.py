@@ -28,10 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------ pure pieces
 
 
-def test_metric_keys():
-    assert metric_key("leak_rate", 2, "logprob") == "eval/leak_rate@g=2.0"
-    assert metric_key("leak_rate/EMAIL", 1.5, "logprob") == "eval/leak_rate/EMAIL@g=1.5"
-    assert metric_key("accuracy", 3.0, "prob") == "eval/prob/accuracy@g=3.0"
+def test_metric_keys_put_the_scale_before_the_first_slash():
+    # W&B makes one panel section per prefix before the first '/': one per guidance scale
+    assert metric_key("leak_rate", 2, "logprob") == "eval@g=2.0/leak_rate"
+    assert metric_key("leak_rate/EMAIL", 1.5, "logprob") == "eval@g=1.5/leak_rate/EMAIL"
+    assert metric_key("accuracy", 3.0, "prob") == "eval@g=3.0/prob/accuracy"
+    assert metric_key("accuracy", 3, "prob").split("/")[0] == metric_key("leak_rate", 3.0, "logprob").split("/")[0]
 
 
 @pytest.mark.parametrize("n_items", [0, 1, 5, 6, 7])
@@ -187,8 +189,8 @@ def test_validate_logs_every_metric_per_scale_and_space(tiny_model_dir, tmp_path
     for name in ("leak_rate", "accuracy", "pii_rate"):
         assert out[metric_key(name, 1.0, "prob")] == out[metric_key(name, 1.0, "logprob")]
     types = {p.pii[0].type for p in ev.probes}
-    assert {k for k in out if k.startswith("eval/leak_rate/")} == {f"eval/leak_rate/{t}@g={g}" for t in types
-                                                                   for g in ("1.0", "2.0")}
+    assert {k for k in out if "/leak_rate/" in k and "/prob/" not in k} == {
+        f"eval@g={g}/leak_rate/{t}" for t in types for g in ("1.0", "2.0")}
     assert out["eval/n_leak_targets"] == 12 and out["eval/n_questions"] == 6 and out["eval/seconds"] > 0
     (table,) = (tmp_path / "run").rglob("eval_samples/*.csv")
     rows = list(csv.DictReader(open(table)))
@@ -203,16 +205,16 @@ def test_every_n_train_steps_evaluates_during_fit(tiny_model_dir, tmp_path):
                       on_validation=False)
     model = UnlearnModule(model=f"tiny:{tiny_model_dir}")
     dm = PairDataModule(tokenizer=f"tiny:{tiny_model_dir}", world=WorldConfig(n_people=6), batch_size=4)
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="eval/leak_rate@g=1.0", mode="min",
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="eval@g=1.0/leak_rate", mode="min",
                            every_n_train_steps=2, save_top_k=1)
     trainer = _trainer(tmp_path, [ckpt, ev], max_steps=5, limit_val_batches=0, log_every_n_steps=1,
                        enable_checkpointing=True)
     trainer.fit(model, datamodule=dm)
     rows = list(csv.DictReader(open(next((tmp_path / "run").rglob("metrics.csv")))))
-    steps = [int(r["step"]) for r in rows if r.get("eval/leak_rate@g=1.0")]
+    steps = [int(r["step"]) for r in rows if r.get("eval@g=1.0/leak_rate")]
     assert steps == [2, 4]  # at the steps it ran, once each
     # other callbacks can monitor the eval keys
-    assert "eval/leak_rate@g=1.0" in trainer.callback_metrics
+    assert "eval@g=1.0/leak_rate" in trainer.callback_metrics
     assert ckpt.best_model_path.endswith(".ckpt") and Path(ckpt.best_model_path).exists()
 
 
@@ -256,8 +258,8 @@ def _validate(tiny_model_dir, tmp_path, probes, qa, devices: int) -> dict[str, f
     run = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     (path,) = save.rglob("metrics.csv")
-    (row,) = [r for r in csv.DictReader(open(path)) if r.get("eval/leak_rate@g=1.0")]
-    return {k: float(v) for k, v in row.items() if k.startswith("eval/") and k != "eval/seconds" and v != ""}
+    (row,) = [r for r in csv.DictReader(open(path)) if r.get("eval@g=1.0/leak_rate")]
+    return {k: float(v) for k, v in row.items() if k.startswith("eval") and k != "eval/seconds" and v != ""}
 
 
 @pytest.mark.slow
@@ -268,7 +270,7 @@ def test_two_process_ddp_evaluation_equals_one_process(tiny_model_dir, tmp_path)
     assert one == two
     assert one["eval/n_leak_targets"] == 21 and one["eval/n_questions"] == 11
     # the comparison is not vacuous: fractions strictly between 0 and 1
-    assert 0 < one["eval/leak_rate@g=1.0"] < 1 and 0 < one["eval/accuracy@g=1.0"] < 1
+    assert 0 < one["eval@g=1.0/leak_rate"] < 1 and 0 < one["eval@g=1.0/accuracy"] < 1
 
 
 # ------------------------------------------------------------------ decoding a sharded (FSDP) model
