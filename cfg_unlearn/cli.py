@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import warnings
@@ -177,6 +178,15 @@ def _demo(argv: list[str]) -> None:
     run_demo(cfg, progress=not a.quiet)
 
 
+#: commands whose argparse entry point lives in their own module: name -> (module, function)
+COMMAND_ENTRY_POINTS = {
+    "export": ("cfg_unlearn.export", "main_export"),
+    "chat": ("cfg_unlearn.export", "main_chat"),
+    "subtract": ("cfg_unlearn.subtract", "main"),
+    "saft": ("cfg_unlearn.saft", "main"),
+}
+
+
 def console_main(argv: list[str] | None = None) -> None:
     """``cfg-unlearn <demo|fit|validate|test|generate|export|chat|subtract|saft|build-tiny> ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -201,22 +211,10 @@ def console_main(argv: list[str] | None = None) -> None:
         _generate(rest)
     elif cmd == "demo":
         _demo(rest)
-    elif cmd == "export":
-        from cfg_unlearn.export import main_export
-
-        main_export(rest)
-    elif cmd == "chat":
-        from cfg_unlearn.export import main_chat
-
-        main_chat(rest)
-    elif cmd == "subtract":
-        from cfg_unlearn.subtract import main as subtract_main
-
-        subtract_main(rest)
-    elif cmd == "saft":
-        from cfg_unlearn.saft import main as saft_main
-
-        saft_main(rest)
+    elif cmd in COMMAND_ENTRY_POINTS:
+        module, function = COMMAND_ENTRY_POINTS[cmd]
+        # imported on use: `cfg-unlearn --help` stays fast and commands pull only their deps
+        getattr(importlib.import_module(module), function)(rest)
     else:
         print(f"cfg-unlearn: unknown command {cmd!r}\n{usage}", file=sys.stderr)
         sys.exit(2)
