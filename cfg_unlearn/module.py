@@ -262,10 +262,12 @@ class UnlearnModule(L.LightningModule):
         if self.objective not in NEEDS_REFERENCE or self._uses_adapters_as_reference():
             return
         if self.reference == "copy" and not self._reference_model:
-            import copy
-
-            ref = copy.deepcopy(self.model).eval().requires_grad_(False)
-            self._reference_model = (ref,)
+            # loaded from `model`, not copied from self.model: after a resume (or in
+            # validate) self.model holds trained weights, the reference must not
+            hp = self.hparams
+            ref = load_causal_lm(self.model_name, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
+                                 trust_remote_code=hp.trust_remote_code)
+            self._reference_model = (ref.eval().requires_grad_(False),)
 
     def _rows(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``(B, 2, L)`` -> ``(len(sides)*B, L)``, the objective's sides stacked (chosen first)."""
@@ -279,11 +281,12 @@ class UnlearnModule(L.LightningModule):
                     logits = self.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
                                         use_cache=False).logits
             else:
+                self._build_reference()  # validate/test never ran on_fit_start
                 ref = self._reference_model[0]
                 if next(ref.parameters()).device != rows["input_ids"].device:
                     ref.to(rows["input_ids"].device)
                 logits = ref(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], use_cache=False).logits
-            logps, mask = token_logps(logits, rows["labels"])
+            logps, _ = token_logps(logits, rows["labels"])
             return logps.sum(-1).float()
 
     def reference_for(self, x: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], ids: list[str] | None,

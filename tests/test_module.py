@@ -368,3 +368,25 @@ def test_adapter_only_checkpoints_hold_adapters_and_restore_exactly(tiny_model_d
     assert restored.lora == lora
     for n, p in m.model.named_parameters():
         assert torch.equal(dict(restored.model.named_parameters())[n], p.detach()), n
+
+
+def test_frozen_copy_reference_is_the_starting_model_even_after_resume(tiny_model_dir, tmp_path):
+    """reference='copy' loads the reference from `model`, so a run resumed from a
+    checkpoint (whose self.model holds trained weights) still compares with the start."""
+    spec = f"tiny:{tiny_model_dir}"
+    dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4, val_fraction=0.0)
+    opt = lambda p: torch.optim.SGD(p, lr=0.5)  # noqa: E731
+    trainer = _fit(UnlearnModule(model=spec, objective="npo", optimizer=opt), dm, tmp_path, steps=2,
+                   enable_checkpointing=True)
+    ckpt = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
+    resumed = UnlearnModule(model=spec, objective="npo", optimizer=opt)
+    trainer2 = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                         enable_checkpointing=False)
+    trainer2.fit(resumed, datamodule=dm, ckpt_path=ckpt)
+    start = UnlearnModule(model=spec)
+    start.configure_model()
+    ref = dict(resumed._reference_model[0].named_parameters())
+    for n, p in start.model.named_parameters():
+        assert torch.equal(ref[n], p)
+    assert any(not torch.equal(p, dict(resumed.model.named_parameters())[n]) for n, p in start.model.named_parameters())
