@@ -33,7 +33,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 import uuid
 import warnings
@@ -48,6 +47,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
+from cfg_unlearn.utils import TMP_SUFFIX, atomic_open, fsync_dir
+
 __all__ = [
     "AtomicCheckpointIO",
     "AtomicModelCheckpoint",
@@ -57,7 +58,6 @@ __all__ = [
     "install_checkpointing",
 ]
 
-TMP_SUFFIX = ".tmp"
 #: Lightning's warning on every mid-epoch resume of a loader it cannot see is stateful;
 #: silenced while :class:`ExactResume` resumes one exactly.
 _NOT_RESUMABLE_WARNING = r"You're resuming from a checkpoint that ended before the epoch ended"
@@ -77,21 +77,6 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def _fsync_dir(directory: str) -> None:
-    """Persist a rename: fsync the directory entry (POSIX; a no-op where unsupported)."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
-    try:
-        fd = os.open(directory, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _temp_pattern(name: str) -> re.Pattern:
@@ -120,25 +105,10 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, *, fsync: bool = True) 
     fsync, ``os.replace`` onto ``path`` and fsync the directory. The temp file is removed
     on any exception (KeyboardInterrupt included). Streams to disk: no second in-memory
     copy of the checkpoint. The new file gets the usual ``0o666 & ~umask`` mode."""
-    path = os.path.abspath(os.fspath(path))
-    directory, name = os.path.split(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=TMP_SUFFIX, dir=directory)
-    try:
-        with open(fd, "wb", closefd=True) as fh:
-            if hasattr(os, "fchmod"):
-                os.fchmod(fh.fileno(), 0o666 & ~_umask())
-            torch.save(obj, fh)
-            fh.flush()
-            if fsync:
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if fsync:
-        _fsync_dir(directory)
+    with atomic_open(os.path.abspath(os.fspath(path)), "wb", fsync=fsync) as fh:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
+        torch.save(obj, fh)
 
 
 def atomic_symlink(target: str, linkpath: str | os.PathLike) -> None:
@@ -162,7 +132,7 @@ def atomic_symlink(target: str, linkpath: str | os.PathLike) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
@@ -372,10 +373,10 @@ def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write(path, buf.getvalue())
 
 
 def plot_comparison(m: dict, path: Path) -> None:
