@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from cfg_unlearn.data.schema import EvalRecord, ForgetRecord, write_pairs
+from cfg_unlearn.data.schema import EvalRecord, write_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION, render_prompt
 from cfg_unlearn.tiny import TinySpec, build_tiny
@@ -244,9 +244,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     seconds["leak"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    forget = [ForgetRecord(p.id, p.prompt, p.rejected, p.pii, p.group) for p in world.pairs()]
-    pairs, summary = generate_pairs(model, tok, forget, seed=cfg.seed, batch_size=64, progress=progress,
-                                    max_new_tokens=cfg.max_new_tokens)
+    pairs, summary = generate_pairs(model, tok, world.forget_records(), seed=cfg.seed, batch_size=64,
+                                    progress=progress, max_new_tokens=cfg.max_new_tokens)
     write_pairs(out / "pairs.jsonl", pairs)
     seconds["generate"] = time.perf_counter() - t0
     print(f"replacement pairs: {summary.line()}")

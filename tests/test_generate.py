@@ -7,6 +7,7 @@ import pytest
 from cfg_unlearn.cli import console_main
 from cfg_unlearn.data.generate import (
     DEFAULT_FALLBACK,
+    forbidden_values,
     generate_pairs,
     leak_reason,
     read_forget_conversations,
@@ -42,6 +43,8 @@ def test_forget_conversations_become_one_record_per_leaky_turn(tmp_path):
     first = recs[0]
     assert first.prompt[-1]["role"] == "user" and first.group == world.conversations[0].id
     assert all(contains_value(r.rejected, p.value, p.type) for r in recs for p in r.pii)
+    # every value of the conversation is known, so a replacement may leak none of them
+    assert len(first.known) == 1 + len(world.conversations[0].attributes) and set(first.pii) <= set(first.known)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "x", "messages": [{"role": "user", "content": "hi"},
                                                        {"role": "assistant", "content": "hello"}],
@@ -91,6 +94,33 @@ def test_leaky_candidates_are_resampled_then_replaced(tiny):
     # one round and an always-leaking candidate: everything forced falls back
     _, one = generate_pairs(model, tok, records, max_new_tokens=12, max_attempts=1, progress=False)
     assert one.fallback >= forced and one.rounds == 1
+
+
+def test_other_known_values_of_the_conversation_are_forbidden_too(tiny):
+    """A replacement that answers with another of the person's values (asked for the
+    address, it gives the birth date) still leaks; a value the prompt already shows
+    (the name asked about) may be repeated."""
+    name, loc, date = PIIItem("NAME", "Ann Lee"), PIIItem("LOC", "1 Main St"), PIIItem("DATE", "May 01, 1990")
+    rec = ForgetRecord("r", ({"role": "user", "content": "Where does Ann Lee live?"},), "Ann Lee lives at 1 Main St.",
+                       (loc,), known=(name, loc, date))
+    assert forbidden_values(rec) == (loc, date)
+    assert leak_reason("Ann Lee was born on May 01, 1990.", forbidden_values(rec)) == "known_pii"
+    assert leak_reason("I can't share where Ann Lee lives.", forbidden_values(rec)) is None
+    # through generate_pairs: the word the model writes is only in `known`, and is rejected
+    model, tok = tiny
+    prompts = [p.prompt for p in World(WorldConfig(seed=2, n_people=4)).probe_records()[:8]]
+    greedy = generate(model, tok, [[{"role": "system", "content": SAFETY_INSTRUCTION}, *p] for p in prompts],
+                      max_new_tokens=12)
+    records = [ForgetRecord(f"r{i}", p, "leak", (PIIItem("NAME", "placeholder"),),
+                            known=tuple(PIIItem("ORG", w) for w in text.split() if w.isalpha() and len(w) > 2)[:1])
+               for i, (p, text) in enumerate(zip(prompts, greedy))]
+    forced = sum(bool(r.known) and not contains_value(" ".join(m["content"] for m in r.prompt), r.known[0].value)
+                 for r in records)
+    assert forced >= 4
+    pairs, summary = generate_pairs(model, tok, records, max_new_tokens=12, max_attempts=2, progress=False)
+    assert summary.accepted_first <= 8 - forced and summary.rejected.get("known_pii", 0) >= forced
+    for pair, rec in zip(pairs, records):
+        assert not any(contains_value(pair.chosen, p.value, p.type) for p in forbidden_values(rec))
 
 
 def test_a_fallback_with_pii_is_refused(tiny):

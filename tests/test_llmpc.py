@@ -70,6 +70,8 @@ def test_forget_records_from_assistant_turns_with_pii(tmp_path):
     assert rec_a.rejected == "Ann Lee lives at 12 Oak St."
     assert rec_a.pii == (PIIItem("NAME", "Ann Lee"), PIIItem("LOC", "12 Oak St"))
     assert rec_b.rejected == "Acme Corp" and len(rec_b.prompt) == 3 and rec_a.group == rec_b.group == "llmpc-7"
+    # every value of the line is known: the replacement for the employer may not give the address
+    assert rec_b.known == (PIIItem("NAME", "Ann Lee"), PIIItem("LOC", "12 Oak St"), PIIItem("ORG", "Acme Corp"))
 
 
 def test_the_world_round_trips_through_the_challenge_format(tmp_path, tok):

@@ -197,6 +197,14 @@ def test_pairs_chosen_is_pii_free_rejected_leaks(world):
         assert r.prompt[-1]["role"] == "user"
 
 
+def test_forget_records_know_all_of_the_persons_pii(world):
+    recs = world.forget_records()
+    assert [(r.id, r.prompt, r.rejected, r.pii) for r in recs] == [(p.id, p.prompt, p.rejected, p.pii)
+                                                                   for p in world.pairs()]
+    person = world.people[world.conversations[0].person]
+    assert {p.value for p in recs[0].known} == {getattr(person, a) for a in PII_TYPES}
+
+
 def test_pair_system_is_passed_through(world):
     for r in world.pairs(system=SAFETY_INSTRUCTION):
         assert r.system == SAFETY_INSTRUCTION

@@ -4,8 +4,9 @@ chosen side is a PII-free answer written by a model told not to use personal dat
 Each round decodes every pending record through the guidance engine (the safety
 instruction as the system prompt, optionally a reminder in the last user turn,
 optionally CFG). A candidate is **rejected** when it is empty, contains a known PII
-value of its row (however written, :func:`cfg_unlearn.pii.contains_value`) or trips a
-PII detector; rejected records are decoded again by sampling, up to ``max_attempts``
+value of its row (however written, :func:`cfg_unlearn.pii.contains_value`), including
+the conversation's other values (``ForgetRecord.known``; a replacement that swaps the
+asked-for e-mail for the person's birth date still leaks), or trips a PII detector; rejected records are decoded again by sampling, up to ``max_attempts``
 rounds in all (the first is greedy), and then get the ``fallback`` template answer.
 Every outcome is counted in a :class:`GenerateSummary`; the pair file is written
 atomically.
@@ -62,7 +63,7 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
             leaked = tuple(p for p in pii if contains_value(msg["content"], p.value, p.type))
             if msg["role"] == "assistant" and leaked and t > 0 and msgs[t - 1]["role"] == "user":
                 out.append(ForgetRecord(f"{cid}-t{t}", tuple(msgs[:t]), msg["content"], leaked, cid, system,
-                                        f"{src}:{line}"))
+                                        f"{src}:{line}", known=pii))
         if len(out) == n_before:
             raise PairFormatError(src, line, "messages", "no assistant turn contains any of the listed PII values")
     return out
@@ -77,6 +78,15 @@ def leak_reason(text: str, pii: tuple) -> str | None:
     if detect_pii(text):
         return "detected_pii"
     return None
+
+
+def forbidden_values(rec: ForgetRecord) -> tuple:
+    """What a replacement for ``rec`` must not contain: the values its answer leaked and
+    every other known value of its conversation, except those its prompt already shows
+    (repeating a name the user asked about reveals nothing)."""
+    prompt = "\n".join(m["content"] for m in rec.prompt)
+    others = tuple(p for p in rec.known if p not in rec.pii and not contains_value(prompt, p.value, p.type))
+    return tuple(rec.pii) + others
 
 
 @dataclass
@@ -134,6 +144,7 @@ def generate_pairs(
     rejected: Counter[str] = Counter()
     chosen: dict[int, str] = {}
     pending = list(range(len(records)))
+    forbidden = [forbidden_values(r) for r in records]
 
     def prompt(rec: ForgetRecord) -> list[dict[str, str]]:
         msgs = [dict(m) for m in rec.prompt]
@@ -152,7 +163,7 @@ def generate_pairs(
         )
         still = []
         for i, text in zip(pending, answers):
-            reason = leak_reason(text, records[i].pii)
+            reason = leak_reason(text, forbidden[i])
             if reason is None:
                 chosen[i] = text.strip()
                 if attempt == 0:

@@ -179,6 +179,7 @@ def forget_records(rows: list[ChallengeRow]) -> list[ForgetRecord]:
                         id=f"llmpc-{row.idx}-t{t}", prompt=tuple(m for m in history if m["role"] != "system"),
                         rejected=filled["content"], pii=tuple(PIIItem(pii_type(k), row.pii[k]) for k in keys),
                         group=f"llmpc-{row.idx}", system=system, source=row.source,
+                        known=tuple(PIIItem(pii_type(k), v) for k, v in row.pii.items()),
                     )
                 )
             history.append(filled)

@@ -114,7 +114,9 @@ class EvalRecord:
 @dataclass(frozen=True)
 class ForgetRecord:
     """One leaky answer to replace: the conversation up to it (``prompt``, ending with a
-    user turn), the answer itself (``rejected``) and the PII it leaks."""
+    user turn), the answer itself (``rejected``) and the PII it leaks. ``known``: every
+    other PII value of its conversation (or subject) that a replacement must not
+    contain either; values the prompt itself already shows are exempt."""
 
     id: str
     prompt: tuple[dict[str, str], ...]
@@ -123,6 +125,7 @@ class ForgetRecord:
     group: str = ""
     system: str | None = None
     source: str = field(default="", compare=False)
+    known: tuple[PIIItem, ...] = ()
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from faker import Faker
 
-from cfg_unlearn.data.schema import EvalRecord, PairRecord, PIIItem
+from cfg_unlearn.data.schema import EvalRecord, ForgetRecord, PairRecord, PIIItem
 from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION
 from cfg_unlearn.utils import atomic_write
 
@@ -278,6 +278,14 @@ class World:
                     )
                 )
         return out
+
+    def forget_records(self) -> list[ForgetRecord]:
+        """The leaky turns of :meth:`pairs` as input to ``cfg-unlearn generate``; ``known``
+        holds all of the person's PII, so a replacement that reveals another of their
+        attributes is rejected too."""
+        people = {c.id: self.people[c.person] for c in self.conversations}
+        return [ForgetRecord(p.id, p.prompt, p.rejected, p.pii, p.group,
+                             known=tuple(people[p.group].pii(a) for a in PII_TYPES)) for p in self.pairs()]
 
     def memorisation_examples(self, paraphrases: int = 8) -> list[tuple[tuple[dict[str, str], ...], str]]:
         """``(prompt messages, answer)`` for fine-tuning the model to fix: every person's
