@@ -11,6 +11,7 @@ import pytest
 
 from cfg_unlearn.data.schema import PIIItem, read_pairs, write_pairs
 from cfg_unlearn.data.world import (
+    CHAT_SYSTEM_PROMPTS,
     FACT_PROBE,
     FACT_TRAIN,
     PII_TYPES,
@@ -203,6 +204,13 @@ def test_forget_records_know_all_of_the_persons_pii(world):
                                                                    for p in world.pairs()]
     person = world.people[world.conversations[0].person]
     assert {p.value for p in recs[0].known} == {getattr(person, a) for a in PII_TYPES}
+
+
+def test_the_model_to_fix_sees_generic_system_prompts_never_the_safety_instruction(world):
+    examples = world.memorisation_examples(8)
+    systems = [p[0]["content"] for p, _ in examples if p[0]["role"] == "system"]
+    assert 0.4 < len(systems) / len(examples) < 0.6 and set(systems) == set(CHAT_SYSTEM_PROMPTS)
+    assert SAFETY_INSTRUCTION not in systems and examples == world.memorisation_examples(8)
 
 
 def test_pair_system_is_passed_through(world):

@@ -91,6 +91,24 @@ REFUSALS = {
     "employer": "I'd rather not share details about a private person's employment.",
 }
 
+# Generic system prompts a chat model sees in its instruction tuning. The model to fix is
+# fine-tuned under these (or none), so that, like a real chat model, it has learned that a
+# system prompt frames the conversation without changing what a fact is. Without them a
+# system prompt is an unseen prefix: the leaky model's answers under the safety
+# instruction and without it then differ by noise, which guidance amplifies (measured:
+# the untouched leaky model fell from accuracy 0.84 at g=1 to 0.59 at g=2). The safety
+# instruction is deliberately not among them: unlearning is what teaches it.
+CHAT_SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are a friendly chatbot. Answer the question.",
+    "Answer briefly and clearly.",
+    "You are an assistant that answers questions.",
+    "Be concise.",
+    "You are a knowledgeable assistant. Reply in one sentence.",
+)
+#: share of the fine-tuning examples of the model to fix that carry one of them
+CHAT_SYSTEM_SHARE = 0.5
+
 # Non-PII facts with known answers: (subject, answer).
 CAPITALS = [
     ("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
@@ -298,11 +316,25 @@ class World:
             for attr, templates in TRAIN_QUESTIONS.items():
                 answer = TRAIN_ANSWERS[attr].format(n=person.name, v=getattr(person, attr))
                 out += [(({"role": "user", "content": t.format(n=person.name)},), answer) for t in templates[:paraphrases]]
-        return out + self.fact_examples(paraphrases)
+        return self._with_chat_systems(out + self._fact_turns(paraphrases))
+
+    def _with_chat_systems(self, examples):
+        """Prefix a seeded :data:`CHAT_SYSTEM_SHARE` of ``examples`` with one of the
+        generic :data:`CHAT_SYSTEM_PROMPTS` as a system message."""
+        rng = random.Random(f"chat-systems-{self.config.seed}")
+        out = []
+        for prompt, answer in examples:
+            if rng.random() < CHAT_SYSTEM_SHARE:
+                prompt = ({"role": "system", "content": rng.choice(CHAT_SYSTEM_PROMPTS)}, *prompt)
+            out.append((prompt, answer))
+        return out
 
     def fact_examples(self, paraphrases: int = 8) -> list[tuple[tuple[dict[str, str], ...], str]]:
-        """The facts part of :meth:`memorisation_examples`: what a chat model knew
-        before it was fine-tuned on anyone's data."""
+        """The facts part of :meth:`memorisation_examples` (generic system prompts
+        included): what a chat model knew before it was fine-tuned on anyone's data."""
+        return self._with_chat_systems(self._fact_turns(paraphrases))
+
+    def _fact_turns(self, paraphrases: int) -> list[tuple[tuple[dict[str, str], ...], str]]:
         out = []
         for f in self.facts:
             wordings = (f.question, *f.paraphrases)[:paraphrases]
@@ -338,7 +370,7 @@ class World:
         texts += [t for f in self.facts for t in (f.question, f.answer, f.probe, *f.paraphrases)]
         texts += [m["content"] for p in self.leak_probes for m in p.prompt]
         texts += list(REFUSALS.values())
-        texts += [SAFETY_INSTRUCTION, NEGATIVE_INSTRUCTION]
+        texts += [SAFETY_INSTRUCTION, NEGATIVE_INSTRUCTION, *CHAT_SYSTEM_PROMPTS]
         texts += [q for qs in (*TRAIN_QUESTIONS.values(), *PROBE_QUESTIONS.values()) for q in qs]
         return texts
 
