@@ -6,8 +6,9 @@ instruction as the system prompt, optionally a reminder in the last user turn,
 optionally CFG). A candidate is **rejected** when it is empty, contains a known PII
 value of its row (however written, :func:`cfg_unlearn.pii.contains_value`), including
 the conversation's other values (``ForgetRecord.known``; a replacement that swaps the
-asked-for e-mail for the person's birth date still leaks), or trips a PII detector; rejected records are decoded again by sampling, up to ``max_attempts``
-rounds in all (the first is greedy), and then get the ``fallback`` template answer.
+asked-for e-mail for the person's birth date still leaks), or trips a PII detector;
+rejected records are decoded again by sampling, up to ``max_attempts`` rounds in all
+(the first is greedy), and then get the ``fallback`` template answer.
 Every outcome is counted in a :class:`GenerateSummary`; the pair file is written
 atomically.
 

@@ -115,8 +115,9 @@ class EvalRecord:
 class ForgetRecord:
     """One leaky answer to replace: the conversation up to it (``prompt``, ending with a
     user turn), the answer itself (``rejected``) and the PII it leaks. ``known``: every
-    other PII value of its conversation (or subject) that a replacement must not
-    contain either; values the prompt itself already shows are exempt."""
+    PII value of its conversation (or subject), which a replacement must not contain
+    either, whether or not this answer leaked it; values the prompt itself already
+    shows are exempt (:func:`cfg_unlearn.data.generate.forbidden_values`)."""
 
     id: str
     prompt: tuple[dict[str, str], ...]
