@@ -66,19 +66,6 @@ _NOT_RESUMABLE_WARNING = r"You're resuming from a checkpoint that ended before t
 # ============================================================================ atomic writes
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where /proc allows (``os.umask`` is
-    process-wide: setting it to read it races with threads creating files)."""
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _temp_pattern(name: str) -> re.Pattern:
     return re.compile(rf"^\.{re.escape(name)}\..+{re.escape(TMP_SUFFIX)}$")
 
@@ -104,10 +91,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, *, fsync: bool = True) 
     part of one: serialise into ``.<name>.<random>.tmp`` in the same directory, flush,
     fsync, ``os.replace`` onto ``path`` and fsync the directory. The temp file is removed
     on any exception (KeyboardInterrupt included). Streams to disk: no second in-memory
-    copy of the checkpoint. The new file gets the usual ``0o666 & ~umask`` mode."""
+    copy of the checkpoint. The file's mode is what a plain ``open`` would leave."""
     with atomic_open(os.path.abspath(os.fspath(path)), "wb", fsync=fsync) as fh:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fh.fileno(), 0o666 & ~_umask())
         torch.save(obj, fh)
 
 

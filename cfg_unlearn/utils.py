@@ -29,17 +29,41 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def process_umask() -> int:
+    """The process umask, read without changing it where /proc allows (``os.umask`` is
+    process-wide: setting it to read it races with threads creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str | None = None,
                 fsync: bool = True) -> Iterator[IO]:
     """Write ``path`` so that readers see the old file or the new one, never half of one:
     yield a temp file (``.<name>.<random>.tmp``) in the same directory; on a clean exit
     flush, fsync, rename it onto ``path`` and fsync the directory; on any exception
-    (KeyboardInterrupt included) remove it."""
+    (KeyboardInterrupt included) remove it.
+
+    The result has the mode a plain ``open(path, "w")`` would leave: an existing file's
+    mode is kept, a new file gets ``0o666 & ~umask`` (``mkstemp`` alone would make every
+    output ``0600``, unreadable to the teammates a shared umask lets in; a user who wants
+    private outputs sets ``umask 077``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):
+            try:
+                perms = path.stat().st_mode & 0o7777
+            except OSError:
+                perms = 0o666 & ~process_umask()
+            os.fchmod(fd, perms)
         with os.fdopen(fd, mode, encoding=encoding) as fh:
             yield fh
             fh.flush()

@@ -1,0 +1,54 @@
+"""``utils.atomic_open``: the one atomic-write mechanism behind every output file."""
+
+import os
+import stat
+
+import pytest
+
+from cfg_unlearn.utils import TMP_SUFFIX, atomic_open, atomic_write, process_umask
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX file modes")
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_process_umask_reads_the_umask_without_changing_it(umask_027):
+    assert process_umask() == 0o027
+    assert process_umask() == 0o027
+
+
+def test_new_file_gets_the_mode_open_would_give_not_mkstemps_0600(tmp_path, umask_027):
+    atomic_write(tmp_path / "metrics.json", "{}")
+    with open(tmp_path / "plain.json", "w") as fh:  # what a plain open leaves, for reference
+        fh.write("{}")
+    assert _mode(tmp_path / "metrics.json") == 0o640 == _mode(tmp_path / "plain.json")
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o644, 0o660])
+def test_rewriting_keeps_an_existing_files_mode(tmp_path, umask_027, mode):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("old\n")
+    path.chmod(mode)
+    atomic_write(path, "new\n")
+    assert path.read_text() == "new\n" and _mode(path) == mode
+
+
+def test_failure_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "report.md"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write("half")
+        raise RuntimeError("interrupted")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(TMP_SUFFIX)] == []
