@@ -164,6 +164,10 @@ def _demo(argv: list[str]) -> None:
     p.add_argument("--unlearn-epochs", type=int, default=d.unlearn_epochs)
     p.add_argument("--unlearn-lr", type=float, default=d.unlearn_lr)
     p.add_argument("--cond-dropout", type=float, default=d.cond_dropout)
+    p.add_argument("--cond-mode", choices=("dropout", "swap"), default=d.cond_mode,
+                   help="dropout: blank the safety instruction of a share --cond-dropout of the samples (same "
+                   "targets); swap: put those samples under the negative instruction with chosen and rejected "
+                   "swapped (the paper's variant); guidance then contrasts with that same instruction")
     p.add_argument("--scales", type=float, nargs="+", default=list(d.scales))
     p.add_argument("--spaces", nargs="+", choices=("logprob", "prob"), default=list(d.spaces))
     p.add_argument("--compare", action="store_true",
@@ -174,6 +178,7 @@ def _demo(argv: list[str]) -> None:
     quiet_third_party_warnings()
     cfg = DemoConfig(out=a.out, seed=a.seed, people=a.people, leak_epochs=a.leak_epochs,
                      unlearn_epochs=a.unlearn_epochs, unlearn_lr=a.unlearn_lr, cond_dropout=a.cond_dropout,
+                     cond_mode=a.cond_mode,
                      scales=tuple(a.scales), spaces=tuple(a.spaces), compare=a.compare)
     run_demo(cfg, progress=not a.quiet)
 

@@ -3,7 +3,9 @@
 1. build the synthetic PII world and an offline tiny Llama for it;
 2. fine-tune it on the world until it leaks (the model to fix);
 3. generate replacement pairs **with that model** (``cfg-unlearn generate``'s code path);
-4. ORPO with conditioning dropout on the pairs (``UnlearnModule`` in a Lightning Trainer);
+4. ORPO with conditioning dropout on the pairs (``UnlearnModule`` in a Lightning Trainer;
+   ``cond_mode="swap"``: the paper's instruction swap, the unconditioned branch under the
+   negative instruction, in training and in guidance alike);
 5. evaluate the leaky and the unlearned model on held-out direct probes, challenge-style
    continuation attacks and utility questions, every one decoded with the same guidance,
    at each scale and space;
@@ -25,7 +27,7 @@ import torch
 
 from cfg_unlearn.data.schema import EvalRecord, write_pairs
 from cfg_unlearn.data.world import World, WorldConfig
-from cfg_unlearn.prompts import SAFETY_INSTRUCTION, render_prompt
+from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION, render_prompt
 from cfg_unlearn.tiny import TinySpec, build_tiny
 from cfg_unlearn.utils import atomic_write
 
@@ -47,6 +49,7 @@ class DemoConfig:
     unlearn_epochs: int = 3
     unlearn_lr: float = 2.5e-4
     cond_dropout: float = 0.3
+    cond_mode: str = "dropout"
     beta: float = 0.1
     scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
     spaces: tuple[str, ...] = ("logprob", "prob")
@@ -100,16 +103,19 @@ def finetune(model, tokenizer, examples, *, epochs: int, lr: float, seed: int, b
 
 
 def evaluate(model, tokenizer, probes: list[EvalRecord], attacks: list[EvalRecord], questions: list[EvalRecord],
-             *, scale: float, space: str, max_new_tokens: int, batch_size: int) -> dict[str, float]:
+             *, scale: float, space: str, max_new_tokens: int, batch_size: int,
+             uncond_system: str | None = None) -> dict[str, float]:
     """Leak rate (direct probes and challenge attacks), PII rate and accuracy at one
-    (scale, space), every prompt under the safety instruction with guidance."""
+    (scale, space), every prompt under the safety instruction with guidance against
+    ``uncond_system`` (None: the instruction blanked)."""
     from cfg_unlearn.data.llmpc import ATTACK_NEW_TOKENS, challenge_hit
     from cfg_unlearn.guidance import generate
     from cfg_unlearn.metrics import AnswerAccuracy, LeakRate, PIIRate
 
     def decode(records, n):
         return generate(model, tokenizer, [list(r.prompt) for r in records], system=SAFETY_INSTRUCTION,
-                        guidance_scale=scale, space=space, max_new_tokens=n, batch_size=batch_size)
+                        uncond_system=uncond_system, guidance_scale=scale, space=space, max_new_tokens=n,
+                        batch_size=batch_size)
 
     leak, pii_rate, acc = LeakRate(), PIIRate(), AnswerAccuracy()
     answers = decode(probes, max_new_tokens)
@@ -126,8 +132,16 @@ def evaluate(model, tokenizer, probes: list[EvalRecord], attacks: list[EvalRecor
     }
 
 
+def uncond_instruction(cond_mode: str) -> str | None:
+    """The unconditioned branch's instruction: blank for dropout, the paper's negative
+    instruction for the swap (training and guidance must use the same one)."""
+    if cond_mode not in ("dropout", "swap"):
+        raise ValueError(f"cond_mode must be 'dropout' or 'swap', got {cond_mode!r}")
+    return NEGATIVE_INSTRUCTION if cond_mode == "swap" else None
+
+
 def unlearn(cfg: DemoConfig, leaky_dir: Path, pairs_file: Path, log_dir: Path, *, objective: str, cond_dropout: float,
-            progress: bool, callbacks: list | None = None, version: str = "unlearn"):
+            progress: bool, callbacks: list | None = None, version: str = "unlearn", cond_mode: str = "dropout"):
     """Unlearning on the pairs with ``UnlearnModule`` in a Lightning Trainer (the same
     module ``train.py fit`` runs); returns the trained model in eval mode."""
     from lightning.pytorch.loggers import CSVLogger
@@ -137,10 +151,10 @@ def unlearn(cfg: DemoConfig, leaky_dir: Path, pairs_file: Path, log_dir: Path, *
 
     L.seed_everything(cfg.seed, verbose=False)
     module = UnlearnModule(model=str(leaky_dir), objective=objective, cond_dropout=cond_dropout, beta=cfg.beta,
-                           seed=cfg.seed, reference="precomputed",
+                           cond_mode=cond_mode, seed=cfg.seed, reference="precomputed",
                            optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.unlearn_lr, weight_decay=0.0))
     data = PairDataModule(tokenizer=str(leaky_dir), train_file=str(pairs_file), val_fraction=0.0,
-                          batch_size=cfg.batch_size, seed=cfg.seed)
+                          batch_size=cfg.batch_size, seed=cfg.seed, uncond_system_prompt=uncond_instruction(cond_mode))
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=cfg.unlearn_epochs,
                         logger=CSVLogger(log_dir.parent, log_dir.name, version=version), callbacks=callbacks,
                         enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
@@ -148,6 +162,9 @@ def unlearn(cfg: DemoConfig, leaky_dir: Path, pairs_file: Path, log_dir: Path, *
     trainer.fit(module, datamodule=data)
     return module.model.eval()
 
+
+#: the product's method in the report, per conditioning mode
+METHOD_LABEL = {"dropout": "ORPO + conditioning dropout", "swap": "ORPO + instruction swap"}
 
 #: the baselines of ``--compare``: (label, objective, conditioning dropout), all at g=1
 BASELINES = (
@@ -198,8 +215,9 @@ def compare(cfg: DemoConfig, out: Path, tok, leaky_dir: Path, chat_base_dir: Pat
     space = cfg.spaces[0]
     rows: dict[str, dict] = {}
     for g, r in main[space].items():
-        label = "ORPO + conditioning dropout" + ("" if float(g) == 1.0 else f", CFG g={g} ({space})")
-        rows[label] = {"objective": "orpo", "cond_dropout": cfg.cond_dropout, "g": float(g), **r}
+        label = METHOD_LABEL[cfg.cond_mode] + ("" if float(g) == 1.0 else f", CFG g={g} ({space})")
+        rows[label] = {"objective": "orpo", "cond_dropout": cfg.cond_dropout, "cond_mode": cfg.cond_mode,
+                       "g": float(g), **r}
     for label, objective, dropout in BASELINES:
         progress_eval = ProgressEval(lambda m: score(m, False))
         model = unlearn(cfg, leaky_dir, out / "pairs.jsonl", out / "logs", objective=objective, cond_dropout=dropout,
@@ -223,6 +241,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     from cfg_unlearn.data.llmpc import attack_probes, read_challenge
     from cfg_unlearn.models import load_causal_lm, load_tokenizer
 
+    uncond_system = uncond_instruction(cfg.cond_mode)  # fail before minutes of training
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -252,7 +271,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 
     t0 = time.perf_counter()
     unlearned = unlearn(cfg, leaky_dir, out / "pairs.jsonl", out / "logs", objective="orpo",
-                        cond_dropout=cfg.cond_dropout, progress=progress)
+                        cond_dropout=cfg.cond_dropout, cond_mode=cfg.cond_mode, progress=progress)
     unlearned.save_pretrained(out / "models" / "unlearned")
     tok.save_pretrained(out / "models" / "unlearned")
     seconds["unlearn"] = time.perf_counter() - t0
@@ -272,7 +291,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
                 results[space][repr(g)] = results[cfg.spaces[0]][repr(g)]
                 continue
             results[space][repr(float(g))] = evaluate(unlearned, tok, probes, attacks, questions, scale=g,
-                                                      space=space, **kw)
+                                                      space=space, uncond_system=uncond_system, **kw)
     seconds["evaluate"] = time.perf_counter() - t0
 
     comparison = None
@@ -318,12 +337,16 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 
 def render_report(m: dict) -> str:
     b = m["baseline"]
+    mode = m["config"].get("cond_mode", "dropout")
     lines = [
         "# cfg-unlearn demo",
         "",
         f"Leaky model (g=1): leak rate {b['leak_rate']:.3f} on {b['n_leak_probes']} held-out direct probes, "
         f"challenge attack {b['attack_leak_rate']:.3f} on {b['n_attack_probes']}, accuracy {b['accuracy']:.3f} on "
         f"{b['n_qa']} utility questions.",
+        "",
+        f"Unlearned: {METHOD_LABEL[mode]} (probability {m['config']['cond_dropout']} per sample), guided against "
+        + ("the negative instruction." if mode == "swap" else "the blanked instruction."),
         "",
         "| space | g | leak rate | attack leak rate | accuracy | PII per answer |",
         "|---|---|---|---|---|---|",
