@@ -58,13 +58,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str | No
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
-        if hasattr(os, "fchmod"):
-            try:
-                perms = path.stat().st_mode & 0o7777
-            except OSError:
-                perms = 0o666 & ~process_umask()
-            os.fchmod(fd, perms)
-        with os.fdopen(fd, mode, encoding=encoding) as fh:
+        with os.fdopen(fd, mode, encoding=encoding) as fh:  # owns fd from here: closed on any exit
+            if hasattr(os, "fchmod"):
+                try:
+                    perms = path.stat().st_mode & 0o7777
+                except OSError:
+                    perms = 0o666 & ~process_umask()
+                os.fchmod(fh.fileno(), perms)
             yield fh
             fh.flush()
             if fsync:
