@@ -95,6 +95,7 @@ def _generate(argv: list[str]) -> None:
     from cfg_unlearn.data.generate import DEFAULT_FALLBACK, generate_pairs, read_forget_conversations
     from cfg_unlearn.data.schema import PairFormatError, write_pairs
     from cfg_unlearn.models import load_causal_lm, load_tokenizer
+    from cfg_unlearn.pii import PARTIAL_MIN_CHARS
     from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 
     p = argparse.ArgumentParser(
@@ -117,6 +118,9 @@ def _generate(argv: list[str]) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--fallback", default=DEFAULT_FALLBACK, help="answer used when every attempt leaked")
+    p.add_argument("--partial-min-chars", type=int, default=PARTIAL_MIN_CHARS,
+                   help="reject a candidate holding a piece of a value this long that the prompt does not show "
+                   "(a value's words, or runs of its digits); 0: whole values only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", default="auto")
@@ -139,7 +143,8 @@ def _generate(argv: list[str]) -> None:
     pairs, summary = generate_pairs(
         model, tok, records, system=a.system, reminder=a.reminder, guidance_scale=a.guidance_scale, space=a.space,
         max_new_tokens=a.max_new_tokens, max_attempts=a.max_attempts, temperature=a.temperature, top_p=a.top_p,
-        fallback=a.fallback, seed=a.seed, batch_size=a.batch_size,
+        fallback=a.fallback, partial_min_chars=a.partial_min_chars, seed=a.seed,
+        batch_size=a.batch_size,
     )
     write_pairs(a.out, pairs)
     print(summary.line())

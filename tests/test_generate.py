@@ -10,13 +10,14 @@ from cfg_unlearn.data.generate import (
     forbidden_values,
     generate_pairs,
     leak_reason,
+    prompt_text,
     read_forget_conversations,
 )
 from cfg_unlearn.data.schema import ForgetRecord, PairFormatError, PIIItem, read_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.guidance import generate
 from cfg_unlearn.models import load_causal_lm, load_tokenizer
-from cfg_unlearn.pii import contains_value
+from cfg_unlearn.pii import contains_fragment, contains_value
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 
 
@@ -62,6 +63,48 @@ def test_leak_reasons():
     assert leak_reason("Write to ANN.LEE@example.com", pii) == "known_pii"
     assert leak_reason("Try bob@mail.org instead", pii) == "detected_pii"
     assert leak_reason("I can't share that.", pii) is None
+
+
+def test_partial_values_are_leaks_unless_the_prompt_shows_them():
+    ssn, date = PIIItem("SSN", "363-56-5181"), PIIItem("DATE", "October 03, 1976")
+    assert leak_reason("The ID number of Megan Chang is-56-5181.", (ssn,)) == "partial_pii"
+    assert leak_reason("Megan Chang was born on October 03, 1945.", (date,)) == "partial_pii"
+    assert leak_reason("Megan Chang was born on October 03, 1945.", (date,), partial_min_chars=0) is None
+    assert leak_reason("Megan was born in October.", (date,), shown="Was Megan born in October?") is None
+    # the forget record's prompt is what may be repeated: the name, not the e-mail's other words
+    email = PIIItem("EMAIL", "megan.chang54@example.org")
+    rec = ForgetRecord("r", ({"role": "user", "content": "What is the e-mail of Megan Chang?"},),
+                       "Megan Chang's e-mail is megan.chang54@example.org.", (email,))
+    shown = prompt_text(rec)
+    assert leak_reason("I won't share the e-mail of Megan Chang.", forbidden_values(rec), shown=shown) is None
+    assert leak_reason("Try megan.chang54 at any provider.", forbidden_values(rec), shown=shown) == "partial_pii"
+
+
+def test_partial_leaks_are_resampled_and_counted(tiny):
+    """Each record's value is a word the tiny model writes for it plus a word it never
+    writes: the whole value never appears, so only the partial check rejects the greedy
+    candidate (counted as partial_pii); with the check off the candidate is accepted."""
+    model, tok = tiny
+    prompts = [p.prompt for p in World(WorldConfig(seed=2, n_people=4)).probe_records()[:8]]
+    greedy = generate(model, tok, [[{"role": "system", "content": SAFETY_INSTRUCTION}, *p] for p in prompts],
+                      max_new_tokens=12)
+    records = []
+    for i, (p, text) in enumerate(zip(prompts, greedy)):
+        shown = " ".join(m["content"] for m in p)
+        words = [w for w in text.split() if w.isalpha() and len(w) >= 4 and w.lower() not in shown.lower()]
+        value = f"{words[0]} Qzxwv" if words else "Qzxwv Qzxwv"
+        records.append(ForgetRecord(f"r{i}", p, "leak", (PIIItem("ORG", value),)))
+    forced = sum(not r.pii[0].value.startswith("Qzxwv") for r in records)
+    assert forced >= 4
+    pairs, summary = generate_pairs(model, tok, records, max_new_tokens=12, max_attempts=2, progress=False)
+    assert summary.rejected.get("partial_pii", 0) >= forced and summary.accepted_first <= 8 - forced
+    for pair, rec in zip(pairs, records):
+        assert not contains_fragment(pair.chosen, rec.pii[0].value, "ORG", shown=prompt_text(rec))
+    _, off = generate_pairs(model, tok, records, max_new_tokens=12, max_attempts=1, progress=False,
+                            partial_min_chars=0)
+    assert "partial_pii" not in off.rejected and off.accepted_first >= forced
+    with pytest.raises(ValueError, match="partial_min_chars must be >= 0"):
+        generate_pairs(model, tok, records, partial_min_chars=-1)
 
 
 def test_leaky_candidates_are_resampled_then_replaced(tiny):

@@ -6,7 +6,10 @@ instruction as the system prompt, optionally a reminder in the last user turn,
 optionally CFG). A candidate is **rejected** when it is empty, contains a known PII
 value of its row (however written, :func:`cfg_unlearn.pii.contains_value`), including
 the conversation's other values (``ForgetRecord.known``; a replacement that swaps the
-asked-for e-mail for the person's birth date still leaks), or trips a PII detector;
+asked-for e-mail for the person's birth date still leaks), contains a piece of one that
+the prompt does not show (``partial_pii``: four digits of an SSN, the year or month of a
+birth date, a street or company word; :func:`cfg_unlearn.pii.contains_fragment`), or
+trips a PII detector;
 rejected records are decoded again by sampling, up to ``max_attempts`` rounds in all
 (the first is greedy), and then get the ``fallback`` template answer.
 Every outcome is counted in a :class:`GenerateSummary`; the pair file is written
@@ -38,7 +41,7 @@ from cfg_unlearn.data.schema import (
     _text,
     iter_json_objects,
 )
-from cfg_unlearn.pii import contains_value, detect_pii
+from cfg_unlearn.pii import PARTIAL_MIN_CHARS, contains_fragment, contains_value, detect_pii
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 
 DEFAULT_FALLBACK = "I'm sorry, but I can't share personal information about anyone."
@@ -70,22 +73,31 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
     return out
 
 
-def leak_reason(text: str, pii: tuple) -> str | None:
-    """Why a candidate replacement is unusable, or None when it is clean."""
+def leak_reason(text: str, pii: tuple, *, shown: str = "", partial_min_chars: int = PARTIAL_MIN_CHARS) -> str | None:
+    """Why a candidate replacement is unusable, or None when it is clean. ``shown`` is
+    the prompt: pieces of a value it already holds may be repeated (``partial_pii``
+    looks for the others; ``partial_min_chars=0`` turns it off)."""
     if not text.strip():
         return "empty"
     if any(contains_value(text, p.value, p.type) for p in pii):
         return "known_pii"
+    if any(contains_fragment(text, p.value, p.type, shown=shown, min_chars=partial_min_chars) for p in pii):
+        return "partial_pii"
     if detect_pii(text):
         return "detected_pii"
     return None
+
+
+def prompt_text(rec: ForgetRecord) -> str:
+    """Everything the prompt of ``rec`` shows: what a replacement may repeat."""
+    return "\n".join(m["content"] for m in rec.prompt)
 
 
 def forbidden_values(rec: ForgetRecord) -> tuple:
     """What a replacement for ``rec`` must not contain: the values its answer leaked and
     every other known value of its conversation, except those its prompt already shows
     (repeating a name the user asked about reveals nothing)."""
-    prompt = "\n".join(m["content"] for m in rec.prompt)
+    prompt = prompt_text(rec)
     others = tuple(p for p in rec.known if p not in rec.pii and not contains_value(prompt, p.value, p.type))
     return tuple(rec.pii) + others
 
@@ -125,6 +137,7 @@ def generate_pairs(
     temperature: float = 0.8,
     top_p: float = 0.95,
     fallback: str = DEFAULT_FALLBACK,
+    partial_min_chars: int = PARTIAL_MIN_CHARS,
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
@@ -138,6 +151,8 @@ def generate_pairs(
 
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    if partial_min_chars < 0:
+        raise ValueError(f"partial_min_chars must be >= 0 (0 turns the check off), got {partial_min_chars}")
     bad = leak_reason(fallback, ())
     if bad:
         raise ValueError(f"the fallback answer is not PII-free ({bad}): {fallback!r}")
@@ -146,6 +161,7 @@ def generate_pairs(
     chosen: dict[int, str] = {}
     pending = list(range(len(records)))
     forbidden = [forbidden_values(r) for r in records]
+    shown = [prompt_text(r) for r in records]
 
     def prompt(rec: ForgetRecord) -> list[dict[str, str]]:
         msgs = [dict(m) for m in rec.prompt]
@@ -164,7 +180,7 @@ def generate_pairs(
         )
         still = []
         for i, text in zip(pending, answers):
-            reason = leak_reason(text, forbidden[i])
+            reason = leak_reason(text, forbidden[i], shown=shown[i], partial_min_chars=partial_min_chars)
             if reason is None:
                 chosen[i] = text.strip()
                 if attempt == 0:
