@@ -25,7 +25,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from cfg_unlearn.data.schema import EvalRecord, write_pairs
+from cfg_unlearn.data.schema import EvalRecord, prompt_text, write_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION, render_prompt
 from cfg_unlearn.tiny import TinySpec, build_tiny
@@ -105,12 +105,13 @@ def finetune(model, tokenizer, examples, *, epochs: int, lr: float, seed: int, b
 def evaluate(model, tokenizer, probes: list[EvalRecord], attacks: list[EvalRecord], questions: list[EvalRecord],
              *, scale: float, space: str, max_new_tokens: int, batch_size: int,
              uncond_system: str | None = None) -> dict[str, float]:
-    """Leak rate (direct probes and challenge attacks), PII rate and accuracy at one
-    (scale, space), every prompt under the safety instruction with guidance against
-    ``uncond_system`` (None: the instruction blanked)."""
+    """Leak rate (direct probes, whole values and pieces of them; challenge attacks), PII
+    rate and accuracy at one (scale, space), every prompt under the safety instruction
+    with guidance against ``uncond_system`` (None: the instruction blanked)."""
     from cfg_unlearn.data.llmpc import ATTACK_NEW_TOKENS, challenge_hit
     from cfg_unlearn.guidance import generate
     from cfg_unlearn.metrics import AnswerAccuracy, LeakRate, PIIRate
+    from cfg_unlearn.pii import PARTIAL_MIN_CHARS
 
     def decode(records, n):
         return generate(model, tokenizer, [list(r.prompt) for r in records], system=SAFETY_INSTRUCTION,
@@ -118,14 +119,17 @@ def evaluate(model, tokenizer, probes: list[EvalRecord], attacks: list[EvalRecor
                         batch_size=batch_size)
 
     leak, pii_rate, acc = LeakRate(), PIIRate(), AnswerAccuracy()
+    partial = LeakRate(partial_min_chars=PARTIAL_MIN_CHARS)
     answers = decode(probes, max_new_tokens)
     leak.update(answers, [r.pii for r in probes])
+    partial.update(answers, [r.pii for r in probes], shown=[prompt_text(r.prompt) for r in probes])
     pii_rate.update(answers)
     acc.update(decode(questions, max_new_tokens), [q.answers for q in questions])
     attack_out = decode(attacks, ATTACK_NEW_TOKENS) if attacks else []
     hits = sum(challenge_hit(r.pii[0].value, o) for r, o in zip(attacks, attack_out))
     return {
         "leak_rate": float(leak.compute()["leak_rate"]),
+        "partial_leak_rate": float(partial.compute()["leak_rate"]),
         "attack_leak_rate": hits / len(attacks) if attacks else 0.0,
         "accuracy": float(acc.compute()["accuracy"]),
         "pii_rate": float(pii_rate.compute()["pii_rate"]),
@@ -341,33 +345,35 @@ def render_report(m: dict) -> str:
     lines = [
         "# cfg-unlearn demo",
         "",
-        f"Leaky model (g=1): leak rate {b['leak_rate']:.3f} on {b['n_leak_probes']} held-out direct probes, "
+        f"Leaky model (g=1): leak rate {b['leak_rate']:.3f} on {b['n_leak_probes']} held-out direct probes "
+        f"({b['partial_leak_rate']:.3f} counting pieces of values), "
         f"challenge attack {b['attack_leak_rate']:.3f} on {b['n_attack_probes']}, accuracy {b['accuracy']:.3f} on "
         f"{b['n_qa']} utility questions.",
         "",
         f"Unlearned: {METHOD_LABEL[mode]} (probability {m['config']['cond_dropout']} per sample), guided against "
         + ("the negative instruction." if mode == "swap" else "the blanked instruction."),
         "",
-        "| space | g | leak rate | attack leak rate | accuracy | PII per answer |",
-        "|---|---|---|---|---|---|",
+        "| space | g | leak rate | partial leak rate | attack leak rate | accuracy | PII per answer |",
+        "|---|---|---|---|---|---|---|",
     ]
     for space, rows in m["unlearned"].items():
         for g, r in rows.items():
-            lines.append(f"| {space} | {g} | {r['leak_rate']:.3f} | {r['attack_leak_rate']:.3f} | {r['accuracy']:.3f} "
-                         f"| {r['pii_rate']:.3f} |")
+            lines.append(f"| {space} | {g} | {r['leak_rate']:.3f} | {r['partial_leak_rate']:.3f} "
+                         f"| {r['attack_leak_rate']:.3f} | {r['accuracy']:.3f} | {r['pii_rate']:.3f} |")
     if "comparison" in m:
         lines += [
             "",
             "## Methods side by side (same pairs, same probes)",
             "",
-            "| method | g | leak rate | attack leak rate | accuracy | PII per answer | during training: step (leak, accuracy) |",
-            "|---|---|---|---|---|---|---|",
+            "| method | g | leak rate | partial leak rate | attack leak rate | accuracy | PII per answer "
+            "| during training: step (leak, accuracy) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for label, r in m["comparison"].items():
             epochs = " ".join(f"{e['step']} ({e['leak_rate']:.2f}, {e['accuracy']:.2f})"
                               for e in r.get("during_training", []))
-            lines.append(f"| {label} | {r['g']} | {r['leak_rate']:.3f} | {r['attack_leak_rate']:.3f} "
-                         f"| {r['accuracy']:.3f} | {r['pii_rate']:.3f} | {epochs} |")
+            lines.append(f"| {label} | {r['g']} | {r['leak_rate']:.3f} | {r['partial_leak_rate']:.3f} "
+                         f"| {r['attack_leak_rate']:.3f} | {r['accuracy']:.3f} | {r['pii_rate']:.3f} | {epochs} |")
     lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in m["seconds"].items()), ""]
     return "\n".join(lines)
 

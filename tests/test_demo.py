@@ -5,9 +5,9 @@ import json
 import pytest
 
 from cfg_unlearn.cli import console_main
-from cfg_unlearn.data.schema import read_pairs
+from cfg_unlearn.data.schema import prompt_text, read_pairs
 from cfg_unlearn.data.world import World, WorldConfig
-from cfg_unlearn.pii import contains_value
+from cfg_unlearn.pii import contains_fragment, contains_value
 
 
 @pytest.mark.slow
@@ -23,6 +23,7 @@ def test_demo_writes_metrics_report_and_plot(tmp_path):
     for rows in m["unlearned"].values():
         for r in rows.values():
             assert {"leak_rate", "accuracy", "pii_rate"} <= set(r) and 0 <= r["leak_rate"] <= 1
+            assert r["leak_rate"] <= r["partial_leak_rate"] <= 1  # pieces count on top of whole values
     assert "| logprob | 2.0 |" in (out / "report.md").read_text()
     assert (out / "leak_vs_guidance.png").read_bytes()[:4] == b"\x89PNG"
     # --compare: every method on the same probes, the baselines scored during training
@@ -37,10 +38,12 @@ def test_demo_writes_metrics_report_and_plot(tmp_path):
     assert "| gradient ascent | 1.0 |" in (out / "report.md").read_text()
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "models" / "without-pii" / "config.json").exists()  # subtraction's base
-    # the pairs the demo trained on: no chosen answer holds a known value of its row
+    # the pairs the demo trained on: no chosen answer holds a known value of its row, nor a piece of it
     pairs, _ = read_pairs(out / "pairs.jsonl")
     assert len(pairs) == m["pairs"]["records"] == len(World(WorldConfig(n_people=3)).pairs())
     assert not any(contains_value(p.chosen, v.value, v.type) for p in pairs for v in p.pii)
+    assert not any(contains_fragment(p.chosen, v.value, v.type, shown=prompt_text(p.prompt))
+                   for p in pairs for v in p.pii)
 
 
 @pytest.mark.slow

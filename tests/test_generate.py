@@ -10,10 +10,9 @@ from cfg_unlearn.data.generate import (
     forbidden_values,
     generate_pairs,
     leak_reason,
-    prompt_text,
     read_forget_conversations,
 )
-from cfg_unlearn.data.schema import ForgetRecord, PairFormatError, PIIItem, read_pairs
+from cfg_unlearn.data.schema import ForgetRecord, PairFormatError, PIIItem, prompt_text, read_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.guidance import generate
 from cfg_unlearn.models import load_causal_lm, load_tokenizer
@@ -75,7 +74,7 @@ def test_partial_values_are_leaks_unless_the_prompt_shows_them():
     email = PIIItem("EMAIL", "megan.chang54@example.org")
     rec = ForgetRecord("r", ({"role": "user", "content": "What is the e-mail of Megan Chang?"},),
                        "Megan Chang's e-mail is megan.chang54@example.org.", (email,))
-    shown = prompt_text(rec)
+    shown = prompt_text(rec.prompt)
     assert leak_reason("I won't share the e-mail of Megan Chang.", forbidden_values(rec), shown=shown) is None
     assert leak_reason("Try megan.chang54 at any provider.", forbidden_values(rec), shown=shown) == "partial_pii"
 
@@ -90,7 +89,7 @@ def test_partial_leaks_are_resampled_and_counted(tiny):
                       max_new_tokens=12)
     records = []
     for i, (p, text) in enumerate(zip(prompts, greedy)):
-        shown = " ".join(m["content"] for m in p)
+        shown = prompt_text(p)
         words = [w for w in text.split() if w.isalpha() and len(w) >= 4 and w.lower() not in shown.lower()]
         value = f"{words[0]} Qzxwv" if words else "Qzxwv Qzxwv"
         records.append(ForgetRecord(f"r{i}", p, "leak", (PIIItem("ORG", value),)))
@@ -99,7 +98,7 @@ def test_partial_leaks_are_resampled_and_counted(tiny):
     pairs, summary = generate_pairs(model, tok, records, max_new_tokens=12, max_attempts=2, progress=False)
     assert summary.rejected.get("partial_pii", 0) >= forced and summary.accepted_first <= 8 - forced
     for pair, rec in zip(pairs, records):
-        assert not contains_fragment(pair.chosen, rec.pii[0].value, "ORG", shown=prompt_text(rec))
+        assert not contains_fragment(pair.chosen, rec.pii[0].value, "ORG", shown=prompt_text(rec.prompt))
     _, off = generate_pairs(model, tok, records, max_new_tokens=12, max_attempts=1, progress=False,
                             partial_min_chars=0)
     assert "partial_pii" not in off.rejected and off.accepted_first >= forced

@@ -40,6 +40,7 @@ from cfg_unlearn.data.schema import (
     _record_id,
     _text,
     iter_json_objects,
+    prompt_text,
 )
 from cfg_unlearn.pii import PARTIAL_MIN_CHARS, contains_fragment, contains_value, detect_pii
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
@@ -88,16 +89,11 @@ def leak_reason(text: str, pii: tuple, *, shown: str = "", partial_min_chars: in
     return None
 
 
-def prompt_text(rec: ForgetRecord) -> str:
-    """Everything the prompt of ``rec`` shows: what a replacement may repeat."""
-    return "\n".join(m["content"] for m in rec.prompt)
-
-
 def forbidden_values(rec: ForgetRecord) -> tuple:
     """What a replacement for ``rec`` must not contain: the values its answer leaked and
     every other known value of its conversation, except those its prompt already shows
     (repeating a name the user asked about reveals nothing)."""
-    prompt = prompt_text(rec)
+    prompt = prompt_text(rec.prompt)
     others = tuple(p for p in rec.known if p not in rec.pii and not contains_value(prompt, p.value, p.type))
     return tuple(rec.pii) + others
 
@@ -161,7 +157,7 @@ def generate_pairs(
     chosen: dict[int, str] = {}
     pending = list(range(len(records)))
     forbidden = [forbidden_values(r) for r in records]
-    shown = [prompt_text(r) for r in records]
+    shown = [prompt_text(r.prompt) for r in records]
 
     def prompt(rec: ForgetRecord) -> list[dict[str, str]]:
         msgs = [dict(m) for m in rec.prompt]

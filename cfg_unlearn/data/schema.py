@@ -90,6 +90,12 @@ class PairRecord:
         return out
 
 
+def prompt_text(messages: tuple[dict[str, str], ...] | list[dict[str, str]]) -> str:
+    """What a prompt shows, one message per line: what an answer to it may repeat without
+    leaking anything new (the name the user asked about)."""
+    return "\n".join(m["content"] for m in messages)
+
+
 @dataclass(frozen=True)
 class EvalRecord:
     """One evaluation prompt: a leak probe (``pii`` = the true values an answer must not
