@@ -120,13 +120,16 @@ def partial_fragments(value: str, pii_type: str | None = None, *, shown: str = "
     """The pieces of ``value`` whose presence still leaks part of it: ``(digit windows,
     words)``. A number (phone, SSN) gives every run of ``min_chars`` consecutive digits;
     any other value gives its words of at least ``min_chars`` letters or digits (a
-    street, a year, an e-mail's local part, a company name). Pieces that ``shown`` (the
+    street, a year, a company name; of an e-mail, only the local part's). Pieces that ``shown`` (the
     prompt) already contains are left out: repeating the name the user asked about
     reveals nothing."""
     if min_chars < 1:
         return [], []
-    if (pii_type or "").upper() == "PHONE":
+    kind = (pii_type or "").upper()
+    if kind == "PHONE":
         value = _PHONE_EXT.sub("", value)  # "x89" is not part of the number
+    elif kind == "EMAIL" and "@" in value:
+        value = value.split("@", 1)[0]  # "gmail" names a provider, not a person
     if is_numeric_value(value):
         digits = re.sub(r"\D", "", value)
         shown_groups = _digit_groups(shown)
