@@ -34,11 +34,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from cfg_unlearn.data.schema import EvalRecord, PIIItem, read_eval_records
+from cfg_unlearn.data.schema import EvalRecord, PIIItem, prompt_text, read_eval_records
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.guidance import SPACES, generate
 from cfg_unlearn.metrics import DEFAULT_PII_TYPES, OTHER, AnswerAccuracy, LeakRate, PIIRate, answer_matches
-from cfg_unlearn.pii import NERDetector, contains_value, redact
+from cfg_unlearn.pii import PARTIAL_MIN_CHARS, NERDetector, contains_value, redact
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 from cfg_unlearn.utils import atomic_write
 
@@ -206,6 +206,7 @@ class GuidanceEval(Callback):
         types = list(DEFAULT_PII_TYPES) + sorted(seen - set(DEFAULT_PII_TYPES) - {OTHER})
         self._ner = NERDetector(self.ner_model) if self.ner_model else None
         self.leak, self.pii_rate, self.accuracy = LeakRate(types), PIIRate(ner=self._ner), AnswerAccuracy()
+        self.partial_leak = LeakRate(types, partial_min_chars=PARTIAL_MIN_CHARS)
         rank_zero_info(
             f"GuidanceEval: {len(self.probes)} leak probes, {len(self.questions)} questions; "
             f"runs {[f'{sp}@g={g:g}' for sp, g in self.runs()]}"
@@ -272,17 +273,21 @@ class GuidanceEval(Callback):
             real = list(zip(mine[:n_real], answers[:n_real]))
             leak = [(r, a) for (kind, r), a in real if kind == "leak"]
             qa = [(r, a) for (kind, r), a in real if kind == "qa"]
-            for m in (self.leak, self.pii_rate, self.accuracy):
+            for m in (self.leak, self.partial_leak, self.pii_rate, self.accuracy):
                 m.to(pl_module.device)
                 m.reset()
             self.leak.update([a for _, a in leak], [r.pii for r, _ in leak])
+            self.partial_leak.update([a for _, a in leak], [r.pii for r, _ in leak],
+                                     shown=[prompt_text(r.prompt) for r, _ in leak])
             self.pii_rate.update([a for _, a in leak])
             self.accuracy.update([a for _, a in qa], [r.answers for r, _ in qa])
             # compute() is collective: reduce even when this rank's shard holds one kind only
             computed = {**self.leak.compute(), **self.pii_rate.compute(), **self.accuracy.compute()}
+            partial = float(self.partial_leak.compute()["leak_rate"])
             named = {}
             if self.probes:
                 named.update({k: float(v) for k, v in computed.items() if k.startswith(("leak_rate", "pii_"))})
+                named["partial_leak_rate"] = partial
             if self.questions:
                 named.update(accuracy=float(computed["accuracy"]), exact_match=float(computed["exact_match"]))
             # g = 1 is decoded once, and every space's curve gets that point

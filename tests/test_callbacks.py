@@ -183,8 +183,10 @@ def test_validate_logs_every_metric_per_scale_and_space(tiny_model_dir, tmp_path
     dm = PairDataModule(tokenizer=f"tiny:{tiny_model_dir}", world=WorldConfig(n_people=6), batch_size=4)
     (out,) = _trainer(tmp_path, [ev]).validate(model, datamodule=dm)
     for space, g in (("logprob", 1.0), ("logprob", 2.0), ("prob", 2.0)):
-        for name in ("leak_rate", "accuracy", "exact_match", "pii_rate", "pii_answer_rate"):
+        for name in ("leak_rate", "partial_leak_rate", "accuracy", "exact_match", "pii_rate", "pii_answer_rate"):
             assert 0.0 <= out[metric_key(name, g, space)] <= 1.0
+        # pieces of values count on top of whole values
+        assert out[metric_key("leak_rate", g, space)] <= out[metric_key("partial_leak_rate", g, space)]
     # g = 1 is decoded once and reported in every space, so each curve has its baseline
     for name in ("leak_rate", "accuracy", "pii_rate"):
         assert out[metric_key(name, 1.0, "prob")] == out[metric_key(name, 1.0, "logprob")]
