@@ -120,9 +120,9 @@ def partial_fragments(value: str, pii_type: str | None = None, *, shown: str = "
     """The pieces of ``value`` whose presence still leaks part of it: ``(digit windows,
     words)``. A number (phone, SSN) gives every run of ``min_chars`` consecutive digits;
     any other value gives its words of at least ``min_chars`` letters or digits (a
-    street, a year, a company name; of an e-mail, only the local part's). Pieces that ``shown`` (the
-    prompt) already contains are left out: repeating the name the user asked about
-    reveals nothing."""
+    street, a year, a company name; of an e-mail, only the local part's). Pieces that
+    ``shown`` (the prompt) already contains are left out: repeating the name the user
+    asked about reveals nothing."""
     if min_chars < 1:
         return [], []
     kind = (pii_type or "").upper()
@@ -143,7 +143,9 @@ def contains_fragment(text: str, value: str, pii_type: str | None = None, *, sho
                       min_chars: int = PARTIAL_MIN_CHARS) -> bool:
     """Whether ``text`` holds a piece of ``value`` (see :func:`partial_fragments`) that
     ``shown`` does not: "is-56-5181" for the SSN 363-56-5181, "born on October 03,
-    1945" for the date October 03, 1976. The whole value counts too."""
+    1945" for the date October 03, 1976. A written-out value usually holds such a piece,
+    but not always (a value without a word of ``min_chars``, or one the prompt shows in
+    full): callers that count whole values check :func:`contains_value` first."""
     windows, words = partial_fragments(value, pii_type, shown=shown, min_chars=min_chars)
     if windows:
         groups = _digit_groups(text)
