@@ -118,6 +118,9 @@ def _generate(argv: list[str]) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--fallback", default=DEFAULT_FALLBACK, help="answer used when every attempt leaked")
+    p.add_argument("--redact-fallback", action="store_true",
+                   help="when every attempt leaked, use the leaky answer with its values replaced by plain phrases "
+                   "('... at a private number.') if that passes the same checks, else --fallback")
     p.add_argument("--partial-min-chars", type=int, default=PARTIAL_MIN_CHARS,
                    help="reject a candidate holding a piece of a value this long that the prompt does not show "
                    "(a value's words, or runs of its digits); 0: whole values only")
@@ -143,7 +146,7 @@ def _generate(argv: list[str]) -> None:
     pairs, summary = generate_pairs(
         model, tok, records, system=a.system, reminder=a.reminder, guidance_scale=a.guidance_scale, space=a.space,
         max_new_tokens=a.max_new_tokens, max_attempts=a.max_attempts, temperature=a.temperature, top_p=a.top_p,
-        fallback=a.fallback, partial_min_chars=a.partial_min_chars, seed=a.seed,
+        fallback=a.fallback, redact_fallback=a.redact_fallback, partial_min_chars=a.partial_min_chars, seed=a.seed,
         batch_size=a.batch_size,
     )
     write_pairs(a.out, pairs)
@@ -173,6 +176,9 @@ def _demo(argv: list[str]) -> None:
                    help="dropout: blank the safety instruction of a share --cond-dropout of the samples (same "
                    "targets); swap: put those samples under the negative instruction with chosen and rejected "
                    "swapped (the paper's variant); guidance then contrasts with that same instruction")
+    p.add_argument("--fallback", choices=("redacted", "template"), default=d.fallback,
+                   help="the chosen answer when the leaky model wrote no PII-free replacement: its leaky answer with "
+                   "the values replaced by plain phrases (generate --redact-fallback), or the refusal template")
     p.add_argument("--scales", type=float, nargs="+", default=list(d.scales))
     p.add_argument("--spaces", nargs="+", choices=("logprob", "prob"), default=list(d.spaces))
     p.add_argument("--compare", action="store_true",
@@ -183,7 +189,7 @@ def _demo(argv: list[str]) -> None:
     quiet_third_party_warnings()
     cfg = DemoConfig(out=a.out, seed=a.seed, people=a.people, leak_epochs=a.leak_epochs,
                      unlearn_epochs=a.unlearn_epochs, unlearn_lr=a.unlearn_lr, cond_dropout=a.cond_dropout,
-                     cond_mode=a.cond_mode,
+                     cond_mode=a.cond_mode, fallback=a.fallback,
                      scales=tuple(a.scales), spaces=tuple(a.spaces), compare=a.compare)
     run_demo(cfg, progress=not a.quiet)
 

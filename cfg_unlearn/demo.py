@@ -51,6 +51,8 @@ class DemoConfig:
     cond_dropout: float = 0.3
     cond_mode: str = "dropout"
     beta: float = 0.1
+    #: "redacted" (``generate_pairs(redact_fallback=True)``) or "template"
+    fallback: str = "redacted"
     scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
     spaces: tuple[str, ...] = ("logprob", "prob")
     max_new_tokens: int = 32
@@ -246,6 +248,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     from cfg_unlearn.models import load_causal_lm, load_tokenizer
 
     uncond_system = uncond_instruction(cfg.cond_mode)  # fail before minutes of training
+    if cfg.fallback not in ("redacted", "template"):
+        raise ValueError(f"fallback must be 'redacted' or 'template', got {cfg.fallback!r}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -268,7 +272,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 
     t0 = time.perf_counter()
     pairs, summary = generate_pairs(model, tok, world.forget_records(), seed=cfg.seed, batch_size=64,
-                                    progress=progress, max_new_tokens=cfg.max_new_tokens)
+                                    progress=progress, max_new_tokens=cfg.max_new_tokens,
+                                    redact_fallback=cfg.fallback == "redacted")
     write_pairs(out / "pairs.jsonl", pairs)
     seconds["generate"] = time.perf_counter() - t0
     print(f"replacement pairs: {summary.line()}")

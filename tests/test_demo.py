@@ -5,6 +5,7 @@ import json
 import pytest
 
 from cfg_unlearn.cli import console_main
+from cfg_unlearn.data.generate import DEFAULT_FALLBACK, redacted_answer
 from cfg_unlearn.data.schema import prompt_text, read_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.pii import contains_fragment, contains_value
@@ -44,6 +45,11 @@ def test_demo_writes_metrics_report_and_plot(tmp_path):
     assert not any(contains_value(p.chosen, v.value, v.type) for p in pairs for v in p.pii)
     assert not any(contains_fragment(p.chosen, v.value, v.type, shown=prompt_text(p.prompt))
                    for p in pairs for v in p.pii)
+    # the default fallback is the redacted leaky answer: every outcome counted once
+    s = m["pairs"]
+    assert m["config"]["fallback"] == "redacted" and s["redacted"] > 0
+    assert s["accepted_first"] + s["accepted_resampled"] + s["redacted"] + s["fallback"] == s["records"]
+    assert sum(p.chosen == redacted_answer(p.rejected, p.pii) for p in pairs) >= s["redacted"]
 
 
 @pytest.mark.slow
@@ -64,9 +70,15 @@ def test_demo_swap_mode_trains_and_guides_against_the_negative_instruction(tmp_p
     monkeypatch.setattr(guidance, "generate", spy)
     out = tmp_path / "demo"
     console_main(["demo", "--out", str(out), "--people", "2", "--leak-epochs", "1", "--unlearn-epochs", "1",
-                  "--scales", "1", "2", "--spaces", "logprob", "--cond-mode", "swap", "--quiet"])
+                  "--scales", "1", "2", "--spaces", "logprob", "--cond-mode", "swap", "--fallback", "template",
+                  "--quiet"])
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["cond_mode"] == "swap"
+    # --fallback template: no record gets its redacted answer (this 1-epoch model writes text
+    # that passes the checks, so there may be no fallback at all)
+    assert m["config"]["fallback"] == "template" and m["pairs"]["redacted"] == 0
+    pairs, _ = read_pairs(out / "pairs.jsonl")
+    assert sum(p.chosen == DEFAULT_FALLBACK for p in pairs) == m["pairs"]["fallback"]
     guided = [u for g, u in seen if g != 1.0]
     assert guided and set(guided) == {NEGATIVE_INSTRUCTION}
     assert "ORPO + instruction swap" in (out / "report.md").read_text()
@@ -76,3 +88,11 @@ def test_demo_rejects_an_unknown_cond_mode(tmp_path, capsys):
     with pytest.raises(SystemExit):
         console_main(["demo", "--out", str(tmp_path / "d"), "--cond-mode", "both"])
     assert "invalid choice: 'both'" in capsys.readouterr().err
+
+
+def test_demo_rejects_an_unknown_fallback_before_training(tmp_path):
+    from cfg_unlearn.demo import DemoConfig, run_demo
+
+    with pytest.raises(ValueError, match="fallback must be 'redacted' or 'template', got 'refuse'"):
+        run_demo(DemoConfig(out=str(tmp_path / "d"), fallback="refuse"), progress=False)
+    assert not (tmp_path / "d").exists()

@@ -11,6 +11,7 @@ from cfg_unlearn.data.generate import (
     generate_pairs,
     leak_reason,
     read_forget_conversations,
+    redacted_answer,
 )
 from cfg_unlearn.data.schema import ForgetRecord, PairFormatError, PIIItem, prompt_text, read_pairs
 from cfg_unlearn.data.world import World, WorldConfig
@@ -165,13 +166,50 @@ def test_other_known_values_of_the_conversation_are_forbidden_too(tiny):
         assert not any(contains_value(pair.chosen, p.value, p.type) for p in forbidden_values(rec))
 
 
+def test_redacted_answer_replaces_each_value_by_its_type_phrase():
+    phone, mail = PIIItem("PHONE", "(555) 010-2345"), PIIItem("EMAIL", "ann.lee@example.com")
+    assert (redacted_answer("Call Ann Lee at 555-010-2345 or write to Ann.Lee@example.com.", (phone, mail))
+            == "Call Ann Lee at a private number or write to a private e-mail address.")
+    # a type without a phrase of its own, and text holding no value (left as is)
+    assert redacted_answer("Plate AB-123-CD.", (PIIItem("VEHICLE_ID", "AB-123-CD"),)) == "Plate private information."
+    assert redacted_answer("It is unlisted.", (phone,)) == "It is unlisted."
+
+
+def test_redacted_fallback_is_used_only_when_it_passes_the_checks(tiny, monkeypatch):
+    """Every candidate leaks (the writer is stubbed to repeat the value), so each record
+    falls back: to its redacted leaky answer when that is clean, else to the template
+    (a piece of the address survives the redaction; an answer with no findable value
+    would be its own rejected side)."""
+    import cfg_unlearn.guidance as guidance
+
+    model, tok = tiny
+    ask = lambda q: ({"role": "user", "content": q},)  # noqa: E731
+    phone, loc = PIIItem("PHONE", "(555) 010-2345"), PIIItem("LOC", "12 Oak Street, Springfield")
+    records = [
+        ForgetRecord("a", ask("How do I call Ann Lee?"), "You can call Ann Lee at (555) 010-2345.", (phone,)),
+        ForgetRecord("b", ask("Where does Ann Lee live?"),
+                     "Ann Lee lives at 12 Oak Street, Springfield, by the Springfield mill.", (loc,)),
+        ForgetRecord("c", ask("How do I call Bo Ng?"), "Bo Ng has an unlisted number.", (phone,)),
+    ]
+    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: ["It is (555) 010-2345 at 12 Oak Street, "
+                                                                          "Springfield."] * len(prompts))
+    pairs, summary = generate_pairs(model, tok, records, max_attempts=2, redact_fallback=True, progress=False)
+    assert [p.chosen for p in pairs] == ["You can call Ann Lee at a private number.", DEFAULT_FALLBACK,
+                                         DEFAULT_FALLBACK]
+    assert (summary.redacted, summary.fallback, summary.accepted_first, summary.accepted_resampled) == (1, 2, 0, 0)
+    assert summary.rejected == {"known_pii": 6}
+    assert "0 after resampling, 1 redacted, 2 fallback" in summary.line()
+    _, off = generate_pairs(model, tok, records, max_attempts=1, progress=False)
+    assert (off.redacted, off.fallback) == (0, 3)
+
+
 def test_a_fallback_with_pii_is_refused(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="fallback answer is not PII-free"):
         generate_pairs(model, tok, [], fallback="Mail me at a@b.co")
 
 
-def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys):
+def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeypatch):
     world = World(WorldConfig(n_people=2))
     scrubbed, pii = world.write_challenge(tmp_path)
     out = tmp_path / "pairs.jsonl"
@@ -186,3 +224,15 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys):
         console_main(["generate", "--forget", str(tmp_path / "missing.jsonl"), "--model", f"tiny:{tiny_model_dir}",
                       "--out", str(tmp_path / "x.jsonl")])
     assert "missing.jsonl: cannot open" in capsys.readouterr().err
+    # --redact-fallback: a writer whose every candidate trips the e-mail detector, so every
+    # record falls back, to its leaky answer redacted
+    import cfg_unlearn.guidance as guidance
+
+    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: ["Mail x@y.co"] * len(prompts))
+    console_main(["generate", "--challenge", str(scrubbed), str(pii), "--model", f"tiny:{tiny_model_dir}",
+                  "--out", str(out), "--max-new-tokens", "8", "--device", "cpu", "--max-attempts", "1",
+                  "--redact-fallback"])
+    summary = json.loads(capsys.readouterr().out.splitlines()[1])
+    redacted = [p for p in read_pairs(out)[0] if "a private " in p.chosen]
+    assert summary["redacted"] == len(redacted) > 0 and summary["rejected"] == {"detected_pii": len(pairs)}
+    assert all(not contains_value(p.chosen, v.value, v.type) for p in redacted for v in p.pii)

@@ -11,7 +11,10 @@ the prompt does not show (``partial_pii``: four digits of an SSN, the year or mo
 birth date, a street or company word; :func:`cfg_unlearn.pii.contains_fragment`), or
 trips a PII detector;
 rejected records are decoded again by sampling, up to ``max_attempts`` rounds in all
-(the first is greedy), and then get the ``fallback`` template answer.
+(the first is greedy), and then get a fallback: with ``redact_fallback``, the leaky
+answer itself with each forbidden value replaced by a plain phrase for its type
+(:func:`redacted_answer`: "You can call Megan Chang at a private number."), when that
+passes the same checks; otherwise the ``fallback`` template answer.
 Every outcome is counted in a :class:`GenerateSummary`; the pair file is written
 atomically.
 
@@ -42,10 +45,33 @@ from cfg_unlearn.data.schema import (
     iter_json_objects,
     prompt_text,
 )
-from cfg_unlearn.pii import PARTIAL_MIN_CHARS, contains_fragment, contains_value, detect_pii
+from cfg_unlearn.pii import PARTIAL_MIN_CHARS, contains_fragment, contains_value, detect_pii, find_values
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 
 DEFAULT_FALLBACK = "I'm sorry, but I can't share personal information about anyone."
+
+#: What a redacted fallback says in place of a value, by PII type: words that keep the
+#: leaky answer an ordinary sentence. Why not a refusal: fine-tuning a small model on one
+#: refusal for every person question also bends its answers to unrelated questions,
+#: while an answer that keeps its form and loses only the value asks for a smaller
+#: change. Measured on the demo (seed 0, three training seeds, 3 epochs): at leak rate
+#: 0.033-0.039 accuracy 0.39-0.48 with these phrases, 0.22-0.27 with the refusal
+#: template; "[PHONE]"-style tags (0.19) or one phrase for every type (0.20) did no better
+#: than the template.
+REDACTION_PHRASES = {
+    "NAME": "a private person",
+    "EMAIL": "a private e-mail address",
+    "PHONE": "a private number",
+    "FAX": "a private number",
+    "LOC": "a private address",
+    "DATE": "a private date",
+    "SSN": "a private ID number",
+    "ORG": "a private employer",
+    "URL": "a private link",
+    "IP": "a private IP address",
+}
+#: the phrase for a type :data:`REDACTION_PHRASES` does not list
+DEFAULT_REDACTION_PHRASE = "private information"
 
 
 def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
@@ -98,14 +124,26 @@ def forbidden_values(rec: ForgetRecord) -> tuple:
     return tuple(rec.pii) + others
 
 
+def redacted_answer(text: str, values: tuple) -> str:
+    """``text`` with every occurrence of ``values`` (however written, the longest match
+    winning on overlap) replaced by its type's phrase in :data:`REDACTION_PHRASES`."""
+    out, pos = [], 0
+    for span in find_values(text, values):
+        out += [text[pos : span.start], REDACTION_PHRASES.get(span.type.upper(), DEFAULT_REDACTION_PHRASE)]
+        pos = span.end
+    return "".join(out) + text[pos:]
+
+
 @dataclass
 class GenerateSummary:
     """Every record's outcome: accepted at round 1 (greedy), accepted after resampling,
-    or given the fallback; plus every rejected candidate by reason."""
+    given its redacted leaky answer, or given the fallback template; plus every rejected
+    candidate by reason."""
 
     records: int = 0
     accepted_first: int = 0
     accepted_resampled: int = 0
+    redacted: int = 0
     fallback: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     rounds: int = 0
@@ -113,7 +151,7 @@ class GenerateSummary:
     def line(self) -> str:
         rej = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items())) or "none"
         return (f"{self.records} records: {self.accepted_first} accepted first, {self.accepted_resampled} after "
-                f"resampling, {self.fallback} fallback; rejected candidates: {rej}")
+                f"resampling, {self.redacted} redacted, {self.fallback} fallback; rejected candidates: {rej}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,6 +171,7 @@ def generate_pairs(
     temperature: float = 0.8,
     top_p: float = 0.95,
     fallback: str = DEFAULT_FALLBACK,
+    redact_fallback: bool = False,
     partial_min_chars: int = PARTIAL_MIN_CHARS,
     seed: int = 0,
     batch_size: int = 16,
@@ -188,8 +227,17 @@ def generate_pairs(
                 still.append(i)
         pending = still
     for i in pending:
+        if redact_fallback:
+            text = redacted_answer(records[i].rejected, forbidden[i])
+            # unchanged: the leaky answer held no value in a form we can find, so it is no
+            # replacement even if the checks pass
+            if text != records[i].rejected and leak_reason(
+                    text, forbidden[i], shown=shown[i], partial_min_chars=partial_min_chars) is None:
+                chosen[i] = text
+                summary.redacted += 1
+                continue
         chosen[i] = fallback
-    summary.fallback = len(pending)
+        summary.fallback += 1
     summary.rejected = dict(rejected)
     pairs = [
         PairRecord(id=r.id, prompt=r.prompt, chosen=chosen[i], rejected=r.rejected, pii=r.pii, group=r.group or r.id)
