@@ -156,7 +156,7 @@ def _generate(argv: list[str]) -> None:
 
 
 def _demo(argv: list[str]) -> None:
-    from cfg_unlearn.demo import DemoConfig, run_demo
+    from cfg_unlearn.demo import COND_MODES, FALLBACKS, DemoConfig, run_demo
 
     d = DemoConfig()
     p = argparse.ArgumentParser(
@@ -172,11 +172,11 @@ def _demo(argv: list[str]) -> None:
     p.add_argument("--unlearn-epochs", type=int, default=d.unlearn_epochs)
     p.add_argument("--unlearn-lr", type=float, default=d.unlearn_lr)
     p.add_argument("--cond-dropout", type=float, default=d.cond_dropout)
-    p.add_argument("--cond-mode", choices=("dropout", "swap"), default=d.cond_mode,
+    p.add_argument("--cond-mode", choices=COND_MODES, default=d.cond_mode,
                    help="dropout: blank the safety instruction of a share --cond-dropout of the samples (same "
                    "targets); swap: put those samples under the negative instruction with chosen and rejected "
                    "swapped (the paper's variant); guidance then contrasts with that same instruction")
-    p.add_argument("--fallback", choices=("redacted", "template"), default=d.fallback,
+    p.add_argument("--fallback", choices=FALLBACKS, default=d.fallback,
                    help="the chosen answer when the leaky model wrote no PII-free replacement: its leaky answer with "
                    "the values replaced by plain phrases (generate --redact-fallback), or the refusal template")
     p.add_argument("--scales", type=float, nargs="+", default=list(d.scales))

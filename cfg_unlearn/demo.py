@@ -38,6 +38,12 @@ DEMO_SPEC = TinySpec(vocab_size=2048, hidden_size=256, intermediate_size=768, nu
                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, seed=0)
 
 
+#: ``DemoConfig.cond_mode``: blank the instruction, or the paper's instruction swap
+COND_MODES = ("dropout", "swap")
+#: ``DemoConfig.fallback``: the leaky answer redacted (``generate --redact-fallback``), or the refusal template
+FALLBACKS = ("redacted", "template")
+
+
 @dataclass
 class DemoConfig:
     out: str = "demo_out"
@@ -141,7 +147,7 @@ def evaluate(model, tokenizer, probes: list[EvalRecord], attacks: list[EvalRecor
 def uncond_instruction(cond_mode: str) -> str | None:
     """The unconditioned branch's instruction: blank for dropout, the paper's negative
     instruction for the swap (training and guidance must use the same one)."""
-    if cond_mode not in ("dropout", "swap"):
+    if cond_mode not in COND_MODES:
         raise ValueError(f"cond_mode must be 'dropout' or 'swap', got {cond_mode!r}")
     return NEGATIVE_INSTRUCTION if cond_mode == "swap" else None
 
@@ -248,7 +254,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     from cfg_unlearn.models import load_causal_lm, load_tokenizer
 
     uncond_system = uncond_instruction(cfg.cond_mode)  # fail before minutes of training
-    if cfg.fallback not in ("redacted", "template"):
+    if cfg.fallback not in FALLBACKS:
         raise ValueError(f"fallback must be 'redacted' or 'template', got {cfg.fallback!r}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

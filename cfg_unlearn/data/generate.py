@@ -198,6 +198,10 @@ def generate_pairs(
     forbidden = [forbidden_values(r) for r in records]
     shown = [prompt_text(r.prompt) for r in records]
 
+    def reason(i: int, text: str) -> str | None:
+        """One check for record ``i``'s candidates and its redacted fallback alike."""
+        return leak_reason(text, forbidden[i], shown=shown[i], partial_min_chars=partial_min_chars)
+
     def prompt(rec: ForgetRecord) -> list[dict[str, str]]:
         msgs = [dict(m) for m in rec.prompt]
         if reminder:
@@ -215,15 +219,15 @@ def generate_pairs(
         )
         still = []
         for i, text in zip(pending, answers):
-            reason = leak_reason(text, forbidden[i], shown=shown[i], partial_min_chars=partial_min_chars)
-            if reason is None:
+            why = reason(i, text)
+            if why is None:
                 chosen[i] = text.strip()
                 if attempt == 0:
                     summary.accepted_first += 1
                 else:
                     summary.accepted_resampled += 1
             else:
-                rejected[reason] += 1
+                rejected[why] += 1
                 still.append(i)
         pending = still
     for i in pending:
@@ -231,8 +235,7 @@ def generate_pairs(
             text = redacted_answer(records[i].rejected, forbidden[i])
             # unchanged: the leaky answer held no value in a form we can find, so it is no
             # replacement even if the checks pass
-            if text != records[i].rejected and leak_reason(
-                    text, forbidden[i], shown=shown[i], partial_min_chars=partial_min_chars) is None:
+            if text != records[i].rejected and reason(i, text) is None:
                 chosen[i] = text
                 summary.redacted += 1
                 continue
