@@ -16,6 +16,12 @@ Face models loads (``AutoModelForCausalLM.from_pretrained(DIR)``, vLLM, TGI, ...
   Defaults come from the checkpoint's data module (the instructions it was trained
   with), else :data:`~cfg_unlearn.prompts.SAFETY_INSTRUCTION` / blank, g=2, logprob.
 
+``--ckpt`` may also be the *directory* of a sharded checkpoint (``UnlearnFSDPStrategy``'s
+default ``state_dict_type: sharded``): its model tensors and Lightning's metadata are
+gathered into one temporary checkpoint file next to ``DIR`` (the optimizer states are
+not read: they are not part of the export), which is exported like any other and
+deleted. It needs the CPU memory of one full copy of the weights.
+
 Everything is written into a temp directory next to ``DIR`` and renamed into place
 (:func:`cfg_unlearn.subtract.publish_dir`), so a failed export leaves nothing behind and
 an existing export is replaced only by a complete one (``--overwrite``).
@@ -52,6 +58,10 @@ EXPORT_CONFIG = "cfg_unlearn.json"
 DEFAULT_GUIDANCE_SCALE = 2.0
 DEFAULT_SPACE = "logprob"
 MODULE_CLASS = "UnlearnModule"
+#: the index file of a torch.distributed checkpoint directory
+DCP_METADATA = ".metadata"
+#: the file beside the shards where Lightning keeps everything but tensors
+LIGHTNING_SHARDED_META = "meta.pt"
 
 
 # ----------------------------------------------------------------------------- the decoding config
@@ -128,10 +138,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint {path} not found")
     if path.is_dir():
         raise ValueError(
-            f"checkpoint {path} is a directory: a sharded (FSDP/DeepSpeed) checkpoint must first be "
-            "consolidated into one file (python -m lightning.pytorch.utilities.consolidate_checkpoint, or "
-            "DeepSpeed's zero_to_fp32.py)"
+            f"checkpoint {path} is a directory but not a torch.distributed (FSDP) sharded checkpoint "
+            f"(no {DCP_METADATA} file): a DeepSpeed checkpoint must first be consolidated into one file "
+            "with DeepSpeed's zero_to_fp32.py"
         )
+    _register_checkpoint_types()
     try:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -156,6 +167,56 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not any(k.startswith("model.") for k in ckpt["state_dict"]):
         raise ValueError(f"{path} is not an {MODULE_CLASS} checkpoint: its state_dict holds no 'model.*' weights")
     return ckpt
+
+
+def _register_checkpoint_types() -> None:
+    """Importing these registers the config types a checkpoint's hyperparameters hold
+    (``LoraSettings``, ``WorldConfig``) as safe for ``torch.load(weights_only=True)``."""
+    import importlib
+
+    for name in ("cfg_unlearn.module", "cfg_unlearn.data.datamodule"):
+        importlib.import_module(name)
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a torch.distributed checkpoint directory (what Lightning's
+    FSDP strategy writes with ``state_dict_type="sharded"``)."""
+    return (Path(path) / DCP_METADATA).is_file()
+
+
+def consolidate_sharded(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike) -> Path:
+    """Gather a sharded FSDP checkpoint directory into one Lightning checkpoint file:
+    the model tensors (the sharded ``model`` entry, renamed ``state_dict`` as in
+    ``lightning.pytorch.utilities.consolidate_checkpoint``) plus Lightning's metadata
+    file (hyperparameters, loop state). Optimizer states are left out. Runs in this
+    process, no process group; the whole model is held in CPU memory once."""
+    from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    ckpt_dir, out_file = Path(ckpt_dir), Path(out_file)
+    loaded: dict[str, Any] = {}
+    try:
+        reader = FileSystemReader(ckpt_dir)
+        reader.read_metadata()  # first on its own: a damaged index fails here, before the loader's fallbacks log
+        _load_state_dict(loaded, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys={"model"}),
+                         no_dist=True)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - damaged or foreign: say why
+        # (CheckpointException is a BaseException; its last line is the underlying error)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = lines[-1][:300] if lines else type(e).__name__
+        raise ValueError(f"{ckpt_dir} is not a readable sharded checkpoint ({why})") from None
+    if not isinstance(loaded.get("model"), dict) or not loaded["model"]:
+        raise ValueError(f"sharded checkpoint {ckpt_dir} holds no 'model' entry (not written by Lightning's FSDP?)")
+    meta_file = ckpt_dir / LIGHTNING_SHARDED_META
+    if not meta_file.is_file():
+        raise ValueError(f"sharded checkpoint {ckpt_dir} has no {LIGHTNING_SHARDED_META} (Lightning's metadata "
+                         "file with the hyperparameters): the export cannot tell which model it holds")
+    _register_checkpoint_types()
+    meta = torch.load(meta_file, map_location="cpu", weights_only=True)
+    ckpt = {**{k: v for k, v in meta.items() if k != "state_dict"}, "state_dict": loaded.pop("model")}
+    torch.save(ckpt, out_file)
+    return out_file
 
 
 def checkpoint_instructions(ckpt: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -281,22 +342,39 @@ def export_checkpoint(
     dtype: str | None = None,
     overwrite: bool = False,
 ) -> tuple[Path, ExportConfig]:
-    """Export a Lightning checkpoint of :class:`UnlearnModule` to ``out_dir``.
+    """Export a Lightning checkpoint of :class:`UnlearnModule` (a file, or a sharded FSDP
+    checkpoint directory, see the module docstring) to ``out_dir``.
 
     ``system`` / ``uncond_system``: None keeps the checkpoint's (its data module's)
     instructions; an empty string blanks one. ``guidance_scale`` / ``space``: None
     gives 2.0 / ``logprob``. Returns the directory and the written decoding config.
     """
-    from cfg_unlearn import __version__
-
     ckpt_path, out = Path(ckpt_path), Path(out_dir)
     g = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale)
     space = DEFAULT_SPACE if space is None else space
     check_guidance(g, space)
-    from cfg_unlearn.models import load_tokenizer, parse_dtype
+    from cfg_unlearn.models import parse_dtype
 
     parse_dtype(dtype)  # these checks come before the (slow) load
     check_export_target(out, overwrite, (ckpt_path,))
+    if is_sharded_checkpoint(ckpt_path):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.consolidate-", dir=out.parent))
+        try:
+            log.info("gathering the sharded checkpoint %s into one file", ckpt_path)
+            single = consolidate_sharded(ckpt_path, tmp / "consolidated.ckpt")
+            return _export_file(single, out, ckpt_path, g, space, system, uncond_system, dtype, overwrite)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _export_file(ckpt_path, out, ckpt_path, g, space, system, uncond_system, dtype, overwrite)
+
+
+def _export_file(ckpt_path: Path, out: Path, source: Path, g: float, space: str, system: str | None,
+                 uncond_system: str | None, dtype: str | None, overwrite: bool) -> tuple[Path, ExportConfig]:
+    """:func:`export_checkpoint` of one checkpoint file; ``source`` is what the user gave."""
+    from cfg_unlearn import __version__
+    from cfg_unlearn.models import load_tokenizer
+
     ckpt = read_checkpoint(ckpt_path)
     trained_system, trained_uncond = checkpoint_instructions(ckpt)
     config = ExportConfig(
@@ -304,7 +382,7 @@ def export_checkpoint(
         uncond_instruction=trained_uncond if uncond_system is None else _blank_to_none(uncond_system),
         guidance_scale=g,
         space=space,
-        source_checkpoint=str(ckpt_path.resolve()),
+        source_checkpoint=str(source.resolve()),
         cfg_unlearn_version=__version__,
     )
     module = load_module(ckpt_path, ckpt)
@@ -315,7 +393,7 @@ def export_checkpoint(
     tokenizer = load_tokenizer(tok_name, trust_remote_code=bool(hp.get("trust_remote_code", False)))
     model = module.model
     module.model = None  # the export owns the model now (the merge changes it in place)
-    write_export(model, tokenizer, out, config, dtype=dtype, overwrite=overwrite, protect=(ckpt_path,))
+    write_export(model, tokenizer, out, config, dtype=dtype, overwrite=overwrite, protect=(source,))
     return out, config
 
 
@@ -444,7 +522,8 @@ def build_export_parser() -> argparse.ArgumentParser:
         "(LoRA adapters merged, safetensors, tokenizer) plus cfg_unlearn.json: the instructions, guidance "
         "scale and space to decode it with (read by `cfg-unlearn chat`). Written atomically.",
     )
-    p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) of UnlearnModule")
+    p.add_argument("--ckpt", required=True,
+                   help="Lightning checkpoint of UnlearnModule: a .ckpt file, or a sharded FSDP checkpoint directory")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help=f"guidance scale recorded for decoding (default: {DEFAULT_GUIDANCE_SCALE:g})")

@@ -340,8 +340,8 @@ class UnlearnFSDPStrategy(FSDPStrategy):
             checkpointing, which is switched off if it was on.
         state_dict_type: ``full`` (gathered on rank 0 into one file, loadable anywhere) or
             ``sharded`` (a checkpoint folder, one file per rank: no gather onto rank 0;
-            ``--ckpt_path`` reads the folder, and
-            ``lightning.pytorch.utilities.consolidate_checkpoint`` makes one file of it).
+            ``--ckpt_path`` resumes from the folder and ``cfg-unlearn export --ckpt``
+            exports it as it is).
         sharding_strategy: ``FULL_SHARD`` (ZeRO-3), ``SHARD_GRAD_OP`` (ZeRO-2),
             ``NO_SHARD`` (DDP-like) or ``HYBRID_SHARD`` (shard within a node, replicate
             across nodes).

@@ -242,7 +242,7 @@ def _save(path: Path, obj) -> Path:
 
 @pytest.mark.parametrize("make,match", [
     (lambda d: d / "missing.ckpt", "not found"),
-    (lambda d: (d / "shards").mkdir() or d / "shards", "is a directory"),
+    (lambda d: (d / "shards").mkdir() or d / "shards", "is a directory but not a torch.distributed"),
     (lambda d: (d / "notes.ckpt").write_text("hello") and d / "notes.ckpt", "not a readable PyTorch Lightning"),
     (lambda d: _save(d / "sd.ckpt", {"weight": torch.zeros(2)}), "no 'state_dict'"),
     (lambda d: _save(d / "other.ckpt", {"state_dict": {"model.w": torch.zeros(2)},
@@ -260,6 +260,68 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, make, match, capsys):
     with pytest.raises(SystemExit) as e:
         main_export(["--ckpt", str(path), "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and "cfg-unlearn export: " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def _sharded(directory: Path, tensors: dict | None, meta: dict | None) -> Path:
+    """A torch.distributed checkpoint laid out as Lightning's FSDP strategy writes one
+    with ``state_dict_type="sharded"``: the tensors under ``model`` (one process here),
+    everything else in ``meta.pt``."""
+    import torch.distributed.checkpoint as dcp
+
+    if tensors is not None:
+        dcp.save({"model": tensors, "optimizer_0": {"state": {"0": {"step": torch.tensor(2.0)}}}},
+                 checkpoint_id=directory)
+    if meta is not None:
+        torch.save(meta, directory / "meta.pt")
+    return directory
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # one process writes the shards
+def test_a_sharded_checkpoint_directory_exports_like_its_single_file(trained, exported, tmp_path):
+    from safetensors.torch import load_file
+
+    ckpt = torch.load(trained.ckpt, weights_only=False)
+    meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer_states")}
+    sharded = _sharded(tmp_path / "final.ckpt", ckpt["state_dict"], meta)
+    out, config = export_checkpoint(sharded, tmp_path / "export")
+    assert config.system_instruction == exported.config.system_instruction == TRAINED_SYSTEM
+    assert config.source_checkpoint == str(sharded.resolve())
+    one, other = load_file(out / "model.safetensors"), load_file(exported.dir / "model.safetensors")
+    assert one.keys() == other.keys() and all(torch.equal(one[k], other[k]) for k in one)
+    assert leftovers(tmp_path) == []  # the gathered single file is gone
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # one process writes the shards
+@pytest.mark.parametrize("tensors,meta,match", [
+    (None, None, "not a torch.distributed"),
+    ({"model.w": torch.zeros(2)}, None, "no meta.pt"),
+    ({}, {"hyper_parameters": {"model": "m"}}, "holds no 'model' entry"),
+], ids=["plain-directory", "no-metadata-file", "no-model-entry"])
+def test_bad_sharded_checkpoints_are_clear_errors(tmp_path, tensors, meta, match, capsys):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    if tensors == {}:  # a distributed checkpoint of something else
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({"weights": {"w": torch.zeros(2)}}, checkpoint_id=shards)
+        torch.save(meta, shards / "meta.pt")
+    else:
+        _sharded(shards, tensors, meta)
+    with pytest.raises(SystemExit) as e:
+        main_export(["--ckpt", str(shards), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cfg-unlearn export: " in err and match in err, err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_a_damaged_sharded_checkpoint_is_a_clear_error(tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / ".metadata").write_bytes(b"not a pickle")
+    with pytest.raises(SystemExit):
+        main_export(["--ckpt", str(shards), "--out", str(tmp_path / "out")])
+    assert "not a readable sharded checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 

@@ -388,6 +388,10 @@ for case, lora, state_dict_type in (("lora", True, "full"), ("full", False, "sha
     root = trainer.strategy.model
     units = [u for u in FSDP.fsdp_modules(root) if u._handle is not None]
     trainer.save_checkpoint(f"{out}/{case}/final.ckpt")
+    # the trained weights as one plain state dict, for the export of the sharded checkpoint
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True)):
+        torch.save({k: v.detach().float().cpu() for k, v in root.state_dict().items()}, f"{out}/{case}/weights.pt")
     results[case] = {
         "root_is_fsdp": isinstance(root, FSDP),
         "units": len(units),
@@ -415,7 +419,7 @@ def _run_fit(tiny_model_dir, tmp_path, accelerator: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def _check_fit(results: dict, tmp_path: Path) -> None:
+def _check_fit(results: dict, tmp_path: Path, base: Path) -> None:
     lora, full = results["lora"], results["full"]
     n = lora["layers"]
     for r in (lora, full):
@@ -426,7 +430,29 @@ def _check_fit(results: dict, tmp_path: Path) -> None:
     assert full["units"] == 1 + n and full["frozen_units"] == 0
     assert results["clips"] == 4  # 2 steps x 2 runs, through FSDP's clip_grad_norm_
     assert (tmp_path / "out" / "lora" / "final.ckpt").is_file()  # full state dict: one file
-    assert (tmp_path / "out" / "full" / "final.ckpt").is_dir()  # sharded: one file per rank
+    sharded = tmp_path / "out" / "full" / "final.ckpt"
+    assert sharded.is_dir()  # sharded: one file per rank
+    _check_sharded_export(sharded, tmp_path / "out" / "full" / "weights.pt", tmp_path / "exports", base)
+
+
+def _check_sharded_export(sharded: Path, weights: Path, parent: Path, base: Path) -> None:
+    """``cfg-unlearn export`` takes the sharded directory as it is: every exported tensor
+    is the trained one, bit for bit (and training moved them off the base model), and
+    the gathering leaves no temporary file behind."""
+    from safetensors.torch import load_file
+
+    from cfg_unlearn.export import EXPORT_CONFIG, export_checkpoint
+
+    out, _ = export_checkpoint(sharded, parent / "export")
+    trained = torch.load(weights)
+    exported = load_file(out / "model.safetensors")
+    assert exported and set(exported) <= {k[len("model."):] for k in trained}
+    for name, tensor in exported.items():
+        assert torch.equal(tensor.float(), trained[f"model.{name}"]), name
+    initial = load_file(base / "model.safetensors")
+    assert any(not torch.equal(exported[k].float(), initial[k].float()) for k in exported)
+    assert json.loads((out / EXPORT_CONFIG).read_text())["source_checkpoint"] == str(sharded.resolve())
+    assert sorted(p.name for p in parent.iterdir()) == ["export"]
 
 
 @pytest.mark.slow
@@ -434,11 +460,12 @@ def test_fsdp_fit_on_cpu(tiny_model_dir, tmp_path):
     """The strategy through Lightning on the CPU (gloo; Lightning's own FSDPStrategy refuses
     CPUs, this one wraps with the CPU device): LoRA with a full checkpoint and full
     fine-tuning with a sharded one, 2 steps each, with activation checkpointing and norm
-    clipping. In a subprocess: it initialises a process group."""
-    _check_fit(_run_fit(tiny_model_dir, tmp_path, "cpu"), tmp_path)
+    clipping; then ``cfg-unlearn export`` of the sharded directory. The fits run in a
+    subprocess: they initialise a process group."""
+    _check_fit(_run_fit(tiny_model_dir, tmp_path, "cpu"), tmp_path, tiny_model_dir)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA GPU")
 def test_fsdp_fit_on_gpu(tiny_model_dir, tmp_path):
     """The same 2-step FSDP fits on one GPU in bf16-mixed (FSDP runs NO_SHARD on one rank)."""
-    _check_fit(_run_fit(tiny_model_dir, tmp_path, "cuda"), tmp_path)
+    _check_fit(_run_fit(tiny_model_dir, tmp_path, "cuda"), tmp_path, tiny_model_dir)
