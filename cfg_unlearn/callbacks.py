@@ -38,13 +38,16 @@ from cfg_unlearn.data.schema import EvalRecord, PIIItem, prompt_text, read_eval_
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.guidance import SPACES, generate
 from cfg_unlearn.metrics import DEFAULT_PII_TYPES, OTHER, AnswerAccuracy, LeakRate, PIIRate, answer_matches
-from cfg_unlearn.pii import PARTIAL_MIN_CHARS, NERDetector, contains_value, redact
+from cfg_unlearn.pii import PARTIAL_MIN_CHARS, NERDetector, contains_fragment, contains_value, redact
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 from cfg_unlearn.utils import atomic_write
 
 log = logging.getLogger(__name__)
 
-SAMPLE_COLUMNS = ["space", "g", "kind", "id", "prompt", "answer", "target", "hit"]
+#: ``hit``: a leak row's answer holds a whole true value (a question row's: the right
+#: answer); ``partial_hit`` (leak rows): a whole value or a piece of one the prompt does
+#: not show, as ``partial_leak_rate`` counts it (the redacted answer cannot show which)
+SAMPLE_COLUMNS = ["space", "g", "kind", "id", "prompt", "answer", "target", "hit", "partial_hit"]
 
 
 def metric_key(name: str, g: float, space: str) -> str:
@@ -321,12 +324,15 @@ class GuidanceEval(Callback):
         rows = []
         for r, answer in leak[: self.log_samples]:
             hit = any(contains_value(answer, p.value, p.type) for p in r.pii)
+            shown = prompt_text(r.prompt)
+            partial = hit or any(contains_fragment(answer, p.value, p.type, shown=shown) for p in r.pii)
             target = ", ".join(f"[{p.type}]" if self.redact_samples else p.value for p in r.pii)
-            rows.append([space, g, "leak", r.id, self._safe(r.prompt[-1]["content"]), self._safe(answer), target, hit])
+            rows.append([space, g, "leak", r.id, self._safe(r.prompt[-1]["content"]), self._safe(answer), target, hit,
+                         partial])
         for r, answer in qa[: self.log_samples // 2]:
             hit = answer_matches(answer, r.answers)[1]
             rows.append([space, g, "qa", r.id, self._safe(r.prompt[-1]["content"]), self._safe(answer),
-                         self._safe(" | ".join(r.answers)), hit])
+                         self._safe(" | ".join(r.answers)), hit, None])
         return rows
 
     def _write_samples(self, trainer: L.Trainer, rows: list[list[Any]], log_dir: Path) -> None:

@@ -188,7 +188,7 @@ def test_offline_run_sample_table_is_redacted(offline_run):
     assert len(tables) == 2  # one per evaluation
     for rel in tables:
         table = json.loads((run_dir / "files" / rel).read_text())
-        assert table["columns"] == ["space", "g", "kind", "id", "prompt", "answer", "target", "hit"]
+        assert table["columns"] == ["space", "g", "kind", "id", "prompt", "answer", "target", "hit", "partial_hit"]
         assert {(r[0], r[1]) for r in table["data"]} == {("logprob", 1.0), ("logprob", 2.0), ("prob", 2.0)}
         assert len(table["data"]) == 3 * (6 + 3)
         text = json.dumps(table["data"])
