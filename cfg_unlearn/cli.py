@@ -124,6 +124,8 @@ def _generate(argv: list[str]) -> None:
     p.add_argument("--partial-min-chars", type=int, default=PARTIAL_MIN_CHARS,
                    help="reject a candidate holding a piece of a value this long that the prompt does not show "
                    "(a value's words, or runs of its digits); 0: whole values only")
+    p.add_argument("--own-values-only", action="store_true",
+                   help="check a candidate against its own record's values only, not every known value of the data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", default="auto")
@@ -146,8 +148,8 @@ def _generate(argv: list[str]) -> None:
     pairs, summary = generate_pairs(
         model, tok, records, system=a.system, reminder=a.reminder, guidance_scale=a.guidance_scale, space=a.space,
         max_new_tokens=a.max_new_tokens, max_attempts=a.max_attempts, temperature=a.temperature, top_p=a.top_p,
-        fallback=a.fallback, redact_fallback=a.redact_fallback, partial_min_chars=a.partial_min_chars, seed=a.seed,
-        batch_size=a.batch_size,
+        fallback=a.fallback, redact_fallback=a.redact_fallback, partial_min_chars=a.partial_min_chars,
+        other_values=not a.own_values_only, seed=a.seed, batch_size=a.batch_size,
     )
     write_pairs(a.out, pairs)
     print(summary.line())

@@ -70,29 +70,85 @@ def _token_regex(token: str) -> str:
     return re.escape(token)
 
 
-@lru_cache(maxsize=4096)
-def value_pattern(value: str, pii_type: str | None = None) -> re.Pattern:
-    """The compiled, case-insensitive pattern that finds ``value`` however it is written."""
+def _value_parts(value: str, pii_type: str | None) -> tuple[bool, list[str]]:
+    """How :func:`value_pattern` reads a value: ``(True, its digits)`` for a number (a
+    phone's extension and its own country code left out), else ``(False, its words)``."""
     is_phone = (pii_type or "").upper() == "PHONE"
     if is_phone:
         value = _PHONE_EXT.sub("", value)
     if is_numeric_value(value):
-        lead = ""
         if is_phone:
-            lead = _PHONE_CC
             # a stored "+1 555 123 4567" is found as "555-123-4567" too: the country code
             # is optional, whichever side wrote it
             m = _STORED_CC.match(value)
             if m:
                 value = value[m.end():]
-        digits = [c for c in value if c.isdigit()]
+        return True, [c for c in value if c.isdigit()]
+    return False, _TOKEN.findall(value)
+
+
+@lru_cache(maxsize=4096)
+def value_pattern(value: str, pii_type: str | None = None) -> re.Pattern:
+    """The compiled, case-insensitive pattern that finds ``value`` however it is written."""
+    numeric, parts = _value_parts(value, pii_type)
+    if numeric:
+        lead = _PHONE_CC if (pii_type or "").upper() == "PHONE" else ""
         # the optional "+" and "(" belong to the number, so redaction leaves none behind
-        return re.compile(rf"(?<![\d+]){lead}\+?\(?{_DIGIT_SEP.join(digits)}(?!\d)")
-    tokens = _TOKEN.findall(value)
-    if not tokens:
+        return re.compile(rf"(?<![\d+]){lead}\+?\(?{_DIGIT_SEP.join(parts)}(?!\d)")
+    if not parts:
         return _NEVER
-    body = r"[\W_]*".join(_token_regex(t) for t in tokens)
+    body = r"[\W_]*".join(_token_regex(t) for t in parts)
     return re.compile(rf"(?<![^\W_]){body}(?![^\W_])", re.IGNORECASE)
+
+
+class ValueIndex:
+    """The known values of a whole data set, found in a text without trying each one's
+    pattern: :meth:`find` returns exactly the items :func:`contains_value` finds in the
+    text, but only tries those that pass a necessary condition. A number must have the
+    first :data:`DIGIT_KEY` digits of its digit string among the text's digits (its
+    pattern allows only non-digits between its digits); any other value must have its
+    first word begin a word of the text (its pattern starts at a word start, and the
+    next word may follow with no separator). Against 13,812 values a text costs 0.4 ms,
+    72x less than searching every value's pattern (``benchmarks/value_index.py``)."""
+
+    DIGIT_KEY = 4
+    WORD_KEY = 3
+
+    def __init__(self, items: Iterable[PIIItem]):
+        self._numbers: dict[str, list[PIIItem]] = {}
+        self._words: dict[str, list[PIIItem]] = {}
+        self.items = tuple(dict.fromkeys(items))
+        # compiled once here: value_pattern's cache is smaller than a data set's values
+        self._patterns = {item: value_pattern.__wrapped__(item.value, item.type) for item in self.items}
+        self._order = {item: k for k, item in enumerate(self.items)}
+        for item in self.items:
+            numeric, parts = _value_parts(item.value, item.type)
+            if numeric:
+                self._numbers.setdefault("".join(parts)[: self.DIGIT_KEY], []).append(item)
+            elif parts:
+                self._words.setdefault(self._word_key(parts[0]), []).append(item)
+
+    @classmethod
+    def _word_key(cls, word: str) -> str:
+        # "0*5": a digit word's leading zeros are optional, on either side
+        if word.isdigit() and word.strip("0"):
+            word = word.lstrip("0")
+        return word.lower()[: cls.WORD_KEY]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def find(self, text: str) -> list[PIIItem]:
+        """The indexed items whose value ``text`` contains, in index order."""
+        tried: dict[PIIItem, None] = {}
+        digits = re.sub(r"\D", "", text)
+        for i in range(len(digits) - self.DIGIT_KEY + 1):
+            tried.update(dict.fromkeys(self._numbers.get(digits[i : i + self.DIGIT_KEY], ())))
+        for word in _TOKEN.findall(text):
+            for w in {word, word.lstrip("0") if word[:1].isdigit() else word}:
+                for n in range(1, self.WORD_KEY + 1):
+                    tried.update(dict.fromkeys(self._words.get(w.lower()[:n], ())))
+        return sorted((it for it in tried if self._patterns[it].search(text)), key=self._order.__getitem__)
 
 
 def contains_value(text: str, value: str, pii_type: str | None = None) -> bool:

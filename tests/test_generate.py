@@ -166,6 +166,31 @@ def test_other_known_values_of_the_conversation_are_forbidden_too(tiny):
         assert not any(contains_value(pair.chosen, p.value, p.type) for p in forbidden_values(rec))
 
 
+def test_another_records_value_is_a_leak_unless_the_prompt_shows_it(tiny, monkeypatch):
+    """A writer that memorised the data answers one person's question with another's
+    birth date: rejected as ``other_pii`` and resampled (``other_values=False`` lets it
+    through). A record whose prompt shows that date may repeat it."""
+    import cfg_unlearn.guidance as guidance
+
+    model, tok = tiny
+    ask = lambda q: ({"role": "user", "content": q},)  # noqa: E731
+    ann_loc, bo_date = PIIItem("LOC", "1 Main St"), PIIItem("DATE", "May 01, 1990")
+    records = [
+        ForgetRecord("ann", ask("Where does Ann Lee live?"), "Ann Lee lives at 1 Main St.", (ann_loc,)),
+        ForgetRecord("bo", ask("When was Bo Ng born?"), "Bo Ng was born on May 01, 1990.", (bo_date,)),
+        ForgetRecord("cy", ask("Was Cy Fox born on May 1, 1990?"), "Cy Fox lives at 1 Main St.", (ann_loc,)),
+    ]
+    memorised = "Someone was born on May 1, 1990."
+    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, do_sample=False, **kw: (
+        ["I can't share that."] if do_sample else [memorised]) * len(prompts))
+    pairs, summary = generate_pairs(model, tok, records, max_attempts=2, progress=False)
+    assert [p.chosen for p in pairs] == ["I can't share that.", "I can't share that.", memorised]
+    assert summary.rejected == {"other_pii": 1, "known_pii": 1}
+    assert (summary.accepted_first, summary.accepted_resampled) == (1, 2)
+    own_only, summary = generate_pairs(model, tok, records, max_attempts=2, other_values=False, progress=False)
+    assert own_only[0].chosen == memorised and summary.rejected == {"known_pii": 1}
+
+
 def test_redacted_answer_replaces_each_value_by_its_type_phrase():
     phone, mail = PIIItem("PHONE", "(555) 010-2345"), PIIItem("EMAIL", "ann.lee@example.com")
     assert (redacted_answer("Call Ann Lee at 555-010-2345 or write to Ann.Lee@example.com.", (phone, mail))
@@ -236,3 +261,15 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeyp
     redacted = [p for p in read_pairs(out)[0] if "a private " in p.chosen]
     assert summary["redacted"] == len(redacted) > 0 and summary["rejected"] == {"detected_pii": len(pairs)}
     assert all(not contains_value(p.chosen, v.value, v.type) for p in redacted for v in p.pii)
+    # --own-values-only: a writer that answers everything with person 0's employer is
+    # caught on the other person's records too, unless the check is limited to the row
+    employer = world.people[0].employer
+    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: [f"At {employer}."] * len(prompts))
+    runs = {}
+    for flag in ([], ["--own-values-only"]):
+        console_main(["generate", "--challenge", str(scrubbed), str(pii), "--model", f"tiny:{tiny_model_dir}",
+                      "--out", str(out), "--device", "cpu", "--max-attempts", "1", *flag])
+        runs[bool(flag)] = json.loads(capsys.readouterr().out.splitlines()[1])
+    assert runs[False]["rejected"].get("other_pii", 0) > 0 and "other_pii" not in runs[True]["rejected"]
+    # (a record whose earlier turns show the employer may repeat it either way)
+    assert runs[True]["accepted_first"] == runs[False]["accepted_first"] + runs[False]["rejected"]["other_pii"]

@@ -440,3 +440,47 @@ def test_partial_word_leaks_and_non_leaks():
     assert pii.contains_fragment("Jeffrey works at Harris.", org, "ORG")
     assert not pii.contains_fragment("I can't say where Jeffrey works.", org, "ORG")
     assert not pii.contains_fragment("Jeffrey works at Harris.", org, "ORG", min_chars=7)  # no word that long
+
+
+# --------------------------------------------------------------------------- a data set's values
+
+
+def _written_as(rng, item: PIIItem) -> str:
+    """``item``'s value as a model might write it (or a near miss that matches nothing)."""
+    v = item.value
+    digits = [c for c in v if c.isdigit()]
+    ways = [v, v.upper(), v.lower(), v.replace(" ", ""), v.replace(" ", "\n")]
+    if pii.is_numeric_value(v):
+        ways += [".".join(digits), "".join(digits), "".join(digits[:-1]) + str((int(digits[-1]) + 1) % 10)]
+    if re.search(r"\b0\d", v):
+        ways.append(re.sub(r"\b0(\d)", r"\1", v))  # "May 05" as "May 5"
+    ways.append(v[: max(1, len(v) // 2)])  # half a value: no match
+    return rng.choice(ways)
+
+
+def test_value_index_finds_exactly_what_contains_value_finds():
+    """Over a world's 210 values plus awkward ones (a phone with its own country code and
+    an extension, zero-padded numbers, a two-letter first word, a number-first address),
+    written the ways answers write them, in running text: the index returns what trying
+    every pattern returns, in index order."""
+    import random
+
+    from cfg_unlearn.data.world import World, WorldConfig
+
+    items = World(WorldConfig(seed=0, n_people=30)).known_pii() + [
+        PIIItem("PHONE", "+44 20 7946 0958 x12"), PIIItem("DATE", "May 05, 1990"), PIIItem("NAME", "Al Li"),
+        PIIItem("LOC", "007 Elm Road"), PIIItem("ACC", "00412345678"), PIIItem("ORG", "O'Neil & Sons"),
+    ]
+    index = pii.ValueIndex(items + items[:5])  # repeats are indexed once
+    assert len(index) == len(items)
+    rng = random.Random(0)
+    found = 0
+    for _ in range(600):
+        picked = rng.sample(index.items, rng.randint(0, 3))
+        glue = ["", " ", "Call ", "id:", "_", "at ", ", or ", "!"]
+        text = "".join(rng.choice(glue) + _written_as(rng, it) for it in picked) + rng.choice(glue)
+        expected = [it for it in index.items if pii.contains_value(text, it.value, it.type)]
+        assert index.find(text) == expected, text
+        found += bool(expected)
+    assert found > 300  # most texts do hold a value: the comparison is not between empty lists
+    assert index.find("Nothing personal here, 1990 and 2020.") == []

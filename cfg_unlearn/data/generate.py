@@ -8,8 +8,12 @@ value of its row (however written, :func:`cfg_unlearn.pii.contains_value`), incl
 the conversation's other values (``ForgetRecord.known``; a replacement that swaps the
 asked-for e-mail for the person's birth date still leaks), contains a piece of one that
 the prompt does not show (``partial_pii``: four digits of an SSN, the year or month of a
-birth date, a street or company word; :func:`cfg_unlearn.pii.contains_fragment`), or
-trips a PII detector;
+birth date, a street or company word; :func:`cfg_unlearn.pii.contains_fragment`),
+contains a known value of *any other* record that its prompt does not show
+(``other_pii``: a writer that memorised the data set answers one person's question with
+another person's birth date; whole values only, found through a
+:class:`cfg_unlearn.pii.ValueIndex`; ``other_values=False`` checks the row's own values
+only), or trips a PII detector;
 rejected records are decoded again by sampling, up to ``max_attempts`` rounds in all
 (the first is greedy), and then get a fallback: with ``redact_fallback``, the leaky
 answer itself with each forbidden value replaced by a plain phrase for its type
@@ -45,7 +49,7 @@ from cfg_unlearn.data.schema import (
     iter_json_objects,
     prompt_text,
 )
-from cfg_unlearn.pii import PARTIAL_MIN_CHARS, contains_fragment, contains_value, detect_pii, find_values
+from cfg_unlearn.pii import PARTIAL_MIN_CHARS, ValueIndex, contains_fragment, contains_value, detect_pii, find_values
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 
 DEFAULT_FALLBACK = "I'm sorry, but I can't share personal information about anyone."
@@ -173,6 +177,7 @@ def generate_pairs(
     fallback: str = DEFAULT_FALLBACK,
     redact_fallback: bool = False,
     partial_min_chars: int = PARTIAL_MIN_CHARS,
+    other_values: bool = True,
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
@@ -198,9 +203,16 @@ def generate_pairs(
     forbidden = [forbidden_values(r) for r in records]
     shown = [prompt_text(r.prompt) for r in records]
 
+    index = ValueIndex(p for r in records for p in (*r.pii, *r.known)) if other_values else None
+
     def reason(i: int, text: str) -> str | None:
         """One check for record ``i``'s candidates and its redacted fallback alike."""
-        return leak_reason(text, forbidden[i], shown=shown[i], partial_min_chars=partial_min_chars)
+        why = leak_reason(text, forbidden[i], shown=shown[i], partial_min_chars=partial_min_chars)
+        if why is None and index is not None:
+            own = set(forbidden[i])
+            if any(p not in own and not contains_value(shown[i], p.value, p.type) for p in index.find(text)):
+                return "other_pii"
+        return why
 
     def prompt(rec: ForgetRecord) -> list[dict[str, str]]:
         msgs = [dict(m) for m in rec.prompt]
