@@ -11,9 +11,9 @@ the prompt does not show (``partial_pii``: four digits of an SSN, the year or mo
 birth date, a street or company word; :func:`cfg_unlearn.pii.contains_fragment`),
 contains a known value of *any other* record that its prompt does not show
 (``other_pii``: a writer that memorised the data set answers one person's question with
-another person's employer, as the demo's seed-1 model did 3 times; whole values only, found through a
-:class:`cfg_unlearn.pii.ValueIndex`; ``other_values=False`` checks the row's own values
-only), or trips a PII detector;
+another person's employer, as the demo's seed-1 model did 3 times; whole values only,
+found through a :class:`cfg_unlearn.pii.ValueIndex`; ``other_values=False`` checks the
+row's own values only), or trips a PII detector;
 rejected records are decoded again by sampling, up to ``max_attempts`` rounds in all
 (the first is greedy), and then get a fallback: with ``redact_fallback``, the leaky
 answer itself with each forbidden value replaced by a plain phrase for its type
