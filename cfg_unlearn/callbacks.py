@@ -38,7 +38,7 @@ from cfg_unlearn.data.schema import EvalRecord, PIIItem, prompt_text, read_eval_
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.guidance import SPACES, generate
 from cfg_unlearn.metrics import DEFAULT_PII_TYPES, OTHER, AnswerAccuracy, LeakRate, PIIRate, answer_matches
-from cfg_unlearn.pii import PARTIAL_MIN_CHARS, NERDetector, contains_fragment, contains_value, redact
+from cfg_unlearn.pii import PARTIAL_MIN_CHARS, NERDetector, contains_value, contains_value_or_fragment, redact
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 from cfg_unlearn.utils import atomic_write
 
@@ -325,7 +325,7 @@ class GuidanceEval(Callback):
         for r, answer in leak[: self.log_samples]:
             hit = any(contains_value(answer, p.value, p.type) for p in r.pii)
             shown = prompt_text(r.prompt)
-            partial = hit or any(contains_fragment(answer, p.value, p.type, shown=shown) for p in r.pii)
+            partial = any(contains_value_or_fragment(answer, p.value, p.type, shown=shown) for p in r.pii)
             target = ", ".join(f"[{p.type}]" if self.redact_samples else p.value for p in r.pii)
             rows.append([space, g, "leak", r.id, self._safe(r.prompt[-1]["content"]), self._safe(answer), target, hit,
                          partial])

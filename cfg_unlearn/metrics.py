@@ -23,7 +23,7 @@ import torch
 from torchmetrics import Metric
 
 from cfg_unlearn.data.schema import PIIItem
-from cfg_unlearn.pii import NERDetector, contains_fragment, contains_value, detect_pii
+from cfg_unlearn.pii import NERDetector, contains_value_or_fragment, detect_pii
 
 DEFAULT_PII_TYPES = ("NAME", "EMAIL", "PHONE", "LOC", "DATE", "SSN", "ORG", "URL", "ACC", "IP")
 OTHER = "OTHER"
@@ -80,10 +80,8 @@ class LeakRate(Metric):
             for item in items:
                 i = self._index.get(item.type.upper(), len(self.pii_types))
                 totals[i] += 1
-                hits[i] += contains_value(output, item.value, item.type) or (
-                    self.partial_min_chars > 0
-                    and contains_fragment(output, item.value, item.type, shown=shown[k] if shown else "",
-                                          min_chars=self.partial_min_chars))
+                hits[i] += contains_value_or_fragment(output, item.value, item.type, shown=shown[k] if shown else "",
+                                                      min_chars=self.partial_min_chars)
         # one host->device copy per batch, not one per item
         self.hits += torch.tensor(hits, device=self.hits.device)
         self.totals += torch.tensor(totals, device=self.totals.device)

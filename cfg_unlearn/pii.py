@@ -201,13 +201,22 @@ def contains_fragment(text: str, value: str, pii_type: str | None = None, *, sho
     ``shown`` does not: "is-56-5181" for the SSN 363-56-5181, "born on October 03,
     1945" for the date October 03, 1976. A written-out value usually holds such a piece,
     but not always (a value without a word of ``min_chars``, or one the prompt shows in
-    full): callers that count whole values check :func:`contains_value` first."""
+    full): callers that count whole values check :func:`contains_value` first, or call
+    :func:`contains_value_or_fragment`."""
     windows, words = partial_fragments(value, pii_type, shown=shown, min_chars=min_chars)
     if windows:
         groups = _digit_groups(text)
         if any(w in g for w in windows for g in groups):
             return True
     return any(_has_word(text, w) for w in words)
+
+
+def contains_value_or_fragment(text: str, value: str, pii_type: str | None = None, *, shown: str = "",
+                               min_chars: int = PARTIAL_MIN_CHARS) -> bool:
+    """A partial leak: the whole value, or (``min_chars > 0``) a piece of it that
+    ``shown`` does not hold (:func:`contains_fragment`)."""
+    return contains_value(text, value, pii_type) or (
+        min_chars > 0 and contains_fragment(text, value, pii_type, shown=shown, min_chars=min_chars))
 
 
 def _value_spans(text: str, items: Iterable[PIIItem]) -> list[Span]:
