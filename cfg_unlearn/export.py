@@ -359,13 +359,11 @@ def export_checkpoint(
     check_export_target(out, overwrite, (ckpt_path,))
     if is_sharded_checkpoint(ckpt_path):
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.consolidate-", dir=out.parent))
-        try:
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.consolidate-", dir=out.parent,
+                                         ignore_cleanup_errors=True) as tmp:
             log.info("gathering the sharded checkpoint %s into one file", ckpt_path)
-            single = consolidate_sharded(ckpt_path, tmp / "consolidated.ckpt")
+            single = consolidate_sharded(ckpt_path, Path(tmp) / "consolidated.ckpt")
             return _export_file(single, out, ckpt_path, g, space, system, uncond_system, dtype, overwrite)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return _export_file(ckpt_path, out, ckpt_path, g, space, system, uncond_system, dtype, overwrite)
 
 

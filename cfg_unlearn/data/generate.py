@@ -208,9 +208,10 @@ def generate_pairs(
     def reason(i: int, text: str) -> str | None:
         """One check for record ``i``'s candidates and its redacted fallback alike."""
         why = leak_reason(text, forbidden[i], shown=shown[i], partial_min_chars=partial_min_chars)
+        # a forbidden value in the text was reported above: what the index finds here is
+        # another record's value, or one this prompt shows
         if why is None and index is not None:
-            own = set(forbidden[i])
-            if any(p not in own and not contains_value(shown[i], p.value, p.type) for p in index.find(text)):
+            if any(not contains_value(shown[i], p.value, p.type) for p in index.find(text)):
                 return "other_pii"
         return why
 
