@@ -173,6 +173,8 @@ def _demo(argv: list[str]) -> None:
     p.add_argument("--leak-epochs", type=int, default=d.leak_epochs)
     p.add_argument("--unlearn-epochs", type=int, default=d.unlearn_epochs)
     p.add_argument("--unlearn-lr", type=float, default=d.unlearn_lr)
+    p.add_argument("--beta", type=float, default=d.beta,
+                   help="ORPO's odds-ratio weight (lambda); the paper's 0.1 damages the tiny model's facts more")
     p.add_argument("--cond-dropout", type=float, default=d.cond_dropout)
     p.add_argument("--cond-mode", choices=COND_MODES, default=d.cond_mode,
                    help="dropout: blank the safety instruction of a share --cond-dropout of the samples (same "
@@ -190,8 +192,8 @@ def _demo(argv: list[str]) -> None:
     a = p.parse_args(argv)
     quiet_third_party_warnings()
     cfg = DemoConfig(out=a.out, seed=a.seed, people=a.people, leak_epochs=a.leak_epochs,
-                     unlearn_epochs=a.unlearn_epochs, unlearn_lr=a.unlearn_lr, cond_dropout=a.cond_dropout,
-                     cond_mode=a.cond_mode, fallback=a.fallback,
+                     unlearn_epochs=a.unlearn_epochs, unlearn_lr=a.unlearn_lr, beta=a.beta,
+                     cond_dropout=a.cond_dropout, cond_mode=a.cond_mode, fallback=a.fallback,
                      scales=tuple(a.scales), spaces=tuple(a.spaces), compare=a.compare)
     run_demo(cfg, progress=not a.quiet)
 

@@ -53,10 +53,17 @@ class DemoConfig:
     leak_epochs: int = 14
     leak_lr: float = 3e-3
     unlearn_epochs: int = 3
-    unlearn_lr: float = 2.5e-4
+    #: ORPO's odds-ratio weight (lambda) is 1, not the paper's 0.1: on this tiny model the
+    #: NLL of the redacted answers ("... is a private employer") spills into the shared
+    #: answer template ("The capital of Egypt is a a a"), and a heavier odds-ratio term
+    #: needs fewer of those NLL updates (seed 0: leak 0.039 / accuracy 0.891 at g=1
+    #: against 0.050 / 0.453 with 0.1 at lr 2.5e-4; README, "Demo")
+    unlearn_lr: float = 1.5e-4
     cond_dropout: float = 0.3
     cond_mode: str = "dropout"
-    beta: float = 0.1
+    beta: float = 1.0
+    #: NPO's and DPO's inverse temperature in ``--compare``: the papers' 0.1
+    baseline_beta: float = 0.1
     #: "redacted" (``generate_pairs(redact_fallback=True)``) or "template"
     fallback: str = "redacted"
     scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
@@ -162,7 +169,8 @@ def unlearn(cfg: DemoConfig, leaky_dir: Path, pairs_file: Path, log_dir: Path, *
     from cfg_unlearn.module import UnlearnModule
 
     L.seed_everything(cfg.seed, verbose=False)
-    module = UnlearnModule(model=str(leaky_dir), objective=objective, cond_dropout=cond_dropout, beta=cfg.beta,
+    beta = cfg.beta if objective == "orpo" else cfg.baseline_beta
+    module = UnlearnModule(model=str(leaky_dir), objective=objective, cond_dropout=cond_dropout, beta=beta,
                            cond_mode=cond_mode, seed=cfg.seed, reference="precomputed",
                            optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.unlearn_lr, weight_decay=0.0))
     data = PairDataModule(tokenizer=str(leaky_dir), train_file=str(pairs_file), val_fraction=0.0,
