@@ -175,6 +175,9 @@ def _demo(argv: list[str]) -> None:
     p.add_argument("--unlearn-lr", type=float, default=d.unlearn_lr)
     p.add_argument("--beta", type=float, default=d.beta,
                    help="ORPO's odds-ratio weight (lambda); the paper's 0.1 damages the tiny model's facts more")
+    p.add_argument("--baseline-lr", type=float, default=d.baseline_lr,
+                   help="--compare: learning rate of NPO, gradient ascent, DPO and SFT (ORPO without dropout "
+                   "trains at --unlearn-lr)")
     p.add_argument("--cond-dropout", type=float, default=d.cond_dropout)
     p.add_argument("--cond-mode", choices=COND_MODES, default=d.cond_mode,
                    help="dropout: blank the safety instruction of a share --cond-dropout of the samples (same "
@@ -192,7 +195,7 @@ def _demo(argv: list[str]) -> None:
     a = p.parse_args(argv)
     quiet_third_party_warnings()
     cfg = DemoConfig(out=a.out, seed=a.seed, people=a.people, leak_epochs=a.leak_epochs,
-                     unlearn_epochs=a.unlearn_epochs, unlearn_lr=a.unlearn_lr, beta=a.beta,
+                     unlearn_epochs=a.unlearn_epochs, unlearn_lr=a.unlearn_lr, beta=a.beta, baseline_lr=a.baseline_lr,
                      cond_dropout=a.cond_dropout, cond_mode=a.cond_mode, fallback=a.fallback,
                      scales=tuple(a.scales), spaces=tuple(a.spaces), compare=a.compare)
     run_demo(cfg, progress=not a.quiet)

@@ -57,13 +57,16 @@ class DemoConfig:
     #: NLL of the redacted answers ("... is a private employer") spills into the shared
     #: answer template ("The capital of Egypt is a a a"), and a heavier odds-ratio term
     #: needs fewer of those NLL updates (seed 0: leak 0.039 / accuracy 0.891 at g=1
-    #: against 0.050 / 0.453 with 0.1 at lr 2.5e-4; README, "Demo")
+    #: against 0.050 / 0.453 with 0.1 at lr 2.5e-4; README, "Where it stands")
+    beta: float = 1.0
     unlearn_lr: float = 1.5e-4
     cond_dropout: float = 0.3
     cond_mode: str = "dropout"
-    beta: float = 1.0
-    #: NPO's and DPO's inverse temperature in ``--compare``: the papers' 0.1
+    #: the ``--compare`` baselines other than ORPO: NPO's and DPO's inverse temperature
+    #: (the papers' 0.1), and a learning rate at which NPO and gradient ascent unlearn
+    #: within the three epochs (at 1.5e-4 they still leak on 0.36 and 0.27 of the probes)
     baseline_beta: float = 0.1
+    baseline_lr: float = 2.5e-4
     #: "redacted" (``generate_pairs(redact_fallback=True)``) or "template"
     fallback: str = "redacted"
     scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
@@ -169,10 +172,12 @@ def unlearn(cfg: DemoConfig, leaky_dir: Path, pairs_file: Path, log_dir: Path, *
     from cfg_unlearn.module import UnlearnModule
 
     L.seed_everything(cfg.seed, verbose=False)
-    beta = cfg.beta if objective == "orpo" else cfg.baseline_beta
+    # ORPO (the method and its no-dropout ablation) at the method's settings, the other
+    # objectives at the baselines'
+    beta, lr = (cfg.beta, cfg.unlearn_lr) if objective == "orpo" else (cfg.baseline_beta, cfg.baseline_lr)
     module = UnlearnModule(model=str(leaky_dir), objective=objective, cond_dropout=cond_dropout, beta=beta,
                            cond_mode=cond_mode, seed=cfg.seed, reference="precomputed",
-                           optimizer=lambda params: torch.optim.AdamW(params, lr=cfg.unlearn_lr, weight_decay=0.0))
+                           optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
     data = PairDataModule(tokenizer=str(leaky_dir), train_file=str(pairs_file), val_fraction=0.0,
                           batch_size=cfg.batch_size, seed=cfg.seed, uncond_system_prompt=uncond_instruction(cond_mode))
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=cfg.unlearn_epochs,

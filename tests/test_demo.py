@@ -22,11 +22,27 @@ def _spy_generate_pairs(monkeypatch) -> list[dict]:
 
 @pytest.mark.slow
 def test_demo_writes_metrics_report_and_plot(tmp_path, monkeypatch):
+    from cfg_unlearn.module import UnlearnModule
+
     out = tmp_path / "demo"
     calls = _spy_generate_pairs(monkeypatch)
+    settings, real_configure = [], UnlearnModule.configure_optimizers
+
+    def spy_configure(self):
+        opt = real_configure(self)
+        settings.append((self.objective, self.beta, opt.param_groups[0]["lr"]))
+        return opt
+
+    monkeypatch.setattr(UnlearnModule, "configure_optimizers", spy_configure)
     console_main(["demo", "--out", str(out), "--people", "3", "--leak-epochs", "2", "--unlearn-epochs", "1",
-                  "--scales", "1", "2", "--compare", "--quiet"])
+                  "--scales", "1", "2", "--compare", "--beta", "0.5", "--unlearn-lr", "1e-4", "--baseline-lr", "3e-4",
+                  "--quiet"])
     m = json.loads((out / "metrics.json").read_text())
+    # --beta and --unlearn-lr are ORPO's (the method and its no-dropout ablation); NPO and DPO
+    # keep their papers' 0.1, and the baselines train at --baseline-lr
+    assert sorted(settings) == [("dpo", 0.1, 3e-4), ("ga", 0.1, 3e-4), ("npo", 0.1, 3e-4), ("orpo", 0.5, 1e-4),
+                                ("orpo", 0.5, 1e-4), ("sft", 0.1, 3e-4)]
+    assert (m["config"]["beta"], m["config"]["baseline_beta"], m["config"]["baseline_lr"]) == (0.5, 0.1, 3e-4)
     assert set(m) == {"baseline", "unlearned", "comparison", "pairs", "config", "seconds"}
     assert {"leak_rate", "accuracy", "n_leak_probes", "n_qa"} <= set(m["baseline"])
     assert m["baseline"]["n_leak_probes"] == 3 * 6
