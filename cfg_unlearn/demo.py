@@ -269,6 +269,10 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     uncond_system = uncond_instruction(cfg.cond_mode)  # fail before minutes of training
     if cfg.fallback not in FALLBACKS:
         raise ValueError(f"fallback must be 'redacted' or 'template', got {cfg.fallback!r}")
+    if cfg.beta < 0 or cfg.baseline_beta <= 0:
+        raise ValueError(f"beta must be >= 0 and baseline_beta > 0, got {cfg.beta} and {cfg.baseline_beta}")
+    if min(cfg.unlearn_lr, cfg.baseline_lr) <= 0:
+        raise ValueError(f"learning rates must be > 0, got unlearn_lr {cfg.unlearn_lr}, baseline_lr {cfg.baseline_lr}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}

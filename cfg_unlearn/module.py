@@ -194,6 +194,8 @@ class UnlearnModule(L.LightningModule):
             raise ValueError(f"reference must be 'copy' or 'precomputed', got {reference!r}")
         if beta <= 0 and objective in ("npo", "dpo"):
             raise ValueError(f"beta must be > 0 for {objective}, got {beta}")
+        if beta < 0 and objective == "orpo":  # a negative odds-ratio weight rewards the leaky answer
+            raise ValueError(f"beta must be >= 0 for orpo, got {beta}")
         if not 0.0 <= cond_dropout <= 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
         if cond_mode not in ("dropout", "swap"):

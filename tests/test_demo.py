@@ -1,6 +1,7 @@
 """The demo end to end, shrunk: every stage runs and every output is written."""
 
 import json
+import re
 
 import pytest
 
@@ -119,9 +120,16 @@ def test_demo_rejects_an_unknown_cond_mode(tmp_path, capsys):
     assert "invalid choice: 'both'" in capsys.readouterr().err
 
 
-def test_demo_rejects_an_unknown_fallback_before_training(tmp_path):
+@pytest.mark.parametrize("kwargs, match", [
+    ({"fallback": "refuse"}, "fallback must be 'redacted' or 'template', got 'refuse'"),
+    ({"beta": -1.0}, "beta must be >= 0 and baseline_beta > 0, got -1.0 and 0.1"),
+    ({"baseline_beta": 0.0}, "beta must be >= 0 and baseline_beta > 0, got 1.0 and 0.0"),
+    ({"unlearn_lr": 0.0}, "learning rates must be > 0, got unlearn_lr 0.0, baseline_lr 0.00025"),
+    ({"baseline_lr": -1e-4}, "learning rates must be > 0, got unlearn_lr 0.00015, baseline_lr -0.0001"),
+])
+def test_demo_rejects_bad_settings_before_training(tmp_path, kwargs, match):
     from cfg_unlearn.demo import DemoConfig, run_demo
 
-    with pytest.raises(ValueError, match="fallback must be 'redacted' or 'template', got 'refuse'"):
-        run_demo(DemoConfig(out=str(tmp_path / "d"), fallback="refuse"), progress=False)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        run_demo(DemoConfig(out=str(tmp_path / "d"), **kwargs), progress=False)
     assert not (tmp_path / "d").exists()

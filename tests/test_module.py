@@ -149,6 +149,7 @@ def test_swap_mode_requires_negative_instruction(tiny_model_dir, tmp_path):
     ({"cond_mode": "flip"}, "cond_mode"),
     ({"objective": "kto"}, "objective must be one of"),
     ({"objective": "npo", "beta": 0.0}, "beta must be > 0"),
+    ({"objective": "orpo", "beta": -0.1}, "beta must be >= 0 for orpo"),
     ({"objective": "dpo", "reference": "disk"}, "reference must be"),
 ])
 def test_bad_module_arguments_are_clear_errors(kwargs, match):
