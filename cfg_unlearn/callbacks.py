@@ -17,7 +17,6 @@ Why it is shaped like this:
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import logging
@@ -40,6 +39,7 @@ from cfg_unlearn.guidance import SPACES, generate
 from cfg_unlearn.metrics import DEFAULT_PII_TYPES, OTHER, AnswerAccuracy, LeakRate, PIIRate, answer_matches
 from cfg_unlearn.pii import PARTIAL_MIN_CHARS, NERDetector, contains_value, contains_value_or_fragment, redact
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
+from cfg_unlearn.strategies import forward_outside_step
 from cfg_unlearn.utils import atomic_write
 
 log = logging.getLogger(__name__)
@@ -77,22 +77,6 @@ def shard(items: list, rank: int, world_size: int) -> tuple[list, int]:
     mine = items[rank::world_size]
     per_rank = math.ceil(len(items) / world_size)
     return mine + [items[0]] * (per_rank - len(mine)), len(mine)
-
-
-def full_params_outside_forward(strategy: Any):
-    """Under FSDP (FSDP1, as Lightning's FSDPStrategy wraps it) the parameters that live
-    outside the wrapped decoder layers (embeddings, final norm, lm_head) are only whole
-    inside the root wrapper's forward; decoding calls the inner model directly, so
-    gather those root parameters for the duration (``recurse=False``: the wrapped layers
-    still gather their own, one at a time). Other strategies: nothing to do."""
-    root = getattr(strategy, "model", None)
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    except ImportError:  # torch built without distributed
-        return contextlib.nullcontext()
-    if isinstance(root, FSDP):
-        return FSDP.summon_full_params(root, recurse=False, writeback=False)
-    return contextlib.nullcontext()
 
 
 class GuidanceEval(Callback):
@@ -267,7 +251,7 @@ class GuidanceEval(Callback):
         results: dict[str, float] = {}
         samples: list[list[Any]] = []
         for space, g in self.runs():
-            with full_params_outside_forward(trainer.strategy), trainer.strategy.precision_plugin.forward_context():
+            with forward_outside_step(trainer.strategy):
                 answers = generate(
                     model, tok, prompts, uncond_system=self.uncond_system_prompt, guidance_scale=g, space=space,
                     max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,

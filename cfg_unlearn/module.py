@@ -47,6 +47,7 @@ from cfg_unlearn.objectives import (
     sft_loss,
     token_logps,
 )
+from cfg_unlearn.strategies import forward_outside_step
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +395,11 @@ class UnlearnModule(L.LightningModule):
     def compute_reference_logps(self) -> dict[str, torch.Tensor]:
         """Summed response log-probs of the current (starting) model for every pair of
         the data module, both variants and both answers: ``id -> (2, 2)`` tensor.
-        Every rank computes the whole table, so no collective is needed."""
+        Every rank computes the whole table, so no collective is needed. It runs before
+        the first step, outside Lightning's forward: the root FSDP parameters are
+        gathered and the precision plugin's autocast is on, as in a training step (a
+        table scored in float32 would make a ``bf16-mixed`` policy differ from its own
+        reference at step 0)."""
         from tqdm.auto import tqdm
 
         dm = getattr(self.trainer, "datamodule", None)
@@ -405,7 +410,7 @@ class UnlearnModule(L.LightningModule):
         table: dict[str, torch.Tensor] = {}
         loaders = dm.reference_dataloaders()
         total = sum(len(dl) for dl in loaders)
-        with torch.no_grad():
+        with torch.no_grad(), forward_outside_step(self.trainer.strategy):
             bar = tqdm(total=total, desc="reference log-probs", disable=self.global_rank != 0)
             for dl in loaders:
                 for batch in dl:

@@ -63,9 +63,10 @@ sharded master weights). Beyond Lightning's ``FSDPStrategy`` this one also
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy
@@ -89,6 +90,33 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------- class names
+
+
+def full_params_outside_forward(strategy: Any):
+    """Under FSDP (FSDP1, as Lightning's FSDPStrategy wraps it) the parameters that live
+    outside the wrapped decoder layers (embeddings, final norm, lm_head) are only whole
+    inside the root wrapper's forward; decoding or scoring outside a training step calls
+    the inner model directly, so gather those root parameters for the duration
+    (``recurse=False``: the wrapped layers still gather their own, one at a time). Other
+    strategies: nothing to do."""
+    root = getattr(strategy, "model", None)
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:  # torch built without distributed
+        return contextlib.nullcontext()
+    if isinstance(root, FSDP):
+        return FSDP.summon_full_params(root, recurse=False, writeback=False)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def forward_outside_step(strategy: Any) -> Iterator[None]:
+    """Run the LightningModule's model outside Lightning's own steps (guided decoding in
+    the evaluation callback, the reference log-probs at fit start) as a step would: the
+    root FSDP parameters gathered and the precision plugin's autocast on, so that a
+    ``bf16-mixed`` run scores in the precision it trains in."""
+    with full_params_outside_forward(strategy), strategy.precision_plugin.forward_context():
+        yield
 
 
 def no_split_module_names(model: nn.Module) -> list[str]:

@@ -309,7 +309,7 @@ def _fsdp_worker(rank: int, port: int, model_dir: str, results) -> None:
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from cfg_unlearn.callbacks import full_params_outside_forward
+    from cfg_unlearn.strategies import full_params_outside_forward
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

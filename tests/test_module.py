@@ -271,6 +271,26 @@ def test_precomputed_reference_trains_exactly_like_the_frozen_copy(tiny_model_di
     assert m.cond_counts[0] > 0  # the unconditioned lookups were exercised
 
 
+@pytest.mark.parametrize("objective", ["npo", "dpo"])
+def test_precomputed_reference_is_scored_in_the_training_precision(tiny_model_dir, tmp_path, objective):
+    """Under ``bf16-mixed`` the table is scored under the same autocast as the steps: with
+    lr 0 the policy is its own reference, so the first step's log-ratio is 0 (up to bf16
+    noise from batches padded differently) and the loss is the closed form. A table
+    scored in float32 made NPO's log-ratio -0.0019 here."""
+    spec = f"tiny:{tiny_model_dir}"
+    dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4, val_fraction=0.0)
+    m = UnlearnModule(model=spec, objective=objective, reference="precomputed", beta=0.1,
+                      optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    trainer = _fit(m, dm, tmp_path, steps=1, precision="bf16-mixed")
+    metrics = trainer.callback_metrics
+    if objective == "npo":
+        assert abs(float(metrics["train/npo/log_ratio"])) < 1e-4
+        assert float(metrics["train/loss"]) == pytest.approx(20 * math.log(2), abs=1e-3)
+    else:
+        assert abs(float(metrics["train/rewards/chosen"])) < 1e-5 and abs(float(metrics["train/rewards/rejected"])) < 1e-5
+        assert float(metrics["train/loss"]) == pytest.approx(math.log(2), abs=1e-5)
+
+
 def test_precomputed_reference_is_kept_in_checkpoints(tiny_model_dir, tmp_path):
     """A resumed NPO run must compare with the starting model: the table travels in the
     checkpoint and is not recomputed from the resumed weights."""

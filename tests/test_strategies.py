@@ -9,6 +9,7 @@ moved to the CPU: nothing is downloaded, weights load in ``configure_model``."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -469,3 +470,48 @@ def test_fsdp_fit_on_cpu(tiny_model_dir, tmp_path):
 def test_fsdp_fit_on_gpu(tiny_model_dir, tmp_path):
     """The same 2-step FSDP fits on one GPU in bf16-mixed (FSDP runs NO_SHARD on one rank)."""
     _check_fit(_run_fit(tiny_model_dir, tmp_path, "cuda"), tmp_path, tiny_model_dir)
+
+
+SHARDED_REFERENCE_SCRIPT = """
+import json, sys, torch, lightning as L
+from cfg_unlearn.data.datamodule import PairDataModule
+from cfg_unlearn.data.world import WorldConfig
+from cfg_unlearn.module import UnlearnModule
+from cfg_unlearn.strategies import UnlearnFSDPStrategy
+
+spec = "tiny:" + sys.argv[1]
+seen = []
+class Grab(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        seen.append({k: float(trainer.callback_metrics[k]) for k in ("train/loss", "train/npo/log_ratio")})
+dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4, val_fraction=0.0)
+module = UnlearnModule(model=spec, objective="npo", reference="precomputed", beta=0.1,
+                       optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy=UnlearnFSDPStrategy(), max_steps=2, limit_val_batches=0,
+                    logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                    callbacks=[Grab()], default_root_dir=sys.argv[2])
+trainer.fit(module, dm)
+if trainer.global_rank == 0:
+    print("RESULT " + json.dumps({"steps": seen, "table": len(module.reference_logps)}))
+"""
+
+
+@pytest.mark.slow
+def test_precomputed_reference_under_two_rank_fsdp(tiny_model_dir, tmp_path):
+    """``reference: precomputed`` with the model sharded over 2 ranks: the table is scored
+    before the first step, outside FSDP's forward, where the root unit's parameters
+    (embeddings, head) are flat shards; they must be gathered (it raised "'weight' must
+    be 2-D" before). With lr 0 the policy is its own reference: log-ratio 0, NPO loss
+    (2 / beta) ln 2."""
+    script = tmp_path / "fsdp_reference.py"
+    script.write_text(SHARDED_REFERENCE_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(tmp_path / "out")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    assert result["table"] == 4 * 6  # every pair, on every rank
+    assert len(result["steps"]) == 2
+    for step in result["steps"]:
+        assert abs(step["train/npo/log_ratio"]) < 1e-5
+        assert step["train/loss"] == pytest.approx(20 * math.log(2), abs=1e-4)
