@@ -1,4 +1,4 @@
-"""Command line: ``python train.py fit|validate|test --config ...`` (LightningCLI) and the
+"""Command line: ``python train.py fit|validate --config ...`` (LightningCLI) and the
 ``cfg-unlearn`` console script, which adds the project's own subcommands."""
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from cfg_unlearn.checkpointing import install_checkpointing
 from cfg_unlearn.data.datamodule import PairDataModule
 from cfg_unlearn.module import UnlearnModule
 
-TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
+#: LightningCLI's subcommands kept: the module scores pairs only in training and
+#: validation steps (``validate`` is the scoring run, GuidanceEval included), so ``test``
+#: and ``predict`` would fail after loading the model; argparse refuses them up front
+TRAINER_SUBCOMMANDS = ("fit", "validate")
 
 
 class UnlearnCLI(LightningCLI):
@@ -27,6 +30,10 @@ class UnlearnCLI(LightningCLI):
     top-level ``eval`` section for :class:`~cfg_unlearn.callbacks.GuidanceEval`, so that
     ``--eval.scales '[1, 2, 3]'`` rescores a checkpoint without editing a callback list.
     ``eval: null`` (the default when a config has no ``eval``) turns it off."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in TRAINER_SUBCOMMANDS}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model", "data.tokenizer")
@@ -211,13 +218,13 @@ COMMAND_ENTRY_POINTS = {
 
 
 def console_main(argv: list[str] | None = None) -> None:
-    """``cfg-unlearn <demo|fit|validate|test|generate|export|chat|subtract|saft|build-tiny> ...``"""
+    """``cfg-unlearn <demo|fit|validate|generate|export|chat|subtract|saft|build-tiny> ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: cfg-unlearn {demo,fit,validate,test,generate,export,chat,subtract,saft,build-tiny} [options]   (-h after a command for its help)"
+    usage = "usage: cfg-unlearn {demo,fit,validate,generate,export,chat,subtract,saft,build-tiny} [options]   (-h after a command for its help)"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         print("  demo               the whole method end to end on CPU, offline (report in --out)")
-        print("  fit/validate/test  train or score with a YAML config (same as `python train.py ...`)")
+        print("  fit/validate       train or score with a YAML config (same as `python train.py ...`)")
         print("  generate           write PII-free replacement pairs for forget data with a model")
         print("  export             a checkpoint -> a merged Hugging Face model + tokenizer + cfg_unlearn.json")
         print("  chat               chat with an exported model, decoded with classifier-free guidance")

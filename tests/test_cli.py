@@ -73,6 +73,17 @@ def test_console_script_rejects_unknown_command(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("command", ["test", "predict"])
+def test_trainer_subcommands_without_steps_are_refused_up_front(command, capsys):
+    """The module has no test or predict step: argparse refuses those commands and names the
+    two there are, before any model is built (Lightning would fail after loading it)."""
+    with pytest.raises(SystemExit) as exc:
+        cli_main([command, "--config", str(ROOT / "configs" / "tiny.yaml")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"invalid choice: '{command}'" in err and "'fit', 'validate'" in err
+
+
 def test_tiny_fit_then_validate_end_to_end(tiny_model_dir, tmp_path):
     """`python train.py fit --config configs/tiny.yaml` (shortened to 2 epochs) raises the
     reward margin, and `validate --ckpt_path` scores the checkpoint it wrote."""
