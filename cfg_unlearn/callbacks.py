@@ -92,7 +92,8 @@ class GuidanceEval(Callback):
         max_probes: evaluate a fixed random subset of this many probes (None: all).
         max_questions: the same for utility questions.
         every_n_train_steps: also evaluate every N optimizer steps during fit (0: never).
-        on_validation: evaluate at the end of every validation epoch (and in ``validate``).
+        on_validation: evaluate at the end of every validation epoch (and in ``validate``);
+            in a fit that never validates, at the end of every training epoch instead.
         system_prompt: the conditioning instruction for prompts without their own.
             Default: the data module's ``system_prompt``, else the safety instruction.
         uncond_system_prompt: the unconditioned branch's instruction (None blanks it).
@@ -215,6 +216,29 @@ class GuidanceEval(Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not self.on_validation or trainer.sanity_checking:
             return
+        self._evaluate_and_log(trainer, pl_module)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.on_validation and self._fit_without_validation(trainer):
+            rank_zero_info("GuidanceEval: this fit runs no validation (no validation pairs, or "
+                           "limit_val_batches=0); it evaluates at the end of every training epoch instead")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.on_validation and self._fit_without_validation(trainer):
+            self._evaluate_and_log(trainer, pl_module)
+
+    @staticmethod
+    def _fit_without_validation(trainer) -> bool:
+        """Whether this fit never validates: no validation data (an empty or missing
+        loader, the data module's ``val_dataset`` None) or ``limit_val_batches=0``. Then
+        ``on_validation`` moves to the end of each training epoch, or it would never run."""
+        if not trainer.enable_validation:
+            return True
+        if getattr(trainer.datamodule, "val_dataset", True) is None:
+            return True
+        return bool(trainer.num_val_batches) and sum(trainer.num_val_batches) == 0
+
+    def _evaluate_and_log(self, trainer, pl_module) -> None:
         fitting = trainer.state.fn == "fit"
         if fitting and self._last is not None and self._last[0] == trainer.global_step:
             results = self._last[1]  # already evaluated at this step (every_n_train_steps)

@@ -241,6 +241,30 @@ def test_every_n_train_steps_evaluates_during_fit(tiny_model_dir, tmp_path):
     assert ckpt.best_model_path.endswith(".ckpt") and Path(ckpt.best_model_path).exists()
 
 
+@pytest.mark.parametrize("no_validation", [{"val_fraction": 0.0}, {"limit_val_batches": 0}])
+def test_a_fit_without_validation_evaluates_at_each_epoch_end(tiny_model_dir, tmp_path, no_validation):
+    """No validation pairs, or validation switched off: Lightning runs no validation hook,
+    so the evaluation moves to the end of each training epoch instead of never running."""
+    ev = GuidanceEval(scales=[1, 2], max_probes=4, max_questions=2, max_new_tokens=4)
+    model = UnlearnModule(model=f"tiny:{tiny_model_dir}")
+    dm = PairDataModule(tokenizer=f"tiny:{tiny_model_dir}", world=WorldConfig(n_people=4), batch_size=8,
+                        val_fraction=no_validation.get("val_fraction", 0.5))
+    trainer = _trainer(tmp_path, [ev], max_epochs=2, log_every_n_steps=1,
+                       limit_val_batches=no_validation.get("limit_val_batches", 1.0))
+    trainer.fit(model, datamodule=dm)
+    rows = list(csv.DictReader(open(next((tmp_path / "run").rglob("metrics.csv")))))
+    epochs = [int(r["epoch"]) for r in rows if r.get("eval@g=2.0/leak_rate")]
+    assert epochs == [0, 1]  # once per epoch
+    assert 0.0 <= float(trainer.callback_metrics["eval@g=1.0/accuracy"]) <= 1.0
+
+
+def test_validate_without_validation_pairs_is_a_clear_error(tiny_model_dir, tmp_path):
+    model = UnlearnModule(model=f"tiny:{tiny_model_dir}")
+    dm = PairDataModule(tokenizer=f"tiny:{tiny_model_dir}", world=WorldConfig(n_people=4), val_fraction=0.0)
+    with pytest.raises(ValueError, match="validate needs validation pairs: set data.val_file"):
+        _trainer(tmp_path, [GuidanceEval(scales=[1], max_probes=2, max_questions=0)]).validate(model, datamodule=dm)
+
+
 # ------------------------------------------------------------------ DDP gives the numbers of one process
 
 

@@ -310,5 +310,9 @@ class PairDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:
+            if self.trainer is not None and self.trainer.state.fn == "validate":
+                # Lightning would run no hook at all: no loss and no GuidanceEval, silently
+                raise ValueError("validate needs validation pairs: set data.val_file, or data.val_fraction > 0 "
+                                 "(held out by conversation, so the data needs at least two)")
             return []
         return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
