@@ -23,7 +23,7 @@ not read: they are not part of the export), which is exported like any other and
 deleted. It needs the CPU memory of one full copy of the weights.
 
 Everything is written into a temp directory next to ``DIR`` and renamed into place
-(:func:`cfg_unlearn.subtract.publish_dir`), so a failed export leaves nothing behind and
+(:func:`cfg_unlearn.utils.publish_dir`), so a failed export leaves nothing behind and
 an existing export is replaced only by a complete one (``--overwrite``).
 
 ``cfg-unlearn chat DIR`` is a small REPL over an export: it keeps the conversation and
@@ -50,7 +50,7 @@ import torch
 
 from cfg_unlearn.guidance import SPACES, encode_prompts, generate
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
-from cfg_unlearn.subtract import check_out_dir, publish_dir
+from cfg_unlearn.utils import check_out_dir, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ def write_export(
     from cfg_unlearn.models import parse_dtype
 
     out = Path(out_dir)
-    check_export_target(out, overwrite, protect)
+    check_out_dir(out, overwrite, protect)
     torch_dtype = parse_dtype(dtype)
     model = merged_model(model)
     if isinstance(torch_dtype, torch.dtype):
@@ -318,17 +318,6 @@ def write_export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def check_export_target(out: Path, overwrite: bool, protect: tuple[str | os.PathLike, ...] = ()) -> None:
-    """Refuse, before any work, a non-empty ``out`` without ``overwrite``, and an ``out``
-    that is or contains one of the ``protect`` paths."""
-    inputs = [Path(p) for p in protect]
-    check_out_dir(out, overwrite, inputs)
-    resolved = out.resolve()
-    for p in inputs:
-        if resolved in p.resolve().parents:
-            raise ValueError(f"--out {out} contains {p}: replacing it would delete the input; write elsewhere")
 
 
 def export_checkpoint(
@@ -356,7 +345,7 @@ def export_checkpoint(
     from cfg_unlearn.models import parse_dtype
 
     parse_dtype(dtype)  # these checks come before the (slow) load
-    check_export_target(out, overwrite, (ckpt_path,))
+    check_out_dir(out, overwrite, (ckpt_path,))
     if is_sharded_checkpoint(ckpt_path):
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.consolidate-", dir=out.parent,

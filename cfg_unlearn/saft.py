@@ -77,7 +77,7 @@ from cfg_unlearn.data.schema import (
     record_from_dict,
 )
 from cfg_unlearn.prompts import FALLBACK_ROLE_PREFIX, render_prompt
-from cfg_unlearn.utils import atomic_write
+from cfg_unlearn.utils import atomic_write, check_out_dir
 
 log = logging.getLogger(__name__)
 
@@ -521,6 +521,8 @@ class SaftConfig:
     on_error: str = "raise"
     max_chars: int = DEFAULT_MAX_CHARS
     progress: bool = True
+    #: write into a non-empty ``out`` (its SAFT files are replaced, other files left alone)
+    overwrite: bool = False
 
 
 def _eval_block(scores: torch.Tensor, removed: torch.Tensor, labels: torch.Tensor, known: torch.Tensor,
@@ -558,6 +560,8 @@ def run_saft(cfg: SaftConfig) -> dict[str, Any]:
         raise ValueError(f"sign must be one of {SIGNS}, got {cfg.sign!r}")
     if cfg.k is not None and cfg.k < 1:
         raise ValueError(f"k must be >= 1, got {cfg.k}")
+    # before minutes of embedding: kept.jsonl written into the data's own folder could be the data
+    check_out_dir(Path(cfg.out), cfg.overwrite, [p for p in (cfg.data, cfg.labels) if p is not None])
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     samples, lines, stats = read_samples(cfg.data, pair_side=cfg.pair_side, on_error=cfg.on_error,
@@ -752,7 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="hub name, local path or tiny:<dir> of the model that embeds")
     p.add_argument("--data", required=True,
                    help="JSONL: conversations {id, messages, [pii], [label]} or pairs {prompt, chosen, rejected}")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (new or empty; not the folder of --data)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out (its SAFT files are replaced)")
     p.add_argument("--layer", type=int, default=None,
                    help="hidden_states index: 0 = embeddings, L or -1 = last layer (default: the middle, L // 2)")
     p.add_argument("--pooling", choices=POOLINGS, default="mean",
@@ -804,11 +810,11 @@ def main(argv: list[str] | None = None) -> None:
         weighted=a.weighted, remove_fraction=a.remove_fraction, threshold=a.threshold, labels=a.labels,
         search_layers=a.search_layers, search_k=a.search_k, pair_side=a.pair_side, batch_size=a.batch_size,
         max_length=a.max_length, dtype=a.dtype, device=a.device, on_error=a.on_error, max_chars=a.max_chars,
-        progress=not a.quiet,
+        progress=not a.quiet, overwrite=a.overwrite,
     )
     try:
         run_saft(cfg)
-    except ValueError as e:  # PairFormatError included: file:line: field 'x': why
+    except (ValueError, FileExistsError) as e:  # PairFormatError included: file:line: field 'x': why
         p.exit(2, f"cfg-unlearn saft: {e}\n")
 
 

@@ -37,12 +37,14 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from cfg_unlearn.utils import check_out_dir, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -330,40 +332,6 @@ def copy_non_weight_files(src: Path, dst: Path) -> tuple[list[str], list[str]]:
         elif not is_weight_file(p.name):
             skipped.append(p.name)
     return copied, skipped
-
-
-def check_out_dir(out: Path, overwrite: bool, inputs: Iterable[Path]) -> None:
-    """Refuse, before any work, to write over a non-empty directory (unless
-    ``overwrite``) or over one of the input models (the output replaces it only at the
-    end, but then the inputs are gone)."""
-    resolved = out.resolve()
-    for p in inputs:
-        if resolved == p.resolve():
-            raise ValueError(f"--out {out} is one of the input models; write the result elsewhere")
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-
-
-def publish_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished temp directory to ``out`` by rename (atomic on one
-    filesystem). An existing output is renamed aside first and deleted only after the
-    new one is in place, so at no time does ``out`` hold a mix of the two."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, old / out.name)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old / out.name, out)  # put the previous output back
-            old.rmdir()
-            raise
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out)
 
 
 # ----------------------------------------------------------------------------- the whole run

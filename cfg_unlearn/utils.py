@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -83,3 +84,40 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     binary = isinstance(data, bytes)
     with atomic_open(path, "wb" if binary else "w", encoding=None if binary else "utf-8") as fh:
         fh.write(data)
+
+
+def check_out_dir(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike]) -> None:
+    """Refuse, before any work, to write over a non-empty directory (unless
+    ``overwrite``), or over an input: an ``out`` that is one of ``inputs`` or contains
+    one (the output replaces ``out`` only at the end, and then the inputs are gone)."""
+    resolved = out.resolve()
+    for p in map(Path, inputs):
+        if resolved == p.resolve():
+            raise ValueError(f"--out {out} is one of the inputs ({p}); write the result elsewhere")
+        if resolved in p.resolve().parents:
+            raise ValueError(f"--out {out} contains the input {p}: replacing it would delete the input; "
+                             "write elsewhere")
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+
+
+def publish_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished temp directory to ``out`` by rename (atomic on one
+    filesystem). An existing output is renamed aside first and deleted only after the
+    new one is in place, so at no time does ``out`` hold a mix of the two."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rename(out, old / out.name)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old / out.name, out)  # put the previous output back
+            old.rmdir()
+            raise
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out)

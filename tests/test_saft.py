@@ -361,16 +361,37 @@ def test_embedding_does_not_depend_on_batching(tiny_model_dir):
     assert n_cut == 2 and torch.isfinite(cut[1]).all()
 
 
+def test_out_may_not_hold_the_input_data(tiny_model_dir, small_set, tmp_path, capsys):
+    """SAFT writes kept.jsonl into --out: with --out the data's own folder it could replace
+    the data itself, so that is refused before the model loads, --overwrite or not."""
+    world, rows, d = small_set
+    data = tmp_path / "in" / "kept.jsonl"
+    data.parent.mkdir()
+    data.write_text((d / "data.jsonl").read_text())
+    before = data.read_text()
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as exc:
+            saft.main(["--model", str(tiny_model_dir), "--data", str(data), "--out", str(data.parent), "--quiet",
+                       *extra])
+        assert exc.value.code == 2 and "contains the input" in capsys.readouterr().err
+    assert data.read_text() == before and sorted(p.name for p in data.parent.iterdir()) == ["kept.jsonl"]
+
+
 def test_cli_end_to_end_writes_every_output_atomically(tiny_model_dir, small_set, tmp_path, capsys, monkeypatch):
     world, rows, d = small_set
     out = tmp_path / "out"
     out.mkdir()
     (out / "kept.jsonl").write_text("stale\n" * 500)  # replaced, not appended to
+    args = ["--model", str(tiny_model_dir), "--data", str(d / "data.jsonl"), "--out", str(out), "--quiet",
+            "--batch-size", "7"]
+    with pytest.raises(SystemExit) as exc:  # a non-empty --out needs --overwrite
+        saft.main(args)
+    assert exc.value.code == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert (out / "kept.jsonl").read_text() == "stale\n" * 500
     written = []
     real = saft.atomic_write
     monkeypatch.setattr(saft, "atomic_write", lambda p, data: (written.append(p.name), real(p, data)))
-    saft.main(["--model", str(tiny_model_dir), "--data", str(d / "data.jsonl"), "--out", str(out),
-               "--quiet", "--batch-size", "7"])
+    saft.main([*args, "--overwrite"])
     result = json.loads((out / "saft.json").read_text())
     assert sorted(written) == sorted(["kept.jsonl", "removed.jsonl", "scores.jsonl", "saft.json", "scores_hist.png"])
     assert sorted(p.name for p in out.iterdir()) == sorted(written)  # no temp files left behind

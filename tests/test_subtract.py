@@ -290,8 +290,12 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
     empty.mkdir()
     subtract_models(base, ft, empty, progress=False)  # an empty directory is fine
     assert (empty / SINGLE_FILE).is_file()
-    with pytest.raises(ValueError, match="is one of the input models"):
+    with pytest.raises(ValueError, match="is one of the inputs"):
         subtract_models(base, ft, base, overwrite=True, progress=False)
+    # the inputs' parent directory: --overwrite would have replaced it, inputs and all
+    with pytest.raises(ValueError, match="contains the input"):
+        subtract_models(base, ft, base.parent, overwrite=True, progress=False)
+    assert (base / SINGLE_FILE).is_file() and ft.is_dir()
 
 
 def test_interrupted_run_leaves_no_output(tiny_model_dir, ft_dir, tmp_path, monkeypatch):
