@@ -8,6 +8,7 @@ import importlib
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from typing import Optional
 
@@ -99,7 +100,12 @@ def _generate(argv: list[str]) -> None:
 
     import torch
 
-    from cfg_unlearn.data.generate import DEFAULT_FALLBACK, generate_pairs, read_forget_conversations
+    from cfg_unlearn.data.generate import (
+        DEFAULT_FALLBACK,
+        check_generate_settings,
+        generate_pairs,
+        read_forget_conversations,
+    )
     from cfg_unlearn.data.schema import PairFormatError, write_pairs
     from cfg_unlearn.models import load_causal_lm, load_tokenizer
     from cfg_unlearn.pii import PARTIAL_MIN_CHARS
@@ -116,6 +122,7 @@ def _generate(argv: list[str]) -> None:
                      help="LLM-PC *-scrubbed-data.jsonl and *-pii.jsonl")
     p.add_argument("--model", required=True, help="hub name, local path or tiny:<dir> of the replacement writer")
     p.add_argument("--out", required=True, help="pair JSONL to write (atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--system", default=SAFETY_INSTRUCTION, help="the instruction the writer gets")
     p.add_argument("--reminder", default=None, help="text appended to the last user turn")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale for the writer (1 = off)")
@@ -139,6 +146,23 @@ def _generate(argv: list[str]) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # everything that can be checked without the model, before it loads and decodes for minutes
+    out = Path(a.out)
+    for src in [a.forget] if a.forget else a.challenge:
+        if out.resolve() == Path(src).resolve():
+            p.error(f"--out {a.out} is one of the inputs; write the pairs elsewhere")
+    if out.is_dir():
+        p.error(f"--out {a.out} is a directory; give the path of the pair file to write")
+    if not out.parent.is_dir():
+        p.error(f"--out {a.out}: the directory {out.parent} does not exist")
+    if out.exists() and not a.overwrite:
+        p.error(f"--out {a.out} exists; pass --overwrite to replace it")
+    try:
+        check_generate_settings(guidance_scale=a.guidance_scale, space=a.space, max_new_tokens=a.max_new_tokens,
+                                max_attempts=a.max_attempts, temperature=a.temperature, top_p=a.top_p,
+                                partial_min_chars=a.partial_min_chars, batch_size=a.batch_size)
+    except ValueError as e:
+        p.error(str(e))
     tok = load_tokenizer(a.model)
     try:
         if a.forget:

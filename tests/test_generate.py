@@ -55,6 +55,11 @@ def test_forget_conversations_become_one_record_per_leaky_turn(tmp_path):
     bad.write_text(json.dumps({"id": "x", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(PairFormatError, match=r"bad.jsonl:1: field 'pii': a forget conversation needs"):
         read_forget_conversations(bad)
+    # pair ids come from conversation ids: a repeat would write a pair file the reader refuses
+    lines = _forget_file(tmp_path, world).read_text().splitlines()
+    bad.write_text("\n".join([*lines, lines[0]]) + "\n")
+    with pytest.raises(PairFormatError, match=rf"bad.jsonl:{len(lines) + 1}: field 'id': duplicate id .* \(first on line 1\)"):
+        read_forget_conversations(bad)
 
 
 def test_leak_reasons():
@@ -249,6 +254,24 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeyp
         console_main(["generate", "--forget", str(tmp_path / "missing.jsonl"), "--model", f"tiny:{tiny_model_dir}",
                       "--out", str(tmp_path / "x.jsonl")])
     assert "missing.jsonl: cannot open" in capsys.readouterr().err
+    # refused before the model loads: an --out that exists, is an input, a directory or in
+    # no directory, and settings that would fail or waste the run later
+    before = pii.read_text()
+    base = ["generate", "--challenge", str(scrubbed), str(pii), "--model", str(tmp_path / "no-such-model")]
+    for args, message in (
+        (["--out", str(out)], "exists; pass --overwrite"),
+        (["--out", str(pii), "--overwrite"], "is one of the inputs"),
+        (["--out", str(tmp_path)], "is a directory"),
+        (["--out", str(tmp_path / "nodir" / "p.jsonl")], "does not exist"),
+        (["--out", str(tmp_path / "p.jsonl"), "--temperature", "-1"], "temperature must be a finite number > 0"),
+        (["--out", str(tmp_path / "p.jsonl"), "--guidance-scale", "nan"], "guidance_scale must be a finite number"),
+        (["--out", str(tmp_path / "p.jsonl"), "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+        (["--out", str(tmp_path / "p.jsonl"), "--top-p", "5"], "top_p must be in (0, 1]"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            console_main([*base, *args])
+        assert exc.value.code == 2 and message in capsys.readouterr().err, args
+    assert pii.read_text() == before and not (tmp_path / "p.jsonl").exists()
     # --redact-fallback: a writer whose every candidate trips the e-mail detector, so every
     # record falls back, to its leaky answer redacted
     import cfg_unlearn.guidance as guidance
@@ -256,7 +279,7 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeyp
     monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: ["Mail x@y.co"] * len(prompts))
     console_main(["generate", "--challenge", str(scrubbed), str(pii), "--model", f"tiny:{tiny_model_dir}",
                   "--out", str(out), "--max-new-tokens", "8", "--device", "cpu", "--max-attempts", "1",
-                  "--redact-fallback"])
+                  "--redact-fallback", "--overwrite"])
     summary = json.loads(capsys.readouterr().out.splitlines()[1])
     redacted = [p for p in read_pairs(out)[0] if "a private " in p.chosen]
     assert summary["redacted"] == len(redacted) > 0 and summary["rejected"] == {"detected_pii": len(pairs)}
@@ -268,7 +291,7 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeyp
     runs = {}
     for flag in ([], ["--own-values-only"]):
         console_main(["generate", "--challenge", str(scrubbed), str(pii), "--model", f"tiny:{tiny_model_dir}",
-                      "--out", str(out), "--device", "cpu", "--max-attempts", "1", *flag])
+                      "--out", str(out), "--device", "cpu", "--max-attempts", "1", "--overwrite", *flag])
         runs[bool(flag)] = json.loads(capsys.readouterr().out.splitlines()[1])
     assert runs[False]["rejected"].get("other_pii", 0) > 0 and "other_pii" not in runs[True]["rejected"]
     # (a record whose earlier turns show the employer may repeat it either way)

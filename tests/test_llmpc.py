@@ -94,7 +94,26 @@ def test_bad_challenge_files_name_file_line_and_field(tmp_path):
         read_challenge(*_write(tmp_path, [ROW], [{"name1": "x"}]))
     with pytest.raises(PairFormatError, match=r"x-scrubbed-data.jsonl:1: field 'messages': expected the conversation"):
         read_challenge(*_write(tmp_path, [{"idx": 0, "messages": []}], [MAP]))
-    with pytest.raises(PairFormatError, match="before the first 'role: ' line"):
-        parse_messages("hello\nuser: hi")
+    with pytest.raises(PairFormatError, match="before the first 'role: ' line") as exc:
+        parse_messages("Ann Lee 363-56-5181\nuser: hi")
+    assert "Ann" not in str(exc.value) and "5181" not in str(exc.value)  # located, not quoted
+    with pytest.raises(PairFormatError, match=r"x-scrubbed-data.jsonl:2: field 'idx': duplicate idx 7 \(first on line 1\)"):
+        read_challenge(*_write(tmp_path, [ROW, ROW], [MAP, MAP]))
+    # files out of step: a placeholder of the text has no value in its map line
+    with pytest.raises(PairFormatError, match=r"x-scrubbed-data.jsonl:1: field 'messages': placeholder\(s\) \[ORG-1\] "
+                                              r"have no value on line 1 of .*x-pii.jsonl"):
+        read_challenge(*_write(tmp_path, [ROW], [{"NAME-1": "Ann Lee", "LOC-1": "12 Oak St"}]))
     assert parse_messages("user: a\nb\nassistant: c") == [{"role": "user", "content": "a\nb"},
                                                           {"role": "assistant", "content": "c"}]
+
+
+def test_conversations_without_a_forget_record_are_counted(tmp_path, caplog):
+    """A conversation whose placeholders sit only in user turns, or that has none, gives no
+    pair: not an error (the challenge has such rows), but counted, never dropped silently."""
+    no_leak = {"idx": 8, "messages": "user: I am [NAME-1].\nassistant: Hello!"}
+    rows = read_challenge(*_write(tmp_path, [ROW, no_leak, {"idx": 9, "messages": "user: hi\nassistant: hello"}],
+                                  [MAP, {"NAME-1": "Bo Ek"}, {}]))
+    with caplog.at_level("WARNING", logger="cfg_unlearn.data.llmpc"):
+        recs = forget_records(rows)
+    assert [r.id for r in recs] == ["llmpc-7-t1", "llmpc-7-t3"]
+    assert "2 of 3 challenge conversations give no forget record" in caplog.text

@@ -303,6 +303,18 @@ def test_render_sample_matches_the_chat_template(tiny_model_dir):
 # --------------------------------------------------------------------------- the builder
 
 
+def test_contaminated_command_writes_both_files_or_neither(tmp_path, capsys):
+    from cfg_unlearn.data import contaminated
+
+    contaminated.main(["--out", str(tmp_path / "a"), "--n", "20", "--people", "4"])
+    labels = (tmp_path / "a" / "labels.jsonl").read_text().splitlines()
+    assert len(labels) == 2 and len((tmp_path / "a" / "contaminated.jsonl").read_text().splitlines()) == 20
+    with pytest.raises(SystemExit) as exc:  # more labels than rows: refused before anything is written
+        contaminated.main(["--out", str(tmp_path / "b"), "--n", "20", "--people", "4", "--n-labelled", "30"])
+    assert exc.value.code == 2 and "--n-labelled must be in [0, --n = 20]" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_contaminated_set_is_labelled_deterministic_and_not_separable_by_length():
     world = World(WorldConfig(seed=0, n_people=10))
     rows = build_contaminated(world, n=300, leak_fraction=0.1, seed=0)

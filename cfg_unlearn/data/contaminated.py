@@ -217,13 +217,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--leak-fraction", type=float, default=0.1)
     p.add_argument("--hard-negatives", type=float, default=DEFAULT_HARD_NEGATIVES,
                    help="share of benign rows that ask about a person and answer without PII")
-    p.add_argument("--n-labelled", type=int, default=100, help="rows in labels.jsonl")
+    p.add_argument("--n-labelled", type=int, default=None, help="rows in labels.jsonl (default: 10%% of --n)")
     a = p.parse_args(argv)
+    n_labelled = max(1, round(a.n / 10)) if a.n_labelled is None else a.n_labelled
+    if not 0 <= n_labelled <= a.n:
+        p.error(f"--n-labelled must be in [0, --n = {a.n}], got {n_labelled}")
     world = World(WorldConfig(seed=a.seed, n_people=a.people))
-    rows = build_contaminated(world, a.n, a.leak_fraction, seed=a.seed, hard_negatives=a.hard_negatives)
+    try:
+        rows = build_contaminated(world, a.n, a.leak_fraction, seed=a.seed, hard_negatives=a.hard_negatives)
+        labels = labelled_subset(rows, n_labelled, seed=a.seed)
+    except ValueError as e:
+        p.error(str(e))
     out = Path(a.out)
+    # both built before either is written: a bad argument leaves no half of the pair
     write_jsonl(out / "contaminated.jsonl", rows)
-    labels = labelled_subset(rows, a.n_labelled, seed=a.seed)
     write_jsonl(out / "labels.jsonl", labels)
     n_leaky = sum(r["label"] for r in rows)
     print(f"wrote {len(rows)} rows ({n_leaky} leaky) to {out / 'contaminated.jsonl'} and "

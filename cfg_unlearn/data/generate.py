@@ -33,6 +33,7 @@ where every assistant turn that contains one of the listed values becomes a reco
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -82,6 +83,7 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
     """Our conversation JSONL (see the module docstring) -> forget records."""
     src = str(path)
     out: list[ForgetRecord] = []
+    first_line: dict[str, int] = {}
     for line, obj in iter_json_objects(path):
         if "messages" not in obj:
             raise PairFormatError(src, line, "messages", "missing required field")
@@ -90,6 +92,11 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
         if not pii:
             raise PairFormatError(src, line, "pii", "a forget conversation needs the PII values it leaks")
         cid = _record_id(obj, src, line)
+        # pair ids are "<conversation id>-t<turn>": a repeated conversation id would write
+        # a pair file with repeated ids, which the pair reader (rightly) refuses
+        if cid in first_line:
+            raise PairFormatError(src, line, "id", f"duplicate id {cid!r} (first on line {first_line[cid]})")
+        first_line[cid] = line
         system = _text(obj, "system", src, line, DEFAULT_MAX_CHARS, required=False)
         if msgs[0]["role"] == "system":
             system, msgs = msgs[0]["content"], msgs[1:]
@@ -161,6 +168,26 @@ class GenerateSummary:
         return asdict(self)
 
 
+def check_generate_settings(*, guidance_scale: float, space: str, max_new_tokens: int, max_attempts: int,
+                            temperature: float, top_p: float, partial_min_chars: int, batch_size: int) -> None:
+    """Refuse settings that would fail late (sampling starts in round 2, after the greedy
+    round's work) or quietly waste the run (no tokens: every record to the fallback)."""
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+    if space not in ("logprob", "prob"):
+        raise ValueError(f"space must be 'logprob' or 'prob', got {space!r}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("max_attempts", max_attempts),
+                        ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if max_attempts > 1 and not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0 (rounds after the first sample), got {temperature}")
+    if max_attempts > 1 and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if partial_min_chars < 0:
+        raise ValueError(f"partial_min_chars must be >= 0 (0 turns the check off), got {partial_min_chars}")
+
+
 def generate_pairs(
     model,
     tokenizer,
@@ -189,10 +216,9 @@ def generate_pairs(
     summary."""
     from cfg_unlearn.guidance import generate
 
-    if max_attempts < 1:
-        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-    if partial_min_chars < 0:
-        raise ValueError(f"partial_min_chars must be >= 0 (0 turns the check off), got {partial_min_chars}")
+    check_generate_settings(guidance_scale=guidance_scale, space=space, max_new_tokens=max_new_tokens,
+                            max_attempts=max_attempts, temperature=temperature, top_p=top_p,
+                            partial_min_chars=partial_min_chars, batch_size=batch_size)
     bad = leak_reason(fallback, ())
     if bad:
         raise ValueError(f"the fallback answer is not PII-free ({bad}): {fallback!r}")

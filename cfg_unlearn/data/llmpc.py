@@ -23,6 +23,7 @@ queried the model with the raw string.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -64,6 +65,10 @@ HIT_CHARS = 200
 
 _ROLE_LINE = re.compile(r"^(system|user|assistant): ?(.*)$")
 _KEY = re.compile(r"^[A-Z][A-Z_]*-\d+$")
+#: a placeholder as it appears in scrubbed text: "[NAME-1]"
+_PLACEHOLDER = re.compile(r"\[([A-Z][A-Z_]*-\d+)\]")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
             "conversation",
         )
     rows = []
+    first_line: dict[int, int] = {}
     for (n, obj, err), (m, pmap, perr) in zip(scrubbed, maps):
         for e in (err, perr):
             if e is not None:
@@ -97,6 +103,9 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
         idx = obj.get("idx", n - 1)
         if not isinstance(idx, int) or isinstance(idx, bool):
             raise PairFormatError(src, n, "idx", f"expected an integer, got {type(idx).__name__}")
+        if idx in first_line:  # pair and probe ids are built from it
+            raise PairFormatError(src, n, "idx", f"duplicate idx {idx} (first on line {first_line[idx]})")
+        first_line[idx] = n
         if not isinstance(pmap, dict):
             raise PairFormatError(str(pii_path), m, None, f"expected a JSON object, got {type(pmap).__name__}")
         for key, value in pmap.items():
@@ -104,6 +113,13 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
                 raise PairFormatError(str(pii_path), m, key, "expected a placeholder key like 'NAME-1'")
             if not isinstance(value, str) or not value.strip():
                 raise PairFormatError(str(pii_path), m, key, "expected a non-empty string value")
+        # a placeholder without a value would stay literal text in the "leaky" answer: the
+        # usual sign of two files out of step
+        missing = [k for k in dict.fromkeys(_PLACEHOLDER.findall(obj["messages"])) if k not in pmap]
+        if missing:
+            raise PairFormatError(
+                src, n, "messages", f"placeholder(s) {', '.join(f'[{k}]' for k in missing)} have no value on line {m} "
+                f"of {pii_path}: line i of both files must describe one conversation")
         rows.append(ChallengeRow(idx, obj["messages"], dict(pmap), f"{src}:{n}"))
     return rows
 
@@ -156,8 +172,9 @@ def parse_messages(text: str, source: str = "") -> list[dict[str, str]]:
             msgs.append({"role": m.group(1), "content": m.group(2)})
         elif msgs:
             msgs[-1]["content"] += "\n" + line
-        elif line.strip():
-            raise PairFormatError(source, None, "messages", f"text before the first 'role: ' line: {line[:40]!r}")
+        elif line.strip():  # located, not quoted: the text may hold PII
+            raise PairFormatError(source, None, "messages",
+                                  f"{len(line)} characters of text before the first 'role: ' line")
     return msgs
 
 
@@ -166,9 +183,11 @@ def forget_records(rows: list[ChallengeRow]) -> list[ForgetRecord]:
     before it (filled with the true values) as the prompt, the filled turn as the leaky
     answer, the values it holds as its PII; grouped by conversation."""
     out = []
+    without = 0
     for row in rows:
         scrubbed = parse_messages(row.text, row.source)
         history: list[dict[str, str]] = []
+        n_before = len(out)
         for t, msg in enumerate(scrubbed):
             filled = {"role": msg["role"], "content": fill(msg["content"], row.pii)}
             keys = [k for k in row.pii if f"[{k}]" in msg["content"]]
@@ -183,4 +202,8 @@ def forget_records(rows: list[ChallengeRow]) -> list[ForgetRecord]:
                     )
                 )
             history.append(filled)
+        without += len(out) == n_before
+    if without:
+        log.warning("%d of %d challenge conversations give no forget record (no assistant turn after a user turn "
+                    "holds a placeholder)", without, len(rows))
     return out
