@@ -215,8 +215,10 @@ class UnlearnModule(L.LightningModule):
         self.reference_logps: dict[str, torch.Tensor] | None = None
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.model: torch.nn.Module | None = None
-        # cumulative conditioning counts, for the measured dropout rate
-        self.register_buffer("cond_counts", torch.zeros(2, dtype=torch.long), persistent=False)
+        # this epoch's (unconditioned, all) sample counts on this rank, for the measured
+        # dropout rate; plain ints, not a buffer: DDP broadcasts buffers from rank 0 before
+        # each forward, which overwrote the other ranks' counts with rank 0's
+        self.cond_counts = [0, 0]
 
     # ------------------------------------------------------------------ model
 
@@ -361,7 +363,7 @@ class UnlearnModule(L.LightningModule):
         loss, metrics = self.forward_pairs(x, batch.get("id"), use_uncond)
         if loss is None:
             raise RuntimeError("the reference log-probs of this batch are missing (reference='precomputed')")
-        self.cond_counts += torch.tensor([int(use_uncond.sum()), n], device=self.cond_counts.device)
+        self.cond_counts = [self.cond_counts[0] + int(use_uncond.sum()), self.cond_counts[1] + n]
         metrics["cond_dropout_rate"] = use_uncond.float().mean()
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
         if "rewards/margins" in metrics:  # the preference objectives' headline number
@@ -450,9 +452,13 @@ class UnlearnModule(L.LightningModule):
         if saved is not None:
             self.reference_logps = dict(zip(saved["ids"], saved["values"]))
 
+    def on_train_epoch_start(self) -> None:
+        self.cond_counts = [0, 0]
+
     def on_train_epoch_end(self) -> None:
         # summed over ranks (every rank calls this hook, so the collective is safe)
-        dropped, total = self.trainer.strategy.reduce(self.cond_counts.clone(), reduce_op="sum").tolist()
+        counts = torch.tensor(self.cond_counts, dtype=torch.long, device=self.device)
+        dropped, total = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
         if total and self.cond_dropout > 0:
             rank_zero_info(f"conditioning dropout: {dropped}/{total} samples unconditioned ({dropped / total:.3f})")
 

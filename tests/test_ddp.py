@@ -34,6 +34,9 @@ def _fit(tiny_model_dir, save: Path, devices: int) -> tuple[dict[str, torch.Tens
     (path,) = save.rglob("metrics.csv")
     rows = [r for r in csv.DictReader(open(path)) if r.get("eval/n_leak_targets")]
     metrics = {k: float(v) for k, v in rows[-1].items() if k.startswith("eval") and k != "eval/seconds" and v}
+    # the measured dropout rate, summed over the ranks
+    metrics["dropout line"] = next(ln for ln in (run.stdout + run.stderr).splitlines()
+                                   if ln.startswith("conditioning dropout:"))
     return state, metrics
 
 
@@ -55,7 +58,10 @@ def test_two_process_ddp_fit_follows_the_one_process_run(tiny_model_dir, tmp_pat
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5)
     print(f"mean |w2 - w1| = {gap:.2e}, mean |w1 - w0| = {moved:.2e}")
     assert moved > 1e-4 and gap < 1e-3 * moved, (gap, moved)
-    assert m1 == m2  # GuidanceEval's in-run metrics of the two runs agree exactly
+    # GuidanceEval's in-run metrics of the two runs agree exactly, and so does the measured
+    # dropout rate (rank 0's counts, broadcast as a DDP buffer, were summed twice before)
+    assert m1 == m2
+    assert m1["dropout line"].startswith("conditioning dropout: ") and "/24 " in m1["dropout line"]
     assert m1["eval/n_leak_targets"] == 21
     # the tiny model knows no PII, so those metrics are 0 on both sides: also compare the
     # answers themselves: the two runs' models decode the same tokens, and they are not

@@ -126,7 +126,7 @@ def test_training_changes_only_trainable_parameters(tiny_setup, tmp_path):
         else:
             assert id(p) not in opt_params
             assert torch.equal(before[n], p.detach()), f"frozen {n} changed"
-    assert m.cond_counts[1].item() == 12  # 3 steps x 4 pairs counted
+    assert m.cond_counts[1] == 12  # 3 steps x 4 pairs counted
 
 
 def test_swap_mode_requires_negative_instruction(tiny_model_dir, tmp_path):
