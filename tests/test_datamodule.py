@@ -241,17 +241,23 @@ def test_val_fraction_zero(tiny_name):
 # ------------------------------------------------------------------ truncation
 
 
-def test_prompts_cut_from_the_left(tiny_name, tok, world_pairs):
-    max_length = 40
+@pytest.mark.parametrize("max_length", [40, 60])
+def test_prompts_lose_their_oldest_turns_but_keep_the_instruction(tiny_name, tok, world_pairs, max_length):
+    """A prompt too long is cut after its head (BOS, system instruction, template framing)
+    and before its newest tokens: the conditioned sample keeps its condition. Cutting from
+    the very left made it the unconditioned sample (24 of 48 at max_length 40)."""
     dm = make_dm(tiny_name, max_length=max_length, val_fraction=0.0)
     assert dm.stats["truncated_prompts"] > 0
     assert dm.stats["prompt_tokens_cut"] >= dm.stats["truncated_prompts"]
     eos, bos = tok.eos_token_id, tok.bos_token_id
-    n_cut = total_cut = 0
+    instruction = _ids(tok, SAFETY_INSTRUCTION)
+    n_cut = total_cut = lost_instruction = 0
     for it in dm.train_dataset.items:
         rec = world_pairs[it["id"]]
         for v in VARIANTS:
-            full_prompt = _ids(tok, render_prompt(tok, rec.prompt, SAFETY_INSTRUCTION if v == "cond" else None))
+            text = render_prompt(tok, rec.prompt, SAFETY_INSTRUCTION if v == "cond" else None)
+            full_prompt = _ids(tok, text)
+            head = len(_ids(tok, text[: text.index(rec.prompt[0]["content"])]))
             assert full_prompt[0] == bos
             for k, answer in enumerate((rec.chosen, rec.rejected)):
                 ids, labels = it[v]["input_ids"][k], it[v]["labels"][k]
@@ -267,11 +273,23 @@ def test_prompts_cut_from_the_left(tiny_name, tok, world_pairs):
                     continue
                 n_cut += 1
                 total_cut += len(full_prompt) - len(kept)
-                assert len(ids) == max_length
-                assert kept[0] == bos  # the leading BOS survives the cut
-                assert kept[1:] == full_prompt[len(full_prompt) - (len(kept) - 1):]
+                assert len(ids) == max_length and kept[0] == bos
+                if head < len(kept):  # the head fits: kept whole, then the newest tokens
+                    assert kept == full_prompt[:head] + full_prompt[len(full_prompt) - (len(kept) - head):]
+                    if v == "cond":
+                        assert _contains(kept, instruction)
+                        assert kept != it["uncond"]["input_ids"][k][: len(kept)]
+                else:  # it does not: the leading BOS and the newest tokens, counted
+                    assert kept == [bos] + full_prompt[len(full_prompt) - (len(kept) - 1):]
+                    lost_instruction += v == "cond"
     assert n_cut == dm.stats["truncated_prompts"]
     assert total_cut == dm.stats["prompt_tokens_cut"]
+    assert lost_instruction == dm.stats["instruction_cut"]
+    assert n_cut > lost_instruction  # the case this is about happens
+
+
+def _contains(seq: list[int], sub: list[int]) -> bool:
+    return any(seq[i : i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
 
 
 def test_answer_longer_than_max_length_from_file(tiny_name, tmp_path, tok):
@@ -321,6 +339,16 @@ def test_encode_sequence_keeps_bos():
     assert out == ([1, 12, 13, 7, 8, 2], [-100, -100, -100, 7, 8, 2], [-100, -100, -100, 7, 8, 2], 2)
     out = encode_sequence([1, 10, 11, 12, 13], [7, 8, 2], max_length=6, bos_id=1, nll_on_prompt=True)
     assert out == ([1, 12, 13, 7, 8, 2], [-100, -100, -100, 7, 8, 2], [1, 12, 13, 7, 8, 2], 2)
+
+
+def test_encode_sequence_keeps_the_head_then_the_newest_tokens():
+    # head [1, 20, 21] (BOS + instruction) kept, the oldest turn tokens 10, 11 cut
+    out = encode_sequence([1, 20, 21, 10, 11, 12, 13], [7, 2], max_length=7, bos_id=1, nll_on_prompt=False,
+                          keep_head=3)
+    assert out == ([1, 20, 21, 12, 13, 7, 2], [-100] * 5 + [7, 2], [-100] * 5 + [7, 2], 2)
+    # a head that does not fit: the BOS only, as without one
+    assert encode_sequence([1, 20, 21, 10, 11], [7, 2], max_length=5, bos_id=1, nll_on_prompt=False,
+                           keep_head=3)[0] == [1, 10, 11, 7, 2]
 
 
 def test_encode_sequence_without_bos():

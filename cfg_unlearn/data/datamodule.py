@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,27 +45,55 @@ VARIANTS = ("cond", "uncond")
 @dataclass
 class EncodeStats:
     pairs: int = 0
-    truncated_prompts: int = 0  # sequences whose prompt was cut from the left
+    truncated_prompts: int = 0  # sequences whose prompt lost its oldest turns' tokens
     prompt_tokens_cut: int = 0
+    instruction_cut: int = 0  # ... and even the instruction: it alone did not fit
 
 
 def encode_sequence(
-    prompt_ids: list[int], answer_ids: list[int], *, max_length: int, bos_id: int | None, nll_on_prompt: bool
+    prompt_ids: list[int], answer_ids: list[int], *, max_length: int, bos_id: int | None, nll_on_prompt: bool,
+    keep_head: int = 0,
 ) -> tuple[list[int], list[int], list[int], int]:
     """prompt + answer (answer already ends with EOS) -> (input_ids, labels, nll_labels,
-    tokens cut). Answers are kept whole; the prompt is cut from the left, keeping a
-    leading BOS. The caller guarantees ``len(answer_ids) <= max_length``."""
+    tokens cut). Answers are kept whole. A prompt too long for the rest is cut from the
+    left *after* its first ``keep_head`` tokens (the BOS and the system instruction: the
+    conditioned sample must keep its condition, or it trains as the unconditioned one),
+    so the oldest turns go first; when the head alone does not fit, only a leading BOS is
+    kept. The caller guarantees ``len(answer_ids) <= max_length``."""
     room = max_length - len(answer_ids)
     n_prompt = len(prompt_ids)
     if n_prompt > room:
-        keep_bos = bos_id is not None and n_prompt > 0 and prompt_ids[0] == bos_id and room >= 1
-        k = room - 1 if keep_bos else room  # prompt tokens kept from the right
-        prompt_ids = ([bos_id] if keep_bos else []) + prompt_ids[n_prompt - k :]
+        bos = 1 if bos_id is not None and n_prompt > 0 and prompt_ids[0] == bos_id else 0
+        head = max(keep_head, bos)
+        if head >= room:
+            head = bos if room >= 1 else 0
+        prompt_ids = prompt_ids[:head] + prompt_ids[n_prompt - (room - head):]
     cut = n_prompt - len(prompt_ids)
     ids = prompt_ids + answer_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
     nll = ids[:] if nll_on_prompt else labels[:]
     return ids, labels, nll, cut
+
+
+def instruction_head(text: str, offsets: list[tuple[int, int]] | None, system: str | None,
+                     messages: Sequence[dict[str, str]]) -> int:
+    """How many leading tokens of the rendered prompt ``text`` come before its first
+    conversation message: the BOS, the system instruction and the template's framing
+    (``offsets``: the tokenizer's character span per token; None: unknown, 0)."""
+    if offsets is None or not messages:
+        return 0
+    start = text.find(system) + len(system) if system and system in text else 0
+    first = text.find(messages[0]["content"], start)
+    if first < 0:
+        return 0
+    return sum(1 for _, end in offsets if end <= first)
+
+
+def _offsets(tok, text: str) -> list[tuple[int, int]] | None:
+    try:
+        return tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError):  # slow tokenizers have no offsets
+        return None
 
 
 class PairDataset(Dataset):
@@ -134,8 +163,9 @@ class PairDataModule(L.LightningDataModule):
             None blanks it (conditioning dropout); a string such as
             :data:`~cfg_unlearn.prompts.NEGATIVE_INSTRUCTION` is the swap variant's
             negative instruction.
-        max_length: tokens per sequence; prompts are cut from the left to fit (counted),
-            an answer that alone exceeds it is an error.
+        max_length: tokens per sequence; prompts lose their oldest tokens to fit, after
+            the instruction (counted; see :func:`encode_sequence`), an answer that alone
+            exceeds it is an error.
         nll_span: ``response`` (default: the prompt may hold the PII being removed) or
             ``prompt_response`` (TRL's ORPO, for parity).
         val_fraction: share of conversations held out when ``val_file`` is not given.
@@ -228,17 +258,21 @@ class PairDataModule(L.LightningDataModule):
             item: dict[str, Any] = {"id": rec.id}
             for v in VARIANTS:
                 system = (rec.system or self.system_prompt) if v == "cond" else self.uncond_system_prompt
-                prompt_ids = tok(render_prompt(tok, rec.prompt, system), add_special_tokens=False)["input_ids"]
+                text = render_prompt(tok, rec.prompt, system)
+                prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
+                head = 0
+                if len(prompt_ids) + max(map(len, answers)) > self.max_length:
+                    head = instruction_head(text, _offsets(tok, text), system, rec.prompt)
                 seqs = [
-                    encode_sequence(
-                        prompt_ids, a, max_length=self.max_length, bos_id=tok.bos_token_id, nll_on_prompt=nll_on_prompt
-                    )
+                    encode_sequence(prompt_ids, a, max_length=self.max_length, bos_id=tok.bos_token_id,
+                                    nll_on_prompt=nll_on_prompt, keep_head=head)
                     for a in answers
                 ]
                 for s in seqs:
                     if s[3]:
                         stats.truncated_prompts += 1
                         stats.prompt_tokens_cut += s[3]
+                        stats.instruction_cut += v == "cond" and head > 0 and s[0][:head] != prompt_ids[:head]
                 item[v] = {
                     "input_ids": [s[0] for s in seqs],
                     "labels": [s[1] for s in seqs],
@@ -266,15 +300,21 @@ class PairDataModule(L.LightningDataModule):
             val_groups=len({r.group for r in val}),
             truncated_prompts=st.truncated_prompts,
             prompt_tokens_cut=st.prompt_tokens_cut,
+            instruction_cut=st.instruction_cut,
         )
         rank_zero_info(
             "pairs: {train_pairs} train / {val_pairs} val ({train_groups} / {val_groups} conversations); "
-            "{truncated_prompts} sequences had their prompt cut from the left to max_length".format(**self.stats)
+            "{truncated_prompts} sequences lost their oldest prompt tokens to max_length".format(**self.stats)
         )
         if st.truncated_prompts:
             log.warning(
-                "%d sequences (%d prompt tokens) were cut to max_length=%d",
+                "%d sequences (%d prompt tokens) were cut to max_length=%d, the oldest turns first",
                 st.truncated_prompts, st.prompt_tokens_cut, self.max_length,
+            )
+        if st.instruction_cut:
+            log.warning(
+                "%d sequences could not keep their system instruction within max_length=%d: they train as "
+                "unconditioned samples; raise max_length", st.instruction_cut, self.max_length,
             )
 
     # -------------------------------------------------------------------- loaders
