@@ -107,7 +107,7 @@ def _generate(argv: list[str]) -> None:
         read_forget_conversations,
     )
     from cfg_unlearn.data.schema import PairFormatError, write_pairs
-    from cfg_unlearn.models import load_causal_lm, load_tokenizer
+    from cfg_unlearn.models import ModelNotFoundError, load_causal_lm, load_tokenizer
     from cfg_unlearn.pii import PARTIAL_MIN_CHARS
     from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 
@@ -163,7 +163,10 @@ def _generate(argv: list[str]) -> None:
                                 partial_min_chars=a.partial_min_chars, batch_size=a.batch_size)
     except ValueError as e:
         p.error(str(e))
-    tok = load_tokenizer(a.model)
+    try:
+        tok = load_tokenizer(a.model)
+    except ModelNotFoundError as e:
+        p.exit(2, f"cfg-unlearn generate: --model: {e}\n")
     try:
         if a.forget:
             records = read_forget_conversations(a.forget)

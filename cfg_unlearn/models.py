@@ -8,6 +8,7 @@ names work where the hub is reachable and local paths work everywhere.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -31,12 +32,33 @@ def parse_dtype(dtype: str | None) -> torch.dtype | str | None:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'") from None
 
 
+class ModelNotFoundError(ValueError):
+    """A model or tokenizer name that is neither a local directory nor served by the hub."""
+
+
+def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
+    """``loader.from_pretrained`` with a plain error for a name that is no local path:
+    transformers reports a mistyped directory as a hub failure ("couldn't connect to
+    huggingface.co", "Repo id must be in the form ...")."""
+    path = resolve_pretrained(name_or_path)
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        if Path(path).expanduser().exists():
+            raise
+        raise ModelNotFoundError(
+            f"{what} {name_or_path!r}: no such local directory (relative paths start at {Path.cwd()}), and the "
+            f"Hugging Face hub did not serve it (offline, private or no such repo): {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     """Load a tokenizer; give it a pad token (EOS) if it has none, as padding needs one
     and the pad positions are masked everywhere anyway."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_pretrained(name_or_path), trust_remote_code=trust_remote_code)
+    tok = _from_pretrained(AutoTokenizer, name_or_path, "tokenizer", trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
@@ -60,7 +82,7 @@ def load_causal_lm(
     kwargs = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(name_or_path), **kwargs)
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path, "model", **kwargs)
     if gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA) and with FSDP. transformers >= 5.2x
         # calls it activation checkpointing; keep the older name working too.

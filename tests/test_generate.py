@@ -272,6 +272,11 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeyp
             console_main([*base, *args])
         assert exc.value.code == 2 and message in capsys.readouterr().err, args
     assert pii.read_text() == before and not (tmp_path / "p.jsonl").exists()
+    # a mistyped local model path is named as such, not reported as a hub failure
+    with pytest.raises(SystemExit) as exc:
+        console_main([*base, "--out", str(tmp_path / "p.jsonl")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"tokenizer '{tmp_path / 'no-such-model'}': no such local directory" in err
     # --redact-fallback: a writer whose every candidate trips the e-mail detector, so every
     # record falls back, to its leaky answer redacted
     import cfg_unlearn.guidance as guidance
