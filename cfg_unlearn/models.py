@@ -43,7 +43,7 @@ def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
     path = resolve_pretrained(name_or_path)
     try:
         return loader.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
+    except OSError as e:  # transformers wraps hub and repo-id errors in OSError
         if Path(path).expanduser().exists():
             raise
         raise ModelNotFoundError(
