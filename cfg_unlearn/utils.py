@@ -95,7 +95,7 @@ def check_out_dir(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike
         if resolved == p.resolve():
             raise ValueError(f"--out {out} is one of the inputs ({p}); write the result elsewhere")
         if resolved in p.resolve().parents:
-            raise ValueError(f"--out {out} contains the input {p}: replacing it would delete the input; "
+            raise ValueError(f"--out {out} contains the input {p}: writing there could replace or delete it; "
                              "write elsewhere")
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
