@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -48,7 +47,7 @@ from typing import IO, Any
 
 import torch
 
-from cfg_unlearn.guidance import SPACES, encode_prompts, generate
+from cfg_unlearn.guidance import SPACES, check_guidance, encode_prompts, generate
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 from cfg_unlearn.utils import check_out_dir, publish_dir
 
@@ -113,13 +112,6 @@ class ExportConfig:
             return cls(**known)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-
-
-def check_guidance(guidance_scale: float, space: str) -> None:
-    if not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
-    if space not in SPACES:
-        raise ValueError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
 
 
 def _blank_to_none(text: str | None) -> str | None:

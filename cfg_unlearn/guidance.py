@@ -31,6 +31,7 @@ Why it is shaped like this (and faster than ``generate(guidance_scale=...)``):
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -42,6 +43,15 @@ from cfg_unlearn.prompts import render_prompt
 Space = Literal["logprob", "prob"]
 SPACES = ("logprob", "prob")
 Prompt = str | Sequence[dict[str, str]]
+
+
+def check_guidance(guidance_scale: float, space: str) -> None:
+    """The guidance settings a user may ask for (export, generate): a finite ``g >= 0``
+    and a known space."""
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
 
 
 # --------------------------------------------------------------------------- the math
