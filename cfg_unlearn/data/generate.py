@@ -48,6 +48,7 @@ from cfg_unlearn.data.schema import (
     _record_id,
     _text,
     iter_json_objects,
+    note_first_line,
     prompt_text,
 )
 from cfg_unlearn.pii import PARTIAL_MIN_CHARS, ValueIndex, contains_fragment, contains_value, detect_pii, find_values
@@ -94,9 +95,7 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
         cid = _record_id(obj, src, line)
         # pair ids are "<conversation id>-t<turn>": a repeated conversation id would write
         # a pair file with repeated ids, which the pair reader (rightly) refuses
-        if cid in first_line:
-            raise PairFormatError(src, line, "id", f"duplicate id {cid!r} (first on line {first_line[cid]})")
-        first_line[cid] = line
+        note_first_line(first_line, cid, src, line)
         system = _text(obj, "system", src, line, DEFAULT_MAX_CHARS, required=False)
         if msgs[0]["role"] == "system":
             system, msgs = msgs[0]["content"], msgs[1:]
@@ -172,10 +171,9 @@ def check_generate_settings(*, guidance_scale: float, space: str, max_new_tokens
                             temperature: float, top_p: float, partial_min_chars: int, batch_size: int) -> None:
     """Refuse settings that would fail late (sampling starts in round 2, after the greedy
     round's work) or quietly waste the run (no tokens: every record to the fallback)."""
-    if not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
-    if space not in ("logprob", "prob"):
-        raise ValueError(f"space must be 'logprob' or 'prob', got {space!r}")
+    from cfg_unlearn.guidance import check_guidance
+
+    check_guidance(guidance_scale, space)
     for name, value in (("max_new_tokens", max_new_tokens), ("max_attempts", max_attempts),
                         ("batch_size", batch_size)):
         if value < 1:

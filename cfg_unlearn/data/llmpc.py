@@ -28,7 +28,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from cfg_unlearn.data.schema import EvalRecord, ForgetRecord, PairFormatError, PIIItem, iter_jsonl
+from cfg_unlearn.data.schema import EvalRecord, ForgetRecord, PairFormatError, PIIItem, iter_jsonl, note_first_line
 
 #: The challenge's descriptions of the PII types its attack prompts name (verbatim from
 #: its baseline script; types not listed here are not attacked).
@@ -103,9 +103,7 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
         idx = obj.get("idx", n - 1)
         if not isinstance(idx, int) or isinstance(idx, bool):
             raise PairFormatError(src, n, "idx", f"expected an integer, got {type(idx).__name__}")
-        if idx in first_line:  # pair and probe ids are built from it
-            raise PairFormatError(src, n, "idx", f"duplicate idx {idx} (first on line {first_line[idx]})")
-        first_line[idx] = n
+        note_first_line(first_line, idx, src, n, "idx")  # pair and probe ids are built from it
         if not isinstance(pmap, dict):
             raise PairFormatError(str(pii_path), m, None, f"expected a JSON object, got {type(pmap).__name__}")
         for key, value in pmap.items():

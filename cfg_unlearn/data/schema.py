@@ -424,6 +424,14 @@ def iter_json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         yield line, obj
 
 
+def note_first_line(seen: dict, key: Any, src: str, line: int, field: str = "id") -> None:
+    """Record that ``key`` (a row's id) first appears on ``line``; a repeat is a
+    ``file:line: field`` error naming the first line."""
+    if key in seen:
+        raise PairFormatError(src, line, field, f"duplicate {field} {key!r} (first on line {seen[key]})")
+    seen[key] = line
+
+
 def _read_records(path, parse, noun: str, on_error: str) -> tuple[list, ReadStats]:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -446,10 +454,8 @@ def _read_records(path, parse, noun: str, on_error: str) -> tuple[list, ReadStat
             stats.skip_reasons.append(str(e))
             log.warning("skipping %s", e)
             continue
-        if rec.id in seen:
-            # never skippable: which of the two rows is the right one is not ours to guess
-            raise PairFormatError(str(path), lineno, "id", f"duplicate id {rec.id!r} (first on line {seen[rec.id]})")
-        seen[rec.id] = lineno
+        # never skippable: which of the two rows is the right one is not ours to guess
+        note_first_line(seen, rec.id, str(path), lineno)
         records.append(rec)
         stats.records += 1
     if stats.skipped:
