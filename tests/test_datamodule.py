@@ -429,6 +429,33 @@ def test_train_file_skip_mode(tiny_name, tmp_path, world_pairs):
     assert dm.stats["skipped_rows"] == 1 and dm.stats["train_pairs"] == 4
 
 
+
+def test_suspect_pairs_are_counted_and_located_without_their_text(tiny_name, tmp_path, world_pairs):
+    """A pair with chosen == rejected, or whose chosen holds the row's own PII value,
+    trains the leak: both are counted and named by file:line, never quoted."""
+    from dataclasses import replace
+
+    recs = list(world_pairs.values())[:5]
+    value = recs[3].pii[0].value
+    recs[1] = replace(recs[1], chosen=recs[1].rejected)
+    recs[3] = replace(recs[3], chosen=f"Sure, it is {value}.")
+    path = tmp_path / "p.jsonl"
+    write_pairs(path, recs)
+    with pytest.warns(UserWarning) as got:
+        dm = make_dm(tiny_name, train_file=str(path), val_fraction=0.0)
+    text = [str(w.message) for w in got]
+    assert f"1 of 5 pairs have chosen == rejected (nothing to prefer; NLL trains the leaky answer): {path}:2" in text
+    leak = [t for t in text if "own pii values" in t]
+    assert leak == [f"1 of 5 pairs have a chosen answer holding one of the row's own pii values "
+                    f"(training rewards the leak): {path}:4"]
+    assert not any(value in t or recs[1].rejected in t for t in text)
+    assert (dm.stats["identical_pairs"], dm.stats["chosen_leaks"], dm.stats["train_pairs"]) == (1, 1, 5)
+
+
+def test_world_pairs_are_not_suspect(dm):
+    assert (dm.stats["identical_pairs"], dm.stats["chosen_leaks"]) == (0, 0)
+
+
 def test_empty_train_file(tiny_name, tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no training pairs"):

@@ -24,12 +24,13 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cfg_unlearn.data.schema import DEFAULT_MAX_CHARS, PairRecord, read_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.models import load_tokenizer
+from cfg_unlearn.pii import contains_value
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION, render_prompt
 from cfg_unlearn.tiny import resolve_pretrained
 
@@ -48,6 +49,22 @@ class EncodeStats:
     truncated_prompts: int = 0  # sequences whose prompt lost its oldest turns' tokens
     prompt_tokens_cut: int = 0
     instruction_cut: int = 0  # ... and even the instruction: it alone did not fit
+
+
+def audit_pairs(records: Sequence[PairRecord]) -> dict[str, list[str]]:
+    """Pairs that teach nothing or the wrong thing, by where they are (``file:line`` or
+    id, never their text, which holds PII): ``identical`` (chosen == rejected: the
+    odds-ratio and DPO terms are constant, NLL trains the leaky answer) and
+    ``chosen_leaks`` (the chosen answer holds one of the row's own ``pii`` values, so
+    training rewards the leak)."""
+    out: dict[str, list[str]] = {"identical": [], "chosen_leaks": []}
+    for rec in records:
+        where = rec.source or f"id {rec.id!r}"
+        if rec.chosen.strip() == rec.rejected.strip():
+            out["identical"].append(where)
+        elif any(contains_value(rec.chosen, item.value, item.type) for item in rec.pii):
+            out["chosen_leaks"].append(where)
+    return out
 
 
 def encode_sequence(
@@ -290,6 +307,7 @@ class PairDataModule(L.LightningDataModule):
         train, val = self.load_records()
         if not train:
             raise ValueError("no training pairs: the pair file is empty or every row was skipped")
+        self._warn_suspect_pairs(train + val)
         st = EncodeStats()
         self.train_dataset = PairDataset(self.encode(train, st))
         self.val_dataset = PairDataset(self.encode(val, st)) if val else None
@@ -316,6 +334,18 @@ class PairDataModule(L.LightningDataModule):
                 "%d sequences could not keep their system instruction within max_length=%d: they train as "
                 "unconditioned samples; raise max_length", st.instruction_cut, self.max_length,
             )
+
+    def _warn_suspect_pairs(self, records: list[PairRecord]) -> None:
+        found = audit_pairs(records)
+        self.stats.update(identical_pairs=len(found["identical"]), chosen_leaks=len(found["chosen_leaks"]))
+        what = {
+            "identical": "have chosen == rejected (nothing to prefer; NLL trains the leaky answer)",
+            "chosen_leaks": "have a chosen answer holding one of the row's own pii values (training rewards the leak)",
+        }
+        for key, places in found.items():
+            if places:
+                shown = ", ".join(places[:5]) + (", ..." if len(places) > 5 else "")
+                rank_zero_warn(f"{len(places)} of {len(records)} pairs {what[key]}: {shown}")
 
     # -------------------------------------------------------------------- loaders
 
