@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from cfg_unlearn.data.schema import EvalRecord, PIIItem, prompt_text, read_eval_records
 from cfg_unlearn.data.world import World, WorldConfig
-from cfg_unlearn.guidance import SPACES, generate
+from cfg_unlearn.guidance import SPACES, check_guidance, generate
 from cfg_unlearn.metrics import DEFAULT_PII_TYPES, OTHER, AnswerAccuracy, LeakRate, PIIRate, answer_matches
 from cfg_unlearn.pii import PARTIAL_MIN_CHARS, NERDetector, contains_value, contains_value_or_fragment, redact
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
@@ -139,6 +139,15 @@ class GuidanceEval(Callback):
         for name, val in (("max_probes", max_probes), ("max_questions", max_questions)):
             if val is not None and val < 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {val}")
+        for name, val, least in (("max_new_tokens", max_new_tokens, 1), ("batch_size", batch_size, 1),
+                                 ("log_samples", log_samples, 0)):
+            if val < least:  # 0 new tokens would score every probe as a safe empty answer
+                raise ValueError(f"{name} must be >= {least}, got {val}")
+        for s in scales:
+            try:
+                check_guidance(float(s), spaces[0])
+            except ValueError as e:
+                raise ValueError(f"GuidanceEval scales {list(scales)}: {e}") from None
         self.scales = [float(s) for s in scales]
         self.spaces = list(dict.fromkeys(spaces))
         self.probes_file, self.qa_file, self.world = probes_file, qa_file, world

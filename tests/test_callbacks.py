@@ -67,6 +67,15 @@ def test_runs_decode_g1_once_and_arguments_are_checked():
         GuidanceEval(world=WorldConfig(n_people=2), max_probes=0, max_questions=0).load_eval_sets()
     with pytest.raises(ValueError, match="probes_file and/or qa_file"):
         GuidanceEval().load_eval_sets(datamodule=None)
+    # settings that would score nothing or decode nonsense are refused at construction
+    for kw, msg in ((dict(scales=[1, -2]), r"scales \[1, -2\]: .*>= 0, got -2.0"),
+                    (dict(scales=[float("inf")]), "finite"),
+                    (dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
+                    (dict(batch_size=0), "batch_size must be >= 1"),
+                    (dict(log_samples=-1), "log_samples must be >= 0")):
+        with pytest.raises(ValueError, match=msg):
+            GuidanceEval(**kw)
+    assert GuidanceEval(scales=[0, 1.5], max_new_tokens=1, log_samples=0).scales == [0.0, 1.5]
 
 
 def test_probe_and_question_files(tmp_path):
