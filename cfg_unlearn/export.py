@@ -49,6 +49,7 @@ import torch
 
 from cfg_unlearn.guidance import SPACES, check_guidance, encode_prompts, generate
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
+from cfg_unlearn.tiny import absolute_model_name
 from cfg_unlearn.utils import check_out_dir, publish_dir
 
 log = logging.getLogger(__name__)
@@ -224,17 +225,34 @@ def checkpoint_instructions(ckpt: dict[str, Any]) -> tuple[str | None, str | Non
     return system, uncond
 
 
-def load_module(ckpt_path: str | os.PathLike, ckpt: dict[str, Any] | None = None):
+def base_model_name(ckpt: dict[str, Any], base_model: str | None = None) -> str:
+    """The model a checkpoint's weights go over: ``base_model`` if given; else its
+    ``model`` hyperparameter where that is a hub id or a directory seen from here; else
+    the absolute path the checkpoint recorded at training (a relative path given in
+    another folder); else the hyperparameter as is (its load then names what is missing)."""
+    if base_model is not None:
+        return base_model
+    given = ckpt["hyper_parameters"]["model"]
+    recorded = ckpt.get("model_abspath")
+    if absolute_model_name(given) is None and isinstance(recorded, str) and absolute_model_name(recorded):
+        log.info("model %r is no directory from here; using %s, where it was at training", given, recorded)
+        return recorded
+    return given
+
+
+def load_module(ckpt_path: str | os.PathLike, ckpt: dict[str, Any] | None = None, base_model: str | None = None):
     """The :class:`UnlearnModule` of a checkpoint, rebuilt as Lightning restores it
     (``load_from_checkpoint`` calls ``configure_model`` and loads the state dict), then
     checked: every ``model.*`` tensor of the checkpoint must be in the module, equal.
-    (A module that loads non-strictly, e.g. adapters only, cannot silently drop one.)"""
+    (A module that loads non-strictly, e.g. adapters only, cannot silently drop one.)
+    ``base_model`` replaces the checkpoint's ``model`` (see :func:`base_model_name`)."""
     from cfg_unlearn.module import UnlearnModule
 
     ckpt = read_checkpoint(ckpt_path) if ckpt is None else ckpt
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        module = UnlearnModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+        override = {} if base_model is None else {"model": base_model}
+        module = UnlearnModule.load_from_checkpoint(ckpt_path, map_location="cpu", **override)
     for w in caught:
         if module.strict_loading is False and "not in the checkpoint" in str(w.message):
             # adapter-only checkpoints: the base comes from `model`, by design
@@ -322,13 +340,16 @@ def export_checkpoint(
     uncond_system: str | None = None,
     dtype: str | None = None,
     overwrite: bool = False,
+    base_model: str | None = None,
 ) -> tuple[Path, ExportConfig]:
     """Export a Lightning checkpoint of :class:`UnlearnModule` (a file, or a sharded FSDP
     checkpoint directory, see the module docstring) to ``out_dir``.
 
     ``system`` / ``uncond_system``: None keeps the checkpoint's (its data module's)
     instructions; an empty string blanks one. ``guidance_scale`` / ``space``: None
-    gives 2.0 / ``logprob``. Returns the directory and the written decoding config.
+    gives 2.0 / ``logprob``. ``base_model``: the model the checkpoint was trained from,
+    where its recorded path no longer resolves (see :func:`base_model_name`). Returns
+    the directory and the written decoding config.
     """
     ckpt_path, out = Path(ckpt_path), Path(out_dir)
     g = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale)
@@ -344,12 +365,14 @@ def export_checkpoint(
                                          ignore_cleanup_errors=True) as tmp:
             log.info("gathering the sharded checkpoint %s into one file", ckpt_path)
             single = consolidate_sharded(ckpt_path, Path(tmp) / "consolidated.ckpt")
-            return _export_file(single, out, ckpt_path, g, space, system, uncond_system, dtype, overwrite)
-    return _export_file(ckpt_path, out, ckpt_path, g, space, system, uncond_system, dtype, overwrite)
+            return _export_file(single, out, ckpt_path, g, space, system, uncond_system, dtype, overwrite,
+                                base_model)
+    return _export_file(ckpt_path, out, ckpt_path, g, space, system, uncond_system, dtype, overwrite, base_model)
 
 
 def _export_file(ckpt_path: Path, out: Path, source: Path, g: float, space: str, system: str | None,
-                 uncond_system: str | None, dtype: str | None, overwrite: bool) -> tuple[Path, ExportConfig]:
+                 uncond_system: str | None, dtype: str | None, overwrite: bool,
+                 base_model: str | None = None) -> tuple[Path, ExportConfig]:
     """:func:`export_checkpoint` of one checkpoint file; ``source`` is what the user gave."""
     from cfg_unlearn import __version__
     from cfg_unlearn.models import load_tokenizer
@@ -364,10 +387,12 @@ def _export_file(ckpt_path: Path, out: Path, source: Path, g: float, space: str,
         source_checkpoint=str(source.resolve()),
         cfg_unlearn_version=__version__,
     )
-    module = load_module(ckpt_path, ckpt)
     hp = ckpt["hyper_parameters"]
+    base = base_model_name(ckpt, base_model)
+    module = load_module(ckpt_path, ckpt, None if base == hp["model"] else base)
     dm = ckpt.get("datamodule_hyper_parameters")
     tok_name = dm.get("tokenizer") if isinstance(dm, dict) and isinstance(dm.get("tokenizer"), str) else hp["model"]
+    tok_name = base if tok_name == hp["model"] else tok_name  # the CLI links data.tokenizer to model.model
     del ckpt  # the mmapped checkpoint is no longer needed
     tokenizer = load_tokenizer(tok_name, trust_remote_code=bool(hp.get("trust_remote_code", False)))
     model = module.model
@@ -516,6 +541,9 @@ def build_export_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None,
                    help="cast the weights: float32, bfloat16, float16 (default / 'auto': as trained)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--base-model", default=None,
+                   help="the model the checkpoint was trained from, where its recorded path no longer resolves "
+                   "(moved, or another machine); default: the checkpoint's model.model")
     return p
 
 
@@ -527,10 +555,13 @@ def main_export(argv: list[str] | None = None) -> None:
     try:
         out, config = export_checkpoint(
             a.ckpt, a.out, guidance_scale=a.guidance_scale, space=a.space, system=a.system,
-            uncond_system=a.uncond_system, dtype=a.dtype, overwrite=a.overwrite,
+            uncond_system=a.uncond_system, dtype=a.dtype, overwrite=a.overwrite, base_model=a.base_model,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        p.exit(2, f"cfg-unlearn export: {e}\n")
+        from cfg_unlearn.models import ModelNotFoundError
+
+        hint = "; pass --base-model with the model it was trained from" if isinstance(e, ModelNotFoundError) else ""
+        p.exit(2, f"cfg-unlearn export: {e}{hint}\n")
     print(f"wrote {out} (guidance {config.guidance_scale:g}, {config.space}; instruction "
           f"{config.system_instruction!r}, unconditioned {config.uncond_instruction!r})")
 

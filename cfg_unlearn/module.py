@@ -48,6 +48,7 @@ from cfg_unlearn.objectives import (
     token_logps,
 )
 from cfg_unlearn.strategies import forward_outside_step
+from cfg_unlearn.tiny import absolute_model_name
 
 log = logging.getLogger(__name__)
 
@@ -432,6 +433,9 @@ class UnlearnModule(L.LightningModule):
         return table
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # hparams keep `model` as given; a relative path breaks when the checkpoint is
+        # exported from another folder, so the absolute one travels with it (export reads it)
+        checkpoint["model_abspath"] = absolute_model_name(self.model_name)
         if self.lora is not None and self.lora.adapter_only_checkpoints:
             # FSDP/activation-checkpoint wrappers add name parts the saved keys do not have
             wrappers = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")

@@ -146,3 +146,14 @@ def resolve_pretrained(name_or_path: str) -> str:
             path.rmdir()
         build_tiny(path)
     return str(path)
+
+
+def absolute_model_name(name_or_path: str) -> str | None:
+    """``name_or_path`` with its local directory made absolute (``tiny:`` kept), or None
+    for a name that is no local directory (a hub id). Checkpoints record it so that a
+    relative path given at training still finds the model from another folder."""
+    tiny = name_or_path.startswith(TINY_SCHEME)
+    local = Path(name_or_path[len(TINY_SCHEME):] or ".cache/cfg_unlearn/tiny") if tiny else Path(name_or_path)
+    if not local.is_dir():
+        return None
+    return (TINY_SCHEME if tiny else "") + str(local.resolve())

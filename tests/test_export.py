@@ -402,6 +402,46 @@ def test_lora_module_checkpoint_exports_merged(tiny_model_dir, tmp_path, adapter
     assert greedy_ids(hf, tok, PROMPTS, 2.0) == greedy_ids(module.model, load_tokenizer(spec), PROMPTS, 2.0)
 
 
+
+def test_a_relative_model_path_exports_from_another_folder_and_base_model_overrides(
+        tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Adapter-only checkpoints need their base model. Trained with a relative model
+    path, the checkpoint still exports from another folder (it records the absolute
+    path); once the model has moved, the error says so and --base-model points at it."""
+    import shutil
+
+    from cfg_unlearn.module import LoraSettings
+
+    train_dir, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    train_dir.mkdir(), elsewhere.mkdir()
+    shutil.copytree(tiny_model_dir, train_dir / "base")
+    monkeypatch.chdir(train_dir)
+    dm = PairDataModule(tokenizer="base", world=WorldConfig(seed=0, n_people=4), batch_size=4)
+    module = UnlearnModule(model="base", lora=LoraSettings(r=4, alpha=8, adapter_only_checkpoints=True),
+                           optimizer=lambda p: torch.optim.AdamW(p, lr=2e-2))
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", default_root_dir=train_dir, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    ckpt = Path(trainer.checkpoint_callback.best_model_path).resolve()
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["hyper_parameters"]["model"] == "base"
+    assert saved["model_abspath"] == str(train_dir / "base")
+
+    monkeypatch.chdir(elsewhere)  # "base" is no directory from here
+    out, _ = export_checkpoint(ckpt, elsewhere / "export")
+    first = load_file(out / "model.safetensors")
+
+    (train_dir / "base").rename(tmp_path / "moved")  # now neither path resolves
+    with pytest.raises(SystemExit) as e:
+        main_export(["--ckpt", str(ckpt), "--out", str(elsewhere / "e2")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "pass --base-model" in err and "base" in err
+    assert not (elsewhere / "e2").exists()
+    main_export(["--ckpt", str(ckpt), "--out", str(elsewhere / "e2"), "--base-model", str(tmp_path / "moved")])
+    again = load_file(elsewhere / "e2" / "model.safetensors")
+    assert set(again) == set(first) and all(torch.equal(again[k], first[k]) for k in first)
+
+
 def test_merged_model_returns_the_unwrapped_base(tiny_model_dir):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
