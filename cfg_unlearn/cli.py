@@ -10,9 +10,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from typing import Optional
+from typing import Any, Optional
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from cfg_unlearn.callbacks import GuidanceEval, LoggerSaveConfigCallback
 from cfg_unlearn.checkpointing import install_checkpointing
@@ -44,6 +46,25 @@ class UnlearnCLI(LightningCLI):
             help="GuidanceEval: leak rate / accuracy per guidance scale (null: off)",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI (2.6) replaces the model's arguments with the checkpoint's
+        hyperparameters, so ``validate --ckpt_path C --model.beta 5`` would score with the
+        checkpoint's beta without a word (Lightning-AI/pytorch-lightning#21455). Keep
+        that (the weights were trained with them), but name every value the user set
+        (one that differs from the default) and lost."""
+        sub = self.config.get("subcommand")
+        before = _flat(self.config[sub].get("model")) if sub else {}
+        super()._parse_ckpt_path()
+        if not before:
+            return
+        after = _flat(self.config[sub].get("model"))
+        default = _flat(self._subcommand_parsers[sub].get_defaults().get("model"))
+        lost = [f"model.{k}={v!r} (checkpoint: {after.get(k)!r})"
+                for k, v in before.items() if v != default.get(k) and after.get(k) != v]
+        if lost:
+            rank_zero_warn(f"--ckpt_path: the checkpoint's hyperparameters replace {', '.join(lost)}; "
+                           "the model is rebuilt as it was trained")
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         install_checkpointing(trainer)  # atomic checkpoint writes + exact mid-epoch resume
@@ -52,6 +73,11 @@ class UnlearnCLI(LightningCLI):
             # first, so its metrics are logged before checkpoint callbacks read them
             trainer.callbacks.insert(0, evaluator)
         return trainer
+
+
+def _flat(ns: Any) -> dict[str, Any]:
+    """A jsonargparse Namespace as ``{"optimizer.init_args.lr": ...}``."""
+    return dict(ns.items()) if isinstance(ns, Namespace) else {}
 
 
 def quiet_third_party_warnings() -> None:

@@ -84,6 +84,27 @@ def test_trainer_subcommands_without_steps_are_refused_up_front(command, capsys)
     assert f"invalid choice: '{command}'" in err and "'fit', 'validate'" in err
 
 
+
+def test_ckpt_path_names_the_model_arguments_it_replaces(tmp_path, monkeypatch):
+    """LightningCLI rebuilds the model from the checkpoint's hyperparameters, dropping
+    `--model.*` values given with `--ckpt_path`: each one the user set (not a default,
+    not equal to the checkpoint's) is named in a warning."""
+    from cfg_unlearn.cli import UnlearnCLI
+
+    ckpt = tmp_path / "c.ckpt"
+    torch.save({"hyper_parameters": {"model": "tiny:unused", "beta": 1.0, "cond_dropout": 0.0, "seed": 3},
+                "state_dict": {}}, ckpt)
+    monkeypatch.setattr(UnlearnCLI, "_run_subcommand", lambda self, sub: None)  # parse and build only
+    base = ["validate", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path)]
+    with pytest.warns(UserWarning, match="--ckpt_path") as got:
+        cli = cli_main([*base, "--model.beta=5", "--model.cond_dropout=0.2", "--model.seed=3",
+                        f"--ckpt_path={ckpt}"])
+    (msg,) = [str(w.message) for w in got if "--ckpt_path" in str(w.message)]
+    assert "model.beta=5.0 (checkpoint: 1.0)" in msg and "model.cond_dropout=0.2 (checkpoint: 0.0)" in msg
+    assert "seed" not in msg  # set, but to the checkpoint's own value
+    assert (cli.model.beta, cli.model.cond_dropout) == (1.0, 0.0)  # Lightning's rule is kept
+
+
 def test_tiny_fit_then_validate_end_to_end(tiny_model_dir, tmp_path):
     """`python train.py fit --config configs/tiny.yaml` (shortened to 2 epochs) raises the
     reward margin, and `validate --ckpt_path` scores the checkpoint it wrote."""
