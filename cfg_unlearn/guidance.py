@@ -69,8 +69,12 @@ def guided_scores(
     u = F.log_softmax(uncond_logits.float(), dim=-1)
     if space == "logprob":
         # same expression and order as transformers' CFG logits processor, so greedy
-        # decoding is token-identical to it
-        return guidance_scale * (c - u) + u
+        # decoding is token-identical to it on finite scores
+        out = guidance_scale * (c - u) + u
+        # a banned token (-inf logit, e.g. a masked vocabulary slot) made that NaN, which
+        # argmax picks: banned in the conditioned branch stays banned; banned only in the
+        # unconditioned one, there is nothing to push away from, so it keeps its c
+        return torch.where(torch.isneginf(c), c, torch.where(torch.isneginf(u), c, out))
     if space == "prob":
         pu = u.exp()
         p = (pu + guidance_scale * (c.exp() - pu)).clamp_min(0.0)

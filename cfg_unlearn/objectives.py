@@ -34,7 +34,9 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     safe = labels.masked_fill(~mask, 0)
     # gather - logsumexp: no (B, T, V) log-softmax tensor is materialised twice
     picked = torch.gather(logits, -1, safe.unsqueeze(-1)).squeeze(-1)
-    logps = (picked - torch.logsumexp(logits, dim=-1)) * mask
+    # where, not `* mask`: an unscored position's placeholder label may have a -inf
+    # logit, and -inf * 0 is NaN
+    logps = torch.where(mask, picked - torch.logsumexp(logits, dim=-1), 0.0)
     return logps, mask
 
 

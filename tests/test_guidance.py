@@ -70,6 +70,27 @@ def test_prob_space_sampling_never_picks_clamped_tokens():
     assert (draws == 0).float().mean().item() == pytest.approx(1.1 / 1.6, abs=0.03)
 
 
+
+@pytest.mark.parametrize("space", ["logprob", "prob"])
+def test_banned_tokens_stay_banned_and_never_make_nan(space):
+    """A -inf logit (a masked vocabulary slot) used to give NaN in log space
+    (-inf - -inf), which argmax picks and sampling refuses. Banned in the conditioned
+    branch: -inf; banned only in the unconditioned one: the conditioned score."""
+    ninf = float("-inf")
+    c_logits = torch.tensor([[2.0, 1.0, ninf, 0.0, 1.5]])
+    u_logits = torch.tensor([[1.0, 2.0, ninf, 0.0, ninf]])
+    out = guided_scores(c_logits, u_logits, 2.0, space)
+    assert not out.isnan().any()
+    assert out[0, 2] == ninf
+    draws = pick_tokens(out.expand(500, 5), do_sample=True, generator=torch.Generator().manual_seed(0))
+    assert 2 not in draws.tolist()
+    if space == "logprob":
+        c, u = c_logits.log_softmax(-1), u_logits.log_softmax(-1)
+        assert out[0, 4] == c[0, 4]
+        finite = [0, 1, 3]  # the formula, unchanged where both branches are finite
+        assert torch.allclose(out[0, finite], 2 * (c - u)[0, finite] + u[0, finite])
+
+
 def test_unknown_space_is_an_error():
     with pytest.raises(ValueError, match="space must be one of"):
         guided_scores(torch.zeros(1, 3), torch.zeros(1, 3), 2.0, "logit")

@@ -43,6 +43,19 @@ def test_token_logps_picks_the_label_and_shifts():
     assert logps.item() == pytest.approx(math.log(0.5), abs=1e-6)
 
 
+
+def test_token_logps_unscored_positions_are_zero_even_with_minus_inf_logits():
+    """Unscored positions gather the placeholder label 0; a -inf logit there gave
+    -inf * 0 = NaN, which poisoned the sequence sums."""
+    logits = torch.zeros(1, 3, 4)
+    logits[..., 0] = float("-inf")  # token 0 impossible everywhere
+    logps, mask = token_logps(logits, torch.tensor([[7, -100, 2]]))
+    assert mask.tolist() == [[False, True]]
+    assert logps[0, 0].item() == 0.0
+    assert logps[0, 1].item() == pytest.approx(math.log(1 / 3), abs=1e-6)  # 3 finite logits of 0
+    assert sequence_logps(logits, torch.tensor([[7, -100, 2]]), average=False).item() == pytest.approx(math.log(1 / 3))
+
+
 def test_token_logps_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="disagree"):
         token_logps(torch.zeros(1, 3, 4), torch.zeros(1, 2, dtype=torch.long))
