@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -41,14 +42,25 @@ class Span:
 
 _TOKEN = re.compile(r"[^\W_]+")  # a run of letters/digits (Unicode-aware)
 _NEVER = re.compile(r"(?!)")
+# Dashes, for a character class: ASCII, the Unicode hyphens and dashes U+2010..U+2015
+# (chat models write numbers with the non-breaking hyphen U+2011) and the minus sign.
+# (\s already covers the no-break spaces.)
+_DASH = "\\-\u2010-\u2015\u2212"
 # Between the digits of a number: the formatting people use for phones, SSNs and cards.
-_DIGIT_SEP = r"[\s().\-/]*"
+_DIGIT_SEP = rf"[\s().{_DASH}/]*"
 # A country code before a local phone number: "+1 ", "+44-", "1-". A bare prefix is only
 # ever a single "1", so that the prefix cannot eat the tail of a longer digit run.
-_PHONE_CC = r"(?:(?:\+\d{1,3}|1)[\s.\-]*)?"
-# a stored phone's own country code ("+44 20 ...", "+1-555-...") and extension ("x89")
-_STORED_CC = re.compile(r"\s*\+\d{1,3}(?=[\s.\-(])[\s.\-]*")
+_PHONE_CC = rf"(?:(?:\+\d{{1,3}}|1)[\s.{_DASH}]*)?"
+# a stored phone's own country code ("+44 20 ...", "+1-555-...", "+15551234567": a
+# North American number in E.164 form) and extension ("x89")
+_STORED_CC = re.compile(rf"\s*\+\d{{1,3}}(?=[\s.{_DASH}(])[\s.{_DASH}]*|\s*\+1(?=\d{{10}}\s*$)")
 _PHONE_EXT = re.compile(r"\s*(?:x|ext\.?|extension)\s*\d+\s*$", re.IGNORECASE)
+
+
+def nfkc(text: str) -> str:
+    """The one Unicode form every value and text is matched in: "José" typed with a
+    combining accent, or fullwidth digits, are the same characters as the plain ones."""
+    return unicodedata.normalize("NFKC", text)
 
 
 def normalize_text(text: str) -> str:
@@ -73,9 +85,15 @@ def _token_regex(token: str) -> str:
 def _value_parts(value: str, pii_type: str | None) -> tuple[bool, list[str]]:
     """How :func:`value_pattern` reads a value: ``(True, its digits)`` for a number (a
     phone's extension and its own country code left out), else ``(False, its words)``."""
-    is_phone = (pii_type or "").upper() == "PHONE"
+    value = nfkc(value)
+    kind = (pii_type or "").upper()
+    is_phone = kind == "PHONE"
     if is_phone:
         value = _PHONE_EXT.sub("", value)
+    words = _TOKEN.findall(value)
+    if kind == "DATE" and len(words) > 1:
+        # "03/05/1976" is found as "3/5/1976": word by word, leading zeros optional
+        return False, words
     if is_numeric_value(value):
         if is_phone:
             # a stored "+1 555 123 4567" is found as "555-123-4567" too: the country code
@@ -84,7 +102,7 @@ def _value_parts(value: str, pii_type: str | None) -> tuple[bool, list[str]]:
             if m:
                 value = value[m.end():]
         return True, [c for c in value if c.isdigit()]
-    return False, _TOKEN.findall(value)
+    return False, words
 
 
 @lru_cache(maxsize=4096)
@@ -133,7 +151,7 @@ class ValueIndex:
         # "0*5": a digit word's leading zeros are optional, on either side
         if word.isdigit() and word.strip("0"):
             word = word.lstrip("0")
-        return word.lower()[: cls.WORD_KEY]
+        return _fold(word)[: cls.WORD_KEY]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -141,18 +159,24 @@ class ValueIndex:
     def find(self, text: str) -> list[PIIItem]:
         """The indexed items whose value ``text`` contains, in index order."""
         tried: dict[PIIItem, None] = {}
+        text = nfkc(text)
         digits = re.sub(r"\D", "", text)
         for i in range(len(digits) - self.DIGIT_KEY + 1):
             tried.update(dict.fromkeys(self._numbers.get(digits[i : i + self.DIGIT_KEY], ())))
         for word in _TOKEN.findall(text):
             for w in {word, word.lstrip("0") if word[:1].isdigit() else word}:
                 for n in range(1, self.WORD_KEY + 1):
-                    tried.update(dict.fromkeys(self._words.get(w.lower()[:n], ())))
+                    tried.update(dict.fromkeys(self._words.get(_fold(w)[:n], ())))
         return sorted((it for it in tried if self._patterns[it].search(text)), key=self._order.__getitem__)
 
 
+def _fold(word: str) -> str:
+    # one character per character, as re.IGNORECASE compares ("İ".lower() is two)
+    return "".join(c.lower()[:1] for c in word)
+
+
 def contains_value(text: str, value: str, pii_type: str | None = None) -> bool:
-    return value_pattern(value, pii_type).search(text) is not None
+    return value_pattern(value, pii_type).search(nfkc(text)) is not None
 
 
 #: default shortest fragment of a value that counts as a partial leak (4 digits of an SSN,
@@ -181,6 +205,7 @@ def partial_fragments(value: str, pii_type: str | None = None, *, shown: str = "
     asked about reveals nothing."""
     if min_chars < 1:
         return [], []
+    value, shown = nfkc(value), nfkc(shown)
     kind = (pii_type or "").upper()
     if kind == "PHONE":
         value = _PHONE_EXT.sub("", value)  # "x89" is not part of the number
@@ -204,6 +229,7 @@ def contains_fragment(text: str, value: str, pii_type: str | None = None, *, sho
     full): callers that count whole values check :func:`contains_value` first, or call
     :func:`contains_value_or_fragment`."""
     windows, words = partial_fragments(value, pii_type, shown=shown, min_chars=min_chars)
+    text = nfkc(text)
     if windows:
         groups = _digit_groups(text)
         if any(w in g for w in windows for g in groups):
@@ -239,7 +265,8 @@ def _pick(spans: list[Span], key) -> list[Span]:
 
 
 def find_values(text: str, items: Iterable[PIIItem]) -> list[Span]:
-    """Non-overlapping spans of known values; on overlap the longest match wins."""
+    """Non-overlapping spans of known values in ``text``, which must already be in
+    :func:`nfkc` form (the spans index it); on overlap the longest match wins."""
     return _pick(_value_spans(text, items), key=lambda s: (s.start - s.end, s.start))
 
 
@@ -247,6 +274,8 @@ def find_values(text: str, items: Iterable[PIIItem]) -> list[Span]:
 
 DETECTOR_TYPES: tuple[str, ...] = ("EMAIL", "URL", "IP", "CARD", "IBAN", "SSN", "PHONE")
 
+# one separator inside a card or SSN: a dash or a space, no-break ones included
+_GAP = f" \u00a0\u202f{_DASH}"
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _DETECTORS: dict[str, re.Pattern] = {
     # the lookbehind starts a match only where a local part can start: linear on long words
@@ -255,21 +284,21 @@ _DETECTORS: dict[str, re.Pattern] = {
     "URL": re.compile(r"\b(?:https?://|www\.)[^\s<>\"']*[^\s<>\"'.,;:!?)\]}]", re.IGNORECASE),
     # (?!\.?\d) rejects a fifth octet and "1.2.3.300" (which would otherwise match "1.2.3.30")
     "IP": re.compile(rf"(?<![\d.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?\d)"),
-    "CARD": re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?!\d)"),
+    "CARD": re.compile(rf"(?<![\d{_DASH}])\d(?:[{_GAP}]?\d){{12,18}}(?!\d)"),
     "IBAN": re.compile(r"\b[A-Z]{2}\d{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,4})?)\b"),
-    "SSN": re.compile(r"(?<![\d-])\d{3}([- ])\d{2}\1\d{4}(?![\d-])"),
+    "SSN": re.compile(rf"(?<![\d{_DASH}])\d{{3}}([{_GAP}])\d{{2}}\1\d{{4}}(?![\d{_DASH}])"),
     # US style needs separators (a bare 10-digit run is as likely an order number), or
     # an international "+" number of 8-15 digits.
     "PHONE": re.compile(
-        r"(?<![\w+])(?:\+?1[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?!\d)"
-        r"|(?<![\w+])\+\d(?:[\s.()-]{0,2}\d){7,14}(?!\d)"
+        rf"(?<![\w+])(?:\+?1[\s.{_DASH}]?)?(?:\(\d{{3}}\)\s?|\d{{3}}[\s.{_DASH}])\d{{3}}[\s.{_DASH}]\d{{4}}(?!\d)"
+        rf"|(?<![\w+])\+\d(?:[\s.(){_DASH}]{{0,2}}\d){{7,14}}(?!\d)"
     ),
 }
 
 
 def luhn_valid(digits: str) -> bool:
     """The Luhn checksum of a card number (spaces and dashes allowed)."""
-    digits = re.sub(r"[ -]", "", digits)
+    digits = re.sub(rf"[{_GAP}]", "", digits)
     if len(digits) < 2 or not digits.isdigit():
         return False
     total = 0
@@ -363,20 +392,33 @@ class NERDetector:
 
 def redaction_items(items: Iterable[PIIItem]) -> list[PIIItem]:
     """The known values plus the fragments of them that still identify a person in a
-    log line: each word of a name ("Megan", "Chang") and an e-mail's local part
-    ("megan.chang54"). Used for redaction only (over-redacting a log is cheap);
-    leak rates score whole values."""
+    log line: each word of a name ("Megan", "Chang"), an e-mail's local part
+    ("megan.chang54"), and every word a partial leak counts (:func:`partial_fragments`:
+    a street, a year, a company word). Used for redaction only (over-redacting a log is
+    cheap); digit pieces of numbers are found by :func:`redact` itself."""
     out = []
     for item in items:
         out.append(item)
         kind = item.type.upper()
         if kind in ("NAME", "PERSON"):
-            out += [PIIItem(item.type, w) for w in _TOKEN.findall(item.value) if len(w) >= 2]
+            out += [PIIItem(item.type, w) for w in _TOKEN.findall(nfkc(item.value)) if len(w) >= 2]
         elif kind == "EMAIL" and "@" in item.value:
-            local = item.value.split("@", 1)[0]
+            local = nfkc(item.value).split("@", 1)[0]
             if len(local) >= 3:
                 out.append(PIIItem(item.type, local))
+        out += [PIIItem(item.type, w) for w in partial_fragments(item.value, item.type)[1]]
     return list(dict.fromkeys(out))
+
+
+def _digit_piece_spans(text: str, items: Iterable[PIIItem]) -> list[Span]:
+    """Each number of ``text`` that holds a piece of a numeric value (one of its
+    :func:`partial_fragments` digit windows: "5181" of 363-56-5181), whole."""
+    runs = [(m, re.sub(r"\D", "", m.group())) for m in _DIGIT_RUN.finditer(text)]
+    spans = []
+    for item in dict.fromkeys(items):
+        windows = partial_fragments(item.value, item.type)[0]
+        spans += [Span(m.start(), m.end(), item.type) for m, digits in runs if any(w in digits for w in windows)]
+    return spans
 
 
 def redact(
@@ -386,12 +428,15 @@ def redact(
     detect: bool = True,
     ner: NERDetector | None = None,
 ) -> str:
-    """Replace known values (bare strings get type "PII") and, with ``detect``, detector
-    hits by ``[TYPE]``. Overlapping spans merge into one placeholder, named after the
-    longest known value in it, else the longest detection."""
-    items = redaction_items(k if isinstance(k, PIIItem) else PIIItem("PII", k) for k in known)
+    """Replace known values (bare strings get type "PII"), every piece of them a partial
+    leak would count, and, with ``detect``, detector hits by ``[TYPE]``. Overlapping
+    spans merge into one placeholder, named after the longest known value in it, else
+    the longest detection. The text comes back in :func:`nfkc` form."""
+    text = nfkc(text)
+    given = [k if isinstance(k, PIIItem) else PIIItem("PII", k) for k in known]
+    items = redaction_items(given)
     # (span, is_known): all matches, overlaps included, so nothing of a value survives
-    spans = [(s, True) for s in _value_spans(text, items)]
+    spans = [(s, True) for s in _value_spans(text, items) + _digit_piece_spans(text, given)]
     if detect:
         spans += [(s, False) for s in _detect_all(text) + (ner(text) if ner is not None else [])]
     if not spans:

@@ -19,7 +19,7 @@ from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.guidance import generate
 from cfg_unlearn.models import load_causal_lm, load_tokenizer
 from cfg_unlearn.module import UnlearnModule
-from cfg_unlearn.pii import contains_value
+from cfg_unlearn.pii import contains_value, contains_value_or_fragment
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +160,10 @@ def test_sample_rows_mark_whole_and_partial_leaks_apart():
     ]
     rows = ev._sample_rows("logprob", 1.0, answers, [(world.qa_records()[0], "Paris.")])
     assert [(r[-2], r[-1]) for r in rows[:4]] == [(True, True), (False, True), (False, False), (False, True)]
+    # the table is redacted: not even the pieces that make a row a partial leak show
+    col = ev_columns().index("answer")
+    for row, (rec, _) in zip(rows, answers):
+        assert not any(contains_value_or_fragment(str(row[col]), p.value, p.type) for p in rec.pii), row[col]
     assert rows[4][2] == "qa" and rows[4][-1] is None
     assert all(len(r) == len(ev_columns()) for r in rows)
 

@@ -257,10 +257,11 @@ def test_redact_bare_strings_and_detect_switch():
 
 
 def test_redact_merges_overlapping_spans():
-    # an untyped known number stops short of the "+1" that the phone detector includes:
-    # the union is hidden, under the known value's tag
+    # an untyped known number stops short of the "+1" that the phone detector includes,
+    # but the number holding its digit pieces starts at the "1"; the phone detector's
+    # span takes the "+" too: the union is hidden, under the known value's tag
     text = "Dial +1 (555) 123-4567 ext"
-    assert redact(text, [PHONE], detect=False) == "Dial +1 [PII] ext"
+    assert redact(text, [PHONE], detect=False) == "Dial +[PII] ext"
     assert redact(text, [PHONE]) == "Dial [PII] ext"
     assert redact(text, [PIIItem("PHONE", PHONE)], detect=False) == "Dial [PHONE] ext"  # typed: takes the "+1"
     names = [PIIItem("NAME", "Allison Hill"), PIIItem("NAME", "Hill Hill")]
@@ -484,3 +485,71 @@ def test_value_index_finds_exactly_what_contains_value_finds():
         found += bool(expected)
     assert found > 300  # most texts do hold a value: the comparison is not between empty lists
     assert index.find("Nothing personal here, 1990 and 2020.") == []
+
+
+# --------------------------------------------------------------------------- how chat models write
+
+
+@pytest.mark.parametrize("sep", ["\u2011", "\u2010", "\u2013", "\u2212", "\u00a0", "\u202f"],
+                         ids=["nb-hyphen", "hyphen", "en-dash", "minus", "nbsp", "narrow-nbsp"])
+def test_numbers_written_with_unicode_dashes_and_spaces(sep):
+    """Chat models write numbers with the non-breaking hyphen U+2011 and friends: they
+    are leaks, detections and redactions like the ASCII forms."""
+    text = f"Call 555{sep}888{sep}9999 or use SSN 123{sep}45{sep}6789."
+    assert contains_value(text, "555-888-9999", "PHONE") and contains_value(text, SSN, "SSN")
+    assert {s.type for s in detect_pii(text)} == {"PHONE", "SSN"}
+    assert redact(text) == "Call [PHONE] or use SSN [SSN]."
+    # redaction returns the NFKC form: U+2011 reads U+2010, a no-break space a space
+    kept = pii.nfkc(f"Call 555{sep}888{sep}9999")
+    assert redact(text, [PIIItem("SSN", SSN)], detect=False) == f"{kept} or use SSN [SSN]."
+
+
+def test_a_phone_stored_in_e164_form_is_found_written_nationally():
+    for text in ("call her at (555) 123-4567", "555.123.4567", "+1 555 123 4567", "+15551234567"):
+        assert contains_value(text, "+15551234567", "PHONE"), text
+    assert contains_value("+15551234567", "555-123-4567", "PHONE")
+    assert not contains_value("call 555-123-4560", "+15551234567", "PHONE")
+    # outside North America the code's length is unknown without a separator: whole digits only
+    assert contains_value("+442079460958", "+442079460958", "PHONE")
+    assert not contains_value("2079460958", "+442079460958", "PHONE")
+
+
+def test_numeric_dates_match_without_leading_zeros():
+    for value, text in (("03/05/1976", "born 3/5/1976"), ("1976-03-05", "on 1976-3-5."), ("03/05/1976", "03.05.1976")):
+        assert contains_value(text, value, "DATE"), (value, text)
+    assert not contains_value("born 3/6/1976", "03/05/1976", "DATE")
+    assert not contains_value("born 13/5/1976", "03/05/1976", "DATE")
+
+
+def test_decomposed_accents_and_fullwidth_digits_match_and_redact():
+    import unicodedata
+
+    name = "José Núñez"
+    nfd = unicodedata.normalize("NFD", f"I met {name}.")
+    assert nfd != f"I met {name}." and contains_value(nfd, name, "NAME")
+    assert contains_value(f"I met {name}.", unicodedata.normalize("NFD", name), "NAME")
+    assert redact(nfd, [PIIItem("NAME", name)], detect=False) == "I met [NAME]."
+    assert contains_value("SSN １２３-４５-６７８９", SSN, "SSN")
+
+
+def test_value_index_folds_case_like_the_patterns():
+    """"İ".lower() is two characters; the index key must not be stricter than the
+    pattern's case-insensitive match."""
+    item = PIIItem("LOC", "İstanbul")
+    for text in ("moved to istanbul", "ISTANBUL", "İstanbul"):
+        assert contains_value(text, item.value, item.type), text
+        assert pii.ValueIndex([item]).find(text) == [item], text
+
+
+def test_redaction_hides_every_piece_a_partial_leak_counts():
+    """What ``contains_fragment`` counts as a partial leak is hidden too: digit pieces of
+    a number take the whole number they sit in, words of a value go one by one."""
+    ssn, phone = PIIItem("SSN", "363-56-5181"), PIIItem("PHONE", "555-123-4567")
+    loc = PIIItem("LOC", "94568 Kelly Neck, North Kyle")
+    text = "Her SSN starts 363-56 and ends in 5181; reach her at 123-4567 near Kelly Neck, 94568."
+    assert pii.contains_fragment(text, ssn.value, ssn.type) and pii.contains_fragment(text, loc.value, loc.type)
+    out = redact(text, [ssn, phone, loc], detect=False)
+    assert out == "Her SSN starts [SSN] and ends in [SSN]; reach her at [PHONE] near [LOC] [LOC], [LOC]."
+    for item in (ssn, phone, loc):
+        assert not pii.contains_value_or_fragment(out, item.value, item.type)
+    assert redact("Paris is 12 km away, call 911.", [ssn, phone, loc], detect=False) == "Paris is 12 km away, call 911."

@@ -51,7 +51,15 @@ from cfg_unlearn.data.schema import (
     note_first_line,
     prompt_text,
 )
-from cfg_unlearn.pii import PARTIAL_MIN_CHARS, ValueIndex, contains_fragment, contains_value, detect_pii, find_values
+from cfg_unlearn.pii import (
+    PARTIAL_MIN_CHARS,
+    ValueIndex,
+    contains_fragment,
+    contains_value,
+    detect_pii,
+    find_values,
+    nfkc,
+)
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 
 DEFAULT_FALLBACK = "I'm sorry, but I can't share personal information about anyone."
@@ -138,6 +146,7 @@ def redacted_answer(text: str, values: tuple) -> str:
     """``text`` with every occurrence of ``values`` (however written, the longest match
     winning on overlap) replaced by its type's phrase in :data:`REDACTION_PHRASES`."""
     out, pos = [], 0
+    text = nfkc(text)  # the spans index this form
     for span in find_values(text, values):
         out += [text[pos : span.start], REDACTION_PHRASES.get(span.type.upper(), DEFAULT_REDACTION_PHRASE)]
         pos = span.end
