@@ -212,7 +212,8 @@ class UnlearnModule(L.LightningModule):
         self.strict_loading = not (lora is not None and lora.adapter_only_checkpoints)
         # not a registered submodule: kept out of checkpoints, the optimizer and sharding
         self._reference_model: tuple[torch.nn.Module, ...] = ()
-        # id -> (variant cond/uncond, side chosen/rejected) summed log-probs of the reference
+        # "split:id" -> (variant cond/uncond, side chosen/rejected) summed log-probs of the
+        # reference; keyed by split too: ids are unique within a file, not across files
         self.reference_logps: dict[str, torch.Tensor] | None = None
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.model: torch.nn.Module | None = None
@@ -296,16 +297,16 @@ class UnlearnModule(L.LightningModule):
             return logps.sum(-1).float()
 
     def reference_for(self, x: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], ids: list[str] | None,
-                      use_uncond: torch.Tensor | None) -> torch.Tensor | None:
+                      use_uncond: torch.Tensor | None, split: str = "train") -> torch.Tensor | None:
         """The reference's summed log-probs of the rows in ``rows``: from the adapters-off
-        model, the frozen copy, or the precomputed table (looked up by pair id and
+        model, the frozen copy, or the precomputed table (looked up by split, pair id and
         conditioning variant, swapped like the batch in swap mode). None when the table
         is missing (validate without a fit's checkpoint)."""
         if self._uses_adapters_as_reference() or self.reference == "copy":
             return self._reference_forward(rows)
         if self.reference_logps is None or ids is None:
             return None
-        table = torch.stack([self.reference_logps[i] for i in ids])  # (B, variant, side)
+        table = torch.stack([self.reference_logps[f"{split}:{i}"] for i in ids])  # (B, variant, side)
         uncond = use_uncond.to(table.device).view(-1, 1) if use_uncond is not None else None
         per_side = table[:, 0] if uncond is None else torch.where(uncond, table[:, 1], table[:, 0])  # (B, side)
         if uncond is not None and self.cond_mode == "swap":
@@ -323,11 +324,12 @@ class UnlearnModule(L.LightningModule):
         return -(logps * mask).sum() / (total / self.trainer.world_size).clamp(min=1)
 
     def forward_pairs(self, x: dict[str, torch.Tensor], ids: list[str] | None = None,
-                      use_uncond: torch.Tensor | None = None) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+                      use_uncond: torch.Tensor | None = None,
+                      split: str = "train") -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """The objective's loss and metrics for ``(B, 2, L)`` tensors: the sides it
         scores go through the model in one forward (``2B`` rows for ORPO and DPO,
-        ``B`` for the others). ``ids``/``use_uncond`` locate precomputed reference
-        log-probs. The loss is None if the reference is unavailable."""
+        ``B`` for the others). ``ids``/``use_uncond``/``split`` locate precomputed
+        reference log-probs. The loss is None if the reference is unavailable."""
         b = x["input_ids"].shape[0]
         rows = self._rows(x)
         logits = self.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], use_cache=False).logits
@@ -347,7 +349,7 @@ class UnlearnModule(L.LightningModule):
         if self.objective == "ga":  # the forget answer only, never its prompt
             return ga_loss(self._nll(logps, resp_mask))
         seq = (logps * resp_mask).sum(-1)  # NPO and DPO use summed log-probs
-        ref = self.reference_for(x, rows, ids, use_uncond)
+        ref = self.reference_for(x, rows, ids, use_uncond, split)
         if ref is None:
             return None, {"logps/" + ("forget" if self.objective == "npo" else "chosen"): seq[:b].detach().mean()}
         if self.objective == "npo":
@@ -377,7 +379,7 @@ class UnlearnModule(L.LightningModule):
         for name, flag in (("val", False), ("val/uncond", True)):
             use_uncond = torch.full((n,), flag)
             x = apply_conditioning(batch, use_uncond, self.cond_mode)
-            loss, metrics = self.forward_pairs(x, batch.get("id"), use_uncond)
+            loss, metrics = self.forward_pairs(x, batch.get("id"), use_uncond, split="val")
             if loss is not None:
                 metrics["loss"] = loss
             self.log_dict(
@@ -397,7 +399,7 @@ class UnlearnModule(L.LightningModule):
 
     def compute_reference_logps(self) -> dict[str, torch.Tensor]:
         """Summed response log-probs of the current (starting) model for every pair of
-        the data module, both variants and both answers: ``id -> (2, 2)`` tensor.
+        the data module, both variants and both answers: ``"split:id" -> (2, 2)`` tensor.
         Every rank computes the whole table, so no collective is needed. It runs before
         the first step, outside Lightning's forward: the root FSDP parameters are
         gathered and the precision plugin's autocast is on, as in a training step (a
@@ -412,10 +414,10 @@ class UnlearnModule(L.LightningModule):
         self.model.eval()
         table: dict[str, torch.Tensor] = {}
         loaders = dm.reference_dataloaders()
-        total = sum(len(dl) for dl in loaders)
+        total = sum(len(dl) for dl in loaders.values())
         with torch.no_grad(), forward_outside_step(self.trainer.strategy):
             bar = tqdm(total=total, desc="reference log-probs", disable=self.global_rank != 0)
-            for dl in loaders:
+            for split, dl in loaders.items():
                 for batch in dl:
                     per_variant = []
                     for v in VARIANTS:
@@ -426,7 +428,7 @@ class UnlearnModule(L.LightningModule):
                         logps, _ = token_logps(logits, rows["labels"])
                         per_variant.append(logps.sum(-1).float().view(2, -1).T.cpu())  # (B, side)
                     for i, pid in enumerate(batch["id"]):
-                        table[pid] = torch.stack([per_variant[0][i], per_variant[1][i]])
+                        table[f"{split}:{pid}"] = torch.stack([per_variant[0][i], per_variant[1][i]])
                     bar.update(1)
             bar.close()
         self.model.train(was_training)
@@ -448,13 +450,17 @@ class UnlearnModule(L.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # a resumed run must compare against the *starting* model, not the resumed one
         if self.reference_logps is not None:
-            ids = sorted(self.reference_logps)
-            checkpoint["reference_logps"] = {"ids": ids, "values": torch.stack([self.reference_logps[i] for i in ids])}
+            keys = sorted(self.reference_logps)
+            checkpoint["reference_logps"] = {"keys": keys,
+                                             "values": torch.stack([self.reference_logps[k] for k in keys])}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("reference_logps")
-        if saved is not None:
-            self.reference_logps = dict(zip(saved["ids"], saved["values"]))
+        if saved is not None and "keys" in saved:
+            self.reference_logps = dict(zip(saved["keys"], saved["values"]))
+        elif saved is not None:  # before tables were keyed by split: bare ids, either split
+            self.reference_logps = {f"{split}:{i}": v for i, v in zip(saved["ids"], saved["values"])
+                                    for split in ("train", "val")}
 
     def on_train_epoch_start(self) -> None:
         self.cond_counts = [0, 0]

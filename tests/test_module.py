@@ -315,6 +315,42 @@ def test_precomputed_reference_is_kept_in_checkpoints(tiny_model_dir, tmp_path):
     assert any(not torch.allclose(fresh[k], table[k]) for k in table)
 
 
+
+def test_precomputed_reference_keeps_train_and_val_pairs_apart_when_ids_collide(tiny_model_dir, tmp_path):
+    """Rows without an id are named <file name>:<line>, so train/pairs.jsonl and
+    val/pairs.jsonl share ids. The table used to be keyed by id alone: the validation
+    pair's log-probs overwrote the training pair's, and DPO at lr 0 reported a margin.
+    Now every lookup finds its own pair's reference: loss ln 2, margin 0, in both splits."""
+    import json
+
+    from cfg_unlearn.data.world import World
+
+    pairs = World(WorldConfig(seed=0, n_people=4)).pairs()
+    for split, rows in (("train", pairs[:8]), ("val", pairs[8:12])):
+        (tmp_path / split).mkdir()
+        with open(tmp_path / split / "pairs.jsonl", "w") as fh:
+            for r in rows:  # TRL-style rows: no id
+                fh.write(json.dumps({"prompt": list(r.prompt), "chosen": r.chosen, "rejected": r.rejected}) + "\n")
+    spec = f"tiny:{tiny_model_dir}"
+    dm = PairDataModule(tokenizer=spec, train_file=str(tmp_path / "train/pairs.jsonl"),
+                        val_file=str(tmp_path / "val/pairs.jsonl"), batch_size=4)
+    m = UnlearnModule(model=spec, objective="dpo", reference="precomputed",
+                      optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        num_sanity_val_steps=0)
+    trainer.fit(m, datamodule=dm)
+    assert len(m.reference_logps) == 8 + 4  # the 4 shared ids are kept apart
+    metrics = trainer.callback_metrics
+    for split in ("train", "val"):
+        assert float(metrics[f"{split}/loss"]) == pytest.approx(math.log(2), abs=1e-5), split
+        assert abs(float(metrics[f"{split}/rewards/margins"])) < 1e-5, split
+    # a checkpoint written before the split keys still loads: each bare id serves both splits
+    old = UnlearnModule(model=spec, objective="dpo", reference="precomputed")
+    old.on_load_checkpoint({"reference_logps": {"ids": ["a"], "values": torch.ones(1, 2, 2)}})
+    assert sorted(old.reference_logps) == ["train:a", "val:a"]
+
+
 # ------------------------------------------------------------------ LoRA
 
 

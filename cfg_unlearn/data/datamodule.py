@@ -372,11 +372,13 @@ class PairDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, self.batch_size, shuffle=True)
 
-    def reference_dataloaders(self) -> list[DataLoader]:
-        """Every train and validation pair once, in order: for a reference model's
-        log-probs computed before training (NPO/DPO with ``reference: precomputed``)."""
-        return [self._loader(ds, self.eval_batch_size, shuffle=False)
-                for ds in (self.train_dataset, self.val_dataset) if ds is not None]
+    def reference_dataloaders(self) -> dict[str, DataLoader]:
+        """Every train and validation pair once, in order, by split (``"train"``,
+        ``"val"``: a training and a validation pair may share an id, e.g. the default
+        ``<file name>:<line>`` of two files both named pairs.jsonl): for a reference
+        model's log-probs computed before training (NPO/DPO, ``reference: precomputed``)."""
+        return {split: self._loader(ds, self.eval_batch_size, shuffle=False)
+                for split, ds in (("train", self.train_dataset), ("val", self.val_dataset)) if ds is not None}
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:
