@@ -22,7 +22,11 @@
   RNG states; on resume the train loader replays the same permutation from the same
   generator state and skips the batches already trained on (indices only: nothing is
   loaded or collated), and the RNGs are restored before the first resumed step.
-* :func:`install_checkpointing` wires both into a constructed ``Trainer``.
+* :class:`FinalLastCheckpoint`: ``last.ckpt`` holds the final weights. Lightning 2.6's
+  ``ModelCheckpoint(save_last=True)`` writes it at train end only if it never wrote one,
+  so with ``every_n_train_steps: 20`` a 102-step run left ``last.ckpt`` at step 100,
+  older than the model just evaluated, validated or exported from it.
+* :func:`install_checkpointing` wires them into a constructed ``Trainer``.
 """
 
 from __future__ import annotations
@@ -164,6 +168,19 @@ class AtomicModelCheckpoint(ModelCheckpoint):
                 shutil.rmtree(linkpath)
             atomic_symlink(os.path.relpath(filepath, os.path.dirname(os.path.abspath(linkpath))), linkpath)
         trainer.strategy.barrier()
+
+
+class FinalLastCheckpoint(Callback):
+    """At the end of training, every ``ModelCheckpoint`` with ``save_last`` whose last
+    save is older than the final step saves ``last.ckpt`` once more (see the module
+    docstring). It goes through the callback's own save, so its paths, version counter
+    and atomic IO are the usual ones."""
+
+    def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        for cb in trainer.checkpoint_callbacks:
+            if (isinstance(cb, ModelCheckpoint) and cb.save_last and cb._last_checkpoint_saved
+                    and not cb._should_skip_saving_checkpoint(trainer)):
+                cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
 
 
 # ============================================================================ exact resume
@@ -527,10 +544,11 @@ class ExactResume(Callback):
 
 def install_checkpointing(trainer: "L.Trainer", *, exact_resume: bool = True,
                           restore_rng: bool = True) -> "L.Trainer":
-    """Atomic checkpoint writes and exact resume on a constructed ``Trainer`` (idempotent):
-    a plain ``TorchCheckpointIO`` is replaced by :class:`AtomicCheckpointIO` (custom or
-    wrapping IOs, and strategies that save without one, are left alone) and an
-    :class:`ExactResume` is added before the checkpoint callbacks unless one is there."""
+    """Atomic checkpoint writes, exact resume and a final ``last.ckpt`` on a constructed
+    ``Trainer`` (idempotent): a plain ``TorchCheckpointIO`` is replaced by
+    :class:`AtomicCheckpointIO` (custom or wrapping IOs, and strategies that save without
+    one, are left alone); an :class:`ExactResume` is added before the checkpoint
+    callbacks unless one is there, and a :class:`FinalLastCheckpoint`."""
     strategy = trainer.strategy
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
@@ -538,4 +556,6 @@ def install_checkpointing(trainer: "L.Trainer", *, exact_resume: bool = True,
         callbacks = trainer.callbacks
         where = next((i for i, cb in enumerate(callbacks) if isinstance(cb, Checkpoint)), len(callbacks))
         callbacks.insert(where, ExactResume(restore_rng=restore_rng))
+    if not any(isinstance(cb, FinalLastCheckpoint) for cb in trainer.callbacks):
+        trainer.callbacks.append(FinalLastCheckpoint())
     return trainer

@@ -31,6 +31,7 @@ from cfg_unlearn.checkpointing import (
     AtomicCheckpointIO,
     AtomicModelCheckpoint,
     ExactResume,
+    FinalLastCheckpoint,
     atomic_torch_save,
     install_checkpointing,
     remove_stale_temp_files,
@@ -201,6 +202,27 @@ def test_install_checkpointing_swaps_the_plain_io_and_adds_exact_resume_once(tmp
     install_checkpointing(custom, exact_resume=False)
     assert type(custom.strategy.checkpoint_io) is MyIO  # a user's own IO is left alone
     assert not any(isinstance(cb, ExactResume) for cb in custom.callbacks)
+
+
+
+def test_last_ckpt_holds_the_final_weights_when_the_step_interval_misses_the_end(tmp_path, tiny_model_dir):
+    """Lightning 2.6 writes last.ckpt at train end only if it never wrote one: saving
+    every 4 steps, a 6-step run left it at step 4, older than the model it had just
+    trained (configs/tiny.yaml: step 100 of 102). Installed, it is at step 6."""
+    spec = f"tiny:{tiny_model_dir}"
+    module = UnlearnModule(model=spec, optimizer=partial(torch.optim.AdamW, lr=1e-2))
+    data = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=4)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=6, callbacks=[ckpt], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    install_checkpointing(install_checkpointing(trainer))
+    assert sum(isinstance(cb, FinalLastCheckpoint) for cb in trainer.callbacks) == 1
+    trainer.fit(module, datamodule=data)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False, map_location="cpu")
+    assert trainer.global_step == 6 and saved["global_step"] == 6
+    for name, w in module.state_dict().items():
+        assert torch.equal(saved["state_dict"][name], w), name
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["last.ckpt"]  # replaced, not versioned
 
 
 def test_cli_trainer_is_wired_for_atomic_saves_and_exact_resume(tmp_path, monkeypatch):
