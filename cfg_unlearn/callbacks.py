@@ -396,7 +396,8 @@ def log_resolved_config(trainer: L.Trainer, config_yaml: str) -> None:
         if isinstance(lg, WandbLogger):
             lg.log_hyperparams({"config": yaml.safe_load(config_yaml)})
             run_dir = getattr(lg.experiment, "dir", None)
-            if run_dir:
+            # WANDB_MODE=disabled gives a run whose directory was never created
+            if run_dir and Path(run_dir).is_dir():
                 # a plain write: W&B uploads what lies in its run directory, a temp file included
                 (Path(run_dir) / WANDB_CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
 

@@ -129,6 +129,28 @@ def test_save_config_callback_sends_the_resolved_config_to_wandb(tmp_path, monke
     assert yaml.safe_load((run_dir / "files" / WANDB_CONFIG_FILE).read_text()) == dumped
 
 
+
+def test_a_disabled_wandb_run_does_not_stop_training(tmp_path, monkeypatch):
+    """WANDB_MODE=disabled with the W&B preset: the run has no directory; the config is
+    still saved locally and setup goes on (it crashed writing lightning_config.yaml)."""
+    import wandb
+
+    from cfg_unlearn.cli import cli_main
+
+    for k, v in {**offline_env(tmp_path), "WANDB_MODE": "disabled"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    cli = cli_main(["--config", str(ROOT / "configs/tiny.yaml"), "--config", str(ROOT / "configs/wandb.yaml"),
+                    f"--trainer.logger.init_args.save_dir={tmp_path}"], run=False)
+    callback = LoggerSaveConfigCallback(cli.parser, cli.config, overwrite=True)
+    try:
+        assert not Path(cli.trainer.logger.experiment.dir).is_dir()
+        callback.setup(cli.trainer, cli.model, "fit")
+    finally:
+        wandb.finish()
+    assert (tmp_path / "config.yaml").is_file()
+
+
 # ------------------------------------------------------------------ end to end through train.py
 
 
