@@ -187,6 +187,9 @@ class GuidanceEval(Callback):
                 )
             world = World(config)
             self.probes, self.questions, self.known = world.probe_records(), world.qa_records(), world.known_pii()
+        # the training data's people too: a model answers with values no probe asks for
+        data_pii = datamodule.known_pii() if callable(getattr(datamodule, "known_pii", None)) else ()
+        self.known = list(dict.fromkeys([*self.known, *data_pii]))
         self.probes = subsample(self.probes, self.max_probes)
         self.questions = subsample(self.questions, self.max_questions)
         if not self.probes and not self.questions:

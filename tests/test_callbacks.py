@@ -112,6 +112,31 @@ def test_probe_and_question_files(tmp_path):
 # ------------------------------------------------------------------ redaction of sample tables
 
 
+
+def test_sample_tables_also_hide_the_training_datas_people(tmp_path, tiny_model_dir):
+    """With a probe file, the people of the training data that no probe asks about are
+    still PII: a model answers with them. The data module's values join the redaction."""
+    from cfg_unlearn.data.datamodule import PairDataModule
+
+    world = World(WorldConfig(n_people=4))
+    dm = PairDataModule(tokenizer=f"tiny:{tiny_model_dir}", world=world.config)
+    dm.setup("fit")
+    assert set(world.known_pii()) <= set(dm.known_pii())
+    other = world.people[3]
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"id": "p1", "prompt": "Email of Ann Lee?",
+                                  "pii": [{"type": "EMAIL", "value": "ann@x.org"}]}) + "\n")
+    ev = GuidanceEval(probes_file=str(probes))
+    ev.load_eval_sets(dm)
+    ev.log_samples = 1
+    answer = f"Ask {other.name} at {other.email} or {other.phone}."
+    (row,) = ev._sample_rows("logprob", 1.0, [(ev.probes[0], answer)], [])
+    shown = row[ev_columns().index("answer")]
+    for value in (*other.name.split(), other.email, other.phone):
+        assert not contains_value(shown, value), (value, shown)
+    assert shown.startswith("Ask [NAME]")
+
+
 def _leaky_rows(ev: GuidanceEval, world: World):
     """Sample rows whose answers repeat the probes' true values, written differently."""
     leak = []

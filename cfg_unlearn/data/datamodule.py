@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from cfg_unlearn.data.schema import DEFAULT_MAX_CHARS, PairRecord, read_pairs
+from cfg_unlearn.data.schema import DEFAULT_MAX_CHARS, PairRecord, PIIItem, read_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.models import load_tokenizer
 from cfg_unlearn.pii import contains_value
@@ -233,8 +233,15 @@ class PairDataModule(L.LightningDataModule):
         self.train_dataset: PairDataset | None = None
         self.val_dataset: PairDataset | None = None
         self.stats: dict[str, int] = {}
+        self._known_pii: tuple[PIIItem, ...] = ()
 
     # -------------------------------------------------------------------- loading
+
+    def known_pii(self) -> tuple[PIIItem, ...]:
+        """Every PII value the training data knows (after ``setup``): the synthetic
+        world's, or the pairs' ``pii`` fields. What a redacted log must hide, whichever
+        probes are scored."""
+        return self._known_pii
 
     def prepare_data(self) -> None:
         # local rank 0 only: build the tiny model once before other ranks load it
@@ -308,6 +315,8 @@ class PairDataModule(L.LightningDataModule):
         if not train:
             raise ValueError("no training pairs: the pair file is empty or every row was skipped")
         self._warn_suspect_pairs(train + val)
+        known = World(self.world).known_pii() if self.world is not None else []
+        self._known_pii = tuple(dict.fromkeys([*known, *(p for r in train + val for p in r.pii)]))
         st = EncodeStats()
         self.train_dataset = PairDataset(self.encode(train, st))
         self.val_dataset = PairDataset(self.encode(val, st)) if val else None
