@@ -217,13 +217,26 @@ class GuidanceEval(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n, step = self.every_n_train_steps, trainer.global_step
         if n and step > 0 and step % n == 0 and (self._last is None or self._last[0] != step):
-            results = self.evaluate(trainer, pl_module)
-            # straight to the loggers at this exact step (self.log from this hook would
-            # repeat the value at later steps), and into callback_metrics so that
-            # ModelCheckpoint / EarlyStopping (ordered after this callback) can monitor it
-            for logger in trainer.loggers:
-                logger.log_metrics(results, step=step)
-            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in results.items()})
+            self._log_at_step(trainer, self.evaluate(trainer, pl_module))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # a fit that stops mid-epoch (max_steps, max_time) gets no final validation: the
+        # model it ends with would go unscored, silently
+        step = trainer.global_step
+        if (self.on_validation or self.every_n_train_steps) and step > 0 and (
+                self._last is None or self._last[0] != step):
+            rank_zero_info(f"GuidanceEval: the fit ended at step {step} with no evaluation there; scoring it")
+            self._log_at_step(trainer, self.evaluate(trainer, pl_module))
+
+    @staticmethod
+    def _log_at_step(trainer, results: dict[str, float]) -> None:
+        # straight to the loggers at this exact step (self.log from a batch hook would
+        # repeat the value at later steps, and on_train_end allows none), and into
+        # callback_metrics so that ModelCheckpoint / EarlyStopping (ordered after this
+        # callback) can monitor it
+        for logger in trainer.loggers:
+            logger.log_metrics(results, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in results.items()})
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not self.on_validation or trainer.sanity_checking:

@@ -273,7 +273,7 @@ def test_every_n_train_steps_evaluates_during_fit(tiny_model_dir, tmp_path):
     trainer.fit(model, datamodule=dm)
     rows = list(csv.DictReader(open(next((tmp_path / "run").rglob("metrics.csv")))))
     steps = [int(r["step"]) for r in rows if r.get("eval@g=1.0/leak_rate")]
-    assert steps == [2, 4]  # at the steps it ran, once each
+    assert steps == [2, 4, 5]  # at the steps it ran, once each, and the model the fit ended with
     # other callbacks can monitor the eval keys
     assert "eval@g=1.0/leak_rate" in trainer.callback_metrics
     assert ckpt.best_model_path.endswith(".ckpt") and Path(ckpt.best_model_path).exists()
@@ -294,6 +294,29 @@ def test_a_fit_without_validation_evaluates_at_each_epoch_end(tiny_model_dir, tm
     epochs = [int(r["epoch"]) for r in rows if r.get("eval@g=2.0/leak_rate")]
     assert epochs == [0, 1]  # once per epoch
     assert 0.0 <= float(trainer.callback_metrics["eval@g=1.0/accuracy"]) <= 1.0
+
+
+
+def test_a_fit_stopped_mid_epoch_scores_its_final_model(tiny_model_dir, tmp_path):
+    """max_steps ends the fit inside an epoch: Lightning validates no more, so the model
+    the fit ends with was never scored. It is now, once, at the final step; a fit whose
+    last validation fell on its final step is not scored twice."""
+    model = UnlearnModule(model=f"tiny:{tiny_model_dir}")
+    dm = PairDataModule(tokenizer=f"tiny:{tiny_model_dir}", world=WorldConfig(n_people=4), batch_size=4)
+    ev = GuidanceEval(scales=[1], max_probes=4, max_questions=2, max_new_tokens=4)
+    calls = []
+    evaluate = ev.evaluate
+    ev.evaluate = lambda trainer, module: calls.append(trainer.global_step) or evaluate(trainer, module)
+    trainer = _trainer(tmp_path, [ev], max_steps=3, log_every_n_steps=1, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.num_training_batches > 3 and calls == [3]
+    rows = list(csv.DictReader(open(next((tmp_path / "run").rglob("metrics.csv")))))
+    assert [int(r["step"]) for r in rows if r.get("eval@g=1.0/leak_rate")] == [3]
+
+    calls.clear()
+    trainer = _trainer(tmp_path / "b", [ev], max_steps=4, val_check_interval=2, num_sanity_val_steps=0)
+    trainer.fit(UnlearnModule(model=f"tiny:{tiny_model_dir}"), datamodule=dm)
+    assert calls == [2, 4]  # validated at its final step: nothing more
 
 
 def test_validate_without_validation_pairs_is_a_clear_error(tiny_model_dir, tmp_path):
