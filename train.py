@@ -5,7 +5,7 @@
     python train.py fit --config configs/tiny.yaml --print_config
 """
 
-from cfg_unlearn.cli import cli_main
+from cfg_unlearn.cli import train_main
 
 if __name__ == "__main__":
-    cli_main()
+    train_main()

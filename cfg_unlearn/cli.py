@@ -104,6 +104,20 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> UnlearnCLI:
     )
 
 
+def train_main() -> None:
+    """``python train.py ...``: :func:`cli_main`, with a malformed data row or a missing
+    model reported as one line (``file:line: field 'x': why``; exit status 2, as the
+    ``cfg-unlearn`` commands) instead of a traceback through Lightning's loops."""
+    from cfg_unlearn.data.schema import PairFormatError
+    from cfg_unlearn.models import ModelNotFoundError
+
+    try:
+        cli_main()
+    except (PairFormatError, ModelNotFoundError) as e:
+        sys.stderr.write(f"train.py: error: {e}\n")
+        raise SystemExit(2) from None
+
+
 def _build_tiny(argv: list[str]) -> None:
     from cfg_unlearn.tiny import TinySpec, build_tiny
 

@@ -13,6 +13,7 @@ import yaml
 
 from cfg_unlearn.cli import cli_main, console_main
 from cfg_unlearn.data.datamodule import PairDataModule
+from cfg_unlearn.data.world import WorldConfig
 from cfg_unlearn.module import UnlearnModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +104,26 @@ def test_ckpt_path_names_the_model_arguments_it_replaces(tmp_path, monkeypatch):
     assert "model.beta=5.0 (checkpoint: 1.0)" in msg and "model.cond_dropout=0.2 (checkpoint: 0.0)" in msg
     assert "seed" not in msg  # set, but to the checkpoint's own value
     assert (cli.model.beta, cli.model.cond_dropout) == (1.0, 0.0)  # Lightning's rule is kept
+
+
+
+def test_train_py_reports_a_bad_pair_row_in_one_line(tiny_model_dir, tmp_path):
+    """A malformed row is `file:line: field` on stderr with exit status 2, not a
+    traceback through Lightning's loops; giving a file beside the config's world says
+    to pass --data.world null."""
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n{"prompt": "hi", "chosen": 5, "rejected": "b"}\n')
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    run = subprocess.run([sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml", "--data.world", "null",
+                          f"--data.train_file={bad}", f"--model.model=tiny:{tiny_model_dir}",
+                          f"--trainer.logger.init_args.save_dir={tmp_path}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"train.py: error: {bad}:2: field 'chosen': expected a string or message list, got int")
+    assert "Traceback" not in run.stderr
+    with pytest.raises(ValueError, match="pass --data.world null beside --data.train_file"):
+        PairDataModule(tokenizer="unused", train_file=str(bad), world=WorldConfig())
 
 
 def test_tiny_fit_then_validate_end_to_end(tiny_model_dir, tmp_path):

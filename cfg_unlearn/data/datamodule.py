@@ -191,7 +191,8 @@ class PairDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         seed: shuffling and split seed.
         max_chars: per-field character cap of the JSONL reader.
-        on_error: ``raise`` on the first bad row, or ``skip`` bad rows (counted, logged).
+        on_error: ``raise`` on the first bad row, or ``skip`` bad rows (counted, logged);
+            a duplicate id is an error either way.
     """
 
     def __init__(
@@ -214,7 +215,9 @@ class PairDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if (train_file is None) == (world is None):
-            raise ValueError("PairDataModule needs exactly one of `train_file` or `world`")
+            hint = (" (got both: with a config that sets data.world, such as configs/tiny.yaml, pass "
+                    "--data.world null beside --data.train_file)" if world is not None else " (got neither)")
+            raise ValueError(f"PairDataModule needs exactly one of `train_file` or `world`{hint}")
         if nll_span not in ("response", "prompt_response"):
             raise ValueError(f"nll_span must be 'response' or 'prompt_response', got {nll_span!r}")
         if max_length < 2:
