@@ -418,15 +418,18 @@ def test_val_file(tiny_name, tmp_path, world_pairs):
     assert [len(b["id"]) for b in dm.val_dataloader()] == [3, 1]
 
 
-def test_train_file_skip_mode(tiny_name, tmp_path, world_pairs):
+def test_train_file_skip_mode(tiny_name, tmp_path, world_pairs, caplog):
     path = tmp_path / "p.jsonl"
     write_pairs(path, list(world_pairs.values())[:4])
     with open(path, "a", encoding="utf-8") as fh:
         fh.write("not json\n\n")
     with pytest.raises(ValueError, match=r":5: invalid JSON"):
         make_dm(tiny_name, train_file=str(path))
-    dm = make_dm(tiny_name, train_file=str(path), on_error="skip", val_fraction=0.0)
+    with caplog.at_level("INFO"):
+        dm = make_dm(tiny_name, train_file=str(path), on_error="skip", val_fraction=0.0)
     assert dm.stats["skipped_rows"] == 1 and dm.stats["train_pairs"] == 4
+    summaries = [r.getMessage() for r in caplog.records if "4 pairs from 6 lines" in r.getMessage()]
+    assert summaries == [f"{path}: 4 pairs from 6 lines (1 blank, 1 skipped)"]  # said once, as a warning
 
 
 

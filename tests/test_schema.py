@@ -284,6 +284,9 @@ def test_broken_json(tmp_path):
     err = _read_error(path)
     assert str(err).startswith(f"{path}:2:")
     assert "invalid JSON" in str(err)
+    # a raw tab inside a string: json's message ends in "at"; ours says it once
+    path = _write_lines(tmp_path / "c.jsonl", [GOOD, '{"id": "x\ty"}'])
+    assert str(_read_error(path)) == f"{path}:2: invalid JSON: Invalid control character at column 10"
 
 
 def test_non_object_json_line(tmp_path):

@@ -257,11 +257,13 @@ class PairDataModule(L.LightningDataModule):
             rank_zero_info(f"{source}: {len(records)} pairs")
         else:
             records, st = read_pairs(self.train_file, max_chars=self.max_chars, on_error=self.on_error)
-            rank_zero_info(st.summary())
+            if not st.skipped:  # else read_pairs has warned with this summary
+                rank_zero_info(st.summary())
             self.stats["skipped_rows"] = st.skipped
         if self.val_file:
             val, st = read_pairs(self.val_file, max_chars=self.max_chars, on_error=self.on_error)
-            rank_zero_info(st.summary())
+            if not st.skipped:
+                rank_zero_info(st.summary())
             self.stats["skipped_rows"] = self.stats.get("skipped_rows", 0) + st.skipped
             return records, val
         return split_by_group(records, self.val_fraction, self.seed)

@@ -405,7 +405,9 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, PairF
             try:
                 yield lineno, json.loads(text), None
             except json.JSONDecodeError as e:
-                yield lineno, None, PairFormatError(src, lineno, None, f"invalid JSON: {e.msg} at column {e.colno}")
+                # some messages end in "at" ("Invalid control character at"): say it once
+                msg = e.msg.removesuffix(" at")
+                yield lineno, None, PairFormatError(src, lineno, None, f"invalid JSON: {msg} at column {e.colno}")
             except (ValueError, RecursionError) as e:
                 # e.g. an integer literal over Python's digit limit, or absurdly deep nesting
                 yield lineno, None, PairFormatError(src, lineno, None, f"invalid JSON: {str(e)[:120]}")
