@@ -104,17 +104,18 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> UnlearnCLI:
     )
 
 
-def train_main() -> None:
-    """``python train.py ...``: :func:`cli_main`, with a malformed data row or a missing
-    model reported as one line (``file:line: field 'x': why``; exit status 2, as the
-    ``cfg-unlearn`` commands) instead of a traceback through Lightning's loops."""
+def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
+    """``python train.py ...`` (and ``cfg-unlearn fit|validate``): :func:`cli_main`, with
+    a malformed data row or a missing model reported as one line (``file:line: field
+    'x': why``; exit status 2, as the other ``cfg-unlearn`` commands) instead of a
+    traceback through Lightning's loops."""
     from cfg_unlearn.data.schema import PairFormatError
     from cfg_unlearn.models import ModelNotFoundError
 
     try:
-        cli_main()
+        cli_main(args)
     except (PairFormatError, ModelNotFoundError) as e:
-        sys.stderr.write(f"train.py: error: {e}\n")
+        sys.stderr.write(f"{prog}: error: {e}\n")
         raise SystemExit(2) from None
 
 
@@ -301,7 +302,7 @@ def console_main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv else 2)
     cmd, rest = argv[0], argv[1:]
     if cmd in TRAINER_SUBCOMMANDS:
-        cli_main([cmd, *rest])
+        train_main([cmd, *rest], prog="cfg-unlearn")
     elif cmd == "build-tiny":
         _build_tiny(rest)
     elif cmd == "generate":

@@ -107,7 +107,8 @@ def test_ckpt_path_names_the_model_arguments_it_replaces(tmp_path, monkeypatch):
 
 
 
-def test_train_py_reports_a_bad_pair_row_in_one_line(tiny_model_dir, tmp_path):
+def test_train_py_reports_a_bad_pair_row_in_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
     """A malformed row is `file:line: field` on stderr with exit status 2, not a
     traceback through Lightning's loops; giving a file beside the config's world says
     to pass --data.world null."""
@@ -124,6 +125,15 @@ def test_train_py_reports_a_bad_pair_row_in_one_line(tiny_model_dir, tmp_path):
     assert "Traceback" not in run.stderr
     with pytest.raises(ValueError, match="pass --data.world null beside --data.train_file"):
         PairDataModule(tokenizer="unused", train_file=str(bad), world=WorldConfig())
+
+    # `cfg-unlearn fit` is the same command
+    with pytest.raises(SystemExit) as e:
+        console_main(["fit", "--config", "configs/tiny.yaml", "--data.world", "null", f"--data.train_file={bad}",
+                      f"--model.model=tiny:{tiny_model_dir}", f"--trainer.default_root_dir={tmp_path}",
+                      "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"cfg-unlearn: error: {bad}:2: field 'chosen': expected a string or message list, got int")
 
 
 def test_tiny_fit_then_validate_end_to_end(tiny_model_dir, tmp_path):
