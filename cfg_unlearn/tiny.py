@@ -138,7 +138,7 @@ def resolve_pretrained(name_or_path: str) -> str:
     every other hub name or path unchanged."""
     if not name_or_path.startswith(TINY_SCHEME):
         return name_or_path
-    path = Path(name_or_path[len(TINY_SCHEME) :] or ".cache/cfg_unlearn/tiny")
+    path = _tiny_dir(name_or_path)
     if not (path / "config.json").exists():
         if path.exists() and any(path.iterdir()):
             raise FileExistsError(f"{path} exists but holds no model (no config.json); remove it or pick another dir")
@@ -148,12 +148,17 @@ def resolve_pretrained(name_or_path: str) -> str:
     return str(path)
 
 
+def _tiny_dir(name: str) -> Path:
+    """The directory of a ``tiny:<dir>`` name (``tiny:`` alone: the default cache)."""
+    return Path(name[len(TINY_SCHEME):] or ".cache/cfg_unlearn/tiny")
+
+
 def absolute_model_name(name_or_path: str) -> str | None:
     """``name_or_path`` with its local directory made absolute (``tiny:`` kept), or None
     for a name that is no local directory (a hub id). Checkpoints record it so that a
     relative path given at training still finds the model from another folder."""
     tiny = name_or_path.startswith(TINY_SCHEME)
-    local = Path(name_or_path[len(TINY_SCHEME):] or ".cache/cfg_unlearn/tiny") if tiny else Path(name_or_path)
+    local = _tiny_dir(name_or_path) if tiny else Path(name_or_path)
     if not local.is_dir():
         return None
     return (TINY_SCHEME if tiny else "") + str(local.resolve())
