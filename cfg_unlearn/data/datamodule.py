@@ -252,7 +252,9 @@ class PairDataModule(L.LightningDataModule):
 
     def load_records(self) -> tuple[list[PairRecord], list[PairRecord]]:
         if self.world is not None:
-            records = World(self.world).pairs()
+            world = World(self.world)
+            records = world.pairs()
+            self._known_pii = tuple(world.known_pii())  # its people's names too, which no pair lists
             source = f"world(seed={self.world.seed}, n_people={self.world.n_people})"
             rank_zero_info(f"{source}: {len(records)} pairs")
         else:
@@ -320,8 +322,7 @@ class PairDataModule(L.LightningDataModule):
         if not train:
             raise ValueError("no training pairs: the pair file is empty or every row was skipped")
         self._warn_suspect_pairs(train + val)
-        known = World(self.world).known_pii() if self.world is not None else []
-        self._known_pii = tuple(dict.fromkeys([*known, *(p for r in train + val for p in r.pii)]))
+        self._known_pii = tuple(dict.fromkeys([*self._known_pii, *(p for r in train + val for p in r.pii)]))
         st = EncodeStats()
         self.train_dataset = PairDataset(self.encode(train, st))
         self.val_dataset = PairDataset(self.encode(val, st)) if val else None
