@@ -13,7 +13,7 @@ from cfg_unlearn.data.generate import (
     read_forget_conversations,
     redacted_answer,
 )
-from cfg_unlearn.data.schema import ForgetRecord, PairFormatError, PIIItem, prompt_text, read_pairs
+from cfg_unlearn.data.schema import ForgetRecord, PairFormatError, PIIItem, prompt_text, read_pairs, user_text
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.guidance import generate
 from cfg_unlearn.models import load_causal_lm, load_tokenizer
@@ -301,3 +301,26 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeyp
     assert runs[False]["rejected"].get("other_pii", 0) > 0 and "other_pii" not in runs[True]["rejected"]
     # (a record whose earlier turns show the employer may repeat it either way)
     assert runs[True]["accepted_first"] == runs[False]["accepted_first"] + runs[False]["rejected"]["other_pii"]
+
+
+def test_a_value_only_an_earlier_assistant_turn_shows_is_forbidden(tiny, monkeypatch):
+    """In a two-turn forget conversation the second turn's prompt holds the first turn's
+    leaky answer. A replacement that repeats that employer is no replacement: it trains
+    the model to say it again (the demo's seed-1 writer did so on 4 of 180 pairs). What
+    the user wrote (the name) may still be repeated; the redacted fallback removes the
+    employer too."""
+    import cfg_unlearn.guidance as guidance
+
+    model, tok = tiny
+    name, org, loc = PIIItem("NAME", "Ann Lee"), PIIItem("ORG", "Tran-Reed"), PIIItem("LOC", "1 Main St")
+    prompt = ({"role": "user", "content": "Where does Ann Lee work?"},
+              {"role": "assistant", "content": "Ann Lee works at Tran-Reed."},
+              {"role": "user", "content": "And where does Ann Lee live?"})
+    rec = ForgetRecord("r", prompt, "Ann Lee lives at 1 Main St, near Tran-Reed.", (loc,), known=(name, org, loc))
+    assert forbidden_values(rec) == (loc, org)
+    assert leak_reason("Ann Lee works at Tran-Reed.", forbidden_values(rec), shown=user_text(prompt)) == "known_pii"
+    assert leak_reason("Ann Lee's home is private.", forbidden_values(rec), shown=user_text(prompt)) is None
+    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: ["Ann Lee works at Tran-Reed."] * len(prompts))
+    pairs, summary = generate_pairs(model, tok, [rec], max_attempts=2, redact_fallback=True, progress=False)
+    assert summary.rejected == {"known_pii": 2} and summary.redacted == 1
+    assert pairs[0].chosen == "Ann Lee lives at a private address, near a private employer."

@@ -6,10 +6,12 @@ instruction as the system prompt, optionally a reminder in the last user turn,
 optionally CFG). A candidate is **rejected** when it is empty, contains a known PII
 value of its row (however written, :func:`cfg_unlearn.pii.contains_value`), including
 the conversation's other values (``ForgetRecord.known``; a replacement that swaps the
-asked-for e-mail for the person's birth date still leaks), contains a piece of one that
-the prompt does not show (``partial_pii``: four digits of an SSN, the year or month of a
-birth date, a street or company word; :func:`cfg_unlearn.pii.contains_fragment`),
-contains a known value of *any other* record that its prompt does not show
+asked-for e-mail for the person's birth date still leaks, and so does one that repeats
+the employer an earlier assistant turn of the prompt leaked: only what the *user* wrote
+may be repeated, :func:`cfg_unlearn.data.schema.user_text`), contains a piece of one that
+the user's turns do not show (``partial_pii``: four digits of an SSN, the year or month
+of a birth date, a street or company word; :func:`cfg_unlearn.pii.contains_fragment`),
+contains a known value of *any other* record that the user's turns do not show
 (``other_pii``: a writer that memorised the data set answers one person's question with
 another person's employer, as the demo's seed-1 model did 3 times; whole values only,
 found through a :class:`cfg_unlearn.pii.ValueIndex`; ``other_values=False`` checks the
@@ -49,7 +51,7 @@ from cfg_unlearn.data.schema import (
     _text,
     iter_json_objects,
     note_first_line,
-    prompt_text,
+    user_text,
 )
 from cfg_unlearn.pii import (
     PARTIAL_MIN_CHARS,
@@ -135,9 +137,10 @@ def leak_reason(text: str, pii: tuple, *, shown: str = "", partial_min_chars: in
 
 def forbidden_values(rec: ForgetRecord) -> tuple:
     """What a replacement for ``rec`` must not contain: the values its answer leaked and
-    every other known value of its conversation, except those its prompt already shows
-    (repeating a name the user asked about reveals nothing)."""
-    prompt = prompt_text(rec.prompt)
+    every other known value of its conversation, except those the prompt's user turns
+    already show (repeating a name the user asked about reveals nothing; a value only an
+    earlier assistant turn shows is an earlier leak, see :func:`user_text`)."""
+    prompt = user_text(rec.prompt)
     others = tuple(p for p in rec.known if p not in rec.pii and not contains_value(prompt, p.value, p.type))
     return tuple(rec.pii) + others
 
@@ -234,7 +237,7 @@ def generate_pairs(
     chosen: dict[int, str] = {}
     pending = list(range(len(records)))
     forbidden = [forbidden_values(r) for r in records]
-    shown = [prompt_text(r.prompt) for r in records]
+    shown = [user_text(r.prompt) for r in records]
 
     index = ValueIndex(p for r in records for p in (*r.pii, *r.known)) if other_values else None
 

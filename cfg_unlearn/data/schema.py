@@ -96,6 +96,15 @@ def prompt_text(messages: tuple[dict[str, str], ...] | list[dict[str, str]]) -> 
     return "\n".join(m["content"] for m in messages)
 
 
+def user_text(messages: tuple[dict[str, str], ...] | list[dict[str, str]]) -> str:
+    """What the user wrote in a prompt, one message per line: what a *replacement*
+    answer may repeat (the name asked about, a value the user gave). The prompt's
+    earlier assistant turns do not count: in forget data they are the model's own
+    earlier answers, leaks themselves, and a replacement that repeats one trains the
+    model to say it again under the safety instruction."""
+    return "\n".join(m["content"] for m in messages if m["role"] == "user")
+
+
 @dataclass(frozen=True)
 class EvalRecord:
     """One evaluation prompt: a leak probe (``pii`` = the true values an answer must not
