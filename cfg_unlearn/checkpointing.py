@@ -32,6 +32,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import random
@@ -362,6 +363,8 @@ class ExactResume(Callback):
         self._patched: tuple[Any, str, bool, Any] | None = None
         self._warned: set[str] = set()
         self._filter: tuple | None = None
+        # (global step, epoch, fit loop state) at the end of the last training batch
+        self._batch_end: tuple[int, int, dict[str, Any]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # picklable (ddp_spawn): runtime state is rebuilt
         return {"restore_rng": self.restore_rng}
@@ -477,10 +480,12 @@ class ExactResume(Callback):
             done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
             total = trainer.num_training_batches
             exhausted = bool(loader.__dict__.get("_resume_exhausted", False))
+            epoch_done = bool(done >= total or (total == float("inf") and exhausted))
+            stopped = self._stopped_mid_epoch(trainer, epoch_done)
             state.update(
-                epoch=int(trainer.current_epoch),
+                epoch=stopped[1] if stopped else int(trainer.current_epoch),
                 batches_done=done,
-                epoch_done=bool(done >= total or (total == float("inf") and exhausted)),
+                epoch_done=epoch_done,
                 length=len(loader),
                 epoch_start_generators=list(loader.__dict__.get("_resume_epoch_start_generators", [])),
                 generators=_generator_states(loader),
@@ -488,6 +493,34 @@ class ExactResume(Callback):
         if self.restore_rng:
             state["rng"] = self._gather_rng(trainer)
         return state
+
+    def _stopped_mid_epoch(self, trainer: "L.Trainer", epoch_done: bool) -> tuple[int, int, dict[str, Any]] | None:
+        """The last batch end's (step, epoch, fit loop state) when the epoch loop has
+        ended (its epoch counted as processed) before the epoch's batches all ran, with
+        no batch since: a fit stopped mid-epoch by max_steps, max_time or should_stop."""
+        current = trainer.fit_loop.epoch_progress.current
+        ended = current.processed == current.started > 0
+        snap = self._batch_end
+        if epoch_done or not ended or snap is None or snap[0] != trainer.global_step:
+            return None
+        return snap
+
+    def on_save_checkpoint(self, trainer: "L.Trainer", pl_module: "L.LightningModule",
+                           checkpoint: dict[str, Any]) -> None:
+        # a fit stopped mid-epoch has its epoch counted as processed (at the epoch-end
+        # hooks) and then completed (at train end) by the time a checkpoint is written
+        # there: Lightning's train-end last.ckpt, FinalLastCheckpoint's, or an epoch-end
+        # save. Lightning resumes such a checkpoint with the *next* epoch, skipping the rest
+        # of this one; the loops' state of the last batch end (what a checkpoint written
+        # at that batch holds) resumes it exactly
+        stopped = None
+        if checkpoint.get("callbacks", {}).get(self.state_key, {}).get("epoch_done") is False:
+            stopped = self._stopped_mid_epoch(trainer, False)
+        loops = checkpoint.get("loops")
+        if stopped is None or not isinstance(loops, dict) or "fit_loop" not in loops:
+            return
+        loops["fit_loop"] = copy.deepcopy(stopped[2])
+        checkpoint["epoch"] = stopped[1]
 
     @staticmethod
     def _gather_rng(trainer: "L.Trainer") -> list[dict[str, Any]]:
@@ -537,6 +570,7 @@ class ExactResume(Callback):
         # the resumed iterator has been created and has fetched its first batch: done
         self._pending = None
         self._remove_filter()
+        self._batch_end = (trainer.global_step, trainer.current_epoch, trainer.fit_loop.state_dict())
 
 
 # ============================================================================ wiring

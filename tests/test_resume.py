@@ -253,6 +253,18 @@ class _KillAt(Callback):
             raise _Kill(f"killed before step {self.step}")
 
 
+class _StopAt(Callback):
+    """Asks the trainer to stop after ``step`` steps, as EarlyStopping and the max_time
+    Timer do (``trainer.should_stop``): the epoch loop ends after that batch."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
 class _Record(Callback):
     """(epoch, batch_idx, pair ids) of every training batch."""
 
@@ -276,7 +288,7 @@ def _one_thread():
 
 
 def _fit(spec: str, root: Path, *, kill_at: int | None = None, ckpt_path: str | None = None, exact: bool = True,
-         every_step: bool = True):
+         every_step: bool = True, stop_at: int | None = None):
     """One fit of the tiny model; returns (module, trainer, recorder). Killed runs return
     after the kill; every run (killed or resumed) writes its checkpoints into ``root``."""
     L.seed_everything(0, verbose=False)
@@ -291,6 +303,8 @@ def _fit(spec: str, root: Path, *, kill_at: int | None = None, ckpt_path: str | 
                  if every_step else ModelCheckpoint(dirpath=root, save_last=True, save_top_k=1)]
     if kill_at is not None:
         callbacks.append(_KillAt(kill_at))
+    if stop_at is not None:
+        callbacks.append(_StopAt(stop_at))
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=EPOCHS, callbacks=callbacks, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, deterministic=True,
                         num_sanity_val_steps=0)
@@ -338,6 +352,26 @@ def test_mid_epoch_resume_ends_with_the_weights_of_an_uninterrupted_run(spec, un
     _assert_same_run(uninterrupted, module, trainer, record, kill_at)
     # Lightning's "your dataloader is not resumable" warning is not true here, so not shown
     assert not [w for w in recwarn if "dataloader is not resumable" in str(w.message)]
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_a_fit_stopped_mid_epoch_resumes_where_it_stopped(spec, uninterrupted, tmp_path):
+    """EarlyStopping or max_time (``should_stop``) ends the fit mid-epoch, and Lightning
+    counts that epoch as processed and completed before last.ckpt is written at train
+    end: resuming used to start the *next* epoch's order at the same batch index,
+    skipping the rest of this one. Stopped after step 3 (epoch 0, Lightning's own
+    train-end save: no last.ckpt yet), resumed and stopped after step 9 (epoch 1,
+    FinalLastCheckpoint's save: last.ckpt is from the epoch end at step 6), then resumed
+    to the end: the weights of an uninterrupted run. (A max_steps stop resumes at the
+    right batch too, but is a different run: the schedule was fitted to its max_steps.)"""
+    for stop_at, ckpt in ((3, None), (9, str(tmp_path / "last.ckpt"))):
+        _, stopped, _ = _fit(spec, tmp_path, every_step=False, stop_at=stop_at, ckpt_path=ckpt)
+        assert stopped.global_step == stop_at
+        saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+        assert saved["global_step"] == stop_at and saved["epoch"] == stop_at // 6
+        assert saved["callbacks"]["ExactResume"]["epoch"] == stop_at // 6
+    module, trainer, record = _fit(spec, tmp_path, every_step=False, ckpt_path=str(tmp_path / "last.ckpt"))
+    _assert_same_run(uninterrupted, module, trainer, record, 9)
 
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
