@@ -149,11 +149,9 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
         return False
 
 
-def _preallocated_cache(model: torch.nn.Module, max_len: int):
-    """A static (preallocated) KV cache of ``max_len`` positions, or None (the model's
-    default dynamic cache) where the model cannot take one. A dynamic cache concatenates
-    every layer's keys and values at every step; with 2B rows that copying was about a
-    sixth of a decoding step on CPU (benchmarks/cfg_decode.py)."""
+def _static_cache(model: torch.nn.Module, max_len: int):
+    """A static (preallocated) KV cache of ``max_len`` positions, or None where the model
+    cannot take one."""
     try:
         from transformers import StaticCache
 
@@ -162,12 +160,35 @@ def _preallocated_cache(model: torch.nn.Module, max_len: int):
         return None
 
 
+def _autocast_on(model: torch.nn.Module) -> bool:
+    try:
+        device_type = next(model.parameters()).device.type
+    except StopIteration:
+        return False
+    return torch.is_autocast_enabled(device_type) if device_type in ("cpu", "cuda") else False
+
+
+def _preallocated_cache(model: torch.nn.Module, max_len: int):
+    """A static (preallocated) KV cache of ``max_len`` positions, or None (the model's
+    default dynamic cache) where the model cannot take one. A dynamic cache concatenates
+    every layer's keys and values at every step; with 2B rows that copying was about a
+    sixth of a decoding step on CPU (benchmarks/cfg_decode.py).
+
+    None under autocast too (fp32 weights with ``bf16-mixed``/``16-mixed``, as
+    GuidanceEval decodes inside the precision plugin): the rotary embedding returns keys
+    in float32 while the values come out in the autocast dtype, and a static cache holds
+    one dtype for both (``index_copy_(): self and source expected to have the same dtype``)."""
+    if _autocast_on(model):
+        return None
+    return _static_cache(model, max_len)
+
+
 def _mergeable_cache(model: torch.nn.Module) -> bool:
     """Whether the split prefill can merge this model's caches: a transformers model whose
     layers all keep every position. Decided from the config, before any forward, so that
     every rank takes the same path (under FSDP a different number of forwards hangs)."""
     cfg = getattr(model, "config", None)
-    if cfg is None or _preallocated_cache(model, 1) is None:
+    if cfg is None or _static_cache(model, 1) is None:
         return False
     if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
         return False  # sliding-window, linear-attention or state-space layers
