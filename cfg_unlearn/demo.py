@@ -176,7 +176,7 @@ def unlearn(cfg: DemoConfig, leaky_dir: Path, pairs_file: Path, log_dir: Path, *
     # objectives at the baselines'
     beta, lr = (cfg.beta, cfg.unlearn_lr) if objective == "orpo" else (cfg.baseline_beta, cfg.baseline_lr)
     module = UnlearnModule(model=str(leaky_dir), objective=objective, cond_dropout=cond_dropout, beta=beta,
-                           cond_mode=cond_mode, seed=cfg.seed, reference="precomputed",
+                           cond_mode=cond_mode, cond_seed=cfg.seed, reference="precomputed",
                            optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
     data = PairDataModule(tokenizer=str(leaky_dir), train_file=str(pairs_file), val_fraction=0.0,
                           batch_size=cfg.batch_size, seed=cfg.seed, uncond_system_prompt=uncond_instruction(cond_mode))

@@ -167,7 +167,9 @@ class UnlearnModule(L.LightningModule):
         cond_mode: ``dropout`` (blanked instruction, same targets) or ``swap`` (the
             negative instruction with chosen and rejected exchanged; needs
             ``data.uncond_system_prompt``).
-        seed: seed of the conditioning draws.
+        cond_seed: seed of the conditioning draws (its own name: the data module's
+            ``seed`` splits and shuffles, and LightningCLI refuses two hyperparameters of
+            one name with different values).
         optimizer: optimizer factory over the trainable parameters.
         lr_scheduler: optional scheduler factory; stepped every optimizer step.
     """
@@ -185,7 +187,7 @@ class UnlearnModule(L.LightningModule):
         lora: LoraSettings | None = None,
         cond_dropout: float = 0.0,
         cond_mode: Literal["dropout", "swap"] = "dropout",
-        seed: int = 0,
+        cond_seed: int = 0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ):
@@ -204,7 +206,7 @@ class UnlearnModule(L.LightningModule):
             raise ValueError(f"cond_mode must be 'dropout' or 'swap', got {cond_mode!r}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model_name = model
-        self.beta, self.cond_dropout, self.cond_mode, self.seed = beta, cond_dropout, cond_mode, seed
+        self.beta, self.cond_dropout, self.cond_mode, self.cond_seed = beta, cond_dropout, cond_mode, cond_seed
         self.objective, self.reference, self.lora = objective, reference, lora
         if lora is not None and lora.r < 1:
             raise ValueError(f"lora.r must be >= 1, got {lora.r}")
@@ -357,7 +359,7 @@ class UnlearnModule(L.LightningModule):
         return dpo_loss(seq[:b], seq[b:], ref[:b], ref[b:], beta=self.beta)
 
     def conditioning_mask(self, ids: list[str]) -> torch.Tensor:
-        return draw_dropout_mask(ids, self.cond_dropout, self.seed, self.current_epoch)
+        return draw_dropout_mask(ids, self.cond_dropout, self.cond_seed, self.current_epoch)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         n = batch["cond"]["input_ids"].shape[0]

@@ -93,12 +93,12 @@ def test_ckpt_path_names_the_model_arguments_it_replaces(tmp_path, monkeypatch):
     from cfg_unlearn.cli import UnlearnCLI
 
     ckpt = tmp_path / "c.ckpt"
-    torch.save({"hyper_parameters": {"model": "tiny:unused", "beta": 1.0, "cond_dropout": 0.0, "seed": 3},
+    torch.save({"hyper_parameters": {"model": "tiny:unused", "beta": 1.0, "cond_dropout": 0.0, "cond_seed": 3},
                 "state_dict": {}}, ckpt)
     monkeypatch.setattr(UnlearnCLI, "_run_subcommand", lambda self, sub: None)  # parse and build only
     base = ["validate", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path)]
     with pytest.warns(UserWarning, match="--ckpt_path") as got:
-        cli = cli_main([*base, "--model.beta=5", "--model.cond_dropout=0.2", "--model.seed=3",
+        cli = cli_main([*base, "--model.beta=5", "--model.cond_dropout=0.2", "--model.cond_seed=3",
                         f"--ckpt_path={ckpt}"])
     (msg,) = [str(w.message) for w in got if "--ckpt_path" in str(w.message)]
     assert "model.beta=5.0 (checkpoint: 1.0)" in msg and "model.cond_dropout=0.2 (checkpoint: 0.0)" in msg
@@ -138,11 +138,14 @@ def test_train_py_reports_a_bad_pair_row_in_one_line(tiny_model_dir, tmp_path, c
 
 def test_tiny_fit_then_validate_end_to_end(tiny_model_dir, tmp_path):
     """`python train.py fit --config configs/tiny.yaml` (shortened to 2 epochs) raises the
-    reward margin, and `validate --ckpt_path` scores the checkpoint it wrote."""
+    reward margin, and `validate --ckpt_path` scores the checkpoint it wrote. The
+    conditioning draws' seed differs from the data module's seed (they once shared the
+    name `seed`, and LightningCLI refused the run at its first hyperparameter log)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     common = ["--config", "configs/tiny.yaml", f"--model.model=tiny:{tiny_model_dir}",
               f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
-    fit = subprocess.run([sys.executable, "train.py", "fit", *common, "--trainer.max_epochs=2"],
+    fit = subprocess.run([sys.executable, "train.py", "fit", *common, "--trainer.max_epochs=2",
+                          "--model.cond_seed=7", "--data.seed=0"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert fit.returncode == 0, fit.stderr[-3000:]
     run_dir = tmp_path / "tiny" / "version_0"

@@ -15,7 +15,7 @@ from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])
 def test_measured_dropout_rate_within_two_points(p):
-    module = UnlearnModule(cond_dropout=p, seed=123)
+    module = UnlearnModule(cond_dropout=p, cond_seed=123)
     draws = module.conditioning_mask([f"c{i:05d}-t0" for i in range(10_000)])
     assert draws.numel() == 10_000
     assert abs(draws.float().mean().item() - p) < 0.02
