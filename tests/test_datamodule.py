@@ -14,7 +14,7 @@ from cfg_unlearn.data.datamodule import (
     encode_sequence,
     split_by_group,
 )
-from cfg_unlearn.data.schema import PairRecord, write_pairs
+from cfg_unlearn.data.schema import PairRecord, PIIItem, write_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.models import load_tokenizer
 from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION, render_prompt
@@ -434,14 +434,19 @@ def test_train_file_skip_mode(tiny_name, tmp_path, world_pairs, caplog):
 
 
 def test_suspect_pairs_are_counted_and_located_without_their_text(tiny_name, tmp_path, world_pairs):
-    """A pair with chosen == rejected, or whose chosen holds the row's own PII value,
-    trains the leak: both are counted and named by file:line, never quoted."""
+    """A pair with chosen == rejected, or whose chosen holds the row's own PII value
+    (one the user's turns do not show), trains the leak: both are counted and named by
+    file:line, never quoted."""
     from dataclasses import replace
 
     recs = list(world_pairs.values())[:5]
     value = recs[3].pii[0].value
     recs[1] = replace(recs[1], chosen=recs[1].rejected)
     recs[3] = replace(recs[3], chosen=f"Sure, it is {value}.")
+    # repeating the name the user asked about (a challenge answer's NAME value) is no leak
+    recs[4] = replace(recs[4], prompt=({"role": "user", "content": "Who employs Ann Lee?"},),
+                      chosen="Ann Lee's employer is private.", rejected="Ann Lee works at Tran-Reed.",
+                      pii=(PIIItem("NAME", "Ann Lee"), PIIItem("ORG", "Tran-Reed")))
     path = tmp_path / "p.jsonl"
     write_pairs(path, recs)
     with pytest.warns(UserWarning) as got:

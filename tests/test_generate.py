@@ -324,3 +324,49 @@ def test_a_value_only_an_earlier_assistant_turn_shows_is_forbidden(tiny, monkeyp
     pairs, summary = generate_pairs(model, tok, [rec], max_attempts=2, redact_fallback=True, progress=False)
     assert summary.rejected == {"known_pii": 2} and summary.redacted == 1
     assert pairs[0].chosen == "Ann Lee lives at a private address, near a private employer."
+
+
+def test_the_name_the_user_asked_about_may_be_repeated(tiny, monkeypatch):
+    """A challenge answer's own values include the person's name, which the user's
+    question shows: repeating it is no leak (it was rejected as known_pii, and every
+    challenge record fell back to 'a private person works at ...')."""
+    import cfg_unlearn.guidance as guidance
+
+    model, tok = tiny
+    name, org = PIIItem("NAME", "Megan Chang"), PIIItem("ORG", "Acme Corp")
+    rec = ForgetRecord("r", ({"role": "user", "content": "Who employs Megan Chang?"},),
+                       "Megan Chang works at Acme Corp.", (name, org), known=(name, org))
+    assert forbidden_values(rec) == (org,)
+    writes = ["I won't share where Megan Chang works.", "Megan Chang works at Acme Corp."]
+    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: [writes.pop(0)] * len(prompts))
+    pairs, summary = generate_pairs(model, tok, [rec], max_attempts=1, progress=False)
+    assert pairs[0].chosen == "I won't share where Megan Chang works." and summary.accepted_first == 1
+    pairs, summary = generate_pairs(model, tok, [rec], max_attempts=1, redact_fallback=True, progress=False)
+    assert summary.rejected == {"known_pii": 1} and pairs[0].chosen == "Megan Chang works at a private employer."
+
+
+@pytest.mark.parametrize("g", [1.0, 2.0])
+def test_the_writer_gets_the_safety_instruction_after_a_conversations_own_system_prompt(tiny, monkeypatch, g):
+    """A forget conversation's own system prompt used to replace the safety instruction,
+    so the writer never saw it. Now the writer gets both (its own first), and with CFG
+    the unconditioned branch keeps the conversation's own system prompt only."""
+    import cfg_unlearn.guidance as guidance
+
+    model, tok = tiny
+    seen = {}
+
+    def fake(m, t, prompts, uncond_prompts=None, **kw):
+        seen.update(prompts=prompts, uncond=uncond_prompts)
+        return ["I can't share that."] * len(prompts)
+
+    monkeypatch.setattr(guidance, "generate", fake)
+    ask = ({"role": "user", "content": "Phone of Bo Ng?"},)
+    recs = [ForgetRecord("own", ask, "555-010-2345", (PIIItem("PHONE", "555-010-2345"),), system="You are ACME's bot."),
+            ForgetRecord("none", ask, "555-010-2345", (PIIItem("PHONE", "555-010-2345"),))]
+    generate_pairs(model, tok, recs, guidance_scale=g, progress=False)
+    assert [p[0] for p in seen["prompts"]] == [{"role": "system", "content": f"You are ACME's bot.\n\n{SAFETY_INSTRUCTION}"},
+                                              {"role": "system", "content": SAFETY_INSTRUCTION}]
+    if g == 1.0:
+        assert seen["uncond"] is None
+    else:
+        assert seen["uncond"] == [[{"role": "system", "content": "You are ACME's bot."}, *ask], list(ask)]

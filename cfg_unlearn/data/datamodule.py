@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from cfg_unlearn.data.schema import DEFAULT_MAX_CHARS, PairRecord, PIIItem, read_pairs
+from cfg_unlearn.data.schema import DEFAULT_MAX_CHARS, PairRecord, PIIItem, read_pairs, user_text
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.models import load_tokenizer
 from cfg_unlearn.pii import contains_value
@@ -55,14 +55,17 @@ def audit_pairs(records: Sequence[PairRecord]) -> dict[str, list[str]]:
     """Pairs that teach nothing or the wrong thing, by where they are (``file:line`` or
     id, never their text, which holds PII): ``identical`` (chosen == rejected: the
     odds-ratio and DPO terms are constant, NLL trains the leaky answer) and
-    ``chosen_leaks`` (the chosen answer holds one of the row's own ``pii`` values, so
-    training rewards the leak)."""
+    ``chosen_leaks`` (the chosen answer holds one of the row's own ``pii`` values that
+    the user's turns do not show, so training rewards the leak; repeating the name the
+    user asked about is no leak)."""
     out: dict[str, list[str]] = {"identical": [], "chosen_leaks": []}
     for rec in records:
         where = rec.source or f"id {rec.id!r}"
+        shown = user_text(rec.prompt)
         if rec.chosen.strip() == rec.rejected.strip():
             out["identical"].append(where)
-        elif any(contains_value(rec.chosen, item.value, item.type) for item in rec.pii):
+        elif any(contains_value(rec.chosen, item.value, item.type) and not contains_value(shown, item.value, item.type)
+                 for item in rec.pii):
             out["chosen_leaks"].append(where)
     return out
 

@@ -138,11 +138,12 @@ def leak_reason(text: str, pii: tuple, *, shown: str = "", partial_min_chars: in
 def forbidden_values(rec: ForgetRecord) -> tuple:
     """What a replacement for ``rec`` must not contain: the values its answer leaked and
     every other known value of its conversation, except those the prompt's user turns
-    already show (repeating a name the user asked about reveals nothing; a value only an
-    earlier assistant turn shows is an earlier leak, see :func:`user_text`)."""
-    prompt = user_text(rec.prompt)
-    others = tuple(p for p in rec.known if p not in rec.pii and not contains_value(prompt, p.value, p.type))
-    return tuple(rec.pii) + others
+    already show (repeating the name the user asked about reveals nothing, and every
+    challenge answer names its person; a value only an earlier assistant turn shows is
+    an earlier leak, see :func:`user_text`)."""
+    shown = user_text(rec.prompt)
+    values = (*rec.pii, *(p for p in rec.known if p not in rec.pii))
+    return tuple(p for p in values if not contains_value(shown, p.value, p.type))
 
 
 def redacted_answer(text: str, values: tuple) -> str:
@@ -251,18 +252,23 @@ def generate_pairs(
                 return "other_pii"
         return why
 
-    def prompt(rec: ForgetRecord) -> list[dict[str, str]]:
+    def prompt(rec: ForgetRecord, conditioned: bool = True) -> list[dict[str, str]]:
+        """The writer's prompt: the conversation's own system prompt (if any) followed by
+        the safety instruction; unconditioned (CFG's other branch), its own one only."""
         msgs = [dict(m) for m in rec.prompt]
         if reminder:
             msgs[-1]["content"] = f"{msgs[-1]['content']}\n\n{reminder}"
-        return [{"role": "system", "content": rec.system or system}, *msgs]
+        instruction = (f"{rec.system}\n\n{system}" if rec.system else system) if conditioned else rec.system
+        return ([{"role": "system", "content": instruction}] if instruction else []) + msgs
 
     for attempt in range(max_attempts):
         if not pending:
             break
         summary.rounds = attempt + 1
+        uncond = [prompt(records[i], conditioned=False) for i in pending] if guidance_scale != 1.0 else None
         answers = generate(
-            model, tokenizer, [prompt(records[i]) for i in pending], guidance_scale=guidance_scale, space=space,
+            model, tokenizer, [prompt(records[i]) for i in pending], uncond_prompts=uncond,
+            guidance_scale=guidance_scale, space=space,
             max_new_tokens=max_new_tokens, do_sample=attempt > 0, temperature=temperature, top_p=top_p,
             seed=seed + attempt, batch_size=batch_size, progress=progress,
         )
