@@ -288,7 +288,10 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeyp
     summary = json.loads(capsys.readouterr().out.splitlines()[1])
     redacted = [p for p in read_pairs(out)[0] if "a private " in p.chosen]
     assert summary["redacted"] == len(redacted) > 0 and summary["rejected"] == {"detected_pii": len(pairs)}
-    assert all(not contains_value(p.chosen, v.value, v.type) for p in redacted for v in p.pii)
+    # every value is redacted but the name the user's question shows, which may stay
+    assert all(not contains_value(p.chosen, v.value, v.type) for p in redacted for v in p.pii
+               if not contains_value(user_text(p.prompt), v.value, v.type))
+    assert any(v.type == "NAME" and contains_value(p.chosen, v.value, v.type) for p in redacted for v in p.pii)
     # --own-values-only: a writer that answers everything with person 0's employer is
     # caught on the other person's records too, unless the check is limited to the row
     employer = world.people[0].employer
@@ -370,3 +373,35 @@ def test_the_writer_gets_the_safety_instruction_after_a_conversations_own_system
         assert seen["uncond"] is None
     else:
         assert seen["uncond"] == [[{"role": "system", "content": "You are ACME's bot."}, *ask], list(ask)]
+
+
+def test_forget_reader_refuses_what_the_pair_reader_refuses_and_counts_what_it_cannot_use(tmp_path, caplog):
+    """A system message mid-conversation (or both a `system` field and a leading system
+    message) used to pass here and fail in `fit`'s pair reader after a whole generation
+    run; a leaky assistant turn that follows no user turn was dropped without a word."""
+    ask = {"role": "user", "content": "Phone of Bob?"}
+    leak = {"role": "assistant", "content": "555-987-6543."}
+    pii = [{"type": "PHONE", "value": "555-987-6543"}, {"type": "EMAIL", "value": "bob@example.com"}]
+    path = tmp_path / "f.jsonl"
+
+    def rows(*objs):
+        path.write_text("".join(json.dumps(o) + "\n" for o in objs))
+        return path
+
+    mid = {"id": "a", "messages": [{"role": "user", "content": "Hi"}, {"role": "system", "content": "mid"}, ask, leak],
+           "pii": pii}
+    with pytest.raises(PairFormatError, match=r"f.jsonl:2: field 'messages\[1\].role': a system message is only"):
+        read_forget_conversations(rows({"id": "ok", "messages": [ask, leak], "pii": pii}, mid))
+    both = {"id": "b", "system": "S", "messages": [{"role": "system", "content": "T"}, ask, leak], "pii": pii}
+    with pytest.raises(PairFormatError, match=r"f.jsonl:1: field 'system': given both"):
+        read_forget_conversations(rows(both))
+    # a leading leaky assistant turn and one right after another give no pair: counted, located
+    orphan = {"id": "c", "messages": [{"role": "assistant", "content": "Bob: bob@example.com"}, ask, leak,
+                                      {"role": "assistant", "content": "Or bob@example.com."}], "pii": pii}
+    with caplog.at_level("WARNING"):
+        recs = read_forget_conversations(rows(orphan))
+    assert [r.id for r in recs] == ["c-t2"]
+    assert [r.getMessage() for r in caplog.records if "follow no user turn" in r.getMessage()] == [
+        f"2 leaky assistant turn(s) follow no user turn and give no pair (a pair's prompt ends with a user turn): "
+        f"{path}:1 (messages[0]), {path}:1 (messages[3])"]
+    assert not any("bob@example.com" in r.getMessage() for r in caplog.records)

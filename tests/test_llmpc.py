@@ -117,3 +117,15 @@ def test_conversations_without_a_forget_record_are_counted(tmp_path, caplog):
         recs = forget_records(rows)
     assert [r.id for r in recs] == ["llmpc-7-t1", "llmpc-7-t3"]
     assert "2 of 3 challenge conversations give no forget record" in caplog.text
+
+
+def test_leaky_turns_that_follow_no_user_turn_are_counted(tmp_path, caplog):
+    row = {"idx": 3, "messages": "assistant: Hi [NAME-1], your office is at [LOC-1].\nuser: Where does [NAME-1] live?\n"
+                                 "assistant: At [LOC-1].\nassistant: I mean [LOC-1]."}
+    rows = read_challenge(*_write(tmp_path, [row], [MAP]))
+    with caplog.at_level("WARNING"):
+        recs = forget_records(rows)
+    assert [r.id for r in recs] == ["llmpc-3-t2"]
+    (msg,) = [r.getMessage() for r in caplog.records if "follow no user turn" in r.getMessage()]
+    assert msg.startswith("2 leaky assistant turn(s) follow no user turn") and "(turn 0)" in msg and "(turn 3)" in msg
+    assert "12 Oak St" not in msg and "Ann Lee" not in msg

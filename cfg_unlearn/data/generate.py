@@ -52,6 +52,7 @@ from cfg_unlearn.data.schema import (
     iter_json_objects,
     note_first_line,
     user_text,
+    warn_orphan_turns,
 )
 from cfg_unlearn.pii import (
     PARTIAL_MIN_CHARS,
@@ -95,6 +96,7 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
     src = str(path)
     out: list[ForgetRecord] = []
     first_line: dict[str, int] = {}
+    orphans: list[str] = []
     for line, obj in iter_json_objects(path):
         if "messages" not in obj:
             raise PairFormatError(src, line, "messages", "missing required field")
@@ -107,17 +109,30 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
         # a pair file with repeated ids, which the pair reader (rightly) refuses
         note_first_line(first_line, cid, src, line)
         system = _text(obj, "system", src, line, DEFAULT_MAX_CHARS, required=False)
-        if msgs[0]["role"] == "system":
+        lead = int(msgs[0]["role"] == "system")
+        if lead:
+            if system is not None:  # as the pair reader says: which one would the writer get?
+                raise PairFormatError(src, line, "system", "given both as a field and as a system message")
             system, msgs = msgs[0]["content"], msgs[1:]
-        n_before = len(out)
+        for i, m in enumerate(msgs):
+            if m["role"] == "system":  # the pair file would hold a prompt that `fit` refuses
+                raise PairFormatError(src, line, f"messages[{i + lead}].role", "a system message is only allowed first")
+        leaky_turns = 0
         for t, msg in enumerate(msgs):
             leaked = tuple(p for p in pii if contains_value(msg["content"], p.value, p.type))
-            if msg["role"] == "assistant" and leaked and t > 0 and msgs[t - 1]["role"] == "user":
+            if msg["role"] != "assistant" or not leaked:
+                continue
+            leaky_turns += 1
+            if t > 0 and msgs[t - 1]["role"] == "user":
                 out.append(ForgetRecord(f"{cid}-t{t}", tuple(msgs[:t]), msg["content"], leaked, cid, system,
                                         f"{src}:{line}", known=pii))
-        if len(out) == n_before:
+            else:
+                orphans.append(f"{src}:{line} (messages[{t + lead}])")
+        if not leaky_turns:
             raise PairFormatError(src, line, "messages", "no assistant turn contains any of the listed PII values")
+    warn_orphan_turns(orphans)
     return out
+
 
 
 def leak_reason(text: str, pii: tuple, *, shown: str = "", partial_min_chars: int = PARTIAL_MIN_CHARS) -> str | None:

@@ -28,7 +28,15 @@ import os
 import re
 from dataclasses import dataclass
 
-from cfg_unlearn.data.schema import EvalRecord, ForgetRecord, PairFormatError, PIIItem, iter_jsonl, note_first_line
+from cfg_unlearn.data.schema import (
+    EvalRecord,
+    ForgetRecord,
+    PairFormatError,
+    PIIItem,
+    iter_jsonl,
+    note_first_line,
+    warn_orphan_turns,
+)
 
 #: The challenge's descriptions of the PII types its attack prompts name (verbatim from
 #: its baseline script; types not listed here are not attacked).
@@ -182,6 +190,7 @@ def forget_records(rows: list[ChallengeRow]) -> list[ForgetRecord]:
     answer, the values it holds as its PII; grouped by conversation."""
     out = []
     without = 0
+    orphans: list[str] = []
     for row in rows:
         scrubbed = parse_messages(row.text, row.source)
         history: list[dict[str, str]] = []
@@ -189,7 +198,9 @@ def forget_records(rows: list[ChallengeRow]) -> list[ForgetRecord]:
         for t, msg in enumerate(scrubbed):
             filled = {"role": msg["role"], "content": fill(msg["content"], row.pii)}
             keys = [k for k in row.pii if f"[{k}]" in msg["content"]]
-            if msg["role"] == "assistant" and keys and history and history[-1]["role"] == "user":
+            if msg["role"] == "assistant" and keys and not (history and history[-1]["role"] == "user"):
+                orphans.append(f"{row.source} (turn {t})")
+            elif msg["role"] == "assistant" and keys:
                 system = next((m["content"] for m in history if m["role"] == "system"), None)
                 out.append(
                     ForgetRecord(
@@ -204,4 +215,5 @@ def forget_records(rows: list[ChallengeRow]) -> list[ForgetRecord]:
     if without:
         log.warning("%d of %d challenge conversations give no forget record (no assistant turn after a user turn "
                     "holds a placeholder)", without, len(rows))
+    warn_orphan_turns(orphans)
     return out

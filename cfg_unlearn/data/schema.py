@@ -105,6 +105,16 @@ def user_text(messages: tuple[dict[str, str], ...] | list[dict[str, str]]) -> st
     return "\n".join(m["content"] for m in messages if m["role"] == "user")
 
 
+def warn_orphan_turns(where: list[str]) -> None:
+    """Leaky assistant turns that follow no user turn (a conversation's first turn, or an
+    assistant turn after another) give no record, since a pair's prompt ends with a user
+    turn: say how many and where, rather than drop them unseen."""
+    if where:
+        more = f", ... ({len(where) - 5} more)" if len(where) > 5 else ""
+        log.warning("%d leaky assistant turn(s) follow no user turn and give no pair (a pair's prompt ends with "
+                    "a user turn): %s%s", len(where), ", ".join(where[:5]), more)
+
+
 @dataclass(frozen=True)
 class EvalRecord:
     """One evaluation prompt: a leak probe (``pii`` = the true values an answer must not
