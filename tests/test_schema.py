@@ -315,6 +315,18 @@ def test_non_utf8_bytes_name_their_line(tmp_path):
     assert "0xff" in str(err)
 
 
+def test_a_utf8_byte_order_mark_is_skipped_at_the_start_only(tmp_path):
+    """Files saved by Windows tools start with a BOM; json.loads refused it ('Unexpected
+    UTF-8 BOM') on line 1 of every reader. Anywhere else it is still an error."""
+    path = tmp_path / "bom.jsonl"
+    one, two = (json.dumps(_row(id=i)).encode() + b"\n" for i in "12")
+    path.write_bytes(b"\xef\xbb\xbf" + one + two)
+    recs, _ = read_pairs(path)
+    assert [r.id for r in recs] == ["1", "2"]
+    path.write_bytes(one + b"\xef\xbb\xbf" + two)
+    assert str(_read_error(path)).startswith(f"{path}:2: invalid JSON")
+
+
 def test_duplicate_ids_name_both_lines(tmp_path):
     path = _write_lines(tmp_path / "dup.jsonl", [_row(id="x"), _row(id="y"), "", _row(id="x")])
     err = _read_error(path)

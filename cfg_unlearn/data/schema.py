@@ -404,7 +404,8 @@ def eval_record_from_dict(
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, PairFormatError | None]]:
     """Yield ``(line_number, obj, error)`` for each line of a JSONL file: ``obj`` is None
     for a blank line or a line that failed to decode/parse (then ``error`` says why).
-    Bytes are decoded per line so that a non-UTF-8 byte names its line."""
+    Bytes are decoded per line so that a non-UTF-8 byte names its line; a UTF-8 byte
+    order mark at the start of the file (Windows tools write one) is skipped."""
     src = str(path)
     try:
         fh = open(path, "rb")
@@ -413,7 +414,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, PairF
     with fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 reason = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
                 yield lineno, None, PairFormatError(src, lineno, None, reason)
