@@ -220,6 +220,13 @@ def render_sample(tokenizer, messages: Sequence[dict[str, str]], system: str | N
     return (tokenizer.bos_token or "") + "\n\n".join(FALLBACK_ROLE_PREFIX[m["role"]] + m["content"] for m in msgs)
 
 
+def _hidden_size(model) -> int | None:
+    cfg = model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    size = getattr(cfg, "hidden_size", None)
+    return int(size) if isinstance(size, int) else None
+
+
 def num_layers(model) -> int:
     cfg = model.config
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -560,6 +567,8 @@ def run_saft(cfg: SaftConfig) -> dict[str, Any]:
         raise ValueError(f"sign must be one of {SIGNS}, got {cfg.sign!r}")
     if cfg.k is not None and cfg.k < 1:
         raise ValueError(f"k must be >= 1, got {cfg.k}")
+    if cfg.threshold is not None and not math.isfinite(cfg.threshold):
+        raise ValueError(f"threshold must be a finite number, got {cfg.threshold}")
     # before minutes of embedding: kept.jsonl written into the data's own folder could be the data
     check_out_dir(Path(cfg.out), cfg.overwrite, [p for p in (cfg.data, cfg.labels) if p is not None])
     seconds: dict[str, float] = {}
@@ -585,6 +594,18 @@ def run_saft(cfg: SaftConfig) -> dict[str, Any]:
     model = load_causal_lm(cfg.model, dtype=cfg.dtype).to(device)
     n_layers = num_layers(model)
     tuning = cfg.labels is not None
+    # before the embedding: more directions than the samples span is an error, not a quiet k=1
+    hidden = _hidden_size(model)
+    k_limit = min(n - 1, hidden) if hidden else n - 1
+    if cfg.k is not None and cfg.k > k_limit:
+        raise ValueError(f"k={cfg.k}: {n} samples of dimension {hidden} span at most {k_limit} directions")
+    search_k = [cfg.k] if cfg.k is not None else list(cfg.search_k or DEFAULT_SEARCH_K)
+    if tuning and any(k > k_limit for k in search_k):
+        if all(k > k_limit for k in search_k):
+            raise ValueError(f"search k {search_k}: {n} samples of dimension {hidden} span at most {k_limit} directions")
+        log.warning("saft: search k %s skipped: %d samples of dimension %s span at most %d directions",
+                    [k for k in search_k if k > k_limit], n, hidden, k_limit)
+        search_k = [k for k in search_k if k <= k_limit]
     if tuning:
         n_tune = int((tune >= 0).sum())
         n_tune_pos = int((tune == 1).sum())
@@ -615,10 +636,8 @@ def run_saft(cfg: SaftConfig) -> dict[str, Any]:
     table: list[Candidate] = []
     picked: Candidate | None = None
     if tuning:
-        ks = [cfg.k] if cfg.k is not None else list(cfg.search_k or DEFAULT_SEARCH_K)
-        ks = [k for k in ks if k <= min(n - 1, dim)] or [1]
         idx = torch.nonzero(tune >= 0).flatten()
-        table, picked = search(embs, idx, tune[idx], ks=ks, signs=[cfg.sign] if cfg.sign else None,
+        table, picked = search(embs, idx, tune[idx], ks=search_k, signs=[cfg.sign] if cfg.sign else None,
                                weighted=cfg.weighted, prefer_layer=default_layer(n_layers))
         layer, k, sign = picked.layer, picked.k, picked.sign
         print(render_table(table, picked, n_labelled=len(idx), n_leaky=int((tune == 1).sum())))
@@ -803,6 +822,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--remove-fraction must be in [0, 1]")
     if a.k is not None and a.k < 1:
         p.error("--k must be >= 1")
+    if a.threshold is not None and not math.isfinite(a.threshold):
+        p.error("--threshold must be a finite number")
     if a.sign in ("+", "-") and a.k is not None and a.k != 1:
         p.error(f"--sign {a.sign} needs --k 1 (k>1 scores the norm)")
     cfg = SaftConfig(

@@ -468,6 +468,30 @@ def test_cli_fixed_options_are_not_searched(tiny_model_dir, small_set, tmp_path,
     assert result["used"]["pooling"] == "last"
 
 
+def test_too_many_directions_are_refused_before_embedding_not_replaced_by_k1(tiny_model_dir, small_set, tmp_path,
+                                                                              capsys, monkeypatch, caplog):
+    """60 samples span at most 59 directions: `--k 60` with labels used to run as k=1 and
+    say nothing (saft.json: settings k 60, used k 1); a too-large search k is skipped
+    with a warning; a non-finite threshold is refused (it wrote "threshold": NaN)."""
+    _, _, d = small_set
+    monkeypatch.setattr(saft, "embed_layers", lambda *a, **kw: pytest.fail("embedded before refusing"))
+    base = ["--model", str(tiny_model_dir), "--data", str(d / "data.jsonl"), "--out", str(tmp_path / "o"), "--quiet"]
+    for extra in (["--k", "60", "--labels", str(d / "labels.jsonl")], ["--k", "60"], ["--threshold", "nan"]):
+        with pytest.raises(SystemExit) as e:
+            saft.main([*base, *extra])
+        assert e.value.code == 2, extra
+    err = capsys.readouterr().err
+    assert err.count("k=60: 60 samples of dimension 128 span at most 59 directions") == 2
+    assert "--threshold must be a finite number" in err and not (tmp_path / "o").exists()
+    monkeypatch.undo()
+    with caplog.at_level("WARNING"):
+        result = saft.run_saft(saft.SaftConfig(model=str(tiny_model_dir), data=str(d / "data.jsonl"),
+                                               out=str(tmp_path / "o"), labels=str(d / "labels.jsonl"), layer=1,
+                                               search_k=[1, 60], progress=False))
+    assert {c["k"] for c in result["search"]} == {1}
+    assert any("search k [60] skipped" in r.getMessage() for r in caplog.records)
+
+
 def test_cli_errors_exit_2_with_file_line(tiny_model_dir, tmp_path, capsys):
     data = _write(tmp_path / "d.jsonl", [json.dumps(CONV), json.dumps({"id": "b", "messages": "hi"})])
     with pytest.raises(SystemExit) as e:
