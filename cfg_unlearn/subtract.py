@@ -41,6 +41,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -148,7 +149,7 @@ def weight_files(model_dir: str | os.PathLike) -> tuple[list[str], dict | None]:
         raise FileNotFoundError(f"{model_dir} is not a directory")
     index_path = model_dir / INDEX_FILE
     if index_path.is_file():
-        index = json.loads(index_path.read_text())
+        index = _read_json(index_path)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index_path} has no weight_map")
@@ -165,18 +166,31 @@ def weight_files(model_dir: str | os.PathLike) -> tuple[list[str], dict | None]:
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}{hint}")
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+
+
 def read_layout(model_dir: str | os.PathLike) -> WeightLayout:
     """Read every safetensors header of a model directory (no tensor data), and check
     that the index, when there is one, agrees with the shards' contents: a broken index
     would otherwise produce an output that silently drops or duplicates tensors."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     model_dir = Path(model_dir)
     files, index = weight_files(model_dir)
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, dict[str, str]] = {}
     for file in files:
-        with safe_open(str(model_dir / file), framework="pt") as f:
+        try:
+            handle = safe_open(str(model_dir / file), framework="pt")
+        except (SafetensorError, OSError) as e:  # truncated, corrupt, or not safetensors at all
+            raise ValueError(f"{model_dir / file}: not a readable safetensors file ({e})") from None
+        with handle as f:
             metadata[file] = dict(f.metadata() or {})
             for name in f.keys():
                 if name in tensors:
@@ -223,7 +237,7 @@ def check_not_quantized(model_dir: Path) -> None:
     subtracting them elementwise is meaningless: refuse rather than write nonsense."""
     config = model_dir / "config.json"
     if config.is_file():
-        cfg = json.loads(config.read_text())
+        cfg = _read_json(config)
         if isinstance(cfg, dict) and cfg.get("quantization_config"):
             raise ValueError(f"{config} describes a quantized model; subtract the unquantized checkpoints instead")
 

@@ -270,6 +270,26 @@ def test_cli_errors_exit_2_with_a_message(tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 
+def test_corrupt_inputs_name_their_file_and_exit_2(tmp_path, capsys):
+    """A truncated safetensors file was a traceback ending 'SafetensorError: invalid
+    header length', and a broken config.json or index a bare JSON message naming no file."""
+    base = crafted(tmp_path / "b", {"w": torch.zeros(2, 3)})
+    bad = crafted(tmp_path / "bad", {"w": torch.ones(2, 3)})
+    weights = bad / SINGLE_FILE
+    weights.write_bytes(weights.read_bytes()[:5])
+    broken = crafted(tmp_path / "cfg", {"w": torch.ones(2, 3)})
+    (broken / "config.json").write_text('{"model_type": ')
+    index = crafted(tmp_path / "idx", {"w": torch.ones(2, 3)})
+    (index / INDEX_FILE).write_text("{weight_map")
+    for ft, message in ((bad, f"{weights}: not a readable safetensors file"),
+                        (broken, f"{broken / 'config.json'}: invalid JSON: Expecting value at line 1 column 16"),
+                        (index, f"{index / INDEX_FILE}: invalid JSON: Expecting property name")):
+        with pytest.raises(SystemExit) as e:
+            main(["--base", str(base), "--finetuned", str(ft), "--out", str(tmp_path / "out"), "--quiet"])
+        assert e.value.code == 2 and message in capsys.readouterr().err, ft
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- output handling
 
 
