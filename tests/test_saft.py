@@ -313,6 +313,17 @@ def test_contaminated_command_writes_both_files_or_neither(tmp_path, capsys):
         contaminated.main(["--out", str(tmp_path / "b"), "--n", "20", "--people", "4", "--n-labelled", "30"])
     assert exc.value.code == 2 and "--n-labelled must be in [0, --n = 20]" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+    # zero labels is a valid request (an empty labels.jsonl); these were tracebacks
+    contaminated.main(["--out", str(tmp_path / "z"), "--n", "10", "--people", "4", "--n-labelled", "0"])
+    assert (tmp_path / "z" / "labels.jsonl").read_text() == ""
+    (tmp_path / "f").write_text("x")
+    for args, message in ((["--out", str(tmp_path / "c"), "--people", "0"], "--people must be >= 1, got 0"),
+                          (["--out", str(tmp_path / "c"), "--n", "0"], "--n must be >= 1, got 0"),
+                          (["--out", str(tmp_path / "f")], "is a file; give a directory")):
+        with pytest.raises(SystemExit) as exc:
+            contaminated.main(args)
+        assert exc.value.code == 2 and message in capsys.readouterr().err, args
+    assert not (tmp_path / "c").exists()
 
 
 def test_contaminated_set_is_labelled_deterministic_and_not_separable_by_length():

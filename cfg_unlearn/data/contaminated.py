@@ -187,6 +187,8 @@ def build_contaminated(world: World, n: int = 1000, leak_fraction: float = 0.1, 
 def labelled_subset(rows: list[dict], n: int, seed: int = 0) -> list[dict]:
     """A small stratified labelled set: ``n`` rows' ``{"id", "label"}`` in the rows' class
     proportions, at least one of each class present (as a user's validation set would be)."""
+    if n == 0:
+        return []
     rng = random.Random(f"labelled-{seed}")
     by_label: dict[int, list[dict]] = {0: [], 1: []}
     for r in rows:
@@ -219,6 +221,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="share of benign rows that ask about a person and answer without PII")
     p.add_argument("--n-labelled", type=int, default=None, help="rows in labels.jsonl (default: 10%% of --n)")
     a = p.parse_args(argv)
+    if a.n < 1:
+        p.error(f"--n must be >= 1, got {a.n}")
+    if a.people < 1:
+        p.error(f"--people must be >= 1, got {a.people}")
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {a.out} is a file; give a directory to write into")
     n_labelled = max(1, round(a.n / 10)) if a.n_labelled is None else a.n_labelled
     if not 0 <= n_labelled <= a.n:
         p.error(f"--n-labelled must be in [0, --n = {a.n}], got {n_labelled}")
@@ -228,7 +237,6 @@ def main(argv: list[str] | None = None) -> None:
         labels = labelled_subset(rows, n_labelled, seed=a.seed)
     except ValueError as e:
         p.error(str(e))
-    out = Path(a.out)
     # both built before either is written: a bad argument leaves no half of the pair
     write_jsonl(out / "contaminated.jsonl", rows)
     write_jsonl(out / "labels.jsonl", labels)
