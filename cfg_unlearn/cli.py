@@ -143,12 +143,13 @@ def _generate(argv: list[str]) -> None:
 
     from cfg_unlearn.data.generate import (
         DEFAULT_FALLBACK,
+        check_fallback,
         check_generate_settings,
         generate_pairs,
         read_forget_conversations,
     )
     from cfg_unlearn.data.schema import PairFormatError, write_pairs
-    from cfg_unlearn.models import ModelNotFoundError, load_causal_lm, load_tokenizer
+    from cfg_unlearn.models import ModelNotFoundError, check_device, load_causal_lm, load_tokenizer, parse_dtype
     from cfg_unlearn.pii import PARTIAL_MIN_CHARS
     from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 
@@ -202,6 +203,9 @@ def _generate(argv: list[str]) -> None:
         check_generate_settings(guidance_scale=a.guidance_scale, space=a.space, max_new_tokens=a.max_new_tokens,
                                 max_attempts=a.max_attempts, temperature=a.temperature, top_p=a.top_p,
                                 partial_min_chars=a.partial_min_chars, batch_size=a.batch_size)
+        check_fallback(a.fallback)
+        parse_dtype(a.dtype)
+        check_device(a.device)
     except ValueError as e:
         p.error(str(e))
     try:

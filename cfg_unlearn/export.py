@@ -588,6 +588,8 @@ def build_chat_parser() -> argparse.ArgumentParser:
 
 def main_chat(argv: list[str] | None = None, stdin: IO[str] | None = None, stdout: IO[str] | None = None) -> None:
     """``cfg-unlearn chat DIR ...``; ``stdin``/``stdout`` default to the process's."""
+    from cfg_unlearn.models import check_device
+
     p = build_chat_parser()
     a = p.parse_args(argv)
     do_sample = a.sample or a.temperature is not None or a.top_p is not None
@@ -602,6 +604,7 @@ def main_chat(argv: list[str] | None = None, stdin: IO[str] | None = None, stdou
     try:
         if a.guidance_scale is not None:
             check_guidance(a.guidance_scale, a.space or DEFAULT_SPACE)
+        check_device(a.device)
         model, tokenizer, config = load_export(a.dir, dtype=a.dtype, device=a.device)
     except (ValueError, FileNotFoundError) as e:
         p.exit(2, f"cfg-unlearn chat: {e}\n")

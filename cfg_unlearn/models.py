@@ -32,6 +32,24 @@ def parse_dtype(dtype: str | None) -> torch.dtype | str | None:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'") from None
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine cannot use, in words (``.to("cuda")`` on a CPU-only
+    build is an AssertionError from deep inside torch)."""
+    if device is None:
+        return
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this machine has no usable CUDA GPU (torch {torch.__version__})")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available on this machine")
+
+
 class ModelNotFoundError(ValueError):
     """A model or tokenizer name that is neither a local directory nor served by the hub."""
 

@@ -812,6 +812,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """``cfg-unlearn saft ...`` (see :func:`build_parser`); bad input exits with status 2
     and a ``file:line: field 'x': why`` message. Use :func:`run_saft` for the results."""
+    from cfg_unlearn.models import check_device, parse_dtype
+
     p = build_parser()
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -824,6 +826,11 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--k must be >= 1")
     if a.threshold is not None and not math.isfinite(a.threshold):
         p.error("--threshold must be a finite number")
+    try:
+        parse_dtype(a.dtype)
+        check_device(a.device)
+    except ValueError as e:
+        p.error(str(e))
     if a.sign in ("+", "-") and a.k is not None and a.k != 1:
         p.error(f"--sign {a.sign} needs --k 1 (k>1 scores the norm)")
     cfg = SaftConfig(

@@ -538,3 +538,7 @@ def test_main_chat_rejects_a_directory_that_is_not_an_export(tiny_model_dir, tmp
     with pytest.raises(SystemExit) as e:
         main_chat([str(tmp_path / "nope")], stdin=io.StringIO(""), stdout=io.StringIO())
     assert e.value.code == 2 and "not a directory" in capsys.readouterr().err
+    # a device this machine cannot use is said in words (it was an AssertionError from torch)
+    with pytest.raises(SystemExit) as e:
+        main_chat([str(tiny_model_dir), "--device", "tpu9"], stdin=io.StringIO(""), stdout=io.StringIO())
+    assert e.value.code == 2 and "unknown device 'tpu9'" in capsys.readouterr().err

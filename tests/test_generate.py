@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from cfg_unlearn.cli import console_main
 from cfg_unlearn.data.generate import (
@@ -235,7 +236,7 @@ def test_redacted_fallback_is_used_only_when_it_passes_the_checks(tiny, monkeypa
 
 def test_a_fallback_with_pii_is_refused(tiny):
     model, tok = tiny
-    with pytest.raises(ValueError, match="fallback answer is not PII-free"):
+    with pytest.raises(ValueError, match="fallback answer is no usable replacement"):
         generate_pairs(model, tok, [], fallback="Mail me at a@b.co")
 
 
@@ -267,6 +268,12 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeyp
         (["--out", str(tmp_path / "p.jsonl"), "--guidance-scale", "nan"], "guidance_scale must be a finite number"),
         (["--out", str(tmp_path / "p.jsonl"), "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
         (["--out", str(tmp_path / "p.jsonl"), "--top-p", "5"], "top_p must be in (0, 1]"),
+        (["--out", str(tmp_path / "p.jsonl"), "--fallback", ""], "fallback answer is no usable replacement (empty)"),
+        (["--out", str(tmp_path / "p.jsonl"), "--fallback", "mail a@b.co"], "no usable replacement (detected_pii)"),
+        (["--out", str(tmp_path / "p.jsonl"), "--dtype", "bogus"], "unknown dtype 'bogus'"),
+        (["--out", str(tmp_path / "p.jsonl"), "--device", "tpu9"], "unknown device 'tpu9'"),
+        *([(["--out", str(tmp_path / "p.jsonl"), "--device", "cuda"], "no usable CUDA GPU")]
+          if not torch.cuda.is_available() else []),
     ):
         with pytest.raises(SystemExit) as exc:
             console_main([*base, *args])

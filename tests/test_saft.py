@@ -515,3 +515,16 @@ def test_cli_errors_exit_2_with_file_line(tiny_model_dir, tmp_path, capsys):
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         saft.main(["--model", "m", "--data", str(data), "--out", "o", "--k", "2", "--sign", "+"])
+
+
+def test_a_device_or_dtype_this_machine_cannot_use_is_a_usage_error(tmp_path, capsys):
+    """`--device cuda` on a CPU-only machine was an AssertionError from inside torch,
+    after the data was read and the model loaded."""
+    base = ["--model", "m", "--data", "d.jsonl", "--out", str(tmp_path / "o")]
+    cases = [(["--device", "tpu9"], "unknown device 'tpu9'"), (["--dtype", "fp13"], "unknown dtype 'fp13'")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no usable CUDA GPU"))
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as e:
+            saft.main([*base, *extra])
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -150,6 +150,13 @@ def leak_reason(text: str, pii: tuple, *, shown: str = "", partial_min_chars: in
     return None
 
 
+def check_fallback(fallback: str) -> None:
+    """The template answer must itself be a usable replacement: non-empty, no PII."""
+    bad = leak_reason(fallback, ())
+    if bad:
+        raise ValueError(f"the fallback answer is no usable replacement ({bad}): {fallback!r}")
+
+
 def forbidden_values(rec: ForgetRecord) -> tuple:
     """What a replacement for ``rec`` must not contain: the values its answer leaked and
     every other known value of its conversation, except those the prompt's user turns
@@ -245,9 +252,7 @@ def generate_pairs(
     check_generate_settings(guidance_scale=guidance_scale, space=space, max_new_tokens=max_new_tokens,
                             max_attempts=max_attempts, temperature=temperature, top_p=top_p,
                             partial_min_chars=partial_min_chars, batch_size=batch_size)
-    bad = leak_reason(fallback, ())
-    if bad:
-        raise ValueError(f"the fallback answer is not PII-free ({bad}): {fallback!r}")
+    check_fallback(fallback)
     summary = GenerateSummary(records=len(records))
     rejected: Counter[str] = Counter()
     chosen: dict[int, str] = {}
