@@ -220,17 +220,18 @@ def render_sample(tokenizer, messages: Sequence[dict[str, str]], system: str | N
     return (tokenizer.bos_token or "") + "\n\n".join(FALLBACK_ROLE_PREFIX[m["role"]] + m["content"] for m in msgs)
 
 
-def _hidden_size(model) -> int | None:
+def _text_config(model):
     cfg = model.config
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    size = getattr(cfg, "hidden_size", None)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _hidden_size(model) -> int | None:
+    size = getattr(_text_config(model), "hidden_size", None)
     return int(size) if isinstance(size, int) else None
 
 
 def num_layers(model) -> int:
-    cfg = model.config
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return int(cfg.num_hidden_layers)
+    return int(_text_config(model).num_hidden_layers)
 
 
 def default_layer(n_layers: int) -> int:

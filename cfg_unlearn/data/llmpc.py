@@ -198,18 +198,19 @@ def forget_records(rows: list[ChallengeRow]) -> list[ForgetRecord]:
         for t, msg in enumerate(scrubbed):
             filled = {"role": msg["role"], "content": fill(msg["content"], row.pii)}
             keys = [k for k in row.pii if f"[{k}]" in msg["content"]]
-            if msg["role"] == "assistant" and keys and not (history and history[-1]["role"] == "user"):
-                orphans.append(f"{row.source} (turn {t})")
-            elif msg["role"] == "assistant" and keys:
-                system = next((m["content"] for m in history if m["role"] == "system"), None)
-                out.append(
-                    ForgetRecord(
-                        id=f"llmpc-{row.idx}-t{t}", prompt=tuple(m for m in history if m["role"] != "system"),
-                        rejected=filled["content"], pii=tuple(PIIItem(pii_type(k), row.pii[k]) for k in keys),
-                        group=f"llmpc-{row.idx}", system=system, source=row.source,
-                        known=tuple(PIIItem(pii_type(k), v) for k, v in row.pii.items()),
+            if msg["role"] == "assistant" and keys:
+                if not (history and history[-1]["role"] == "user"):
+                    orphans.append(f"{row.source} (turn {t})")
+                else:
+                    system = next((m["content"] for m in history if m["role"] == "system"), None)
+                    out.append(
+                        ForgetRecord(
+                            id=f"llmpc-{row.idx}-t{t}", prompt=tuple(m for m in history if m["role"] != "system"),
+                            rejected=filled["content"], pii=tuple(PIIItem(pii_type(k), row.pii[k]) for k in keys),
+                            group=f"llmpc-{row.idx}", system=system, source=row.source,
+                            known=tuple(PIIItem(pii_type(k), v) for k, v in row.pii.items()),
+                        )
                     )
-                )
             history.append(filled)
         without += len(out) == n_before
     if without:
