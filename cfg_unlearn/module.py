@@ -122,6 +122,32 @@ def apply_conditioning(
     return {k: v[..., :length] for k, v in out.items()}
 
 
+def accumulation_window_totals(counts: list[int], k: int) -> list[int]:
+    """Per batch, the sum of ``counts`` over its window of ``k`` consecutive batches
+    (windows from the first batch, the last one possibly shorter):
+    ``([3, 5, 2], 2) -> [8, 8, 2]``."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return [sum(counts[i - i % k : i - i % k + k]) for i in range(len(counts))]
+
+
+def _epoch_order(loader: Any, epoch: int) -> list[int] | None:
+    """The dataset indices ``loader`` yields in ``epoch``, without drawing from any
+    random state; None if the order cannot be replayed (a ``RandomSampler`` draws from a
+    generator, a custom batch sampler is opaque)."""
+    from torch.utils.data import DistributedSampler, SequentialSampler
+
+    sampler = getattr(loader, "sampler", None)
+    if getattr(loader, "batch_size", None) is None:
+        return None
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)  # what Lightning sets for this epoch too
+        return list(sampler)
+    if isinstance(sampler, SequentialSampler):
+        return list(sampler)
+    return None
+
+
 def add_lora(model, settings: LoraSettings):
     """Wrap ``model`` in peft LoRA adapters. With gradient checkpointing the embedding
     output must require grad, or the frozen base gives the checkpointed blocks no
@@ -223,6 +249,10 @@ class UnlearnModule(L.LightningModule):
         # dropout rate; plain ints, not a buffer: DDP broadcasts buffers from rank 0 before
         # each forward, which overwrote the other ranks' counts with rank 0's
         self.cond_counts = [0, 0]
+        # (epoch, per training batch of that epoch its optimizer step's NLL tokens on this
+        # rank): accumulation only, see _nll. Planned at the epoch's first training step,
+        # not in on_train_epoch_start, which Lightning skips when resuming mid-epoch
+        self._window_plan: tuple[int, list[int] | None] | None = None
 
     # ------------------------------------------------------------------ model
 
@@ -315,23 +345,78 @@ class UnlearnModule(L.LightningModule):
             per_side = torch.where(uncond, per_side.flip(1), per_side)
         return torch.cat([per_side[:, s] for s in SIDES[self.objective]]).to(rows["input_ids"].device)
 
-    def _nll(self, logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Token-mean NLL. In distributed training the mean is over the tokens of the
-        *global* batch: DDP averages the ranks' gradients, so each rank divides its token
-        sum by (global tokens / world size). A per-rank mean would weight a token by how
-        many tokens its rank happened to get, and 2 processes would not follow 1."""
-        if not (self.training and self._trainer is not None and self.trainer.world_size > 1):
+    def _nll(self, logps: torch.Tensor, mask: torch.Tensor, batch_idx: int | None = None) -> torch.Tensor:
+        """Token-mean NLL over the tokens of one *optimizer step*, as one big batch would
+        compute it. A step can span ranks (DDP averages their gradients) and accumulated
+        micro-batches (Lightning divides each loss by ``accumulate_grad_batches`` and sums
+        the gradients): a per-micro-batch mean would weight a token by how many tokens its
+        micro-batch happened to hold, so 2 processes, or 2 accumulated halves, would not
+        follow 1 (the bug transformers fixed with ``num_items_in_batch``). So each rank
+        divides its token sum by (the step's tokens / (ranks x micro-batches)), the step's
+        tokens being looked up in the epoch's window plan."""
+        trainer = self._trainer
+        if not (self.training and trainer is not None):
             return masked_nll(logps, mask)
-        total = self.trainer.strategy.reduce(mask.sum().float(), reduce_op="sum")
-        return -(logps * mask).sum() / (total / self.trainer.world_size).clamp(min=1)
+        window = self._window_plan[1] if self._window_plan is not None else None
+        planned = window is not None and batch_idx is not None and batch_idx < len(window)
+        if trainer.world_size == 1 and not planned:
+            return masked_nll(logps, mask)
+        tokens = torch.tensor(float(window[batch_idx]), device=mask.device) if planned else mask.sum().float()
+        if trainer.world_size > 1:
+            tokens = trainer.strategy.reduce(tokens, reduce_op="sum")
+        shares = trainer.world_size * (trainer.accumulate_grad_batches if planned else 1)
+        return -(logps * mask).sum() / (tokens.clamp(min=1) / shares)
+
+    def _nll_positions(self, rows: dict[str, torch.Tensor], b: int) -> torch.Tensor | None:
+        """The token positions the objective's NLL term averages over (None: it has none):
+        the replacement's (ORPO, SFT; ``data.nll_span`` decides whether the prompt counts),
+        or the forget answer's alone (gradient ascent never ascends on the prompt)."""
+        if self.objective == "ga":
+            return rows["labels"][:, 1:] != IGNORE_INDEX
+        if self.objective in ("orpo", "sft"):
+            return (rows["nll_labels"][:, 1:] != IGNORE_INDEX)[:b]
+        return None
+
+    def _plan_window_tokens(self) -> list[int] | None:
+        """For every training batch of this epoch (on this rank), the NLL tokens of the
+        accumulation window it belongs to: windows are ``accumulate_grad_batches``
+        consecutive batches from the epoch start, the last one possibly shorter, as
+        Lightning steps. Looks ahead by replaying the sampler's order for this epoch
+        (``DistributedSampler`` is seeded by seed + epoch, a ``SequentialSampler`` is
+        fixed) through the loader's own collate and the conditioning hook. None when there
+        is nothing to plan (no accumulation, no NLL term) or no way to look ahead."""
+        trainer = self.trainer
+        k = trainer.accumulate_grad_batches
+        if k == 1 or self.objective not in ("orpo", "sft", "ga"):
+            return None
+        loader = trainer.train_dataloader
+        order = _epoch_order(loader, self.current_epoch)
+        if order is None:
+            rank_zero_warn(
+                f"accumulate_grad_batches={k}: the training loader's order cannot be replayed ahead "
+                f"(sampler {type(getattr(loader, 'sampler', None)).__name__}), so the NLL is a token mean per "
+                "micro-batch, not per optimizer step; use a DistributedSampler or SequentialSampler for the exact mean"
+            )
+            return None
+        bs, counts = loader.batch_size, []
+        for start in range(0, len(order), bs):
+            idx = order[start : start + bs]
+            if len(idx) < bs and loader.drop_last:
+                break
+            batch = loader.collate_fn([loader.dataset[i] for i in idx])
+            x = apply_conditioning(batch, self.conditioning_mask(batch["id"]), self.cond_mode)
+            counts.append(int(self._nll_positions(self._rows(x), len(idx)).sum()))
+        n = trainer.num_training_batches
+        return accumulation_window_totals(counts[: int(n)] if n != float("inf") else counts, k)
 
     def forward_pairs(self, x: dict[str, torch.Tensor], ids: list[str] | None = None,
-                      use_uncond: torch.Tensor | None = None,
-                      split: str = "train") -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+                      use_uncond: torch.Tensor | None = None, split: str = "train",
+                      batch_idx: int | None = None) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """The objective's loss and metrics for ``(B, 2, L)`` tensors: the sides it
         scores go through the model in one forward (``2B`` rows for ORPO and DPO,
         ``B`` for the others). ``ids``/``use_uncond``/``split`` locate precomputed
-        reference log-probs. The loss is None if the reference is unavailable."""
+        reference log-probs; ``batch_idx`` (training) the optimizer step's NLL tokens.
+        The loss is None if the reference is unavailable."""
         b = x["input_ids"].shape[0]
         rows = self._rows(x)
         logits = self.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], use_cache=False).logits
@@ -339,17 +424,17 @@ class UnlearnModule(L.LightningModule):
         scored = torch.where(rows["nll_labels"] != IGNORE_INDEX, rows["nll_labels"], rows["labels"])
         logps, _ = token_logps(logits, scored)
         resp_mask = rows["labels"][:, 1:] != IGNORE_INDEX
-        nll_mask = rows["nll_labels"][:, 1:] != IGNORE_INDEX
+        nll_mask = self._nll_positions(rows, b)
         if self.objective == "orpo":
             seq = masked_sequence_mean(logps, resp_mask)
-            loss, metrics = orpo_loss(seq[:b], seq[b:], self._nll(logps[:b], nll_mask[:b]), beta=self.beta)
+            loss, metrics = orpo_loss(seq[:b], seq[b:], self._nll(logps[:b], nll_mask, batch_idx), beta=self.beta)
             metrics["logps/chosen"] = seq[:b].detach().mean()
             metrics["logps/rejected"] = seq[b:].detach().mean()
             return loss, metrics
         if self.objective == "sft":
-            return sft_loss(self._nll(logps, nll_mask))
+            return sft_loss(self._nll(logps, nll_mask, batch_idx))
         if self.objective == "ga":  # the forget answer only, never its prompt
-            return ga_loss(self._nll(logps, resp_mask))
+            return ga_loss(self._nll(logps, nll_mask, batch_idx))
         seq = (logps * resp_mask).sum(-1)  # NPO and DPO use summed log-probs
         ref = self.reference_for(x, rows, ids, use_uncond, split)
         if ref is None:
@@ -363,9 +448,11 @@ class UnlearnModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         n = batch["cond"]["input_ids"].shape[0]
+        if self._window_plan is None or self._window_plan[0] != self.current_epoch:
+            self._window_plan = (self.current_epoch, self._plan_window_tokens())
         use_uncond = self.conditioning_mask(batch["id"])
         x = apply_conditioning(batch, use_uncond, self.cond_mode)
-        loss, metrics = self.forward_pairs(x, batch.get("id"), use_uncond)
+        loss, metrics = self.forward_pairs(x, batch.get("id"), use_uncond, batch_idx=batch_idx)
         if loss is None:
             raise RuntimeError("the reference log-probs of this batch are missing (reference='precomputed')")
         self.cond_counts = [self.cond_counts[0] + int(use_uncond.sum()), self.cond_counts[1] + n]
@@ -394,6 +481,7 @@ class UnlearnModule(L.LightningModule):
     # ------------------------------------------------------------------ reference
 
     def on_fit_start(self) -> None:
+        self._window_plan = None  # a second fit may accumulate differently
         self._build_reference()
         if (self.objective in NEEDS_REFERENCE and self.reference == "precomputed"
                 and not self._uses_adapters_as_reference() and self.reference_logps is None):

@@ -13,16 +13,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fit(tiny_model_dir, save: Path, devices: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """3 optimizer steps on 24 pairs, global batch 8 (8 on one process, 4 + 4 on two),
-    conditioning dropout on, then GuidanceEval; returns final weights and eval metrics."""
+def _fit(tiny_model_dir, save: Path, devices: int, accumulate: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """3 optimizer steps on 24 pairs, global batch 8 (8 on one process, 4 + 4 on two, or
+    2 x 2 accumulated on each of two), conditioning dropout on, then GuidanceEval; returns
+    final weights and eval metrics."""
     args = [
         sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml",
         f"--model.model=tiny:{tiny_model_dir}", f"--trainer.logger.init_args.save_dir={save}",
         "--trainer.enable_progress_bar=false", f"--trainer.devices={devices}",
         *(["--trainer.strategy=ddp"] if devices > 1 else []),
         "--trainer.max_steps=3", "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1",
-        "--data.world.n_people=4", "--data.val_fraction=0", f"--data.batch_size={8 // devices}",
+        "--data.world.n_people=4", "--data.val_fraction=0", f"--data.batch_size={8 // devices // accumulate}",
+        f"--trainer.accumulate_grad_batches={accumulate}",
         "--model.cond_dropout=0.5", "--eval.max_probes=21", "--eval.batch_size=4",
         "--eval.max_new_tokens=8", "--eval.scales=[1, 2]", "--eval.every_n_train_steps=3",
     ]
@@ -44,7 +46,10 @@ def _fit(tiny_model_dir, save: Path, devices: int) -> tuple[dict[str, torch.Tens
 def test_two_process_ddp_fit_follows_the_one_process_run(tiny_model_dir, tmp_path):
     w1, m1 = _fit(tiny_model_dir, tmp_path / "one", devices=1)
     w2, m2 = _fit(tiny_model_dir, tmp_path / "two", devices=2)
-    assert w1.keys() == w2.keys()
+    # and with 2 micro-batches accumulated per rank: the NLL is a mean over the step's
+    # tokens on both ranks, so the answers' uneven lengths weigh as in one batch
+    w3, _ = _fit(tiny_model_dir, tmp_path / "two-accumulated", devices=2, accumulate=2)
+    assert w1.keys() == w2.keys() == w3.keys()
     from cfg_unlearn.module import UnlearnModule
 
     init = UnlearnModule(model=f"tiny:{tiny_model_dir}")
@@ -56,6 +61,7 @@ def test_two_process_ddp_fit_follows_the_one_process_run(tiny_model_dir, tmp_pat
     # batch's tokens: what is left is float summation order (gradients agree to ~1e-7)
     for k in w0:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5)
+        torch.testing.assert_close(w3[k], w1[k], rtol=0, atol=1e-5)
     print(f"mean |w2 - w1| = {gap:.2e}, mean |w1 - w0| = {moved:.2e}")
     assert moved > 1e-4 and gap < 1e-3 * moved, (gap, moved)
     # GuidanceEval's in-run metrics of the two runs agree exactly, and so does the measured

@@ -447,3 +447,69 @@ def test_frozen_copy_reference_is_the_starting_model_even_after_resume(tiny_mode
     for n, p in start.model.named_parameters():
         assert torch.equal(ref[n], p)
     assert any(not torch.equal(p, dict(resumed.model.named_parameters())[n]) for n, p in start.model.named_parameters())
+
+
+def test_accumulation_window_totals():
+    from cfg_unlearn.module import accumulation_window_totals
+
+    assert accumulation_window_totals([3, 5, 2], 2) == [8, 8, 2]
+    assert accumulation_window_totals([3, 5, 2, 1, 4], 3) == [10, 10, 10, 5, 5]
+    assert accumulation_window_totals([3, 5], 1) == [3, 5]
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        accumulation_window_totals([1], 0)
+
+
+def _uneven_pairs(path, n):
+    """``n`` pairs whose replacements and leaks range from a few to ~60 tokens: a
+    per-micro-batch token mean weights them very differently from one mean over the
+    optimizer step."""
+    import json
+
+    with open(path, "w") as fh:
+        for i in range(n):
+            chosen = "ok." if i % 2 else " ".join(["I can not share that detail about a private person."] * (1 + i))
+            fh.write(json.dumps({"id": f"p{i}", "prompt": f"Where does person {i} live?", "chosen": chosen,
+                                 "rejected": " ".join([f"Person {i} lives at {100 + i} Main Street."] * (1 + i % 3 * 4))})
+                     + "\n")
+
+
+@pytest.mark.parametrize("objective,n_pairs,batch,k", [("orpo", 8, 2, 2), ("sft", 10, 2, 3), ("ga", 8, 2, 2)])
+def test_accumulated_micro_batches_follow_one_big_batch(tiny_model_dir, tmp_path, objective, n_pairs, batch, k):
+    """An optimizer step over k accumulated micro-batches updates the weights exactly as
+    one batch of k x batch pairs does, with answers of very uneven lengths, conditioning
+    dropout on, and (sft) a last window of fewer micro-batches. The NLL used to be a
+    token mean per micro-batch: the short answers' tokens then weighed far more."""
+    spec = f"tiny:{tiny_model_dir}"
+    _uneven_pairs(tmp_path / "pairs.jsonl", n_pairs)
+    weights = {}
+    for name, bs, acc in (("one batch", batch * k, 1), ("accumulated", batch, k)):
+        dm = PairDataModule(tokenizer=spec, train_file=str(tmp_path / "pairs.jsonl"), batch_size=bs, val_fraction=0.0)
+        L.seed_everything(0)
+        m = UnlearnModule(model=spec, objective=objective, cond_dropout=0.5, beta=0.5,
+                          optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+        trainer = _fit(m, dm, tmp_path / name, steps=-1, max_epochs=1, accumulate_grad_batches=acc)
+        assert trainer.global_step == -(-n_pairs // (batch * k))
+        weights[name] = {n: p.detach().clone() for n, p in m.model.named_parameters()}
+    start = UnlearnModule(model=spec)
+    start.configure_model()
+    w0 = dict(start.model.named_parameters())
+    moved = max((w - w0[n]).abs().max().item() for n, w in weights["one batch"].items())
+    assert moved > 1e-3
+    for n, w in weights["one batch"].items():
+        torch.testing.assert_close(weights["accumulated"][n], w, rtol=0, atol=1e-6 * max(1.0, moved))
+
+
+def test_epoch_order_replays_seeded_samplers_and_refuses_random_ones():
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from cfg_unlearn.module import _epoch_order
+
+    data = list(range(10))
+    seeded = DataLoader(data, batch_size=3, sampler=DistributedSampler(data, num_replicas=1, rank=0, seed=4))
+    for epoch in (0, 1):
+        order = _epoch_order(seeded, epoch)
+        seeded.sampler.set_epoch(epoch)
+        assert order == [i for b in seeded for i in b.tolist()]
+    assert _epoch_order(seeded, 0) != _epoch_order(seeded, 1)
+    assert _epoch_order(DataLoader(data, batch_size=3), 0) == data
+    assert _epoch_order(DataLoader(data, batch_size=3, shuffle=True), 0) is None  # draws from a generator
