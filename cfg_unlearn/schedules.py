@@ -13,7 +13,10 @@ class WarmupCosine(LambdaLR):
 
     Stepped once per optimizer step. ``total_steps=None`` (the default) is filled in by
     :class:`~cfg_unlearn.module.UnlearnModule` from the trainer's
-    ``estimated_stepping_batches``, so the schedule follows ``max_epochs``/``max_steps``.
+    ``estimated_stepping_batches``, so the schedule follows ``max_epochs``/``max_steps``,
+    of a resumed run too: a checkpoint restores the step count, not the old total (a run
+    stopped by ``max_steps`` and resumed with a larger one decays over the new budget,
+    from where the new curve is at that step).
     """
 
     needs_total_steps = True
@@ -34,6 +37,20 @@ class WarmupCosine(LambdaLR):
     def set_total_steps(self, total_steps: int) -> None:
         self.total_steps = max(1, total_steps)
         self.needs_total_steps = False
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        total, budget = state_dict.get("total_steps"), self.total_steps
+        super().load_state_dict(state_dict)
+        if budget is not None:  # this run's budget (its config, or its trainer's), not the checkpoint's
+            if total != budget:
+                from lightning.pytorch.utilities import rank_zero_info
+
+                rank_zero_info(f"WarmupCosine: the checkpoint's schedule spanned {total} steps; "
+                               f"it now decays over this run's {budget}")
+            self.total_steps, self.needs_total_steps = budget, False
+            self._last_lr = [base * self._factor(self.last_epoch) for base in self.base_lrs]
+            for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+                group["lr"] = lr
 
     def _factor(self, step: int) -> float:
         if step < self.warmup_steps:

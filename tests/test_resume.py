@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -483,3 +484,32 @@ def test_generator_shuffled_loader_and_dropout_resume_exactly(tmp_path, num_work
         assert resumed.seen == full.seen[kill_at:], kill_at
         for k, v in full.state_dict().items():
             assert torch.equal(resumed.state_dict()[k], v), (kill_at, k)
+
+
+@pytest.mark.parametrize("new_total", [10, 20])
+def test_warmup_cosine_resumes_on_this_runs_budget(new_total):
+    """A checkpoint restores the step count and the optimizer's lr; the total is this
+    run's: the same budget resumes the same curve exactly, a larger one (a max_steps stop
+    resumed with more steps) continues on the new curve instead of sitting at the floor."""
+    def make(total):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = WarmupCosine(opt, warmup_steps=2, min_ratio=0.1)
+        sched.set_total_steps(total)
+        return opt, sched
+
+    opt, sched = make(10)
+    for _ in range(8):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 6 / 8)))
+    opt2, sched2 = make(new_total)
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    assert sched2.last_epoch == 8 and sched2.total_steps == new_total
+    expected = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 6 / (new_total - 2)))
+    assert opt2.param_groups[0]["lr"] == pytest.approx(expected) and sched2.get_last_lr() == [opt2.param_groups[0]["lr"]]
+    opt2.step()
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / (new_total - 2))))
+    if new_total == 10:
+        assert opt2.param_groups[0]["lr"] == sched._factor(9)  # bit-identical to the uninterrupted curve
