@@ -196,6 +196,11 @@ class GuidanceEval(Callback):
             raise ValueError("GuidanceEval has no leak probes and no questions to evaluate")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "validate" and trainer.limit_val_batches == 0:
+            # Lightning then skips the whole validation loop, hooks included: nothing is scored
+            raise ValueError("validate with limit_val_batches=0 runs no validation, so GuidanceEval would score "
+                             "nothing; use limit_val_batches=1 to score guidance beside one batch of loss")
+        self._last = None  # results of an earlier fit (a reused callback) are not this model's
         dm = trainer.datamodule
         self.load_eval_sets(dm)
         if self.system_prompt is None:
@@ -234,8 +239,8 @@ class GuidanceEval(Callback):
         # repeat the value at later steps, and on_train_end allows none), and into
         # callback_metrics so that ModelCheckpoint / EarlyStopping (ordered after this
         # callback) can monitor it
-        for logger in trainer.loggers:
-            logger.log_metrics(results, step=trainer.global_step)
+        for logger in trainer.loggers:  # with the epoch, as Lightning adds it to what it logs
+            logger.log_metrics({**results, "epoch": trainer.current_epoch}, step=trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in results.items()})
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -266,12 +271,17 @@ class GuidanceEval(Callback):
     def _evaluate_and_log(self, trainer, pl_module) -> None:
         fitting = trainer.state.fn == "fit"
         if fitting and self._last is not None and self._last[0] == trainer.global_step:
-            results = self._last[1]  # already evaluated at this step (every_n_train_steps)
+            results = self._last[1]  # already evaluated and logged at this step (every_n_train_steps)
         else:
             results = self.evaluate(trainer, pl_module)
-        # the values are already reduced and equal on every rank; sync_dist averages equal
-        # numbers (a no-op on the values) and keeps Lightning's epoch-level check quiet
-        pl_module.log_dict(results, sync_dist=True)
+            if fitting:  # to the loggers at global_step, like every other evaluation and its
+                # sample table (during a fit Lightning logs validation values one step earlier)
+                self._log_at_step(trainer, results)
+        # through Lightning: callback_metrics for monitors, and (validate) the loggers at
+        # its step and the metrics trainer.validate returns. The values are already reduced
+        # and equal on every rank; sync_dist averages equal numbers and keeps Lightning's
+        # epoch-level check quiet
+        pl_module.log_dict(results, sync_dist=True, logger=not fitting)
 
     # ------------------------------------------------------------------ evaluation
 

@@ -279,6 +279,54 @@ def test_every_n_train_steps_evaluates_during_fit(tiny_model_dir, tmp_path):
     assert ckpt.best_model_path.endswith(".ckpt") and Path(ckpt.best_model_path).exists()
 
 
+def test_an_evaluation_is_logged_once_at_its_step_beside_its_samples(tiny_model_dir, tmp_path):
+    """every_n_train_steps and validation fall on the same steps: the validation reuses
+    the evaluation (no second decoding) and does not log it again. Both used to reach the
+    loggers, at the step (2, 4) and again at Lightning's validation step (1, 3), the
+    sample tables only at 2 and 4."""
+    ev = GuidanceEval(scales=[1], max_probes=2, max_questions=1, max_new_tokens=2, every_n_train_steps=2)
+    calls = []
+    evaluate = ev.evaluate
+    ev.evaluate = lambda trainer, module: calls.append(trainer.global_step) or evaluate(trainer, module)
+    dm = PairDataModule(tokenizer=f"tiny:{tiny_model_dir}", world=WorldConfig(n_people=4), batch_size=4)
+    trainer = _trainer(tmp_path, [ev], max_steps=4, val_check_interval=2, limit_val_batches=1,
+                       num_sanity_val_steps=0, log_every_n_steps=1)
+    trainer.fit(UnlearnModule(model=f"tiny:{tiny_model_dir}"), datamodule=dm)
+    rows = list(csv.DictReader(open(next((tmp_path / "run").rglob("metrics.csv")))))
+    assert calls == [2, 4]
+    assert [int(r["step"]) for r in rows if r.get("eval@g=1.0/leak_rate")] == [2, 4]
+    assert [int(r["epoch"]) for r in rows if r.get("eval@g=1.0/leak_rate")] == [0, 0]
+    assert sorted(p.name for p in (tmp_path / "run").rglob("eval_samples/*.csv")) == [
+        "step_0000002.csv", "step_0000004.csv"]
+    assert "eval@g=1.0/leak_rate" in trainer.callback_metrics  # monitors still see it
+
+
+def test_a_reused_callback_scores_the_new_fit(tiny_model_dir, tmp_path):
+    """One GuidanceEval in two fits (a sweep, a notebook): the second fit reaches the
+    steps the first one evaluated at, and must score its own model there, not log the
+    first fit's cached results (and then skip its final scoring)."""
+    ev = GuidanceEval(scales=[1], max_probes=2, max_questions=1, max_new_tokens=2, every_n_train_steps=2,
+                      on_validation=False)
+    calls = []
+    evaluate = ev.evaluate
+    ev.evaluate = lambda trainer, module: calls.append(trainer.global_step) or evaluate(trainer, module)
+    for run in ("first", "second"):
+        dm = PairDataModule(tokenizer=f"tiny:{tiny_model_dir}", world=WorldConfig(n_people=4), batch_size=4)
+        trainer = _trainer(tmp_path / run, [ev], max_steps=2, limit_val_batches=0)
+        trainer.fit(UnlearnModule(model=f"tiny:{tiny_model_dir}"), datamodule=dm)
+    assert calls == [2, 2]
+
+
+def test_validate_without_validation_batches_is_refused(tiny_model_dir, tmp_path):
+    """limit_val_batches=0 makes Lightning skip validate's loop and every hook in it: the
+    scoring run would score nothing, silently."""
+    ev = GuidanceEval(scales=[1], max_probes=2, max_questions=1, max_new_tokens=2)
+    dm = PairDataModule(tokenizer=f"tiny:{tiny_model_dir}", world=WorldConfig(n_people=4), batch_size=4)
+    with pytest.raises(ValueError, match="limit_val_batches=0 runs no validation"):
+        _trainer(tmp_path, [ev], limit_val_batches=0).validate(UnlearnModule(model=f"tiny:{tiny_model_dir}"),
+                                                               datamodule=dm)
+
+
 @pytest.mark.parametrize("no_validation", [{"val_fraction": 0.0}, {"limit_val_batches": 0}])
 def test_a_fit_without_validation_evaluates_at_each_epoch_end(tiny_model_dir, tmp_path, no_validation):
     """No validation pairs, or validation switched off: Lightning runs no validation hook,

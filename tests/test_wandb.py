@@ -187,10 +187,11 @@ def test_offline_run_has_eval_metrics_grouped_per_scale(offline_run):
     assert want <= keys, sorted(want - keys)
     per_scale = {k for k in keys if "@g=" in k}
     assert {k.split("/")[0] for k in per_scale} == {"eval@g=1.0", "eval@g=2.0"}  # one W&B section per scale
-    # the eval keys share the validation rows' x-axis (trainer/global_step as Lightning logs validation
-    # inside fit: the count of optimizer steps before the one that triggered it, here 1 and 3)
+    # each evaluation is logged once, at the global step it scored (2 and 4), like its sample
+    # table; Lightning logs the validation loss of that step one step earlier (1 and 3)
     steps = [row["trainer/global_step"] for row in run["history"] if metric_key("leak_rate", 2.0, "logprob") in row]
-    assert len(steps) == 2 and steps == [row["trainer/global_step"] for row in run["history"] if "val/loss" in row]
+    assert steps == [2, 4]
+    assert [row["trainer/global_step"] + 1 for row in run["history"] if "val/loss" in row] == steps
     assert all(row["eval/n_leak_targets"] == 12 and row["eval/n_questions"] == 6
                for row in run["history"] if "eval/n_leak_targets" in row)
     # log_model: false: the checkpoint stays local, no model artifact
