@@ -49,7 +49,7 @@ import torch
 
 from cfg_unlearn.guidance import SPACES, check_guidance, encode_prompts, generate
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
-from cfg_unlearn.tiny import absolute_model_name
+from cfg_unlearn.tiny import TINY_SCHEME, absolute_model_name
 from cfg_unlearn.utils import check_out_dir, publish_dir
 
 log = logging.getLogger(__name__)
@@ -122,16 +122,18 @@ def _blank_to_none(text: str | None) -> str | None:
 # ----------------------------------------------------------------------------- reading the checkpoint
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, name: str | os.PathLike | None = None) -> dict[str, Any]:
     """Load a checkpoint file (memory-mapped where possible, so reading it next to
     Lightning's own load costs little memory) and check that it is a Lightning
-    checkpoint of an :class:`~cfg_unlearn.module.UnlearnModule`."""
+    checkpoint of an :class:`~cfg_unlearn.module.UnlearnModule`. Errors call it
+    ``name`` (default: ``path``), e.g. the sharded checkpoint a temp file was gathered from."""
     path = Path(path)
+    shown = path if name is None else name
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+        raise FileNotFoundError(f"checkpoint {shown} not found")
     if path.is_dir():
         raise ValueError(
-            f"checkpoint {path} is a directory but not a torch.distributed (FSDP) sharded checkpoint "
+            f"checkpoint {shown} is a directory but not a torch.distributed (FSDP) sharded checkpoint "
             f"(no {DCP_METADATA} file): a DeepSpeed checkpoint must first be consolidated into one file "
             "with DeepSpeed's zero_to_fp32.py"
         )
@@ -145,20 +147,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a checkpoint we can read"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a readable PyTorch Lightning checkpoint ({first})") from None
+        raise ValueError(f"{shown} is not a readable PyTorch Lightning checkpoint ({first})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ValueError(f"{path} is not a PyTorch Lightning checkpoint (no 'state_dict')")
+        raise ValueError(f"{shown} is not a PyTorch Lightning checkpoint (no 'state_dict')")
     hp = ckpt.get("hyper_parameters")
     class_path = hp.get("_class_path") if isinstance(hp, dict) else None
     if isinstance(class_path, str) and class_path.rsplit(".", 1)[-1] != MODULE_CLASS:
-        raise ValueError(f"{path} is a checkpoint of {class_path}, not of cfg_unlearn's {MODULE_CLASS}")
+        raise ValueError(f"{shown} is a checkpoint of {class_path}, not of cfg_unlearn's {MODULE_CLASS}")
     if not isinstance(hp, dict) or not isinstance(hp.get("model"), str):
         raise ValueError(
-            f"{path} is not an {MODULE_CLASS} checkpoint: its hyper_parameters name no 'model' "
+            f"{shown} is not an {MODULE_CLASS} checkpoint: its hyper_parameters name no 'model' "
             "(save_hyperparameters of UnlearnModule records it)"
         )
     if not any(k.startswith("model.") for k in ckpt["state_dict"]):
-        raise ValueError(f"{path} is not an {MODULE_CLASS} checkpoint: its state_dict holds no 'model.*' weights")
+        raise ValueError(f"{shown} is not an {MODULE_CLASS} checkpoint: its state_dict holds no 'model.*' weights")
     return ckpt
 
 
@@ -206,10 +208,23 @@ def consolidate_sharded(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike
         raise ValueError(f"sharded checkpoint {ckpt_dir} has no {LIGHTNING_SHARDED_META} (Lightning's metadata "
                          "file with the hyperparameters): the export cannot tell which model it holds")
     _register_checkpoint_types()
-    meta = torch.load(meta_file, map_location="cpu", weights_only=True)
+    try:
+        meta = torch.load(meta_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - damaged or foreign: say which file and why
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{meta_file} is not a readable Lightning metadata file ({first[:300]})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_file} is not a Lightning metadata file (it holds a {type(meta).__name__})")
     ckpt = {**{k: v for k, v in meta.items() if k != "state_dict"}, "state_dict": loaded.pop("model")}
     torch.save(ckpt, out_file)
     return out_file
+
+
+def _local_dir(name: str) -> Path | None:
+    """The directory a model/tokenizer name loads from (``tiny:`` specs included), or
+    None for a hub id."""
+    resolved = absolute_model_name(name)
+    return None if resolved is None else Path(resolved.removeprefix(TINY_SCHEME))
 
 
 def checkpoint_instructions(ckpt: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -377,7 +392,7 @@ def _export_file(ckpt_path: Path, out: Path, source: Path, g: float, space: str,
     from cfg_unlearn import __version__
     from cfg_unlearn.models import load_tokenizer
 
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path, name=source)
     trained_system, trained_uncond = checkpoint_instructions(ckpt)
     config = ExportConfig(
         system_instruction=trained_system if system is None else _blank_to_none(system),
@@ -389,7 +404,13 @@ def _export_file(ckpt_path: Path, out: Path, source: Path, g: float, space: str,
     )
     hp = ckpt["hyper_parameters"]
     base = base_model_name(ckpt, base_model)
-    module = load_module(ckpt_path, ckpt, None if base == hp["model"] else base)
+    try:
+        module = load_module(ckpt_path, ckpt, None if base == hp["model"] else base)
+    except RuntimeError as e:  # torch's load_state_dict: the weights do not fit that model
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        raise ValueError(f"the weights of {source} do not fit the model {base} ({why[:300]}); "
+                         "is it the model the checkpoint was trained from?") from None
     dm = ckpt.get("datamodule_hyper_parameters")
     tok_name = dm.get("tokenizer") if isinstance(dm, dict) and isinstance(dm.get("tokenizer"), str) else hp["model"]
     tok_name = base if tok_name == hp["model"] else tok_name  # the CLI links data.tokenizer to model.model
@@ -397,7 +418,11 @@ def _export_file(ckpt_path: Path, out: Path, source: Path, g: float, space: str,
     tokenizer = load_tokenizer(tok_name, trust_remote_code=bool(hp.get("trust_remote_code", False)))
     model = module.model
     module.model = None  # the export owns the model now (the merge changes it in place)
-    write_export(model, tokenizer, out, config, dtype=dtype, overwrite=overwrite, protect=(source,))
+    # the base model's and tokenizer's directories are inputs too: an adapter-only
+    # checkpoint is merged onto that base at every export, so it must survive this one
+    local = [_local_dir(n) for n in (base, tok_name)]
+    write_export(model, tokenizer, out, config, dtype=dtype, overwrite=overwrite,
+                 protect=(source, *[d for d in local if d is not None]))
     return out, config
 
 
@@ -560,7 +585,8 @@ def main_export(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         from cfg_unlearn.models import ModelNotFoundError
 
-        hint = "; pass --base-model with the model it was trained from" if isinstance(e, ModelNotFoundError) else ""
+        hint = ("; pass --base-model with the model it was trained from"
+                if isinstance(e, ModelNotFoundError) and a.base_model is None else "")
         p.exit(2, f"cfg-unlearn export: {e}{hint}\n")
     print(f"wrote {out} (guidance {config.guidance_scale:g}, {config.space}; instruction "
           f"{config.system_instruction!r}, unconditioned {config.uncond_instruction!r})")
@@ -606,6 +632,10 @@ def main_chat(argv: list[str] | None = None, stdin: IO[str] | None = None, stdou
             check_guidance(a.guidance_scale, a.space or DEFAULT_SPACE)
         check_device(a.device)
         model, tokenizer, config = load_export(a.dir, dtype=a.dtype, device=a.device)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and a.max_new_tokens >= limit:
+            raise ValueError(f"--max-new-tokens {a.max_new_tokens} leaves no room for a message in the model's "
+                             f"context of {limit} positions; use fewer")
     except (ValueError, FileNotFoundError) as e:
         p.exit(2, f"cfg-unlearn chat: {e}\n")
     try:

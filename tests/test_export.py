@@ -326,6 +326,55 @@ def test_a_damaged_sharded_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # one process writes the shards
+@pytest.mark.parametrize("meta,match", [
+    (b"garbage", "meta.pt is not a readable Lightning metadata file"),
+    ({"epoch": 0}, "{shards} is not an UnlearnModule checkpoint"),
+], ids=["corrupt-metadata", "metadata-without-hyperparameters"])
+def test_sharded_checkpoint_metadata_errors_name_the_users_files(trained, tmp_path, meta, match, capsys):
+    """A damaged meta.pt was a traceback; one without hyperparameters named the temp file
+    the shards were gathered into, which is gone by the time the user reads it."""
+    ckpt = torch.load(trained.ckpt, weights_only=False)
+    shards = _sharded(tmp_path / "shards", ckpt["state_dict"], None if isinstance(meta, bytes) else meta)
+    if isinstance(meta, bytes):
+        (shards / "meta.pt").write_bytes(meta)
+    with pytest.raises(SystemExit) as e:
+        main_export(["--ckpt", str(shards), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and match.format(shards=shards) in err and "consolidate" not in err, err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_a_base_model_of_another_shape_is_a_clear_error(trained, tmp_path, capsys):
+    from cfg_unlearn.tiny import TinySpec, build_tiny
+
+    other = build_tiny(tmp_path / "other", spec=TinySpec(hidden_size=64, intermediate_size=128))
+    with pytest.raises(SystemExit) as e:
+        main_export(["--ckpt", str(trained.ckpt), "--out", str(tmp_path / "out"), "--base-model", f"tiny:{other}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"the weights of {trained.ckpt} do not fit the model tiny:{other}" in err, err
+    # a --base-model that does not exist: the hint to pass --base-model would be no help
+    with pytest.raises(SystemExit) as e:
+        main_export(["--ckpt", str(trained.ckpt), "--out", str(tmp_path / "out"), "--base-model", str(tmp_path / "no")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "pass --base-model" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_refuses_to_replace_the_base_model(trained, tiny_model_dir, tmp_path, capsys):
+    """An adapter-only checkpoint is merged onto its base at every export: an --out that
+    is the base model's directory would replace the base with an unlearned model."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    before = sorted(p.name for p in base.iterdir())
+    with pytest.raises(SystemExit) as e:
+        main_export(["--ckpt", str(trained.ckpt), "--out", str(base), "--base-model", f"tiny:{base}", "--overwrite"])
+    assert e.value.code == 2 and "is one of the inputs" in capsys.readouterr().err
+    assert sorted(p.name for p in base.iterdir()) == before
+
+
 def test_bad_guidance_arguments(trained, tmp_path):
     with pytest.raises(ValueError, match="guidance_scale"):
         export_checkpoint(trained.ckpt, tmp_path / "o", guidance_scale=float("nan"))
@@ -529,6 +578,14 @@ def test_main_chat_end_to_end_on_the_export(exported):
                     system=TRAINED_SYSTEM, guidance_scale=2.0, max_new_tokens=8)[0]
     assert f"model> {want}\n" in out.getvalue()
     assert "guidance 2 (logprob)" in out.getvalue()
+
+
+def test_main_chat_refuses_max_new_tokens_beyond_the_context(exported, capsys):
+    """It used to start, then refuse every message as "too long for the context"."""
+    with pytest.raises(SystemExit) as e:
+        main_chat([str(exported.dir), "--max-new-tokens", "5000", "--device", "cpu"], stdin=io.StringIO("hi\n"),
+                  stdout=io.StringIO())
+    assert e.value.code == 2 and "--max-new-tokens 5000 leaves no room" in capsys.readouterr().err
 
 
 def test_main_chat_rejects_a_directory_that_is_not_an_export(tiny_model_dir, tmp_path, capsys):
