@@ -448,7 +448,15 @@ def generate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_guidance(guidance_scale, space)  # a NaN g would argmax to token 0 everywhere
+    if isinstance(prompts, (str, dict)):
+        raise TypeError(f"prompts must be a list of prompts (strings or message lists), got one {type(prompts).__name__}"
+                        f"; wrap it in a list")
     prompts = list(prompts)
+    if prompts and all(isinstance(p, dict) for p in prompts):
+        raise TypeError("prompts is one conversation (a list of messages); wrap it in a list: [messages]")
     guided = guidance_scale != 1
     cond = encode_prompts(tokenizer, prompts, system=system)
     uncond = None

@@ -351,6 +351,16 @@ def test_generate_restores_train_mode_and_checks_its_inputs(tiny, prompts):
         generate(model, tok, ["hello"], batch_size=0)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, tok, ["hello"], do_sample=True, temperature=0.0)
+    # a NaN scale argmaxed to token 0 (padding) everywhere: empty answers, no error
+    for g in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 0"):
+            generate(model, tok, prompts[:1], guidance_scale=g)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):  # was an IndexError in the cache
+        generate(model, tok, prompts[:1], max_new_tokens=-1)
+    with pytest.raises(TypeError, match="got one str"):  # was decoded as one prompt per character
+        generate(model, tok, "hello", max_new_tokens=2)
+    with pytest.raises(TypeError, match="one conversation"):
+        generate(model, tok, prompts[0], max_new_tokens=2)
     # raw strings with explicit unconditioned strings are fine
     out = generate(model, tok, ["The email of"], uncond_prompts=["The"], guidance_scale=2.0, max_new_tokens=4)
     assert len(out) == 1 and isinstance(out[0], str)
