@@ -353,7 +353,10 @@ class UnlearnModule(L.LightningModule):
         micro-batch happened to hold, so 2 processes, or 2 accumulated halves, would not
         follow 1 (the bug transformers fixed with ``num_items_in_batch``). So each rank
         divides its token sum by (the step's tokens / (ranks x micro-batches)), the step's
-        tokens being looked up in the epoch's window plan."""
+        tokens being looked up in the epoch's window plan. That scaling is for the
+        gradient only: the returned *value* is this micro-batch's own token mean, so the
+        logged NLL and loss read as without accumulation (an epoch's short last window
+        would otherwise log k times its NLL)."""
         trainer = self._trainer
         if not (self.training and trainer is not None):
             return masked_nll(logps, mask)
@@ -365,7 +368,8 @@ class UnlearnModule(L.LightningModule):
         if trainer.world_size > 1:
             tokens = trainer.strategy.reduce(tokens, reduce_op="sum")
         shares = trainer.world_size * (trainer.accumulate_grad_batches if planned else 1)
-        return -(logps * mask).sum() / (tokens.clamp(min=1) / shares)
+        scaled = -(logps * mask).sum() / (tokens.clamp(min=1) / shares)
+        return scaled + (masked_nll(logps, mask) - scaled).detach()
 
     def _nll_positions(self, rows: dict[str, torch.Tensor], b: int) -> torch.Tensor | None:
         """The token positions the objective's NLL term averages over (None: it has none):

@@ -513,3 +513,29 @@ def test_epoch_order_replays_seeded_samplers_and_refuses_random_ones():
     assert _epoch_order(seeded, 0) != _epoch_order(seeded, 1)
     assert _epoch_order(DataLoader(data, batch_size=3), 0) == data
     assert _epoch_order(DataLoader(data, batch_size=3, shuffle=True), 0) is None  # draws from a generator
+
+
+def test_accumulation_logs_each_micro_batchs_own_loss(tiny_model_dir, tmp_path):
+    """The step-level token normalisation shapes the gradient only: with the weights held
+    still (lr 0), every micro-batch logs the loss and NLL it logs without accumulation.
+    An epoch's short last window (5 batches, windows of 3 + 2) logged several times its
+    NLL when the scaled value was logged."""
+    spec = f"tiny:{tiny_model_dir}"
+    _uneven_pairs(tmp_path / "pairs.jsonl", 10)
+    logged = {}
+    for acc in (1, 3):
+        seen = []
+
+        class Record(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                seen.append((float(trainer.callback_metrics["train/loss"]),
+                             float(trainer.callback_metrics["train/nll_loss"])))
+
+        dm = PairDataModule(tokenizer=spec, train_file=str(tmp_path / "pairs.jsonl"), batch_size=2, val_fraction=0.0)
+        m = UnlearnModule(model=spec, cond_dropout=0.5, beta=0.5, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+        _fit(m, dm, tmp_path / str(acc), steps=-1, max_epochs=1, accumulate_grad_batches=acc, callbacks=[Record()],
+             log_every_n_steps=1)
+        logged[acc] = seen
+    assert len(logged[3]) == len(logged[1]) == 5
+    for (loss3, nll3), (loss1, nll1) in zip(logged[3], logged[1]):
+        assert loss3 == pytest.approx(loss1, rel=1e-5) and nll3 == pytest.approx(nll1, rel=1e-5)
