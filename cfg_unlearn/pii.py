@@ -410,6 +410,38 @@ def redaction_items(items: Iterable[PIIItem]) -> list[PIIItem]:
     return list(dict.fromkeys(out))
 
 
+#: a known word at least this long is redacted even run into other letters or digits
+#: ("GroupVernon Jimenez778-..."): a model's output glues words together, and over-redacting
+#: a log costs little. Shorter words ("Li", "Lee") only as whole words.
+GLUED_MIN_CHARS = 4
+_LETTER_RUN = re.compile(r"[^\W\d_]+")
+
+
+def _glued_word_spans(text: str, items: Iterable[PIIItem]) -> list[Span]:
+    """Every occurrence of a known one-word value or fragment (a name word, a street
+    word) of :data:`GLUED_MIN_CHARS` letters or more inside a run of letters, whatever
+    surrounds it: a set lookup per (position, word length), not a pattern per word."""
+    words: dict[str, str] = {}
+    for item in items:
+        value = nfkc(item.value)
+        if len(value) >= GLUED_MIN_CHARS and _LETTER_RUN.fullmatch(value):
+            words.setdefault(value.lower(), item.type)
+    if not words:
+        return []
+    lengths = sorted({len(w) for w in words})
+    spans = []
+    for m in _LETTER_RUN.finditer(text):
+        run = m.group().lower()
+        if len(run) != len(m.group()):  # a letter whose lower case is longer: keep indices exact
+            run = m.group()
+        for n in lengths:
+            if n > len(run):
+                break
+            spans += [Span(m.start() + i, m.start() + i + n, words[run[i : i + n]])
+                      for i in range(len(run) - n + 1) if run[i : i + n] in words]
+    return spans
+
+
 def _digit_piece_spans(text: str, items: Iterable[PIIItem]) -> list[Span]:
     """Each number of ``text`` that holds a piece of a numeric value (one of its
     :func:`partial_fragments` digit windows: "5181" of 363-56-5181), whole."""
@@ -429,14 +461,16 @@ def redact(
     ner: NERDetector | None = None,
 ) -> str:
     """Replace known values (bare strings get type "PII"), every piece of them a partial
-    leak would count, and, with ``detect``, detector hits by ``[TYPE]``. Overlapping
+    leak would count (words of 4+ letters even when run into other text), and, with
+    ``detect``, detector hits by ``[TYPE]``. Overlapping
     spans merge into one placeholder, named after the longest known value in it, else
     the longest detection. The text comes back in :func:`nfkc` form."""
     text = nfkc(text)
     given = [k if isinstance(k, PIIItem) else PIIItem("PII", k) for k in known]
     items = redaction_items(given)
     # (span, is_known): all matches, overlaps included, so nothing of a value survives
-    spans = [(s, True) for s in _value_spans(text, items) + _digit_piece_spans(text, given)]
+    spans = [(s, True) for s in _value_spans(text, items) + _glued_word_spans(text, items)
+             + _digit_piece_spans(text, given)]
     if detect:
         spans += [(s, False) for s in _detect_all(text) + (ner(text) if ner is not None else [])]
     if not spans:

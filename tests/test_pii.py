@@ -382,6 +382,20 @@ def test_redaction_removes_fragments_of_names_and_emails():
     assert not contains_value("Mrs Chang", "Megan Chang", "NAME")
 
 
+def test_redaction_finds_known_words_run_into_other_text():
+    """A model glues words: "GroupVernon Jimenez778-58-5417." kept the whole name in a
+    redacted sample table, because names were matched as whole words only."""
+    known = [PIIItem("NAME", "Vernon Jimenez"), PIIItem("SSN", "778-58-5417"),
+             PIIItem("LOC", "269 Robbins Valley, Port Hannah"), PIIItem("NAME", "Li Wu")]
+    assert redact("GroupVernon Jimenez778-58-5417.", known) == "Group[NAME] [NAME][SSN]."
+    assert redact("lives at 269 RobbinsValley", known) == "lives at 269 [LOC][LOC]"
+    assert redact("the Jimenez_family and JIMENEZES", known) == "the [NAME]_family and [NAME]ES"
+    # words under 4 letters only as whole words: "Wu" stays inside "Wuhan", not alone
+    assert redact("Wu went to Wuhan", known) == "[NAME] went to Wuhan"
+    # and a leak is still the whole value, written as a value
+    assert not contains_value("GroupVernon Jimenez", "Vernon Jimenez", "NAME")
+
+
 def test_partial_fragments_of_numbers_and_words():
     # a number: every run of four consecutive digits; other values: their words of 4+ chars
     assert pii.partial_fragments("363-56-5181", "SSN") == (["3565", "3635", "5181", "5651", "6356", "6518"], [])
