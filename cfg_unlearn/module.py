@@ -338,6 +338,14 @@ class UnlearnModule(L.LightningModule):
             return self._reference_forward(rows)
         if self.reference_logps is None or ids is None:
             return None
+        missing = [i for i in ids if f"{split}:{i}" not in self.reference_logps]
+        if missing:  # a checkpoint's table, and other data (another file, world or split)
+            shown = ", ".join(map(repr, missing[:3])) + (", ..." if len(missing) > 3 else "")
+            raise ValueError(
+                f"the precomputed reference log-probs (reference: precomputed, kept in the checkpoint) have no "
+                f"entry for {len(missing)} {split} pair(s) of this batch ({shown}): the data differs from the data "
+                "they were computed on. Resume or validate with the same data and split, or use reference: copy"
+            )
         table = torch.stack([self.reference_logps[f"{split}:{i}"] for i in ids])  # (B, variant, side)
         uncond = use_uncond.to(table.device).view(-1, 1) if use_uncond is not None else None
         per_side = table[:, 0] if uncond is None else torch.where(uncond, table[:, 1], table[:, 0])  # (B, side)

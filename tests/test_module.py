@@ -313,6 +313,15 @@ def test_precomputed_reference_is_kept_in_checkpoints(tiny_model_dir, tmp_path):
         assert torch.equal(resumed.reference_logps[k], table[k])
     fresh = resumed.compute_reference_logps()  # what the resumed weights would have given
     assert any(not torch.allclose(fresh[k], table[k]) for k in table)
+    # resumed on other data, the table has no entry for its pairs: one clear error (was a KeyError)
+    other = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=6), batch_size=4, val_fraction=0.0)
+    again = UnlearnModule(model=spec, objective="npo", reference="precomputed",
+                          optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    trainer3 = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                         enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"no entry for \d+ train pair\(s\) of this batch .*use reference: copy"):
+        trainer3.fit(again, datamodule=other, ckpt_path=ckpt)
 
 
 
