@@ -64,6 +64,11 @@ class UnlearnCLI(LightningCLI):
         if lost:
             rank_zero_warn(f"--ckpt_path: the checkpoint's hyperparameters replace {', '.join(lost)}; "
                            "the model is rebuilt as it was trained")
+        if sub == "fit":
+            ignored = _restored_over(self.config[sub].get("model"), self.config[sub].get("ckpt_path"))
+            if ignored:
+                rank_zero_warn(f"--ckpt_path: a resumed fit restores the optimizer and learning-rate schedule from "
+                               f"the checkpoint, so {', '.join(ignored)} take no effect")
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -73,6 +78,40 @@ class UnlearnCLI(LightningCLI):
             # first, so its metrics are logged before checkpoint callbacks read them
             trainer.callbacks.insert(0, evaluator)
         return trainer
+
+
+def _restored_over(model: Any, ckpt_path: Any) -> list[str]:
+    """The ``model.optimizer`` / ``model.lr_scheduler`` arguments configured for a resumed
+    fit that differ from the state its checkpoint file restores (the optimizer's param
+    group: ``lr`` as the schedule's base, ``initial_lr``; the scheduler's saved
+    attributes), as ``"model.optimizer.init_args.lr=0.01 (checkpoint: 0.0003)"``. Empty
+    when nothing differs or the checkpoint is no readable file (a sharded directory,
+    ``last``, a path that does not exist: Lightning says so itself)."""
+    if not isinstance(model, Namespace) or not isinstance(ckpt_path, str) or not os.path.isfile(ckpt_path):
+        return []
+    import torch
+
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # noqa: BLE001 - Lightning's own load reports an unreadable checkpoint
+        return []
+    groups = [s.get("param_groups", [{}])[0] for s in ckpt.get("optimizer_states") or [] if isinstance(s, dict)]
+    scheds = [s for s in ckpt.get("lr_schedulers") or [] if isinstance(s, dict)]
+    out = []
+    for key, saved in (("optimizer", groups[0] if groups else None), ("lr_scheduler", scheds[0] if scheds else None)):
+        given = model.get(key)
+        args = given.get("init_args") if isinstance(given, Namespace) else None
+        if saved is None or not isinstance(args, Namespace):
+            continue
+        for name, value in args.items():
+            was = saved.get("initial_lr", saved.get("lr")) if name == "lr" else saved.get(name)
+            if name == "total_steps" or was is None or value is None:
+                continue  # the schedule's total follows this run's budget (WarmupCosine)
+            same = tuple(value) == tuple(was) if isinstance(value, (list, tuple)) and isinstance(
+                was, (list, tuple)) else value == was
+            if not same:
+                out.append(f"model.{key}.init_args.{name}={value!r} (checkpoint: {was!r})")
+    return out
 
 
 def _flat(ns: Any) -> dict[str, Any]:

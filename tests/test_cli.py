@@ -107,6 +107,35 @@ def test_ckpt_path_names_the_model_arguments_it_replaces(tmp_path, monkeypatch):
 
 
 
+def test_resumed_fit_names_optimizer_and_schedule_arguments_the_checkpoint_overrides(tmp_path, monkeypatch):
+    """A resumed fit restores the optimizer's param groups and the schedule's state, so a
+    new --model.optimizer/lr_scheduler value took no effect without a word (the run's
+    config.yaml even recorded it). Values equal to the checkpoint's are not named."""
+    from cfg_unlearn.cli import UnlearnCLI
+
+    ckpt = tmp_path / "c.ckpt"
+    torch.save({"hyper_parameters": {"model": "tiny:unused"}, "state_dict": {},
+                "optimizer_states": [{"state": {}, "param_groups": [
+                    {"lr": 0.0004, "initial_lr": 0.001, "weight_decay": 0.0, "betas": (0.9, 0.999), "params": [0]}]}],
+                "lr_schedulers": [{"warmup_steps": 10, "min_ratio": 0.1, "total_steps": 50, "last_epoch": 7}]}, ckpt)
+    monkeypatch.setattr(UnlearnCLI, "_run_subcommand", lambda self, sub: None)  # parse and build only
+    base = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
+            f"--ckpt_path={ckpt}"]
+    with pytest.warns(UserWarning, match="restores the optimizer") as got:
+        cli_main([*base, "--model.optimizer.init_args.lr=0.01", "--model.lr_scheduler.init_args.warmup_steps=0",
+                  "--model.optimizer.init_args.betas=[0.9, 0.999]"])
+    (msg,) = [str(w.message) for w in got if "restores the optimizer" in str(w.message)]
+    assert "model.optimizer.init_args.lr=0.01 (checkpoint: 0.001)" in msg
+    assert "model.lr_scheduler.init_args.warmup_steps=0 (checkpoint: 10)" in msg
+    assert "betas" not in msg and "weight_decay" not in msg and "min_ratio" not in msg and "total_steps" not in msg
+    import warnings
+
+    with warnings.catch_warnings(record=True) as quiet:  # the config's own values: nothing to say
+        warnings.simplefilter("always")
+        cli_main(base)
+    assert not [w for w in quiet if "restores the optimizer" in str(w.message)]
+
+
 def test_train_py_reports_a_bad_pair_row_in_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     """A malformed row is `file:line: field` on stderr with exit status 2, not a
