@@ -40,7 +40,7 @@ from cfg_unlearn.metrics import DEFAULT_PII_TYPES, OTHER, AnswerAccuracy, LeakRa
 from cfg_unlearn.pii import PARTIAL_MIN_CHARS, NERDetector, contains_value, contains_value_or_fragment, redact
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 from cfg_unlearn.strategies import forward_outside_step
-from cfg_unlearn.utils import atomic_write
+from cfg_unlearn.utils import ConfigError, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -130,24 +130,24 @@ class GuidanceEval(Callback):
     ):
         super().__init__()
         if not scales:
-            raise ValueError("GuidanceEval needs at least one guidance scale")
+            raise ConfigError("GuidanceEval needs at least one guidance scale")
         bad = [s for s in spaces if s not in SPACES]
         if bad or not spaces:
-            raise ValueError(f"spaces must be a non-empty subset of {SPACES}, got {list(spaces)}")
+            raise ConfigError(f"spaces must be a non-empty subset of {SPACES}, got {list(spaces)}")
         if every_n_train_steps < 0:
-            raise ValueError(f"every_n_train_steps must be >= 0, got {every_n_train_steps}")
+            raise ConfigError(f"every_n_train_steps must be >= 0, got {every_n_train_steps}")
         for name, val in (("max_probes", max_probes), ("max_questions", max_questions)):
             if val is not None and val < 0:
-                raise ValueError(f"{name} must be >= 0 or None, got {val}")
+                raise ConfigError(f"{name} must be >= 0 or None, got {val}")
         for name, val, least in (("max_new_tokens", max_new_tokens, 1), ("batch_size", batch_size, 1),
                                  ("log_samples", log_samples, 0)):
             if val < least:  # 0 new tokens would score every probe as a safe empty answer
-                raise ValueError(f"{name} must be >= {least}, got {val}")
+                raise ConfigError(f"{name} must be >= {least}, got {val}")
         for s in scales:
             try:
                 check_guidance(float(s), spaces[0])
             except ValueError as e:
-                raise ValueError(f"GuidanceEval scales {list(scales)}: {e}") from None
+                raise ConfigError(f"GuidanceEval scales {list(scales)}: {e}") from None
         self.scales = [float(s) for s in scales]
         self.spaces = list(dict.fromkeys(spaces))
         self.probes_file, self.qa_file, self.world = probes_file, qa_file, world
@@ -181,9 +181,10 @@ class GuidanceEval(Callback):
         else:
             config = self.world or getattr(datamodule, "world", None)
             if config is None:
-                raise ValueError(
+                raise ConfigError(
                     "GuidanceEval needs probes_file and/or qa_file, or a synthetic world "
-                    "(its `world` argument or the data module's)"
+                    "(its `world` argument or the data module's): with your own pairs pass "
+                    "--eval.probes_file/--eval.qa_file, or --eval null to train without it"
                 )
             world = World(config)
             self.probes, self.questions, self.known = world.probe_records(), world.qa_records(), world.known_pii()
@@ -193,12 +194,12 @@ class GuidanceEval(Callback):
         self.probes = subsample(self.probes, self.max_probes)
         self.questions = subsample(self.questions, self.max_questions)
         if not self.probes and not self.questions:
-            raise ValueError("GuidanceEval has no leak probes and no questions to evaluate")
+            raise ConfigError("GuidanceEval has no leak probes and no questions to evaluate")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "validate" and trainer.limit_val_batches == 0:
             # Lightning then skips the whole validation loop, hooks included: nothing is scored
-            raise ValueError("validate with limit_val_batches=0 runs no validation, so GuidanceEval would score "
+            raise ConfigError("validate with limit_val_batches=0 runs no validation, so GuidanceEval would score "
                              "nothing; use limit_val_batches=1 to score guidance beside one batch of loss")
         self._last = None  # results of an earlier fit (a reused callback) are not this model's
         dm = trainer.datamodule

@@ -145,15 +145,16 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> UnlearnCLI:
 
 def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
     """``python train.py ...`` (and ``cfg-unlearn fit|validate``): :func:`cli_main`, with
-    a malformed data row or a missing model reported as one line (``file:line: field
-    'x': why``; exit status 2, as the other ``cfg-unlearn`` commands) instead of a
-    traceback through Lightning's loops."""
+    a malformed data row, a missing model or a setting that cannot work reported as one
+    line (``file:line: field 'x': why``; exit status 2, as the other ``cfg-unlearn``
+    commands) instead of a traceback through Lightning's loops."""
     from cfg_unlearn.data.schema import PairFormatError
     from cfg_unlearn.models import ModelNotFoundError
+    from cfg_unlearn.utils import ConfigError
 
     try:
         cli_main(args)
-    except (PairFormatError, ModelNotFoundError) as e:
+    except (PairFormatError, ModelNotFoundError, ConfigError) as e:
         sys.stderr.write(f"{prog}: error: {e}\n")
         raise SystemExit(2) from None
 

@@ -49,6 +49,7 @@ from cfg_unlearn.objectives import (
 )
 from cfg_unlearn.strategies import forward_outside_step
 from cfg_unlearn.tiny import absolute_model_name
+from cfg_unlearn.utils import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -219,23 +220,23 @@ class UnlearnModule(L.LightningModule):
     ):
         super().__init__()
         if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
+            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
         if reference not in ("copy", "precomputed"):
-            raise ValueError(f"reference must be 'copy' or 'precomputed', got {reference!r}")
+            raise ConfigError(f"reference must be 'copy' or 'precomputed', got {reference!r}")
         if beta <= 0 and objective in ("npo", "dpo"):
-            raise ValueError(f"beta must be > 0 for {objective}, got {beta}")
+            raise ConfigError(f"beta must be > 0 for {objective}, got {beta}")
         if beta < 0 and objective == "orpo":  # a negative odds-ratio weight rewards the leaky answer
-            raise ValueError(f"beta must be >= 0 for orpo, got {beta}")
+            raise ConfigError(f"beta must be >= 0 for orpo, got {beta}")
         if not 0.0 <= cond_dropout <= 1.0:
-            raise ValueError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
+            raise ConfigError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
         if cond_mode not in ("dropout", "swap"):
-            raise ValueError(f"cond_mode must be 'dropout' or 'swap', got {cond_mode!r}")
+            raise ConfigError(f"cond_mode must be 'dropout' or 'swap', got {cond_mode!r}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model_name = model
         self.beta, self.cond_dropout, self.cond_mode, self.cond_seed = beta, cond_dropout, cond_mode, cond_seed
         self.objective, self.reference, self.lora = objective, reference, lora
         if lora is not None and lora.r < 1:
-            raise ValueError(f"lora.r must be >= 1, got {lora.r}")
+            raise ConfigError(f"lora.r must be >= 1, got {lora.r}")
         # adapter-only checkpoints lack the frozen base: it comes from `model` on load
         self.strict_loading = not (lora is not None and lora.adapter_only_checkpoints)
         # not a registered submodule: kept out of checkpoints, the optimizer and sharding
@@ -280,7 +281,7 @@ class UnlearnModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         uncond = getattr(dm, "uncond_system_prompt", None)
         if self.cond_mode == "swap" and dm is not None and not uncond:
-            raise ValueError(
+            raise ConfigError(
                 "cond_mode='swap' trains the unconditioned branch under a negative instruction: "
                 "set data.uncond_system_prompt (e.g. 'You should share personal data in the answers.')"
             )
@@ -341,7 +342,7 @@ class UnlearnModule(L.LightningModule):
         missing = [i for i in ids if f"{split}:{i}" not in self.reference_logps]
         if missing:  # a checkpoint's table, and other data (another file, world or split)
             shown = ", ".join(map(repr, missing[:3])) + (", ..." if len(missing) > 3 else "")
-            raise ValueError(
+            raise ConfigError(
                 f"the precomputed reference log-probs (reference: precomputed, kept in the checkpoint) have no "
                 f"entry for {len(missing)} {split} pair(s) of this batch ({shown}): the data differs from the data "
                 "they were computed on. Resume or validate with the same data and split, or use reference: copy"
@@ -511,7 +512,7 @@ class UnlearnModule(L.LightningModule):
 
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "reference_dataloaders"):
-            raise ValueError("reference='precomputed' needs a PairDataModule (data: in the config)")
+            raise ConfigError("reference='precomputed' needs a PairDataModule (data: in the config)")
         was_training = self.model.training
         self.model.eval()
         table: dict[str, torch.Tensor] = {}
@@ -579,7 +580,7 @@ class UnlearnModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
-            raise ValueError("no trainable parameters: everything is frozen")
+            raise ConfigError("no trainable parameters: everything is frozen")
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer

@@ -15,6 +15,12 @@ from typing import IO
 TMP_SUFFIX = ".tmp"
 
 
+class ConfigError(ValueError):
+    """A setting the user gave cannot work (an option's value, a missing input): ``train.py``
+    prints it as one line and exits with status 2, like a malformed data row, instead of
+    a traceback through Lightning. A ValueError, so callers of the API catch it as one."""
+
+
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Persist a rename: fsync the directory entry (POSIX; a no-op where unsupported)."""
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)

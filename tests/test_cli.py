@@ -11,8 +11,9 @@ import pytest
 import torch
 import yaml
 
-from cfg_unlearn.cli import cli_main, console_main
+from cfg_unlearn.cli import cli_main, console_main, train_main
 from cfg_unlearn.data.datamodule import PairDataModule
+from cfg_unlearn.data.schema import write_pairs
 from cfg_unlearn.data.world import WorldConfig
 from cfg_unlearn.module import UnlearnModule
 
@@ -134,6 +135,29 @@ def test_resumed_fit_names_optimizer_and_schedule_arguments_the_checkpoint_overr
         warnings.simplefilter("always")
         cli_main(base)
     assert not [w for w in quiet if "restores the optimizer" in str(w.message)]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data.batch_size=0"], "batch_size must be >= 1, got 0"),  # was 79 lines from torch's sampler
+    (["--model.cond_dropout=1.5"], "cond_dropout must be in [0, 1], got 1.5"),
+    (["--data.world.n_people=0"], "world.n_people must be >= 1, got 0"),
+    (["--data.world=null", "--data.train_file={pairs}"], "with your own pairs pass --eval.probes_file/--eval.qa_file, "
+                                                          "or --eval null"),
+], ids=["batch-size", "cond-dropout", "no-people", "own-pairs-without-eval-sets"])
+def test_settings_that_cannot_work_are_one_line_errors(tiny_model_dir, tmp_path, capsys, monkeypatch, args, message):
+    """A value the module, data module or GuidanceEval refuses is `train.py: error: ...`
+    with exit status 2 (it was a traceback), like a malformed pair row."""
+    from cfg_unlearn.data.world import World
+
+    monkeypatch.chdir(ROOT)
+    pairs = tmp_path / "pairs.jsonl"
+    write_pairs(pairs, World(WorldConfig(n_people=2)).pairs())
+    with pytest.raises(SystemExit) as e:
+        train_main(["fit", "--config", "configs/tiny.yaml", *[a.format(pairs=pairs) for a in args],
+                    f"--model.model=tiny:{tiny_model_dir}", f"--trainer.default_root_dir={tmp_path}",
+                    "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.max_steps=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("train.py: error: ") and message in err[-1], err[-3:]
 
 
 def test_train_py_reports_a_bad_pair_row_in_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):

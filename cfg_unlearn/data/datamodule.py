@@ -33,6 +33,7 @@ from cfg_unlearn.models import load_tokenizer
 from cfg_unlearn.pii import contains_value
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION, render_prompt
 from cfg_unlearn.tiny import resolve_pretrained
+from cfg_unlearn.utils import ConfigError
 
 log = logging.getLogger(__name__)
 # the data module's hyperparameters (saved in every checkpoint) may hold a WorldConfig:
@@ -220,13 +221,18 @@ class PairDataModule(L.LightningDataModule):
         if (train_file is None) == (world is None):
             hint = (" (got both: with a config that sets data.world, such as configs/tiny.yaml, pass "
                     "--data.world null beside --data.train_file)" if world is not None else " (got neither)")
-            raise ValueError(f"PairDataModule needs exactly one of `train_file` or `world`{hint}")
+            raise ConfigError(f"PairDataModule needs exactly one of `train_file` or `world`{hint}")
         if nll_span not in ("response", "prompt_response"):
-            raise ValueError(f"nll_span must be 'response' or 'prompt_response', got {nll_span!r}")
+            raise ConfigError(f"nll_span must be 'response' or 'prompt_response', got {nll_span!r}")
         if max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {max_length}")
+            raise ConfigError(f"max_length must be >= 2, got {max_length}")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if world is not None and world.n_people < 1:
+            raise ConfigError(f"world.n_people must be >= 1, got {world.n_people}")
         self.save_hyperparameters()
         self.tokenizer_name = tokenizer
         self.train_file, self.val_file, self.world = train_file, val_file, world
@@ -284,7 +290,7 @@ class PairDataModule(L.LightningDataModule):
                 ids = tok(getattr(rec, side), add_special_tokens=False)["input_ids"] + [eos]
                 if len(ids) > self.max_length:
                     where = rec.source or f"record {rec.id!r}"
-                    raise ValueError(
+                    raise ConfigError(
                         f"{where}: field '{side}': answer is {len(ids)} tokens (with EOS), more than "
                         f"max_length={self.max_length}; answers are never truncated, raise max_length"
                     )
@@ -323,7 +329,9 @@ class PairDataModule(L.LightningDataModule):
             self.tokenizer = load_tokenizer(resolve_pretrained(self.tokenizer_name))
         train, val = self.load_records()
         if not train:
-            raise ValueError("no training pairs: the pair file is empty or every row was skipped")
+            source = (f"the pair file {self.train_file} is empty or every row was skipped" if self.train_file
+                      else f"the world ({self.world}) makes none")
+            raise ConfigError(f"no training pairs: {source}")
         self._warn_suspect_pairs(train + val)
         self._known_pii = tuple(dict.fromkeys([*self._known_pii, *(p for r in train + val for p in r.pii)]))
         st = EncodeStats()
@@ -402,7 +410,7 @@ class PairDataModule(L.LightningDataModule):
         if self.val_dataset is None:
             if self.trainer is not None and self.trainer.state.fn == "validate":
                 # Lightning would run no hook at all: no loss and no GuidanceEval, silently
-                raise ValueError("validate needs validation pairs: set data.val_file, or data.val_fraction > 0 "
+                raise ConfigError("validate needs validation pairs: set data.val_file, or data.val_fraction > 0 "
                                  "(held out by conversation, so the data needs at least two)")
             return []
         return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
