@@ -122,6 +122,16 @@ def _blank_to_none(text: str | None) -> str | None:
 # ----------------------------------------------------------------------------- reading the checkpoint
 
 
+def _error_line(e: BaseException, index: int = 0) -> str:
+    """One line of an exception's message, for a one-line error: its ``index``-th
+    non-blank line (``-1``: the last; the last there is when it has fewer), else the
+    exception's type name."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    return lines[index] if -len(lines) <= index < len(lines) else lines[-1]
+
+
 def read_checkpoint(path: str | os.PathLike, name: str | os.PathLike | None = None) -> dict[str, Any]:
     """Load a checkpoint file (memory-mapped where possible, so reading it next to
     Lightning's own load costs little memory) and check that it is a Lightning
@@ -146,8 +156,7 @@ def read_checkpoint(path: str | os.PathLike, name: str | os.PathLike | None = No
                 raise
             ckpt = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a checkpoint we can read"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{shown} is not a readable PyTorch Lightning checkpoint ({first})") from None
+        raise ValueError(f"{shown} is not a readable PyTorch Lightning checkpoint ({_error_line(e)})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(f"{shown} is not a PyTorch Lightning checkpoint (no 'state_dict')")
     hp = ckpt.get("hyper_parameters")
@@ -198,9 +207,7 @@ def consolidate_sharded(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike
                          no_dist=True)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - damaged or foreign: say why
         # (CheckpointException is a BaseException; its last line is the underlying error)
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        why = lines[-1][:300] if lines else type(e).__name__
-        raise ValueError(f"{ckpt_dir} is not a readable sharded checkpoint ({why})") from None
+        raise ValueError(f"{ckpt_dir} is not a readable sharded checkpoint ({_error_line(e, -1)[:300]})") from None
     if not isinstance(loaded.get("model"), dict) or not loaded["model"]:
         raise ValueError(f"sharded checkpoint {ckpt_dir} holds no 'model' entry (not written by Lightning's FSDP?)")
     meta_file = ckpt_dir / LIGHTNING_SHARDED_META
@@ -211,8 +218,7 @@ def consolidate_sharded(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike
     try:
         meta = torch.load(meta_file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - damaged or foreign: say which file and why
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{meta_file} is not a readable Lightning metadata file ({first[:300]})") from None
+        raise ValueError(f"{meta_file} is not a readable Lightning metadata file ({_error_line(e)[:300]})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{meta_file} is not a Lightning metadata file (it holds a {type(meta).__name__})")
     ckpt = {**{k: v for k, v in meta.items() if k != "state_dict"}, "state_dict": loaded.pop("model")}
@@ -406,10 +412,8 @@ def _export_file(ckpt_path: Path, out: Path, source: Path, g: float, space: str,
     base = base_model_name(ckpt, base_model)
     try:
         module = load_module(ckpt_path, ckpt, None if base == hp["model"] else base)
-    except RuntimeError as e:  # torch's load_state_dict: the weights do not fit that model
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        why = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
-        raise ValueError(f"the weights of {source} do not fit the model {base} ({why[:300]}); "
+    except RuntimeError as e:  # torch's load_state_dict: line 2 names the first mismatch
+        raise ValueError(f"the weights of {source} do not fit the model {base} ({_error_line(e, 1)[:300]}); "
                          "is it the model the checkpoint was trained from?") from None
     dm = ckpt.get("datamodule_hyper_parameters")
     tok_name = dm.get("tokenizer") if isinstance(dm, dict) and isinstance(dm.get("tokenizer"), str) else hp["model"]
