@@ -21,6 +21,7 @@ import csv
 import io
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -345,9 +346,9 @@ class GuidanceEval(Callback):
         results["eval/n_questions"] = float(len(self.questions))
         results["eval/seconds"] = time.perf_counter() - t0
         self._last = (trainer.global_step, results)
-        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
+        log_dir = run_dir(trainer)  # a broadcast under DDP: every rank must ask
         if trainer.is_global_zero:
-            self._write_samples(trainer, samples, Path(log_dir or trainer.default_root_dir))
+            self._write_samples(trainer, samples, Path(log_dir))
             rank_zero_info(self.summary(results, trainer.global_step))
         return results
 
@@ -413,9 +414,8 @@ def log_resolved_config(trainer: L.Trainer, config_yaml: str) -> None:
     filtered and compared on any field; under one key, because the module's own
     hyperparameters are logged at the top level and ``model`` would collide) and as the
     file ``lightning_config.yaml`` among the run's files, which ``--config`` accepts as
-    it is. (SaveConfigCallback's own ``config.yaml`` goes to ``trainer.log_dir``, which
-    with a WandbLogger alone is its ``save_dir``, shared by every run.) Call on rank zero
-    only (a logger's experiment exists only there)."""
+    it is. (``config.yaml`` goes to the run's directory: :class:`LoggerSaveConfigCallback`.)
+    Call on rank zero only (a logger's experiment exists only there)."""
     import yaml
     from lightning.pytorch.loggers import WandbLogger
 
@@ -429,10 +429,63 @@ def log_resolved_config(trainer: L.Trainer, config_yaml: str) -> None:
                 (Path(run_dir) / WANDB_CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
 
 
+def run_dir(trainer: L.Trainer) -> str:
+    """The directory of this run, where ModelCheckpoint puts ``checkpoints/``: the first
+    logger's ``save_dir/name/version`` (a CSV or TensorBoard logger's ``log_dir``; with a
+    WandbLogger ``runs/<project>/<run id>``, not its ``save_dir``, which every run shares),
+    or ``default_root_dir`` without a logger. A broadcast: every rank must call it."""
+    if trainer.loggers:
+        lg = trainer.loggers[0]
+        version = lg.version if isinstance(lg.version, str) else f"version_{lg.version}"
+        path = os.path.join(lg.save_dir or trainer.default_root_dir, str(lg.name), version)
+    else:
+        path = trainer.default_root_dir
+    return trainer.strategy.broadcast(path)
+
+
+def previous_run_files(path: str | Path) -> list[str]:
+    """What a run directory already holds of another run: its ``config.yaml`` and its
+    checkpoints (file names relative to ``path``)."""
+    path = Path(path)
+    found = ["config.yaml"] if (path / "config.yaml").is_file() else []
+    ckpts = path / "checkpoints"
+    if ckpts.is_dir():
+        found += sorted(str(f.relative_to(path)) for f in ckpts.iterdir())
+    return found
+
+
 class LoggerSaveConfigCallback(SaveConfigCallback):
-    """LightningCLI's :class:`SaveConfigCallback` (``config.yaml`` in the log directory)
-    that also logs the resolved config to W&B (:func:`log_resolved_config`). Pass it as
-    ``LightningCLI(save_config_callback=LoggerSaveConfigCallback)``."""
+    """LightningCLI's :class:`SaveConfigCallback`, with three changes:
+
+    * ``config.yaml`` goes to the run's directory (:func:`run_dir`, beside
+      ``checkpoints/``). Lightning's goes to ``trainer.log_dir``, which with a
+      WandbLogger is its ``save_dir``: every run replaced the one before's.
+    * A directory that holds another run (a reused ``--trainer.logger.init_args.version``
+      or ``id``) is refused unless the fit resumes from a checkpoint (``--ckpt_path``):
+      writing there replaced that run's ``config.yaml`` and ``last.ckpt`` without a word.
+    * The resolved config also goes to W&B (:func:`log_resolved_config`).
+
+    Pass it as ``LightningCLI(save_config_callback=LoggerSaveConfigCallback)``."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        path = run_dir(trainer)
+        resuming = stage == "fit" and bool(self.config.get("ckpt_path"))
+        taken = previous_run_files(path) if trainer.is_global_zero and not resuming else []
+        if trainer.strategy.broadcast(taken):
+            raise ConfigError(
+                f"{path} holds another run ({', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}); "
+                "writing there would replace it. Pick a new --trainer.logger.init_args.version (or let the "
+                "logger choose one), remove the directory, or resume that run with --ckpt_path")
+        if trainer.is_global_zero:
+            if self.save_to_log_dir:
+                os.makedirs(path, exist_ok=True)
+                self.parser.save(self.config, os.path.join(path, self.config_filename), skip_none=False,
+                                 overwrite=True, multifile=self.multifile)
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         log_resolved_config(trainer, self.parser.dump(self.config, skip_none=False))

@@ -135,8 +135,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> UnlearnCLI:
         UnlearnModule,
         PairDataModule,
         auto_configure_optimizers=False,
+        # config.yaml beside the run's checkpoints; a directory of another run is refused
         save_config_callback=LoggerSaveConfigCallback,
-        save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
         args=args,
         run=run,

@@ -189,6 +189,31 @@ def test_train_py_reports_a_bad_pair_row_in_one_line(tiny_model_dir, tmp_path, c
         f"cfg-unlearn: error: {bad}:2: field 'chosen': expected a string or message list, got int")
 
 
+def test_a_run_directory_of_another_run_is_refused_unless_resuming(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A fit into a version directory that holds a run (`--trainer.logger.init_args.version
+    0` given twice) replaced its config.yaml and last.ckpt without a word; it is one
+    error now, and the old run is untouched. Resuming that run into its own directory
+    (`--ckpt_path`) is allowed."""
+    monkeypatch.chdir(ROOT)
+    args = ["fit", "--config", "configs/tiny.yaml", f"--model.model=tiny:{tiny_model_dir}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.version=0",
+            "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0", "--eval=null",
+            "--data.world.n_people=2"]
+    train_main([*args, "--trainer.max_steps=1"])
+    run_dir = tmp_path / "tiny" / "version_0"
+    config, last = run_dir / "config.yaml", run_dir / "checkpoints" / "last.ckpt"
+    before = (config.read_bytes(), last.read_bytes())
+    with pytest.raises(SystemExit) as e:
+        train_main([*args, "--trainer.max_steps=1", "--model.beta=0.5"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.startswith(f"train.py: error: {run_dir} holds another run (config.yaml, "
+                                                "checkpoints/last.ckpt)"), err
+    assert (config.read_bytes(), last.read_bytes()) == before  # nothing of the old run replaced
+
+    train_main([*args, "--trainer.max_steps=2", f"--ckpt_path={last}"])  # resuming it: allowed
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+
+
 def test_tiny_fit_then_validate_end_to_end(tiny_model_dir, tmp_path):
     """`python train.py fit --config configs/tiny.yaml` (shortened to 2 epochs) raises the
     reward margin, and `validate --ckpt_path` scores the checkpoint it wrote. The

@@ -103,8 +103,9 @@ def read_offline_run(run_dir: Path) -> dict:
 
 
 def test_save_config_callback_sends_the_resolved_config_to_wandb(tmp_path, monkeypatch):
-    """LoggerSaveConfigCallback: config.yaml in the log dir as before, and the same config
-    in the W&B run (run config `config`, file lightning_config.yaml)."""
+    """LoggerSaveConfigCallback: config.yaml in the run's own directory (beside its
+    checkpoints; it was the save_dir every W&B run shares), and the same config in the
+    W&B run (run config `config`, file lightning_config.yaml)."""
     import wandb
     import yaml
 
@@ -117,11 +118,14 @@ def test_save_config_callback_sends_the_resolved_config_to_wandb(tmp_path, monke
                     f"--trainer.logger.init_args.save_dir={tmp_path}", "--model.beta=0.25"], run=False)
     callback = LoggerSaveConfigCallback(cli.parser, cli.config, overwrite=True)
     try:
+        _ = cli.trainer.logger.experiment  # Lightning's setup hook starts the run before any callback's setup
         callback.setup(cli.trainer, cli.model, "fit")
         run_dir = Path(cli.trainer.logger.experiment.dir).parent
+        run_id = cli.trainer.logger.version
     finally:
         wandb.finish()
-    dumped = yaml.safe_load((tmp_path / "config.yaml").read_text())  # SaveConfigCallback's own file
+    assert not (tmp_path / "config.yaml").exists()
+    dumped = yaml.safe_load((tmp_path / "cfg-unlearn" / run_id / "config.yaml").read_text())
     assert dumped["model"]["beta"] == 0.25
     run = read_offline_run(run_dir)
     assert run["config"]["config"] == dumped
@@ -133,7 +137,8 @@ def test_save_config_callback_sends_the_resolved_config_to_wandb(tmp_path, monke
 def test_a_disabled_wandb_run_does_not_stop_training(tmp_path, tiny_model_dir):
     """WANDB_MODE=disabled with the W&B preset: the run has no directory, so
     lightning_config.yaml is skipped (writing it crashed setup); the fit goes on and
-    config.yaml is still saved locally. A subprocess: W&B reads its mode once per process."""
+    config.yaml is still saved locally, beside the checkpoints. A subprocess: W&B reads
+    its mode once per process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update({**offline_env(tmp_path), "WANDB_MODE": "disabled"})
     run = subprocess.run(
@@ -143,7 +148,8 @@ def test_a_disabled_wandb_run_does_not_stop_training(tmp_path, tiny_model_dir):
          "--eval=null", f"--data.world.n_people={N_PEOPLE}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert (tmp_path / "config.yaml").is_file()
+    (config,) = tmp_path.glob("cfg-unlearn/*/config.yaml")
+    assert (config.parent / "checkpoints" / "last.ckpt").is_file()
     assert not (tmp_path / "wandb").exists()  # nothing of W&B was written
 
 # ------------------------------------------------------------------ end to end through train.py
@@ -231,4 +237,6 @@ def test_offline_run_has_the_resolved_config(offline_run):
     assert config["trainer"]["max_steps"] == 4 and config["eval"]["init_args"]["scales"] == list(SCALES)
     assert config["data"]["world"]["n_people"] == N_PEOPLE
     assert config["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.WandbLogger"
-    assert (run_dir / "files" / WANDB_CONFIG_FILE).read_text() == (save / "config.yaml").read_text()
+    (local,) = save.glob("cfg-unlearn/*/config.yaml")  # the run's own, beside its checkpoints
+    assert (local.parent / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "files" / WANDB_CONFIG_FILE).read_text() == local.read_text()
