@@ -3,6 +3,8 @@ variants, group splits, left truncation, file input and workers."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -286,6 +288,28 @@ def test_prompts_lose_their_oldest_turns_but_keep_the_instruction(tiny_name, tok
     assert total_cut == dm.stats["prompt_tokens_cut"]
     assert lost_instruction == dm.stats["instruction_cut"]
     assert n_cut > lost_instruction  # the case this is about happens
+
+
+def test_a_trimming_template_keeps_the_instruction_of_a_cut_prompt(tok, tmp_path):
+    """Llama 3's template trims every message (`| trim`). The head was found by looking
+    for the first message's text in the rendered prompt; with outer whitespace it was not
+    found, the head was taken as empty, and the cut prompt lost its instruction with no
+    count or warning (the conditioned sample trained as an unconditioned one)."""
+    import copy
+
+    trimming = copy.deepcopy(tok)
+    trimming.chat_template = tok.chat_template.replace("message['content']", "(message['content'] | trim)")
+    trimming.save_pretrained(tmp_path / "tok")
+    long = "Tell me about this please. " * 12  # the trailing space is trimmed away
+    rows = [{"id": f"r{i}", "prompt": [{"role": "user", "content": long + ("\n" if i else "")}],
+             "chosen": "No.", "rejected": "Yes."} for i in range(2)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = make_dm(str(tmp_path / "tok"), train_file=str(tmp_path / "pairs.jsonl"), max_length=48, val_fraction=0.0)
+    instruction = _ids(tok, SAFETY_INSTRUCTION)
+    assert dm.stats["truncated_prompts"] == 8 and dm.stats["instruction_cut"] == 0
+    for it in dm.train_dataset.items:
+        for ids in it["cond"]["input_ids"]:
+            assert len(ids) == 48 and _contains(ids, instruction), it["id"]
 
 
 def _contains(seq: list[int], sub: list[int]) -> bool:

@@ -96,25 +96,33 @@ def encode_sequence(
     return ids, labels, nll, cut
 
 
-def instruction_head(text: str, offsets: list[tuple[int, int]] | None, system: str | None,
-                     messages: Sequence[dict[str, str]]) -> int:
-    """How many leading tokens of the rendered prompt ``text`` come before its first
-    conversation message: the BOS, the system instruction and the template's framing
-    (``offsets``: the tokenizer's character span per token; None: unknown, 0)."""
-    if offsets is None or not messages:
-        return 0
-    start = text.find(system) + len(system) if system and system in text else 0
-    first = text.find(messages[0]["content"], start)
-    if first < 0:
-        return 0
-    return sum(1 for _, end in offsets if end <= first)
+#: stands in for the first message when the template is rendered to measure its head:
+#: plain letters, which no template trims, escapes or re-cases
+HEAD_SENTINEL = "cfgunlearnfirstmessage"
 
 
-def _offsets(tok, text: str) -> list[tuple[int, int]] | None:
+def instruction_head(tok, prompt_ids: list[int], text: str, system: str | None,
+                     messages: Sequence[dict[str, str]]) -> int | None:
+    """How many leading tokens of the rendered prompt ``text`` (``prompt_ids``) come
+    before its first conversation message: the BOS, the system instruction and the
+    template's framing. Measured by rendering the template with a sentinel as the first
+    message, not by finding that message in ``text``: templates rewrite it (Llama 3's
+    ``| trim`` drops its outer whitespace, so it was not found and the head was taken to
+    be empty). None when it cannot be told (the template renders no common head)."""
+    if not messages:
+        return 0
     try:
-        return tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    except (NotImplementedError, ValueError, TypeError):  # slow tokenizers have no offsets
+        probe = render_prompt(tok, [{**messages[0], "content": HEAD_SENTINEL}], system)
+    except Exception:  # noqa: BLE001 - a template that refuses a lone first message: unknown
         return None
+    at = probe.find(HEAD_SENTINEL)
+    if at < 0 or not text.startswith(probe[:at]):
+        return None
+    head_ids = tok(probe[:at], add_special_tokens=False)["input_ids"]
+    n = 0  # the tokens the prompt shares with its head (a merge across the boundary can differ)
+    while n < min(len(head_ids), len(prompt_ids)) and head_ids[n] == prompt_ids[n]:
+        n += 1
+    return n
 
 
 class PairDataset(Dataset):
@@ -302,17 +310,19 @@ class PairDataModule(L.LightningDataModule):
                 prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
                 head = 0
                 if len(prompt_ids) + max(map(len, answers)) > self.max_length:
-                    head = instruction_head(text, _offsets(tok, text), system, rec.prompt)
+                    head = instruction_head(tok, prompt_ids, text, system, rec.prompt)
                 seqs = [
                     encode_sequence(prompt_ids, a, max_length=self.max_length, bos_id=tok.bos_token_id,
-                                    nll_on_prompt=nll_on_prompt, keep_head=head)
+                                    nll_on_prompt=nll_on_prompt, keep_head=head or 0)
                     for a in answers
                 ]
                 for s in seqs:
                     if s[3]:
                         stats.truncated_prompts += 1
                         stats.prompt_tokens_cut += s[3]
-                        stats.instruction_cut += v == "cond" and head > 0 and s[0][:head] != prompt_ids[:head]
+                        # an unknown head is cut from the left, the instruction with it
+                        lost = head is None or (head > 0 and s[0][:head] != prompt_ids[:head])
+                        stats.instruction_cut += v == "cond" and bool(system) and lost
                 item[v] = {
                     "input_ids": [s[0] for s in seqs],
                     "labels": [s[1] for s in seqs],
