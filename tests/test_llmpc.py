@@ -107,6 +107,32 @@ def test_bad_challenge_files_name_file_line_and_field(tmp_path):
                                                           {"role": "assistant", "content": "c"}]
 
 
+def test_text_the_pair_reader_refuses_is_refused_before_generation(tmp_path):
+    """A lone surrogate escape in a conversation or a PII value was a traceback from the
+    tokenizer, or (in an assistant turn) from the output write after every replacement
+    had been decoded; an empty turn or one over max_chars gave a pair file `fit` refused.
+    All are `file:line: field` errors now, at read time."""
+    with pytest.raises(PairFormatError, match=r"x-scrubbed-data.jsonl:1: field 'messages': contains an unpaired "
+                                              r"surrogate"):
+        read_challenge(*_write(tmp_path, [{"idx": 0, "messages": "user: hi \ud800?\nassistant: It is [NAME-1]."}],
+                               [{"NAME-1": "Ann Lee"}]))
+    with pytest.raises(PairFormatError, match=r"x-pii.jsonl:1: field 'NAME-1': contains an unpaired surrogate"):
+        read_challenge(*_write(tmp_path, [{"idx": 0, "messages": "user: hi\nassistant: It is [NAME-1]."}],
+                               [{"NAME-1": "Ann \ud83d"}]))
+    empty = read_challenge(*_write(tmp_path, [{"idx": 0, "messages": "user: \nassistant: It is [NAME-1]."}],
+                                   [{"NAME-1": "Ann Lee"}]))
+    with pytest.raises(PairFormatError, match=r"x-scrubbed-data.jsonl:1: field 'messages \(turn 0\)': empty message"):
+        forget_records(empty)
+    long = read_challenge(*_write(tmp_path, [{"idx": 0, "messages": "user: " + "a" * 40_000 + "\nassistant: [NAME-1]."}],
+                                  [{"NAME-1": "Ann Lee"}]))
+    with pytest.raises(PairFormatError, match=r"field 'messages \(turn 0\)': 40,000 characters exceeds max_chars"):
+        forget_records(long)
+    # turns no record carries are not the pair reader's business
+    after = read_challenge(*_write(tmp_path, [{"idx": 0, "messages": "user: hi\nassistant: [NAME-1].\nuser: "}],
+                                   [{"NAME-1": "Ann Lee"}]))
+    assert [r.id for r in forget_records(after)] == ["llmpc-0-t1"]
+
+
 def test_conversations_without_a_forget_record_are_counted(tmp_path, caplog):
     """A conversation whose placeholders sit only in user turns, or that has none, gives no
     pair: not an error (the challenge has such rows), but counted, never dropped silently."""

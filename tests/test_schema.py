@@ -221,6 +221,7 @@ BAD_ROWS = {
     "empty_id": (_row(id=" "), "id"),
     "pii_not_a_list": (_row(pii={}), "pii"),
     "lone_surrogate": (_row(chosen="ok \ud800"), "chosen"),
+    "lone_surrogate_string_prompt": (_row(prompt="Where does \ud800 live?"), "prompt"),  # was a tokenizer traceback
     "missing_chosen": (_row(chosen=_DROP), "chosen"),
     "missing_rejected": (_row(rejected=_DROP), "rejected"),
     "missing_prompt": (_row(prompt=_DROP), "prompt"),

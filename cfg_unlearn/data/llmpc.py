@@ -29,10 +29,12 @@ import re
 from dataclasses import dataclass
 
 from cfg_unlearn.data.schema import (
+    DEFAULT_MAX_CHARS,
     EvalRecord,
     ForgetRecord,
     PairFormatError,
     PIIItem,
+    check_unicode,
     iter_jsonl,
     note_first_line,
     warn_orphan_turns,
@@ -108,6 +110,7 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
             raise PairFormatError(src, n, None, f"expected a JSON object, got {type(obj).__name__}")
         if not isinstance(obj.get("messages"), str) or not obj["messages"].strip():
             raise PairFormatError(src, n, "messages", "expected the conversation as a non-empty string")
+        check_unicode(obj["messages"], src, n, "messages")
         idx = obj.get("idx", n - 1)
         if not isinstance(idx, int) or isinstance(idx, bool):
             raise PairFormatError(src, n, "idx", f"expected an integer, got {type(idx).__name__}")
@@ -119,6 +122,7 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
                 raise PairFormatError(str(pii_path), m, key, "expected a placeholder key like 'NAME-1'")
             if not isinstance(value, str) or not value.strip():
                 raise PairFormatError(str(pii_path), m, key, "expected a non-empty string value")
+            check_unicode(value, str(pii_path), m, key)
         # a placeholder without a value would stay literal text in the "leaky" answer: the
         # usual sign of two files out of step
         missing = [k for k in dict.fromkeys(_PLACEHOLDER.findall(obj["messages"])) if k not in pmap]
@@ -184,6 +188,16 @@ def parse_messages(text: str, source: str = "") -> list[dict[str, str]]:
     return msgs
 
 
+def _check_turn(content: str, source: str, turn: int) -> None:
+    """A turn as the pair reader will take it (``fit`` refuses an empty message or one
+    over ``max_chars``): refused here, before any replacement is generated."""
+    if not content.strip():
+        raise PairFormatError(source, None, f"messages (turn {turn})", "empty message")
+    if len(content) > DEFAULT_MAX_CHARS:
+        raise PairFormatError(source, None, f"messages (turn {turn})",
+                              f"{len(content):,} characters exceeds max_chars={DEFAULT_MAX_CHARS:,}")
+
+
 def forget_records(rows: list[ChallengeRow]) -> list[ForgetRecord]:
     """One forget record per assistant turn that holds a placeholder: the conversation
     before it (filled with the true values) as the prompt, the filled turn as the leaky
@@ -194,7 +208,7 @@ def forget_records(rows: list[ChallengeRow]) -> list[ForgetRecord]:
     for row in rows:
         scrubbed = parse_messages(row.text, row.source)
         history: list[dict[str, str]] = []
-        n_before = len(out)
+        n_before, checked = len(out), 0
         for t, msg in enumerate(scrubbed):
             filled = {"role": msg["role"], "content": fill(msg["content"], row.pii)}
             keys = [k for k in row.pii if f"[{k}]" in msg["content"]]
@@ -202,6 +216,9 @@ def forget_records(rows: list[ChallengeRow]) -> list[ForgetRecord]:
                 if not (history and history[-1]["role"] == "user"):
                     orphans.append(f"{row.source} (turn {t})")
                 else:
+                    for k in range(checked, t + 1):  # the turns this record carries, each once
+                        _check_turn(history[k]["content"] if k < t else filled["content"], row.source, k)
+                    checked = t + 1
                     system = next((m["content"] for m in history if m["role"] == "system"), None)
                     out.append(
                         ForgetRecord(

@@ -191,10 +191,15 @@ def _text(
         raise PairFormatError(
             src, line, name, f"{len(val):,} characters exceeds max_chars={max_chars:,} (raise it if this is intended)"
         )
+    return check_unicode(val, src, line, name)
+
+
+def check_unicode(val: str, src: str, line: int | None, name: str) -> str:
+    """``val``, refused when it holds a lone surrogate: a JSON escape like ``"\\ud800"``
+    decodes to one, and no tokenizer or UTF-8 writer accepts it."""
     try:
         val.encode("utf-8")
     except UnicodeEncodeError:
-        # a JSON escape like "\ud800" decodes to a lone surrogate that no UTF-8 writer accepts
         raise PairFormatError(src, line, name, "contains an unpaired surrogate escape (invalid Unicode)") from None
     return val
 
@@ -255,6 +260,7 @@ def _prompt_field(obj: dict, src: str, line: int | None, max_chars: int) -> list
             )
         if not prompt_raw.strip():
             raise PairFormatError(src, line, "prompt", "empty prompt")
+        check_unicode(prompt_raw, src, line, "prompt")
         prompt_msgs = [{"role": "user", "content": prompt_raw}]
     elif isinstance(prompt_raw, list):
         prompt_msgs = _messages(prompt_raw, src, line, "prompt", max_chars)
