@@ -63,6 +63,19 @@ def nfkc(text: str) -> str:
     return unicodedata.normalize("NFKC", text)
 
 
+def fold_marks(text: str) -> str:
+    """``text`` with the accents of its letters dropped, one character for one ("José
+    Núñez" -> "Jose Nunez"; a letter with no plain base, such as "ß" or "Ł", stays), so
+    an offset into the result is an offset into ``text``. Models often write accented
+    names and places in plain letters; redaction looks in both forms."""
+    out = []
+    for c in text:
+        base = c if c.isascii() else "".join(
+            ch for ch in unicodedata.normalize("NFKD", c) if not unicodedata.combining(ch))
+        out.append(base if len(base) == 1 else c)
+    return "".join(out)
+
+
 def normalize_text(text: str) -> str:
     """Casefold and collapse every whitespace run to one space."""
     return " ".join(text.casefold().split())
@@ -471,6 +484,12 @@ def redact(
     # (span, is_known): all matches, overlaps included, so nothing of a value survives
     spans = [(s, True) for s in _value_spans(text, items) + _glued_word_spans(text, items)
              + _digit_piece_spans(text, given)]
+    # the same with accents dropped on both sides ("Jose Nunez" for "José Núñez", and the
+    # other way round); fold_marks keeps offsets, so its spans are spans of text
+    plain_text = fold_marks(text)
+    plain = redaction_items([PIIItem(k.type, fold_marks(nfkc(k.value))) for k in given])
+    if plain_text != text or plain != items:
+        spans += [(s, True) for s in _value_spans(plain_text, plain) + _glued_word_spans(plain_text, plain)]
     if detect:
         spans += [(s, False) for s in _detect_all(text) + (ner(text) if ner is not None else [])]
     if not spans:

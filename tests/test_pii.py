@@ -546,6 +546,26 @@ def test_decomposed_accents_and_fullwidth_digits_match_and_redact():
     assert contains_value("SSN １２３-４５-６７８９", SSN, "SSN")
 
 
+def test_redaction_finds_values_written_without_their_accents():
+    """A model writing "Jose Nunez" for the known "José Núñez" (or an address, a company
+    without its accents) put the value unredacted into sample tables; NFKC keeps accents.
+    Offsets stay exact: the rest of the text is untouched, accents included."""
+    known = [PIIItem("NAME", "José Núñez"), PIIItem("LOC", "12 Rue de l'Église, Besançon"),
+             PIIItem("ORG", "Müller-Lüdenscheidt GmbH")]
+    cases = {
+        "Ask Jose Nunez.": "Ask [NAME].",
+        "JOSE NUNEZ, café": "[NAME], café",
+        "at 12 Rue de l'Eglise, Besancon!": "at [LOC]!",
+        "Muller-Ludenscheidt GmbH": "[ORG]",
+        "Señor Nunez works there": "Señor [NAME] works there",  # a name word alone, as before
+        "JoséNunez": "[NAME]",  # glued, one side accented
+    }
+    for text, want in cases.items():
+        assert redact(text, known, detect=False) == want, text
+    assert redact("Zoë Ng met Zoe", [PIIItem("NAME", "Zoe Ng")], detect=False) == "[NAME] met [NAME]"
+    assert pii.fold_marks("Łódź ß ﬁ Ñ") == "Łodz ß ﬁ N"  # one character for one
+
+
 def test_value_index_folds_case_like_the_patterns():
     """"İ".lower() is two characters; the index key must not be stricter than the
     pattern's case-insensitive match."""
