@@ -209,7 +209,10 @@ def _generate(argv: list[str]) -> None:
     p.add_argument("--reminder", default=None, help="text appended to the last user turn")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale for the writer (1 = off)")
     p.add_argument("--space", choices=("logprob", "prob"), default="logprob")
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--max-new-tokens", type=int, default=96,
+                   help="tokens per candidate at most; a candidate cut off before its end is rejected (truncated)")
+    p.add_argument("--accept-truncated", action="store_true",
+                   help="keep candidates cut off at --max-new-tokens (counted) instead of rejecting them")
     p.add_argument("--max-attempts", type=int, default=4, help="rounds per record: greedy, then sampling")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
@@ -264,12 +267,16 @@ def _generate(argv: list[str]) -> None:
     if not records:
         p.exit(2, "cfg-unlearn generate: the forget data holds no leaky assistant turn\n")
     model = load_causal_lm(a.model, dtype=a.dtype).to(a.device)
-    pairs, summary = generate_pairs(
-        model, tok, records, system=a.system, reminder=a.reminder, guidance_scale=a.guidance_scale, space=a.space,
-        max_new_tokens=a.max_new_tokens, max_attempts=a.max_attempts, temperature=a.temperature, top_p=a.top_p,
-        fallback=a.fallback, redact_fallback=a.redact_fallback, partial_min_chars=a.partial_min_chars,
-        other_values=not a.own_values_only, seed=a.seed, batch_size=a.batch_size,
-    )
+    try:
+        pairs, summary = generate_pairs(
+            model, tok, records, system=a.system, reminder=a.reminder, guidance_scale=a.guidance_scale,
+            space=a.space, max_new_tokens=a.max_new_tokens, max_attempts=a.max_attempts, temperature=a.temperature,
+            top_p=a.top_p, fallback=a.fallback, redact_fallback=a.redact_fallback,
+            partial_min_chars=a.partial_min_chars, other_values=not a.own_values_only,
+            accept_truncated=a.accept_truncated, seed=a.seed, batch_size=a.batch_size,
+        )
+    except PairFormatError as e:  # a record too long for the writer's context, found before decoding
+        p.exit(2, f"cfg-unlearn generate: {e}\n")
     write_pairs(a.out, pairs)
     print(summary.line())
     print(json.dumps(summary.to_dict()))

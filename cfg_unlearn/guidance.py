@@ -417,7 +417,8 @@ def generate(
     batch_size: int = 16,
     sync_ranks: bool = False,
     progress: bool = False,
-) -> list[str]:
+    return_finished: bool = False,
+) -> list[str] | tuple[list[str], list[bool]]:
     """Decode an answer for each prompt with classifier-free guidance.
 
     Args:
@@ -442,9 +443,12 @@ def generate(
         sync_ranks: under DDP/FSDP, run the same number of steps on every rank; every
             rank must then call with the same number of prompts.
         progress: show a progress bar over batches.
+        return_finished: also return, per answer, whether it ended with an EOS token
+            (False: ``max_new_tokens`` cut it off, possibly mid-word).
 
     Returns:
-        The decoded answers (special tokens removed, cut at EOS).
+        The decoded answers (special tokens removed, cut at EOS); with
+        ``return_finished``, ``(answers, finished)``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -482,6 +486,7 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: -len(cond[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     answers: list[str | None] = [None] * len(prompts)
+    finished = [False] * len(prompts)
     was_training = model.training
     model.eval()
     try:
@@ -499,13 +504,16 @@ def generate(
                 top_p=top_p, generator=generator, sync_ranks=sync_ranks,
             )
             for row, i in zip(new.tolist(), idx):
-                answers[i] = tokenizer.decode(_cut_at_eos(row, eos), skip_special_tokens=True)
+                kept = _cut_at_eos(row, eos)
+                finished[i] = len(kept) < len(row)
+                answers[i] = tokenizer.decode(kept, skip_special_tokens=True)
     finally:
         model.train(was_training)
-    return answers  # type: ignore[return-value]
+    return (answers, finished) if return_finished else answers  # type: ignore[return-value]
 
 
 def _cut_at_eos(tokens: list[int], eos: Sequence[int]) -> list[int]:
+    """``tokens`` up to their first EOS (all of them when there is none)."""
     for j, t in enumerate(tokens):
         if t in eos:
             return tokens[:j]

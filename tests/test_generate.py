@@ -27,6 +27,12 @@ def tiny(tiny_model_dir):
     return load_causal_lm(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
 
 
+def _ended(answers: list[str], kw: dict):
+    """A fake of guidance.generate answers like the engine: with ``return_finished``,
+    each answer marked as ended by its EOS."""
+    return (answers, [True] * len(answers)) if kw.get("return_finished") else answers
+
+
 def _forget_file(tmp_path, world):
     path = tmp_path / "forget.jsonl"
     with open(path, "w") as fh:
@@ -102,12 +108,14 @@ def test_partial_leaks_are_resampled_and_counted(tiny):
         records.append(ForgetRecord(f"r{i}", p, "leak", (PIIItem("ORG", value),)))
     forced = sum(not r.pii[0].value.startswith("Qzxwv") for r in records)
     assert forced >= 4
-    pairs, summary = generate_pairs(model, tok, records, max_new_tokens=12, max_attempts=2, progress=False)
+    # the untrained model never writes its EOS within 12 tokens: keep cut-off candidates
+    pairs, summary = generate_pairs(model, tok, records, max_new_tokens=12, max_attempts=2, progress=False,
+                                    accept_truncated=True)
     assert summary.rejected.get("partial_pii", 0) >= forced and summary.accepted_first <= 8 - forced
     for pair, rec in zip(pairs, records):
         assert not contains_fragment(pair.chosen, rec.pii[0].value, "ORG", shown=prompt_text(rec.prompt))
     _, off = generate_pairs(model, tok, records, max_new_tokens=12, max_attempts=1, progress=False,
-                            partial_min_chars=0)
+                            partial_min_chars=0, accept_truncated=True)
     assert "partial_pii" not in off.rejected and off.accepted_first >= forced
     with pytest.raises(ValueError, match="partial_min_chars must be >= 0"):
         generate_pairs(model, tok, records, partial_min_chars=-1)
@@ -129,7 +137,8 @@ def test_leaky_candidates_are_resampled_then_replaced(tiny):
         records.append(ForgetRecord(r.id, r.prompt, "leak", (PIIItem("NAME", words[0]),) if words else r.pii))
     forced = sum(1 for r in records if r.pii[0].value != "placeholder")
     assert forced >= 5
-    pairs, summary = generate_pairs(model, tok, records, max_new_tokens=12, max_attempts=3, progress=False)
+    pairs, summary = generate_pairs(model, tok, records, max_new_tokens=12, max_attempts=3, progress=False,
+                                    accept_truncated=True)
     assert summary.records == 10 == summary.accepted_first + summary.accepted_resampled + summary.fallback
     assert summary.accepted_first <= 10 - forced
     assert sum(summary.rejected.values()) >= forced and summary.rounds >= 2
@@ -138,10 +147,10 @@ def test_leaky_candidates_are_resampled_then_replaced(tiny):
         assert pair.rejected == "leak" and pair.pii == rec.pii
     assert sum(p.chosen == DEFAULT_FALLBACK for p in pairs) == summary.fallback
     # the same seed gives the same pairs
-    again, _ = generate_pairs(model, tok, records, max_new_tokens=12, max_attempts=3, progress=False)
+    again, _ = generate_pairs(model, tok, records, max_new_tokens=12, max_attempts=3, progress=False, accept_truncated=True)
     assert [p.chosen for p in again] == [p.chosen for p in pairs]
     # one round and an always-leaking candidate: everything forced falls back
-    _, one = generate_pairs(model, tok, records, max_new_tokens=12, max_attempts=1, progress=False)
+    _, one = generate_pairs(model, tok, records, max_new_tokens=12, max_attempts=1, progress=False, accept_truncated=True)
     assert one.fallback >= forced and one.rounds == 1
 
 
@@ -187,8 +196,8 @@ def test_another_records_value_is_a_leak_unless_the_prompt_shows_it(tiny, monkey
         ForgetRecord("cy", ask("Was Cy Fox born on May 1, 1990?"), "Cy Fox lives at 1 Main St.", (ann_loc,)),
     ]
     memorised = "Someone was born on May 1, 1990."
-    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, do_sample=False, **kw: (
-        ["I can't share that."] if do_sample else [memorised]) * len(prompts))
+    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, do_sample=False, **kw: _ended(
+        (["I can't share that."] if do_sample else [memorised]) * len(prompts), kw))
     pairs, summary = generate_pairs(model, tok, records, max_attempts=2, progress=False)
     assert [p.chosen for p in pairs] == ["I can't share that.", "I can't share that.", memorised]
     assert summary.rejected == {"other_pii": 1, "known_pii": 1}
@@ -222,8 +231,8 @@ def test_redacted_fallback_is_used_only_when_it_passes_the_checks(tiny, monkeypa
                      "Ann Lee lives at 12 Oak Street, Springfield, by the Springfield mill.", (loc,)),
         ForgetRecord("c", ask("How do I call Bo Ng?"), "Bo Ng has an unlisted number.", (phone,)),
     ]
-    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: ["It is (555) 010-2345 at 12 Oak Street, "
-                                                                          "Springfield."] * len(prompts))
+    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: _ended(["It is (555) 010-2345 at 12 Oak Street, "
+                                                                          "Springfield."] * len(prompts), kw))
     pairs, summary = generate_pairs(model, tok, records, max_attempts=2, redact_fallback=True, progress=False)
     assert [p.chosen for p in pairs] == ["You can call Ann Lee at a private number.", DEFAULT_FALLBACK,
                                          DEFAULT_FALLBACK]
@@ -288,7 +297,7 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeyp
     # record falls back, to its leaky answer redacted
     import cfg_unlearn.guidance as guidance
 
-    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: ["Mail x@y.co"] * len(prompts))
+    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: _ended(["Mail x@y.co"] * len(prompts), kw))
     console_main(["generate", "--challenge", str(scrubbed), str(pii), "--model", f"tiny:{tiny_model_dir}",
                   "--out", str(out), "--max-new-tokens", "8", "--device", "cpu", "--max-attempts", "1",
                   "--redact-fallback", "--overwrite"])
@@ -302,7 +311,7 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeyp
     # --own-values-only: a writer that answers everything with person 0's employer is
     # caught on the other person's records too, unless the check is limited to the row
     employer = world.people[0].employer
-    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: [f"At {employer}."] * len(prompts))
+    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: _ended([f"At {employer}."] * len(prompts), kw))
     runs = {}
     for flag in ([], ["--own-values-only"]):
         console_main(["generate", "--challenge", str(scrubbed), str(pii), "--model", f"tiny:{tiny_model_dir}",
@@ -330,7 +339,7 @@ def test_a_value_only_an_earlier_assistant_turn_shows_is_forbidden(tiny, monkeyp
     assert forbidden_values(rec) == (loc, org)
     assert leak_reason("Ann Lee works at Tran-Reed.", forbidden_values(rec), shown=user_text(prompt)) == "known_pii"
     assert leak_reason("Ann Lee's home is private.", forbidden_values(rec), shown=user_text(prompt)) is None
-    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: ["Ann Lee works at Tran-Reed."] * len(prompts))
+    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: _ended(["Ann Lee works at Tran-Reed."] * len(prompts), kw))
     pairs, summary = generate_pairs(model, tok, [rec], max_attempts=2, redact_fallback=True, progress=False)
     assert summary.rejected == {"known_pii": 2} and summary.redacted == 1
     assert pairs[0].chosen == "Ann Lee lives at a private address, near a private employer."
@@ -348,7 +357,7 @@ def test_the_name_the_user_asked_about_may_be_repeated(tiny, monkeypatch):
                        "Megan Chang works at Acme Corp.", (name, org), known=(name, org))
     assert forbidden_values(rec) == (org,)
     writes = ["I won't share where Megan Chang works.", "Megan Chang works at Acme Corp."]
-    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: [writes.pop(0)] * len(prompts))
+    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: _ended([writes.pop(0)] * len(prompts), kw))
     pairs, summary = generate_pairs(model, tok, [rec], max_attempts=1, progress=False)
     assert pairs[0].chosen == "I won't share where Megan Chang works." and summary.accepted_first == 1
     pairs, summary = generate_pairs(model, tok, [rec], max_attempts=1, redact_fallback=True, progress=False)
@@ -367,7 +376,7 @@ def test_the_writer_gets_the_safety_instruction_after_a_conversations_own_system
 
     def fake(m, t, prompts, uncond_prompts=None, **kw):
         seen.update(prompts=prompts, uncond=uncond_prompts)
-        return ["I can't share that."] * len(prompts)
+        return _ended(["I can't share that."] * len(prompts), kw)
 
     monkeypatch.setattr(guidance, "generate", fake)
     ask = ({"role": "user", "content": "Phone of Bo Ng?"},)
@@ -412,3 +421,48 @@ def test_forget_reader_refuses_what_the_pair_reader_refuses_and_counts_what_it_c
         f"2 leaky assistant turn(s) follow no user turn and give no pair (a pair's prompt ends with a user turn): "
         f"{path}:1 (messages[0]), {path}:1 (messages[3])"]
     assert not any("bob@example.com" in r.getMessage() for r in caplog.records)
+
+
+def test_cut_off_candidates_are_rejected_and_counted(tiny, monkeypatch):
+    """A candidate max_new_tokens cut off ("William", "sh") passed as a replacement and was
+    trained with an EOS appended; it is rejected as `truncated` now (resampled, then the
+    fallback), or kept and counted with accept_truncated."""
+    import cfg_unlearn.guidance as guidance
+
+    model, tok = tiny
+    rec = ForgetRecord("r", ({"role": "user", "content": "Phone of Bo Ng?"},), "555-010-2345",
+                       (PIIItem("PHONE", "555-010-2345"),))
+    real = guidance.generate
+    pairs, summary = generate_pairs(model, tok, [rec], max_new_tokens=3, max_attempts=2, progress=False)
+    assert summary.rejected == {"truncated": 2} and pairs[0].chosen == DEFAULT_FALLBACK  # the untrained model
+    ends = iter([[False], [True]])
+    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: (["I can't share"], next(ends)))
+    pairs, summary = generate_pairs(model, tok, [rec], max_attempts=2, progress=False)
+    assert summary.rejected == {"truncated": 1} and summary.accepted_resampled == 1
+    monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: (["I can't share"], [False]))
+    pairs, summary = generate_pairs(model, tok, [rec], max_attempts=2, progress=False, accept_truncated=True)
+    assert pairs[0].chosen == "I can't share" and (summary.accepted_first, summary.accepted_truncated) == (1, 1)
+    assert "1 accepted first, 0 after resampling (1 of them cut off at max_new_tokens)" in summary.line()
+    # the engine's flag: an EOS ended the answer, or max_new_tokens did
+    msgs = [[{"role": "user", "content": "hi"}]] * 2
+    monkeypatch.setattr(guidance, "eos_token_ids", lambda m, t: list(range(len(tok))))  # every token ends it
+    assert real(model, tok, msgs, max_new_tokens=4, return_finished=True) == (["", ""], [True, True])
+    monkeypatch.setattr(guidance, "eos_token_ids", lambda m, t: [])  # none does
+    answers, finished = real(model, tok, msgs, max_new_tokens=4, return_finished=True)
+    assert finished == [False, False] and answers == real(model, tok, msgs, max_new_tokens=4)
+
+
+def test_a_prompt_beyond_the_writers_context_is_refused_before_decoding(tiny, monkeypatch):
+    """A 16k-token conversation was decoded past the tiny model's 1,024 positions into
+    text that passed the checks; it is a located error now, before any decoding."""
+    import cfg_unlearn.guidance as guidance
+
+    model, tok = tiny
+    context = model.config.max_position_embeddings
+    long = ForgetRecord("long", ({"role": "user", "content": "tell me more " * context},), "555-010-2345",
+                        (PIIItem("PHONE", "555-010-2345"),), source="forget.jsonl:7")
+    monkeypatch.setattr(guidance, "generate", lambda *a, **kw: pytest.fail("decoded"))
+    with pytest.raises(PairFormatError, match=rf"forget.jsonl:7: field 'messages': the writer's prompt is [\d,]+ "
+                                              rf"tokens; with max_new_tokens=8 it exceeds the model's context of "
+                                              rf"{context:,} positions"):
+        generate_pairs(model, tok, [long], max_new_tokens=8, progress=False)

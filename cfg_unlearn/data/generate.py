@@ -15,7 +15,9 @@ contains a known value of *any other* record that the user's turns do not show
 (``other_pii``: a writer that memorised the data set answers one person's question with
 another person's employer, as the demo's seed-1 model did 3 times; whole values only,
 found through a :class:`cfg_unlearn.pii.ValueIndex`; ``other_values=False`` checks the
-row's own values only), or trips a PII detector;
+row's own values only), trips a PII detector, or was cut off by ``max_new_tokens``
+before its EOS (``truncated``: trained with an EOS appended, a fragment would teach the
+model to stop mid-sentence; ``accept_truncated`` keeps such candidates and counts them);
 rejected records are decoded again by sampling, up to ``max_attempts`` rounds in all
 (the first is greedy), and then get a fallback: with ``redact_fallback``, the leaky
 answer itself with each forbidden value replaced by a plain phrase for its type
@@ -192,11 +194,14 @@ class GenerateSummary:
     fallback: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     rounds: int = 0
+    #: accepted candidates that ``max_new_tokens`` cut off (``accept_truncated`` only)
+    accepted_truncated: int = 0
 
     def line(self) -> str:
         rej = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items())) or "none"
+        cut = f" ({self.accepted_truncated} of them cut off at max_new_tokens)" if self.accepted_truncated else ""
         return (f"{self.records} records: {self.accepted_first} accepted first, {self.accepted_resampled} after "
-                f"resampling, {self.redacted} redacted, {self.fallback} fallback; rejected candidates: {rej}")
+                f"resampling{cut}, {self.redacted} redacted, {self.fallback} fallback; rejected candidates: {rej}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -221,6 +226,24 @@ def check_generate_settings(*, guidance_scale: float, space: str, max_new_tokens
         raise ValueError(f"partial_min_chars must be >= 0 (0 turns the check off), got {partial_min_chars}")
 
 
+def check_context(model, tokenizer, records: list[ForgetRecord], prompts: list[list[dict[str, str]]],
+                  max_new_tokens: int) -> None:
+    """Refuse, before any decoding, a record whose writer prompt plus ``max_new_tokens``
+    does not fit the model's context (``config.max_position_embeddings``): it was decoded
+    past the positions the model was trained on, into text that passed the checks."""
+    from cfg_unlearn.guidance import encode_prompts
+
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return
+    for rec, ids in zip(records, encode_prompts(tokenizer, prompts)):
+        if len(ids) + max_new_tokens > context:
+            raise PairFormatError(
+                rec.source or f"record {rec.id!r}", None, "messages",
+                f"the writer's prompt is {len(ids):,} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
+                f"model's context of {context:,} positions (shorten the conversation or use a longer-context model)")
+
+
 def generate_pairs(
     model,
     tokenizer,
@@ -238,6 +261,7 @@ def generate_pairs(
     redact_fallback: bool = False,
     partial_min_chars: int = PARTIAL_MIN_CHARS,
     other_values: bool = True,
+    accept_truncated: bool = False,
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
@@ -281,22 +305,24 @@ def generate_pairs(
         instruction = (f"{rec.system}\n\n{system}" if rec.system else system) if conditioned else rec.system
         return ([{"role": "system", "content": instruction}] if instruction else []) + msgs
 
+    check_context(model, tokenizer, records, [prompt(r) for r in records], max_new_tokens)
     for attempt in range(max_attempts):
         if not pending:
             break
         summary.rounds = attempt + 1
         uncond = [prompt(records[i], conditioned=False) for i in pending] if guidance_scale != 1.0 else None
-        answers = generate(
+        answers, finished = generate(
             model, tokenizer, [prompt(records[i]) for i in pending], uncond_prompts=uncond,
             guidance_scale=guidance_scale, space=space,
             max_new_tokens=max_new_tokens, do_sample=attempt > 0, temperature=temperature, top_p=top_p,
-            seed=seed + attempt, batch_size=batch_size, progress=progress,
+            seed=seed + attempt, batch_size=batch_size, progress=progress, return_finished=True,
         )
         still = []
-        for i, text in zip(pending, answers):
-            why = reason(i, text)
+        for i, text, done in zip(pending, answers, finished):
+            why = reason(i, text) or (None if done or accept_truncated else "truncated")
             if why is None:
                 chosen[i] = text.strip()
+                summary.accepted_truncated += not done
                 if attempt == 0:
                     summary.accepted_first += 1
                 else:
