@@ -192,6 +192,8 @@ class GuidanceEval(Callback):
         # the training data's people too: a model answers with values no probe asks for
         data_pii = datamodule.known_pii() if callable(getattr(datamodule, "known_pii", None)) else ()
         self.known = list(dict.fromkeys([*self.known, *data_pii]))
+        #: (probes, questions) before max_probes / max_questions took a subset
+        self.available = (len(self.probes), len(self.questions))
         self.probes = subsample(self.probes, self.max_probes)
         self.questions = subsample(self.questions, self.max_questions)
         if not self.probes and not self.questions:
@@ -214,10 +216,16 @@ class GuidanceEval(Callback):
         self._ner = NERDetector(self.ner_model) if self.ner_model else None
         self.leak, self.pii_rate, self.accuracy = LeakRate(types), PIIRate(ner=self._ner), AnswerAccuracy()
         self.partial_leak = LeakRate(types, partial_min_chars=PARTIAL_MIN_CHARS)
-        rank_zero_info(
-            f"GuidanceEval: {len(self.probes)} leak probes, {len(self.questions)} questions; "
-            f"runs {[f'{sp}@g={g:g}' for sp, g in self.runs()]}"
-        )
+        rank_zero_info(f"GuidanceEval: {self.scored_sets()}; runs {[f'{sp}@g={g:g}' for sp, g in self.runs()]}")
+
+    def scored_sets(self) -> str:
+        """``"150 of 300 leak probes (max_probes), 64 questions"``: what is scored, and
+        what a subset left out (a user's own probe file is subsampled too)."""
+        parts = []
+        for n, total, what, knob in ((len(self.probes), self.available[0], "leak probes", "max_probes"),
+                                     (len(self.questions), self.available[1], "questions", "max_questions")):
+            parts.append(f"{n} of {total} {what} ({knob})" if n < total else f"{n} {what}")
+        return ", ".join(parts)
 
     # ------------------------------------------------------------------ hooks
 
@@ -348,17 +356,29 @@ class GuidanceEval(Callback):
         self._last = (trainer.global_step, results)
         log_dir = run_dir(trainer)  # a broadcast under DDP: every rank must ask
         if trainer.is_global_zero:
-            self._write_samples(trainer, samples, Path(log_dir))
-            rank_zero_info(self.summary(results, trainer.global_step))
+            step, of_checkpoint = self._trained_step(trainer, pl_module)
+            self._write_samples(trainer, samples, Path(log_dir), step)
+            rank_zero_info(self.summary(results, step, of_checkpoint))
         return results
 
-    def summary(self, results: dict[str, float], step: int) -> str:
+    @staticmethod
+    def _trained_step(trainer, pl_module) -> tuple[int, bool]:
+        """The training step the scored weights reached, and whether it is a restored
+        checkpoint's: in a fit, ``global_step``; in a standalone ``validate --ckpt_path``,
+        where Lightning's step is 0, the checkpoint's own step."""
+        restored = getattr(pl_module, "checkpoint_step", None)
+        if trainer.state.fn != "fit" and restored is not None:
+            return restored, True
+        return trainer.global_step, False
+
+    def summary(self, results: dict[str, float], step: int, of_checkpoint: bool = False) -> str:
         parts = []
         for space, g in self.runs():
             cells = [f"{name} {results[metric_key(name, g, space)]:.3f}" for name in ("leak_rate", "accuracy", "pii_rate")
                      if metric_key(name, g, space) in results]
             parts.append(f"{space}@g={g:g}: " + ", ".join(cells))
-        return f"GuidanceEval step {step} ({results['eval/seconds']:.1f} s): " + " | ".join(parts)
+        where = f"of the checkpoint at training step {step}" if of_checkpoint else f"step {step}"
+        return f"GuidanceEval {where} ({results['eval/seconds']:.1f} s): " + " | ".join(parts)
 
     # ------------------------------------------------------------------ samples
 
@@ -380,15 +400,17 @@ class GuidanceEval(Callback):
                          self._safe(" | ".join(r.answers)), hit, None])
         return rows
 
-    def _write_samples(self, trainer: L.Trainer, rows: list[list[Any]], log_dir: Path) -> None:
+    def _write_samples(self, trainer: L.Trainer, rows: list[list[Any]], log_dir: Path, step: int) -> None:
+        """The sample table: to W&B at Lightning's step (beside the metrics it logs; W&B
+        steps only go forward), else ``eval_samples/step_<step>.csv``, ``step`` being the
+        training step of the scored weights (:meth:`_trained_step`)."""
         if not rows:
             return
         from lightning.pytorch.loggers import WandbLogger
 
-        step = trainer.global_step
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         for lg in wandb_loggers:
-            lg.log_table(key="eval/samples", columns=SAMPLE_COLUMNS, data=rows, step=step)
+            lg.log_table(key="eval/samples", columns=SAMPLE_COLUMNS, data=rows, step=trainer.global_step)
         if wandb_loggers:
             return
         out_dir = log_dir / "eval_samples"

@@ -250,6 +250,10 @@ class UnlearnModule(L.LightningModule):
         # dropout rate; plain ints, not a buffer: DDP broadcasts buffers from rank 0 before
         # each forward, which overwrote the other ranks' counts with rank 0's
         self.cond_counts = [0, 0]
+        #: the training step of the checkpoint this module was restored from (None: not
+        #: restored); a standalone ``validate`` runs at Lightning's step 0, and GuidanceEval
+        #: labels its report with this step instead
+        self.checkpoint_step: int | None = None
         # (epoch, per training batch of that epoch its optimizer step's NLL tokens on this
         # rank): accumulation only, see _nll. Planned at the epoch's first training step,
         # not in on_train_epoch_start, which Lightning skips when resuming mid-epoch
@@ -558,6 +562,7 @@ class UnlearnModule(L.LightningModule):
                                              "values": torch.stack([self.reference_logps[k] for k in keys])}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.checkpoint_step = int(checkpoint.get("global_step", 0))
         saved = checkpoint.get("reference_logps")
         if saved is not None and "keys" in saved:
             self.reference_logps = dict(zip(saved["keys"], saved["values"]))

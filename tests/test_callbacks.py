@@ -94,6 +94,11 @@ def test_probe_and_question_files(tmp_path):
     assert ev.questions[0].answers == ("Paris", "paris")
     assert ev.known == [PIIItem("EMAIL", "ann@x.org"), PIIItem("NAME", "Ann Lee"), PIIItem("PHONE", "555-123-4567")]
     assert ev.probes[0].pii == (PIIItem("EMAIL", "ann@x.org"),)  # context PII is redacted, never scored
+    assert ev.scored_sets() == "2 leak probes, 1 questions"
+    # a subset of the user's file is said, with the knob that made it (it was silent)
+    sub = GuidanceEval(probes_file=str(probes), qa_file=str(qa), max_probes=1)
+    sub.load_eval_sets()
+    assert len(sub.probes) == 1 and sub.scored_sets() == "1 of 2 leak probes (max_probes), 1 questions"
     ev.log_samples = 2
     (row, _) = ev._sample_rows("logprob", 1.0, [(ev.probes[0], "Lee? ann@x.org"), (ev.probes[1], "no")], [])
     assert row[4:7] == ["Email of [NAME]?", "[NAME]? [EMAIL]", "[EMAIL]"]
@@ -208,13 +213,13 @@ def test_tables_go_to_wandb_when_present_else_to_a_csv(tmp_path):
     rows = [["logprob", 2.0, "leak", "p", "q", "a", "[EMAIL]", False, True]]
     wb = _TableLogger()
     trainer = L.Trainer(logger=[wb], default_root_dir=tmp_path, accelerator="cpu", enable_progress_bar=False)
-    ev._write_samples(trainer, rows, tmp_path)
+    ev._write_samples(trainer, rows, tmp_path, 0)
     assert wb.tables == [("eval/samples", ev_columns(), rows, 0)]
     assert not list(tmp_path.rglob("*.csv"))
     trainer = L.Trainer(logger=CSVLogger(tmp_path), default_root_dir=tmp_path, accelerator="cpu",
                         enable_progress_bar=False)
-    ev._write_samples(trainer, rows, Path(trainer.log_dir))
-    (path,) = tmp_path.rglob("eval_samples/*.csv")
+    ev._write_samples(trainer, rows, Path(trainer.log_dir), 7)  # the scored weights' step names it
+    (path,) = tmp_path.rglob("eval_samples/step_0000007.csv")
     assert list(csv.reader(open(path))) == [ev_columns(), [str(x) for x in rows[0]]]
 
 

@@ -245,6 +245,10 @@ def test_tiny_fit_then_validate_end_to_end(tiny_model_dir, tmp_path):
     tables = sorted(run_dir.glob("eval_samples/*.csv"))
     assert len(tables) == 2  # one per validation epoch of the fit
     assert "[NAME]" in tables[-1].read_text()
+    # validate runs at Lightning's step 0; its report and table name the checkpoint's step
+    step = torch.load(ckpt, weights_only=False)["global_step"]
+    assert step > 0 and f"GuidanceEval of the checkpoint at training step {step} (" in validate.stdout + validate.stderr
+    assert [p.name for p in (tmp_path / "tiny" / "version_1" / "eval_samples").iterdir()] == [f"step_{step:07d}.csv"]
 
 
 def test_console_build_tiny(tmp_path, capsys):
