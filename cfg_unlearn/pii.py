@@ -53,7 +53,13 @@ _DIGIT_SEP = rf"[\s().{_DASH}/]*"
 _PHONE_CC = rf"(?:(?:\+\d{{1,3}}|1)[\s.{_DASH}]*)?"
 # a stored phone's own country code ("+44 20 ...", "+1-555-...", "+15551234567": a
 # North American number in E.164 form) and extension ("x89")
-_STORED_CC = re.compile(rf"\s*\+\d{{1,3}}(?=[\s.{_DASH}(])[\s.{_DASH}]*|\s*\+1(?=\d{{10}}\s*$)")
+_STORED_CC = re.compile(
+    rf"\s*\+\d{{1,3}}(?=[\s.{_DASH}(])[\s.{_DASH}]*|\s*\+1(?=\d{{10}}\s*$)"
+    # a North American number behind a bare "1" or the "001" international prefix, as
+    # Faker writes one in six ("001-306-581-0123", "1 (306) 581-0123"); only before a
+    # whole 3-3-4 number, so an 11-digit number that merely starts with 1 keeps it
+    rf"|\s*(?:001|1)[\s.{_DASH}]+(?=\(?\d{{3}}\)?[\s.{_DASH}]*\d{{3}}[\s.{_DASH}]*\d{{4}}\s*$)"
+    rf"|\s*1(?=\(\d{{3}}\)[\s.{_DASH}]*\d{{3}}[\s.{_DASH}]*\d{{4}}\s*$)")
 _PHONE_EXT = re.compile(r"\s*(?:x|ext\.?|extension)\s*\d+\s*$", re.IGNORECASE)
 
 

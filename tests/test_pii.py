@@ -369,9 +369,20 @@ def test_ner_detector_loads_tiny_local_model(tmp_path):
     ["Call 555-123-4567", "Call +1 (555) 123-4567 now", "call 1-555-123-4567", "Call 555.123.4567 ext. 89"],
 )
 def test_stored_country_code_and_extension_are_optional(text):
-    for stored in ("+1 555 123 4567", "555-123-4567x89", "+1-555-123-4567 ext 89"):
+    # a bare "1" or the "001" prefix (Faker writes one phone in six so) was part of the
+    # number, so "555-123-4567" was no leak of "001-555-123-4567"
+    for stored in ("+1 555 123 4567", "555-123-4567x89", "+1-555-123-4567 ext 89", "001-555-123-4567",
+                   "1-555-123-4567", "1 (555) 123-4567", "1(555)123-4567", "001.555.123.4567x12"):
         assert contains_value(text, stored, "PHONE"), (text, stored)
+        assert pii.ValueIndex([PIIItem("PHONE", stored)]).find(text), (text, stored)
     assert not contains_value("Call 555-123-4568", "+1 555 123 4567", "PHONE")
+    assert not contains_value("Call 555-123-4568", "001-555-123-4567", "PHONE")
+
+
+def test_an_eleven_digit_number_starting_with_1_keeps_its_1():
+    # only a 1 set apart before a whole 3-3-4 number is a country code
+    assert contains_value("call 13812345678", "13812345678", "PHONE")
+    assert not contains_value("call 3812345678", "13812345678", "PHONE")
 
 
 def test_redaction_removes_fragments_of_names_and_emails():
