@@ -461,10 +461,16 @@ def _glued_word_spans(text: str, items: Iterable[PIIItem]) -> list[Span]:
     return spans
 
 
+#: a number for redaction: digits joined by the separators of a phone or ID number and by
+#: those a model may put there instead ("306_581_0123", "363,56,5181", "306 · 581"):
+#: over-redacting a log is cheap (leak scoring keeps the stricter :data:`_DIGIT_RUN`)
+_LOOSE_DIGIT_RUN = re.compile(rf"\d(?:[\s().{_DASH}/_,\u00b7\u2022]*\d)*")
+
+
 def _digit_piece_spans(text: str, items: Iterable[PIIItem]) -> list[Span]:
-    """Each number of ``text`` that holds a piece of a numeric value (one of its
-    :func:`partial_fragments` digit windows: "5181" of 363-56-5181), whole."""
-    runs = [(m, re.sub(r"\D", "", m.group())) for m in _DIGIT_RUN.finditer(text)]
+    """Each number of ``text`` (:data:`_LOOSE_DIGIT_RUN`) that holds a piece of a numeric
+    value (one of its :func:`partial_fragments` digit windows: "5181" of 363-56-5181), whole."""
+    runs = [(m, re.sub(r"\D", "", m.group())) for m in _LOOSE_DIGIT_RUN.finditer(text)]
     spans = []
     for item in dict.fromkeys(items):
         windows = partial_fragments(item.value, item.type)[0]

@@ -577,6 +577,16 @@ def test_redaction_finds_values_written_without_their_accents():
     assert pii.fold_marks("Łódź ß ﬁ Ñ") == "Łodz ß ﬁ N"  # one character for one
 
 
+def test_redaction_hides_numbers_written_with_other_separators():
+    """Underscores, commas or middle dots between the digits left most of the number
+    visible ("306_581_[PHONE]": six of ten digits)."""
+    phone, ssn = PIIItem("PHONE", "306-581-0123"), PIIItem("SSN", "363-56-5181")
+    for text, want in {"call 306_581_0123 now": "call [PHONE] now", "306 · 581 · 0123": "[PHONE]",
+                       "SSN 363,56,5181.": "SSN [SSN].", "list 1, 2, 3 and 363_56_5181": "list 1, 2, 3 and [SSN]"}.items():
+        assert redact(text, [phone, ssn], detect=False) == want, text
+    assert not contains_value("306_581_0123", phone.value, phone.type)  # leak scoring is unchanged
+
+
 def test_value_index_folds_case_like_the_patterns():
     """"İ".lower() is two characters; the index key must not be stricter than the
     pattern's case-insensitive match."""
