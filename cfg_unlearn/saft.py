@@ -12,7 +12,7 @@ description (``docs/method.md`` section 4) and HaloScope's subspace score it bui
 3. **Score** each sample by the size of its projection on those directions: for
    ``k = 1`` the signed projection (oriented, see below) or its absolute value; for
    ``k > 1`` the norm of the projection, optionally weighted by the singular values.
-4. **Remove** the high scorers: a fraction, or everything above a threshold.
+4. **Remove** the high scorers: a fraction, or everything at or above a threshold.
 
 With a small labelled set, the layer, ``k`` and the sign are picked by AUROC on it (the
 subspace is still fitted on all samples, labelled or not).
@@ -436,12 +436,13 @@ def select(scores, *, fraction: float | None = None, threshold: float | None = N
 
     ``fraction``: the ``round(fraction * N)`` highest scores (ties broken by row order);
     the returned threshold is the lowest removed score (None if nothing is removed).
-    ``threshold``: every score strictly above it."""
+    ``threshold``: every score at or above it, so the threshold a fraction run reports
+    removes the same samples when it is given back (it removed one fewer, the lowest)."""
     s = torch.as_tensor(scores, dtype=torch.float64).flatten()
     if (fraction is None) == (threshold is None):
         raise ValueError("give exactly one of fraction and threshold")
     if threshold is not None:
-        return s > threshold, float(threshold)
+        return s >= threshold, float(threshold)
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
     n_remove = int(math.floor(fraction * s.numel() + 0.5))
@@ -570,6 +571,13 @@ def run_saft(cfg: SaftConfig) -> dict[str, Any]:
         raise ValueError(f"k must be >= 1, got {cfg.k}")
     if cfg.threshold is not None and not math.isfinite(cfg.threshold):
         raise ValueError(f"threshold must be a finite number, got {cfg.threshold}")
+    # what the label search will try, checked before the model loads and every sample is embedded
+    if cfg.labels is not None and cfg.k is None and cfg.search_k is not None:
+        if not cfg.search_k or min(cfg.search_k) < 1:
+            raise ValueError(f"--search-k values must be >= 1, got {cfg.search_k}")
+        if cfg.sign in ("+", "-") and 1 not in cfg.search_k:
+            raise ValueError(f"--sign {cfg.sign} scores k=1 only (k>1 scores the norm), but --search-k "
+                             f"{' '.join(map(str, cfg.search_k))} has no 1")
     # before minutes of embedding: kept.jsonl written into the data's own folder could be the data
     check_out_dir(Path(cfg.out), cfg.overwrite, [p for p in (cfg.data, cfg.labels) if p is not None])
     seconds: dict[str, float] = {}
@@ -790,7 +798,8 @@ def build_parser() -> argparse.ArgumentParser:
     sel = p.add_mutually_exclusive_group()
     sel.add_argument("--remove-fraction", type=float, default=None,
                      help=f"remove this share of the highest scores (default {DEFAULT_REMOVE_FRACTION})")
-    sel.add_argument("--threshold", type=float, default=None, help="remove every score above this")
+    sel.add_argument("--threshold", type=float, default=None,
+                     help="remove every score at or above this (what a --remove-fraction run reports)")
     p.add_argument("--labels", default=None,
                    help="labelled JSONL ({id, label 0/1}; may be the data file itself) to pick layer, k, sign by AUROC")
     p.add_argument("--search-layers", type=int, nargs="+", default=None,

@@ -178,10 +178,15 @@ def test_select_ties_at_the_cut_follow_row_order():
     assert removed.tolist() == [False, True, True, False, False] and thr == 5.0
 
 
-def test_select_by_threshold_is_strictly_above():
+def test_select_by_threshold_is_at_or_above():
+    """Inclusive, so the threshold a fraction run reports (its lowest removed score),
+    given back as --threshold, removes the same samples (it removed one fewer)."""
     s = torch.tensor([0.5, 1.0, 1.5, 2.0])
     removed, thr = select(s, threshold=1.0)
-    assert removed.tolist() == [False, False, True, True] and thr == 1.0
+    assert removed.tolist() == [False, True, True, True] and thr == 1.0
+    scores = torch.rand(30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    by_fraction, reported = select(scores, fraction=0.1)
+    assert torch.equal(select(scores, threshold=reported)[0], by_fraction) and int(by_fraction.sum()) == 3
     with pytest.raises(ValueError, match="exactly one"):
         select(s, fraction=0.1, threshold=1.0)
     with pytest.raises(ValueError, match="exactly one"):
@@ -398,6 +403,22 @@ def test_out_may_not_hold_the_input_data(tiny_model_dir, small_set, tmp_path, ca
                        *extra])
         assert exc.value.code == 2 and "contains the input" in capsys.readouterr().err
     assert data.read_text() == before and sorted(p.name for p in data.parent.iterdir()) == ["kept.jsonl"]
+
+
+def test_label_search_settings_are_refused_before_the_model_loads(small_set, tmp_path, capsys):
+    """--search-k 0, or --sign + with no k=1 to search, failed only after every sample was
+    embedded (minutes on a real model); they are refused first (the model here does not
+    exist, so reaching it would be another error)."""
+    _, _, d = small_set
+    base = ["--model", str(tmp_path / "no-model"), "--data", str(d / "data.jsonl"), "--labels",
+            str(d / "labels.jsonl"), "--out", str(tmp_path / "o"), "--quiet"]
+    for extra, why in ((["--search-k", "0"], "--search-k values must be >= 1, got [0]"),
+                       (["--search-k", "2", "4", "--sign", "+"], "--sign + scores k=1 only (k>1 scores the norm), "
+                                                                 "but --search-k 2 4 has no 1")):
+        with pytest.raises(SystemExit) as exc:
+            saft.main([*base, *extra])
+        assert exc.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_end_to_end_writes_every_output_atomically(tiny_model_dir, small_set, tmp_path, capsys, monkeypatch):
