@@ -97,13 +97,21 @@ def check_out_dir(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike
     ``overwrite``), or over an input: an ``out`` that is one of ``inputs`` or contains
     one (the output replaces ``out`` only at the end, and then the inputs are gone)."""
     resolved = out.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:  # "--out ." was renamed into itself
+        raise ValueError(f"--out {out} is the current directory or holds it; give a directory of its own")
     for p in map(Path, inputs):
         if resolved == p.resolve():
             raise ValueError(f"--out {out} is one of the inputs ({p}); write the result elsewhere")
         if resolved in p.resolve().parents:
             raise ValueError(f"--out {out} contains the input {p}: writing there could replace or delete it; "
                              "write elsewhere")
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, so the directory cannot be made")
+    if out.exists() and not overwrite and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
 
 

@@ -2,6 +2,7 @@
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +53,25 @@ def test_failure_keeps_the_old_file_and_leaves_no_temp(tmp_path):
         raise RuntimeError("interrupted")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(TMP_SUFFIX)] == []
+
+
+def test_check_out_dir_refuses_what_it_cannot_publish_to(tmp_path, monkeypatch):
+    """Refused up front (they failed after the work, or with a traceback): `--out .` or a
+    parent of the working directory (renamed into itself: `OSError` and a `..old-*`
+    directory left per attempt), a file, a path under a file."""
+    from cfg_unlearn.utils import check_out_dir
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "afile").write_text("")
+    monkeypatch.chdir(work)
+    for out, why in ((".", "is the current directory or holds it"), ("..", "is the current directory or holds it"),
+                     ("afile", "afile is a file; give a directory"), ("afile/sub", "is a file, so the directory")):
+        with pytest.raises(ValueError, match=why):
+            check_out_dir(Path(out), True, ())
+    check_out_dir(Path("new/sub"), False, ())  # a path still to make is fine
+    (work / "full").mkdir()
+    (work / "full" / "x").write_text("")
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        check_out_dir(Path("full"), False, ())
+    assert sorted(p.name for p in work.iterdir()) == ["afile", "full"]  # nothing made or left behind
