@@ -266,7 +266,14 @@ def subtract_tensor(base: torch.Tensor, finetuned: torch.Tensor, alpha: float, n
         return base
     ct = compute_dtype(base.dtype)
     b, f = base.to(ct), finetuned.to(ct)
-    return (b - alpha * (f - b)).to(base.dtype)
+    out = (b - alpha * (f - b)).to(base.dtype)
+    # a large alpha overflows the dtype (fp16 and bf16 sooner): an inf/NaN model that loads
+    # and decodes garbage. Refused when the inputs were finite there (not their own inf/NaN)
+    bad = ~torch.isfinite(out) & torch.isfinite(base) & torch.isfinite(finetuned)
+    if bad.any():
+        raise ValueError(f"tensor {name!r}: alpha={alpha:g} overflows {base.dtype} in {int(bad.sum())} of "
+                         f"{out.numel()} values (inf); use a smaller alpha")
+    return out
 
 
 # ----------------------------------------------------------------------------- writing

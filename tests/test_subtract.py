@@ -257,6 +257,21 @@ def test_alpha_must_be_finite(tmp_path, alpha):
         subtract_models(base, base, tmp_path / "out", alpha=alpha, progress=False)
 
 
+def test_an_alpha_that_overflows_the_dtype_is_refused(tmp_path):
+    """A finite alpha large enough to overflow (1e39 in fp32, 1e5 in fp16 here) wrote an
+    all-inf model and exited 0; a base that holds its own inf is not blamed on alpha."""
+    base = crafted(tmp_path / "b", {"w": torch.zeros(3), "h": torch.zeros(2, dtype=torch.float16)})
+    ft = crafted(tmp_path / "f", {"w": torch.ones(3), "h": torch.ones(2, dtype=torch.float16)})
+    with pytest.raises(ValueError, match=r"tensor 'w': alpha=1e\+39 overflows torch.float32 in 3 of 3 values"):
+        subtract_models(base, ft, tmp_path / "out", alpha=1e39, progress=False)
+    with pytest.raises(ValueError, match=r"tensor 'h': alpha=100000 overflows torch.float16"):
+        sub.subtract_tensor(torch.zeros(2, dtype=torch.float16), torch.ones(2, dtype=torch.float16), 1e5, "h")
+    assert not (tmp_path / "out").exists()
+    inf = torch.tensor([float("inf"), 1.0])
+    out = sub.subtract_tensor(inf, inf, 0.5, "x")
+    assert out[1] == 1.0 and not torch.isfinite(out[0])  # the base's own inf passes through
+
+
 def test_cli_errors_exit_2_with_a_message(tmp_path, capsys):
     base = crafted(tmp_path / "b", {"w": torch.zeros(2, 3)})
     ft = crafted(tmp_path / "f", {"w": torch.zeros(3, 2)})
