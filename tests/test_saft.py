@@ -331,6 +331,17 @@ def test_contaminated_command_writes_both_files_or_neither(tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
+def test_the_default_labels_of_a_small_set_hold_both_classes(tmp_path, capsys):
+    """--n below 15 gave one labelled row, so one class, and saft --labels refused it."""
+    from cfg_unlearn.data.contaminated import main as build
+
+    build(["--out", str(tmp_path / "c"), "--n", "10", "--people", "3"])
+    labels = [json.loads(line)["label"] for line in (tmp_path / "c" / "labels.jsonl").read_text().splitlines()]
+    assert sorted(labels) == [0, 1]
+    build(["--out", str(tmp_path / "one"), "--n", "1", "--people", "3"])  # not refused for a default it chose
+    assert "1 labels" in capsys.readouterr().out
+
+
 def test_contaminated_set_is_labelled_deterministic_and_not_separable_by_length():
     world = World(WorldConfig(seed=0, n_people=10))
     rows = build_contaminated(world, n=300, leak_fraction=0.1, seed=0)

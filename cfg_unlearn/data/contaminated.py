@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {a.out} is a file; give a directory to write into")
-    n_labelled = max(1, round(a.n / 10)) if a.n_labelled is None else a.n_labelled
+    # at least 2 by default: one of each class, or saft --labels refuses the file
+    n_labelled = min(a.n, max(2, round(a.n / 10))) if a.n_labelled is None else a.n_labelled
     if not 0 <= n_labelled <= a.n:
         p.error(f"--n-labelled must be in [0, --n = {a.n}], got {n_labelled}")
     world = World(WorldConfig(seed=a.seed, n_people=a.people))
