@@ -499,8 +499,9 @@ def redact(
     # the same with accents dropped on both sides ("Jose Nunez" for "José Núñez", and the
     # other way round); fold_marks keeps offsets, so its spans are spans of text
     plain_text = fold_marks(text)
-    plain = redaction_items([PIIItem(k.type, fold_marks(nfkc(k.value))) for k in given])
-    if plain_text != text or plain != items:
+    plain_given = [PIIItem(k.type, fold_marks(nfkc(k.value))) for k in given]
+    if plain_text != text or plain_given != given:  # (fragments are derived only when something folds)
+        plain = redaction_items(plain_given)
         spans += [(s, True) for s in _value_spans(plain_text, plain) + _glued_word_spans(plain_text, plain)]
     if detect:
         spans += [(s, False) for s in _detect_all(text) + (ner(text) if ner is not None else [])]
