@@ -29,7 +29,7 @@ from cfg_unlearn.data.schema import EvalRecord, prompt_text, write_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION, render_prompt
 from cfg_unlearn.tiny import TinySpec, build_tiny
-from cfg_unlearn.utils import atomic_write
+from cfg_unlearn.utils import atomic_write, open_modes
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +260,14 @@ def compare(cfg: DemoConfig, out: Path, tok, leaky_dir: Path, chat_base_dir: Pat
     return rows
 
 
+def save_model(model, tokenizer, directory: Path) -> None:
+    """One of the demo's models, readable by whoever the umask lets in (safetensors
+    writes its weights owner-only)."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    open_modes(directory)
+
+
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     from cfg_unlearn.callbacks import subsample
     from cfg_unlearn.data.generate import generate_pairs
@@ -289,8 +297,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     finetune(model, tok, world.memorisation_examples(cfg.paraphrases), epochs=cfg.leak_epochs, lr=cfg.leak_lr,
              seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
     leaky_dir = out / "models" / "leaky"
-    model.save_pretrained(leaky_dir)
-    tok.save_pretrained(leaky_dir)
+    save_model(model, tok, leaky_dir)
     seconds["leak"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -304,8 +311,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     unlearned = unlearn(cfg, leaky_dir, out / "pairs.jsonl", out / "logs", objective="orpo",
                         cond_dropout=cfg.cond_dropout, cond_mode=cfg.cond_mode, progress=progress)
-    unlearned.save_pretrained(out / "models" / "unlearned")
-    tok.save_pretrained(out / "models" / "unlearned")
+    save_model(unlearned, tok, out / "models" / "unlearned")
     seconds["unlearn"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -342,8 +348,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         finetune(chat, tok, world.fact_examples(cfg.paraphrases), epochs=cfg.leak_epochs, lr=cfg.leak_lr,
                  seed=cfg.seed, batch_size=cfg.batch_size, progress=progress, desc="fine-tune without the PII")
         chat_base_dir = out / "models" / "without-pii"
-        chat.save_pretrained(chat_base_dir)
-        tok.save_pretrained(chat_base_dir)
+        save_model(chat, tok, chat_base_dir)
         comparison = compare(cfg, out, tok, leaky_dir, chat_base_dir, results, score, progress)
         seconds["compare"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_all

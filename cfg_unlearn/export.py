@@ -50,7 +50,7 @@ import torch
 from cfg_unlearn.guidance import SPACES, check_guidance, encode_prompts, generate
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 from cfg_unlearn.tiny import TINY_SCHEME, absolute_model_name
-from cfg_unlearn.utils import check_out_dir, publish_dir
+from cfg_unlearn.utils import check_out_dir, open_modes, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ def write_export(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_CONFIG).write_text(config.to_json(), encoding="utf-8")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
+        open_modes(tmp)  # mkdtemp and safetensors make them owner-only
         publish_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

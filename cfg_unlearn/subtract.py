@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from cfg_unlearn.utils import check_out_dir, publish_dir
+from cfg_unlearn.utils import check_out_dir, open_modes, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -448,7 +448,7 @@ def subtract_models(
             index["metadata"] = {**(index.get("metadata") or {}), "total_size": total_size}
             index["weight_map"] = {n: base.tensors[n].file for n in sorted(base.tensors)}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
+        open_modes(tmp)  # mkdtemp and safetensors make them owner-only
         publish_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cfg_unlearn.utils import open_modes
+
 TINY_SCHEME = "tiny:"
 
 BOS, EOS, PAD = "<|begin|>", "<|end|>", "<|pad|>"
@@ -120,7 +122,7 @@ def build_tiny(out_dir: str | os.PathLike, texts: list[str] | None = None, spec:
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
         (tmp / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a shared cache must be readable
+        open_modes(tmp)  # mkdtemp and safetensors make them owner-only; a shared cache must be readable
         try:
             os.rename(tmp, out_dir)
         except OSError:

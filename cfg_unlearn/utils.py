@@ -49,6 +49,19 @@ def process_umask() -> int:
     return mask
 
 
+def open_modes(directory: str | os.PathLike) -> None:
+    """Give ``directory`` and everything under it the modes ``open``/``mkdir`` would
+    (``0o666``/``0o777`` less the umask). ``mkdtemp`` makes an output directory owner-only
+    and safetensors writes ``model.safetensors`` as ``0600``, so a model published for a
+    team would be unreadable to it; a user who wants private outputs sets ``umask 077``."""
+    mask = process_umask()
+    root = Path(directory)
+    for path in (root, *root.rglob("*")):
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str | None = None,
                 fsync: bool = True) -> Iterator[IO]:

@@ -17,3 +17,29 @@ def tiny_model_dir(tmp_path_factory):
     from cfg_unlearn.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def umask_027():
+    """A team umask: outputs must come out group-readable (0o640 files, 0o750 directories)."""
+    old = os.umask(0o027)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+
+@pytest.fixture
+def assert_open_modes(umask_027):
+    """Under umask 027, check that every file below a directory is 0o640 and every
+    directory 0o750: the modes open/mkdir leave, not mkdtemp's or safetensors' owner-only."""
+    import stat
+    from pathlib import Path
+
+    def check(directory) -> None:
+        root = Path(directory)
+        got = {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in (root, *root.rglob("*"))}
+        assert got == {k: 0o750 if (root / k).is_dir() else 0o640 for k in got}
+
+    return check

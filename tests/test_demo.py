@@ -22,7 +22,7 @@ def _spy_generate_pairs(monkeypatch) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_demo_writes_metrics_report_and_plot(tmp_path, monkeypatch):
+def test_demo_writes_metrics_report_and_plot(tmp_path, monkeypatch, assert_open_modes):
     from cfg_unlearn.module import UnlearnModule
 
     out = tmp_path / "demo"
@@ -66,6 +66,10 @@ def test_demo_writes_metrics_report_and_plot(tmp_path, monkeypatch):
     assert "| gradient ascent | 1.0 |" in (out / "report.md").read_text()
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "models" / "without-pii" / "config.json").exists()  # subtraction's base
+    # every model readable as the umask allows (safetensors writes its weights 0600)
+    assert {p.name for p in (out / "models").iterdir()} == {"base", "leaky", "unlearned", "without-pii",
+                                                           "subtracted-0.5"}
+    assert_open_modes(out / "models")
     # the pairs the demo trained on: no chosen answer holds a known value of its row, nor a piece of it
     pairs, _ = read_pairs(out / "pairs.jsonl")
     assert len(pairs) == m["pairs"]["records"] == len(World(WorldConfig(n_people=3)).pairs())

@@ -167,6 +167,13 @@ def test_cli_overrides_and_dtype(trained, tmp_path, capsys):
     assert cfg2.uncond_instruction is None and cfg2.system_instruction == TRAINED_SYSTEM
 
 
+def test_export_is_readable_as_the_umask_allows(trained, tmp_path, assert_open_modes):
+    """safetensors writes model.safetensors 0600 and mkdtemp the directory 0700: a model
+    exported for a team was unreadable to it."""
+    out, _ = export_checkpoint(trained.ckpt, tmp_path / "model")
+    assert_open_modes(out)
+
+
 def test_defaults_without_datamodule_hparams(trained, tmp_path):
     ckpt = torch.load(trained.ckpt, weights_only=True)
     del ckpt["datamodule_hyper_parameters"], ckpt["datamodule_hparams_name"]

@@ -113,6 +113,11 @@ def test_every_tensor_is_base_minus_alpha_task_vector(tiny_model_dir, ft_dir, ba
     assert leftovers(tmp_path) == []
 
 
+def test_output_is_readable_as_the_umask_allows(tiny_model_dir, ft_dir, tmp_path, assert_open_modes):
+    subtract_models(tiny_model_dir, ft_dir, tmp_path / "out", alpha=0.5, progress=False)
+    assert_open_modes(tmp_path / "out")
+
+
 def test_alpha_zero_gives_the_base_exactly(tiny_model_dir, ft_dir, base_weights, tmp_path):
     subtract_models(tiny_model_dir, ft_dir, tmp_path / "out", alpha=0.0, progress=False)
     got = load_weights(tmp_path / "out")

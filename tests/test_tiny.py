@@ -49,6 +49,13 @@ def test_build_when_missing_writes_a_model_dir(tiny_dir):
     assert [p.name for p in tiny_dir.parent.iterdir()] == ["model"]
 
 
+def test_built_model_is_readable_as_the_umask_allows(tmp_path, offline, assert_open_modes):
+    """A shared tiny-model cache must be readable by the team (safetensors writes 0600)."""
+    from cfg_unlearn.tiny import build_tiny
+
+    assert_open_modes(build_tiny(tmp_path / "model"))
+
+
 def test_tokenizer_special_tokens(tok):
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == (BOS, EOS, PAD)
     ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}

@@ -6,18 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from cfg_unlearn.utils import TMP_SUFFIX, atomic_open, atomic_write, process_umask
+from cfg_unlearn.utils import TMP_SUFFIX, atomic_open, atomic_write, open_modes, process_umask
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX file modes")
-
-
-@pytest.fixture
-def umask_027():
-    old = os.umask(0o027)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def _mode(path) -> int:
@@ -34,6 +25,23 @@ def test_new_file_gets_the_mode_open_would_give_not_mkstemps_0600(tmp_path, umas
     with open(tmp_path / "plain.json", "w") as fh:  # what a plain open leaves, for reference
         fh.write("{}")
     assert _mode(tmp_path / "metrics.json") == 0o640 == _mode(tmp_path / "plain.json")
+
+
+def test_open_modes_undoes_owner_only_modes_below_a_directory(tmp_path, assert_open_modes):
+    """mkdtemp makes a directory 0700 and safetensors writes weights 0600: a published
+    model gets the modes open/mkdir would have given it."""
+    import tempfile
+
+    import safetensors.torch
+    import torch
+
+    out = Path(tempfile.mkdtemp(dir=tmp_path))
+    safetensors.torch.save_file({"w": torch.zeros(2)}, out / "model.safetensors")
+    (out / "sub").mkdir(mode=0o700)
+    (out / "sub" / "a.json").write_text("{}")
+    (out / "sub" / "a.json").chmod(0o600)
+    open_modes(out)
+    assert_open_modes(out)
 
 
 @pytest.mark.parametrize("mode", [0o600, 0o644, 0o660])
