@@ -213,6 +213,9 @@ def test_redacted_answer_replaces_each_value_by_its_type_phrase():
     # a type without a phrase of its own, and text holding no value (left as is)
     assert redacted_answer("Plate AB-123-CD.", (PIIItem("VEHICLE_ID", "AB-123-CD"),)) == "Plate private information."
     assert redacted_answer("It is unlisted.", (phone,)) == "It is unlisted."
+    # nothing replaced: the text comes back as given, not in NFKC form ("…" stays), so a
+    # caller sees that redaction changed nothing
+    assert redacted_answer("Ann Lee’s number… is unlisted.", (phone,)) == "Ann Lee’s number… is unlisted."
 
 
 def test_redacted_fallback_is_used_only_when_it_passes_the_checks(tiny, monkeypatch):
@@ -229,7 +232,8 @@ def test_redacted_fallback_is_used_only_when_it_passes_the_checks(tiny, monkeypa
         ForgetRecord("a", ask("How do I call Ann Lee?"), "You can call Ann Lee at (555) 010-2345.", (phone,)),
         ForgetRecord("b", ask("Where does Ann Lee live?"),
                      "Ann Lee lives at 12 Oak Street, Springfield, by the Springfield mill.", (loc,)),
-        ForgetRecord("c", ask("How do I call Bo Ng?"), "Bo Ng has an unlisted number.", (phone,)),
+        # no value to redact; "…" is "..." in NFKC form, which is no redaction either
+        ForgetRecord("c", ask("How do I call Bo Ng?"), "Bo Ng has an unlisted number…", (phone,)),
     ]
     monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: _ended(["It is (555) 010-2345 at 12 Oak Street, "
                                                                           "Springfield."] * len(prompts), kw))

@@ -172,10 +172,15 @@ def forbidden_values(rec: ForgetRecord) -> tuple:
 
 def redacted_answer(text: str, values: tuple) -> str:
     """``text`` with every occurrence of ``values`` (however written, the longest match
-    winning on overlap) replaced by its type's phrase in :data:`REDACTION_PHRASES`."""
+    winning on overlap) replaced by its type's phrase in :data:`REDACTION_PHRASES`, in
+    :func:`nfkc` form; ``text`` itself when it holds none (its NFKC form would differ
+    from it by "…" and the like, and pass for a redaction)."""
     out, pos = [], 0
-    text = nfkc(text)  # the spans index this form
-    for span in find_values(text, values):
+    spans = find_values(nfkc(text), values)  # the spans index the NFKC form
+    if not spans:
+        return text
+    text = nfkc(text)
+    for span in spans:
         out += [text[pos : span.start], REDACTION_PHRASES.get(span.type.upper(), DEFAULT_REDACTION_PHRASE)]
         pos = span.end
     return "".join(out) + text[pos:]
