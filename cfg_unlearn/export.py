@@ -41,7 +41,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -84,6 +84,12 @@ class ExportConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} must be a string or null, got {type(value).__name__}")
+
+    def describe(self) -> str:
+        """One line for the console: guidance, space and the two instructions."""
+        uncond = repr(self.uncond_instruction) if self.uncond_instruction else "blank"
+        return (f"guidance {self.guidance_scale:g} ({self.space}); instruction {self.system_instruction!r}, "
+                f"unconditioned {uncond}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"
@@ -502,9 +508,7 @@ def chat_loop(
         output_stream.flush()
 
     if banner:
-        uncond = repr(config.uncond_instruction) if config.uncond_instruction else "blank"
-        write(f"cfg-unlearn chat: guidance {g:g} ({space}); instruction {config.system_instruction!r}, "
-              f"unconditioned {uncond}\n{HELP}\n")
+        write(f"cfg-unlearn chat: {replace(config, guidance_scale=g, space=space).describe()}\n{HELP}\n")
     history: list[dict[str, str]] = []
     turn = 0
     while True:
@@ -592,8 +596,7 @@ def main_export(argv: list[str] | None = None) -> None:
         hint = ("; pass --base-model with the model it was trained from"
                 if isinstance(e, ModelNotFoundError) and a.base_model is None else "")
         p.exit(2, f"cfg-unlearn export: {e}{hint}\n")
-    print(f"wrote {out} (guidance {config.guidance_scale:g}, {config.space}; instruction "
-          f"{config.system_instruction!r}, unconditioned {config.uncond_instruction!r})")
+    print(f"wrote {out} ({config.describe()})")
 
 
 def build_chat_parser() -> argparse.ArgumentParser:

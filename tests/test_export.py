@@ -154,7 +154,8 @@ def test_cli_overrides_and_dtype(trained, tmp_path, capsys):
     out = tmp_path / "bf16"
     main_export(["--ckpt", str(trained.ckpt), "--out", str(out), "--guidance-scale", "3", "--space", "prob",
                  "--system", "Be discreet.", "--uncond-system", NEGATIVE_INSTRUCTION, "--dtype", "bfloat16"])
-    assert f"wrote {out}" in capsys.readouterr().out
+    assert f"wrote {out} (guidance 3 (prob); instruction 'Be discreet.', unconditioned {NEGATIVE_INSTRUCTION!r})" in (
+        capsys.readouterr().out)
     cfg = ExportConfig.read(out)
     assert (cfg.system_instruction, cfg.uncond_instruction, cfg.guidance_scale, cfg.space) == (
         "Be discreet.", NEGATIVE_INSTRUCTION, 3.0, "prob")
@@ -200,6 +201,8 @@ def test_refuses_non_empty_out_without_overwrite_then_replaces_it(trained, tmp_p
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     main_export(["--ckpt", str(trained.ckpt), "--out", str(out), "--overwrite"])
+    # the blanked unconditioned instruction reads as chat's banner puts it, not "None"
+    assert "unconditioned blank)" in capsys.readouterr().out
     names = {p.name for p in out.iterdir()}
     assert "keep.txt" not in names and {"config.json", "model.safetensors", EXPORT_CONFIG} <= names
     assert leftovers(tmp_path) == []
@@ -584,7 +587,7 @@ def test_main_chat_end_to_end_on_the_export(exported):
     want = generate(hf, tok, [[{"role": "user", "content": "What is the e-mail of Ann Lee?"}]],
                     system=TRAINED_SYSTEM, guidance_scale=2.0, max_new_tokens=8)[0]
     assert f"model> {want}\n" in out.getvalue()
-    assert "guidance 2 (logprob)" in out.getvalue()
+    assert f"guidance 2 (logprob); instruction {TRAINED_SYSTEM!r}, unconditioned blank" in out.getvalue()
 
 
 def test_main_chat_refuses_max_new_tokens_beyond_the_context(exported, capsys):
