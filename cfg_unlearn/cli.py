@@ -143,6 +143,38 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> UnlearnCLI:
     )
 
 
+def check_config_files(argv: list[str]) -> None:
+    """Read every ``--config``/``-c`` file as YAML first, so a syntax error names the file
+    (jsonargparse reads the text and names it ``<unicode string>``). A value that is not
+    a file is left to jsonargparse (it also takes inline YAML and reports missing files)."""
+    import yaml
+
+    from cfg_unlearn.utils import ConfigError
+
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        if not Path(path).is_file():
+            continue
+        try:
+            with open(path, encoding="utf-8") as fh:
+                yaml.safe_load(fh)
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+            ctx = e.context_mark
+            context = (f"{e.context} (line {ctx.line + 1}, column {ctx.column + 1})"
+                       if e.context and ctx and ctx is not mark else e.context)
+            what = "; ".join(x for x in (context, e.problem) if x)
+            raise ConfigError(f"--config {where}: not valid YAML: {what}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--config {path}: not valid YAML: {e}") from None
+
+
 def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
     """``python train.py ...`` (and ``cfg-unlearn fit|validate``): :func:`cli_main`, with
     a malformed data row, a missing model or a setting that cannot work reported as one
@@ -153,6 +185,7 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
     from cfg_unlearn.utils import ConfigError
 
     try:
+        check_config_files(sys.argv[1:] if args is None else args)
         cli_main(args)
     except (PairFormatError, ModelNotFoundError, ConfigError) as e:
         sys.stderr.write(f"{prog}: error: {e}\n")

@@ -160,6 +160,20 @@ def test_settings_that_cannot_work_are_one_line_errors(tiny_model_dir, tmp_path,
     assert e.value.code == 2 and err[-1].startswith("train.py: error: ") and message in err[-1], err[-3:]
 
 
+@pytest.mark.parametrize("flag", ["--config", "-c", "--config="])
+def test_a_config_that_is_not_yaml_names_its_file_and_line(tmp_path, capsys, flag):
+    """jsonargparse named a stacked config with a YAML syntax error `<unicode string>`,
+    so the user could not tell which of their files was broken."""
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("trainer:\n  max_steps: 3\n  devices: [1\n")
+    args = [f"--config={bad}"] if flag == "--config=" else [flag, str(bad)]
+    with pytest.raises(SystemExit) as e:
+        train_main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), *args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith(f"train.py: error: --config {bad}:4:1: not valid YAML: "), err
+    assert "(line 3, column 12)" in err and "<unicode string>" not in err
+
+
 def test_train_py_reports_a_bad_pair_row_in_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     """A malformed row is `file:line: field` on stderr with exit status 2, not a
