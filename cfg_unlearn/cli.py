@@ -185,6 +185,8 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
     from cfg_unlearn.utils import ConfigError
 
     try:
+        if args is not None and args == sys.argv[1:]:
+            args = None  # `cfg-unlearn fit ...`: the command line itself (Lightning warns when given both)
         check_config_files(sys.argv[1:] if args is None else args)
         cli_main(args)
     except (PairFormatError, ModelNotFoundError, ConfigError) as e:

@@ -160,6 +160,22 @@ def test_settings_that_cannot_work_are_one_line_errors(tiny_model_dir, tmp_path,
     assert e.value.code == 2 and err[-1].startswith("train.py: error: ") and message in err[-1], err[-3:]
 
 
+def test_cfg_unlearn_fit_runs_without_lightnings_args_warning(tmp_path, monkeypatch, recwarn):
+    """`cfg-unlearn fit ...` passed its command line to LightningCLI as `args` too, and
+    Lightning warned "not recommended to provide both args and command line arguments"
+    on every run."""
+    from cfg_unlearn.cli import UnlearnCLI
+
+    ran = []
+    monkeypatch.setattr(UnlearnCLI, "_run_subcommand", lambda self, sub: ran.append(sub))  # parse and build only
+    argv = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false"]
+    monkeypatch.setattr(sys, "argv", ["cfg-unlearn", *argv])
+    console_main()
+    assert ran == ["fit"]
+    assert not [w for w in recwarn if "args parameter" in str(w.message)], [str(w.message) for w in recwarn]
+
+
 @pytest.mark.parametrize("flag", ["--config", "-c", "--config="])
 def test_a_config_that_is_not_yaml_names_its_file_and_line(tmp_path, capsys, flag):
     """jsonargparse named a stacked config with a YAML syntax error `<unicode string>`,
