@@ -289,7 +289,7 @@ def _one_thread():
 
 
 def _fit(spec: str, root: Path, *, kill_at: int | None = None, ckpt_path: str | None = None, exact: bool = True,
-         every_step: bool = True, stop_at: int | None = None):
+         every_step: bool = True, stop_at: int | None = None, accumulate: int = 1, kill_batch: int | None = None):
     """One fit of the tiny model; returns (module, trainer, recorder). Killed runs return
     after the kill; every run (killed or resumed) writes its checkpoints into ``root``."""
     L.seed_everything(0, verbose=False)
@@ -304,16 +304,18 @@ def _fit(spec: str, root: Path, *, kill_at: int | None = None, ckpt_path: str | 
                  if every_step else ModelCheckpoint(dirpath=root, save_last=True, save_top_k=1)]
     if kill_at is not None:
         callbacks.append(_KillAt(kill_at))
+    if kill_batch is not None:
+        callbacks.append(_KillAtBatch(kill_batch))
     if stop_at is not None:
         callbacks.append(_StopAt(stop_at))
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=EPOCHS, callbacks=callbacks, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-                        num_sanity_val_steps=0)
+                        num_sanity_val_steps=0, accumulate_grad_batches=accumulate)
     install_checkpointing(trainer, exact_resume=exact)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     except _Kill:
-        assert kill_at is not None
+        assert kill_at is not None or kill_batch is not None
     return module, trainer, record
 
 
@@ -353,6 +355,45 @@ def test_mid_epoch_resume_ends_with_the_weights_of_an_uninterrupted_run(spec, un
     _assert_same_run(uninterrupted, module, trainer, record, kill_at)
     # Lightning's "your dataloader is not resumable" warning is not true here, so not shown
     assert not [w for w in recwarn if "dataloader is not resumable" in str(w.message)]
+
+
+class _KillAtBatch(Callback):
+    """Dies before training batch ``n`` (0-based, counted over epochs; 6 an epoch)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch * 6 + batch_idx == self.n:
+            raise _Kill(f"killed before batch {self.n}")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_accumulating(spec, tmp_path_factory):
+    module, trainer, record = _fit(spec, tmp_path_factory.mktemp("full-acc"), accumulate=2)
+    assert trainer.global_step == 3 * EPOCHS and len(record.seen) == 6 * EPOCHS
+    return module.state_dict(), record.seen, trainer.optimizers[0].param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("kill_batch", [4, 5, 9], ids=["epoch0-window-start", "epoch0-mid-window",
+                                                       "epoch1-mid-window"])
+def test_mid_epoch_resume_with_gradient_accumulation(spec, uninterrupted_accumulating, tmp_path, kill_batch):
+    """Two batches per optimizer step (3 steps an epoch). Killed at the start of a window
+    or half-way through one (its accumulated gradient dies with the process), the fit
+    resumes from the checkpoint of the last optimizer step, replays that window whole,
+    and ends with the uninterrupted run's weights."""
+    weights, seen, lr = uninterrupted_accumulating
+    _, killed, _ = _fit(spec, tmp_path, kill_batch=kill_batch, accumulate=2)
+    step = kill_batch // 2
+    assert killed.global_step == step
+    module, trainer, record = _fit(spec, tmp_path, ckpt_path=str(tmp_path / "last.ckpt"), accumulate=2)
+    assert trainer.global_step == 3 * EPOCHS
+    assert record.seen == seen[2 * step:]  # the batches left, the killed window's first included
+    state = module.state_dict()
+    differ = [k for k in weights if not torch.equal(state[k], weights[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    assert trainer.optimizers[0].param_groups[0]["lr"] == lr
+
 
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
