@@ -22,6 +22,7 @@ Design notes (why it looks like this):
 
 from __future__ import annotations
 
+import math
 import logging
 import warnings
 import zlib
@@ -238,7 +239,7 @@ class UnlearnModule(L.LightningModule):
         if lora is not None and lora.r < 1:
             raise ConfigError(f"lora.r must be >= 1, got {lora.r}")
         # adapter-only checkpoints lack the frozen base: it comes from `model` on load
-        self.strict_loading = not (lora is not None and lora.adapter_only_checkpoints)
+        self.strict_loading = not (lora is not None and lora.adapter_only_checkpoints)  # checked in on_load_checkpoint
         # not a registered submodule: kept out of checkpoints, the optimizer and sharding
         self._reference_model: tuple[torch.nn.Module, ...] = ()
         # "split:id" -> (variant cond/uncond, side chosen/rejected) summed log-probs of the
@@ -311,6 +312,11 @@ class UnlearnModule(L.LightningModule):
             hp = self.hparams
             ref = load_causal_lm(self.model_name, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
                                  trust_remote_code=hp.trust_remote_code)
+            if self._trainer is not None:
+                # the policy's precision: `bf16-true`/`16-true` convert the policy's weights
+                # (the reference is no submodule, so not it); an fp32 reference made the
+                # policy differ from it before any update
+                ref = self.trainer.precision_plugin.convert_module(ref)
             self._reference_model = (ref.eval().requires_grad_(False),)
 
     def _rows(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -321,9 +327,16 @@ class UnlearnModule(L.LightningModule):
         """Summed response log-probs of the reference model, ``(rows,)``."""
         with torch.no_grad():
             if self._uses_adapters_as_reference():
-                with self.model.disable_adapter():
-                    logits = self.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
-                                        use_cache=False).logits
+                # eval mode, like the frozen copy and the precomputed table: a base model
+                # with dropout would otherwise be a different random reference each call
+                was_training = self.model.training
+                self.model.eval()
+                try:
+                    with self.model.disable_adapter():
+                        logits = self.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
+                                            use_cache=False).logits
+                finally:
+                    self.model.train(was_training)
             else:
                 self._build_reference()  # validate/test never ran on_fit_start
                 ref = self._reference_model[0]
@@ -502,6 +515,13 @@ class UnlearnModule(L.LightningModule):
         self._build_reference()
         if (self.objective in NEEDS_REFERENCE and self.reference == "precomputed"
                 and not self._uses_adapters_as_reference() and self.reference_logps is None):
+            if self.trainer.ckpt_path is not None:
+                # the weights are the checkpoint's by now: a table scored on them would make
+                # the trained model its own reference (NPO's weight back to 1)
+                raise ConfigError(
+                    f"reference: precomputed, but the checkpoint {self.trainer.ckpt_path} holds no reference table "
+                    "(it comes from another objective or reference mode), and the resumed weights are not the "
+                    "starting model; resume with reference: copy, which loads the starting model from `model`")
             self.reference_logps = self.compute_reference_logps()
 
     def compute_reference_logps(self) -> dict[str, torch.Tensor]:
@@ -545,15 +565,8 @@ class UnlearnModule(L.LightningModule):
         # hparams keep `model` as given; a relative path breaks when the checkpoint is
         # exported from another folder, so the absolute one travels with it (export reads it)
         checkpoint["model_abspath"] = absolute_model_name(self.model_name)
-        if self.lora is not None and self.lora.adapter_only_checkpoints:
-            # FSDP/activation-checkpoint wrappers add name parts the saved keys do not have
-            wrappers = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-            trainable = set()
-            for n, p in self.model.named_parameters():
-                if p.requires_grad:
-                    for w in wrappers:
-                        n = n.replace(w, "")
-                    trainable.add(f"model.{n}")
+        if self._adapter_only():
+            trainable = self._checkpoint_keys(trainable_only=True)
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # a resumed run must compare against the *starting* model, not the resumed one
         if self.reference_logps is not None:
@@ -561,8 +574,41 @@ class UnlearnModule(L.LightningModule):
             checkpoint["reference_logps"] = {"keys": keys,
                                              "values": torch.stack([self.reference_logps[k] for k in keys])}
 
+    def _adapter_only(self) -> bool:
+        return self.lora is not None and self.lora.adapter_only_checkpoints
+
+    def _checkpoint_keys(self, trainable_only: bool) -> set[str]:
+        """The module's state-dict keys as a checkpoint names them (``model.<name>``;
+        FSDP/activation-checkpoint wrappers add name parts the saved keys do not have)."""
+        keys = set()
+        for n, p in [*self.model.named_parameters(), *([] if trainable_only else self.model.named_buffers())]:
+            if trainable_only and not p.requires_grad:
+                continue
+            for w in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+                n = n.replace(w, "")
+            keys.add(f"model.{n}")
+        return keys
+
+    def _check_adapter_checkpoint(self, state_dict: dict[str, Any]) -> None:
+        """Adapter-only checkpoints load non-strictly (the frozen base comes from
+        ``model``), which would also hide adapters the checkpoint lacks or holds for
+        another LoRA config (``target_modules``, ``r``): those load as nothing, silently.
+        Every trainable key must be there, and every key must be the module's."""
+        missing = sorted(self._checkpoint_keys(trainable_only=True) - set(state_dict))
+        unexpected = sorted(set(state_dict) - self._checkpoint_keys(trainable_only=False))
+        if missing or unexpected:
+            def some(keys):
+                return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+            parts = ([f"{len(missing)} trainable tensor(s) missing: {some(missing)}"] if missing else []) + (
+                [f"{len(unexpected)} tensor(s) this model does not have: {some(unexpected)}"] if unexpected else [])
+            raise ConfigError("the adapter checkpoint does not fit this model's LoRA settings ("
+                              + "; ".join(parts) + "): give the lora settings it was trained with")
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.checkpoint_step = int(checkpoint.get("global_step", 0))
+        if self._adapter_only() and self.model is not None and isinstance(checkpoint.get("state_dict"), dict):
+            self._check_adapter_checkpoint(checkpoint["state_dict"])
         saved = checkpoint.get("reference_logps")
         if saved is not None and "keys" in saved:
             self.reference_logps = dict(zip(saved["keys"], saved["values"]))
@@ -591,5 +637,10 @@ class UnlearnModule(L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         if getattr(scheduler, "needs_total_steps", False):
-            scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
+            total = self.trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ConfigError(
+                    f"{type(scheduler).__name__} needs the number of training steps, but this fit has no end in "
+                    "steps (max_epochs: -1, e.g. with max_time): set trainer.max_steps or trainer.max_epochs")
+            scheduler.set_total_steps(int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -403,6 +403,81 @@ def test_lora_trains_only_adapters_and_is_its_own_npo_reference(tiny_model_dir, 
     assert (policy < ref - 1e-3).all()  # the adapters did push the leak down
 
 
+def test_lora_reference_is_scored_in_eval_mode(tiny_model_dir, tmp_path):
+    """The adapters-off reference ran in training mode: on a base model with dropout it
+    was a different random reference at every call (the copy and the table use eval)."""
+    import json
+    import shutil
+
+    drop = tmp_path / "tiny-dropout"
+    shutil.copytree(tiny_model_dir, drop)
+    config = json.loads((drop / "config.json").read_text())
+    (drop / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.3}))
+    dm = PairDataModule(tokenizer=str(drop), world=WorldConfig(seed=0, n_people=4), batch_size=4, val_fraction=0.0)
+    dm.setup("fit")
+    rows = None
+    for lora in (LoraSettings(r=4), None):
+        m = UnlearnModule(model=str(drop), objective="npo", lora=lora)
+        m.configure_model()
+        rows = rows or m._rows(apply_conditioning(next(iter(dm.train_dataloader())), torch.zeros(4, dtype=torch.bool)))
+        torch.manual_seed(0)
+        first, second = m._reference_forward(rows), m._reference_forward(rows)
+        assert torch.equal(first, second), lora
+        assert m.model.training  # the policy's mode is given back
+        if lora is not None:
+            adapters_off = first
+    torch.testing.assert_close(adapters_off, first, rtol=1e-5, atol=1e-4)  # LoRA's B is 0: same as the copy
+
+
+def test_frozen_copy_reference_is_in_the_policys_precision(tiny_model_dir, tmp_path):
+    """`bf16-true` converts the policy's weights, not the reference's (no submodule): at
+    lr 0 NPO's log-ratio was 0.0011 at the first step, not 0."""
+    spec = f"tiny:{tiny_model_dir}"
+    dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4, val_fraction=0.0)
+    m = UnlearnModule(model=spec, objective="npo", reference="copy", optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    trainer = _fit(m, dm, tmp_path, steps=1, precision="bf16-true")
+    assert next(m._reference_model[0].parameters()).dtype == torch.bfloat16
+    assert float(trainer.callback_metrics["train/npo/log_ratio"]) == 0.0
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(20 * math.log(2), rel=1e-2)
+
+
+def test_precomputed_reference_is_not_scored_on_resumed_weights(tiny_model_dir, tmp_path):
+    """A checkpoint with no table (here: a `copy` run) resumed with `precomputed` scored
+    the table on the trained weights: the model became its own reference, silently."""
+    from cfg_unlearn.utils import ConfigError
+
+    spec = f"tiny:{tiny_model_dir}"
+    dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4, val_fraction=0.0)
+    opt = lambda p: torch.optim.SGD(p, lr=0.5)  # noqa: E731
+    trainer = _fit(UnlearnModule(model=spec, objective="npo", reference="copy", optimizer=opt), dm, tmp_path,
+                   steps=2, enable_checkpointing=True)
+    ckpt = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
+    resumed = UnlearnModule(model=spec, objective="npo", reference="precomputed", optimizer=opt)
+    with pytest.raises(ConfigError, match=r"holds no reference table .* resume with reference: copy"):
+        L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  limit_val_batches=0, default_root_dir=tmp_path, enable_checkpointing=False).fit(
+            resumed, datamodule=dm, ckpt_path=ckpt)
+    assert resumed.reference_logps is None
+
+
+def test_a_schedule_without_a_step_budget_is_a_clear_error(tiny_model_dir, tmp_path):
+    """max_epochs -1 (with max_time) gives no step count: WarmupCosine failed with
+    "OverflowError: cannot convert float infinity to integer"."""
+    from functools import partial
+
+    from cfg_unlearn.schedules import WarmupCosine
+    from cfg_unlearn.utils import ConfigError
+
+    spec = f"tiny:{tiny_model_dir}"
+    dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4, val_fraction=0.0)
+    m = UnlearnModule(model=spec, lr_scheduler=partial(WarmupCosine, warmup_steps=3))
+    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, max_time="00:00:00:30", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path)
+    with pytest.raises(ConfigError, match="WarmupCosine needs the number of training steps.*max_steps"):
+        trainer.fit(m, datamodule=dm)
+
+
 def test_lora_with_gradient_checkpointing_gives_adapter_gradients(tiny_setup):
     spec, dm = tiny_setup
     m = UnlearnModule(model=spec, gradient_checkpointing=True, lora=LoraSettings(r=4, target_modules=["q_proj", "v_proj"]))
@@ -434,6 +509,27 @@ def test_adapter_only_checkpoints_hold_adapters_and_restore_exactly(tiny_model_d
     assert restored.lora == lora
     for n, p in m.model.named_parameters():
         assert torch.equal(dict(restored.model.named_parameters())[n], p.detach()), n
+
+
+def test_adapter_checkpoint_for_other_lora_settings_is_refused(tiny_model_dir, tmp_path):
+    """Adapter-only checkpoints load non-strictly, which also hid adapters the checkpoint
+    lacks or holds for another LoRA config: validate scored a half-loaded model."""
+    from cfg_unlearn.utils import ConfigError
+
+    spec = f"tiny:{tiny_model_dir}"
+    dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4, val_fraction=0.0)
+    m = UnlearnModule(model=spec, lora=LoraSettings(r=4, adapter_only_checkpoints=True),
+                      optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    trainer = _fit(m, dm, tmp_path, steps=1, enable_checkpointing=True)
+    ckpt = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
+    fewer = LoraSettings(r=4, target_modules=["q_proj", "v_proj"], adapter_only_checkpoints=True)
+    with pytest.raises(ConfigError, match=r"does not fit this model's LoRA settings \(\d+ tensor\(s\) this model "
+                                          r"does not have: model\.base_model.*lora settings it was trained with"):
+        UnlearnModule.load_from_checkpoint(ckpt, map_location="cpu", lora=fewer)
+    more = LoraSettings(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj", "lm_head"], adapter_only_checkpoints=True)
+    with pytest.raises(ConfigError, match=r"\d+ trainable tensor\(s\) missing: .*lm_head"):
+        UnlearnModule.load_from_checkpoint(ckpt, map_location="cpu", lora=more)
 
 
 def test_frozen_copy_reference_is_the_starting_model_even_after_resume(tiny_model_dir, tmp_path):
