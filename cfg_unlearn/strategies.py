@@ -73,6 +73,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from cfg_unlearn.utils import ConfigError
+
 __all__ = [
     "NormClippingFSDPPrecision",
     "UnlearnFSDPStrategy",
@@ -438,6 +440,12 @@ class UnlearnFSDPStrategy(FSDPStrategy):
                 "UnlearnFSDPStrategy found a model without parameters at setup: the module must build its "
                 "model in configure_model()"
             )
+        settings = getattr(model, "lora", None)
+        if self._state_dict_type == "sharded" and getattr(settings, "adapter_only_checkpoints", False):
+            # a sharded checkpoint is loaded key for key by the model's full state dict, so
+            # one with the adapters alone saves but cannot be resumed or validated
+            raise ConfigError("lora.adapter_only_checkpoints needs state_dict_type: full under FSDP "
+                              "(a sharded checkpoint of the adapters alone cannot be loaded back)")
         classes = resolve_layer_classes(model, self.wrap_layer_classes)
         lora = has_frozen_and_trainable(model) if self.lora_aware is None else self.lora_aware
         policy = lora_aware_policy(classes) if lora else ModuleWrapPolicy(classes)

@@ -267,6 +267,18 @@ def test_configure_wrapping_resolves_on_the_built_module(tiny_model_dir, lora):
         UnlearnFSDPStrategy().configure_wrapping(UnlearnModule(model=f"tiny:{tiny_model_dir}"))
 
 
+def test_sharded_checkpoints_of_adapters_alone_are_refused(tiny_model_dir):
+    """They saved, then `fit --ckpt_path` and `validate` failed with a raw DCP error
+    ("Missing key in checkpoint state_dict: ...embed_tokens.weight")."""
+    from cfg_unlearn.utils import ConfigError
+
+    module = UnlearnModule(model=f"tiny:{tiny_model_dir}", lora=LoraSettings(r=4, adapter_only_checkpoints=True))
+    module.configure_model()
+    with pytest.raises(ConfigError, match="adapter_only_checkpoints needs state_dict_type: full under FSDP"):
+        UnlearnFSDPStrategy(state_dict_type="sharded").configure_wrapping(module)
+    UnlearnFSDPStrategy(state_dict_type="full").configure_wrapping(module)  # the full state dict loads back
+
+
 # ---------------------------------------------------------------------- configs
 
 
