@@ -331,6 +331,29 @@ def test_answer_longer_than_max_length_from_file(tiny_name, tmp_path, tok):
         assert "max_length=32" in msg
 
 
+def test_on_error_skip_skips_and_counts_pairs_with_an_answer_too_long(tiny_name, tmp_path, caplog):
+    """`on_error: skip` skipped malformed rows but still aborted setup on one answer
+    longer than max_length; such a row is now skipped like any other bad row, counted and
+    named by its line (never its text)."""
+    long = "word " * 60
+    ask = ({"role": "user", "content": "q"},)
+    recs = [PairRecord(id=f"p{i}", prompt=ask, chosen="ok", rejected="no", group=f"g{i}") for i in range(4)]
+    recs[1] = PairRecord(id="p1", prompt=ask, chosen=long, rejected="no", group="g1")
+    recs[3] = PairRecord(id="p3", prompt=ask, chosen="ok", rejected=long, group="g3")
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path, recs)
+    with caplog.at_level("WARNING"):
+        dm = make_dm(tiny_name, train_file=str(path), max_length=32, val_fraction=0.0, on_error="skip")
+    assert [x["id"] for x in dm.train_dataset.items] == ["p0", "p2"]
+    assert (dm.stats["train_pairs"], dm.stats["train_groups"], dm.stats["skipped_rows"]) == (2, 2, 2)
+    assert (f"2 pairs skipped (on_error: skip): an answer is longer than max_length=32 and answers are never "
+            f"truncated: {path}:2 (chosen, " in caplog.text) and f"{path}:4 (rejected, " in caplog.text
+    assert "word word" not in caplog.text
+    write_pairs(path, [recs[1]])
+    with pytest.raises(ValueError, match="no training pairs: every answer is longer than max_length=32"):
+        make_dm(tiny_name, train_file=str(path), max_length=32, val_fraction=0.0, on_error="skip")
+
+
 def test_answer_longer_than_max_length_from_world(tiny_name):
     with pytest.raises(ValueError) as info:
         make_dm(tiny_name, max_length=4)

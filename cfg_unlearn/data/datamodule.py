@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning as L
@@ -50,6 +50,8 @@ class EncodeStats:
     truncated_prompts: int = 0  # sequences whose prompt lost its oldest turns' tokens
     prompt_tokens_cut: int = 0
     instruction_cut: int = 0  # ... and even the instruction: it alone did not fit
+    #: where the pairs skipped for an answer longer than max_length are (on_error: skip)
+    too_long: list[str] = field(default_factory=list)
 
 
 def audit_pairs(records: Sequence[PairRecord]) -> dict[str, list[str]]:
@@ -203,8 +205,9 @@ class PairDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         seed: shuffling and split seed.
         max_chars: per-field character cap of the JSONL reader.
-        on_error: ``raise`` on the first bad row, or ``skip`` bad rows (counted, logged);
-            a duplicate id is an error either way.
+        on_error: ``raise`` on the first bad row, or ``skip`` bad rows (counted, logged),
+            pairs with an answer longer than ``max_length`` included; a duplicate id is
+            an error either way.
     """
 
     def __init__(
@@ -298,11 +301,17 @@ class PairDataModule(L.LightningDataModule):
                 ids = tok(getattr(rec, side), add_special_tokens=False)["input_ids"] + [eos]
                 if len(ids) > self.max_length:
                     where = rec.source or f"record {rec.id!r}"
+                    if self.on_error == "skip":  # a bad row like any other: skipped, counted
+                        stats.too_long.append(f"{where} ({side}, {len(ids)} tokens)")
+                        break
                     raise ConfigError(
                         f"{where}: field '{side}': answer is {len(ids)} tokens (with EOS), more than "
-                        f"max_length={self.max_length}; answers are never truncated, raise max_length"
+                        f"max_length={self.max_length}; answers are never truncated, raise max_length "
+                        "(or skip such rows with on_error: skip)"
                     )
                 answers.append(ids)
+            if len(answers) < 2:
+                continue
             item: dict[str, Any] = {"id": rec.id}
             for v in VARIANTS:
                 system = (rec.system or self.system_prompt) if v == "cond" else self.uncond_system_prompt
@@ -345,13 +354,22 @@ class PairDataModule(L.LightningDataModule):
         self._warn_suspect_pairs(train + val)
         self._known_pii = tuple(dict.fromkeys([*self._known_pii, *(p for r in train + val for p in r.pii)]))
         st = EncodeStats()
-        self.train_dataset = PairDataset(self.encode(train, st))
-        self.val_dataset = PairDataset(self.encode(val, st)) if val else None
+        train_items, val_items = self.encode(train, st), self.encode(val, st)
+        if st.too_long:
+            log.warning("%d pairs skipped (on_error: skip): an answer is longer than max_length=%d and answers are "
+                        "never truncated: %s%s", len(st.too_long), self.max_length, ", ".join(st.too_long[:5]),
+                        f" (+{len(st.too_long) - 5} more)" if len(st.too_long) > 5 else "")
+            self.stats["skipped_rows"] = self.stats.get("skipped_rows", 0) + len(st.too_long)
+            if not train_items:
+                raise ConfigError(f"no training pairs: every answer is longer than max_length={self.max_length}")
+        kept = {x["id"] for x in train_items + val_items}
+        self.train_dataset = PairDataset(train_items)
+        self.val_dataset = PairDataset(val_items) if val_items else None
         self.stats.update(
-            train_pairs=len(train),
-            val_pairs=len(val),
-            train_groups=len({r.group for r in train}),
-            val_groups=len({r.group for r in val}),
+            train_pairs=len(train_items),
+            val_pairs=len(val_items),
+            train_groups=len({r.group for r in train if r.id in kept}),
+            val_groups=len({r.group for r in val if r.id in kept}),
             truncated_prompts=st.truncated_prompts,
             prompt_tokens_cut=st.prompt_tokens_cut,
             instruction_cut=st.instruction_cut,
