@@ -465,6 +465,28 @@ def run_dir(trainer: L.Trainer) -> str:
     return trainer.strategy.broadcast(path)
 
 
+def planned_run_dir(trainer: L.Trainer) -> str | None:
+    """:func:`run_dir` before the fit starts, without a collective and without opening
+    the logger (a CSVLogger deletes the ``metrics.csv`` it finds when it opens): None
+    when a W&B run has no id yet (a fresh id: a directory of its own)."""
+    if not trainer.loggers:
+        return trainer.default_root_dir
+    lg = trainer.loggers[0]
+    if type(lg).__name__ == "WandbLogger" and lg.version is None:
+        return None
+    version = lg.version if isinstance(lg.version, str) else f"version_{lg.version}"
+    return os.path.join(lg.save_dir or trainer.default_root_dir, str(lg.name), version)
+
+
+def refuse_taken_run_dir(path: str | Path, taken: list[str]) -> None:
+    """The error for a run directory that :func:`previous_run_files` found taken."""
+    if taken:
+        raise ConfigError(
+            f"{path} holds another run ({', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}); "
+            "writing there would replace it. Pick a new --trainer.logger.init_args.version (or let the "
+            "logger choose one), remove the directory, or resume that run with --ckpt_path")
+
+
 def previous_run_files(path: str | Path) -> list[str]:
     """What a run directory already holds of another run: its ``config.yaml`` and its
     checkpoints (file names relative to ``path``)."""
@@ -495,11 +517,7 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
         path = run_dir(trainer)
         resuming = stage == "fit" and bool(self.config.get("ckpt_path"))
         taken = previous_run_files(path) if trainer.is_global_zero and not resuming else []
-        if trainer.strategy.broadcast(taken):
-            raise ConfigError(
-                f"{path} holds another run ({', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}); "
-                "writing there would replace it. Pick a new --trainer.logger.init_args.version (or let the "
-                "logger choose one), remove the directory, or resume that run with --ckpt_path")
+        refuse_taken_run_dir(path, trainer.strategy.broadcast(taken))
         if trainer.is_global_zero:
             if self.save_to_log_dir:
                 os.makedirs(path, exist_ok=True)

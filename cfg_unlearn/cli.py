@@ -14,12 +14,19 @@ from typing import Any, Optional
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from cfg_unlearn.callbacks import GuidanceEval, LoggerSaveConfigCallback
+from cfg_unlearn.callbacks import (
+    GuidanceEval,
+    LoggerSaveConfigCallback,
+    planned_run_dir,
+    previous_run_files,
+    refuse_taken_run_dir,
+)
 from cfg_unlearn.checkpointing import install_checkpointing
 from cfg_unlearn.data.datamodule import PairDataModule
 from cfg_unlearn.module import UnlearnModule
+from cfg_unlearn.utils import ConfigError
 
 #: LightningCLI's subcommands kept: the module scores pairs only in training and
 #: validation steps (``validate`` is the scoring run, GuidanceEval included), so ``test``
@@ -70,6 +77,43 @@ class UnlearnCLI(LightningCLI):
                 rank_zero_warn(f"--ckpt_path: a resumed fit restores the optimizer and learning-rate schedule from "
                                f"the checkpoint, so {', '.join(ignored)} take no effect")
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Check the run directory before the trainer opens its logger, and remove the
+        directory a failed run created if it holds nothing but its config."""
+        path = planned_run_dir(self.trainer)
+        existed = path is None or os.path.exists(path)
+        if path is not None:
+            self._check_run_dir(path, subcommand)
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if not existed and self.trainer.is_global_zero:
+                remove_if_only_config(path)
+            raise
+
+    def _check_run_dir(self, path: str, subcommand: str) -> None:
+        """Done here, not in a callback's setup: by then a CSVLogger has opened the
+        directory and deleted the ``metrics.csv`` it found, of the run being refused or of
+        the one being resumed."""
+        ckpt = self.config_init[subcommand].get("ckpt_path")
+        if ckpt and ckpt not in ("last", "best", "hpc") and "://" not in str(ckpt) and not os.path.exists(ckpt):
+            raise ConfigError(f"--ckpt_path {ckpt}: no such checkpoint")
+        if subcommand == "fit" and ckpt:
+            # resuming into its own directory: Lightning's CSVLogger starts metrics.csv anew
+            # (deleting the rows logged before), so those rows are kept beside it
+            old = os.path.join(path, "metrics.csv")
+            if self.trainer.is_global_zero and os.path.isfile(old):
+                n = 1
+                while os.path.exists(os.path.join(path, f"metrics.{n}.csv")):
+                    n += 1
+                os.replace(old, os.path.join(path, f"metrics.{n}.csv"))
+                # ... so Lightning's "previous log files will be deleted" is no longer true
+                warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted")
+                rank_zero_info(f"resuming in {path}: the metrics logged before are kept in metrics.{n}.csv; "
+                               "metrics.csv holds those from here on")
+        elif self.trainer.is_global_zero:
+            refuse_taken_run_dir(path, previous_run_files(path))
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         install_checkpointing(trainer)  # atomic checkpoint writes + exact mid-epoch resume
@@ -78,6 +122,21 @@ class UnlearnCLI(LightningCLI):
             # first, so its metrics are logged before checkpoint callbacks read them
             trainer.callbacks.insert(0, evaluator)
         return trainer
+
+
+def remove_if_only_config(path: str) -> None:
+    """Remove a run directory a failed run created when all it holds is what setup wrote
+    (``config.yaml``, ``hparams.yaml``, empty folders): left behind, it shifted the
+    version numbers and its ``config.yaml`` blocked reusing that version's name. Anything
+    else (metrics, checkpoints) is kept."""
+    import shutil
+
+    if not os.path.isdir(path):
+        return
+    for root, _, files in os.walk(path):
+        if any(f not in ("config.yaml", "hparams.yaml") or root != path for f in files):
+            return
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _restored_over(model: Any, ckpt_path: Any) -> list[str]:
@@ -149,8 +208,6 @@ def check_config_files(argv: list[str]) -> None:
     a file is left to jsonargparse (it also takes inline YAML and reports missing files)."""
     import yaml
 
-    from cfg_unlearn.utils import ConfigError
-
     for i, arg in enumerate(argv):
         if arg in ("--config", "-c") and i + 1 < len(argv):
             path = argv[i + 1]
@@ -182,7 +239,6 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
     commands) instead of a traceback through Lightning's loops."""
     from cfg_unlearn.data.schema import PairFormatError
     from cfg_unlearn.models import ModelNotFoundError
-    from cfg_unlearn.utils import ConfigError
 
     try:
         if args is not None and args == sys.argv[1:]:

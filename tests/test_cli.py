@@ -228,20 +228,49 @@ def test_a_run_directory_of_another_run_is_refused_unless_resuming(tiny_model_di
     args = ["fit", "--config", "configs/tiny.yaml", f"--model.model=tiny:{tiny_model_dir}",
             f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.version=0",
             "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0", "--eval=null",
-            "--data.world.n_people=2"]
+            "--data.world.n_people=2", "--trainer.log_every_n_steps=1"]
     train_main([*args, "--trainer.max_steps=1"])
     run_dir = tmp_path / "tiny" / "version_0"
-    config, last = run_dir / "config.yaml", run_dir / "checkpoints" / "last.ckpt"
-    before = (config.read_bytes(), last.read_bytes())
+    config, last, metrics = run_dir / "config.yaml", run_dir / "checkpoints" / "last.ckpt", run_dir / "metrics.csv"
+    before = (config.read_bytes(), last.read_bytes(), metrics.read_bytes())
     with pytest.raises(SystemExit) as e:
         train_main([*args, "--trainer.max_steps=1", "--model.beta=0.5"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2 and err.startswith(f"train.py: error: {run_dir} holds another run (config.yaml, "
                                                 "checkpoints/last.ckpt)"), err
-    assert (config.read_bytes(), last.read_bytes()) == before  # nothing of the old run replaced
+    # nothing of the old run replaced, its metrics.csv included (the CSVLogger deleted it
+    # when it opened the directory, before the refusal)
+    assert (config.read_bytes(), last.read_bytes(), metrics.read_bytes()) == before
 
     train_main([*args, "--trainer.max_steps=2", f"--ckpt_path={last}"])  # resuming it: allowed
     assert torch.load(last, weights_only=False)["global_step"] == 2
+    # the rows logged before the resume are kept beside the new metrics.csv (they were deleted)
+    assert (run_dir / "metrics.1.csv").read_bytes() == before[2]
+    assert {r["step"] for r in csv.DictReader((run_dir / "metrics.1.csv").open())} == {"0"}
+    assert {r["step"] for r in csv.DictReader(metrics.open())} == {"1"}  # the resumed step's rows only
+
+
+def test_a_failed_run_leaves_no_run_directory_and_a_missing_checkpoint_is_one_line(tiny_model_dir, tmp_path,
+                                                                                      capsys, monkeypatch):
+    """A run that failed in setup left its version directory (config.yaml only): the
+    next run got the next version number, and a reused version name was refused as
+    "another run". A --ckpt_path that does not exist was a traceback."""
+    monkeypatch.chdir(ROOT)
+    args = ["fit", "--config", "configs/tiny.yaml", f"--model.model=tiny:{tiny_model_dir}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false", "--eval=null",
+            "--data.world.n_people=2", "--trainer.max_steps=1"]
+    with pytest.raises(SystemExit):
+        train_main([*args, "--data.max_length=10"])  # an answer longer than max_length: refused in setup
+    assert not (tmp_path / "tiny" / "version_0").exists()
+    train_main(args)
+    assert (tmp_path / "tiny" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    capsys.readouterr()
+    for sub in ("fit", "validate"):
+        with pytest.raises(SystemExit) as e:
+            train_main([sub, *args[1:], f"--ckpt_path={tmp_path / 'nope.ckpt'}"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and err == f"train.py: error: --ckpt_path {tmp_path / 'nope.ckpt'}: no such checkpoint"
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["version_0"]
 
 
 def test_tiny_fit_then_validate_end_to_end(tiny_model_dir, tmp_path):
