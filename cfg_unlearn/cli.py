@@ -375,7 +375,7 @@ def _generate(argv: list[str]) -> None:
 
 
 def _demo(argv: list[str]) -> None:
-    from cfg_unlearn.demo import COND_MODES, FALLBACKS, DemoConfig, run_demo
+    from cfg_unlearn.demo import COND_MODES, FALLBACKS, DemoConfig, check_demo_config, run_demo
 
     d = DemoConfig()
     p = argparse.ArgumentParser(
@@ -415,6 +415,10 @@ def _demo(argv: list[str]) -> None:
                      unlearn_epochs=a.unlearn_epochs, unlearn_lr=a.unlearn_lr, beta=a.beta, baseline_lr=a.baseline_lr,
                      cond_dropout=a.cond_dropout, cond_mode=a.cond_mode, fallback=a.fallback,
                      scales=tuple(a.scales), spaces=tuple(a.spaces), compare=a.compare)
+    try:
+        check_demo_config(cfg)  # a usage error now, not a traceback after minutes of training
+    except ValueError as e:
+        p.error(str(e))
     run_demo(cfg, progress=not a.quiet)
 
 

@@ -18,8 +18,9 @@ import io
 import json
 import logging
 import random
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import lightning as L
@@ -268,27 +269,60 @@ def save_model(model, tokenizer, directory: Path) -> None:
     open_modes(directory)
 
 
+def check_demo_config(cfg: DemoConfig) -> DemoConfig:
+    """Refuse settings that would fail, or quietly mean nothing, after minutes of
+    training; returns ``cfg`` with its scales as sorted distinct floats (the plot joins
+    them in order, and metrics.json keys them as ``"1.0"``)."""
+    from cfg_unlearn.guidance import check_guidance
+
+    uncond_instruction(cfg.cond_mode)
+    if cfg.fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be 'redacted' or 'template', got {cfg.fallback!r}")
+    if cfg.beta < 0 or cfg.baseline_beta <= 0:
+        raise ValueError(f"beta must be >= 0 and baseline_beta > 0, got {cfg.beta} and {cfg.baseline_beta}")
+    if min(cfg.unlearn_lr, cfg.baseline_lr, cfg.leak_lr) <= 0:
+        raise ValueError(f"learning rates must be > 0, got unlearn_lr {cfg.unlearn_lr}, baseline_lr "
+                         f"{cfg.baseline_lr}, leak_lr {cfg.leak_lr}")
+    for name in ("people", "paraphrases", "leak_epochs", "unlearn_epochs", "batch_size", "max_new_tokens"):
+        if getattr(cfg, name) < 1:  # unlearn_epochs 0 "unlearned" nothing and reported the leaky model
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.cond_dropout <= 1.0:
+        raise ValueError(f"cond_dropout must be in [0, 1], got {cfg.cond_dropout}")
+    if not cfg.scales or not cfg.spaces:
+        raise ValueError("give at least one guidance scale and one space")
+    for space in cfg.spaces:
+        for g in cfg.scales:
+            check_guidance(float(g), space)
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ValueError(f"--out {cfg.out} is a file; give a directory")
+    return replace(cfg, scales=tuple(sorted({float(g) for g in cfg.scales})))
+
+
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     from cfg_unlearn.callbacks import subsample
     from cfg_unlearn.data.generate import generate_pairs
     from cfg_unlearn.data.llmpc import attack_probes, read_challenge
     from cfg_unlearn.models import load_causal_lm, load_tokenizer
 
-    uncond_system = uncond_instruction(cfg.cond_mode)  # fail before minutes of training
-    if cfg.fallback not in FALLBACKS:
-        raise ValueError(f"fallback must be 'redacted' or 'template', got {cfg.fallback!r}")
-    if cfg.beta < 0 or cfg.baseline_beta <= 0:
-        raise ValueError(f"beta must be >= 0 and baseline_beta > 0, got {cfg.beta} and {cfg.baseline_beta}")
-    if min(cfg.unlearn_lr, cfg.baseline_lr) <= 0:
-        raise ValueError(f"learning rates must be > 0, got unlearn_lr {cfg.unlearn_lr}, baseline_lr {cfg.baseline_lr}")
+    cfg = check_demo_config(cfg)  # fail before minutes of training
+    uncond_system = uncond_instruction(cfg.cond_mode)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    # a previous run's outputs that this one would not replace: its base model (its
+    # tokenizer is trained on that run's world: another --seed/--people would reuse it)
+    # and, without --compare, its comparison
+    stale = [out / "models" / "base"] + ([] if cfg.compare else [
+        out / "comparison.png", out / "models" / "without-pii", *(out / "models").glob("subtracted-*")])
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     seconds: dict[str, float] = {}
     t_all = t0 = time.perf_counter()
     world = World(WorldConfig(seed=cfg.seed, n_people=cfg.people))
     base_dir = out / "models" / "base"
-    if not base_dir.exists():
-        build_tiny(base_dir, texts=world.corpus(), spec=DEMO_SPEC)
+    build_tiny(base_dir, texts=world.corpus(), spec=DEMO_SPEC)
     tok = load_tokenizer(str(base_dir))
     seconds["build"] = time.perf_counter() - t0
 

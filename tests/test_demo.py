@@ -130,6 +130,13 @@ def test_demo_rejects_an_unknown_cond_mode(tmp_path, capsys):
     ({"baseline_beta": 0.0}, "beta must be >= 0 and baseline_beta > 0, got 1.0 and 0.0"),
     ({"unlearn_lr": 0.0}, "learning rates must be > 0, got unlearn_lr 0.0, baseline_lr 0.00025"),
     ({"baseline_lr": -1e-4}, "learning rates must be > 0, got unlearn_lr 0.00015, baseline_lr -0.0001"),
+    # these failed after minutes of work, or (unlearn_epochs 0) reported the leaky model as unlearned
+    ({"people": 0}, "people must be >= 1, got 0"),
+    ({"leak_epochs": 0}, "leak_epochs must be >= 1, got 0"),
+    ({"unlearn_epochs": 0}, "unlearn_epochs must be >= 1, got 0"),
+    ({"cond_dropout": 1.5}, "cond_dropout must be in [0, 1], got 1.5"),
+    ({"scales": (1.0, -1.0)}, "guidance_scale must be"),
+    ({"scales": ()}, "give at least one guidance scale and one space"),
 ])
 def test_demo_rejects_bad_settings_before_training(tmp_path, kwargs, match):
     from cfg_unlearn.demo import DemoConfig, run_demo
@@ -137,3 +144,42 @@ def test_demo_rejects_bad_settings_before_training(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=re.escape(match)):
         run_demo(DemoConfig(out=str(tmp_path / "d"), **kwargs), progress=False)
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_usage_errors_exit_2_before_any_work(tmp_path, capsys):
+    for args, match in ((["--unlearn-epochs", "0"], "unlearn_epochs must be >= 1"),
+                        (["--scales", "1", "-1"], "guidance_scale must be")):
+        with pytest.raises(SystemExit) as e:
+            console_main(["demo", "--out", str(tmp_path / "d"), "--quiet", *args])
+        assert e.value.code == 2 and match in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        console_main(["demo", "--out", str(tmp_path / "f"), "--quiet"])
+    assert e.value.code == 2 and "is a file; give a directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_demo_rebuilds_its_base_model_and_drops_a_stale_comparison(tmp_path, monkeypatch):
+    """A rerun into the same --out kept the previous run's models/base, whose tokenizer
+    was trained on that run's world (another --seed or --people gave other numbers than a
+    fresh run), and a run without --compare left the last comparison beside its report."""
+    import cfg_unlearn.demo as demo
+
+    out = tmp_path / "d"
+    for d in ("models/base", "models/without-pii", "models/subtracted-0.5"):
+        (out / d).mkdir(parents=True)
+        (out / d / "config.json").write_text("{}")
+    (out / "comparison.png").write_bytes(b"png")
+    built = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_build(path, **kw):
+        built.append((path, sorted(p.name for p in out.rglob("*"))))
+        raise Stop
+
+    monkeypatch.setattr(demo, "build_tiny", fake_build)
+    with pytest.raises(Stop):
+        demo.run_demo(demo.DemoConfig(out=str(out), seed=1, people=3), progress=False)
+    assert built == [(out / "models" / "base", ["models"])]
