@@ -280,7 +280,7 @@ def _generate(argv: list[str]) -> None:
         read_forget_conversations,
     )
     from cfg_unlearn.data.schema import PairFormatError, write_pairs
-    from cfg_unlearn.models import ModelNotFoundError, check_device, load_causal_lm, load_tokenizer, parse_dtype
+    from cfg_unlearn.models import check_device, load_causal_lm, load_tokenizer, parse_dtype
     from cfg_unlearn.pii import PARTIAL_MIN_CHARS
     from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 
@@ -344,7 +344,7 @@ def _generate(argv: list[str]) -> None:
         p.error(str(e))
     try:
         tok = load_tokenizer(a.model)
-    except ModelNotFoundError as e:
+    except ConfigError as e:  # no such model, or a directory or file that is none (ModelNotFoundError)
         p.exit(2, f"cfg-unlearn generate: --model: {e}\n")
     try:
         if a.forget:

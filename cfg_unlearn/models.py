@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from cfg_unlearn.tiny import resolve_pretrained
+from cfg_unlearn.utils import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,9 @@ def check_device(device: str | None) -> None:
         raise ValueError(f"device {device!r}: MPS is not available on this machine")
 
 
-class ModelNotFoundError(ValueError):
-    """A model or tokenizer name that is neither a local directory nor served by the hub."""
+class ModelNotFoundError(ConfigError):
+    """A model or tokenizer name that is neither a local model directory nor served by
+    the hub (a ConfigError: ``train.py`` prints it as one line)."""
 
 
 def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
@@ -59,6 +61,14 @@ def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
     transformers reports a mistyped directory as a hub failure ("couldn't connect to
     huggingface.co", "Repo id must be in the form ...")."""
     path = resolve_pretrained(name_or_path)
+    local = Path(path).expanduser()
+    if local.is_file():
+        raise ModelNotFoundError(f"{what} {name_or_path!r} is a file, not a model directory (a training checkpoint "
+                                 "becomes one with `cfg-unlearn export`)")
+    if local.is_dir() and not any((local / f).is_file() for f in ("config.json", "tokenizer_config.json", "adapter_config.json")):
+        # transformers would blame a missing sentencepiece/tiktoken, or fail on a JSON file
+        raise ModelNotFoundError(f"{what} {name_or_path!r}: the directory exists but holds no Hugging Face model "
+                                 "(no config.json, tokenizer_config.json or adapter_config.json)")
     try:
         return loader.from_pretrained(path, **kwargs)
     except OSError as e:  # transformers wraps hub and repo-id errors in OSError

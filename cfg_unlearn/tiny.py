@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cfg_unlearn.utils import open_modes
+from cfg_unlearn.utils import ConfigError, open_modes
 
 TINY_SCHEME = "tiny:"
 
@@ -143,7 +143,8 @@ def resolve_pretrained(name_or_path: str) -> str:
     path = _tiny_dir(name_or_path)
     if not (path / "config.json").exists():
         if path.exists() and any(path.iterdir()):
-            raise FileExistsError(f"{path} exists but holds no model (no config.json); remove it or pick another dir")
+            raise ConfigError(f"{name_or_path}: {path} exists but holds no model (no config.json); remove it or "
+                              "pick another directory")
         if path.exists():
             path.rmdir()
         build_tiny(path)
@@ -152,7 +153,7 @@ def resolve_pretrained(name_or_path: str) -> str:
 
 def _tiny_dir(name: str) -> Path:
     """The directory of a ``tiny:<dir>`` name (``tiny:`` alone: the default cache)."""
-    return Path(name[len(TINY_SCHEME):] or ".cache/cfg_unlearn/tiny")
+    return Path(name[len(TINY_SCHEME):] or ".cache/cfg_unlearn/tiny").expanduser()  # "tiny:~/x" is not ./~/x
 
 
 def absolute_model_name(name_or_path: str) -> str | None:

@@ -140,7 +140,10 @@ def test_resolve_refuses_nonempty_dir_without_config(tmp_path, monkeypatch):
     d = tmp_path / "occupied"
     d.mkdir()
     (d / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="config.json"):
+    from cfg_unlearn.utils import ConfigError
+
+    # a ConfigError (was FileExistsError, a traceback through train.py): one line, exit 2
+    with pytest.raises(ConfigError, match=f"tiny:{d}: {d} exists but holds no model .no config.json."):
         resolve_pretrained(f"tiny:{d}")
     assert calls == []
     assert (d / "notes.txt").read_text() == "mine"
@@ -155,6 +158,34 @@ def test_resolve_builds_into_empty_existing_dir(tmp_path, monkeypatch):
     assert calls == [d]
     # it removed the empty dir so the atomic rename into place can succeed
     assert not d.exists()
+
+
+def test_resolve_expands_the_home_directory(monkeypatch, tmp_path):
+    """`tiny:~/x` built ./~/x, a folder literally named "~" (one careless rm -rf ~/... away
+    from the home folder)."""
+    calls = []
+    monkeypatch.setattr(tiny, "build_tiny", lambda p: calls.append(Path(p)))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_pretrained("tiny:~/models/tiny") == str(tmp_path / "home" / "models" / "tiny")
+    assert calls == [tmp_path / "home" / "models" / "tiny"] and not (tmp_path / "~").exists()
+
+
+def test_a_path_that_is_no_model_is_a_one_line_error(tmp_path):
+    """An existing directory without a model failed inside transformers ("You need to
+    have sentencepiece or tiktoken installed"), a checkpoint file given as a model with
+    "not a valid JSON file"; both are now ModelNotFoundError (a ConfigError) naming what
+    is wrong."""
+    from cfg_unlearn.models import ModelNotFoundError, load_causal_lm, load_tokenizer
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "last.ckpt").write_bytes(b"\x80\x02}q")
+    for load, what in ((load_tokenizer, "tokenizer"), (load_causal_lm, "model")):
+        with pytest.raises(ModelNotFoundError, match=f"{what} '.*empty': the directory exists but holds no "
+                                                     "Hugging Face model"):
+            load(str(tmp_path / "empty"))
+        with pytest.raises(ModelNotFoundError, match=f"{what} '.*last.ckpt' is a file, not a model directory"):
+            load(str(tmp_path / "last.ckpt"))
 
 
 def test_resolve_default_tiny_dir(monkeypatch, tmp_path):
