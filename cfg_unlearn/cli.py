@@ -262,7 +262,10 @@ def _build_tiny(argv: list[str]) -> None:
     a = p.parse_args(argv)
     if os.path.exists(a.out):
         p.error(f"{a.out} already exists")
-    spec = TinySpec(vocab_size=a.vocab_size, hidden_size=a.hidden_size, num_hidden_layers=a.layers, seed=a.seed)
+    try:
+        spec = TinySpec(vocab_size=a.vocab_size, hidden_size=a.hidden_size, num_hidden_layers=a.layers, seed=a.seed)
+    except ValueError as e:
+        p.error(str(e))
     print(build_tiny(a.out, spec=spec))
 
 

@@ -49,6 +49,16 @@ class TinySpec:
     max_position_embeddings: int = 1024
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        sizes = {k: v for k, v in asdict(self).items() if k != "seed"}
+        small = [f"{k}={v}" for k, v in sizes.items() if v < 1]
+        if small:
+            raise ValueError(f"tiny model sizes must be >= 1, got {', '.join(small)}")
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                             f"({self.num_attention_heads}), and that of num_key_value_heads "
+                             f"({self.num_key_value_heads})")
+
 
 #: The ~12M-parameter shape the benchmarks measure (large enough that the model, not
 #: Python overhead, dominates a step on CPU).
@@ -121,7 +131,10 @@ def build_tiny(out_dir: str | os.PathLike, texts: list[str] | None = None, spec:
     try:
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
-        (tmp / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2))
+        # the vocabulary as built: the byte alphabet and special tokens set a floor (a
+        # requested 10 gives 262), and the corpus may hold fewer merges than asked
+        (tmp / "tiny_spec.json").write_text(json.dumps({**asdict(spec), "vocab_size": len(tokenizer),
+                                                        "requested_vocab_size": spec.vocab_size}, indent=2))
         open_modes(tmp)  # mkdtemp and safetensors make them owner-only; a shared cache must be readable
         try:
             os.rename(tmp, out_dir)

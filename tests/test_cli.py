@@ -2,6 +2,7 @@
 downloading a model), and the tiny config trains end to end with a rising margin."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -319,3 +320,18 @@ def test_console_build_tiny(tmp_path, capsys):
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (32, 1, 600)
     with pytest.raises(SystemExit):  # refuses to overwrite
         console_main(["build-tiny", "--out", str(out)])
+    capsys.readouterr()
+    # shapes that cannot build (were tracebacks) or build nonsense (0 layers: exit 0)
+    for args, match in ((["--hidden-size", "130"], "hidden_size (130) must be a multiple of num_attention_heads (4)"),
+                        (["--hidden-size", "-4"], "sizes must be >= 1, got hidden_size=-4"),
+                        (["--layers", "0"], "sizes must be >= 1, got num_hidden_layers=0")):
+        with pytest.raises(SystemExit) as e:
+            console_main(["build-tiny", "--out", str(tmp_path / "bad"), *args])
+        assert e.value.code == 2 and match in capsys.readouterr().err, args
+    assert not (tmp_path / "bad").exists()
+    # tiny_spec.json records the vocabulary as built (a requested 10 is 262: the byte alphabet)
+    console_main(["build-tiny", "--out", str(tmp_path / "v10"), "--vocab-size", "10", "--hidden-size", "32",
+                  "--layers", "1"])
+    spec = json.loads((tmp_path / "v10" / "tiny_spec.json").read_text())
+    assert spec["vocab_size"] == AutoConfig.from_pretrained(tmp_path / "v10").vocab_size > 10
+    assert spec["requested_vocab_size"] == 10
