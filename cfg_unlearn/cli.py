@@ -57,17 +57,17 @@ class UnlearnCLI(LightningCLI):
         """LightningCLI (2.6) replaces the model's arguments with the checkpoint's
         hyperparameters, so ``validate --ckpt_path C --model.beta 5`` would score with the
         checkpoint's beta without a word (Lightning-AI/pytorch-lightning#21455). Keep
-        that (the weights were trained with them), but name every value the user set
-        (one that differs from the default) and lost."""
+        that (the weights were trained with them), but name every value the config and
+        command line gave that the checkpoint replaced: a value equal to the default may
+        have been given on purpose (``--model.beta 0.1`` against a checkpoint trained at
+        0.5), and which ones were typed cannot be told from the parsed config."""
         sub = self.config.get("subcommand")
         before = _flat(self.config[sub].get("model")) if sub else {}
         super()._parse_ckpt_path()
         if not before:
             return
         after = _flat(self.config[sub].get("model"))
-        default = _flat(self._subcommand_parsers[sub].get_defaults().get("model"))
-        lost = [f"model.{k}={v!r} (checkpoint: {after.get(k)!r})"
-                for k, v in before.items() if v != default.get(k) and after.get(k) != v]
+        lost = [f"model.{k}={v!r} (checkpoint: {after.get(k)!r})" for k, v in before.items() if after.get(k) != v]
         if lost:
             rank_zero_warn(f"--ckpt_path: the checkpoint's hyperparameters replace {', '.join(lost)}; "
                            "the model is rebuilt as it was trained")

@@ -90,8 +90,9 @@ def test_trainer_subcommands_without_steps_are_refused_up_front(command, capsys)
 
 def test_ckpt_path_names_the_model_arguments_it_replaces(tmp_path, monkeypatch):
     """LightningCLI rebuilds the model from the checkpoint's hyperparameters, dropping
-    `--model.*` values given with `--ckpt_path`: each one the user set (not a default,
-    not equal to the checkpoint's) is named in a warning."""
+    `--model.*` values given with `--ckpt_path`: each one that differs from the
+    checkpoint's is named in a warning, a value equal to the default included (it was
+    silent: `--model.beta 0.1` against a checkpoint trained at 1.0)."""
     from cfg_unlearn.cli import UnlearnCLI
 
     ckpt = tmp_path / "c.ckpt"
@@ -106,6 +107,10 @@ def test_ckpt_path_names_the_model_arguments_it_replaces(tmp_path, monkeypatch):
     assert "model.beta=5.0 (checkpoint: 1.0)" in msg and "model.cond_dropout=0.2 (checkpoint: 0.0)" in msg
     assert "seed" not in msg  # set, but to the checkpoint's own value
     assert (cli.model.beta, cli.model.cond_dropout) == (1.0, 0.0)  # Lightning's rule is kept
+    with pytest.warns(UserWarning, match="--ckpt_path") as got:
+        cli_main([*base, "--model.beta=0.1", f"--ckpt_path={ckpt}"])  # 0.1: the default, given on purpose
+    (msg,) = [str(w.message) for w in got if "--ckpt_path" in str(w.message)]
+    assert "model.beta=0.1 (checkpoint: 1.0)" in msg
 
 
 
