@@ -434,20 +434,24 @@ COMMAND_ENTRY_POINTS = {
 }
 
 
+COMMANDS_HELP = """\
+  demo               the whole method end to end on CPU, offline (report in --out)
+  fit/validate       train or score with a YAML config (same as `python train.py ...`)
+  generate           write PII-free replacement pairs for forget data with a model
+  export             a checkpoint -> a merged Hugging Face model + tokenizer + cfg_unlearn.json
+  chat               chat with an exported model, decoded with classifier-free guidance
+  subtract           model subtraction: base - alpha * (finetuned - base), tensor by tensor
+  saft               score and filter PII-bearing samples from a data set (SAFT)
+  build-tiny         build the offline tiny tokenizer + model into a directory"""
+
+
 def console_main(argv: list[str] | None = None) -> None:
     """``cfg-unlearn <demo|fit|validate|generate|export|chat|subtract|saft|build-tiny> ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = "usage: cfg-unlearn {demo,fit,validate,generate,export,chat,subtract,saft,build-tiny} [options]   (-h after a command for its help)"
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage)
-        print("  demo               the whole method end to end on CPU, offline (report in --out)")
-        print("  fit/validate       train or score with a YAML config (same as `python train.py ...`)")
-        print("  generate           write PII-free replacement pairs for forget data with a model")
-        print("  export             a checkpoint -> a merged Hugging Face model + tokenizer + cfg_unlearn.json")
-        print("  chat               chat with an exported model, decoded with classifier-free guidance")
-        print("  subtract           model subtraction: base - alpha * (finetuned - base), tensor by tensor")
-        print("  saft               score and filter PII-bearing samples from a data set (SAFT)")
-        print("  build-tiny         build the offline tiny tokenizer + model into a directory")
+        # no command at all is a usage error (exit 2): to stderr, like argparse's
+        print(usage, COMMANDS_HELP, sep="\n", file=sys.stdout if argv else sys.stderr)
         sys.exit(0 if argv else 2)
     cmd, rest = argv[0], argv[1:]
     if cmd in TRAINER_SUBCOMMANDS:
@@ -465,3 +469,7 @@ def console_main(argv: list[str] | None = None) -> None:
     else:
         print(f"cfg-unlearn: unknown command {cmd!r}\n{usage}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":  # python -m cfg_unlearn.cli ...
+    console_main()

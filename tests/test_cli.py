@@ -75,6 +75,23 @@ def test_console_script_rejects_unknown_command(capsys):
     assert "unknown command" in capsys.readouterr().err
 
 
+def test_console_script_usage(capsys):
+    """No command is a usage error: exit 2 with the usage on stderr (it went to stdout);
+    --help prints it to stdout and exits 0; `python -m cfg_unlearn.cli` is the same
+    command (it did nothing)."""
+    with pytest.raises(SystemExit) as e:
+        console_main([])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and err.startswith("usage: cfg-unlearn {demo,") and "build-tiny " in err
+    with pytest.raises(SystemExit) as e:
+        console_main(["--help"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 0 and err == "" and out.startswith("usage: cfg-unlearn") and "saft " in out
+    proc = subprocess.run([sys.executable, "-m", "cfg_unlearn.cli", "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: cfg-unlearn")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["test", "predict"])
 def test_trainer_subcommands_without_steps_are_refused_up_front(command, capsys):
