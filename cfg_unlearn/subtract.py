@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from cfg_unlearn.tiny import resolve_pretrained
 from cfg_unlearn.utils import check_out_dir, open_modes, publish_dir
 
 log = logging.getLogger(__name__)
@@ -419,7 +420,9 @@ def subtract_models(
 
     start = time.perf_counter()
     alpha = check_alpha(alpha)
-    base_dir, finetuned_dir, out = Path(base_dir), Path(finetuned_dir), Path(out_dir)
+    # tiny:<dir>, as everywhere a model is named (other names: the local directory itself)
+    base_dir, finetuned_dir = (Path(resolve_pretrained(str(d))) for d in (base_dir, finetuned_dir))
+    out = Path(out_dir)
     base, ft = read_layout(base_dir), read_layout(finetuned_dir)
     if not (base_dir / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {base_dir}: the output would not load as a model")

@@ -360,6 +360,11 @@ def test_cli_end_to_end(tiny_model_dir, ft_dir, base_weights, ft_weights, tmp_pa
     assert f"wrote {out} ({len(base_weights)} tensors" in capsys.readouterr().out
     got = load_weights(out)
     assert all(torch.equal(got[n], b - 0.5 * (ft_weights[n] - b)) for n, b in base_weights.items())
+    # tiny:<dir> names a model here as everywhere else (it was "not a directory")
+    main(["--base", f"tiny:{tiny_model_dir}", "--finetuned", str(ft_dir), "--alpha", "0.5", "--out",
+          str(tmp_path / "tiny-name"), "--quiet"])
+    assert load_weights(tmp_path / "tiny-name").keys() == got.keys()
+    assert all(torch.equal(load_weights(tmp_path / "tiny-name")[n], t) for n, t in got.items())
 
 
 def test_streaming_writer_round_trips_every_dtype(tmp_path):
