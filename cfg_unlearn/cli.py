@@ -79,40 +79,29 @@ class UnlearnCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Check the run directory before the trainer opens its logger, and remove the
-        directory a failed run created if it holds nothing but its config."""
-        path = planned_run_dir(self.trainer)
+        directory a failed run created if it holds nothing but the config this run saved."""
+        trainer = self.trainer
+        saver = next((c for c in trainer.callbacks if isinstance(c, LoggerSaveConfigCallback)), None)
+        env = getattr(trainer.strategy, "cluster_environment", None)  # none for a single device
+        # processes started by SLURM/torchrun run this each on their own: a check that
+        # failed on one rank only would leave the others waiting for it forever, so they
+        # keep only the setup-time check, which every rank makes together
+        alone = not (env is not None and env.creates_processes_externally and env.world_size() > 1)
+        path = planned_run_dir(trainer) if saver is not None and not trainer.fast_dev_run else None
         existed = path is None or os.path.exists(path)
-        if path is not None:
-            self._check_run_dir(path, subcommand)
+        ckpt = self.config_init[subcommand].get("ckpt_path")
+        if alone:
+            check_ckpt_path(ckpt)
+            if path is not None and not (subcommand == "fit" and ckpt) and trainer.is_global_zero:
+                refuse_taken_run_dir(path, previous_run_files(path))
+        if subcommand == "fit" and ckpt and trainer.is_global_zero:
+            keep_csv_metrics(trainer)
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
-            if not existed and self.trainer.is_global_zero:
-                remove_if_only_config(path)
+            if not existed and trainer.is_global_zero:
+                remove_if_only_config(path, ours=saver.already_saved)
             raise
-
-    def _check_run_dir(self, path: str, subcommand: str) -> None:
-        """Done here, not in a callback's setup: by then a CSVLogger has opened the
-        directory and deleted the ``metrics.csv`` it found, of the run being refused or of
-        the one being resumed."""
-        ckpt = self.config_init[subcommand].get("ckpt_path")
-        if ckpt and ckpt not in ("last", "best", "hpc") and "://" not in str(ckpt) and not os.path.exists(ckpt):
-            raise ConfigError(f"--ckpt_path {ckpt}: no such checkpoint")
-        if subcommand == "fit" and ckpt:
-            # resuming into its own directory: Lightning's CSVLogger starts metrics.csv anew
-            # (deleting the rows logged before), so those rows are kept beside it
-            old = os.path.join(path, "metrics.csv")
-            if self.trainer.is_global_zero and os.path.isfile(old):
-                n = 1
-                while os.path.exists(os.path.join(path, f"metrics.{n}.csv")):
-                    n += 1
-                os.replace(old, os.path.join(path, f"metrics.{n}.csv"))
-                # ... so Lightning's "previous log files will be deleted" is no longer true
-                warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted")
-                rank_zero_info(f"resuming in {path}: the metrics logged before are kept in metrics.{n}.csv; "
-                               "metrics.csv holds those from here on")
-        elif self.trainer.is_global_zero:
-            refuse_taken_run_dir(path, previous_run_files(path))
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -124,17 +113,51 @@ class UnlearnCLI(LightningCLI):
         return trainer
 
 
-def remove_if_only_config(path: str) -> None:
-    """Remove a run directory a failed run created when all it holds is what setup wrote
-    (``config.yaml``, ``hparams.yaml``, empty folders): left behind, it shifted the
-    version numbers and its ``config.yaml`` blocked reusing that version's name. Anything
-    else (metrics, checkpoints) is kept."""
+def check_ckpt_path(ckpt: Any) -> None:
+    """A local ``--ckpt_path`` that does not exist is one line, before the trainer runs
+    (Lightning's own error is a traceback). Names Lightning resolves itself (``last``,
+    ``best``, ``hpc``, ``registry...``) and remote URLs are left to it."""
+    if not ckpt or ckpt in ("last", "best", "hpc") or str(ckpt).startswith("registry") or "://" in str(ckpt):
+        return
+    if not os.path.exists(os.path.expanduser(str(ckpt))):  # fsspec, which loads it, expands "~"
+        raise ConfigError(f"--ckpt_path {ckpt}: no such checkpoint")
+
+
+def keep_csv_metrics(trainer) -> None:
+    """A fit resumed into its own directory: Lightning's CSVLogger starts ``metrics.csv``
+    anew when it opens the directory (deleting the rows logged before the resume), so
+    those rows are moved to ``metrics.<n>.csv`` beside it first."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    for logger in trainer.loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        old = os.path.join(logger.log_dir, "metrics.csv")
+        if not os.path.isfile(old):
+            continue
+        n = 1
+        while os.path.exists(os.path.join(logger.log_dir, f"metrics.{n}.csv")):
+            n += 1
+        os.replace(old, os.path.join(logger.log_dir, f"metrics.{n}.csv"))
+        # ... so Lightning's "previous log files will be deleted" is no longer true
+        warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted")
+        rank_zero_info(f"resuming in {logger.log_dir}: the metrics logged before are kept in metrics.{n}.csv; "
+                       "metrics.csv holds those from here on")
+
+
+def remove_if_only_config(path: str, ours: bool) -> None:
+    """Remove a run directory a failed run created when all it holds is empty folders or,
+    when this run saved its config there (``ours``), ``config.yaml``/``hparams.yaml``:
+    left behind, it shifted the version numbers and its ``config.yaml`` blocked reusing
+    that version's name. Anything else (metrics, checkpoints, the config of another run
+    that took the same version at the same moment) is kept."""
     import shutil
 
     if not os.path.isdir(path):
         return
+    allowed = ("config.yaml", "hparams.yaml") if ours else ()
     for root, _, files in os.walk(path):
-        if any(f not in ("config.yaml", "hparams.yaml") or root != path for f in files):
+        if any(f not in allowed or root != path for f in files):
             return
     shutil.rmtree(path, ignore_errors=True)
 
@@ -215,11 +238,11 @@ def check_config_files(argv: list[str]) -> None:
             path = arg.split("=", 1)[1]
         else:
             continue
-        if not Path(path).is_file():
+        if not os.path.isfile(path):  # inline YAML text (any length) is jsonargparse's
             continue
         try:
             with open(path, encoding="utf-8") as fh:
-                yaml.safe_load(fh)
+                yaml.compose(fh, Loader=yaml.SafeLoader)  # syntax only: values are jsonargparse's to read
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
@@ -230,6 +253,8 @@ def check_config_files(argv: list[str]) -> None:
             raise ConfigError(f"--config {where}: not valid YAML: {what}") from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"--config {path}: not valid YAML: {e}") from None
+        except OSError:  # unreadable: jsonargparse says so
+            continue
 
 
 def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:

@@ -294,6 +294,45 @@ def test_a_failed_run_leaves_no_run_directory_and_a_missing_checkpoint_is_one_li
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert e.value.code == 2 and err == f"train.py: error: --ckpt_path {tmp_path / 'nope.ckpt'}: no such checkpoint"
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["version_0"]
+    # "~" in --ckpt_path is the home folder (Lightning's fsspec loading expands it); a
+    # resume without a CSV logger leaves a metrics.csv of the user's alone
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "last.ckpt").write_bytes((tmp_path / "tiny" / "version_0" / "checkpoints" / "last.ckpt").read_bytes())
+    monkeypatch.setenv("HOME", str(home))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "metrics.csv").write_text("name,score\n")
+    train_main(["fit", *args[1:-1], "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.callbacks=[]",
+                f"--trainer.default_root_dir={work}", "--ckpt_path=~/last.ckpt"])
+    assert (work / "metrics.csv").read_text() == "name,score\n" and not (work / "metrics.1.csv").exists()
+
+
+def test_fast_dev_run_twice_in_one_folder_is_not_another_run(tiny_model_dir, tmp_path, monkeypatch):
+    """fast_dev_run saves no config (LightningCLI skips it) and writes its checkpoint
+    under default_root_dir: the second one was refused as "another run"."""
+    monkeypatch.chdir(ROOT)
+    args = ["fit", "--config", "configs/tiny.yaml", f"--model.model=tiny:{tiny_model_dir}", "--eval=null",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.fast_dev_run=1", "--data.world.n_people=2",
+            "--trainer.enable_progress_bar=false"]
+    train_main(args)
+    train_main(args)
+
+
+@pytest.mark.parametrize("text", ["{trainer: {max_epochs: 1, " + ", ".join(f"log_every_n_steps: {i}"
+                                                                            for i in range(1, 30)) + "}}",
+                                  "trainer:\n  logger:\n    init_args:\n      version: 2024-02-30\n"],
+                         ids=["long-inline-yaml", "impossible-date"])
+def test_configs_jsonargparse_reads_are_left_to_it(tmp_path, capsys, text):
+    """The YAML check before parsing crashed on what jsonargparse accepts: inline YAML
+    longer than a file name may be (OSError), a date-like value that is no date."""
+    if "\n" in text:
+        path = tmp_path / "date.yaml"
+        path.write_text(text)
+        text = str(path)
+    with pytest.raises(SystemExit) as e:
+        train_main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--config", text, "--print_config"])
+    assert e.value.code == 0 and "trainer:" in capsys.readouterr().out
 
 
 def test_tiny_fit_then_validate_end_to_end(tiny_model_dir, tmp_path):
