@@ -269,6 +269,12 @@ def save_model(model, tokenizer, directory: Path) -> None:
     open_modes(directory)
 
 
+def is_demo_output(out: Path) -> bool:
+    """Whether ``out`` is a demo's output directory (an earlier run, finished or not):
+    its base model carries the tiny model's ``tiny_spec.json``."""
+    return (out / "models" / "base" / "tiny_spec.json").is_file()
+
+
 def check_demo_config(cfg: DemoConfig) -> DemoConfig:
     """Refuse settings that would fail, or quietly mean nothing, after minutes of
     training; returns ``cfg`` with its scales as sorted distinct floats (the plot joins
@@ -293,8 +299,13 @@ def check_demo_config(cfg: DemoConfig) -> DemoConfig:
     for space in cfg.spaces:
         for g in cfg.scales:
             check_guidance(float(g), space)
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
         raise ValueError(f"--out {cfg.out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not is_demo_output(out):
+        # a rerun replaces the demo's own outputs: a directory of other files is not one
+        raise ValueError(f"--out {cfg.out} holds files that are no demo output; give an empty or new directory, "
+                         "or the --out of an earlier demo")
     return replace(cfg, scales=tuple(sorted({float(g) for g in cfg.scales})))
 
 

@@ -169,6 +169,7 @@ def test_demo_rebuilds_its_base_model_and_drops_a_stale_comparison(tmp_path, mon
     for d in ("models/base", "models/without-pii", "models/subtracted-0.5"):
         (out / d).mkdir(parents=True)
         (out / d / "config.json").write_text("{}")
+    (out / "models" / "base" / "tiny_spec.json").write_text("{}")  # what makes it a demo's output
     (out / "comparison.png").write_bytes(b"png")
     built = []
 
@@ -183,3 +184,16 @@ def test_demo_rebuilds_its_base_model_and_drops_a_stale_comparison(tmp_path, mon
     with pytest.raises(Stop):
         demo.run_demo(demo.DemoConfig(out=str(out), seed=1, people=3), progress=False)
     assert built == [(out / "models" / "base", ["models"])]
+
+
+def test_demo_refuses_an_out_of_other_files_and_deletes_nothing(tmp_path, capsys):
+    """A rerun replaces the demo's own outputs, so `--out .` in a project with its own
+    models/base would have deleted it: a non-empty --out that is no demo output is refused."""
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "models" / "base" / "model.safetensors").write_bytes(b"mine")
+    (tmp_path / "comparison.png").write_bytes(b"mine")
+    with pytest.raises(SystemExit) as e:
+        console_main(["demo", "--out", str(tmp_path), "--quiet"])
+    assert e.value.code == 2 and "holds files that are no demo output" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "comparison.png", "models", "models/base", "models/base/model.safetensors"]
