@@ -602,8 +602,9 @@ class UnlearnModule(L.LightningModule):
 
             parts = ([f"{len(missing)} trainable tensor(s) missing: {some(missing)}"] if missing else []) + (
                 [f"{len(unexpected)} tensor(s) this model does not have: {some(unexpected)}"] if unexpected else [])
-            raise ConfigError("the adapter checkpoint does not fit this model's LoRA settings ("
-                              + "; ".join(parts) + "): give the lora settings it was trained with")
+            raise ConfigError(f"the adapter checkpoint does not fit model {self.model_name} with LoRA settings "
+                              f"{self.lora} (" + "; ".join(parts) + "): is it the model and LoRA settings the "
+                              "checkpoint was trained with?")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.checkpoint_step = int(checkpoint.get("global_step", 0))
