@@ -271,8 +271,9 @@ def save_model(model, tokenizer, directory: Path) -> None:
 
 def is_demo_output(out: Path) -> bool:
     """Whether ``out`` is a demo's output directory (an earlier run, finished or not):
-    its base model carries the tiny model's ``tiny_spec.json``."""
-    return (out / "models" / "base" / "tiny_spec.json").is_file()
+    its base model carries the tiny model's ``tiny_spec.json`` (or, for a run stopped
+    while its base was being rebuilt, the demo's leaky model is there)."""
+    return any((out / "models" / d / f).is_file() for d, f in (("base", "tiny_spec.json"), ("leaky", "config.json")))
 
 
 def check_demo_config(cfg: DemoConfig) -> DemoConfig:

@@ -65,7 +65,8 @@ def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
     if local.is_file():
         raise ModelNotFoundError(f"{what} {name_or_path!r} is a file, not a model directory (a training checkpoint "
                                  "becomes one with `cfg-unlearn export`)")
-    if local.is_dir() and not any((local / f).is_file() for f in ("config.json", "tokenizer_config.json", "adapter_config.json")):
+    markers = ("config.json", "tokenizer_config.json", "adapter_config.json")
+    if local.is_dir() and not any((local / f).is_file() for f in markers):
         # transformers would blame a missing sentencepiece/tiktoken, or fail on a JSON file
         raise ModelNotFoundError(f"{what} {name_or_path!r}: the directory exists but holds no Hugging Face model "
                                  "(no config.json, tokenizer_config.json or adapter_config.json)")

@@ -197,3 +197,10 @@ def test_demo_refuses_an_out_of_other_files_and_deletes_nothing(tmp_path, capsys
     assert e.value.code == 2 and "holds files that are no demo output" in capsys.readouterr().err
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
         "comparison.png", "models", "models/base", "models/base/model.safetensors"]
+    # a demo stopped while its base was rebuilt (models/leaky is there, models/base is not) is one
+    from cfg_unlearn.demo import DemoConfig, check_demo_config
+
+    stopped = tmp_path / "stopped"
+    (stopped / "models" / "leaky").mkdir(parents=True)
+    (stopped / "models" / "leaky" / "config.json").write_text("{}")
+    check_demo_config(DemoConfig(out=str(stopped)))
