@@ -456,24 +456,23 @@ def run_dir(trainer: L.Trainer) -> str:
     logger's ``save_dir/name/version`` (a CSV or TensorBoard logger's ``log_dir``; with a
     WandbLogger ``runs/<project>/<run id>``, not its ``save_dir``, which every run shares),
     or ``default_root_dir`` without a logger. A broadcast: every rank must call it."""
-    if trainer.loggers:
-        lg = trainer.loggers[0]
-        version = lg.version if isinstance(lg.version, str) else f"version_{lg.version}"
-        path = os.path.join(lg.save_dir or trainer.default_root_dir, str(lg.name), version)
-    else:
-        path = trainer.default_root_dir
-    return trainer.strategy.broadcast(path)
+    return trainer.strategy.broadcast(_run_path(trainer))
 
 
 def planned_run_dir(trainer: L.Trainer) -> str | None:
     """:func:`run_dir` before the fit starts, without a collective and without opening
     the logger (a CSVLogger deletes the ``metrics.csv`` it finds when it opens): None
     when a W&B run has no id yet (a fresh id: a directory of its own)."""
+    if trainer.loggers and type(trainer.loggers[0]).__name__ == "WandbLogger" and trainer.loggers[0].version is None:
+        return None
+    return _run_path(trainer)
+
+
+def _run_path(trainer: L.Trainer) -> str:
+    """The path :func:`run_dir` and :func:`planned_run_dir` name, on this rank."""
     if not trainer.loggers:
         return trainer.default_root_dir
     lg = trainer.loggers[0]
-    if type(lg).__name__ == "WandbLogger" and lg.version is None:
-        return None
     version = lg.version if isinstance(lg.version, str) else f"version_{lg.version}"
     return os.path.join(lg.save_dir or trainer.default_root_dir, str(lg.name), version)
 
