@@ -22,8 +22,8 @@ Design notes (why it looks like this):
 
 from __future__ import annotations
 
-import math
 import logging
+import math
 import warnings
 import zlib
 from dataclasses import dataclass, field

@@ -136,7 +136,6 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
     return out
 
 
-
 def leak_reason(text: str, pii: tuple, *, shown: str = "", partial_min_chars: int = PARTIAL_MIN_CHARS) -> str | None:
     """Why a candidate replacement is unusable, or None when it is clean. ``shown`` is
     the prompt: pieces of a value it already holds may be repeated (``partial_pii``
