@@ -20,6 +20,29 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def cpu_args_unless_enough_gpus():
+    """``--trainer`` arguments that instantiate a GPU config on this machine: none where it
+    has as many CUDA GPUs as the config asks for, else its trainer moved to one CPU (an
+    8-GPU config on a 1-GPU machine fails Lightning's device check, as on a CPU)."""
+    from pathlib import Path
+
+    import torch
+    import yaml
+
+    def args(config: Path) -> list[str]:
+        trainer = yaml.safe_load(Path(config).read_text()).get("trainer") or {}
+        if trainer.get("accelerator") not in ("gpu", "cuda"):
+            return []
+        devices = trainer.get("devices", 1)
+        wanted = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) and devices > 0 else 1
+        if torch.cuda.device_count() >= wanted:
+            return []
+        return ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+
+    return args
+
+
+@pytest.fixture
 def umask_027():
     """A team umask: outputs must come out group-readable (0o640 files, 0o750 directories)."""
     old = os.umask(0o027)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from cfg_unlearn.cli import cli_main, console_main, train_main
 from cfg_unlearn.data.datamodule import PairDataModule
@@ -34,12 +33,10 @@ def test_there_are_configs():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_config_parses_and_instantiates(config, tmp_path):
+def test_config_parses_and_instantiates(config, tmp_path, cpu_args_unless_enough_gpus):
     base = ["--config", str(ROOT / "configs/tiny.yaml")] if config.name in PRESETS else []
-    # a GPU config on a machine without one: parsed as written, its trainer instantiated on one CPU
-    accelerator = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("accelerator")
-    on_cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
-    cpu = on_cpu if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() else []
+    # a GPU config on a machine without enough GPUs: parsed as written, its trainer on one CPU
+    cpu = cpu_args_unless_enough_gpus(config)
     cli = cli_main([*base, "--config", str(config), "--trainer.default_root_dir", str(tmp_path), *cpu], run=False)
     assert isinstance(cli.model, UnlearnModule)
     assert isinstance(cli.datamodule, PairDataModule)

@@ -322,13 +322,6 @@ def _raw(name: str) -> dict:
     return yaml.safe_load((ROOT / "configs" / name).read_text())
 
 
-def _cpu_args(name: str) -> list[str]:
-    """Instantiate a GPU config on this machine: its trainer moved to one CPU device."""
-    if _raw(name)["trainer"].get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
-        return ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
-    return []
-
-
 @pytest.mark.parametrize("name", GPU_CONFIGS)
 def test_config_parses_as_written(name, capsys):
     with pytest.raises(SystemExit) as e:
@@ -342,9 +335,9 @@ def test_config_parses_as_written(name, capsys):
 
 
 @pytest.mark.parametrize("name", GPU_CONFIGS)
-def test_config_instantiates_without_downloading(name, tmp_path):
+def test_config_instantiates_without_downloading(name, tmp_path, cpu_args_unless_enough_gpus):
     cli = cli_main(["--config", str(ROOT / "configs" / name), "--trainer.default_root_dir", str(tmp_path),
-                    *_cpu_args(name)], run=False)
+                    *cpu_args_unless_enough_gpus(ROOT / "configs" / name)], run=False)
     assert isinstance(cli.model, UnlearnModule) and isinstance(cli.datamodule, PairDataModule)
     assert cli.model.model is None  # weights load in configure_model
     assert cli.datamodule.tokenizer is None  # the tokenizer loads in setup
@@ -362,10 +355,10 @@ def test_config_instantiates_without_downloading(name, tmp_path):
         assert isinstance(strategy, DDPStrategy)
 
 
-def test_llama_lora_config_has_the_papers_hyperparameters(tmp_path):
+def test_llama_lora_config_has_the_papers_hyperparameters(tmp_path, cpu_args_unless_enough_gpus):
     name = "llama3.1-8b-lora.yaml"
     cli = cli_main(["--config", str(ROOT / "configs" / name), "--trainer.default_root_dir", str(tmp_path),
-                    *_cpu_args(name)], run=False)
+                    *cpu_args_unless_enough_gpus(ROOT / "configs" / name)], run=False)
     m = cli.model
     assert m.model_name == "meta-llama/Llama-3.1-8B-Instruct"
     assert (m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules) == (16, 32, 0.01, "all-linear")
