@@ -13,6 +13,10 @@ Prints new tokens/s of each (median of ``--repeats`` interleaved runs) and the t
 the product is judged by: ours / hf_cfg throughput, and ours / plain time per token.
 
     python benchmarks/cfg_decode.py [--new-tokens 32] [--repeats 3] [--scale 2.0]
+    python benchmarks/cfg_decode.py --arch llama3.1-8b   # a random-init model of a real shape, bf16
+
+On a GPU a 12M model is bound by kernel launches, not by the weights it reads; ``--arch``
+(the shapes of ``benchmarks/real_shape.py``) times decoding where the weights dominate.
 
 Timings are only meaningful against the peers measured in the same run.
 """
@@ -40,6 +44,7 @@ from cfg_unlearn.data.world import World, WorldConfig  # noqa: E402
 from cfg_unlearn.guidance import cfg_decode, encode_prompts, left_pad  # noqa: E402
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION  # noqa: E402
 from cfg_unlearn.tiny import BENCH_SPEC, build_tiny  # noqa: E402
+from real_shape import ARCHS, random_model  # noqa: E402  (beside this file)
 
 N_PROMPTS = 8
 
@@ -70,24 +75,31 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=2.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sets", nargs="+", default=list(PROMPT_SETS), choices=list(PROMPT_SETS))
+    ap.add_argument("--arch", choices=sorted(ARCHS), help="a random-init bf16 model of this shape instead of "
+                    "the 12M float32 Llama (built in memory on --device)")
     a = ap.parse_args()
     for name, value in (("--new-tokens", a.new_tokens), ("--repeats", a.repeats)):
         if value < 1:
             ap.error(f"{name} must be >= 1, got {value}")
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="cfg-bench-") as work:  # ~50 MB of model, removed after
-        run(a, str(build_tiny(Path(work) / "model", spec=BENCH_SPEC)))
-
-
-def run(a: argparse.Namespace, model_dir: str) -> None:
+    if a.arch:
+        run(a, *random_model(a.arch, a.device))
+        return
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(a.device).eval()
+    with tempfile.TemporaryDirectory(prefix="cfg-bench-") as work:  # ~50 MB of model, removed after
+        model_dir = build_tiny(Path(work) / "model", spec=BENCH_SPEC)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(a.device)
+    run(a, model, tok)
+
+
+def run(a: argparse.Namespace, model, tok) -> None:
+    model.eval()
     pad, n_new, g = tok.pad_token_id, a.new_tokens, a.scale
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.1f}M parameters on {a.device}; {N_PROMPTS} prompts per set; {n_new} new "
+    print(f"model: {n_params / 1e6:.1f}M {a.arch or 'tiny'} {model.dtype} parameters on {a.device}; {N_PROMPTS} prompts per set; {n_new} new "
           f"tokens each; g={g}; torch threads {torch.get_num_threads()}")
     for set_name in a.sets:
         prompts = make_prompts(N_PROMPTS, PROMPT_SETS[set_name])
