@@ -30,7 +30,7 @@ from cfg_unlearn.data.schema import EvalRecord, prompt_text, write_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION, render_prompt
 from cfg_unlearn.tiny import TinySpec, build_tiny
-from cfg_unlearn.utils import atomic_write, eval_mode, open_modes
+from cfg_unlearn.utils import atomic_write, eval_mode, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -260,11 +260,13 @@ def compare(cfg: DemoConfig, out: Path, tok, leaky_dir: Path, chat_base_dir: Pat
 
 
 def save_model(model, tokenizer, directory: Path) -> None:
-    """One of the demo's models, readable by whoever the umask lets in (safetensors
-    writes its weights owner-only)."""
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    open_modes(directory)
+    """One of the demo's models, whole or not at all: written into a temp folder that
+    replaces ``directory`` once complete (a run killed mid-save left weights without a
+    tokenizer, or a new model beside an old tokenizer, for `chat` or a rerun to load),
+    and readable by whoever the umask lets in (safetensors writes its weights owner-only)."""
+    with staged_dir(directory, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def is_demo_output(out: Path) -> bool:
@@ -320,8 +322,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # a previous run's outputs that this one would not replace: its base model (its
     # tokenizer is trained on that run's world: another --seed/--people would reuse it)
-    # and, without --compare, its comparison
-    stale = [out / "models" / "base"] + ([] if cfg.compare else [
+    # and, without --compare, its comparison; and the temp folders of saves that a kill
+    # interrupted (save_model)
+    stale = [out / "models" / "base", *(out / "models").glob(".*.tmp-*")] + ([] if cfg.compare else [
         out / "comparison.png", out / "models" / "without-pii", *(out / "models").glob("subtracted-*")])
     for path in stale:
         if path.is_dir():

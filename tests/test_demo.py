@@ -170,6 +170,8 @@ def test_demo_rebuilds_its_base_model_and_drops_a_stale_comparison(tmp_path, mon
         (out / d).mkdir(parents=True)
         (out / d / "config.json").write_text("{}")
     (out / "models" / "base" / "tiny_spec.json").write_text("{}")  # what makes it a demo's output
+    (out / "models" / ".leaky.tmp-x1y2").mkdir()  # a save a kill interrupted
+    (out / "models" / ".leaky.tmp-x1y2" / "model.safetensors").write_bytes(b"half")
     (out / "comparison.png").write_bytes(b"png")
     built = []
 
@@ -184,6 +186,33 @@ def test_demo_rebuilds_its_base_model_and_drops_a_stale_comparison(tmp_path, mon
     with pytest.raises(Stop):
         demo.run_demo(demo.DemoConfig(out=str(out), seed=1, people=3), progress=False)
     assert built == [(out / "models" / "base", ["models"])]
+
+
+def test_save_model_interrupted_leaves_the_previous_model_whole(tmp_path, tiny_model_dir):
+    """The demo's models were written in place: a run killed between the weights and the
+    tokenizer left a new model beside an old tokenizer. Now the old one stays as it was,
+    and the temp folder goes (a SIGKILL's is swept by the next run)."""
+    import torch
+
+    from cfg_unlearn.demo import save_model
+    from cfg_unlearn.models import load_causal_lm, load_tokenizer
+
+    model, tok = load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    target = tmp_path / "models" / "leaky"
+    save_model(model, tok, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(before)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt("killed between the weights and the tokenizer")
+
+    tok.save_pretrained = killed
+    with pytest.raises(KeyboardInterrupt):
+        save_model(model, tok, target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in target.parent.iterdir()) == ["leaky"]
 
 
 def test_demo_refuses_an_out_of_other_files_and_deletes_nothing(tmp_path, capsys):
