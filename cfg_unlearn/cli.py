@@ -447,7 +447,18 @@ def _demo(argv: list[str]) -> None:
         check_demo_config(cfg)  # a usage error now, not a traceback after minutes of training
     except ValueError as e:
         p.error(str(e))
-    run_demo(cfg, progress=not a.quiet)
+    if not a.quiet:
+        run_demo(cfg, progress=True)
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights"/"Writing model shards" bars too
+    try:
+        run_demo(cfg, progress=False)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 #: commands whose argparse entry point lives in their own module: name -> (module, function)

@@ -215,6 +215,21 @@ def test_save_model_interrupted_leaves_the_previous_model_whole(tmp_path, tiny_m
     assert sorted(p.name for p in target.parent.iterdir()) == ["leaky"]
 
 
+def test_demo_quiet_silences_transformers_bars_for_the_run_only(tmp_path, monkeypatch):
+    """`--quiet` promises no progress bars, but transformers drew its own for every model
+    the demo saved and loaded."""
+    import cfg_unlearn.demo as demo
+    from transformers.utils import logging as hf_logging
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda cfg, progress: seen.append((progress,
+                                                                            hf_logging.is_progress_bar_enabled())))
+    assert hf_logging.is_progress_bar_enabled()
+    console_main(["demo", "--out", str(tmp_path / "q"), "--quiet"])
+    console_main(["demo", "--out", str(tmp_path / "p")])
+    assert seen == [(False, False), (True, True)] and hf_logging.is_progress_bar_enabled()
+
+
 def test_demo_refuses_an_out_of_other_files_and_deletes_nothing(tmp_path, capsys):
     """A rerun replaces the demo's own outputs, so `--out .` in a project with its own
     models/base would have deleted it: a non-empty --out that is no demo output is refused."""
