@@ -179,7 +179,7 @@ class ValueIndex:
         """The indexed items whose value ``text`` contains, in index order."""
         tried: dict[PIIItem, None] = {}
         text = nfkc(text)
-        digits = re.sub(r"\D", "", text)
+        digits = "".join(c for c in text if c.isdigit())  # as _value_parts reads a value's digits
         for i in range(len(digits) - self.DIGIT_KEY + 1):
             tried.update(dict.fromkeys(self._numbers.get(digits[i : i + self.DIGIT_KEY], ())))
         for word in _TOKEN.findall(text):
@@ -189,9 +189,28 @@ class ValueIndex:
         return sorted((it for it in tried if self._patterns[it].search(text)), key=self._order.__getitem__)
 
 
+def _re_case_classes() -> dict[str, str]:
+    """The letters re.IGNORECASE takes as equal beyond lower-casing (ı and i, ς and σ,
+    ſ and s, µ and μ, old Cyrillic forms, ...): each -> the smallest of its class. Read
+    from the re module's own table, so the index folds exactly as the patterns match."""
+    try:
+        from re._casefix import _EXTRA_CASES as extra  # Python 3.11+
+    except ImportError:  # 3.10
+        from sre_compile import _ignorecase_fixes as extra
+    canon: dict[str, str] = {}
+    for code, others in extra.items():
+        chars = {chr(code), *map(chr, others)}
+        for c in chars:
+            canon[c] = min(chars | {canon.get(c, c)})
+    return canon
+
+
+_RE_CASE_CLASSES = _re_case_classes()
+
+
 def _fold(word: str) -> str:
     # one character per character, as re.IGNORECASE compares ("İ".lower() is two)
-    return "".join(c.lower()[:1] for c in word)
+    return "".join(_RE_CASE_CLASSES.get(low, low) for low in (c.lower()[:1] for c in word))
 
 
 def contains_value(text: str, value: str, pii_type: str | None = None) -> bool:
@@ -265,13 +284,16 @@ def contains_value_or_fragment(text: str, value: str, pii_type: str | None = Non
 
 
 def _value_spans(text: str, items: Iterable[PIIItem]) -> list[Span]:
-    """Every match of every item, overlaps included."""
-    return [
-        Span(m.start(), m.end(), item.type)
-        for item in dict.fromkeys(items)  # dedupe, keep order
-        for m in value_pattern(item.value, item.type).finditer(text)
-        if m.end() > m.start()
-    ]
+    """Every match of every item, overlaps included: an item's own matches too ("Lee
+    Lee" twice in "Lee Lee Lee"; ``finditer`` would give the first only)."""
+    spans = []
+    for item in dict.fromkeys(items):  # dedupe, keep order
+        pattern, pos = value_pattern(item.value, item.type), 0
+        while (m := pattern.search(text, pos)) is not None:
+            if m.end() > m.start():
+                spans.append(Span(m.start(), m.end(), item.type))
+            pos = m.start() + 1
+    return spans
 
 
 def _pick(spans: list[Span], key) -> list[Span]:
@@ -489,10 +511,28 @@ def redact(
     leak would count (words of 4+ letters even when run into other text), and, with
     ``detect``, detector hits by ``[TYPE]``. Overlapping
     spans merge into one placeholder, named after the longest known value in it, else
-    the longest detection. The text comes back in :func:`nfkc` form."""
+    the longest detection. The text comes back in :func:`nfkc` form, and holds none of
+    the values outside its placeholders: a removal can free a short word that was run
+    into it ("Lee555-123-4567" -> "Lee[PHONE]"), so the text is redacted again until
+    none is left (a few passes at most)."""
     text = nfkc(text)
     given = [k if isinstance(k, PIIItem) else PIIItem("PII", k) for k in known]
     items = redaction_items(given)
+    for _ in range(_REDACT_PASSES):
+        text = _redact_once(text, given, items, detect, ner)
+        tags = [m.span() for m in _PLACEHOLDER.finditer(text)]
+        if not any(all(s.start < a or s.end > b for a, b in tags) for s in _value_spans(text, given)):
+            break
+    return text
+
+
+#: passes of :func:`redact` at most: each frees at most the words run into what it removed
+_REDACT_PASSES = 4
+_PLACEHOLDER = re.compile(r"\[[A-Z][A-Z0-9_-]*\]")
+
+
+def _redact_once(text: str, given: list[PIIItem], items: list[PIIItem], detect: bool,
+                 ner: NERDetector | None) -> str:
     # (span, is_known): all matches, overlaps included, so nothing of a value survives
     spans = [(s, True) for s in _value_spans(text, items) + _glued_word_spans(text, items)
              + _digit_piece_spans(text, given)]

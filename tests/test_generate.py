@@ -216,6 +216,10 @@ def test_redacted_answer_replaces_each_value_by_its_type_phrase():
     # nothing replaced: the text comes back as given, not in NFKC form ("…" stays), so a
     # caller sees that redaction changed nothing
     assert redacted_answer("Ann Lee’s number… is unlisted.", (phone,)) == "Ann Lee’s number… is unlisted."
+    # a value's matches overlapping each other: the one "Ann Lee" wins was the only one
+    # searched, and "Lee Lee" at the end survived
+    assert (redacted_answer("Ann Lee Lee Lee", (PIIItem("NAME", "Ann Lee"), PIIItem("LOC", "Lee Lee")))
+            == "a private person a private address")
 
 
 def test_redacted_fallback_is_used_only_when_it_passes_the_checks(tiny, monkeypatch):

@@ -92,6 +92,9 @@ def test_bad_challenge_files_name_file_line_and_field(tmp_path):
         read_challenge(*_write(tmp_path, [ROW], [MAP, MAP]))
     with pytest.raises(PairFormatError, match=r"x-pii.jsonl:1: field 'name1': expected a placeholder key"):
         read_challenge(*_write(tmp_path, [ROW], [{"name1": "x"}]))
+    # "$" also matches before a final newline: this key was taken, its value probed never
+    with pytest.raises(PairFormatError, match=r"x-pii.jsonl:1: field 'NAME-1\n': expected a placeholder key"):
+        read_challenge(*_write(tmp_path, [ROW], [{**MAP, "NAME-1\n": "Ann"}]))
     with pytest.raises(PairFormatError, match=r"x-scrubbed-data.jsonl:1: field 'messages': expected the conversation"):
         read_challenge(*_write(tmp_path, [{"idx": 0, "messages": []}], [MAP]))
     with pytest.raises(PairFormatError, match="before the first 'role: ' line") as exc:

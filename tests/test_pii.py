@@ -407,6 +407,18 @@ def test_redaction_finds_known_words_run_into_other_text():
     assert not contains_value("GroupVernon Jimenez", "Vernon Jimenez", "NAME")
 
 
+def test_redaction_leaves_no_value_a_removal_frees():
+    """A short word run into a value stays (it is not a whole word), until that value is
+    removed: "Lee555-123-4567" became "Lee[PII]", where "Lee" is a whole word and a leak."""
+    for text, known, expected in (("Call Lee555-123-4567", ["Lee", "555-123-4567"], "Call [PII][PII]"),
+                                  ("10.0.0.1Li", ["Li"], "[IP][PII]")):
+        assert not contains_value(text, known[0])  # not a leak as given
+        assert redact(text, known) == expected
+        assert not any(contains_value(expected, v) for v in known)
+    # a value written inside a placeholder's name is the placeholder, not a leak left
+    assert redact("Name", [PIIItem("NAME", "Name")]) == "[NAME]"
+
+
 def test_partial_fragments_of_numbers_and_words():
     # a number: every run of four consecutive digits; other values: their words of 4+ chars
     assert pii.partial_fragments("363-56-5181", "SSN") == (["3565", "3635", "5181", "5651", "6356", "6518"], [])
@@ -510,6 +522,21 @@ def test_value_index_finds_exactly_what_contains_value_finds():
         found += bool(expected)
     assert found > 300  # most texts do hold a value: the comparison is not between empty lists
     assert index.find("Nothing personal here, 1990 and 2020.") == []
+
+
+@pytest.mark.parametrize("value, text", [
+    ("Işık", "ışık"),  # re.IGNORECASE takes dotless ı as i; lower() does not
+    ("Ας Μπε", "ΑΣ ΜΠΕ"),  # final sigma ς: Σ lower-cases to σ
+    ("Bjørn Sørensen", "BJØRN SØRENSEN"),
+    ("\u1369\u136a\u136b-\u136c\u136d-\u136e\u136f\u1370\u1371", "\u1369\u136a\u136b-\u136c\u136d-\u136e\u136f\u1370\u1371"),  # Ethiopic digits
+])
+def test_value_index_folds_letters_and_reads_digits_as_the_patterns_do(value, text):
+    """The index's key folded with lower() and read digits with \\d, while the patterns
+    compare as re.IGNORECASE does and take a value's digits by isdigit(): these values
+    were found by contains_value and missed by the index (the generator's other-PII check)."""
+    item = PIIItem("NAME", value)
+    assert pii.contains_value(text, item.value, item.type)
+    assert pii.ValueIndex([item]).find(text) == [item]
 
 
 # --------------------------------------------------------------------------- how chat models write

@@ -222,6 +222,9 @@ BAD_ROWS = {
     "pii_not_a_list": (_row(pii={}), "pii"),
     "lone_surrogate": (_row(chosen="ok \ud800"), "chosen"),
     "lone_surrogate_string_prompt": (_row(prompt="Where does \ud800 live?"), "prompt"),  # was a tokenizer traceback
+    # accepted, then a UnicodeEncodeError from the writer of any output naming the row
+    "lone_surrogate_id": (_row(id="p-\ud800"), "id"),
+    "lone_surrogate_group": (_row(group="\udfff"), "group"),
     "missing_chosen": (_row(chosen=_DROP), "chosen"),
     "missing_rejected": (_row(rejected=_DROP), "rejected"),
     "missing_prompt": (_row(prompt=_DROP), "prompt"),

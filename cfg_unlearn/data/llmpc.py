@@ -118,7 +118,7 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
         if not isinstance(pmap, dict):
             raise PairFormatError(str(pii_path), m, None, f"expected a JSON object, got {type(pmap).__name__}")
         for key, value in pmap.items():
-            if not _KEY.match(key):
+            if not _KEY.fullmatch(key):
                 raise PairFormatError(str(pii_path), m, key, "expected a placeholder key like 'NAME-1'")
             if not isinstance(value, str) or not value.strip():
                 raise PairFormatError(str(pii_path), m, key, "expected a non-empty string value")

@@ -302,7 +302,7 @@ def _record_id(obj: dict, src: str, line: int | None) -> str:
         raise PairFormatError(src, line, "id", f"expected a string or integer, got {type(rid).__name__}")
     if not str(rid).strip():
         raise PairFormatError(src, line, "id", "empty id")
-    return str(rid)
+    return check_unicode(str(rid), src, line, "id")
 
 
 def _pii_field(obj: dict, src: str, line: int | None, max_chars: int, key: str = "pii") -> tuple[PIIItem, ...]:
@@ -351,6 +351,7 @@ def record_from_dict(
         group = ""
     if not isinstance(group, (str, int)) or isinstance(group, bool):
         raise PairFormatError(src, line, "group", f"expected a string or integer, got {type(group).__name__}")
+    check_unicode(str(group), src, line, "group")
 
     pii = _pii_field(obj, src, line, max_chars)
     return PairRecord(
