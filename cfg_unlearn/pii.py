@@ -145,8 +145,8 @@ class ValueIndex:
     first :data:`DIGIT_KEY` digits of its digit string among the text's digits (its
     pattern allows only non-digits between its digits); any other value must have its
     first word begin a word of the text (its pattern starts at a word start, and the
-    next word may follow with no separator). Against 13,812 values a text costs 0.4 ms,
-    72x less than searching every value's pattern (``benchmarks/value_index.py``)."""
+    next word may follow with no separator). Against 13,812 values a text costs 0.5 ms,
+    56x less than searching every value's pattern (``benchmarks/value_index.py``)."""
 
     DIGIT_KEY = 4
     WORD_KEY = 3
