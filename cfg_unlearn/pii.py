@@ -458,6 +458,40 @@ GLUED_MIN_CHARS = 4
 _LETTER_RUN = re.compile(r"[^\W\d_]+")
 
 
+def _freed_word_spans(texts: list[tuple[str, list[PIIItem]]], spans: list[Span]) -> list[Span]:
+    """Occurrences of a known one-word value (a name word of any length) that are whole
+    words once what redaction removes around them is gone: each side is the text's edge,
+    a character that is no letter or digit (as :func:`value_pattern` bounds a word), or a
+    character inside a span. (Two such words run into each other, "LiLee[PHONE]", stay:
+    together they are one word, no leak.) ``texts`` pairs texts of equal offsets (the
+    NFKC text, its unaccented form) with the items to look for in each."""
+    covered: set[int] = set()
+    for sp in spans:
+        covered.update(range(sp.start, sp.end))
+    found: dict[tuple[int, int], str] = {}
+    for text, items in texts:
+        words: dict[str, str] = {}
+        for item in items:
+            value = nfkc(item.value)
+            if _LETTER_RUN.fullmatch(value):
+                words.setdefault(value.lower(), item.type)
+        lengths = sorted({len(w) for w in words})
+        for m in _LETTER_RUN.finditer(text):
+            run = m.group().lower()
+            if len(run) != len(m.group()):  # a letter whose lower case is longer: keep indices exact
+                run = m.group()
+            for n in lengths:
+                for i in range(len(run) - n + 1):
+                    if run[i : i + n] in words:
+                        found.setdefault((m.start() + i, m.start() + i + n), words[run[i : i + n]])
+    n_text = len(texts[0][0])
+
+    def free(i: int) -> bool:
+        return i < 0 or i >= n_text or i in covered or not texts[0][0][i].isalnum()
+
+    return [Span(a, b, kind) for (a, b), kind in found.items() if free(a - 1) and free(b)]
+
+
 def _glued_word_spans(text: str, items: Iterable[PIIItem]) -> list[Span]:
     """Every occurrence of a known one-word value or fragment (a name word, a street
     word) of :data:`GLUED_MIN_CHARS` letters or more inside a run of letters, whatever
@@ -511,28 +545,12 @@ def redact(
     leak would count (words of 4+ letters even when run into other text), and, with
     ``detect``, detector hits by ``[TYPE]``. Overlapping
     spans merge into one placeholder, named after the longest known value in it, else
-    the longest detection. The text comes back in :func:`nfkc` form, and holds none of
-    the values outside its placeholders: a removal can free a short word that was run
-    into it ("Lee555-123-4567" -> "Lee[PHONE]"), so the text is redacted again until
-    none is left (a few passes at most)."""
+    the longest detection. The text comes back in :func:`nfkc` form. A known word run
+    into something redacted goes with it ("Lee555-123-4567" -> "[NAME][PHONE]"): left
+    as "Lee[PHONE]", it would be a whole word, and a leak, in the redacted text."""
     text = nfkc(text)
     given = [k if isinstance(k, PIIItem) else PIIItem("PII", k) for k in known]
     items = redaction_items(given)
-    for _ in range(_REDACT_PASSES):
-        text = _redact_once(text, given, items, detect, ner)
-        tags = [m.span() for m in _PLACEHOLDER.finditer(text)]
-        if not any(all(s.start < a or s.end > b for a, b in tags) for s in _value_spans(text, given)):
-            break
-    return text
-
-
-#: passes of :func:`redact` at most: each frees at most the words run into what it removed
-_REDACT_PASSES = 4
-_PLACEHOLDER = re.compile(r"\[[A-Z][A-Z0-9_-]*\]")
-
-
-def _redact_once(text: str, given: list[PIIItem], items: list[PIIItem], detect: bool,
-                 ner: NERDetector | None) -> str:
     # (span, is_known): all matches, overlaps included, so nothing of a value survives
     spans = [(s, True) for s in _value_spans(text, items) + _glued_word_spans(text, items)
              + _digit_piece_spans(text, given)]
@@ -543,10 +561,13 @@ def _redact_once(text: str, given: list[PIIItem], items: list[PIIItem], detect: 
     if plain_text != text or plain_given != given:  # (fragments are derived only when something folds)
         plain = redaction_items(plain_given)
         spans += [(s, True) for s in _value_spans(plain_text, plain) + _glued_word_spans(plain_text, plain)]
+    else:
+        plain = []
     if detect:
         spans += [(s, False) for s in _detect_all(text) + (ner(text) if ner is not None else [])]
     if not spans:
         return text
+    spans += [(s, True) for s in _freed_word_spans([(text, items), (plain_text, plain)], [s for s, _ in spans])]
 
     def tag(group: list[tuple[Span, bool]]) -> str:
         best, _ = max(group, key=lambda x: (x[1], x[0].end - x[0].start))

@@ -407,16 +407,23 @@ def test_redaction_finds_known_words_run_into_other_text():
     assert not contains_value("GroupVernon Jimenez", "Vernon Jimenez", "NAME")
 
 
-def test_redaction_leaves_no_value_a_removal_frees():
-    """A short word run into a value stays (it is not a whole word), until that value is
-    removed: "Lee555-123-4567" became "Lee[PII]", where "Lee" is a whole word and a leak."""
-    for text, known, expected in (("Call Lee555-123-4567", ["Lee", "555-123-4567"], "Call [PII][PII]"),
-                                  ("10.0.0.1Li", ["Li"], "[IP][PII]")):
-        assert not contains_value(text, known[0])  # not a leak as given
-        assert redact(text, known) == expected
-        assert not any(contains_value(expected, v) for v in known)
-    # a value written inside a placeholder's name is the placeholder, not a leak left
-    assert redact("Name", [PIIItem("NAME", "Name")]) == "[NAME]"
+def test_redaction_leaves_no_word_a_removal_frees():
+    """A short known word run into a value stays (it is not a whole word), until that
+    value is removed: "Lee555-123-4567" became "Lee[PHONE]", where "Lee" is a whole word
+    and a leak again; the same for a name's word, and for an unaccented one."""
+    name, phone = PIIItem("NAME", "Ann Lee"), PIIItem("PHONE", "555-123-4567")
+    for text, known, expected in (("Call Lee555-123-4567", ["Lee", phone.value], "Call [PII][PII]"),
+                                  ("Call Lee555-123-4567", [name, phone], "Call [NAME][PHONE]"),
+                                  ("Call Zoe555-123-4567", ["Zoë", phone.value], "Call [PII][PII]"),
+                                  ("10.0.0.1Li", ["Li"], "[IP][PII]"),
+                                  ("Lee_x 10.0.0.1Lee555-123-4567", [name, phone], "[NAME]_x [IP][NAME][PHONE]")):
+        assert redact(text, known) == expected, text
+        assert not any(contains_value(expected, k.value if isinstance(k, PIIItem) else k) for k in known)
+    # a word inside a longer one stays, with or without a removal beside it: no leak
+    for text, expected in (("Wuhan555-123-4567", "Wuhan[PHONE]"), ("LiLee555-123-4567", "LiLee[PHONE]")):
+        assert redact(text, [PIIItem("NAME", "Li Wu Lee"), phone]) == expected
+        assert not contains_value(expected, "Lee") and not contains_value(expected, "Wu")
+    assert redact("my org", [PIIItem("org", "org")]) == "my [org]"
 
 
 def test_partial_fragments_of_numbers_and_words():
@@ -527,7 +534,7 @@ def test_value_index_finds_exactly_what_contains_value_finds():
 @pytest.mark.parametrize("value, text", [
     ("Işık", "ışık"),  # re.IGNORECASE takes dotless ı as i; lower() does not
     ("Ας Μπε", "ΑΣ ΜΠΕ"),  # final sigma ς: Σ lower-cases to σ
-    ("Bjørn Sørensen", "BJØRN SØRENSEN"),
+    ("Bjørn Sørensen", "BJØRN SØRENSEN"),  # a control: lower() alone folds these
     ("\u1369\u136a\u136b-\u136c\u136d-\u136e\u136f\u1370\u1371", "\u1369\u136a\u136b-\u136c\u136d-\u136e\u136f\u1370\u1371"),  # Ethiopic digits
 ])
 def test_value_index_folds_letters_and_reads_digits_as_the_patterns_do(value, text):
