@@ -322,9 +322,10 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # a previous run's outputs that this one would not replace: its base model (its
     # tokenizer is trained on that run's world: another --seed/--people would reuse it)
-    # and, without --compare, its comparison; and the temp folders of saves that a kill
-    # interrupted (save_model)
-    stale = [out / "models" / "base", *(out / "models").glob(".*.tmp-*")] + ([] if cfg.compare else [
+    # and, without --compare, its comparison; and what a kill during a save_model left:
+    # its temp folder, or the replaced model set aside (utils.publish_dir)
+    killed = [*(out / "models").glob(".*.tmp-*"), *(out / "models").glob(".*.old-*")]
+    stale = [out / "models" / "base", *killed] + ([] if cfg.compare else [
         out / "comparison.png", out / "models" / "without-pii", *(out / "models").glob("subtracted-*")])
     for path in stale:
         if path.is_dir():

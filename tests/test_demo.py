@@ -172,6 +172,7 @@ def test_demo_rebuilds_its_base_model_and_drops_a_stale_comparison(tmp_path, mon
     (out / "models" / "base" / "tiny_spec.json").write_text("{}")  # what makes it a demo's output
     (out / "models" / ".leaky.tmp-x1y2").mkdir()  # a save a kill interrupted
     (out / "models" / ".leaky.tmp-x1y2" / "model.safetensors").write_bytes(b"half")
+    (out / "models" / ".unlearned.old-a1b2" / "unlearned").mkdir(parents=True)  # the model it replaced
     (out / "comparison.png").write_bytes(b"png")
     built = []
 

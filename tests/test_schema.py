@@ -205,6 +205,13 @@ def test_record_from_dict_without_line_needs_id():
     assert rec.id == "p-1" and rec.group == "p-1" and rec.source == "<dict>"
 
 
+def test_an_id_built_from_a_file_name_is_not_checked_as_the_rows():
+    """A row without an id takes "<file name>:<line>"; a file name that is no valid UTF-8
+    (os.fsdecode gives lone surrogates) is no fault of the row's."""
+    rec = record_from_dict(_row(id=_DROP), source="data/pairs-\udcff.jsonl", line=3)
+    assert rec.id == "pairs-\udcff.jsonl:3"
+
+
 def test_error_attributes_and_str_format():
     err = PairFormatError("a.jsonl", 4, "chosen", "empty answer")
     assert str(err) == "a.jsonl:4: field 'chosen': empty answer"

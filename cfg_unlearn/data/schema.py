@@ -302,6 +302,8 @@ def _record_id(obj: dict, src: str, line: int | None) -> str:
         raise PairFormatError(src, line, "id", f"expected a string or integer, got {type(rid).__name__}")
     if not str(rid).strip():
         raise PairFormatError(src, line, "id", "empty id")
+    if obj.get("id") is None:  # built from the file's name: not the row's fault
+        return str(rid)
     return check_unicode(str(rid), src, line, "id")
 
 
