@@ -62,29 +62,33 @@ ARCHS: dict[str, dict] = {
 
 
 class StepStats(L.Callback):
-    """Times optimizer steps and the validation; reads torch's peak GPU memory. Rank 0
-    writes the figures as JSON to the file named by ``$REAL_SHAPE_RESULT`` at the end of the fit."""
+    """Times optimizer steps (without any validation that runs between them) and the
+    validations; reads torch's peak GPU memory. Rank 0 writes the figures as JSON to the
+    file named by ``$REAL_SHAPE_RESULT`` at the end of training."""
 
     def __init__(self) -> None:
-        self.step_ends: list[float] = []
-        self.pairs: list[int] = []
+        self.step_seconds: list[float] = []  # optimizer step k: from the end of step k-1 (or the start)
+        self.step_pairs: list[int] = []
         self.val_seconds: list[float] = []
+        self._mark: float | None = None  # where the running step's time starts
+        self._pairs = 0
         self._last_step = 0
         self._val_start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if not self.step_ends:
+        if self._mark is None:
             self._sync(pl_module)
-            self.step_ends.append(time.perf_counter())  # the start of the first step
-            self.pairs.append(0)
+            self._mark = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.pairs[-1] += len(batch["id"]) * trainer.world_size
+        self._pairs += len(batch["id"]) * trainer.world_size
         if trainer.global_step != self._last_step:  # an optimizer step was taken
             self._last_step = trainer.global_step
             self._sync(pl_module)
-            self.step_ends.append(time.perf_counter())
-            self.pairs.append(0)
+            now = time.perf_counter()
+            self.step_seconds.append(now - self._mark)
+            self.step_pairs.append(self._pairs)
+            self._mark, self._pairs = now, 0
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._sync(pl_module)
@@ -92,26 +96,30 @@ class StepStats(L.Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._sync(pl_module)
+        seconds = time.perf_counter() - self._val_start
         if not trainer.sanity_checking:
-            self.val_seconds.append(time.perf_counter() - self._val_start)
+            self.val_seconds.append(seconds)
+        if self._mark is not None:
+            self._mark += seconds  # a validation inside a step's window is not step time
 
     def on_train_end(self, trainer, pl_module) -> None:  # before teardown moves the module to the CPU
         if trainer.global_rank != 0:
             return
-        step_seconds = [b - a for a, b in zip(self.step_ends, self.step_ends[1:])]
-        steady, pairs = step_seconds[1:], self.pairs[1:len(step_seconds)]
+        steady, pairs = self.step_seconds[1:], self.step_pairs[1:]  # the first holds the warm-up
         cuda = pl_module.device.type == "cuda"
         gib = 2**30
         result = {
-            "optimizer_steps": len(step_seconds),
-            "first_step_s": round(step_seconds[0], 3) if step_seconds else None,
-            "s_per_step": round(sum(steady) / len(steady), 3) if steady else None,
-            "pairs_per_s": round(sum(pairs) / sum(steady), 2) if steady else None,
+            "optimizer_steps": len(self.step_seconds),
+            "first_step_s": round(self.step_seconds[0], 4) if self.step_seconds else None,
+            "s_per_step": round(sum(steady) / len(steady), 4) if steady else None,
+            "pairs_per_s": round(sum(pairs) / sum(steady), 3) if steady else None,
+            "pairs_per_step": pairs,
             "validation_s": [round(s, 1) for s in self.val_seconds],
             "peak_allocated_gib": round(torch.cuda.max_memory_allocated(pl_module.device) / gib, 2) if cuda else None,
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved(pl_module.device) / gib, 2) if cuda else None,
             "device": torch.cuda.get_device_name(pl_module.device) if cuda else "cpu",
             "trainable_params": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
+            "params": sum(p.numel() for p in pl_module.parameters()),
         }
         Path(os.environ[RESULT_ENV]).write_text(json.dumps(result))
 
@@ -148,7 +156,11 @@ def build_model(arch: str, out: Path) -> int:
     model, tokenizer = random_model(arch, "cuda" if torch.cuda.is_available() else "cpu")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return sum(p.numel() for p in model.parameters())
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the fit runs in a child process: leave it the GPU (this one keeps its context)
+    return n
 
 
 def main() -> None:
