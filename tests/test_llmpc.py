@@ -111,6 +111,12 @@ def test_bad_challenge_files_name_file_line_and_field(tmp_path):
     # Windows line ends and a role alone on its line left "\r" and "\n" in the answers that train
     assert parse_messages("user: hi\r\nassistant:\r\nIt is Ann.\r\nSee you.\r\n") == [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "It is Ann.\nSee you."}]
+    # old Mac line ends (no "\n" anywhere) read as one user turn; a "\r" inside a text
+    # that has line ends is content
+    assert parse_messages("user: hi\rassistant: It is Ann.\r") == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "It is Ann."}]
+    assert parse_messages("user: 50%\r100%\nassistant: ok") == [
+        {"role": "user", "content": "50%\r100%"}, {"role": "assistant", "content": "ok"}]
 
 
 def test_text_the_pair_reader_refuses_is_refused_before_generation(tmp_path):

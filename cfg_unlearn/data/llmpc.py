@@ -176,9 +176,13 @@ def parse_messages(text: str, source: str = "") -> list[dict[str, str]]:
     """``"user: ...\\nassistant: ..."`` -> chat messages; a line without a role prefix
     continues the previous message. Windows line ends and the line breaks at a message's
     edges (``"assistant:"`` alone on its line, a trailing newline) are not content: they
-    would train as part of the answer."""
+    would train as part of the answer. A text with no ``\n`` at all but a ``\r`` has
+    old Mac line ends (it read as one turn); elsewhere a bare ``\r`` is content."""
     msgs: list[dict[str, str]] = []
-    for line in text.replace("\r\n", "\n").split("\n"):
+    text = text.replace("\r\n", "\n")
+    if "\n" not in text:
+        text = text.replace("\r", "\n")
+    for line in text.split("\n"):
         m = _ROLE_LINE.match(line)
         if m:
             msgs.append({"role": m.group(1), "content": m.group(2)})
