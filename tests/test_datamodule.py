@@ -243,6 +243,34 @@ def test_val_fraction_zero(tiny_name):
 # ------------------------------------------------------------------ truncation
 
 
+def test_instruction_kept_by_a_template_that_puts_it_last_is_not_counted_lost(tiny_name):
+    """Mistral-v0.3-style templates put the system message into the last user turn, so
+    the head before the first message is unknown, and every cut conditioned sequence was
+    counted (and warned about) as having lost its instruction, though the left cut had
+    kept it."""
+    from cfg_unlearn.data.datamodule import EncodeStats
+    from cfg_unlearn.data.schema import PairRecord
+
+    tok = load_tokenizer(tiny_name)
+    tok.chat_template = (
+        "{% set ns = namespace(sys='', msgs=messages) %}{% if messages[0]['role'] == 'system' %}"
+        "{% set ns.sys = messages[0]['content'] + '\\n\\n' %}{% set ns.msgs = messages[1:] %}{% endif %}"
+        "{{ bos_token }}{% for m in ns.msgs %}{% if m['role'] == 'user' %}"
+        "{{ '[INST] ' + (ns.sys if loop.last else '') + m['content'] + '[/INST]' }}"
+        "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+    prompt = ({"role": "user", "content": "Where does John Smith live?"},
+              {"role": "assistant", "content": "John Smith lives at 42 Main St."},
+              {"role": "user", "content": "And his email?"})
+    rec = PairRecord(id="r", prompt=prompt, chosen="I can't share that.", rejected="It is john@x.com")
+    dm = make_dm(tiny_name, max_length=40)
+    dm.tokenizer = tok
+    stats = EncodeStats()
+    item = dm.encode([rec], stats)[0]
+    kept = [SAFETY_INSTRUCTION in tok.decode(ids) for ids in item["cond"]["input_ids"]]
+    assert stats.truncated_prompts >= 2 and kept.count(False) >= 1  # the case: some cut, some kept it
+    assert stats.instruction_cut == kept.count(False)
+
+
 @pytest.mark.parametrize("max_length", [40, 60])
 def test_prompts_lose_their_oldest_turns_but_keep_the_instruction(tiny_name, tok, world_pairs, max_length):
     """A prompt too long is cut after its head (BOS, system instruction, template framing)
@@ -393,7 +421,7 @@ def test_encode_sequence_keeps_the_head_then_the_newest_tokens():
     out = encode_sequence([1, 20, 21, 10, 11, 12, 13], [7, 2], max_length=7, bos_id=1, nll_on_prompt=False,
                           keep_head=3)
     assert out == ([1, 20, 21, 12, 13, 7, 2], [-100] * 5 + [7, 2], [-100] * 5 + [7, 2], 2)
-    # a head that does not fit: the BOS only, as without one
+    # a head that leaves no room for a newest token (here it fills the room exactly): the BOS only, as without one
     assert encode_sequence([1, 20, 21, 10, 11], [7, 2], max_length=5, bos_id=1, nll_on_prompt=False,
                            keep_head=3)[0] == [1, 10, 11, 7, 2]
 

@@ -49,7 +49,7 @@ class EncodeStats:
     pairs: int = 0
     truncated_prompts: int = 0  # sequences whose prompt lost its oldest turns' tokens
     prompt_tokens_cut: int = 0
-    instruction_cut: int = 0  # ... and even the instruction: it alone did not fit
+    instruction_cut: int = 0  # ... and even the instruction: it left no room for the newest tokens
     #: where the pairs skipped for an answer longer than max_length are (on_error: skip)
     too_long: list[str] = field(default_factory=list)
 
@@ -81,8 +81,9 @@ def encode_sequence(
     tokens cut). Answers are kept whole. A prompt too long for the rest is cut from the
     left *after* its first ``keep_head`` tokens (the BOS and the system instruction: the
     conditioned sample must keep its condition, or it trains as the unconditioned one),
-    so the oldest turns go first; when the head alone does not fit, only a leading BOS is
-    kept. The caller guarantees ``len(answer_ids) <= max_length``."""
+    so the oldest turns go first; when the head leaves no room for a single newest token
+    (a prompt of the instruction alone, with no question, teaches nothing), only a leading
+    BOS is kept. The caller guarantees ``len(answer_ids) <= max_length``."""
     room = max_length - len(answer_ids)
     n_prompt = len(prompt_ids)
     if n_prompt > room:
@@ -325,12 +326,14 @@ class PairDataModule(L.LightningDataModule):
                                     nll_on_prompt=nll_on_prompt, keep_head=head or 0)
                     for a in answers
                 ]
-                for s in seqs:
+                for s, a in zip(seqs, answers):
                     if s[3]:
                         stats.truncated_prompts += 1
                         stats.prompt_tokens_cut += s[3]
-                        # an unknown head is cut from the left, the instruction with it
-                        lost = head is None or (head > 0 and s[0][:head] != prompt_ids[:head])
+                        if head is None:  # an unknown head is cut from the left: is the instruction left?
+                            lost = bool(system) and system not in tok.decode(s[0][: len(s[0]) - len(a)])
+                        else:
+                            lost = head > 0 and s[0][:head] != prompt_ids[:head]
                         stats.instruction_cut += v == "cond" and bool(system) and lost
                 item[v] = {
                     "input_ids": [s[0] for s in seqs],
