@@ -458,51 +458,20 @@ GLUED_MIN_CHARS = 4
 _LETTER_RUN = re.compile(r"[^\W\d_]+")
 
 
-def _freed_word_spans(texts: list[tuple[str, list[PIIItem]]], spans: list[Span]) -> list[Span]:
-    """Occurrences of a known one-word value (a name word of any length) that are whole
-    words once what redaction removes around them is gone: each side is the text's edge,
-    a character that is no letter or digit (as :func:`value_pattern` bounds a word), or a
-    character inside a span. (Two such words run into each other, "LiLee[PHONE]", stay:
-    together they are one word, no leak.) ``texts`` pairs texts of equal offsets (the
-    NFKC text, its unaccented form) with the items to look for in each."""
-    covered: set[int] = set()
-    for sp in spans:
-        covered.update(range(sp.start, sp.end))
-    found: dict[tuple[int, int], str] = {}
-    for text, items in texts:
-        words: dict[str, str] = {}
-        for item in items:
-            value = nfkc(item.value)
-            if _LETTER_RUN.fullmatch(value):
-                words.setdefault(value.lower(), item.type)
-        lengths = sorted({len(w) for w in words})
-        for m in _LETTER_RUN.finditer(text):
-            run = m.group().lower()
-            if len(run) != len(m.group()):  # a letter whose lower case is longer: keep indices exact
-                run = m.group()
-            for n in lengths:
-                for i in range(len(run) - n + 1):
-                    if run[i : i + n] in words:
-                        found.setdefault((m.start() + i, m.start() + i + n), words[run[i : i + n]])
-    n_text = len(texts[0][0])
-
-    def free(i: int) -> bool:
-        return i < 0 or i >= n_text or i in covered or not texts[0][0][i].isalnum()
-
-    return [Span(a, b, kind) for (a, b), kind in found.items() if free(a - 1) and free(b)]
-
-
-def _glued_word_spans(text: str, items: Iterable[PIIItem]) -> list[Span]:
-    """Every occurrence of a known one-word value or fragment (a name word, a street
-    word) of :data:`GLUED_MIN_CHARS` letters or more inside a run of letters, whatever
-    surrounds it: a set lookup per (position, word length), not a pattern per word."""
+def _known_words(items: Iterable[PIIItem], min_chars: int = 1) -> dict[str, str]:
+    """The one-word values of ``items`` (a name word, a street word) with at least
+    ``min_chars`` letters, lower-cased -> their type."""
     words: dict[str, str] = {}
     for item in items:
         value = nfkc(item.value)
-        if len(value) >= GLUED_MIN_CHARS and _LETTER_RUN.fullmatch(value):
+        if len(value) >= min_chars and _LETTER_RUN.fullmatch(value):
             words.setdefault(value.lower(), item.type)
-    if not words:
-        return []
+    return words
+
+
+def _word_occurrences(text: str, words: dict[str, str]) -> list[Span]:
+    """Every occurrence of a word of ``words`` inside a run of letters of ``text``, whatever
+    surrounds it: a set lookup per (position, word length), not a pattern per word."""
     lengths = sorted({len(w) for w in words})
     spans = []
     for m in _LETTER_RUN.finditer(text):
@@ -515,6 +484,31 @@ def _glued_word_spans(text: str, items: Iterable[PIIItem]) -> list[Span]:
             spans += [Span(m.start() + i, m.start() + i + n, words[run[i : i + n]])
                       for i in range(len(run) - n + 1) if run[i : i + n] in words]
     return spans
+
+
+def _glued_word_spans(text: str, items: Iterable[PIIItem]) -> list[Span]:
+    """Every occurrence of a known one-word value or fragment of :data:`GLUED_MIN_CHARS`
+    letters or more inside a run of letters, whatever surrounds it."""
+    return _word_occurrences(text, _known_words(items, GLUED_MIN_CHARS))
+
+
+def _freed_word_spans(texts: list[tuple[str, list[PIIItem]]], spans: list[Span]) -> list[Span]:
+    """Occurrences of a known one-word value (a name word of any length) that are whole
+    words once what redaction removes around them is gone: each side is the text's edge,
+    a character that is no letter or digit (as :func:`value_pattern` bounds a word), or a
+    character inside a span. (Two such words run into each other, "LiLee[PHONE]", stay:
+    together they are one word, no leak.) ``texts`` pairs texts of equal offsets (the
+    NFKC text, its unaccented form) with the items to look for in each."""
+    covered: set[int] = set()
+    for sp in spans:
+        covered.update(range(sp.start, sp.end))
+    text = texts[0][0]
+
+    def free(i: int) -> bool:
+        return i < 0 or i >= len(text) or i in covered or not text[i].isalnum()
+
+    return [s for t, items in texts for s in _word_occurrences(t, _known_words(items))
+            if free(s.start - 1) and free(s.end)]
 
 
 #: a number for redaction: digits joined by the separators of a phone or ID number and by
