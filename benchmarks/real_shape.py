@@ -134,10 +134,9 @@ def random_model(arch: str, device: str | torch.device):
     (its bos/eos/pad ids set in the model's config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from cfg_unlearn.data.world import World, WorldConfig
-    from cfg_unlearn.tiny import TinySpec, train_tokenizer
+    from cfg_unlearn.tiny import TinySpec, default_corpus, train_tokenizer
 
-    tokenizer = train_tokenizer(World(WorldConfig(seed=0, n_people=200)).corpus(), TinySpec().vocab_size)
+    tokenizer = train_tokenizer(default_corpus(), TinySpec().vocab_size)
     shape = dict(ARCHS[arch])
     if len(tokenizer) > shape["vocab_size"]:
         raise SystemExit(f"the tiny tokenizer ({len(tokenizer)} ids) does not fit {arch}'s vocabulary")
@@ -197,8 +196,8 @@ def main() -> None:
                "--trainer.val_check_interval", str(a.steps * accumulate), "--trainer.num_sanity_val_steps", "0",
                "--trainer.callbacks+=real_shape.StepStats", *extra]
         result_file = Path(tmp) / "result.json"
-        env = {**os.environ, RESULT_ENV: str(result_file), "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT),
-                                                              os.environ.get("PYTHONPATH", "")])}
+        path = os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+        env = {**os.environ, RESULT_ENV: str(result_file), "PYTHONPATH": path}
         t0 = time.perf_counter()
         # the fit's own output (its progress bars) goes through: a run killed midway shows where
         proc = subprocess.run(cmd, cwd=tmp, env=env)

@@ -472,6 +472,8 @@ def _known_words(items: Iterable[PIIItem], min_chars: int = 1) -> dict[str, str]
 def _word_occurrences(text: str, words: dict[str, str]) -> list[Span]:
     """Every occurrence of a word of ``words`` inside a run of letters of ``text``, whatever
     surrounds it: a set lookup per (position, word length), not a pattern per word."""
+    if not words:  # the common case for the unaccented text: no scan
+        return []
     lengths = sorted({len(w) for w in words})
     spans = []
     for m in _LETTER_RUN.finditer(text):

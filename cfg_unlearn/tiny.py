@@ -96,6 +96,13 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     )
 
 
+def default_corpus() -> list[str]:
+    """The texts the default tiny tokenizer is trained on: a 200-person synthetic world."""
+    from cfg_unlearn.data.world import World, WorldConfig
+
+    return World(WorldConfig(seed=0, n_people=200)).corpus()
+
+
 def build_tiny(out_dir: str | os.PathLike, texts: list[str] | None = None, spec: TinySpec | None = None) -> Path:
     """Build tokenizer + random-init Llama into ``out_dir`` (atomically: built in a temp
     dir, then renamed, so concurrent callers and killed runs never see half a model).
@@ -105,11 +112,7 @@ def build_tiny(out_dir: str | os.PathLike, texts: list[str] | None = None, spec:
 
     spec = spec or TinySpec()
     out_dir = Path(out_dir)
-    if texts is None:
-        from cfg_unlearn.data.world import World, WorldConfig
-
-        texts = World(WorldConfig(seed=0, n_people=200)).corpus()
-    tokenizer = train_tokenizer(texts, spec.vocab_size)
+    tokenizer = train_tokenizer(default_corpus() if texts is None else texts, spec.vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
