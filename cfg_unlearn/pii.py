@@ -189,14 +189,33 @@ class ValueIndex:
         return sorted((it for it in tried if self._patterns[it].search(text)), key=self._order.__getitem__)
 
 
+#: every cased letter Unicode has lies below this code point (the last, Adlam, ends at U+1E94B)
+_LAST_CASED = 0x20000
+
+
+def _derived_case_classes() -> dict[str, str]:
+    """:func:`_re_case_classes` from public string methods, for a Python whose re module
+    no longer has the private table: re takes two lower-case letters as equal when their
+    upper-case forms are (the table is generated that way)."""
+    by_upper: dict[str, set[str]] = {}
+    for code in range(_LAST_CASED):
+        low = chr(code).lower()
+        if len(low) == 1 and not 0xD800 <= code <= 0xDFFF:
+            by_upper.setdefault(low.upper(), set()).add(low)
+    return {c: min(chars) for chars in by_upper.values() if len(chars) > 1 for c in chars}
+
+
 def _re_case_classes() -> dict[str, str]:
     """The letters re.IGNORECASE takes as equal beyond lower-casing (ı and i, ς and σ,
     ſ and s, µ and μ, old Cyrillic forms, ...): each -> the smallest of its class. Read
     from the re module's own table, so the index folds exactly as the patterns match."""
     try:
         from re._casefix import _EXTRA_CASES as extra  # Python 3.11+
-    except ImportError:  # 3.10
-        from sre_compile import _ignorecase_fixes as extra
+    except ImportError:
+        try:
+            from sre_compile import _ignorecase_fixes as extra  # 3.10
+        except ImportError:  # private names can go in any release
+            return _derived_case_classes()
     canon: dict[str, str] = {}
     for code, others in extra.items():
         chars = {chr(code), *map(chr, others)}

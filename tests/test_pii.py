@@ -546,6 +546,25 @@ def test_value_index_folds_letters_and_reads_digits_as_the_patterns_do(value, te
     assert pii.ValueIndex([item]).find(text) == [item]
 
 
+def test_case_classes_without_the_private_re_tables(monkeypatch):
+    """The classes come from re's private table (re._casefix, sre_compile on 3.10); a
+    Python without it must not fail at import: the fallback derives the same classes
+    from str.upper/lower."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_private_tables(name, *args, **kwargs):
+        if name in ("re._casefix", "sre_compile"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_private_tables)
+    derived = pii._re_case_classes()
+    assert derived == pii._RE_CASE_CLASSES  # the table read on this Python
+    assert derived["ı"] == derived["i"] and derived["ς"] == derived["σ"] and derived["ſ"] == derived["s"]
+
+
 # --------------------------------------------------------------------------- how chat models write
 
 
