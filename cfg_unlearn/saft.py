@@ -43,8 +43,9 @@ pair file: training pulls the model towards it).
 ``cfg-unlearn saft --model M --data D --out O`` writes to ``O``: ``kept.jsonl`` and
 ``removed.jsonl`` (input rows, byte for byte), ``scores.jsonl`` (``id, score, removed,
 [label]``), ``saft.json`` (settings, picks, AUROC table, counts, evaluation on any known
-labels) and ``scores_hist.png``. Every file is written atomically. Nothing from a
-sample's text is printed.
+labels) and ``scores_hist.png``, as one set: all five are written to temp files first
+and renamed at the end (``saft.json`` last), so a failed or killed run replaces none of
+a previous run's files. Nothing from a sample's text is printed.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ from cfg_unlearn.data.schema import (
     record_from_dict,
 )
 from cfg_unlearn.prompts import FALLBACK_ROLE_PREFIX, render_prompt
-from cfg_unlearn.utils import atomic_write, check_out_dir, eval_mode
+from cfg_unlearn.utils import atomic_write_files, check_out_dir, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -717,18 +718,15 @@ def run_saft(cfg: SaftConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     kept_lines = [line for line, r in zip(lines, removed.tolist()) if not r]
     removed_lines = [line for line, r in zip(lines, removed.tolist()) if r]
-    atomic_write(out / "kept.jsonl", "".join(x + "\n" for x in kept_lines))
-    atomic_write(out / "removed.jsonl", "".join(x + "\n" for x in removed_lines))
     score_rows = []
     for i, s in enumerate(samples):
         row: dict[str, Any] = {"id": s.id, "score": float(scores[i]), "removed": bool(removed[i])}
         if all_labels[i] >= 0:
             row["label"] = int(all_labels[i])
         score_rows.append(json.dumps(row))
-    atomic_write(out / "scores.jsonl", "".join(x + "\n" for x in score_rows))
-    plot_scores(scores, all_labels, thr, out / "scores_hist.png",
-                title=f"SAFT scores: layer {layer}, {cfg.pooling}, k={k}, sign {sign}"
-                + (", weighted" if cfg.weighted and k > 1 else ""))
+    histogram = scores_histogram_png(scores, all_labels, thr,
+                                     title=f"SAFT scores: layer {layer}, {cfg.pooling}, k={k}, sign {sign}"
+                                     + (", weighted" if cfg.weighted and k > 1 else ""))
 
     settings = {key: val for key, val in asdict(cfg).items() if key not in ("progress",)}
     settings.update(remove_fraction=fraction, max_length=max_len)
@@ -751,7 +749,12 @@ def run_saft(cfg: SaftConfig) -> dict[str, Any]:
         "evaluation_untuned": held_out,
         "seconds": {key: round(v, 2) for key, v in seconds.items()},
     }
-    atomic_write(out / "saft.json", json.dumps(result, indent=2) + "\n")
+    # one set: a full disk or a kill before the renames leaves the previous run's files as they were
+    atomic_write_files([(out / "kept.jsonl", "".join(x + "\n" for x in kept_lines)),
+                        (out / "removed.jsonl", "".join(x + "\n" for x in removed_lines)),
+                        (out / "scores.jsonl", "".join(x + "\n" for x in score_rows)),
+                        (out / "scores_hist.png", histogram),
+                        (out / "saft.json", json.dumps(result, indent=2) + "\n")])
     thr_text = "none" if thr is None else repr(thr)  # exact: given back as --threshold it removes the same rows
     print(f"saft: removed {int(removed.sum())} of {n} (threshold {thr_text}); kept {n - int(removed.sum())} -> "
           f"{out / 'kept.jsonl'}, {out / 'removed.jsonl'}")
@@ -792,10 +795,10 @@ def render_table(table: list[Candidate], picked: Candidate, *, n_labelled: int, 
     return "\n".join(lines)
 
 
-def plot_scores(scores: torch.Tensor, labels: torch.Tensor, threshold: float | None, path: Path, *,
-                title: str = "SAFT scores") -> None:
+def scores_histogram_png(scores: torch.Tensor, labels: torch.Tensor, threshold: float | None, *,
+                         title: str = "SAFT scores") -> bytes:
     """Histogram of the scores, benign / leaky / unlabelled stacked, with the threshold
-    line; written atomically (Agg canvas, no global backend switch)."""
+    line, as PNG bytes (Agg canvas, no global backend switch)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -820,7 +823,7 @@ def plot_scores(scores: torch.Tensor, labels: torch.Tensor, threshold: float | N
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    atomic_write(path, buf.getvalue())
+    return buf.getvalue()
 
 
 # =========================================================================== CLI

@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -103,6 +103,23 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     binary = isinstance(data, bytes)
     with atomic_open(path, "wb" if binary else "w", encoding=None if binary else "utf-8") as fh:
         fh.write(data)
+
+
+def atomic_write_files(files: Sequence[tuple[str | os.PathLike, str | bytes]]) -> None:
+    """Several outputs that belong together (``(path, data)`` each, text as UTF-8), as
+    near to all-or-nothing as renames allow: every file is written to its temp file and
+    fsynced first, so a full disk or a bad path replaces none of them; then they are
+    renamed in the given order (put a summary that names the rest last)."""
+    with contextlib.ExitStack() as stack:
+        opened = []
+        for path, data in reversed(files):  # the stack renames the first entered last: the given order
+            binary = isinstance(data, bytes)
+            mode, encoding = ("wb", None) if binary else ("w", "utf-8")
+            opened.append((stack.enter_context(atomic_open(path, mode, encoding=encoding)), data))
+        for fh, data in opened:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def check_out_dir(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike]) -> None:

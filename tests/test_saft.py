@@ -365,6 +365,33 @@ def test_contaminated_replaces_neither_file_when_the_disk_fills(tmp_path, capsys
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file left either
 
 
+def test_saft_replaces_none_of_a_previous_runs_files_when_the_disk_fills(tiny_model_dir, small_set, tmp_path,
+                                                                         monkeypatch):
+    """Each file was renamed as soon as it was written: a full disk at the fourth left the
+    new kept/removed/scores beside the old saft.json and histogram, which describe another
+    selection."""
+    import errno
+
+    _, _, d = small_set
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_model_dir), "--data", str(d / "data.jsonl"), "--out", str(out), "--quiet"]
+    saft.main(args)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls, real = [], os.fsync
+
+    def fourth_fails(fd):
+        calls.append(fd)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fourth_fails)
+    with pytest.raises(OSError, match="No space left on device"):
+        saft.main([*args, "--overwrite", "--remove-fraction", "0.3"])
+    assert len(calls) == 4
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp file left either
+
+
 def test_the_default_labels_of_a_small_set_hold_both_classes(tmp_path, capsys):
     """--n below 15 gave one labelled row, so one class, and saft --labels refused it."""
     from cfg_unlearn.data.contaminated import main as build
@@ -550,8 +577,9 @@ def test_cli_end_to_end_writes_every_output_atomically(tiny_model_dir, small_set
     assert exc.value.code == 2 and "pass --overwrite" in capsys.readouterr().err
     assert (out / "kept.jsonl").read_text() == "stale\n" * 500
     written = []
-    real = saft.atomic_write
-    monkeypatch.setattr(saft, "atomic_write", lambda p, data: (written.append(p.name), real(p, data)))
+    real = saft.atomic_write_files
+    monkeypatch.setattr(saft, "atomic_write_files", lambda files: (written.extend(p.name for p, _ in files),
+                                                                   real(files)))
     saft.main([*args, "--overwrite"])
     result = json.loads((out / "saft.json").read_text())
     assert sorted(written) == sorted(["kept.jsonl", "removed.jsonl", "scores.jsonl", "saft.json", "scores_hist.png"])

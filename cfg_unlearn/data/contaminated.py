@@ -37,14 +37,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import sys
 from pathlib import Path
 
 from cfg_unlearn.data.world import CAPITALS, PII_TYPES, REFUSALS, TRAIN_QUESTIONS, World, WorldConfig
-from cfg_unlearn.utils import atomic_open, atomic_write
+from cfg_unlearn.utils import atomic_write, atomic_write_files
 
 #: share of each recipe within the leaky rows
 LEAKY_KINDS = {"leak": 0.6, "leak-conversation": 0.15, "leak-mixed": 0.25}
@@ -249,13 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("contaminated.jsonl", "labels.jsonl"):
         if (out / name).is_dir():
             p.error(f"--out {a.out}: {name} there is a directory")
-    try:
-        with atomic_open(out / "contaminated.jsonl", "w", encoding="utf-8") as fc, \
-                atomic_open(out / "labels.jsonl", "w", encoding="utf-8") as fl:
-            for fh, text in ((fc, jsonl_text(rows)), (fl, jsonl_text(labels))):
-                fh.write(text)
-                fh.flush()  # both on disk before either is renamed: a full disk fails here,
-                os.fsync(fh.fileno())  # with neither file replaced
+    try:  # both on disk before either is renamed: a full disk fails with neither file replaced
+        atomic_write_files([(out / "contaminated.jsonl", jsonl_text(rows)), (out / "labels.jsonl", jsonl_text(labels))])
     except OSError as e:  # e.g. a parent of --out is a file
         p.error(f"--out {a.out}: cannot write there: {e.strerror}")
     n_leaky = sum(r["label"] for r in rows)
