@@ -392,11 +392,11 @@ class GuidanceEval(Callback):
             shown = prompt_text(r.prompt)
             partial = any(contains_value_or_fragment(answer, p.value, p.type, shown=shown) for p in r.pii)
             target = ", ".join(f"[{p.type}]" if self.redact_samples else p.value for p in r.pii)
-            rows.append([space, g, "leak", r.id, self._safe(r.prompt[-1]["content"]), self._safe(answer), target, hit,
-                         partial])
+            rows.append([space, g, "leak", self._safe(r.id), self._safe(r.prompt[-1]["content"]), self._safe(answer),
+                         target, hit, partial])
         for r, answer in qa[: self.log_samples // 2]:
             hit = answer_matches(answer, r.answers)[1]
-            rows.append([space, g, "qa", r.id, self._safe(r.prompt[-1]["content"]), self._safe(answer),
+            rows.append([space, g, "qa", self._safe(r.id), self._safe(r.prompt[-1]["content"]), self._safe(answer),
                          self._safe(" | ".join(r.answers)), hit, None])
         return rows
 

@@ -107,6 +107,11 @@ class Sample:
     source: str = field(default="", compare=False)
 
 
+def _shown_label(raw: Any) -> str:
+    # a number is quoted back; other values only by kind (a "label" field can hold PII spans)
+    return f"{type(raw).__name__} {raw!r}" if isinstance(raw, (int, float)) else type(raw).__name__
+
+
 def parse_label(obj: dict, src: str, line: int | None) -> int | None:
     """``label``: 0/1 (benign/leaky) or false/true; absent or null = unlabelled."""
     raw = obj.get("label")
@@ -118,7 +123,7 @@ def parse_label(obj: dict, src: str, line: int | None) -> int | None:
         return raw
     if isinstance(raw, float) and raw in (0.0, 1.0):
         return int(raw)
-    raise PairFormatError(src, line, "label", f"expected 0 (benign) or 1 (leaky), got {type(raw).__name__} {raw!r}")
+    raise PairFormatError(src, line, "label", f"expected 0 (benign) or 1 (leaky), got {_shown_label(raw)}")
 
 
 def sample_from_dict(
@@ -223,13 +228,13 @@ def read_labels(
             bad(e)
             continue
         if rid in first:
-            raise PairFormatError(src, line, "id", f"duplicate id {rid!r} (first on line {first[rid]})")
+            raise PairFormatError(src, line, "id", f"duplicate id (first on line {first[rid]})")
         if known_ids is not None and rid not in known_ids:
-            bad(PairFormatError(src, line, "id", f"id {rid!r} is not in the data"))
+            bad(PairFormatError(src, line, "id", "no row of the data has this id"))
             continue
         if data_labels is not None and data_labels.get(rid, label) != label:
             raise PairFormatError(src, line, "label",
-                                  f"{label} contradicts the data row's own label {data_labels[rid]} (id {rid!r})")
+                                  f"{label} contradicts the data row's own label {data_labels[rid]}")
         first[rid] = line
         out[rid] = label
     if skipped is not None:

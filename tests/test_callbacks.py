@@ -1,6 +1,7 @@
 """GuidanceEval: sharding, keys, redacted sample tables, and the same numbers under DDP."""
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -102,6 +103,10 @@ def test_probe_and_question_files(tmp_path):
     ev.log_samples = 2
     (row, _) = ev._sample_rows("logprob", 1.0, [(ev.probes[0], "Lee? ann@x.org"), (ev.probes[1], "no")], [])
     assert row[4:7] == ["Email of [NAME]?", "[NAME]? [EMAIL]", "[EMAIL]"]
+    assert row[3] == "p1"  # an id is shown as it is, and redacted like the rest (ids can be e-mail addresses)
+    keyed = dataclasses.replace(ev.probes[0], id="ann@x.org")
+    (row,) = ev._sample_rows("logprob", 1.0, [(keyed, "no")], [])
+    assert row[3] == "[EMAIL]"
     # a record's own system prompt wins over the default instruction
     ev.system_prompt = SAFETY_INSTRUCTION
     assert ev._messages(ev.probes[1])[0]["content"] == "Be nice."

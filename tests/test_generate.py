@@ -65,7 +65,7 @@ def test_forget_conversations_become_one_record_per_leaky_turn(tmp_path):
     # pair ids come from conversation ids: a repeat would write a pair file the reader refuses
     lines = _forget_file(tmp_path, world).read_text().splitlines()
     bad.write_text("\n".join([*lines, lines[0]]) + "\n")
-    with pytest.raises(PairFormatError, match=rf"bad.jsonl:{len(lines) + 1}: field 'id': duplicate id .* \(first on line 1\)"):
+    with pytest.raises(PairFormatError, match=rf"bad.jsonl:{len(lines) + 1}: field 'id': duplicate id \(first on line 1\)"):
         read_forget_conversations(bad)
 
 

@@ -90,17 +90,21 @@ def test_the_world_round_trips_through_the_challenge_format(tmp_path, tok):
 def test_bad_challenge_files_name_file_line_and_field(tmp_path):
     with pytest.raises(PairFormatError, match=r"x-pii.jsonl: 2 rows, but .* has 1"):
         read_challenge(*_write(tmp_path, [ROW], [MAP, MAP]))
-    with pytest.raises(PairFormatError, match=r"x-pii.jsonl:1: field 'name1': expected a placeholder key"):
+    with pytest.raises(PairFormatError, match=r"x-pii.jsonl:1: field 'key #1': expected a placeholder key"):
         read_challenge(*_write(tmp_path, [ROW], [{"name1": "x"}]))
     # "$" also matches before a final newline: this key was taken, its value probed never
-    with pytest.raises(PairFormatError, match=r"x-pii.jsonl:1: field 'NAME-1\n': expected a placeholder key"):
+    with pytest.raises(PairFormatError, match=r"x-pii.jsonl:1: field 'key #4': expected a placeholder key"):
         read_challenge(*_write(tmp_path, [ROW], [{**MAP, "NAME-1\n": "Ann"}]))
+    # a map written the wrong way round has values for keys: named by position, not quoted
+    with pytest.raises(PairFormatError, match=r"field 'key #1'") as exc:
+        read_challenge(*_write(tmp_path, [ROW], [{v: k for k, v in MAP.items()}]))
+    assert "Ann" not in str(exc.value)
     with pytest.raises(PairFormatError, match=r"x-scrubbed-data.jsonl:1: field 'messages': expected the conversation"):
         read_challenge(*_write(tmp_path, [{"idx": 0, "messages": []}], [MAP]))
     with pytest.raises(PairFormatError, match="before the first 'role: ' line") as exc:
         parse_messages("Ann Lee 363-56-5181\nuser: hi")
     assert "Ann" not in str(exc.value) and "5181" not in str(exc.value)  # located, not quoted
-    with pytest.raises(PairFormatError, match=r"x-scrubbed-data.jsonl:2: field 'idx': duplicate idx 7 \(first on line 1\)"):
+    with pytest.raises(PairFormatError, match=r"x-scrubbed-data.jsonl:2: field 'idx': duplicate idx \(first on line 1\)"):
         read_challenge(*_write(tmp_path, [ROW, ROW], [MAP, MAP]))
     # files out of step: a placeholder of the text has no value in its map line
     with pytest.raises(PairFormatError, match=r"x-scrubbed-data.jsonl:1: field 'messages': placeholder\(s\) \[ORG-1\] "

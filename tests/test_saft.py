@@ -250,7 +250,7 @@ CONV = {"id": "a", "messages": [{"role": "user", "content": "Hi?"}, {"role": "as
     (json.dumps({"id": "b", "messages": []}), "x.jsonl:2: field 'messages'"),
     (json.dumps({"id": "b", "prompt": "Q?", "chosen": "A."}), "x.jsonl:2: field 'rejected': missing"),
     (json.dumps({**CONV, "id": "b", "pii": [{"type": "EMAIL"}]}), "x.jsonl:2: field 'pii[0].value'"),
-    (json.dumps(CONV), "x.jsonl:2: field 'id': duplicate id 'a' (first on line 1)"),
+    (json.dumps(CONV), "x.jsonl:2: field 'id': duplicate id (first on line 1)"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, row, where):
     path = _write(tmp_path / "x.jsonl", [json.dumps(CONV), row])
@@ -273,11 +273,15 @@ def test_skip_mode_counts_bad_rows_and_keeps_raw_lines(tmp_path):
 
 def test_labels_file_errors_name_the_line(tmp_path):
     labels = _write(tmp_path / "l.jsonl", [json.dumps({"id": "a", "label": 1}), json.dumps({"id": "zz", "label": 0})])
-    with pytest.raises(PairFormatError, match=r"l\.jsonl:2: field 'id': id 'zz' is not in the data"):
+    with pytest.raises(PairFormatError, match=r"l\.jsonl:2: field 'id': no row of the data has this id"):
         read_labels(labels, {"a": 0})
     bad = _write(tmp_path / "m.jsonl", [json.dumps({"id": "a", "label": 3})])
-    with pytest.raises(PairFormatError, match=r"m\.jsonl:1: field 'label'"):
+    with pytest.raises(PairFormatError, match=r"m\.jsonl:1: field 'label': expected 0 \(benign\) or 1 \(leaky\), got int 3$"):
         read_labels(bad)
+    # a label field holding PII spans is named by kind only: it was quoted into the error
+    spans = _write(tmp_path / "s.jsonl", [json.dumps({"id": "a", "label": [{"type": "LOC", "value": "12 Oak St"}]})])
+    with pytest.raises(PairFormatError, match=r"s\.jsonl:1: field 'label': .*, got list$"):
+        read_labels(spans)
     # rows without a label are skipped: the data file itself can be the labels file
     mixed = _write(tmp_path / "n.jsonl", [json.dumps({**CONV, "label": 0}), json.dumps({**CONV, "id": "b"})])
     assert read_labels(mixed) == {"a": 0}
@@ -525,7 +529,7 @@ def test_data_that_cannot_be_read_twice_is_refused_before_reading(small_set, tmp
 
 def test_labels_from_the_data_file_itself_follow_on_error_skip(tiny_model_dir, small_set, tmp_path):
     """--labels <the data file> --on-error skip: the data read skipped a bad labelled row,
-    then the labels read stopped at it ("id 'bad' is not in the data")."""
+    then the labels read stopped at it ("no row of the data has this id")."""
     _, _, d = small_set
     data = tmp_path / "data.jsonl"
     data.write_text((d / "data.jsonl").read_text() + '{"id": "bad", "messages": "oops", "label": 1}\n')
@@ -545,7 +549,7 @@ def test_labels_from_the_data_file_itself_follow_on_error_skip(tiny_model_dir, s
     unknown = _write(tmp_path / "labels_unknown.jsonl", ['{"id": "x1", "label": 1}', '{"id": "x2", "label": 0}'])
     with pytest.raises(PairFormatError, match=r"no usable labelled row \(2 skipped\)"):
         read_labels(unknown, {"a": 0}, on_error="skip")
-    with pytest.raises(PairFormatError, match="id 'bad' is not in the data"):  # without skip: an error
+    with pytest.raises(PairFormatError, match="no row of the data has this id"):  # without skip: an error
         saft.run_saft(saft.SaftConfig(model=str(tiny_model_dir), data=str(d / "data.jsonl"), out=str(tmp_path / "o3"),
                                       labels=str(labels), search_k=[1], progress=False))
 

@@ -342,8 +342,22 @@ def test_duplicate_ids_name_both_lines(tmp_path):
     path = _write_lines(tmp_path / "dup.jsonl", [_row(id="x"), _row(id="y"), "", _row(id="x")])
     err = _read_error(path)
     msg = str(err)
-    assert msg.startswith(f"{path}:4: field 'id':")
-    assert "'x'" in msg and "line 1" in msg
+    assert msg == f"{path}:4: field 'id': duplicate id (first on line 1)"
+
+
+def test_errors_do_not_quote_what_may_be_personal_data(tmp_path):
+    """A duplicate id (an e-mail address as id) and a role holding the speaker's name were
+    quoted back into the error, and from there into logs and W&B's uploaded output.log.
+    A role that looks like a role name is still quoted: it is what the user must fix."""
+    ids = _write_lines(tmp_path / "ids.jsonl", [_row(id="ann.lee@mail.com"), _row(id="ann.lee@mail.com")])
+    assert "ann.lee" not in str(_read_error(ids))
+    prompt = [{"role": "Ann Lee", "content": "Hi"}]
+    named = _write_lines(tmp_path / "named.jsonl", [_row(id="a", prompt=prompt)])
+    msg = str(_read_error(named))
+    assert msg.startswith(f"{named}:1: field 'prompt[0].role': expected one of") and "Ann" not in msg
+    assert "a string of 7 characters" in msg
+    typo = _write_lines(tmp_path / "typo.jsonl", [_row(id="a", prompt=[{"role": "human", "content": "Hi"}])])
+    assert str(_read_error(typo)).endswith("got 'human'")
 
 
 def test_int_and_str_ids_collide(tmp_path):
@@ -402,7 +416,7 @@ def test_skip_mode_counts_everything(tmp_path):
 def test_skip_mode_still_raises_on_duplicate_ids(tmp_path):
     path = _write_lines(tmp_path / "d.jsonl", [_row(id="a"), "oops", _row(id="a")])
     err = _read_error(path, on_error="skip")
-    assert str(err).startswith(f"{path}:3: field 'id': duplicate id 'a'")
+    assert str(err) == f"{path}:3: field 'id': duplicate id (first on line 1)"
 
 
 def test_skipped_row_does_not_reserve_its_id(tmp_path):

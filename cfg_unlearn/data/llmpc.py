@@ -117,9 +117,9 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
         note_first_line(first_line, idx, src, n, "idx")  # pair and probe ids are built from it
         if not isinstance(pmap, dict):
             raise PairFormatError(str(pii_path), m, None, f"expected a JSON object, got {type(pmap).__name__}")
-        for key, value in pmap.items():
-            if not _KEY.fullmatch(key):
-                raise PairFormatError(str(pii_path), m, key, "expected a placeholder key like 'NAME-1'")
+        for j, (key, value) in enumerate(pmap.items(), 1):
+            if not _KEY.fullmatch(key):  # named by position: a map written the wrong way round has values as keys
+                raise PairFormatError(str(pii_path), m, f"key #{j}", "expected a placeholder key like 'NAME-1'")
             if not isinstance(value, str) or not value.strip():
                 raise PairFormatError(str(pii_path), m, key, "expected a non-empty string value")
             check_unicode(value, str(pii_path), m, key)

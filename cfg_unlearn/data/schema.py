@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +205,20 @@ def check_unicode(val: str, src: str, line: int | None, name: str) -> str:
     return val
 
 
+#: a role a chat export might use ("human", "gpt", "tool", "asistant"): safe to quote back
+_ROLE_LIKE = re.compile(r"[a-z_]{1,16}")
+
+
+def _shown_role(role: Any) -> str:
+    """How an error names a role that is not one of ours: quoted when it looks like a role
+    name; otherwise only its kind, since some datasets put the speaker's name there."""
+    if isinstance(role, str) and _ROLE_LIKE.fullmatch(role):
+        return repr(role)
+    if isinstance(role, str):
+        return f"a string of {len(role)} characters that is no role name (not shown: it may be personal data)"
+    return type(role).__name__
+
+
 def _messages(val: Any, src: str, line: int | None, key: str, max_chars: int) -> list[dict[str, str]]:
     if not isinstance(val, list) or not val:
         raise PairFormatError(src, line, key, "expected a non-empty list of {role, content} messages")
@@ -214,7 +229,7 @@ def _messages(val: Any, src: str, line: int | None, key: str, max_chars: int) ->
             raise PairFormatError(src, line, where, f"expected an object, got {type(m).__name__}")
         role = m.get("role")
         if role not in ROLES:
-            raise PairFormatError(src, line, f"{where}.role", f"expected one of {ROLES}, got {role!r}")
+            raise PairFormatError(src, line, f"{where}.role", f"expected one of {ROLES}, got {_shown_role(role)}")
         content = _text(m, "content", src, line, max_chars, path=f"{where}.content")
         if not content.strip():
             raise PairFormatError(src, line, f"{where}.content", "empty message")
@@ -457,9 +472,10 @@ def iter_json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
 
 def note_first_line(seen: dict, key: Any, src: str, line: int, field: str = "id") -> None:
     """Record that ``key`` (a row's id) first appears on ``line``; a repeat is a
-    ``file:line: field`` error naming the first line."""
+    ``file:line: field`` error naming the first line (not the id: an id can be an e-mail
+    address or a name, and the two lines find it)."""
     if key in seen:
-        raise PairFormatError(src, line, field, f"duplicate {field} {key!r} (first on line {seen[key]})")
+        raise PairFormatError(src, line, field, f"duplicate {field} (first on line {seen[key]})")
     seen[key] = line
 
 
