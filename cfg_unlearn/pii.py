@@ -124,9 +124,74 @@ def _value_parts(value: str, pii_type: str | None) -> tuple[bool, list[str]]:
     return False, words
 
 
+_MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+           "november", "december")
+_ORDINAL = re.compile(r"(\d{1,2})(?:st|nd|rd|th)")
+
+
+def _month_number(word: str) -> int | None:
+    """1-12 for an English month name or its abbreviation ("oct", "sept"), else None."""
+    for k, name in enumerate(_MONTHS, 1):
+        if word in (name, name[:3]) or (k == 9 and word == "sept"):
+            return k
+    return None
+
+
+def date_parts(value: str) -> tuple[int, int, int] | None:
+    """``(year, month, day)`` of a DATE value written with its month's English name
+    ("October 03, 1976", "3rd Oct 1976") or in ISO order ("1976-10-03"); None for any
+    other value (all-numeric "03/05/1976" is two different dates)."""
+    import datetime
+
+    words = [_ORDINAL.sub(r"\1", w) for w in _TOKEN.findall(nfkc(value).lower())]
+    if len(words) != 3:
+        return None
+    months = [(i, m) for i, w in enumerate(words) if (m := _month_number(w))]
+    if len(months) == 1:
+        rest = [w for i, w in enumerate(words) if i != months[0][0]]
+        if not all(w.isascii() and w.isdigit() for w in rest):
+            return None
+        years = [w for w in rest if len(w) == 4]
+        days = [w for w in rest if len(w) <= 2]
+        if len(years) != 1 or len(days) != 1:
+            return None
+        y, m, d = int(years[0]), months[0][1], int(days[0])
+    elif all(w.isascii() and w.isdigit() for w in words) and len(words[0]) == 4:
+        y, m, d = map(int, words)
+    else:
+        return None
+    try:
+        datetime.date(y, m, d)
+    except ValueError:
+        return None
+    return y, m, d
+
+
+def _date_forms(value: str) -> list[str]:
+    """Regexes of the other ways a date is written: the month's name or its abbreviation
+    before or after the day (an ordinal day too), ISO, and day and month in numbers in
+    either order, with the year in four digits or two ("10/3/76", "3.10.1976"). An
+    all-numeric form with the day and month the other way round is a different date that
+    matches too: a leak count errs on the side of counting."""
+    parts = date_parts(value)
+    if parts is None:
+        return []
+    y, m, d = parts
+    name = _MONTHS[m - 1]
+    month = f"(?:{name}|{name[:3]}{'|sept' if m == 9 else ''})"
+    day, num_month, sep = f"0?{d}", f"0?{m}", r"[/.\-‐-―]"
+    day_word = rf"{day}(?:st|nd|rd|th)?"
+    year = f"(?:{y}|{y % 100:02d})"
+    # (the day before the month needs a separator: ValueIndex keys such a form by the month
+    # word, and "3October" is one word)
+    return [rf"{month}[\W_]*{day_word}[\W_]*{y}", rf"{day_word}[\W_]+(?:of[\W_]+)?{month}[\W_]*{y}",
+            rf"{y}{sep}{num_month}{sep}{day}", rf"{num_month}{sep}{day}{sep}{year}", rf"{day}{sep}{num_month}{sep}{year}"]
+
+
 @lru_cache(maxsize=4096)
 def value_pattern(value: str, pii_type: str | None = None) -> re.Pattern:
-    """The compiled, case-insensitive pattern that finds ``value`` however it is written."""
+    """The compiled, case-insensitive pattern that finds ``value`` however it is written
+    (a DATE also in its other forms: :func:`_date_forms`)."""
     numeric, parts = _value_parts(value, pii_type)
     if numeric:
         lead = _PHONE_CC if (pii_type or "").upper() == "PHONE" else ""
@@ -135,7 +200,9 @@ def value_pattern(value: str, pii_type: str | None = None) -> re.Pattern:
     if not parts:
         return _NEVER
     body = r"[\W_]*".join(_token_regex(t) for t in parts)
-    return re.compile(rf"(?<![^\W_]){body}(?![^\W_])", re.IGNORECASE)
+    if (pii_type or "").upper() == "DATE":
+        body = "|".join([body, *_date_forms(value)])
+    return re.compile(rf"(?<![^\W_])(?:{body})(?![^\W_])", re.IGNORECASE)
 
 
 class ValueIndex:
@@ -145,7 +212,8 @@ class ValueIndex:
     first :data:`DIGIT_KEY` digits of its digit string among the text's digits (its
     pattern allows only non-digits between its digits); any other value must have its
     first word begin a word of the text (its pattern starts at a word start, and the
-    next word may follow with no separator). Against 13,812 values a text costs 0.5 ms,
+    next word may follow with no separator), a date also its year as a word (its numeric
+    forms). Against 13,812 values a text costs 0.5 ms,
     56x less than searching every value's pattern (``benchmarks/value_index.py``)."""
 
     DIGIT_KEY = 4
@@ -154,6 +222,7 @@ class ValueIndex:
     def __init__(self, items: Iterable[PIIItem]):
         self._numbers: dict[str, list[PIIItem]] = {}
         self._words: dict[str, list[PIIItem]] = {}
+        self._years: dict[str, list[PIIItem]] = {}  # dates by their year, in four digits and in two
         self.items = tuple(dict.fromkeys(items))
         # compiled once here: value_pattern's cache is smaller than a data set's values
         self._patterns = {item: value_pattern.__wrapped__(item.value, item.type) for item in self.items}
@@ -163,7 +232,16 @@ class ValueIndex:
             if numeric:
                 self._numbers.setdefault("".join(parts)[: self.DIGIT_KEY], []).append(item)
             elif parts:
-                self._words.setdefault(self._word_key(parts[0]), []).append(item)
+                keys = {self._word_key(parts[0])}
+                date = date_parts(item.value) if item.type.upper() == "DATE" else None
+                if date is not None:
+                    # its named forms start a word with the month's name; its numeric forms
+                    # hold the year as a word of its own, in four digits or two
+                    keys.add(self._word_key(_MONTHS[date[1] - 1]))
+                    for year in (str(date[0]), f"{date[0] % 100:02d}"):
+                        self._years.setdefault(year, []).append(item)
+                for key in keys:
+                    self._words.setdefault(key, []).append(item)
 
     @classmethod
     def _word_key(cls, word: str) -> str:
@@ -186,6 +264,8 @@ class ValueIndex:
             for w in {word, word.lstrip("0") if word[:1].isdigit() else word}:
                 for n in range(1, self.WORD_KEY + 1):
                     tried.update(dict.fromkeys(self._words.get(_fold(w)[:n], ())))
+            if len(word) in (2, 4) and word.isascii() and word.isdigit():
+                tried.update(dict.fromkeys(self._years.get(word, ())))
         return sorted((it for it in tried if self._patterns[it].search(text)), key=self._order.__getitem__)
 
 

@@ -499,6 +499,11 @@ def _written_as(rng, item: PIIItem) -> str:
         ways += [".".join(digits), "".join(digits), "".join(digits[:-1]) + str((int(digits[-1]) + 1) % 10)]
     if re.search(r"\b0\d", v):
         ways.append(re.sub(r"\b0(\d)", r"\1", v))  # "May 05" as "May 5"
+    date = pii.date_parts(v) if item.type == "DATE" else None
+    if date is not None:  # the other forms of a date, and a near miss (the day after)
+        y, m, d = date
+        ways += [f"{m}/{d}/{y % 100:02d}", f"{y}-{m:02d}-{d:02d}", f"{d}.{m}.{y}", f"{d}th of {v.split()[0]} {y}",
+                 f"{m}/{d + 1}/{y}"]
     ways.append(v[: max(1, len(v) // 2)])  # half a value: no match
     return rng.choice(ways)
 
@@ -590,6 +595,31 @@ def test_a_phone_stored_in_e164_form_is_found_written_nationally():
     # outside North America the code's length is unknown without a separator: whole digits only
     assert contains_value("+442079460958", "+442079460958", "PHONE")
     assert not contains_value("2079460958", "+442079460958", "PHONE")
+
+
+@pytest.mark.parametrize("text, found", [
+    ("born October 3, 1976", True), ("born Oct. 3rd 1976", True), ("born 3 October 1976", True),
+    ("the 3rd of October, 1976", True), ("born 1976-10-03", True), ("born 10/3/1976", True), ("born 10/03/76", True),
+    ("born 3.10.1976", True), ("born 03-10-76", True),
+    ("born 10/4/1976", False), ("born 10/3/1977", False), ("born 110/3/76", False), ("born 10/3/761", False),
+    ("October 1976", False), ("born 10 3 76", False),
+])
+def test_a_date_is_found_in_its_other_forms(text, found):
+    """Dates were matched word by word only: "2/20/57" for "February 20, 1957" was no leak
+    and stayed in sample tables unredacted."""
+    value = "October 03, 1976"
+    assert contains_value(text, value, "DATE") is found
+    assert (pii.ValueIndex([PIIItem("DATE", value)]).find(text) == [PIIItem("DATE", value)]) is found
+    if found:
+        assert "76" not in redact(text, [PIIItem("DATE", value)])
+
+
+def test_date_parts_reads_named_and_iso_dates_only():
+    assert pii.date_parts("October 03, 1976") == pii.date_parts("3rd Oct 1976") == (1976, 10, 3)
+    assert pii.date_parts("1976-10-03") == (1976, 10, 3) and pii.date_parts("Sept 9 2001") == (2001, 9, 9)
+    for value in ("03/05/1976", "February 30, 1976", "Marc 3, 1976", "October 1976", "born in May"):
+        assert pii.date_parts(value) is None, value  # all-numeric: two dates; no such day; no month
+    assert not contains_value("born 3/3/1976", "Marc 3, 1976", "DATE")  # no other forms without a date
 
 
 def test_numeric_dates_match_without_leading_zeros():
