@@ -377,6 +377,9 @@ class ExactResume(Callback):
         self._filter: tuple | None = None
         # (global step, epoch, fit loop state) at the end of the last training batch
         self._batch_end: tuple[int, int, dict[str, Any]] | None = None
+        # the same, plus (batches done in the epoch, RNG state), at the end of the last
+        # batch that stepped the optimizer: where a checkpoint written mid-accumulation resumes
+        self._step_end: tuple[int, int, dict[str, Any], int, dict[str, Any]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # picklable (ddp_spawn): runtime state is rebuilt
         return {"restore_rng": self.restore_rng}
@@ -494,6 +497,9 @@ class ExactResume(Callback):
             exhausted = bool(loader.__dict__.get("_resume_exhausted", False))
             epoch_done = bool(done >= total or (total == float("inf") and exhausted))
             stopped = self._stopped_mid_epoch(trainer, epoch_done)
+            window = self._window_start(trainer, epoch_done)
+            if window is not None:
+                done = window[3]
             state.update(
                 epoch=stopped[1] if stopped else int(trainer.current_epoch),
                 batches_done=done,
@@ -503,8 +509,36 @@ class ExactResume(Callback):
                 generators=_generator_states(loader),
             )
         if self.restore_rng:
-            state["rng"] = self._gather_rng(trainer)
+            window = self._window_start(trainer, state.get("epoch_done", True))
+            state["rng"] = self._gather_rng(trainer, None if window is None else window[4])
         return state
+
+    @staticmethod
+    def _batches_done(trainer: "L.Trainer") -> int:
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+    @staticmethod
+    def _accumulating(trainer: "L.Trainer", done: int) -> bool:
+        """Whether the epoch's first ``done`` batches end inside an accumulation window
+        (Lightning steps every ``accumulate_grad_batches`` batches and at the epoch's last)."""
+        return done % trainer.accumulate_grad_batches != 0 and done != trainer.num_training_batches
+
+    def _window_start(self, trainer: "L.Trainer", epoch_done: bool
+                      ) -> tuple[int, int, dict[str, Any], int, dict[str, Any]] | None:
+        """The last optimizer step's batch end when a checkpoint is written half-way
+        through a gradient-accumulation window (a validation or a ``max_time`` stop
+        between its batches): the window's gradient is not in the checkpoint, so the
+        resumed run replays the window from its first batch. None at a step boundary."""
+        done = self._batches_done(trainer)
+        if epoch_done or not self._accumulating(trainer, done):
+            return None
+        snap = self._step_end
+        start = done - done % trainer.accumulate_grad_batches
+        if snap is None or snap[:2] != (trainer.global_step, trainer.current_epoch) or snap[3] != start or start == 0:
+            self._warn_once("a checkpoint written half-way through the epoch's first accumulation window resumes "
+                            "after the batches it accumulated, without their gradient: not an exact resume")
+            return None
+        return snap
 
     def _stopped_mid_epoch(self, trainer: "L.Trainer", epoch_done: bool) -> tuple[int, int, dict[str, Any]] | None:
         """The last batch end's (step, epoch, fit loop state) when the epoch loop has
@@ -527,7 +561,7 @@ class ExactResume(Callback):
         # at that batch holds) resumes it exactly
         stopped = None
         if checkpoint.get("callbacks", {}).get(self.state_key, {}).get("epoch_done") is False:
-            stopped = self._stopped_mid_epoch(trainer, False)
+            stopped = self._window_start(trainer, False) or self._stopped_mid_epoch(trainer, False)
         loops = checkpoint.get("loops")
         if stopped is None or not isinstance(loops, dict) or "fit_loop" not in loops:
             return
@@ -535,8 +569,8 @@ class ExactResume(Callback):
         checkpoint["epoch"] = stopped[1]
 
     @staticmethod
-    def _gather_rng(trainer: "L.Trainer") -> list[dict[str, Any]]:
-        mine = _rng_state()
+    def _gather_rng(trainer: "L.Trainer", mine: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        mine = _rng_state() if mine is None else mine
         dist = torch.distributed
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             out: list[Any] = [None] * dist.get_world_size()
@@ -583,6 +617,9 @@ class ExactResume(Callback):
         self._pending = None
         self._remove_filter()
         self._batch_end = (trainer.global_step, trainer.current_epoch, trainer.fit_loop.state_dict())
+        done = self._batches_done(trainer)
+        if not self._accumulating(trainer, done):  # this batch stepped the optimizer
+            self._step_end = (*self._batch_end, done, _rng_state() if self.restore_rng else {})
 
 
 # ============================================================================ wiring
