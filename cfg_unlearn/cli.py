@@ -67,12 +67,18 @@ class UnlearnCLI(LightningCLI):
         if not before:
             return
         after = _flat(self.config[sub].get("model"))
-        lost = [f"model.{k}={v!r} (checkpoint: {after.get(k)!r})" for k, v in before.items() if after.get(k) != v]
+        lost = _replaced(before, after)
         if lost:
             rank_zero_warn(f"--ckpt_path: the checkpoint's hyperparameters replace {', '.join(lost)}; "
                            "the model is rebuilt as it was trained")
+        ckpt = _checkpoint_file(self.config[sub].get("ckpt_path"))
+        other = _other_instructions(self.config[sub].get("data"), ckpt)
+        if other:
+            rank_zero_warn(f"--ckpt_path: the model was trained with {', '.join(other)}; this run conditions on "
+                           "the configured instruction (give the checkpoint's with --data.system_prompt / "
+                           "--data.uncond_system_prompt to score it as trained)")
         if sub == "fit":
-            ignored = _restored_over(self.config[sub].get("model"), self.config[sub].get("ckpt_path"))
+            ignored = _restored_over(self.config[sub].get("model"), ckpt)
             if ignored:
                 rank_zero_warn(f"--ckpt_path: a resumed fit restores the optimizer and learning-rate schedule from "
                                f"the checkpoint, so {', '.join(ignored)} take no effect")
@@ -162,20 +168,54 @@ def remove_if_only_config(path: str, ours: bool) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _restored_over(model: Any, ckpt_path: Any) -> list[str]:
-    """The ``model.optimizer`` / ``model.lr_scheduler`` arguments configured for a resumed
-    fit that differ from the state its checkpoint file restores (the optimizer's param
-    group: ``lr`` as the schedule's base, ``initial_lr``; the scheduler's saved
-    attributes), as ``"model.optimizer.init_args.lr=0.01 (checkpoint: 0.0003)"``. Empty
-    when nothing differs or the checkpoint is no readable file (a sharded directory,
-    ``last``, a path that does not exist: Lightning says so itself)."""
-    if not isinstance(model, Namespace) or not isinstance(ckpt_path, str) or not os.path.isfile(ckpt_path):
-        return []
+def _checkpoint_file(ckpt_path: Any) -> dict[str, Any] | None:
+    """The checkpoint at ``ckpt_path``, memory-mapped (its tensors are not read); None
+    when it is no readable file (a sharded directory, ``last``, a path that does not
+    exist: Lightning says so itself)."""
+    if not isinstance(ckpt_path, str) or not os.path.isfile(ckpt_path):
+        return None
     import torch
 
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+        return torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
     except Exception:  # noqa: BLE001 - Lightning's own load reports an unreadable checkpoint
+        return None
+
+
+def _replaced(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The flattened ``model.*`` values the checkpoint changed, as ``"model.beta=5
+    (checkpoint: 0.1)"``. A key that became a group (``lora: null`` against a LoRA
+    checkpoint's ``lora.r``, ``lora.alpha``, ...) counts as changed too."""
+    out = []
+    for key, value in before.items():
+        if key in after:
+            was = after[key]
+        else:
+            nested = {k[len(key) + 1:]: v for k, v in after.items() if k.startswith(key + ".")}
+            was = nested or None
+        if was != value:
+            out.append(f"model.{key}={value!r} (checkpoint: {was!r})")
+    return out
+
+
+def _other_instructions(data: Any, ckpt: dict[str, Any] | None) -> list[str]:
+    """The instructions (``data.system_prompt``, ``data.uncond_system_prompt``) this run
+    is configured with that differ from those the checkpoint's data module trained with,
+    as ``"data.system_prompt='...' (configured: '...')"``."""
+    saved = (ckpt or {}).get("datamodule_hyper_parameters")
+    if not isinstance(data, Namespace) or not isinstance(saved, dict):
+        return []
+    return [f"data.{key}={saved[key]!r} (configured: {data.get(key)!r})"
+            for key in ("system_prompt", "uncond_system_prompt") if key in saved and data.get(key) != saved[key]]
+
+
+def _restored_over(model: Any, ckpt: dict[str, Any] | None) -> list[str]:
+    """The ``model.optimizer`` / ``model.lr_scheduler`` arguments configured for a resumed
+    fit that differ from the state its checkpoint (:func:`_checkpoint_file`) restores (the
+    optimizer's param group: ``lr`` as the schedule's base, ``initial_lr``; the
+    scheduler's saved attributes), as ``"model.optimizer.init_args.lr=0.01 (checkpoint:
+    0.0003)"``. Empty when nothing differs or there is no checkpoint file."""
+    if not isinstance(model, Namespace) or ckpt is None:
         return []
     groups = [s.get("param_groups", [{}])[0] for s in ckpt.get("optimizer_states") or [] if isinstance(s, dict)]
     scheds = [s for s in ckpt.get("lr_schedulers") or [] if isinstance(s, dict)]

@@ -127,6 +127,36 @@ def test_ckpt_path_names_the_model_arguments_it_replaces(tmp_path, monkeypatch):
     assert "model.beta=0.1 (checkpoint: 1.0)" in msg
 
 
+def test_ckpt_path_names_a_lora_group_and_instructions_that_differ(tmp_path, monkeypatch):
+    """`--model.lora null` against a LoRA checkpoint was silent (the flattened config had
+    `lora: None` before and `lora.r`, `lora.alpha`, ... after), and so was a configured
+    `data.system_prompt` other than the one the checkpoint trained with: validate scored
+    the model under an instruction it never saw (export reads the checkpoint's)."""
+    from cfg_unlearn.cli import UnlearnCLI
+
+    ckpt = tmp_path / "c.ckpt"
+    torch.save({"hyper_parameters": {"model": "tiny:unused", "lora": {"r": 4, "alpha": 8}},
+                "datamodule_hyper_parameters": {"system_prompt": "Never reveal private data.",
+                                                "uncond_system_prompt": None},
+                "state_dict": {}}, ckpt)
+    monkeypatch.setattr(UnlearnCLI, "_run_subcommand", lambda self, sub: None)  # parse and build only
+    base = ["validate", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
+            f"--ckpt_path={ckpt}"]
+    with pytest.warns(UserWarning, match="--ckpt_path") as got:
+        cli = cli_main([*base, "--model.lora=null"])
+    msgs = " | ".join(str(w.message) for w in got if "--ckpt_path" in str(w.message))
+    assert "model.lora=None (checkpoint: {'r': 4, 'alpha': 8" in msgs
+    assert "data.system_prompt='Never reveal private data.' (configured: 'Avoid using any personal data" in msgs
+    assert "data.uncond_system_prompt=" not in msgs  # the same on both sides
+    assert cli.model.lora is not None and cli.model.lora.r == 4  # Lightning's rule is kept
+    import warnings
+
+    with warnings.catch_warnings(record=True) as quiet:  # the checkpoint's own instruction: nothing to say
+        warnings.simplefilter("always")
+        cli_main([*base, "--data.system_prompt=Never reveal private data."])
+    assert not [w for w in quiet if "trained with" in str(w.message)]
+
+
 
 def test_resumed_fit_names_optimizer_and_schedule_arguments_the_checkpoint_overrides(tmp_path, monkeypatch):
     """A resumed fit restores the optimizer's param groups and the schedule's state, so a
