@@ -403,8 +403,10 @@ class GuidanceEval(Callback):
     def _write_samples(self, trainer: L.Trainer, rows: list[list[Any]], log_dir: Path, step: int) -> None:
         """The sample table: to W&B at Lightning's step (beside the metrics it logs; W&B
         steps only go forward), else ``eval_samples/step_<step>.csv``, ``step`` being the
-        training step of the scored weights (:meth:`_trained_step`)."""
-        if not rows:
+        training step of the scored weights (:meth:`_trained_step`). None under
+        ``fast_dev_run``, which writes no logs (with no logger the run directory would be
+        the current one)."""
+        if not rows or trainer.fast_dev_run:
             return
         from lightning.pytorch.loggers import WandbLogger
 

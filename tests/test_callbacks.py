@@ -226,6 +226,11 @@ def test_tables_go_to_wandb_when_present_else_to_a_csv(tmp_path):
     ev._write_samples(trainer, rows, Path(trainer.log_dir), 7)  # the scored weights' step names it
     (path,) = tmp_path.rglob("eval_samples/step_0000007.csv")
     assert list(csv.reader(open(path))) == [ev_columns(), [str(x) for x in rows[0]]]
+    # fast_dev_run writes no logs: the table went to ./eval_samples of the current directory
+    trainer = L.Trainer(fast_dev_run=2, default_root_dir=tmp_path / "dev", accelerator="cpu",
+                        enable_progress_bar=False)
+    ev._write_samples(trainer, rows, Path(trainer.default_root_dir), 2)
+    assert not (tmp_path / "dev").exists()
 
 
 def ev_columns():
