@@ -19,6 +19,7 @@ from cfg_unlearn.data.world import (
     REFUSALS,
     TRAIN_ANSWERS,
     TRAIN_QUESTIONS,
+    WORLD_DATE,
     Person,
     World,
     WorldConfig,
@@ -55,6 +56,28 @@ def test_same_config_same_world(world):
     assert other.facts == world.facts
     assert other.challenge_rows() == world.challenge_rows()
     assert other.corpus() == world.corpus()
+
+
+def test_the_same_world_on_another_day(monkeypatch):
+    """Faker's date_of_birth counts ages from today: after midnight the same seed gave
+    other birth dates, so another tokenizer and other demo numbers (the demo's base
+    tokenizer went from 1,892 to 1,897 tokens). Birth dates now count from a fixed day."""
+    import datetime
+
+    import faker.providers.date_time as faker_dates
+
+    first = [p.birth_date for p in World(WorldConfig(seed=0, n_people=30)).people]
+    assert first[0] == "October 03, 1976"  # the people the README's figures were measured on
+
+    class Later(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2031, 3, 1, tzinfo=tz)
+
+    monkeypatch.setattr(faker_dates, "datetime", Later)
+    assert [p.birth_date for p in World(WorldConfig(seed=0, n_people=30)).people] == first
+    ages = [(WORLD_DATE - datetime.datetime.strptime(b, "%B %d, %Y").date()).days / 365.25 for b in first]
+    assert 18 <= min(ages) and max(ages) <= 91  # Faker's ages, 18 to 90
 
 
 def test_same_config_byte_identical_files(world, tmp_path):

@@ -16,6 +16,7 @@ Same ``WorldConfig`` -> byte-identical output, on any machine.
 
 from __future__ import annotations
 
+import datetime
 import json
 import random
 from dataclasses import dataclass, field
@@ -210,6 +211,21 @@ class LeakProbe:
     value: str
 
 
+#: the day the world's people are aged from. Faker's ``date_of_birth`` counts from today,
+#: so the same seed gave other birth dates, another tokenizer and other demo numbers on
+#: each calendar day; this is the day the README's figures were measured.
+WORLD_DATE = datetime.date(2026, 11, 22)
+
+
+def _date_of_birth(fake: Faker, *, minimum_age: int, maximum_age: int) -> datetime.date:
+    """Faker's ``date_of_birth`` (the same draws), counted from :data:`WORLD_DATE`."""
+    from faker.providers.date_time import change_year
+
+    start, end = change_year(WORLD_DATE, -(maximum_age + 1)), change_year(WORLD_DATE, -minimum_age)
+    dob = fake.date_time_ad(start_datetime=start, end_datetime=end).date()
+    return dob if dob != start else dob + datetime.timedelta(days=1)
+
+
 def _company_not_in(name: str, fake: Faker) -> str:
     """An employer that is not part of the person's name: some locales' companies are a
     bare surname ("Nunes"), which the probe "Which company is Isaac Nunes employed by?"
@@ -255,7 +271,7 @@ class World:
                     email=f"{user}{fake.random_int(1, 99)}@{fake.free_email_domain()}",
                     phone=fake.numerify("(###) ###-####"),
                     address=f"{fake.street_address()}, {fake.city()}",
-                    birth_date=fake.date_of_birth(minimum_age=18, maximum_age=90).strftime("%B %d, %Y"),
+                    birth_date=_date_of_birth(fake, minimum_age=18, maximum_age=90).strftime("%B %d, %Y"),
                     id_number=fake.ssn(),
                     employer=_company_not_in(name, fake),
                 )
