@@ -358,6 +358,12 @@ def test_errors_do_not_quote_what_may_be_personal_data(tmp_path):
     assert "a string of 7 characters" in msg
     typo = _write_lines(tmp_path / "typo.jsonl", [_row(id="a", prompt=[{"role": "human", "content": "Hi"}])])
     assert str(_read_error(typo)).endswith("got 'human'")
+    # a PII type names metrics (leak_rate/EMAIL): a value given as the type would be in W&B's key names
+    swapped = _write_lines(tmp_path / "swapped.jsonl", [_row(id="a", pii=[{"type": "ann.lee@mail.com", "value": "EMAIL"}])])
+    msg = str(_read_error(swapped))
+    assert msg.startswith(f"{swapped}:1: field 'pii[0].type': expected a type label") and "ann" not in msg
+    fine = _write_lines(tmp_path / "fine.jsonl", [_row(id="a", pii=[{"type": "credit-card", "value": "4111"}])])
+    assert read_pairs(fine)[0][0].pii[0].type == "credit-card"
 
 
 def test_int_and_str_ids_collide(tmp_path):

@@ -205,6 +205,8 @@ def check_unicode(val: str, src: str, line: int | None, name: str) -> str:
     return val
 
 
+#: a PII type: a label, since it becomes part of metric names (``leak_rate/EMAIL``)
+_PII_TYPE = re.compile(r"[^\W\d_][\w-]{0,31}")
 #: a role a chat export might use ("human", "gpt", "tool", "asistant"): safe to quote back
 _ROLE_LIKE = re.compile(r"[a-z_]{1,16}")
 
@@ -333,6 +335,10 @@ def _pii_field(obj: dict, src: str, line: int | None, max_chars: int, key: str =
         if not isinstance(p, dict):
             raise PairFormatError(src, line, f"{key}[{i}]", "expected an object {type, value}")
         ptype = _text(p, "type", src, line, max_chars, path=f"{key}[{i}].type")
+        if not _PII_TYPE.fullmatch(ptype):  # it names metrics (leak_rate/EMAIL): a swapped value would too
+            raise PairFormatError(src, line, f"{key}[{i}].type", "expected a type label such as 'EMAIL' or "
+                                  "'PERSON_NAME' (a letter, then letters, digits, '_' or '-'; at most 32), got "
+                                  f"{len(ptype)} characters that are not one (not shown: it may be the value)")
         pval = _text(p, "value", src, line, max_chars, path=f"{key}[{i}].value")
         if not pval.strip():
             raise PairFormatError(src, line, f"{key}[{i}].value", "empty value")
