@@ -345,24 +345,30 @@ def test_contaminated_command_writes_both_files_or_neither(tmp_path, capsys):
     assert (tmp_path / "a" / "contaminated.jsonl").read_bytes() == before
 
 
+def _disk_fills_at_fsync(monkeypatch, n: int) -> list[int]:
+    """``os.fsync`` fails with ENOSPC at its ``n``-th call; returns the calls made."""
+    import errno
+
+    calls, real = [], os.fsync
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == n:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
 def test_contaminated_replaces_neither_file_when_the_disk_fills(tmp_path, capsys, monkeypatch):
     """labels.jsonl was flushed and renamed before contaminated.jsonl was flushed: a full
     disk then left the new labels beside the old data, contradicting it."""
-    import errno
-
     from cfg_unlearn.data import contaminated
 
     contaminated.main(["--out", str(tmp_path), "--n", "20", "--people", "4"])
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    calls, real = [], os.fsync
-
-    def second_fails(fd):
-        calls.append(fd)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", second_fails)
+    _disk_fills_at_fsync(monkeypatch, 2)
     with pytest.raises(SystemExit) as exc:
         contaminated.main(["--out", str(tmp_path), "--n", "30", "--people", "4", "--seed", "1"])
     assert exc.value.code == 2 and "No space left on device" in capsys.readouterr().err
@@ -374,22 +380,12 @@ def test_saft_replaces_none_of_a_previous_runs_files_when_the_disk_fills(tiny_mo
     """Each file was renamed as soon as it was written: a full disk at the fourth left the
     new kept/removed/scores beside the old saft.json and histogram, which describe another
     selection."""
-    import errno
-
     _, _, d = small_set
     out = tmp_path / "out"
     args = ["--model", str(tiny_model_dir), "--data", str(d / "data.jsonl"), "--out", str(out), "--quiet"]
     saft.main(args)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    calls, real = [], os.fsync
-
-    def fourth_fails(fd):
-        calls.append(fd)
-        if len(calls) == 4:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", fourth_fails)
+    calls = _disk_fills_at_fsync(monkeypatch, 4)
     with pytest.raises(OSError, match="No space left on device"):
         saft.main([*args, "--overwrite", "--remove-fraction", "0.3"])
     assert len(calls) == 4
