@@ -20,6 +20,7 @@ value and every detector hit is replaced, overlapping spans are merged.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import unicodedata
@@ -141,8 +142,6 @@ def date_parts(value: str) -> tuple[int, int, int] | None:
     """``(year, month, day)`` of a DATE value written with its month's English name
     ("October 03, 1976", "3rd Oct 1976") or in ISO order ("1976-10-03"); None for any
     other value (all-numeric "03/05/1976" is two different dates)."""
-    import datetime
-
     words = [_ORDINAL.sub(r"\1", w) for w in _TOKEN.findall(nfkc(value).lower())]
     if len(words) != 3:
         return None
@@ -179,7 +178,7 @@ def _date_forms(value: str) -> list[str]:
     y, m, d = parts
     name = _MONTHS[m - 1]
     month = f"(?:{name}|{name[:3]}{'|sept' if m == 9 else ''})"
-    day, num_month, sep = f"0?{d}", f"0?{m}", r"[/.\-‐-―]"
+    day, num_month, sep = f"0?{d}", f"0?{m}", rf"[/.{_DASH}]"
     day_word = rf"{day}(?:st|nd|rd|th)?"
     year = f"(?:{y}|{y % 100:02d})"
     # (the day before the month needs a separator: ValueIndex keys such a form by the month
