@@ -130,12 +130,15 @@ _MONTHS = ("january", "february", "march", "april", "may", "june", "july", "augu
 _ORDINAL = re.compile(r"(\d{1,2})(?:st|nd|rd|th)")
 
 
+def _month_words(month: int) -> tuple[str, ...]:
+    """How month ``month`` (1-12) is written in English: its name and abbreviations."""
+    name = _MONTHS[month - 1]
+    return (name, name[:3], "sept") if month == 9 else (name, name[:3])
+
+
 def _month_number(word: str) -> int | None:
     """1-12 for an English month name or its abbreviation ("oct", "sept"), else None."""
-    for k, name in enumerate(_MONTHS, 1):
-        if word in (name, name[:3]) or (k == 9 and word == "sept"):
-            return k
-    return None
+    return next((k for k in range(1, 13) if word in _month_words(k)), None)
 
 
 def date_parts(value: str) -> tuple[int, int, int] | None:
@@ -176,8 +179,7 @@ def _date_forms(value: str) -> list[str]:
     if parts is None:
         return []
     y, m, d = parts
-    name = _MONTHS[m - 1]
-    month = f"(?:{name}|{name[:3]}{'|sept' if m == 9 else ''})"
+    month = f"(?:{'|'.join(_month_words(m))})"
     day, num_month, sep = f"0?{d}", f"0?{m}", rf"[/.{_DASH}]"
     day_word = rf"{day}(?:st|nd|rd|th)?"
     year = f"(?:{y}|{y % 100:02d})"
