@@ -450,8 +450,10 @@ def _fit_context(model, tokenizer, messages: list[dict[str, str]], *, system, un
     """Drop the oldest exchanges until the prompt plus ``max_new_tokens`` fits the
     model's positions. Returns (messages, exchanges dropped); messages is None when the
     latest message alone does not fit."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if not isinstance(limit, int):
+    from cfg_unlearn.models import context_limit
+
+    limit = context_limit(model)
+    if limit is None:
         return messages, 0
     dropped = 0
     while True:
@@ -613,7 +615,7 @@ def build_chat_parser() -> argparse.ArgumentParser:
 
 def main_chat(argv: list[str] | None = None, stdin: IO[str] | None = None, stdout: IO[str] | None = None) -> None:
     """``cfg-unlearn chat DIR ...``; ``stdin``/``stdout`` default to the process's."""
-    from cfg_unlearn.models import check_device
+    from cfg_unlearn.models import check_device, context_limit
 
     p = build_chat_parser()
     a = p.parse_args(argv)
@@ -631,8 +633,8 @@ def main_chat(argv: list[str] | None = None, stdin: IO[str] | None = None, stdou
             check_guidance(a.guidance_scale, a.space or DEFAULT_SPACE)
         check_device(a.device)
         model, tokenizer, config = load_export(a.dir, dtype=a.dtype, device=a.device)
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if isinstance(limit, int) and a.max_new_tokens >= limit:
+        limit = context_limit(model)
+        if limit is not None and a.max_new_tokens >= limit:
             raise ValueError(f"--max-new-tokens {a.max_new_tokens} leaves no room for a message in the model's "
                              f"context of {limit} positions; use fewer")
     except (ValueError, FileNotFoundError) as e:

@@ -34,6 +34,13 @@ def parse_dtype(dtype: str | None) -> torch.dtype | str | None:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'") from None
 
 
+def context_limit(model) -> int | None:
+    """The positions ``model`` was trained on (``config.max_position_embeddings``; a PEFT
+    model passes its base's config through), or None when its config does not say."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
 def check_device(device: str | None) -> None:
     """Refuse a device this machine cannot use, in words (``.to("cuda")`` on a CPU-only
     build is an AssertionError from deep inside torch)."""

@@ -594,7 +594,7 @@ def _eval_block(scores: torch.Tensor, removed: torch.Tensor, labels: torch.Tenso
 
 def run_saft(cfg: SaftConfig) -> dict[str, Any]:
     """Read, embed, score, select, write (see the module docstring). Returns ``saft.json``'s content."""
-    from cfg_unlearn.models import load_causal_lm, load_tokenizer
+    from cfg_unlearn.models import context_limit, load_causal_lm, load_tokenizer
 
     if cfg.remove_fraction is not None and cfg.threshold is not None:
         raise ValueError("give --remove-fraction or --threshold, not both")
@@ -684,7 +684,7 @@ def run_saft(cfg: SaftConfig) -> dict[str, Any]:
     texts = [render_sample(tok, s.messages, s.system) for s in samples]
     lengths = torch.tensor([len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]])
     max_len = cfg.max_length
-    pos_limit = getattr(model.config, "max_position_embeddings", None)
+    pos_limit = context_limit(model)
     if pos_limit and (max_len is None or max_len > pos_limit):
         max_len = int(pos_limit)
     embs, truncated = embed_layers(model, tok, texts, layers, pooling=cfg.pooling, batch_size=cfg.batch_size,

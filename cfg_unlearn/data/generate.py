@@ -236,9 +236,10 @@ def check_context(model, tokenizer, records: list[ForgetRecord], prompts: list[l
     does not fit the model's context (``config.max_position_embeddings``): it was decoded
     past the positions the model was trained on, into text that passed the checks."""
     from cfg_unlearn.guidance import encode_prompts
+    from cfg_unlearn.models import context_limit
 
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if not isinstance(context, int):
+    context = context_limit(model)
+    if context is None:
         return
     for rec, ids in zip(records, encode_prompts(tokenizer, prompts)):
         if len(ids) + max_new_tokens > context:
