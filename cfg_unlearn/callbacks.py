@@ -205,6 +205,7 @@ class GuidanceEval(Callback):
             raise ConfigError("validate with limit_val_batches=0 runs no validation, so GuidanceEval would score "
                              "nothing; use limit_val_batches=1 to score guidance beside one batch of loss")
         self._last = None  # results of an earlier fit (a reused callback) are not this model's
+        self._context_checked = False
         dm = trainer.datamodule
         self.load_eval_sets(dm)
         if self.system_prompt is None:
@@ -227,7 +228,41 @@ class GuidanceEval(Callback):
             parts.append(f"{n} of {total} {what} ({knob})" if n < total else f"{n} {what}")
         return ", ".join(parts)
 
+    def check_context(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refuse, before training, a probe or question that does not fit the model's
+        context with ``max_new_tokens``: ``generate`` would refuse it at the first
+        evaluation, possibly hours in, and on one rank only (each decodes its shard),
+        leaving the others waiting in a collective. Every rank checks every record."""
+        from cfg_unlearn.guidance import encode_prompts, first_overflow, overflow_message
+        from cfg_unlearn.models import context_limit
+
+        limit = context_limit(pl_module.model)
+        if self._context_checked or limit is None:
+            return
+        tok = self._tokenizer(trainer, pl_module)
+        records = [("leak probe", i, r) for i, r in enumerate(self.probes)]
+        records += [("question", i, r) for i, r in enumerate(self.questions)]
+        messages = [self._messages(r) for _, _, r in records]
+        sides = [("prompt", encode_prompts(tok, messages))]
+        if any(g != 1.0 for _, g in self.runs()):
+            sides.append(("unconditioned prompt", encode_prompts(tok, messages, blank_system=True,
+                                                                 replacement_system=self.uncond_system_prompt)))
+        for side, encoded in sides:
+            j = first_overflow(encoded, self.max_new_tokens, limit)
+            if j is not None:
+                kind, i, rec = records[j]
+                where = rec.source or f"{kind} {i}"  # not its id: ids can be personal (an e-mail)
+                raise ConfigError(f"GuidanceEval: {where}: the {side} "
+                                  + overflow_message(len(encoded[j]), self.max_new_tokens, limit))
+        self._context_checked = True
+
     # ------------------------------------------------------------------ hooks
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.check_context(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.check_context(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n, step = self.every_n_train_steps, trainer.global_step

@@ -38,6 +38,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from cfg_unlearn.models import context_limit
 from cfg_unlearn.prompts import render_prompt
 from cfg_unlearn.utils import eval_mode
 
@@ -401,6 +402,20 @@ def encode_prompts(
     return out
 
 
+def first_overflow(encoded: Sequence[Sequence[int]], max_new_tokens: int, limit: int | None) -> int | None:
+    """The index of the first prompt whose tokens plus ``max_new_tokens`` do not fit a
+    context of ``limit`` positions (None: all fit, or no limit is known)."""
+    if limit is None:
+        return None
+    return next((i for i, ids in enumerate(encoded) if len(ids) + max_new_tokens > limit), None)
+
+
+def overflow_message(n_tokens: int, max_new_tokens: int, limit: int) -> str:
+    return (f"is {n_tokens:,} tokens; with max_new_tokens={max_new_tokens} it needs {n_tokens + max_new_tokens:,} "
+            f"positions, more than the model's context of {limit:,} (config.max_position_embeddings): shorten it "
+            "or ask for fewer new tokens")
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer,
@@ -478,6 +493,14 @@ def generate(
                     "or give chat message lists"
                 )
             uncond = encode_prompts(tokenizer, prompts, blank_system=True, replacement_system=uncond_system)
+    # refused before any decoding: past its positions a model with learned position
+    # embeddings fails deep inside (a device-side assert on CUDA), a rotary one decodes
+    # silently into text it was never trained to produce, and either scores as an answer
+    limit = context_limit(model)
+    for side, encoded in (("prompt", cond), ("unconditioned prompt", uncond or [])):
+        i = first_overflow(encoded, max_new_tokens, limit)
+        if i is not None:
+            raise ValueError(f"{side} {i} " + overflow_message(len(encoded[i]), max_new_tokens, limit))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token")

@@ -342,6 +342,35 @@ def test_validate_without_validation_batches_is_refused(tiny_model_dir, tmp_path
                                                                datamodule=dm)
 
 
+def test_a_probe_past_the_models_context_is_refused_before_training(tiny_model_dir, tmp_path):
+    """generate() refuses it, but only at the first evaluation (hours in) and on the
+    rank whose shard holds it: the callback checks every record when the fit starts."""
+    probes = tmp_path / "probes.jsonl"
+    rows = [{"id": "p1", "prompt": "Phone of Bo?", "pii": [{"type": "PHONE", "value": "555-123-4567"}]},
+            {"id": "ann@x.org", "prompt": "Bo said " * 700, "pii": [{"type": "PHONE", "value": "555-123-4567"}]}]
+    probes.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ev = GuidanceEval(probes_file=str(probes), scales=[1], max_new_tokens=4)
+    dm = PairDataModule(tokenizer=f"tiny:{tiny_model_dir}", world=WorldConfig(n_people=4), batch_size=4)
+    module = UnlearnModule(model=f"tiny:{tiny_model_dir}")
+    steps = []
+    trainer = _trainer(tmp_path, [ev, _StepCounter(steps)], max_steps=1)
+    with pytest.raises(ValueError, match=r"^GuidanceEval: .*probes.jsonl:2: the prompt is \d[\d,]* tokens; with "
+                                         r"max_new_tokens=4 it needs .* more than the model's context of 1,024"):
+        trainer.fit(module, datamodule=dm)
+    assert steps == []  # refused before the first step
+    with pytest.raises(ValueError, match="probes.jsonl:2: the prompt is") as e:
+        _trainer(tmp_path, [ev]).validate(module, datamodule=dm)
+    assert "ann@x.org" not in str(e.value)
+
+
+class _StepCounter(L.Callback):
+    def __init__(self, steps):
+        self.steps = steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append(batch_idx)
+
+
 @pytest.mark.parametrize("no_validation", [{"val_fraction": 0.0}, {"limit_val_batches": 0}])
 def test_a_fit_without_validation_evaluates_at_each_epoch_end(tiny_model_dir, tmp_path, no_validation):
     """No validation pairs, or validation switched off: Lightning runs no validation hook,

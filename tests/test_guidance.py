@@ -335,6 +335,28 @@ def test_sampling_is_seeded_and_order_is_kept(tiny, prompts):
     assert generate(model, tok, prompts, batch_size=3, **greedy) == generate(model, tok, prompts, **greedy)
 
 
+def test_a_prompt_past_the_models_context_is_refused_before_decoding(tiny, prompts, monkeypatch):
+    """Past its positions a model decodes text it was never trained on (a rotary one),
+    or fails deep inside (learned positions; a device-side assert on CUDA); either was
+    scored as an answer."""
+    from cfg_unlearn.guidance import encode_prompts
+
+    model, tok = tiny
+    n = [len(ids) for ids in encode_prompts(tok, prompts[:3], system=SAFETY_INSTRUCTION)]
+    monkeypatch.setattr(model.config, "max_position_embeddings", n[1] + 4)
+    assert len(generate(model, tok, prompts[:2], system=SAFETY_INSTRUCTION, max_new_tokens=4)) == 2  # fits exactly
+    with pytest.raises(ValueError, match=rf"^prompt 1 is {n[1]} tokens; with max_new_tokens=5 it needs {n[1] + 5} "
+                                         rf"positions, more than the model's context of {n[1] + 4} "):
+        generate(model, tok, prompts[:2], system=SAFETY_INSTRUCTION, max_new_tokens=5)
+    # the unconditioned side too: here a longer negative instruction than the condition
+    u = len(encode_prompts(tok, prompts[:1], blank_system=True, replacement_system="x " * 40)[0])
+    monkeypatch.setattr(model.config, "max_position_embeddings", u - 1)
+    assert n[0] < u - 1
+    with pytest.raises(ValueError, match=rf"^unconditioned prompt 0 is {u} tokens"):
+        generate(model, tok, prompts[:1], system=SAFETY_INSTRUCTION, uncond_system="x " * 40, guidance_scale=2.0,
+                 max_new_tokens=0)
+
+
 def test_generate_restores_train_mode_and_checks_its_inputs(tiny, prompts):
     model, tok = tiny
     model.train()
