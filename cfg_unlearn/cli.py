@@ -98,6 +98,8 @@ class UnlearnCLI(LightningCLI):
         ckpt = self.config_init[subcommand].get("ckpt_path")
         if alone:
             check_ckpt_path(ckpt)
+            if ckpt == "last" and path is not None:
+                check_last_checkpoint(trainer, subcommand, path)
             if path is not None and not (subcommand == "fit" and ckpt) and trainer.is_global_zero:
                 refuse_taken_run_dir(path, previous_run_files(path))
         if subcommand == "fit" and ckpt and trainer.is_global_zero:
@@ -127,6 +129,38 @@ def check_ckpt_path(ckpt: Any) -> None:
         return
     if not os.path.exists(os.path.expanduser(str(ckpt))):  # fsspec, which loads it, expands "~"
         raise ConfigError(f"--ckpt_path {ckpt}: no such checkpoint")
+
+
+def check_last_checkpoint(trainer, subcommand: str, run_path: str) -> None:
+    """``--ckpt_path last`` looks for ``last*.ckpt`` in this run's checkpoint folders
+    only, and every run gets a new version folder: ``fit --ckpt_path last`` meant to
+    resume yesterday's run trained from scratch, and ``validate --ckpt_path last`` scored
+    the untrained model, each after one warning whose hint (``save_last=True``) was
+    already set. Refuse both when another version folder of the same logger holds a last
+    checkpoint, naming it; a first ``fit`` with nothing anywhere still starts fresh (the
+    set-and-forget use Lightning keeps it a warning for)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    folders = [cb.dirpath or os.path.join(run_path, "checkpoints")
+               for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    if any("://" in str(d) for d in folders):
+        return  # a remote folder: Lightning's to resolve
+    if any(ModelCheckpoint.CHECKPOINT_NAME_LAST in name for d in folders if os.path.isdir(d)
+           for name in os.listdir(d)):
+        return
+    root = os.path.dirname(run_path)
+    others = [os.path.join(root, v, "checkpoints", name) for v in (os.listdir(root) if os.path.isdir(root) else [])
+              if os.path.isdir(os.path.join(root, v, "checkpoints"))
+              for name in os.listdir(os.path.join(root, v, "checkpoints"))
+              if ModelCheckpoint.CHECKPOINT_NAME_LAST in name]
+    if others:
+        latest = max(others, key=os.path.getmtime)
+        raise ConfigError(f"--ckpt_path last: this run's folder {run_path} holds no last checkpoint (each run gets a "
+                          f"new version folder); the latest one is {latest}: pass that path to --ckpt_path, or pin "
+                          "--trainer.logger.init_args.version to resume a run in its own folder")
+    if subcommand != "fit":
+        raise ConfigError(f"--ckpt_path last: no last checkpoint in {run_path} or beside it; {subcommand} would score "
+                          "the untrained model. Pass a checkpoint's path")
 
 
 def keep_csv_metrics(trainer) -> None:

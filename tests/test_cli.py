@@ -335,6 +335,35 @@ def test_a_failed_run_leaves_no_run_directory_and_a_missing_checkpoint_is_one_li
     assert (work / "metrics.csv").read_text() == "name,score\n" and not (work / "metrics.1.csv").exists()
 
 
+def test_ckpt_path_last_names_the_last_checkpoint_of_another_version(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Every run gets a new version folder, and `--ckpt_path last` looks in that one
+    only: a fit meant to resume trained from scratch, a validate scored the untrained
+    model, each after a warning whose hint (save_last=True) was already set."""
+    monkeypatch.chdir(ROOT)
+    args = ["--config", "configs/tiny.yaml", f"--model.model=tiny:{tiny_model_dir}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false", "--eval=null",
+            "--data.world.n_people=2", "--trainer.limit_val_batches=1"]
+    with pytest.raises(SystemExit) as e:  # nothing anywhere: validate would score the untrained model
+        train_main(["validate", *args, "--ckpt_path=last"])
+    assert e.value.code == 2 and "--ckpt_path last: no last checkpoint in" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="no last checkpoint available"):  # a first fit starts fresh (set and forget)
+        train_main(["fit", *args, "--trainer.max_steps=1", "--ckpt_path=last"])
+    last = tmp_path / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 1
+    for sub in ("fit", "validate"):
+        with pytest.raises(SystemExit) as e:
+            train_main([sub, *args, "--trainer.max_steps=2", "--ckpt_path=last"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and err == (
+            f"train.py: error: --ckpt_path last: this run's folder {tmp_path / 'tiny' / 'version_1'} holds no last "
+            f"checkpoint (each run gets a new version folder); the latest one is {last}: pass that path to "
+            "--ckpt_path, or pin --trainer.logger.init_args.version to resume a run in its own folder"), err
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["version_0"]
+    # pinned to its own folder, `last` resumes it
+    train_main(["fit", *args, "--trainer.logger.init_args.version=0", "--trainer.max_steps=2", "--ckpt_path=last"])
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+
+
 def test_fast_dev_run_twice_in_one_folder_is_not_another_run(tiny_model_dir, tmp_path, monkeypatch):
     """fast_dev_run saves no config (LightningCLI skips it) and writes its checkpoint
     under default_root_dir: the second one was refused as "another run"."""
