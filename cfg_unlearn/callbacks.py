@@ -557,11 +557,11 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
         if trainer.is_global_zero:
             if self.save_to_log_dir:
                 os.makedirs(path, exist_ok=True)
-                self.parser.save(self.config, os.path.join(path, self.config_filename), skip_none=False,
+                self.parser.save(self.config, os.path.join(path, self.config_filename), skip_unset=False,
                                  overwrite=True, multifile=self.multifile)
             self.save_config(trainer, pl_module, stage)
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        log_resolved_config(trainer, self.parser.dump(self.config, skip_none=False))
+        log_resolved_config(trainer, self.parser.dump(self.config, skip_unset=False))
