@@ -276,6 +276,36 @@ def is_demo_output(out: Path) -> bool:
     return any((out / "models" / d / f).is_file() for d, f in (("base", "tiny_spec.json"), ("leaky", "config.json")))
 
 
+#: the packages whose versions decide the demo's numbers (the world, the tokenizer, the
+#: model's initialisation and every kernel of its training)
+NUMERIC_PACKAGES = ("torch", "transformers", "tokenizers", "lightning", "faker")
+
+
+def environment() -> dict[str, object]:
+    """What the demo's numbers depend on besides its config: the same command and seed
+    reproduce them exactly on one machine and software set, but another CPU's kernels
+    (AVX2 or AVX-512, another BLAS path), another thread count or other package versions
+    round differently, and 14 epochs of memorisation amplify that into another leaky
+    model (README, "Reproducibility"). Recorded so that two runs can be told apart."""
+    import platform
+    from importlib import metadata
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {}
+    for name in NUMERIC_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": platform.python_version(), "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(), **versions}
+
+
 def check_demo_config(cfg: DemoConfig) -> DemoConfig:
     """Refuse settings that would fail, or quietly mean nothing, after minutes of
     training; returns ``cfg`` with its scales as sorted distinct floats (the plot joins
@@ -409,6 +439,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         "pairs": summary.to_dict(),
         "config": config,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "environment": environment(),
     }
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
     report = render_report(metrics)
@@ -455,7 +486,10 @@ def render_report(m: dict) -> str:
                               for e in r.get("during_training", []))
             lines.append(f"| {label} | {r['g']} | {r['leak_rate']:.3f} | {r['partial_leak_rate']:.3f} "
                          f"| {r['attack_leak_rate']:.3f} | {r['accuracy']:.3f} | {r['pii_rate']:.3f} | {epochs} |")
-    lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in m["seconds"].items()), ""]
+    lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in m["seconds"].items())]
+    if "environment" in m:  # metrics.json of an earlier version has none
+        lines += ["", "Measured with: " + ", ".join(f"{k} {v}" for k, v in m["environment"].items())]
+    lines.append("")
     return "\n".join(lines)
 
 

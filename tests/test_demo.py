@@ -1,9 +1,11 @@
 """The demo end to end, shrunk: every stage runs and every output is written."""
 
 import json
+import platform
 import re
 
 import pytest
+import torch
 
 from cfg_unlearn.cli import console_main
 from cfg_unlearn.data.generate import DEFAULT_FALLBACK, redacted_answer
@@ -44,7 +46,13 @@ def test_demo_writes_metrics_report_and_plot(tmp_path, monkeypatch, assert_open_
     assert sorted(settings) == [("dpo", 0.1, 3e-4), ("ga", 0.1, 3e-4), ("npo", 0.1, 3e-4), ("orpo", 0.5, 1e-4),
                                 ("orpo", 0.5, 1e-4), ("sft", 0.1, 3e-4)]
     assert (m["config"]["beta"], m["config"]["baseline_beta"], m["config"]["baseline_lr"]) == (0.5, 0.1, 3e-4)
-    assert set(m) == {"baseline", "unlearned", "comparison", "pairs", "config", "seconds"}
+    assert set(m) == {"baseline", "unlearned", "comparison", "pairs", "config", "seconds", "environment"}
+    # what the numbers depend on besides the config: the CPU's kernels, threads, versions
+    env = m["environment"]
+    assert env["torch"] == torch.__version__ and env["python"] == platform.python_version()
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["torch_threads"] >= 1
+    assert env["cpu"] and {"transformers", "tokenizers", "faker", "python"} <= set(env)
+    assert f"cpu_capability {env['cpu_capability']}" in (out / "report.md").read_text()
     assert {"leak_rate", "accuracy", "n_leak_probes", "n_qa"} <= set(m["baseline"])
     assert m["baseline"]["n_leak_probes"] == 3 * 6
     assert set(m["unlearned"]) == {"logprob", "prob"} and set(m["unlearned"]["prob"]) == {"1.0", "2.0"}
