@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -275,12 +276,26 @@ def _flat(ns: Any) -> dict[str, Any]:
     return dict(ns.items()) if isinstance(ns, Namespace) else {}
 
 
+class _NoAdvertisement(logging.Filter):
+    """Drops Lightning 2.6's "💡 Tip: ... try installing litlogger" line, printed by every
+    Trainer without a LitLogger: an advertisement, not news about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+_NO_ADVERTISEMENT = _NoAdvertisement()
+
+
 def quiet_third_party_warnings() -> None:
     # Deprecation chatter from inside jsonargparse/Lightning is not actionable by users.
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jsonargparse.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"jsonargparse.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # rank_zero_info logs through the logger of whichever of fabric / pytorch was imported last
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NO_ADVERTISEMENT)  # a filter is added once, however often called
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> UnlearnCLI:

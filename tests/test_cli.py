@@ -416,6 +416,9 @@ def test_tiny_fit_then_validate_end_to_end(tiny_model_dir, tmp_path):
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert validate.returncode == 0, validate.stderr[-3000:]
     assert "val/rewards/margins" in validate.stdout
+    # Lightning's own news stays; its advertisement for litlogger, printed by every run, does not
+    for run in (fit, validate):
+        assert "GPU available" in run.stdout + run.stderr and "litlogger" not in run.stdout + run.stderr
     # GuidanceEval scores the checkpoint per guidance scale, and its samples are redacted
     for key in ("eval@g=1.0/leak_rate", "eval@g=2.0/leak_rate", "eval@g=3.0/accuracy", "eval@g=2.0/pii_rate"):
         assert key in validate.stdout
