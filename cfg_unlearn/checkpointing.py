@@ -190,6 +190,15 @@ class FinalLastCheckpoint(Callback):
     and atomic IO are the usual ones."""
 
     def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        if trainer.fast_dev_run:
+            # Lightning 2.6's ModelCheckpoint.on_train_end saves last.ckpt whenever none was
+            # saved, without its own fast_dev_run check: a smoke test wrote
+            # ./checkpoints/last.ckpt (10 MB for the tiny model) into the working directory.
+            # Its on_train_end runs after this one (install_checkpointing puts this first)
+            for cb in trainer.checkpoint_callbacks:
+                if isinstance(cb, ModelCheckpoint) and cb.save_last and not cb._last_checkpoint_saved:
+                    cb._last_checkpoint_saved = "<none: fast_dev_run>"
+            return
         for cb in trainer.checkpoint_callbacks:
             if (isinstance(cb, ModelCheckpoint) and cb.save_last and cb._last_checkpoint_saved
                     and not cb._should_skip_saving_checkpoint(trainer)):
@@ -630,15 +639,19 @@ def install_checkpointing(trainer: "L.Trainer", *, exact_resume: bool = True,
     """Atomic checkpoint writes, exact resume and a final ``last.ckpt`` on a constructed
     ``Trainer`` (idempotent): a plain ``TorchCheckpointIO`` is replaced by
     :class:`AtomicCheckpointIO` (custom or wrapping IOs, and strategies that save without
-    one, are left alone); an :class:`ExactResume` is added before the checkpoint
-    callbacks unless one is there, and a :class:`FinalLastCheckpoint`."""
+    one, are left alone); an :class:`ExactResume` and a :class:`FinalLastCheckpoint`
+    are added before the checkpoint callbacks unless there."""
     strategy = trainer.strategy
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
-    if exact_resume and not any(isinstance(cb, ExactResume) for cb in trainer.callbacks):
-        callbacks = trainer.callbacks
-        where = next((i for i, cb in enumerate(callbacks) if isinstance(cb, Checkpoint)), len(callbacks))
-        callbacks.insert(where, ExactResume(restore_rng=restore_rng))
-    if not any(isinstance(cb, FinalLastCheckpoint) for cb in trainer.callbacks):
-        trainer.callbacks.append(FinalLastCheckpoint())
+    callbacks = trainer.callbacks
+    # before the checkpoint callbacks (Lightning ordered them last when the trainer was built)
+    if exact_resume and not any(isinstance(cb, ExactResume) for cb in callbacks):
+        callbacks.insert(_first_checkpoint(callbacks), ExactResume(restore_rng=restore_rng))
+    if not any(isinstance(cb, FinalLastCheckpoint) for cb in callbacks):
+        callbacks.insert(_first_checkpoint(callbacks), FinalLastCheckpoint())
     return trainer
+
+
+def _first_checkpoint(callbacks: list[Callback]) -> int:
+    return next((i for i, cb in enumerate(callbacks) if isinstance(cb, Checkpoint)), len(callbacks))

@@ -365,14 +365,16 @@ def test_ckpt_path_last_names_the_last_checkpoint_of_another_version(tiny_model_
 
 
 def test_fast_dev_run_twice_in_one_folder_is_not_another_run(tiny_model_dir, tmp_path, monkeypatch):
-    """fast_dev_run saves no config (LightningCLI skips it) and writes its checkpoint
-    under default_root_dir: the second one was refused as "another run"."""
-    monkeypatch.chdir(ROOT)
-    args = ["fit", "--config", "configs/tiny.yaml", f"--model.model=tiny:{tiny_model_dir}", "--eval=null",
-            f"--trainer.default_root_dir={tmp_path}", "--trainer.fast_dev_run=1", "--data.world.n_people=2",
-            "--trainer.enable_progress_bar=false"]
+    """fast_dev_run saves no config (LightningCLI skips it): the second one was refused
+    as "another run". Nor does it write a checkpoint: Lightning 2.6's ModelCheckpoint
+    wrote last.ckpt at the end of training anyway, into default_root_dir (the working
+    directory unless given)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"--model.model=tiny:{tiny_model_dir}", "--eval=null",
+            "--trainer.fast_dev_run=1", "--data.world.n_people=2", "--trainer.enable_progress_bar=false"]
     train_main(args)
     train_main(args)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("text", ["{trainer: {max_epochs: 1, " + ", ".join(f"log_every_n_steps: {i}"
