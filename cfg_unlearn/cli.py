@@ -81,8 +81,13 @@ class UnlearnCLI(LightningCLI):
         if sub == "fit":
             ignored = _restored_over(self.config[sub].get("model"), ckpt)
             if ignored:
-                rank_zero_warn(f"--ckpt_path: a resumed fit restores the optimizer and learning-rate schedule from "
-                               f"the checkpoint, so {', '.join(ignored)} take no effect")
+                rank_zero_warn("--ckpt_path: a resumed fit restores the optimizer and learning-rate schedule from "
+                               "the checkpoint, so " + ", ".join(f"model.{key}.init_args.{name}={value!r} "
+                                                                 f"(checkpoint: {was!r})"
+                                                                 for key, name, value, was in ignored)
+                               + " take no effect; the run's config.yaml records the checkpoint's values")
+                for key, name, _, was in ignored:  # what the run trains with, not what was typed
+                    self.config[sub]["model"][key]["init_args"][name] = was
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Check the run directory before the trainer opens its logger, and remove the
@@ -244,12 +249,13 @@ def _other_instructions(data: Any, ckpt: dict[str, Any] | None) -> list[str]:
             for key in ("system_prompt", "uncond_system_prompt") if key in saved and data.get(key) != saved[key]]
 
 
-def _restored_over(model: Any, ckpt: dict[str, Any] | None) -> list[str]:
+def _restored_over(model: Any, ckpt: dict[str, Any] | None) -> list[tuple[str, str, Any, Any]]:
     """The ``model.optimizer`` / ``model.lr_scheduler`` arguments configured for a resumed
     fit that differ from the state its checkpoint (:func:`_checkpoint_file`) restores (the
     optimizer's param group: ``lr`` as the schedule's base, ``initial_lr``; the
-    scheduler's saved attributes), as ``"model.optimizer.init_args.lr=0.01 (checkpoint:
-    0.0003)"``. Empty when nothing differs or there is no checkpoint file."""
+    scheduler's saved attributes), as ``(key, name, configured, checkpoint's)``, e.g.
+    ``("optimizer", "lr", 0.01, 0.0003)``. Empty when nothing differs or there is no
+    checkpoint file."""
     if not isinstance(model, Namespace) or ckpt is None:
         return []
     groups = [s.get("param_groups", [{}])[0] for s in ckpt.get("optimizer_states") or [] if isinstance(s, dict)]
@@ -267,7 +273,7 @@ def _restored_over(model: Any, ckpt: dict[str, Any] | None) -> list[str]:
             same = tuple(value) == tuple(was) if isinstance(value, (list, tuple)) and isinstance(
                 was, (list, tuple)) else value == was
             if not same:
-                out.append(f"model.{key}.init_args.{name}={value!r} (checkpoint: {was!r})")
+                out.append((key, name, value, was))
     return out
 
 

@@ -173,11 +173,16 @@ def test_resumed_fit_names_optimizer_and_schedule_arguments_the_checkpoint_overr
     base = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
             f"--ckpt_path={ckpt}"]
     with pytest.warns(UserWarning, match="restores the optimizer") as got:
-        cli_main([*base, "--model.optimizer.init_args.lr=0.01", "--model.lr_scheduler.init_args.warmup_steps=0",
-                  "--model.optimizer.init_args.betas=[0.9, 0.999]"])
+        cli = cli_main([*base, "--model.optimizer.init_args.lr=0.01", "--model.lr_scheduler.init_args.warmup_steps=0",
+                        "--model.optimizer.init_args.betas=[0.9, 0.999]"])
     (msg,) = [str(w.message) for w in got if "restores the optimizer" in str(w.message)]
     assert "model.optimizer.init_args.lr=0.01 (checkpoint: 0.001)" in msg
     assert "model.lr_scheduler.init_args.warmup_steps=0 (checkpoint: 10)" in msg
+    assert msg.endswith("take no effect; the run's config.yaml records the checkpoint's values")
+    # what the run's config.yaml is written from: the values it trains with (it recorded the typed ones)
+    model = cli.config["fit"]["model"]
+    assert model.optimizer.init_args.lr == 0.001 and model.lr_scheduler.init_args.warmup_steps == 10
+    assert "lr: 0.001" in cli.parser.dump(cli.config, skip_unset=False)
     assert "betas" not in msg and "weight_decay" not in msg and "min_ratio" not in msg and "total_steps" not in msg
     import warnings
 
