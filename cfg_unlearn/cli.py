@@ -138,35 +138,52 @@ def check_ckpt_path(ckpt: Any) -> None:
 
 
 def check_last_checkpoint(trainer, subcommand: str, run_path: str) -> None:
-    """``--ckpt_path last`` looks for ``last*.ckpt`` in this run's checkpoint folders
+    """``--ckpt_path last`` looks for a last checkpoint in this run's checkpoint folders
     only, and every run gets a new version folder: ``fit --ckpt_path last`` meant to
     resume yesterday's run trained from scratch, and ``validate --ckpt_path last`` scored
     the untrained model, each after one warning whose hint (``save_last=True``) was
     already set. Refuse both when another version folder of the same logger holds a last
     checkpoint, naming it; a first ``fit`` with nothing anywhere still starts fresh (the
-    set-and-forget use Lightning keeps it a warning for)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    set-and-forget use Lightning keeps it a warning for). Candidates are found as
+    Lightning finds them (``last.ckpt``, ``last-v1.ckpt``; an ``OnExceptionCheckpoint``'s
+    file; a link counts only if its target exists)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
-    folders = [cb.dirpath or os.path.join(run_path, "checkpoints")
-               for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
-    if any("://" in str(d) for d in folders):
+    checkpoints = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    if any("://" in str(cb.dirpath or run_path) for cb in checkpoints):
         return  # a remote folder: Lightning's to resolve
-    if any(ModelCheckpoint.CHECKPOINT_NAME_LAST in name for d in folders if os.path.isdir(d)
-           for name in os.listdir(d)):
+    found = {cb.ckpt_path for cb in trainer.callbacks if isinstance(cb, OnExceptionCheckpoint)}
+    for cb in checkpoints:
+        found |= cb._find_last_checkpoints(trainer)
+    if any(os.path.exists(p) for p in found if p):
         return
-    root = os.path.dirname(run_path)
-    others = [os.path.join(root, v, "checkpoints", name) for v in (os.listdir(root) if os.path.isdir(root) else [])
-              if os.path.isdir(os.path.join(root, v, "checkpoints"))
-              for name in os.listdir(os.path.join(root, v, "checkpoints"))
-              if ModelCheckpoint.CHECKPOINT_NAME_LAST in name]
+    others = []
+    if trainer.loggers:  # version folders beside this run's (without a logger, run_path is no version folder)
+        root = os.path.dirname(run_path)
+        for version in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+            folder = os.path.join(root, version, "checkpoints")
+            if os.path.isdir(folder):
+                others += [os.path.join(folder, n) for n in os.listdir(folder)
+                           if _is_last_checkpoint(n) and os.path.exists(os.path.join(folder, n))]
     if others:
         latest = max(others, key=os.path.getmtime)
         raise ConfigError(f"--ckpt_path last: this run's folder {run_path} holds no last checkpoint (each run gets a "
                           f"new version folder); the latest one is {latest}: pass that path to --ckpt_path, or pin "
                           "--trainer.logger.init_args.version to resume a run in its own folder")
     if subcommand != "fit":
-        raise ConfigError(f"--ckpt_path last: no last checkpoint in {run_path} or beside it; {subcommand} would score "
+        raise ConfigError(f"--ckpt_path last: no last checkpoint for this run ({run_path}); {subcommand} would score "
                           "the untrained model. Pass a checkpoint's path")
+
+
+def _is_last_checkpoint(name: str) -> bool:
+    """Lightning's test for a last checkpoint's file name (``last.ckpt``, ``last-v2.ckpt``)."""
+    import re
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    stem, ext = os.path.splitext(name)
+    return ext == ModelCheckpoint.FILE_EXTENSION and bool(re.match(rf"^{ModelCheckpoint.CHECKPOINT_NAME_LAST}(-(\d+))?",
+                                                                    stem))
 
 
 def keep_csv_metrics(trainer) -> None:

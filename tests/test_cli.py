@@ -350,7 +350,7 @@ def test_ckpt_path_last_names_the_last_checkpoint_of_another_version(tiny_model_
             "--data.world.n_people=2", "--trainer.limit_val_batches=1"]
     with pytest.raises(SystemExit) as e:  # nothing anywhere: validate would score the untrained model
         train_main(["validate", *args, "--ckpt_path=last"])
-    assert e.value.code == 2 and "--ckpt_path last: no last checkpoint in" in capsys.readouterr().err
+    assert e.value.code == 2 and "--ckpt_path last: no last checkpoint for this run" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="no last checkpoint available"):  # a first fit starts fresh (set and forget)
         train_main(["fit", *args, "--trainer.max_steps=1", "--ckpt_path=last"])
     last = tmp_path / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
@@ -367,6 +367,19 @@ def test_ckpt_path_last_names_the_last_checkpoint_of_another_version(tiny_model_
     # pinned to its own folder, `last` resumes it
     train_main(["fit", *args, "--trainer.logger.init_args.version=0", "--trainer.max_steps=2", "--ckpt_path=last"])
     assert torch.load(last, weights_only=False)["global_step"] == 2
+    # not counted as a last checkpoint: a link to a deleted file (it was a traceback), a
+    # temp file of a killed save; and without a logger there are no version folders to search
+    links = tmp_path / "links" / "tiny" / "version_0" / "checkpoints"
+    links.mkdir(parents=True)
+    (links / "last.ckpt").symlink_to(tmp_path / "deleted.ckpt")
+    (links / ".last.ckpt.0123.tmp").write_bytes(b"")
+    unlogged = [a for a in args if "save_dir" not in a]
+    for extra in ([f"--trainer.logger.init_args.save_dir={tmp_path / 'links'}"],
+                  ["--trainer.logger=false", f"--trainer.default_root_dir={tmp_path / 'tiny' / 'solo'}"]):
+        with pytest.raises(SystemExit) as e:
+            train_main(["validate", *unlogged, *extra, "--ckpt_path=last"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and "no last checkpoint for this run" in err and "version_0" not in err, err
 
 
 def test_fast_dev_run_twice_in_one_folder_is_not_another_run(tiny_model_dir, tmp_path, monkeypatch):
