@@ -183,26 +183,42 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier()
 
 
+#: what :class:`FinalLastCheckpoint` puts in ``ModelCheckpoint._last_checkpoint_saved``
+#: under fast_dev_run, until teardown
+FAST_DEV_RUN_MARK = "<none: fast_dev_run>"
+
+
 class FinalLastCheckpoint(Callback):
     """At the end of training, every ``ModelCheckpoint`` with ``save_last`` whose last
     save is older than the final step saves ``last.ckpt`` once more (see the module
     docstring). It goes through the callback's own save, so its paths, version counter
     and atomic IO are the usual ones."""
 
+    def __init__(self):
+        self._marked: list[ModelCheckpoint] = []
+
     def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         if trainer.fast_dev_run:
             # Lightning 2.6's ModelCheckpoint.on_train_end saves last.ckpt whenever none was
             # saved, without its own fast_dev_run check: a smoke test wrote
             # ./checkpoints/last.ckpt (10 MB for the tiny model) into the working directory.
-            # Its on_train_end runs after this one (install_checkpointing puts this first)
-            for cb in trainer.checkpoint_callbacks:
-                if isinstance(cb, ModelCheckpoint) and cb.save_last and not cb._last_checkpoint_saved:
-                    cb._last_checkpoint_saved = "<none: fast_dev_run>"
+            # Its on_train_end runs after this one (install_checkpointing puts this first);
+            # teardown takes the mark back, or a reused callback would link last.ckpt to it
+            self._marked = [cb for cb in trainer.checkpoint_callbacks
+                            if isinstance(cb, ModelCheckpoint) and cb.save_last and not cb._last_checkpoint_saved]
+            for cb in self._marked:
+                cb._last_checkpoint_saved = FAST_DEV_RUN_MARK
             return
         for cb in trainer.checkpoint_callbacks:
             if (isinstance(cb, ModelCheckpoint) and cb.save_last and cb._last_checkpoint_saved
                     and not cb._should_skip_saving_checkpoint(trainer)):
                 cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
+
+    def teardown(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+        for cb in self._marked:
+            if cb._last_checkpoint_saved == FAST_DEV_RUN_MARK:
+                cb._last_checkpoint_saved = ""
+        self._marked = []
 
 
 # ============================================================================ exact resume

@@ -263,6 +263,25 @@ def test_last_ckpt_holds_the_final_weights_when_the_step_interval_misses_the_end
     assert sorted(f.name for f in tmp_path.iterdir()) == ["last.ckpt"]  # replaced, not versioned
 
 
+def test_fast_dev_run_saves_no_last_ckpt_and_leaves_a_reused_callback_as_it_was(tmp_path, tiny_model_dir):
+    """Lightning 2.6's ModelCheckpoint.on_train_end saved last.ckpt under fast_dev_run
+    (into ./checkpoints unless a dirpath is given). The mark that stops it must not
+    outlive the run: the same callback in a real fit then linked last.ckpt to it."""
+    spec = f"tiny:{tiny_model_dir}"
+    data = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4)
+    ckpt = AtomicModelCheckpoint(dirpath=tmp_path, save_last="link", every_n_train_steps=1000)
+
+    def trainer(**kw):
+        t = L.Trainer(accelerator="cpu", devices=1, callbacks=[ckpt], logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, **kw)
+        return install_checkpointing(t)
+
+    trainer(fast_dev_run=1).fit(UnlearnModule(model=spec), datamodule=data)
+    assert list(tmp_path.iterdir()) == [] and not ckpt._last_checkpoint_saved
+    trainer(max_steps=3).fit(UnlearnModule(model=spec), datamodule=data)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False, map_location="cpu")["global_step"] == 3
+
+
 def test_cli_trainer_is_wired_for_atomic_saves_and_exact_resume(tmp_path, monkeypatch):
     from cfg_unlearn.cli import cli_main
 
