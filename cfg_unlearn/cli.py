@@ -278,13 +278,16 @@ def _restored_over(model: Any, ckpt: dict[str, Any] | None) -> list[tuple[str, s
     groups = [s.get("param_groups", [{}])[0] for s in ckpt.get("optimizer_states") or [] if isinstance(s, dict)]
     scheds = [s for s in ckpt.get("lr_schedulers") or [] if isinstance(s, dict)]
     out = []
+    # with a schedule, the configured lr is its base (initial_lr); without one, the param
+    # group's lr is the one the run trains at (a resumed config that drops the schedule)
+    base = "initial_lr" if model.get("lr_scheduler") is not None else "lr"
     for key, saved in (("optimizer", groups[0] if groups else None), ("lr_scheduler", scheds[0] if scheds else None)):
         given = model.get(key)
         args = given.get("init_args") if isinstance(given, Namespace) else None
         if saved is None or not isinstance(args, Namespace):
             continue
         for name, value in args.items():
-            was = saved.get("initial_lr", saved.get("lr")) if name == "lr" else saved.get(name)
+            was = saved.get(base, saved.get("lr")) if name == "lr" else saved.get(name)
             if name == "total_steps" or was is None or value is None:
                 continue  # the schedule's total follows this run's budget (WarmupCosine)
             same = tuple(value) == tuple(was) if isinstance(value, (list, tuple)) and isinstance(

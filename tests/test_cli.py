@@ -183,6 +183,12 @@ def test_resumed_fit_names_optimizer_and_schedule_arguments_the_checkpoint_overr
     model = cli.config["fit"]["model"]
     assert model.optimizer.init_args.lr == 0.001 and model.lr_scheduler.init_args.warmup_steps == 10
     assert "lr: 0.001" in cli.parser.dump(cli.config, skip_unset=False)
+    # without a schedule the restored param group trains at its own lr, not the schedule's base
+    with pytest.warns(UserWarning, match="restores the optimizer") as got:
+        cli = cli_main([*base, "--model.optimizer.init_args.lr=0.01", "--model.lr_scheduler=null"])
+    (msg,) = [str(w.message) for w in got if "restores the optimizer" in str(w.message)]
+    assert "model.optimizer.init_args.lr=0.01 (checkpoint: 0.0004)" in msg
+    assert cli.config["fit"]["model"].optimizer.init_args.lr == 0.0004
     assert "betas" not in msg and "weight_decay" not in msg and "min_ratio" not in msg and "total_steps" not in msg
     import warnings
 
