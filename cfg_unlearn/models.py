@@ -35,10 +35,26 @@ def parse_dtype(dtype: str | None) -> torch.dtype | str | None:
 
 
 def context_limit(model) -> int | None:
-    """The positions ``model`` was trained on (``config.max_position_embeddings``; a PEFT
-    model passes its base's config through), or None when its config does not say."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return limit if isinstance(limit, int) and limit > 0 else None
+    """The positions ``model`` can read (``config.max_position_embeddings``), or None
+    when its config does not say. A PEFT model passes its base's config through; a
+    DDP/FSDP wrapper is looked through (``.module``); a multimodal config gives its text
+    model's; a rotary scaling with a factor (YaRN, dynamic, linear: Qwen2.5's 32k x 4)
+    extends the window its ``original_max_position_embeddings`` times the factor."""
+    inner = getattr(model, "module", model)
+    config = getattr(inner, "config", None) or getattr(model, "config", None)
+    if config is None:
+        return None
+    if callable(getattr(config, "get_text_config", None)):
+        config = config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if isinstance(rope, dict):
+        factor, original = rope.get("factor"), rope.get("original_max_position_embeddings", limit)
+        if isinstance(factor, (int, float)) and factor > 1 and isinstance(original, int):
+            limit = max(limit, int(original * factor))
+    return limit
 
 
 def check_device(device: str | None) -> None:

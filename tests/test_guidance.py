@@ -357,6 +357,32 @@ def test_a_prompt_past_the_models_context_is_refused_before_decoding(tiny, promp
                  max_new_tokens=0)
 
 
+def test_context_limit_reads_through_wrappers_multimodal_configs_and_rope_scaling(tiny):
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, Qwen2Config
+
+    from cfg_unlearn.models import context_limit
+
+    model, _ = tiny
+    assert context_limit(model) == 1024
+    assert context_limit(torch.nn.DataParallel(model)) == 1024  # DDP/FSDP/DataParallel keep it as .module
+    assert context_limit(torch.nn.Linear(2, 2)) is None  # no config: nothing to check against
+    # Qwen2.5's YaRN: 32k positions in the config, four times that readable
+    yarn = Qwen2Config(max_position_embeddings=32768,
+                       rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})
+    assert context_limit(SimpleNamespace(config=yarn)) == 131072
+    # Llama 3.1 states its extended window already (8k x 8 is less)
+    llama = LlamaConfig(max_position_embeddings=131072, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0})
+    assert context_limit(SimpleNamespace(config=llama)) == 131072
+    assert context_limit(SimpleNamespace(config=LlamaConfig(max_position_embeddings=2048))) == 2048
+    # a multimodal config keeps the text model's window in its text config
+    outer = SimpleNamespace(get_text_config=lambda: LlamaConfig(max_position_embeddings=4096))
+    assert context_limit(SimpleNamespace(config=outer)) == 4096
+
+
 def test_generate_restores_train_mode_and_checks_its_inputs(tiny, prompts):
     model, tok = tiny
     model.train()
