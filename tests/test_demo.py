@@ -28,6 +28,7 @@ def test_demo_writes_metrics_report_and_plot(tmp_path, monkeypatch, assert_open_
     from cfg_unlearn.module import UnlearnModule
 
     out = tmp_path / "demo"
+    monkeypatch.setenv("MKL_CBWR", "AUTO")  # MKL's default; read by environment(), not by MKL this late
     calls = _spy_generate_pairs(monkeypatch)
     settings, real_configure = [], UnlearnModule.configure_optimizers
 
@@ -53,6 +54,7 @@ def test_demo_writes_metrics_report_and_plot(tmp_path, monkeypatch, assert_open_
     assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["torch_threads"] >= 1
     assert env["cpu"] and {"transformers", "tokenizers", "faker", "python"} <= set(env)
     assert f"cpu_capability {env['cpu_capability']}" in (out / "report.md").read_text()
+    assert env.get("MKL_CBWR") == "AUTO"  # the settings that change kernels, where set
     assert {"leak_rate", "accuracy", "n_leak_probes", "n_qa"} <= set(m["baseline"])
     assert m["baseline"]["n_leak_probes"] == 3 * 6
     assert set(m["unlearned"]) == {"logprob", "prob"} and set(m["unlearned"]["prob"]) == {"1.0", "2.0"}
