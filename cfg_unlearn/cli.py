@@ -380,13 +380,25 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
     from cfg_unlearn.data.schema import PairFormatError
     from cfg_unlearn.models import ModelNotFoundError
 
+    ours = (PairFormatError, ModelNotFoundError, ConfigError)
     try:
         if args is not None and args == sys.argv[1:]:
             args = None  # `cfg-unlearn fit ...`: the command line itself (Lightning warns when given both)
         check_config_files(sys.argv[1:] if args is None else args)
         cli_main(args)
-    except (PairFormatError, ModelNotFoundError, ConfigError) as e:
+    except ours as e:
         sys.stderr.write(f"{prog}: error: {e}\n")
+        raise SystemExit(2) from None
+    except ValueError as e:
+        # jsonargparse re-raises an error of a class it instantiates for an Optional[...]
+        # argument (--eval) as "Does not validate against any of the Union subtypes ...",
+        # a traceback with our message inside; that message is the one to show
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, ours):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        sys.stderr.write(f"{prog}: error: {cause}\n")
         raise SystemExit(2) from None
 
 

@@ -7,6 +7,8 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from cfg_unlearn.utils import ConfigError
+
 
 class WarmupCosine(LambdaLR):
     """Linear warm-up, then cosine decay to ``min_ratio`` of the peak (the paper: to 10%).
@@ -28,8 +30,9 @@ class WarmupCosine(LambdaLR):
         total_steps: int | None = None,
         min_ratio: float = 0.1,
     ):
-        if warmup_steps < 0 or not 0.0 <= min_ratio <= 1.0:
-            raise ValueError("warmup_steps must be >= 0 and min_ratio in [0, 1]")
+        if warmup_steps < 0 or not 0.0 <= min_ratio <= 1.0:  # a ConfigError: one line from train.py
+            raise ConfigError(f"lr_scheduler: warmup_steps must be >= 0 and min_ratio in [0, 1], got {warmup_steps} "
+                              f"and {min_ratio}")
         self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
         self.needs_total_steps = total_steps is None
         super().__init__(optimizer, self._factor)

@@ -204,7 +204,15 @@ def test_resumed_fit_names_optimizer_and_schedule_arguments_the_checkpoint_overr
     (["--data.world.n_people=0"], "world.n_people must be >= 1, got 0"),
     (["--data.world=null", "--data.train_file={pairs}"], "with your own pairs pass --eval.probes_file/--eval.qa_file, "
                                                           "or --eval null"),
-], ids=["batch-size", "cond-dropout", "no-people", "own-pairs-without-eval-sets"])
+    # GuidanceEval is an Optional[...] argument: jsonargparse buried its error in a
+    # "Does not validate against any of the Union subtypes" traceback
+    (["--eval.spaces=[foo]"], "spaces must be a non-empty subset of ('logprob', 'prob'), got ['foo']"),
+    (["--eval.max_new_tokens=0"], "max_new_tokens must be >= 1, got 0"),
+    # raised in configure_optimizers, inside Lightning's fit
+    (["--model.lr_scheduler.init_args.min_ratio=2"], "lr_scheduler: warmup_steps must be >= 0 and min_ratio in "
+                                                     "[0, 1], got 10 and 2.0"),
+], ids=["batch-size", "cond-dropout", "no-people", "own-pairs-without-eval-sets", "eval-spaces", "eval-new-tokens",
+        "schedule-ratio"])
 def test_settings_that_cannot_work_are_one_line_errors(tiny_model_dir, tmp_path, capsys, monkeypatch, args, message):
     """A value the module, data module or GuidanceEval refuses is `train.py: error: ...`
     with exit status 2 (it was a traceback), like a malformed pair row."""
