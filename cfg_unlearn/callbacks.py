@@ -514,13 +514,15 @@ def _run_path(trainer: L.Trainer) -> str:
     return os.path.join(lg.save_dir or trainer.default_root_dir, str(lg.name), version)
 
 
-def refuse_taken_run_dir(path: str | Path, taken: list[str]) -> None:
-    """The error for a run directory that :func:`previous_run_files` found taken."""
+def refuse_taken_run_dir(path: str | Path, taken: list[str], stage: str = "fit") -> None:
+    """The error for a run directory that :func:`previous_run_files` found taken; only a
+    ``fit`` can resume into it (a ``validate`` given ``--ckpt_path`` was told to add it)."""
     if taken:
         raise ConfigError(
             f"{path} holds another run ({', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}); "
             "writing there would replace it. Pick a new --trainer.logger.init_args.version (or let the "
-            "logger choose one), remove the directory, or resume that run with --ckpt_path")
+            "logger choose one)" + (", remove the directory, or resume that run with --ckpt_path" if stage == "fit"
+                                    else " or remove the directory"))
 
 
 def previous_run_files(path: str | Path) -> list[str]:
@@ -553,7 +555,7 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
         path = run_dir(trainer)
         resuming = stage == "fit" and bool(self.config.get("ckpt_path"))
         taken = previous_run_files(path) if trainer.is_global_zero and not resuming else []
-        refuse_taken_run_dir(path, trainer.strategy.broadcast(taken))
+        refuse_taken_run_dir(path, trainer.strategy.broadcast(taken), stage)
         if trainer.is_global_zero:
             if self.save_to_log_dir:
                 os.makedirs(path, exist_ok=True)

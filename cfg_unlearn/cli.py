@@ -107,7 +107,7 @@ class UnlearnCLI(LightningCLI):
             if ckpt == "last" and path is not None:
                 check_last_checkpoint(trainer, subcommand, path)
             if path is not None and not (subcommand == "fit" and ckpt) and trainer.is_global_zero:
-                refuse_taken_run_dir(path, previous_run_files(path))
+                refuse_taken_run_dir(path, previous_run_files(path), subcommand)
         if subcommand == "fit" and ckpt and trainer.is_global_zero:
             keep_csv_metrics(trainer)
         try:

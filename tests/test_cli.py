@@ -311,6 +311,10 @@ def test_a_run_directory_of_another_run_is_refused_unless_resuming(tiny_model_di
     # when it opened the directory, before the refusal)
     assert (config.read_bytes(), last.read_bytes(), metrics.read_bytes()) == before
 
+    with pytest.raises(SystemExit):  # a validate cannot resume into it: no such advice
+        train_main(["validate", *args[1:], f"--ckpt_path={last}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("(or let the logger choose one) or remove the directory"), err
     train_main([*args, "--trainer.max_steps=2", f"--ckpt_path={last}"])  # resuming it: allowed
     assert torch.load(last, weights_only=False)["global_step"] == 2
     # the rows logged before the resume are kept beside the new metrics.csv (they were deleted)
