@@ -236,8 +236,10 @@ class GuidanceEval(Callback):
         from cfg_unlearn.guidance import encode_prompts, first_overflow, overflow_message
         from cfg_unlearn.models import context_limit
 
+        if self._context_checked:
+            return
         limit = context_limit(pl_module.model)
-        if self._context_checked or limit is None:
+        if limit is None:
             return
         tok = self._tokenizer(trainer, pl_module)
         records = [("leak probe", i, r) for i, r in enumerate(self.probes)]

@@ -235,18 +235,20 @@ def check_context(model, tokenizer, records: list[ForgetRecord], prompts: list[l
     """Refuse, before any decoding, a record whose writer prompt plus ``max_new_tokens``
     does not fit the model's context (``config.max_position_embeddings``): it was decoded
     past the positions the model was trained on, into text that passed the checks."""
-    from cfg_unlearn.guidance import encode_prompts
+    from cfg_unlearn.guidance import encode_prompts, first_overflow
     from cfg_unlearn.models import context_limit
 
     context = context_limit(model)
     if context is None:
         return
-    for rec, ids in zip(records, encode_prompts(tokenizer, prompts)):
-        if len(ids) + max_new_tokens > context:
-            raise PairFormatError(
-                rec.source or f"record {rec.id!r}", None, "messages",
-                f"the writer's prompt is {len(ids):,} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
-                f"model's context of {context:,} positions (shorten the conversation or use a longer-context model)")
+    encoded = encode_prompts(tokenizer, prompts)
+    j = first_overflow(encoded, max_new_tokens, context)
+    if j is not None:
+        rec = records[j]
+        raise PairFormatError(
+            rec.source or f"record {rec.id!r}", None, "messages",
+            f"the writer's prompt is {len(encoded[j]):,} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
+            f"model's context of {context:,} positions (shorten the conversation or use a longer-context model)")
 
 
 def generate_pairs(
