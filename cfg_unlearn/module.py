@@ -150,6 +150,10 @@ def _epoch_order(loader: Any, epoch: int) -> list[int] | None:
     return None
 
 
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def add_lora(model, settings: LoraSettings):
     """Wrap ``model`` in peft LoRA adapters. With gradient checkpointing the embedding
     output must require grad, or the frozen base gives the checkpointed blocks no
@@ -259,6 +263,9 @@ class UnlearnModule(L.LightningModule):
         # rank): accumulation only, see _nll. Planned at the epoch's first training step,
         # not in on_train_epoch_start, which Lightning skips when resuming mid-epoch
         self._window_plan: tuple[int, list[int] | None] | None = None
+        #: the optimizer classes of the checkpoint being restored (``on_load_checkpoint``),
+        #: checked against this fit's once they are built and restored (``on_train_start``)
+        self._saved_optimizer_classes: list[str] | None = None
 
     # ------------------------------------------------------------------ model
 
@@ -557,6 +564,8 @@ class UnlearnModule(L.LightningModule):
         # hparams keep `model` as given; a relative path breaks when the checkpoint is
         # exported from another folder, so the absolute one travels with it (export reads it)
         checkpoint["model_abspath"] = absolute_model_name(self.model_name)
+        if self._trainer is not None:  # what a resume must rebuild to use the optimizer state (on_train_start)
+            checkpoint["optimizer_classes"] = [_class_name(type(o)) for o in self.trainer.optimizers]
         if self._adapter_only():
             trainable = self._checkpoint_keys(trainable_only=True)
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
@@ -602,12 +611,27 @@ class UnlearnModule(L.LightningModule):
         self.checkpoint_step = int(checkpoint.get("global_step", 0))
         if self._adapter_only() and self.model is not None and isinstance(checkpoint.get("state_dict"), dict):
             self._check_adapter_checkpoint(checkpoint["state_dict"])
+        self._saved_optimizer_classes = checkpoint.get("optimizer_classes")
         saved = checkpoint.get("reference_logps")
         if saved is not None and "keys" in saved:
             self.reference_logps = dict(zip(saved["keys"], saved["values"]))
         elif saved is not None:  # before tables were keyed by split: bare ids, either split
             self.reference_logps = {f"{split}:{i}": v for i, v in zip(saved["ids"], saved["values"])
                                     for split in ("train", "val")}
+
+    def on_train_start(self) -> None:
+        # after Lightning restored the optimizer state, whichever strategy restores when
+        saved, self._saved_optimizer_classes = self._saved_optimizer_classes, None
+        built = [_class_name(type(o)) for o in self.trainer.optimizers]
+        if self.trainer.ckpt_path is not None and saved is not None and saved != built:
+            # torch's load_state_dict takes the saved param groups whole: SGD over an AdamW
+            # state failed at its first step with KeyError 'momentum', and Adam over it ran
+            # as AdamW (the group's decoupled_weight_decay), silently
+            raise ConfigError(
+                f"the checkpoint {self.trainer.ckpt_path} holds the state of {', '.join(saved)}, but this fit builds "
+                f"{', '.join(built)}: a resumed fit restores the optimizer's state and settings, which only the "
+                "optimizer that saved them can use. Resume with that optimizer (model.optimizer), or start a new fit "
+                "from the checkpoint's weights (cfg-unlearn export --ckpt CKPT --out DIR, then --model.model DIR)")
 
     def on_train_epoch_start(self) -> None:
         self.cond_counts = [0, 0]

@@ -460,6 +460,33 @@ def test_precomputed_reference_is_not_scored_on_resumed_weights(tiny_model_dir, 
     assert resumed.reference_logps is None
 
 
+def test_a_resume_with_another_optimizer_class_is_refused(tiny_model_dir, tmp_path):
+    """torch's load_state_dict takes the saved param groups whole: SGD resumed over an
+    AdamW checkpoint died at its first step with KeyError 'momentum', and Adam ran as
+    AdamW (the group's decoupled_weight_decay: True) without a word."""
+    from cfg_unlearn.utils import ConfigError
+
+    spec = f"tiny:{tiny_model_dir}"
+    dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4, val_fraction=0.0)
+    trainer = _fit(UnlearnModule(model=spec), dm, tmp_path, steps=1, enable_checkpointing=True)
+    ckpt = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["optimizer_classes"] == ["torch.optim.adamw.AdamW"]
+
+    def resume(optimizer):
+        module = UnlearnModule(model=spec, optimizer=optimizer)
+        t = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                      enable_checkpointing=False)
+        t.fit(module, datamodule=dm, ckpt_path=ckpt)
+        return t
+
+    for other in (torch.optim.SGD, torch.optim.Adam):
+        with pytest.raises(ConfigError, match=rf"holds the state of torch\.optim\.adamw\.AdamW, but this fit builds "
+                                              rf"{other.__module__}\.{other.__name__}: .*Resume with that optimizer"):
+            resume(lambda p, other=other: other(p, lr=0.1))
+    assert resume(lambda p: torch.optim.AdamW(p, lr=0.1)).global_step == 2  # the same class resumes
+
+
 def test_a_schedule_without_a_step_budget_is_a_clear_error(tiny_model_dir, tmp_path):
     """max_epochs -1 (with max_time) gives no step count: WarmupCosine failed with
     "OverflowError: cannot convert float infinity to integer"."""
