@@ -182,3 +182,34 @@ def load_causal_lm(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def _same_place(a: str, b: str) -> bool:
+    paths = [Path(resolve_pretrained(x)).expanduser() for x in (a, b)]
+    if all(p.exists() for p in paths):
+        return paths[0].resolve() == paths[1].resolve()
+    return a == b
+
+
+def check_tokenizer_fits(tokenizer, tokenizer_name: str, model, model_name: str, *,
+                         trust_remote_code: bool = False) -> None:
+    """Refuse a data tokenizer that is not the model's. Ids past the model's embedding
+    rows fail deep in the forward (an IndexError); a smaller vocabulary of another
+    tokenizer trains, and decodes, on ids that mean other tokens, without a word. When the
+    tokenizer comes from another place than the model, its vocabulary must equal the
+    model's own tokenizer's (skipped when the model has none beside it)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ConfigError(f"the data tokenizer {tokenizer_name} has {len(tokenizer)} tokens, more than the {rows} "
+                          f"embedding rows of model {model_name}: give the model's own tokenizer (data.tokenizer: "
+                          f"{model_name}, or leave it unset)")
+    if _same_place(tokenizer_name, model_name):
+        return
+    try:
+        own = load_tokenizer(resolve_pretrained(model_name), trust_remote_code=trust_remote_code)
+    except (ConfigError, OSError, ValueError):
+        return  # no tokenizer beside the model: nothing to compare with
+    if own.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"the data tokenizer {tokenizer_name} ({len(tokenizer)} tokens) is not the tokenizer of "
+                          f"model {model_name} ({len(own)} tokens): the same ids would mean other tokens. Give the "
+                          f"model's own tokenizer (data.tokenizer: {model_name}, or leave it unset)")

@@ -35,8 +35,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from cfg_unlearn.data.datamodule import VARIANTS
-from cfg_unlearn.models import load_causal_lm
+from cfg_unlearn.data.datamodule import VARIANTS, PairDataModule
+from cfg_unlearn.models import check_tokenizer_fits, load_causal_lm
 from cfg_unlearn.objectives import (
     IGNORE_INDEX,
     dpo_loss,
@@ -270,8 +270,14 @@ class UnlearnModule(L.LightningModule):
     # ------------------------------------------------------------------ model
 
     def configure_model(self) -> None:
-        if self.model is not None:  # idempotent: called again by validate/test/resume
-            return
+        if self.model is None:  # idempotent: called again by validate/test/resume
+            self._build_model()
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if isinstance(dm, PairDataModule) and dm.tokenizer is not None:  # set up by now (Lightning: data first)
+            check_tokenizer_fits(dm.tokenizer, dm.tokenizer_source(), self.model, self.model_name,
+                                 trust_remote_code=self.hparams.trust_remote_code)
+
+    def _build_model(self) -> None:
         hp = self.hparams
         self.model = load_causal_lm(
             self.model_name,

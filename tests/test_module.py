@@ -672,3 +672,34 @@ def test_accumulation_logs_each_micro_batchs_own_loss(tiny_model_dir, tmp_path):
     assert len(logged[3]) == len(logged[1]) == 5
     for (loss3, nll3), (loss1, nll1) in zip(logged[3], logged[1]):
         assert loss3 == pytest.approx(loss1, rel=1e-5) and nll3 == pytest.approx(nll1, rel=1e-5)
+
+
+def test_the_data_module_takes_the_models_tokenizer_and_refuses_another(tiny_model_dir, tmp_path, monkeypatch):
+    """The data module's default tokenizer was a tiny one built into ./.cache: a Python-API
+    user who set only UnlearnModule(model=...) trained and evaluated a 4096-token model on
+    the ids of a 2048-token tokenizer without a word (a smaller model: an IndexError deep
+    in the forward). The default is now the model's tokenizer; another one is refused."""
+    from cfg_unlearn.tiny import TinySpec, build_tiny
+    from cfg_unlearn.utils import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    big = build_tiny(tmp_path / "big", spec=TinySpec(vocab_size=4096))
+    small = build_tiny(tmp_path / "small", spec=TinySpec(vocab_size=512))
+
+    def fit(model, tokenizer):
+        dm = PairDataModule(tokenizer=tokenizer, world=WorldConfig(seed=0, n_people=4), batch_size=4,
+                            val_fraction=0.0)
+        _fit(UnlearnModule(model=model), dm, tmp_path, steps=1)
+        return dm
+
+    dm = fit(f"tiny:{big}", None)
+    assert len(dm.tokenizer) == 4096 and dm.tokenizer_source() == f"tiny:{big}"
+    assert not (tmp_path / ".cache").exists()  # nothing built beside the user's files
+    fit(str(big), f"tiny:{big}")  # the same folder named two ways
+    with pytest.raises(ConfigError, match=r"data tokenizer tiny:.* \(2048 tokens\) is not the tokenizer of model "
+                                          r"tiny:.*big \(4096 tokens\)"):
+        fit(f"tiny:{big}", f"tiny:{tiny_model_dir}")
+    with pytest.raises(ConfigError, match=r"has 2048 tokens, more than the 512 embedding rows of model tiny:.*small"):
+        fit(f"tiny:{small}", f"tiny:{tiny_model_dir}")
+    with pytest.raises(ConfigError, match=r"tokenizer=None\) takes the tokenizer of the model its trainer trains"):
+        PairDataModule(world=WorldConfig(seed=0, n_people=4)).setup("fit")

@@ -186,6 +186,9 @@ class PairDataModule(L.LightningDataModule):
 
     Args:
         tokenizer: hub name, path or ``tiny:<dir>``; linked to the model's name by the CLI.
+            None (the default): the tokenizer of the model the trainer trains
+            (``UnlearnModule.model``), so that the Python API cannot pair a model with
+            token ids of another vocabulary.
         train_file: pair JSONL (our format or TRL-style). Exclusive with ``world``.
         val_file: optional separate validation pairs; without it ``val_fraction`` of the
             conversations (groups) of ``train_file`` are held out.
@@ -213,7 +216,7 @@ class PairDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        tokenizer: str = "tiny:.cache/cfg_unlearn/tiny",
+        tokenizer: str | None = None,
         train_file: str | None = None,
         val_file: str | None = None,
         world: WorldConfig | None = None,
@@ -261,6 +264,19 @@ class PairDataModule(L.LightningDataModule):
 
     # -------------------------------------------------------------------- loading
 
+    def tokenizer_source(self) -> str:
+        """``tokenizer``, or when it is None the name of the model the attached trainer's
+        module trains (its ``model_name``)."""
+        if self.tokenizer_name is not None:
+            return self.tokenizer_name
+        trainer = getattr(self, "trainer", None)
+        name = getattr(trainer.lightning_module, "model_name", None) if trainer is not None else None
+        if not isinstance(name, str):
+            raise ConfigError("PairDataModule(tokenizer=None) takes the tokenizer of the model its trainer trains "
+                              "(UnlearnModule.model); outside such a Trainer, give tokenizer= (a hub name, path or "
+                              "tiny:<dir>)")
+        return name
+
     def known_pii(self) -> tuple[PIIItem, ...]:
         """Every PII value the training data knows (after ``setup``): the synthetic
         world's, or the pairs' ``pii`` fields. What a redacted log must hide, whichever
@@ -269,7 +285,7 @@ class PairDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # local rank 0 only: build the tiny model once before other ranks load it
-        resolve_pretrained(self.tokenizer_name)
+        resolve_pretrained(self.tokenizer_source())
 
     def load_records(self) -> tuple[list[PairRecord], list[PairRecord]]:
         if self.world is not None:
@@ -348,7 +364,7 @@ class PairDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(resolve_pretrained(self.tokenizer_name))
+            self.tokenizer = load_tokenizer(resolve_pretrained(self.tokenizer_source()))
         train, val = self.load_records()
         if not train:
             source = (f"the pair file {self.train_file} is empty or every row was skipped" if self.train_file
