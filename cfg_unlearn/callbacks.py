@@ -155,6 +155,8 @@ class GuidanceEval(Callback):
         self.max_probes, self.max_questions = max_probes, max_questions
         self.every_n_train_steps, self.on_validation = every_n_train_steps, on_validation
         self.system_prompt, self.uncond_system_prompt = system_prompt, uncond_system_prompt
+        # as given: None takes each run's data module's (setup), so a reused callback follows it
+        self._given_prompts = (system_prompt, uncond_system_prompt)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.log_samples, self.redact_samples = log_samples, redact_samples
         self.ner_model, self.progress = ner_model, progress
@@ -208,10 +210,11 @@ class GuidanceEval(Callback):
         self._context_checked = False
         dm = trainer.datamodule
         self.load_eval_sets(dm)
-        if self.system_prompt is None:
-            self.system_prompt = getattr(dm, "system_prompt", None) or SAFETY_INSTRUCTION
-        if self.uncond_system_prompt is None:
-            self.uncond_system_prompt = getattr(dm, "uncond_system_prompt", None)
+        given, given_uncond = self._given_prompts
+        self.system_prompt = given if given is not None else getattr(dm, "system_prompt", None) or SAFETY_INSTRUCTION
+        self.uncond_system_prompt = (given_uncond if given_uncond is not None
+                                     else getattr(dm, "uncond_system_prompt", None))
+        self._own_tokenizer = None  # an earlier run's model's
         seen = {p.type.upper() for r in self.probes for p in r.pii}
         types = list(DEFAULT_PII_TYPES) + sorted(seen - set(DEFAULT_PII_TYPES) - {OTHER})
         self._ner = NERDetector(self.ner_model) if self.ner_model else None

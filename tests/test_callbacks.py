@@ -332,6 +332,25 @@ def test_a_reused_callback_scores_the_new_fit(tiny_model_dir, tmp_path):
     assert calls == [2, 2]
 
 
+def test_a_reused_callback_conditions_on_each_runs_data_module(tiny_model_dir, tmp_path):
+    """The instructions left unset follow each run's data module: a reused callback kept
+    the first one's, and scored the second model under an instruction it never trained
+    with, guided against a negative instruction it never saw. Given ones stay."""
+    from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION
+
+    ev = GuidanceEval(scales=[1, 2], max_probes=1, max_questions=1, max_new_tokens=1)
+    fixed = GuidanceEval(scales=[1, 2], max_probes=1, max_questions=1, max_new_tokens=1, system_prompt="Mine.")
+    runs = [dict(system_prompt="Never reveal personal data.", uncond_system_prompt=NEGATIVE_INSTRUCTION), {}]
+    seen = []
+    for i, kw in enumerate(runs):
+        dm = PairDataModule(tokenizer=f"tiny:{tiny_model_dir}", world=WorldConfig(n_people=4), batch_size=4, **kw)
+        _trainer(tmp_path / str(i), [ev, fixed], limit_val_batches=1).validate(
+            UnlearnModule(model=f"tiny:{tiny_model_dir}"), datamodule=dm)
+        seen.append((ev.system_prompt, ev.uncond_system_prompt, fixed.system_prompt, fixed.uncond_system_prompt))
+    assert seen == [("Never reveal personal data.", NEGATIVE_INSTRUCTION, "Mine.", NEGATIVE_INSTRUCTION),
+                    (SAFETY_INSTRUCTION, None, "Mine.", None)]
+
+
 def test_validate_without_validation_batches_is_refused(tiny_model_dir, tmp_path):
     """limit_val_batches=0 makes Lightning skip validate's loop and every hook in it: the
     scoring run would score nothing, silently."""
