@@ -404,11 +404,16 @@ class GuidanceEval(Callback):
     @staticmethod
     def _trained_step(trainer, pl_module) -> tuple[int, bool]:
         """The training step the scored weights reached, and whether it is a restored
-        checkpoint's: in a fit, ``global_step``; in a standalone ``validate --ckpt_path``,
-        where Lightning's step is 0, the checkpoint's own step."""
-        restored = getattr(pl_module, "checkpoint_step", None)
-        if trainer.state.fn != "fit" and restored is not None:
-            return restored, True
+        checkpoint's: in a fit, ``global_step``; in a standalone ``validate``, where
+        Lightning's step is 0, the restored checkpoint's own step, or the step an earlier
+        fit of the module ended at."""
+        if trainer.state.fn != "fit":
+            restored = getattr(pl_module, "checkpoint_step", None)
+            if restored is not None:
+                return restored, True
+            trained = getattr(pl_module, "trained_step", None)
+            if trained is not None:
+                return trained, False
         return trainer.global_step, False
 
     def summary(self, results: dict[str, float], step: int, of_checkpoint: bool = False) -> str:

@@ -256,9 +256,12 @@ class UnlearnModule(L.LightningModule):
         # each forward, which overwrote the other ranks' counts with rank 0's
         self.cond_counts = [0, 0]
         #: the training step of the checkpoint this module was restored from (None: not
-        #: restored); a standalone ``validate`` runs at Lightning's step 0, and GuidanceEval
-        #: labels its report with this step instead
+        #: restored, or trained on since); a standalone ``validate`` runs at Lightning's
+        #: step 0, and GuidanceEval labels its report with this step instead
         self.checkpoint_step: int | None = None
+        #: the step the weights reached in this module's last fit (None: no fit), the
+        #: label of a later standalone ``validate`` when they are no checkpoint's
+        self.trained_step: int | None = None
         # (epoch, per training batch of that epoch its optimizer step's NLL tokens on this
         # rank): accumulation only, see _nll. Planned at the epoch's first training step,
         # not in on_train_epoch_start, which Lightning skips when resuming mid-epoch
@@ -614,7 +617,7 @@ class UnlearnModule(L.LightningModule):
                               "checkpoint was trained with?")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.checkpoint_step = int(checkpoint.get("global_step", 0))
+        self.checkpoint_step, self.trained_step = int(checkpoint.get("global_step", 0)), None
         if self._adapter_only() and self.model is not None and isinstance(checkpoint.get("state_dict"), dict):
             self._check_adapter_checkpoint(checkpoint["state_dict"])
         self._saved_optimizer_classes = checkpoint.get("optimizer_classes")
@@ -638,6 +641,11 @@ class UnlearnModule(L.LightningModule):
                 f"{', '.join(built)}: a resumed fit restores the optimizer's state and settings, which only the "
                 "optimizer that saved them can use. Resume with that optimizer (model.optimizer), or start a new fit "
                 "from the checkpoint's weights (cfg-unlearn export --ckpt CKPT --out DIR, then --model.model DIR)")
+
+    def on_train_end(self) -> None:
+        self.trained_step = self.trainer.global_step
+        if self.trained_step != self.checkpoint_step:  # trained past the restored checkpoint
+            self.checkpoint_step = None
 
     def on_train_epoch_start(self) -> None:
         self.cond_counts = [0, 0]

@@ -351,6 +351,39 @@ def test_a_reused_callback_conditions_on_each_runs_data_module(tiny_model_dir, t
                     (SAFETY_INSTRUCTION, None, "Mine.", None)]
 
 
+def test_a_validate_after_more_training_is_labelled_with_the_step_the_weights_reached(tiny_model_dir, tmp_path,
+                                                                                      caplog):
+    """A module restored at step 3 and trained on to step 8 kept the checkpoint's step: a
+    later validate said "of the checkpoint at training step 3" and wrote step 3's sample
+    table over the one a run at step 3 had written."""
+    import logging
+
+    spec = f"tiny:{tiny_model_dir}"
+
+    def ev():
+        return GuidanceEval(scales=[1], max_probes=1, max_questions=1, max_new_tokens=1, log_samples=1)
+
+    def dm():
+        return PairDataModule(tokenizer=spec, world=WorldConfig(n_people=4), batch_size=4)
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _trainer(tmp_path / "a", [ckpt, ev()], max_steps=3, limit_val_batches=0, enable_checkpointing=True).fit(
+        UnlearnModule(model=spec), datamodule=dm())
+    module = UnlearnModule(model=spec)
+    _trainer(tmp_path / "b", [ev()], max_steps=5, limit_val_batches=0).fit(
+        module, datamodule=dm(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    caplog.clear()  # the fits' own reports
+    with caplog.at_level(logging.INFO):
+        _trainer(tmp_path / "c", [ev()], limit_val_batches=1).validate(module, datamodule=dm())
+        _trainer(tmp_path / "d", [ev()], limit_val_batches=1).validate(
+            UnlearnModule(model=spec), datamodule=dm(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("GuidanceEval ")
+            and "samples:" not in r.getMessage()]
+    assert said[0].startswith("GuidanceEval step 5 (") and "checkpoint" not in said[0]
+    assert said[1].startswith("GuidanceEval of the checkpoint at training step 3 (")
+    assert [p.name for p in (tmp_path / "c").rglob("eval_samples/*.csv")] == ["step_0000005.csv"]
+
+
 def test_validate_without_validation_batches_is_refused(tiny_model_dir, tmp_path):
     """limit_val_batches=0 makes Lightning skip validate's loop and every hook in it: the
     scoring run would score nothing, silently."""
