@@ -353,7 +353,7 @@ def test_a_reused_callback_conditions_on_each_runs_data_module(tiny_model_dir, t
 
 def test_a_validate_after_more_training_is_labelled_with_the_step_the_weights_reached(tiny_model_dir, tmp_path,
                                                                                       caplog):
-    """A module restored at step 3 and trained on to step 8 kept the checkpoint's step: a
+    """A module restored at step 3 and trained on to step 5 kept the checkpoint's step: a
     later validate said "of the checkpoint at training step 3" and wrote step 3's sample
     table over the one a run at step 3 had written."""
     import logging
