@@ -203,7 +203,8 @@ class UnlearnModule(L.LightningModule):
             ``seed`` splits and shuffles, and LightningCLI refuses two hyperparameters of
             one name with different values).
         optimizer: optimizer factory over the trainable parameters.
-        lr_scheduler: optional scheduler factory; stepped every optimizer step.
+        lr_scheduler: optional scheduler factory; stepped every optimizer step (a
+            ReduceLROnPlateau: once per epoch, on its `monitor` metric).
     """
 
     def __init__(
@@ -674,4 +675,13 @@ class UnlearnModule(L.LightningModule):
                     f"{type(scheduler).__name__} needs the number of training steps, but this fit has no end in "
                     "steps (max_epochs: -1, e.g. with max_time): set trainer.max_steps or trainer.max_epochs")
             scheduler.set_total_steps(int(total))
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # it steps on a metric, which Lightning reads by name once per epoch (after
+            # validation); LightningCLI's own ReduceLROnPlateau carries the name
+            monitor = getattr(scheduler, "monitor", None)
+            if not monitor:
+                raise ConfigError("ReduceLROnPlateau needs the metric it watches: use "
+                                  "lightning.pytorch.cli.ReduceLROnPlateau with monitor: (e.g. val/loss, or "
+                                  "eval@g=2.0/leak_rate with GuidanceEval)")
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": monitor}}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -703,3 +703,28 @@ def test_the_data_module_takes_the_models_tokenizer_and_refuses_another(tiny_mod
         fit(f"tiny:{small}", f"tiny:{tiny_model_dir}")
     with pytest.raises(ConfigError, match=r"tokenizer=None\) takes the tokenizer of the model its trainer trains"):
         PairDataModule(world=WorldConfig(seed=0, n_people=4)).setup("fit")
+
+
+def test_reduce_lr_on_plateau_steps_on_its_monitor_once_per_epoch(tiny_model_dir, tmp_path):
+    """The module built the scheduler entry without a monitor, so Lightning refused every
+    ReduceLROnPlateau, LightningCLI's own (which carries one) included."""
+    from functools import partial
+
+    from lightning.pytorch.cli import ReduceLROnPlateau
+
+    from cfg_unlearn.utils import ConfigError
+
+    spec = f"tiny:{tiny_model_dir}"
+    dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4, val_fraction=0.3)
+    # threshold 1 in relative mode: no value ever counts as better, so with patience 0
+    # every epoch's check halves the rate
+    plateau = partial(ReduceLROnPlateau, monitor="val/loss", patience=0, factor=0.5, threshold=1.0)
+    module = UnlearnModule(model=spec, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), lr_scheduler=plateau)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.lr_scheduler_configs[0].monitor == "val/loss"
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 / 4)
+    plain = partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0)
+    with pytest.raises(ConfigError, match="ReduceLROnPlateau needs the metric it watches"):
+        _fit(UnlearnModule(model=spec, lr_scheduler=plain), dm, tmp_path, steps=1)
