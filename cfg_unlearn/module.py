@@ -522,11 +522,27 @@ class UnlearnModule(L.LightningModule):
 
     # ------------------------------------------------------------------ reference
 
+    def _lacks_table(self) -> bool:
+        """The objective compares with a precomputed reference table, and none is here."""
+        return (self.objective in NEEDS_REFERENCE and self.reference == "precomputed"
+                and not self._uses_adapters_as_reference() and self.reference_logps is None)
+
+    def on_validation_start(self) -> None:
+        # a standalone validate (a fit has its table by now): an untrained module is the
+        # starting model, so its table can be scored; trained or restored weights are not
+        if self.trainer.state.fn == "fit" or not self._lacks_table():
+            return
+        if self.checkpoint_step is None and self.trained_step is None:
+            self.reference_logps = self.compute_reference_logps()
+        else:
+            rank_zero_warn(f"{self.objective} with reference: precomputed, but these weights come with no reference "
+                           "table (their checkpoint holds none), so val/loss and the objective's terms are left out; "
+                           "validate with reference: copy, which loads the starting model from `model`")
+
     def on_fit_start(self) -> None:
         self._window_plan = None  # a second fit may accumulate differently
         self._build_reference()
-        if (self.objective in NEEDS_REFERENCE and self.reference == "precomputed"
-                and not self._uses_adapters_as_reference() and self.reference_logps is None):
+        if self._lacks_table():
             if self.trainer.ckpt_path is not None:
                 # the weights are the checkpoint's by now: a table scored on them would make
                 # the trained model its own reference (NPO's weight back to 1)

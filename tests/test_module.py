@@ -728,3 +728,27 @@ def test_reduce_lr_on_plateau_steps_on_its_monitor_once_per_epoch(tiny_model_dir
     plain = partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0)
     with pytest.raises(ConfigError, match="ReduceLROnPlateau needs the metric it watches"):
         _fit(UnlearnModule(model=spec, lr_scheduler=plain), dm, tmp_path, steps=1)
+
+
+def test_a_standalone_validate_scores_the_precomputed_reference_or_says_why_not(tiny_model_dir, tmp_path):
+    """validate with reference: precomputed and no table left val/loss out without a word.
+    An untrained module is the starting model: its table is scored, and NPO is at its
+    closed form (2 / beta) ln 2. Weights restored from a checkpoint without a table get a
+    warning instead."""
+    spec = f"tiny:{tiny_model_dir}"
+    dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4, val_fraction=0.3)
+
+    def validate(module, **kw):
+        return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path).validate(
+            module, datamodule=dm, verbose=False, **kw)[0]
+
+    out = validate(UnlearnModule(model=spec, objective="npo", reference="precomputed", beta=0.1))
+    assert out["val/loss"] == pytest.approx(20 * math.log(2), abs=1e-4)
+    trainer = _fit(UnlearnModule(model=spec, objective="npo", reference="copy"), dm, tmp_path, steps=1,
+                   enable_checkpointing=True)
+    ckpt = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
+    with pytest.warns(UserWarning, match=r"npo with reference: precomputed, but these weights come with no "
+                                         r"reference table .* val/loss and the objective's terms are left out"):
+        out = validate(UnlearnModule(model=spec, objective="npo", reference="precomputed"), ckpt_path=ckpt)
+    assert "val/loss" not in out and "val/logps/forget" in out
