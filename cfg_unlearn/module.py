@@ -302,6 +302,11 @@ class UnlearnModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         uncond = getattr(dm, "uncond_system_prompt", None)
+        if self.cond_mode == "swap" and dm is None:
+            rank_zero_warn("cond_mode='swap' without a data module (dataloaders passed to the trainer): whether the "
+                           "unconditioned samples carry a negative instruction cannot be checked; without one, swap "
+                           "trains the model to prefer the leaky answer whenever no instruction is given. Pass "
+                           "datamodule= to have it checked")
         if self.cond_mode == "swap" and dm is not None and not uncond:
             raise ConfigError(
                 "cond_mode='swap' trains the unconditioned branch under a negative instruction: "

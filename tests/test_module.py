@@ -142,6 +142,13 @@ def test_swap_mode_requires_negative_instruction(tiny_model_dir, tmp_path):
                         enable_progress_bar=False, default_root_dir=tmp_path, limit_val_batches=0)
     trainer.fit(UnlearnModule(model=spec, cond_mode="swap", cond_dropout=0.5), datamodule=dm_neg)
     assert trainer.global_step == 1
+    # dataloaders without their data module: it cannot be checked, and a warning says so
+    dm.setup("fit")
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path, limit_val_batches=0)
+    with pytest.warns(UserWarning, match=r"cond_mode='swap' without a data module .* cannot be checked"):
+        trainer.fit(UnlearnModule(model=spec, cond_mode="swap", cond_dropout=0.5),
+                    train_dataloaders=dm.train_dataloader())
 
 
 @pytest.mark.parametrize("kwargs,match", [
