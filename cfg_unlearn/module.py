@@ -247,6 +247,7 @@ class UnlearnModule(L.LightningModule):
         self.strict_loading = not (lora is not None and lora.adapter_only_checkpoints)  # checked in on_load_checkpoint
         # not a registered submodule: kept out of checkpoints, the optimizer and sharding
         self._reference_model: tuple[torch.nn.Module, ...] = ()
+        self._reference_precision: str | None = None
         # "split:id" -> (variant cond/uncond, side chosen/rejected) summed log-probs of the
         # reference; keyed by split too: ids are unique within a file, not across files
         self.reference_logps: dict[str, torch.Tensor] | None = None
@@ -328,7 +329,8 @@ class UnlearnModule(L.LightningModule):
     def _build_reference(self) -> None:
         if self.objective not in NEEDS_REFERENCE or self._uses_adapters_as_reference():
             return
-        if self.reference == "copy" and not self._reference_model:
+        precision = self.trainer.precision if self._trainer is not None else None
+        if self.reference == "copy" and (not self._reference_model or self._reference_precision != precision):
             # loaded from `model`, not copied from self.model: after a resume (or in
             # validate) self.model holds trained weights, the reference must not
             hp = self.hparams
@@ -340,6 +342,7 @@ class UnlearnModule(L.LightningModule):
                 # policy differ from it before any update
                 ref = self.trainer.precision_plugin.convert_module(ref)
             self._reference_model = (ref.eval().requires_grad_(False),)
+            self._reference_precision = precision  # a later trainer's other precision rebuilds it
 
     def _rows(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``(B, 2, L)`` -> ``(len(sides)*B, L)``, the objective's sides stacked (chosen first)."""

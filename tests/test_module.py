@@ -446,6 +446,16 @@ def test_frozen_copy_reference_is_in_the_policys_precision(tiny_model_dir, tmp_p
     assert next(m._reference_model[0].parameters()).dtype == torch.bfloat16
     assert float(trainer.callback_metrics["train/npo/log_ratio"]) == 0.0
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(20 * math.log(2), rel=1e-2)
+    # a reference an earlier trainer built in fp32 (a validate first) is rebuilt in the
+    # later one's precision: it was kept, and the log-ratio was 0.0045 at lr 0
+    m = UnlearnModule(model=spec, objective="npo", reference="copy", optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              limit_val_batches=1, default_root_dir=tmp_path).validate(
+        m, datamodule=PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4), verbose=False)
+    assert next(m._reference_model[0].parameters()).dtype == torch.float32
+    trainer = _fit(m, dm, tmp_path, steps=1, precision="bf16-true")
+    assert next(m._reference_model[0].parameters()).dtype == torch.bfloat16
+    assert float(trainer.callback_metrics["train/npo/log_ratio"]) == 0.0
 
 
 def test_precomputed_reference_is_not_scored_on_resumed_weights(tiny_model_dir, tmp_path):
