@@ -50,7 +50,7 @@ from cfg_unlearn.objectives import (
 )
 from cfg_unlearn.strategies import forward_outside_step
 from cfg_unlearn.tiny import absolute_model_name
-from cfg_unlearn.utils import ConfigError, eval_mode
+from cfg_unlearn.utils import ConfigError, eval_mode, settings
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,7 @@ class UnlearnModule(L.LightningModule):
             raise ConfigError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
         if cond_mode not in ("dropout", "swap"):
             raise ConfigError(f"cond_mode must be 'dropout' or 'swap', got {cond_mode!r}")
+        lora = settings(lora, LoraSettings, "lora")  # before the hyperparameters record it
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model_name = model
         self.beta, self.cond_dropout, self.cond_mode, self.cond_seed = beta, cond_dropout, cond_mode, cond_seed
@@ -244,7 +245,9 @@ class UnlearnModule(L.LightningModule):
         if lora is not None and lora.r < 1:
             raise ConfigError(f"lora.r must be >= 1, got {lora.r}")
         # adapter-only checkpoints lack the frozen base: it comes from `model` on load
-        self.strict_loading = not (lora is not None and lora.adapter_only_checkpoints)  # checked in on_load_checkpoint
+        # (set only then: Lightning refuses load_from_checkpoint(strict=False) against a set True)
+        if lora is not None and lora.adapter_only_checkpoints:
+            self.strict_loading = False  # checked in on_load_checkpoint
         # not a registered submodule: kept out of checkpoints, the optimizer and sharding
         self._reference_model: tuple[torch.nn.Module, ...] = ()
         self._reference_precision: str | None = None

@@ -21,6 +21,22 @@ class ConfigError(ValueError):
     a traceback through Lightning. A ValueError, so callers of the API catch it as one."""
 
 
+def settings(value, cls: type, name: str):
+    """``value`` as the dataclass ``cls``: a mapping (a Python user's ``{"r": 8}``) is
+    built into one, an unknown field named; None and instances pass through."""
+    import dataclasses
+    from collections.abc import Mapping
+
+    if not isinstance(value, Mapping):
+        return value
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - fields)
+    if unknown:
+        raise ConfigError(f"{name}: unknown field(s) {', '.join(map(repr, unknown))}; {cls.__name__} has "
+                          f"{', '.join(sorted(fields))}")
+    return cls(**value)
+
+
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Persist a rename: fsync the directory entry (POSIX; a no-op where unsupported)."""
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)

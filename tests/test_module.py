@@ -769,3 +769,23 @@ def test_a_standalone_validate_scores_the_precomputed_reference_or_says_why_not(
                                          r"reference table .* val/loss and the objective's terms are left out"):
         out = validate(UnlearnModule(model=spec, objective="npo", reference="precomputed"), ckpt_path=ckpt)
     assert "val/loss" not in out and "val/logps/forget" in out
+
+
+def test_python_users_settings_as_dicts_and_strict_false(tiny_model_dir, tmp_path):
+    """From Python, lora={"r": 8} and world={...} were AttributeErrors ('dict' object has no
+    attribute 'r' / 'check'), and load_from_checkpoint(strict=False) was refused as "in
+    conflict with UnlearnModule.strict_loading=True", which the user never set."""
+    from cfg_unlearn.callbacks import GuidanceEval
+    from cfg_unlearn.utils import ConfigError
+
+    spec = f"tiny:{tiny_model_dir}"
+    m = UnlearnModule(model=spec, lora={"r": 4, "alpha": 8})
+    assert m.lora == LoraSettings(r=4, alpha=8) and m.hparams.lora == LoraSettings(r=4, alpha=8)
+    dm = PairDataModule(tokenizer=spec, world={"seed": 1, "n_people": 3}, batch_size=4, val_fraction=0.0)
+    assert dm.world == WorldConfig(seed=1, n_people=3)
+    assert GuidanceEval(world={"n_people": 3}).world == WorldConfig(n_people=3)
+    with pytest.raises(ConfigError, match=r"lora: unknown field\(s\) 'rank'; LoraSettings has .*\br\b"):
+        UnlearnModule(model=spec, lora={"rank": 4})
+    trainer = _fit(UnlearnModule(model=spec), dm, tmp_path, steps=1, enable_checkpointing=True)
+    ckpt = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
+    assert UnlearnModule.load_from_checkpoint(ckpt, strict=False).model is not None
