@@ -198,8 +198,8 @@ def check_tokenizer_fits(tokenizer, tokenizer_name: str, model, model_name: str,
     tokenizer trains, and decodes, on ids that mean other tokens, without a word. When the
     tokenizer comes from another place than the model, its vocabulary must equal the
     model's own tokenizer's (skipped when the model has none beside it)."""
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
+    rows = getattr(model.get_input_embeddings(), "num_embeddings", None)  # None: a wrapper that hides it
+    if rows is not None and len(tokenizer) > rows:
         raise ConfigError(f"the data tokenizer {tokenizer_name} has {len(tokenizer)} tokens, more than the {rows} "
                           f"embedding rows of model {model_name}: give the model's own tokenizer (data.tokenizer: "
                           f"{model_name}, or leave it unset)")
