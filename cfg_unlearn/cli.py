@@ -437,7 +437,7 @@ def _generate(argv: list[str]) -> None:
     from cfg_unlearn.data.schema import PairFormatError, write_pairs
     from cfg_unlearn.models import check_device, load_causal_lm, load_tokenizer, parse_dtype
     from cfg_unlearn.pii import PARTIAL_MIN_CHARS
-    from cfg_unlearn.prompts import SAFETY_INSTRUCTION
+    from cfg_unlearn.prompts import SAFETY_INSTRUCTION, check_template
 
     p = argparse.ArgumentParser(
         prog="cfg-unlearn generate",
@@ -499,6 +499,7 @@ def _generate(argv: list[str]) -> None:
         p.error(str(e))
     try:
         tok = load_tokenizer(a.model)
+        check_template(tok, a.system)
     except ConfigError as e:  # no such model, or a directory or file that is none (ModelNotFoundError)
         p.exit(2, f"cfg-unlearn generate: --model: {e}\n")
     try:

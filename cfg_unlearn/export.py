@@ -47,7 +47,7 @@ from typing import IO, Any
 import torch
 
 from cfg_unlearn.guidance import SPACES, check_guidance, encode_prompts, generate
-from cfg_unlearn.prompts import SAFETY_INSTRUCTION
+from cfg_unlearn.prompts import SAFETY_INSTRUCTION, check_template
 from cfg_unlearn.tiny import TINY_SCHEME, absolute_model_name
 from cfg_unlearn.utils import check_out_dir, staged_dir
 
@@ -633,6 +633,8 @@ def main_chat(argv: list[str] | None = None, stdin: IO[str] | None = None, stdou
             check_guidance(a.guidance_scale, a.space or DEFAULT_SPACE)
         check_device(a.device)
         model, tokenizer, config = load_export(a.dir, dtype=a.dtype, device=a.device)
+        for instruction in (config.system_instruction, config.uncond_instruction):
+            check_template(tokenizer, instruction)
         limit = context_limit(model)
         if limit is not None and a.max_new_tokens >= limit:
             raise ValueError(f"--max-new-tokens {a.max_new_tokens} leaves no room for a message in the model's "

@@ -2,6 +2,8 @@
 conversation into prompt text. One place, so training, guidance and export agree on the
 exact strings and tokens."""
 
+from cfg_unlearn.utils import ConfigError
+
 #: The conditioning instruction (the paper's system prompt for replacement data and
 #: for the conditioned branch of classifier-free guidance).
 SAFETY_INSTRUCTION = "Avoid using any personal data in the answers!"
@@ -9,6 +11,36 @@ SAFETY_INSTRUCTION = "Avoid using any personal data in the answers!"
 NEGATIVE_INSTRUCTION = "You should share personal data in the answers."
 #: Used when a tokenizer has no chat template (documented in the README).
 FALLBACK_ROLE_PREFIX = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
+
+
+def apply_template(tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
+    """The chat template's text of ``messages``, refusing a template that cannot carry
+    their system message: one that raises on it (Gemma's, older Mistral's), with a
+    ConfigError instead of jinja's traceback, or one that leaves it out, which would
+    make the conditioned and unconditioned prompts the same text, so that conditioning
+    dropout and guidance compare a prompt with itself, silently."""
+    from jinja2.exceptions import TemplateError
+
+    system = next((m["content"] for m in messages if m["role"] == "system"), None)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        if system is None:
+            raise
+        try:  # is it the system message the template refuses?
+            tokenizer.apply_chat_template([m for m in messages if m["role"] != "system"], tokenize=False,
+                                          add_generation_prompt=add_generation_prompt)
+        except TemplateError:
+            raise e from None
+        raise ConfigError(f"the tokenizer's chat template refuses a system message ({e}), and the instruction "
+                          "that conditions the model is one: use a tokenizer whose template takes a system message "
+                          "(one that folds it into the first user turn will do)") from None
+    if system and system.strip() not in text:
+        raise ConfigError(f"the tokenizer's chat template leaves the system message out (the instruction "
+                          f"{system[:40]!r} is not in the rendered prompt), so the conditioned and unconditioned "
+                          "prompts would be the same text and conditioning and guidance would do nothing: use a "
+                          "tokenizer whose template renders a system message")
+    return text
 
 
 def render_prompt(tokenizer, messages: list[dict[str, str]] | tuple, system: str | None) -> str:
@@ -20,6 +52,13 @@ def render_prompt(tokenizer, messages: list[dict[str, str]] | tuple, system: str
     """
     msgs = ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in messages]
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return apply_template(tokenizer, msgs, add_generation_prompt=True)
     text = "\n\n".join(FALLBACK_ROLE_PREFIX[m["role"]] + m["content"] for m in msgs)
     return (tokenizer.bos_token or "") + text + "\n\n" + FALLBACK_ROLE_PREFIX["assistant"].rstrip()
+
+
+def check_template(tokenizer, system: str | None = SAFETY_INSTRUCTION) -> None:
+    """Refuse, before any work, a tokenizer whose chat template cannot carry ``system``
+    (:func:`apply_template`): a command otherwise meets it at its first prompt, mid-run."""
+    if system:
+        render_prompt(tokenizer, [{"role": "user", "content": "Hello."}], system)

@@ -77,7 +77,7 @@ from cfg_unlearn.data.schema import (
     iter_jsonl,
     record_from_dict,
 )
-from cfg_unlearn.prompts import FALLBACK_ROLE_PREFIX, render_prompt
+from cfg_unlearn.prompts import FALLBACK_ROLE_PREFIX, apply_template, render_prompt
 from cfg_unlearn.utils import atomic_write_files, check_out_dir, eval_mode
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ def render_sample(tokenizer, messages: Sequence[dict[str, str]], system: str | N
         return render_prompt(tokenizer, messages, system)
     msgs = ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in messages]
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+        return apply_template(tokenizer, msgs, add_generation_prompt=False)
     return (tokenizer.bos_token or "") + "\n\n".join(FALLBACK_ROLE_PREFIX[m["role"]] + m["content"] for m in msgs)
 
 

@@ -606,6 +606,38 @@ def test_render_prompt_with_template(tok):
         assert render_prompt(tok, msgs, blank) == "<|begin|><|user|>Hi<|end|><|assistant|>"
 
 
+def test_a_template_that_cannot_carry_the_instruction_is_refused(tiny_name):
+    """A template that raises on a system message (Gemma's, older Mistral's) was a jinja2
+    traceback in every command; one that leaves it out rendered the conditioned prompt
+    as the unconditioned one, so conditioning and guidance did nothing, silently."""
+    from jinja2.exceptions import TemplateError
+
+    from cfg_unlearn.prompts import check_template
+    from cfg_unlearn.utils import ConfigError
+
+    msgs = ({"role": "user", "content": "Hi"},)
+    refuses = load_tokenizer(tiny_name)
+    refuses.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                             "{{ raise_exception('System role not supported') }}{% endif %}"
+                             "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}<|assistant|>")
+    with pytest.raises(ConfigError, match=r"refuses a system message \(System role not supported\)"):
+        render_prompt(refuses, msgs, SAFETY_INSTRUCTION)
+    with pytest.raises(ConfigError, match="refuses a system message"):
+        check_template(refuses)
+    assert render_prompt(refuses, msgs, None) == "<|user|>Hi<|end|><|assistant|>"
+    # another template error is the template's own, not blamed on the system message
+    refuses.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    with pytest.raises(TemplateError, match="must alternate"):
+        render_prompt(refuses, msgs, SAFETY_INSTRUCTION)
+    drops = load_tokenizer(tiny_name)
+    drops.chat_template = ("{% for m in messages %}{% if m['role'] != 'system' %}<|{{ m['role'] }}|>"
+                           "{{ m['content'] }}<|end|>{% endif %}{% endfor %}<|assistant|>")
+    with pytest.raises(ConfigError, match=r"leaves the system message out .* conditioning and guidance would do "
+                                          r"nothing"):
+        check_template(drops, NEGATIVE_INSTRUCTION)
+    check_template(drops, None)  # nothing to carry
+
+
 def test_render_prompt_fallback_without_template(tiny_name):
     tok = load_tokenizer(tiny_name)  # a private copy: the module-scoped one stays intact
     tok.chat_template = None
