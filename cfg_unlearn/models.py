@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -121,16 +122,23 @@ def _adapter_base(name_or_path: str) -> str | None:
     """The base model of a LoRA adapter directory that holds no tokenizer files (peft
     saves adapters alone by default), else None."""
     local = Path(resolve_pretrained(name_or_path)).expanduser()
+    if any((local / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    return _adapter_config_base(local, f"tokenizer {name_or_path!r}: an adapter directory without tokenizer files")
+
+
+def _adapter_config_base(local: Path, what: str) -> str | None:
+    """The ``base_model_name_or_path`` of the adapter directory ``local`` (None: no
+    adapter there); a relative one saved beside the adapter resolves from it."""
     config = local / "adapter_config.json"
-    if not config.is_file() or any((local / f).is_file() for f in TOKENIZER_FILES):
+    if not config.is_file():
         return None
     try:
         base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
     except (ValueError, AttributeError):
         base = None
     if not isinstance(base, str) or not base:
-        raise ModelNotFoundError(f"tokenizer {name_or_path!r}: an adapter directory without tokenizer files, and "
-                                 f"{config} names no base_model_name_or_path to take it from")
+        raise ModelNotFoundError(f"{what}, and {config} names no base_model_name_or_path to take it from")
     beside = local / base  # a relative base saved beside the adapter (an absolute one: base itself)
     return str(beside) if not Path(base).exists() and beside.is_dir() else base
 
@@ -172,7 +180,22 @@ def load_causal_lm(
     kwargs = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = _from_pretrained(AutoModelForCausalLM, name_or_path, "model", **kwargs)
+    local = Path(resolve_pretrained(name_or_path)).expanduser()
+    base = None if (local / "config.json").is_file() else _adapter_config_base(local, f"adapter {name_or_path!r}")
+    if base is None:
+        model = _from_pretrained(AutoModelForCausalLM, name_or_path, "model", **kwargs)
+    else:
+        from peft import PeftModel
+
+        # merged into its base: the adapter is the model's weights (transformers would
+        # inject it as adapter "default", which a LoRA block on top re-initialised, and
+        # which export could not save); its base is found as the tokenizer's is
+        base_model = _from_pretrained(AutoModelForCausalLM, base, f"base model of adapter {name_or_path!r}",
+                                      **kwargs)
+        with warnings.catch_warnings():  # peft asks transformers for a deprecated property
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(base_model, str(local)).merge_and_unload()
+        model.requires_grad_(True)  # peft froze the base for inference; from_pretrained's models train
     if gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA) and with FSDP. transformers >= 5.2x
         # calls it activation checkpointing; keep the older name working too.

@@ -273,6 +273,49 @@ def test_an_adapter_dir_without_tokenizer_files_gives_its_base_models_tokenizer(
         load_tokenizer(str(adapter))
 
 
+def test_an_adapter_dir_loads_as_its_base_with_the_adapter_merged(tiny_dir, tmp_path, offline, monkeypatch):
+    """transformers injected an adapter directory's LoRA as adapter "default": a LoRA block
+    on top re-initialised it (training, evaluation and the adapters-off reference all ran
+    on the bare base), export could not save it, and a full fine-tune had nothing
+    trainable. A relative base beside the adapter was looked up from the working folder."""
+    import shutil
+
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cfg_unlearn.models import load_causal_lm
+    from cfg_unlearn.module import UnlearnModule
+
+    shutil.copytree(tiny_dir, tmp_path / "base")
+    torch.manual_seed(0)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")  # the adapter alone, its base named as given
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(config.read_text().replace(json_str(tmp_path / "base"), json_str("../base")))
+    monkeypatch.chdir(tiny_dir)  # "../base" from here is no model
+    ids = torch.tensor([[1, 5, 9, 30, 44]])
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                         tmp_path / "adapter")(ids).logits
+        bare = AutoModelForCausalLM.from_pretrained(tmp_path / "base")(ids).logits
+        model = load_causal_lm(str(tmp_path / "adapter"))
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)
+        assert (want - bare).abs().max() > 0.1  # the adapter matters
+        assert all(p.requires_grad for p in model.parameters())
+        module = UnlearnModule(model=str(tmp_path / "adapter"), lora={"r": 2})
+        module.configure_model()
+        with module.model.disable_adapter():  # the reference NPO/DPO use: the adapter's model
+            torch.testing.assert_close(module.model(ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def json_str(value) -> str:
+    import json
+
+    return json.dumps(str(value))
+
+
 @pytest.mark.parametrize("device", ["meta", "xpu", "hpu"])
 def test_devices_this_machine_cannot_use_are_refused(device):
     from cfg_unlearn.models import check_device
