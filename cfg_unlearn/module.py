@@ -36,7 +36,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from cfg_unlearn.data.datamodule import VARIANTS, PairDataModule
-from cfg_unlearn.models import check_tokenizer_fits, load_causal_lm
+from cfg_unlearn.models import check_tokenizer_fits, context_limit, load_causal_lm
 from cfg_unlearn.objectives import (
     IGNORE_INDEX,
     dpo_loss,
@@ -284,6 +284,13 @@ class UnlearnModule(L.LightningModule):
         if isinstance(dm, PairDataModule) and dm.tokenizer is not None:  # set up by now (Lightning: data first)
             check_tokenizer_fits(dm.tokenizer, dm.tokenizer_source(), self.model, self.model_name,
                                  trust_remote_code=self.hparams.trust_remote_code)
+            limit, longest = context_limit(self.model), dm.longest_sequence()
+            if limit is not None and longest > limit:
+                # learned positions fail with an IndexError (a device assert on CUDA) at the
+                # first long batch; rotary ones train on positions the model never saw
+                raise ConfigError(f"the longest pair sequence is {longest} tokens, past the {limit} positions of "
+                                  f"model {self.model_name}: set data.max_length to {limit} or less (prompts lose "
+                                  "their oldest tokens to fit; answers are never cut)")
 
     def _build_model(self) -> None:
         hp = self.hparams

@@ -789,3 +789,24 @@ def test_python_users_settings_as_dicts_and_strict_false(tiny_model_dir, tmp_pat
     trainer = _fit(UnlearnModule(model=spec), dm, tmp_path, steps=1, enable_checkpointing=True)
     ckpt = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
     assert UnlearnModule.load_from_checkpoint(ckpt, strict=False).model is not None
+
+
+def test_pairs_longer_than_the_models_context_are_refused_before_training(tmp_path):
+    """fit never compared the pairs with the model's context: a GPT-2-style model (learned
+    positions) died in the sanity check with an IndexError, and a rotary one trained on
+    positions it never knew, without a word."""
+    from cfg_unlearn.tiny import TinySpec, build_tiny
+    from cfg_unlearn.utils import ConfigError
+
+    short = f"tiny:{build_tiny(tmp_path / 'short', spec=TinySpec(max_position_embeddings=32))}"
+
+    def dm(**kw):
+        return PairDataModule(tokenizer=short, world=WorldConfig(seed=0, n_people=4), batch_size=4,
+                              val_fraction=0.0, **kw)
+
+    with pytest.raises(ConfigError, match=r"the longest pair sequence is \d+ tokens, past the 32 positions of model "
+                                          r"tiny:.*short: set data.max_length to 32 or less"):
+        _fit(UnlearnModule(model=short), dm(), tmp_path, steps=1)
+    data = dm(max_length=32)
+    assert _fit(UnlearnModule(model=short), data, tmp_path, steps=1).global_step == 1
+    assert data.longest_sequence() == 32

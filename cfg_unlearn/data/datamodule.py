@@ -278,6 +278,12 @@ class PairDataModule(L.LightningDataModule):
                               "tiny:<dir>)")
         return name
 
+    def longest_sequence(self) -> int:
+        """Tokens of the longest encoded sequence (prompt + answer, either variant and
+        side) of the set-up train and validation pairs; 0 before ``setup``."""
+        return max((len(ids) for ds in (self.train_dataset, self.val_dataset) if ds is not None
+                    for it in ds.items for v in VARIANTS for ids in it[v]["input_ids"]), default=0)
+
     def known_pii(self) -> tuple[PIIItem, ...]:
         """Every PII value the training data knows (after ``setup``): the synthetic
         world's, or the pairs' ``pii`` fields. What a redacted log must hide, whichever
