@@ -232,7 +232,11 @@ def check_tokenizer_fits(tokenizer, tokenizer_name: str, model, model_name: str,
         own = load_tokenizer(resolve_pretrained(model_name), trust_remote_code=trust_remote_code)
     except (ConfigError, OSError, ValueError):
         return  # no tokenizer beside the model: nothing to compare with
-    if own.get_vocab() != tokenizer.get_vocab():
+    own_vocab, vocab = own.get_vocab(), tokenizer.get_vocab()
+    if own_vocab != vocab:
+        # fewer tokens with the model's ids still split text otherwise than the model learned
+        why = ("it would split text into other tokens than the model learned" if all(
+            own_vocab.get(token) == i for token, i in vocab.items()) else "the same ids would mean other tokens")
         raise ConfigError(f"the data tokenizer {tokenizer_name} ({len(tokenizer)} tokens) is not the tokenizer of "
-                          f"model {model_name} ({len(own)} tokens): the same ids would mean other tokens. Give the "
-                          f"model's own tokenizer (data.tokenizer: {model_name}, or leave it unset)")
+                          f"model {model_name} ({len(own)} tokens): {why}. Give the model's own tokenizer "
+                          f"(data.tokenizer: {model_name}, or leave it unset)")

@@ -254,6 +254,8 @@ class UnlearnModule(L.LightningModule):
         # "split:id" -> (variant cond/uncond, side chosen/rejected) summed log-probs of the
         # reference; keyed by split too: ids are unique within a file, not across files
         self.reference_logps: dict[str, torch.Tensor] | None = None
+        # a standalone validate's table of its validation pairs (on_validation_start)
+        self._validate_table: dict[str, torch.Tensor] | None = None
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.model: torch.nn.Module | None = None
         # this epoch's (unconditioned, all) sample counts on this rank, for the measured
@@ -274,6 +276,7 @@ class UnlearnModule(L.LightningModule):
         #: the optimizer classes of the checkpoint being restored (``on_load_checkpoint``),
         #: checked against this fit's once they are built and restored (``on_train_start``)
         self._saved_optimizer_classes: list[str] | None = None
+        self._steps_before = 0  # on_train_start
 
     # ------------------------------------------------------------------ model
 
@@ -384,9 +387,10 @@ class UnlearnModule(L.LightningModule):
         is missing (validate without a fit's checkpoint)."""
         if self._uses_adapters_as_reference() or self.reference == "copy":
             return self._reference_forward(rows)
-        if self.reference_logps is None or ids is None:
+        reference = self.reference_logps if self.reference_logps is not None else self._validate_table
+        if reference is None or ids is None:
             return None
-        missing = [i for i in ids if f"{split}:{i}" not in self.reference_logps]
+        missing = [i for i in ids if f"{split}:{i}" not in reference]
         if missing:  # a checkpoint's table, and other data (another file, world or split)
             shown = ", ".join(map(repr, missing[:3])) + (", ..." if len(missing) > 3 else "")
             raise ConfigError(
@@ -394,7 +398,7 @@ class UnlearnModule(L.LightningModule):
                 f"entry for {len(missing)} {split} pair(s) of this batch ({shown}): the data differs from the data "
                 "they were computed on. Resume or validate with the same data and split, or use reference: copy"
             )
-        table = torch.stack([self.reference_logps[f"{split}:{i}"] for i in ids])  # (B, variant, side)
+        table = torch.stack([reference[f"{split}:{i}"] for i in ids])  # (B, variant, side)
         uncond = use_uncond.to(table.device).view(-1, 1) if use_uncond is not None else None
         per_side = table[:, 0] if uncond is None else torch.where(uncond, table[:, 1], table[:, 0])  # (B, side)
         if uncond is not None and self.cond_mode == "swap":
@@ -547,15 +551,23 @@ class UnlearnModule(L.LightningModule):
 
     def on_validation_start(self) -> None:
         # a standalone validate (a fit has its table by now): an untrained module is the
-        # starting model, so its table can be scored; trained or restored weights are not
+        # starting model, so its validation pairs' table can be scored, for this validate
+        # only (a later fit scores its own, under its precision and data); trained or
+        # restored weights are not the starting model
         if self.trainer.state.fn == "fit" or not self._lacks_table():
             return
-        if self.checkpoint_step is None and self.trained_step is None:
-            self.reference_logps = self.compute_reference_logps()
-        else:
-            rank_zero_warn(f"{self.objective} with reference: precomputed, but these weights come with no reference "
-                           "table (their checkpoint holds none), so val/loss and the objective's terms are left out; "
-                           "validate with reference: copy, which loads the starting model from `model`")
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.checkpoint_step is None and self.trained_step is None and hasattr(dm, "reference_dataloaders"):
+            self._validate_table = self.compute_reference_logps(splits=("val",))
+            return
+        why = ("these weights come with no reference table (restored from a checkpoint that holds none, or trained "
+               "since)" if dm is not None else "the table is scored from a data module, and dataloaders were given")
+        rank_zero_warn(f"{self.objective} with reference: precomputed, but {why}, so val/loss and the objective's "
+                       "terms are left out; validate with reference: copy, which loads the starting model from `model`")
+
+    def on_validation_end(self) -> None:
+        if self.trainer.state.fn != "fit":
+            self._validate_table = None
 
     def on_fit_start(self) -> None:
         self._window_plan = None  # a second fit may accumulate differently
@@ -570,9 +582,10 @@ class UnlearnModule(L.LightningModule):
                     "starting model; resume with reference: copy, which loads the starting model from `model`")
             self.reference_logps = self.compute_reference_logps()
 
-    def compute_reference_logps(self) -> dict[str, torch.Tensor]:
+    def compute_reference_logps(self, splits: tuple[str, ...] = ("train", "val")) -> dict[str, torch.Tensor]:
         """Summed response log-probs of the current (starting) model for every pair of
-        the data module, both variants and both answers: ``"split:id" -> (2, 2)`` tensor.
+        the data module's ``splits``, both variants and both answers: ``"split:id" -> (2,
+        2)`` tensor.
         Every rank computes the whole table, so no collective is needed. It runs before
         the first step, outside Lightning's forward: the root FSDP parameters are
         gathered and the precision plugin's autocast is on, as in a training step (a
@@ -584,7 +597,7 @@ class UnlearnModule(L.LightningModule):
         if dm is None or not hasattr(dm, "reference_dataloaders"):
             raise ConfigError("reference='precomputed' needs a PairDataModule (data: in the config)")
         table: dict[str, torch.Tensor] = {}
-        loaders = dm.reference_dataloaders()
+        loaders = {split: dl for split, dl in dm.reference_dataloaders().items() if split in splits}
         total = sum(len(dl) for dl in loaders.values())
         with torch.no_grad(), eval_mode(self.model), forward_outside_step(self.trainer.strategy):
             bar = tqdm(total=total, desc="reference log-probs", disable=self.global_rank != 0)
@@ -608,7 +621,7 @@ class UnlearnModule(L.LightningModule):
         # hparams keep `model` as given; a relative path breaks when the checkpoint is
         # exported from another folder, so the absolute one travels with it (export reads it)
         checkpoint["model_abspath"] = absolute_model_name(self.model_name)
-        if self._trainer is not None:  # what a resume must rebuild to use the optimizer state (on_train_start)
+        if self._trainer is not None and self.trainer.optimizers:  # what a resume must rebuild (on_train_start)
             checkpoint["optimizer_classes"] = [_class_name(type(o)) for o in self.trainer.optimizers]
         if self._adapter_only():
             trainable = self._checkpoint_keys(trainable_only=True)
@@ -667,7 +680,7 @@ class UnlearnModule(L.LightningModule):
         # after Lightning restored the optimizer state, whichever strategy restores when
         saved, self._saved_optimizer_classes = self._saved_optimizer_classes, None
         built = [_class_name(type(o)) for o in self.trainer.optimizers]
-        if self.trainer.ckpt_path is not None and saved is not None and saved != built:
+        if self.trainer.ckpt_path is not None and saved and saved != built:
             # torch's load_state_dict takes the saved param groups whole: SGD over an AdamW
             # state failed at its first step with KeyError 'momentum', and Adam over it ran
             # as AdamW (the group's decoupled_weight_decay), silently
@@ -677,10 +690,16 @@ class UnlearnModule(L.LightningModule):
                 "optimizer that saved them can use. Resume with that optimizer (model.optimizer), or start a new fit "
                 "from the checkpoint's weights (cfg-unlearn export --ckpt CKPT --out DIR, then --model.model DIR)")
 
-    def on_train_end(self) -> None:
-        self.trained_step = self.trainer.global_step
-        if self.trained_step != self.checkpoint_step:  # trained past the restored checkpoint
-            self.checkpoint_step = None
+        # the steps the weights had before this fit: a resumed fit's global_step counts
+        # them already; a new fit on restored or trained weights starts at 0
+        self._steps_before = 0 if self.trainer.ckpt_path is not None else (
+            self.checkpoint_step if self.checkpoint_step is not None else self.trained_step or 0)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self._steps_before + self.trainer.global_step
+        now = self.trained_step if self.trained_step is not None else self.checkpoint_step
+        if step != (now or 0):  # an optimizer step moved the weights (not every micro-batch does)
+            self.trained_step, self.checkpoint_step = step, None
 
     def on_train_epoch_start(self) -> None:
         self.cond_counts = [0, 0]
@@ -717,5 +736,8 @@ class UnlearnModule(L.LightningModule):
                 raise ConfigError("ReduceLROnPlateau needs the metric it watches: use "
                                   "lightning.pytorch.cli.ReduceLROnPlateau with monitor: (e.g. val/loss, or "
                                   "eval@g=2.0/leak_rate with GuidanceEval)")
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": monitor}}
+            # stepped at the epochs that validate (a val/* or eval@ metric exists only there)
+            every = self.trainer.check_val_every_n_epoch or 1
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": monitor,
+                                                             "frequency": every}}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -372,15 +372,20 @@ def test_a_validate_after_more_training_is_labelled_with_the_step_the_weights_re
     module = UnlearnModule(model=spec)
     _trainer(tmp_path / "b", [ev()], max_steps=5, limit_val_batches=0).fit(
         module, datamodule=dm(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    # a new fit (no ckpt_path) on weights loaded from the step-3 checkpoint: 3 + 2 steps
+    loaded = UnlearnModule.load_from_checkpoint(str(tmp_path / "ckpt" / "last.ckpt"))
+    _trainer(tmp_path / "e", [ev()], max_steps=2, limit_val_batches=0).fit(loaded, datamodule=dm())
     caplog.clear()  # the fits' own reports
     with caplog.at_level(logging.INFO):
         _trainer(tmp_path / "c", [ev()], limit_val_batches=1).validate(module, datamodule=dm())
         _trainer(tmp_path / "d", [ev()], limit_val_batches=1).validate(
             UnlearnModule(model=spec), datamodule=dm(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+        _trainer(tmp_path / "f", [ev()], limit_val_batches=1).validate(loaded, datamodule=dm())
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("GuidanceEval ")
             and "samples:" not in r.getMessage()]
     assert said[0].startswith("GuidanceEval step 5 (") and "checkpoint" not in said[0]
     assert said[1].startswith("GuidanceEval of the checkpoint at training step 3 (")
+    assert said[2].startswith("GuidanceEval step 5 (")
     assert [p.name for p in (tmp_path / "c").rglob("eval_samples/*.csv")] == ["step_0000005.csv"]
 
 

@@ -502,6 +502,14 @@ def test_a_resume_with_another_optimizer_class_is_refused(tiny_model_dir, tmp_pa
                                               rf"{other.__module__}\.{other.__name__}: .*Resume with that optimizer"):
             resume(lambda p, other=other: other(p, lr=0.1))
     assert resume(lambda p: torch.optim.AdamW(p, lr=0.1)).global_step == 2  # the same class resumes
+    # a checkpoint a validate saved holds no optimizer state, and resumes with any optimizer
+    t = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  limit_val_batches=1, default_root_dir=tmp_path)
+    t.validate(UnlearnModule(model=spec), datamodule=PairDataModule(
+        tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4), verbose=False)
+    t.save_checkpoint(tmp_path / "validated.ckpt")
+    ckpt = str(tmp_path / "validated.ckpt")
+    assert resume(lambda p: torch.optim.SGD(p, lr=0.1)).global_step == 2
 
 
 def test_a_schedule_without_a_step_budget_is_a_clear_error(tiny_model_dir, tmp_path):
@@ -713,8 +721,9 @@ def test_the_data_module_takes_the_models_tokenizer_and_refuses_another(tiny_mod
     assert len(dm.tokenizer) == 4096 and dm.tokenizer_source() == f"tiny:{big}"
     assert not (tmp_path / ".cache").exists()  # nothing built beside the user's files
     fit(str(big), f"tiny:{big}")  # the same folder named two ways
+    # BPE on one corpus: the 2048 tokens are the first 2048 of the 4096, with their ids
     with pytest.raises(ConfigError, match=r"data tokenizer tiny:.* \(2048 tokens\) is not the tokenizer of model "
-                                          r"tiny:.*big \(4096 tokens\)"):
+                                          r"tiny:.*big \(4096 tokens\): it would split text into other tokens"):
         fit(f"tiny:{big}", f"tiny:{tiny_model_dir}")
     with pytest.raises(ConfigError, match=r"has 2048 tokens, more than the 512 embedding rows of model tiny:.*small"):
         fit(f"tiny:{small}", f"tiny:{tiny_model_dir}")
@@ -736,12 +745,14 @@ def test_reduce_lr_on_plateau_steps_on_its_monitor_once_per_epoch(tiny_model_dir
     # threshold 1 in relative mode: no value ever counts as better, so with patience 0
     # every epoch's check halves the rate
     plateau = partial(ReduceLROnPlateau, monitor="val/loss", patience=0, factor=0.5, threshold=1.0)
-    module = UnlearnModule(model=spec, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), lr_scheduler=plateau)
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
-    trainer.fit(module, datamodule=dm)
-    assert trainer.lr_scheduler_configs[0].monitor == "val/loss"
-    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 / 4)
+    for every, halvings in ((1, 2), (2, 1)):  # it steps at the epochs that validate (val/loss exists only there)
+        module = UnlearnModule(model=spec, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), lr_scheduler=plateau)
+        trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                            check_val_every_n_epoch=every)
+        trainer.fit(module, datamodule=dm)
+        assert trainer.lr_scheduler_configs[0].monitor == "val/loss"
+        assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 / 2**halvings)
     plain = partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0)
     with pytest.raises(ConfigError, match="ReduceLROnPlateau needs the metric it watches"):
         _fit(UnlearnModule(model=spec, lr_scheduler=plain), dm, tmp_path, steps=1)
@@ -760,8 +771,24 @@ def test_a_standalone_validate_scores_the_precomputed_reference_or_says_why_not(
                          enable_checkpointing=False, default_root_dir=tmp_path).validate(
             module, datamodule=dm, verbose=False, **kw)[0]
 
-    out = validate(UnlearnModule(model=spec, objective="npo", reference="precomputed", beta=0.1))
+    module = UnlearnModule(model=spec, objective="npo", reference="precomputed", beta=0.1)
+    scored = []
+    compute = module.compute_reference_logps
+    module.compute_reference_logps = lambda splits=("train", "val"): scored.append(splits) or compute(splits)
+    out = validate(module)
     assert out["val/loss"] == pytest.approx(20 * math.log(2), abs=1e-4)
+    # the validation pairs only, and for that validate only: a later fit (another precision,
+    # other data) scored with it; here it scores its own, train pairs included
+    assert scored == [("val",)] and module.reference_logps is None
+    _fit(module, dm, tmp_path, steps=1)
+    assert scored == [("val",), ("train", "val")] and any(k.startswith("train:") for k in module.reference_logps)
+    # dataloaders without their data module: nothing to score from, and a warning says so
+    with pytest.warns(UserWarning, match="the table is scored from a data module, and dataloaders were given"):
+        out = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path).validate(
+            UnlearnModule(model=spec, objective="npo", reference="precomputed"), dataloaders=dm.val_dataloader(),
+            verbose=False)[0]
+    assert "val/loss" not in out and "val/logps/forget" in out
     trainer = _fit(UnlearnModule(model=spec, objective="npo", reference="copy"), dm, tmp_path, steps=1,
                    enable_checkpointing=True)
     ckpt = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
