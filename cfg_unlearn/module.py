@@ -266,8 +266,8 @@ class UnlearnModule(L.LightningModule):
         #: restored, or trained on since); a standalone ``validate`` runs at Lightning's
         #: step 0, and GuidanceEval labels its report with this step instead
         self.checkpoint_step: int | None = None
-        #: the step the weights reached in this module's last fit (None: no fit), the
-        #: label of a later standalone ``validate`` when they are no checkpoint's
+        #: the training step the weights have reached, restored steps included, once a fit
+        #: has stepped them (None before): the label of a later standalone ``validate``
         self.trained_step: int | None = None
         # (epoch, per training batch of that epoch its optimizer step's NLL tokens on this
         # rank): accumulation only, see _nll. Planned at the epoch's first training step,
@@ -560,8 +560,11 @@ class UnlearnModule(L.LightningModule):
         if self.checkpoint_step is None and self.trained_step is None and hasattr(dm, "reference_dataloaders"):
             self._validate_table = self.compute_reference_logps(splits=("val",))
             return
-        why = ("these weights come with no reference table (restored from a checkpoint that holds none, or trained "
-               "since)" if dm is not None else "the table is scored from a data module, and dataloaders were given")
+        if not hasattr(dm, "reference_dataloaders"):
+            why = "the table is scored from a PairDataModule, and " + (
+                "dataloaders were given" if dm is None else f"the data module is a {type(dm).__name__}")
+        else:
+            why = "these weights come with no reference table (restored from a checkpoint that holds none, or trained)"
         rank_zero_warn(f"{self.objective} with reference: precomputed, but {why}, so val/loss and the objective's "
                        "terms are left out; validate with reference: copy, which loads the starting model from `model`")
 

@@ -783,7 +783,7 @@ def test_a_standalone_validate_scores_the_precomputed_reference_or_says_why_not(
     _fit(module, dm, tmp_path, steps=1)
     assert scored == [("val",), ("train", "val")] and any(k.startswith("train:") for k in module.reference_logps)
     # dataloaders without their data module: nothing to score from, and a warning says so
-    with pytest.warns(UserWarning, match="the table is scored from a data module, and dataloaders were given"):
+    with pytest.warns(UserWarning, match="the table is scored from a PairDataModule, and dataloaders were given"):
         out = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path).validate(
             UnlearnModule(model=spec, objective="npo", reference="precomputed"), dataloaders=dm.val_dataloader(),
