@@ -41,7 +41,7 @@ from cfg_unlearn.metrics import DEFAULT_PII_TYPES, OTHER, AnswerAccuracy, LeakRa
 from cfg_unlearn.pii import PARTIAL_MIN_CHARS, NERDetector, contains_value, contains_value_or_fragment, redact
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 from cfg_unlearn.strategies import forward_outside_step
-from cfg_unlearn.utils import ConfigError, atomic_write, settings
+from cfg_unlearn.utils import ConfigError, atomic_write, dataclass_from
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class GuidanceEval(Callback):
                 raise ConfigError(f"GuidanceEval scales {list(scales)}: {e}") from None
         self.scales = [float(s) for s in scales]
         self.spaces = list(dict.fromkeys(spaces))
-        self.probes_file, self.qa_file, self.world = probes_file, qa_file, settings(world, WorldConfig, "world")
+        self.probes_file, self.qa_file, self.world = probes_file, qa_file, dataclass_from(world, WorldConfig, "world")
         self.max_probes, self.max_questions = max_probes, max_questions
         self.every_n_train_steps, self.on_validation = every_n_train_steps, on_validation
         self.system_prompt, self.uncond_system_prompt = system_prompt, uncond_system_prompt

@@ -50,7 +50,7 @@ from cfg_unlearn.objectives import (
 )
 from cfg_unlearn.strategies import forward_outside_step
 from cfg_unlearn.tiny import absolute_model_name
-from cfg_unlearn.utils import ConfigError, eval_mode, settings
+from cfg_unlearn.utils import ConfigError, dataclass_from, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class UnlearnModule(L.LightningModule):
             raise ConfigError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
         if cond_mode not in ("dropout", "swap"):
             raise ConfigError(f"cond_mode must be 'dropout' or 'swap', got {cond_mode!r}")
-        lora = settings(lora, LoraSettings, "lora")  # before the hyperparameters record it
+        lora = dataclass_from(lora, LoraSettings, "lora")  # before the hyperparameters record it
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model_name = model
         self.beta, self.cond_dropout, self.cond_mode, self.cond_seed = beta, cond_dropout, cond_mode, cond_seed

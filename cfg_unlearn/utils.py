@@ -21,7 +21,7 @@ class ConfigError(ValueError):
     a traceback through Lightning. A ValueError, so callers of the API catch it as one."""
 
 
-def settings(value, cls: type, name: str):
+def dataclass_from(value, cls: type, name: str):
     """``value`` as the dataclass ``cls``: a mapping (a Python user's ``{"r": 8}``) is
     built into one, an unknown field named; None and instances pass through."""
     import dataclasses

@@ -33,7 +33,7 @@ from cfg_unlearn.models import load_tokenizer
 from cfg_unlearn.pii import contains_value
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION, render_prompt
 from cfg_unlearn.tiny import resolve_pretrained
-from cfg_unlearn.utils import ConfigError, settings
+from cfg_unlearn.utils import ConfigError, dataclass_from
 
 log = logging.getLogger(__name__)
 # the data module's hyperparameters (saved in every checkpoint) may hold a WorldConfig:
@@ -246,7 +246,7 @@ class PairDataModule(L.LightningDataModule):
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
-        world = settings(world, WorldConfig, "world")
+        world = dataclass_from(world, WorldConfig, "world")
         if world is not None:
             world.check()
         self.save_hyperparameters()
