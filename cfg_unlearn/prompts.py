@@ -50,11 +50,21 @@ def render_prompt(tokenizer, messages: list[dict[str, str]] | tuple, system: str
     (None or empty) system instruction means *no* system message. Without one, the
     documented fallback: ``System: ...\\n\\nUser: ...\\n\\nAssistant:`` (bos prepended).
     """
+    return render_chat(tokenizer, messages, system, generation_prompt=True)
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]] | tuple, system: str | None, *,
+                generation_prompt: bool) -> str:
+    """``messages`` under ``system`` as the model reads them, with or without the opening
+    of an assistant answer (``generation_prompt``): the one place that prepends the
+    system message and falls back to the README's plain format where a tokenizer has no
+    chat template (a prompt is :func:`render_prompt`; a whole conversation, as SAFT
+    embeds it, has no generation prompt)."""
     msgs = ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in messages]
     if getattr(tokenizer, "chat_template", None):
-        return apply_template(tokenizer, msgs, add_generation_prompt=True)
-    text = "\n\n".join(FALLBACK_ROLE_PREFIX[m["role"]] + m["content"] for m in msgs)
-    return (tokenizer.bos_token or "") + text + "\n\n" + FALLBACK_ROLE_PREFIX["assistant"].rstrip()
+        return apply_template(tokenizer, msgs, add_generation_prompt=generation_prompt)
+    text = (tokenizer.bos_token or "") + "\n\n".join(FALLBACK_ROLE_PREFIX[m["role"]] + m["content"] for m in msgs)
+    return text + "\n\n" + FALLBACK_ROLE_PREFIX["assistant"].rstrip() if generation_prompt else text
 
 
 def check_template(tokenizer, system: str | None = SAFETY_INSTRUCTION) -> None:

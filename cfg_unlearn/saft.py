@@ -77,7 +77,7 @@ from cfg_unlearn.data.schema import (
     iter_jsonl,
     record_from_dict,
 )
-from cfg_unlearn.prompts import FALLBACK_ROLE_PREFIX, apply_template, render_prompt
+from cfg_unlearn.prompts import render_chat
 from cfg_unlearn.utils import atomic_write_files, check_out_dir, eval_mode
 
 log = logging.getLogger(__name__)
@@ -256,12 +256,7 @@ def render_sample(tokenizer, messages: Sequence[dict[str, str]], system: str | N
     turn is rendered as a prompt (:func:`cfg_unlearn.prompts.render_prompt`); one ending
     with an answer is the chat template without a generation prompt, or the README's
     fallback ``<bos>System: ...\\n\\nUser: ...\\n\\nAssistant: ...``."""
-    if messages[-1]["role"] == "user":
-        return render_prompt(tokenizer, messages, system)
-    msgs = ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in messages]
-    if getattr(tokenizer, "chat_template", None):
-        return apply_template(tokenizer, msgs, add_generation_prompt=False)
-    return (tokenizer.bos_token or "") + "\n\n".join(FALLBACK_ROLE_PREFIX[m["role"]] + m["content"] for m in msgs)
+    return render_chat(tokenizer, messages, system, generation_prompt=messages[-1]["role"] == "user")
 
 
 def _text_config(model):
