@@ -104,6 +104,14 @@ def draw_dropout_mask(ids: list[str], p: float, seed: int, epoch: int) -> torch.
     return torch.tensor(u, dtype=torch.float64) < p
 
 
+def _unwrapped(name: str) -> str:
+    """A state-dict key without the name parts FSDP and activation-checkpoint wrappers
+    add (checkpoints name tensors without them)."""
+    for w in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(w, "")
+    return name
+
+
 def apply_conditioning(
     batch: dict[str, Any], use_uncond: torch.Tensor, mode: Literal["dropout", "swap"] = "dropout"
 ) -> dict[str, torch.Tensor]:
@@ -641,14 +649,9 @@ class UnlearnModule(L.LightningModule):
     def _checkpoint_keys(self, trainable_only: bool) -> set[str]:
         """The module's state-dict keys as a checkpoint names them (``model.<name>``;
         FSDP/activation-checkpoint wrappers add name parts the saved keys do not have)."""
-        keys = set()
-        for n, p in [*self.model.named_parameters(), *([] if trainable_only else self.model.named_buffers())]:
-            if trainable_only and not p.requires_grad:
-                continue
-            for w in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
-                n = n.replace(w, "")
-            keys.add(f"model.{n}")
-        return keys
+        return {f"model.{_unwrapped(n)}"
+                for n, p in [*self.model.named_parameters(), *([] if trainable_only else self.model.named_buffers())]
+                if not trainable_only or p.requires_grad}
 
     def _check_adapter_checkpoint(self, state_dict: dict[str, Any]) -> None:
         """Adapter-only checkpoints load non-strictly (the frozen base comes from
@@ -666,6 +669,16 @@ class UnlearnModule(L.LightningModule):
             raise ConfigError(f"the adapter checkpoint does not fit model {self.model_name} with LoRA settings "
                               f"{self.lora} (" + "; ".join(parts) + "): is it the model and LoRA settings the "
                               "checkpoint was trained with?")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        keys = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self._adapter_only() and not strict:
+            # the frozen base is absent by design (it comes from `model`; on_load_checkpoint
+            # has checked every adapter): left in, Lightning's load_from_checkpoint listed
+            # each of its tensors as a missing key, which read as a broken load
+            frozen = self._checkpoint_keys(trainable_only=False) - self._checkpoint_keys(trainable_only=True)
+            keys.missing_keys[:] = [k for k in keys.missing_keys if _unwrapped(k) not in frozen]
+        return keys
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.checkpoint_step, self.trained_step = int(checkpoint.get("global_step", 0)), None

@@ -1,6 +1,7 @@
 """UnlearnModule: the conditioning hook, the one-forward ORPO step, optimizer wiring."""
 
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -556,7 +557,12 @@ def test_adapter_only_checkpoints_hold_adapters_and_restore_exactly(tiny_model_d
     assert keys and all("lora_" in k for k in keys)
     saved = sum(v.numel() for v in ckpt["state_dict"].values())
     assert saved < sum(p.numel() for p in m.model.parameters()) / 10  # adapters only: a small fraction
-    restored = UnlearnModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = UnlearnModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    # the frozen base is absent by design (and on_load_checkpoint checks every adapter):
+    # Lightning listed all of its tensors as missing keys, which read as a broken load
+    assert not [w for w in caught if "not in the checkpoint" in str(w.message)]
     # load_from_checkpoint calls configure_model, then loads the adapters non-strictly
     assert restored.lora == lora
     for n, p in m.model.named_parameters():
