@@ -75,7 +75,7 @@ def _records() -> list[PairRecord]:
             group="conv-1",
         ),
         PairRecord(id="b", prompt=({"role": "user", "content": "q\nwith newline"},), chosen="c", rejected="r"),
-        PairRecord(id="c", prompt=({"role": "user", "content": "q2"},), chosen="c2", rejected="r2", system="",
+        PairRecord(id="c", prompt=({"role": "user", "content": "q2"},), chosen="c2", rejected="r2", system="Be brief.",
                    group="conv-1"),
     ]
 
@@ -189,6 +189,44 @@ def test_implicit_prompt_rows(tmp_path):
     assert rec2.id == rec2.group == "f.jsonl:9"
 
 
+def test_prompt_with_whole_conversations_is_read_as_trl_reads_it():
+    """UltraFeedback-binarized's layout: a string prompt, and chosen/rejected that repeat
+    it as their first turn (TRL takes the shared prefix as the prompt). It was refused."""
+    turn = {"role": "user", "content": "Where does Ann Lee live?"}
+    row = {"prompt": turn["content"], "chosen": [turn, {"role": "assistant", "content": "I can't share that."}],
+           "rejected": [turn, {"role": "assistant", "content": "12 Oak St."}], "score_chosen": 8.0}
+    rec = record_from_dict(row, source="f.jsonl", line=1)
+    assert rec.prompt == (turn,)
+    assert (rec.chosen, rec.rejected) == ("I can't share that.", "12 Oak St.")
+    # the same with the prompt as messages, a system message included
+    system = {"role": "system", "content": "S"}
+    rec = record_from_dict({**row, "prompt": [system, turn], "chosen": [system, *row["chosen"]],
+                            "rejected": [system, *row["rejected"]]}, source="f.jsonl", line=2)
+    assert (rec.system, rec.prompt, rec.chosen) == ("S", (turn,), "I can't share that.")
+
+
+def test_a_blank_system_is_refused_not_replaced():
+    """The data module put data.system_prompt in place of a blank ``system``, while one
+    who writes "" means no instruction: refused in a file (BAD_ROWS) and in Python."""
+    with pytest.raises(ValueError, match="system is blank"):
+        PairRecord(id="a", prompt=({"role": "user", "content": "q"},), chosen="c", rejected="r", system=" ")
+
+
+def test_a_key_given_twice_is_an_error_in_every_reader(tmp_path):
+    """json keeps the last value of a repeated key, silently: a hand-merged row trained
+    its second `chosen`. Every reader goes through iter_jsonl."""
+    from cfg_unlearn.data.schema import iter_jsonl
+
+    path = _write_lines(tmp_path / "d.jsonl", [GOOD, '{"id": "a", "prompt": "q", "chosen": "x", "chosen": "LEAK", '
+                                                     '"rejected": "y"}'])
+    err = _read_error(path)
+    assert (err.line, err.field) == (2, "chosen") and "duplicate key" in str(err)
+    # nested objects too (a message's role), and the reader of the other formats
+    path = _write_lines(tmp_path / "n.jsonl", ['{"messages": [{"role": "user", "role": "assistant"}]}'])
+    [(line, obj, err)] = list(iter_jsonl(path))
+    assert obj is None and (err.line, err.field) == (1, "role")
+
+
 def test_implicit_prompt_without_shared_prefix_is_error():
     row = {"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
            "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}
@@ -272,6 +310,14 @@ BAD_ROWS = {
                         "pii[1].value"),
     "pii_value_not_string": (_row(pii=[{"type": "EMAIL", "value": 5}]), "value"),
     "implicit_prompt_string_answers": (_row(prompt=_DROP, chosen="a", rejected="b"), "prompt"),
+    "system_empty": (_row(system=""), "system"),  # encode put data.system_prompt in its place
+    "nul_in_answer": (_row(chosen="a\x00b"), "chosen"),
+    "nul_in_message": (_row(prompt=[{"role": "user", "content": "q\x00"}]), "content"),
+    "prompt_not_the_shared_turns": (
+        _row(prompt="Other?", chosen=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+             rejected=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]),
+        "prompt",
+    ),
     "huge_chosen": (_row(chosen="x" * 100_000), "chosen"),
     "huge_message_content": (_row(prompt=[{"role": "user", "content": "y" * 100_000}]), "content"),
 }

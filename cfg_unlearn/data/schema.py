@@ -75,6 +75,10 @@ class PairRecord:
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
+        if self.system is not None and not self.system.strip():
+            # the data module reads a blank one as unset (data.system_prompt in its place),
+            # not as "no instruction", which is what one who writes it likely means
+            raise ValueError("a pair's system is blank: None means the data module's system_prompt")
         if not self.group:
             object.__setattr__(self, "group", self.id)
 
@@ -196,12 +200,14 @@ def _text(
 
 
 def check_unicode(val: str, src: str, line: int | None, name: str) -> str:
-    """``val``, refused when it holds a lone surrogate: a JSON escape like ``"\\ud800"``
-    decodes to one, and no tokenizer or UTF-8 writer accepts it."""
+    """``val``, refused when it holds a lone surrogate (a JSON escape like ``"\\ud800"``
+    decodes to one, and no tokenizer or UTF-8 writer accepts it) or a NUL character."""
     try:
         val.encode("utf-8")
     except UnicodeEncodeError:
         raise PairFormatError(src, line, name, "contains an unpaired surrogate escape (invalid Unicode)") from None
+    if "\x00" in val:  # binary data pasted into a text field; no chat text holds one
+        raise PairFormatError(src, line, name, f"contains a NUL character (at column {val.index(chr(0)) + 1})")
     return val
 
 
@@ -254,6 +260,11 @@ def _answer(val: Any, src: str, line: int | None, key: str, max_chars: int) -> s
     return val
 
 
+def _whole_conversations(chosen: Any, rejected: Any) -> bool:
+    """Whether chosen and rejected are both message lists longer than one answer."""
+    return isinstance(chosen, list) and isinstance(rejected, list) and len(chosen) > 1 and len(rejected) > 1
+
+
 def _split_implicit_prompt(obj: dict, src: str, line: int | None, max_chars: int) -> tuple[list, Any, Any]:
     """TRL's implicit-prompt rows: chosen and rejected are whole conversations."""
     chosen = _messages(obj["chosen"], src, line, "chosen", max_chars)
@@ -294,6 +305,10 @@ def _system_and_turns(
     """The instruction (``system`` field or a leading system message, not both) and the
     remaining turns, which must end with a user turn."""
     system = _text(obj, "system", src, line, max_chars, required=False)
+    if system is not None and not system.strip():
+        # as an empty system message is: `encode` would put data.system_prompt in its place
+        raise PairFormatError(src, line, "system", "empty; leave the field out (or null) for the data module's "
+                                                   "system_prompt")
     if prompt_msgs and prompt_msgs[0]["role"] == "system":
         if system is not None:
             raise PairFormatError(src, line, "system", "given both as a field and as a system message in the prompt")
@@ -363,6 +378,13 @@ def record_from_dict(
     else:
         prompt_msgs = _prompt_field(obj, src, line, max_chars)
         chosen_raw, rejected_raw = obj["chosen"], obj["rejected"]
+        if _whole_conversations(chosen_raw, rejected_raw):
+            # UltraFeedback-binarized and similar: chosen/rejected repeat the prompt's turns.
+            # TRL takes their shared prefix as the prompt; it must be the prompt given
+            shared, chosen_raw, rejected_raw = _split_implicit_prompt(obj, src, line, max_chars)
+            if shared != prompt_msgs:
+                raise PairFormatError(src, line, "prompt", "differs from the conversation that chosen and rejected "
+                                                           "share: give one of the two, or make them agree")
 
     system, prompt_msgs = _system_and_turns(obj, prompt_msgs, src, line, max_chars)
     chosen = _answer(chosen_raw, src, line, "chosen", max_chars)
@@ -431,6 +453,22 @@ def eval_record_from_dict(
 # --------------------------------------------------------------------------- files
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' object hook: an object with a key twice is refused, not last-wins."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, PairFormatError | None]]:
     """Yield ``(line_number, obj, error)`` for each line of a JSONL file: ``obj`` is None
     for a blank line or a line that failed to decode/parse (then ``error`` says why).
@@ -453,7 +491,11 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, PairF
                 yield lineno, None, None
                 continue
             try:
-                yield lineno, json.loads(text), None
+                yield lineno, json.loads(text, object_pairs_hook=_unique_keys), None
+            except _DuplicateKey as e:
+                # json keeps the last value silently: a hand-merged row could train another answer
+                yield lineno, None, PairFormatError(src, lineno, e.key, "duplicate key (JSON would keep the last "
+                                                                        "value; which one is meant is not ours to guess)")
             except json.JSONDecodeError as e:
                 # some messages end in "at" ("Invalid control character at"): say it once
                 msg = e.msg.removesuffix(" at")
