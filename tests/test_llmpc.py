@@ -171,3 +171,27 @@ def test_leaky_turns_that_follow_no_user_turn_are_counted(tmp_path, caplog):
     (msg,) = [r.getMessage() for r in caplog.records if "follow no user turn" in r.getMessage()]
     assert msg.startswith("2 leaky assistant turn(s) follow no user turn") and "(turn 0)" in msg and "(turn 3)" in msg
     assert "12 Oak St" not in msg and "Ann Lee" not in msg
+
+
+def test_rows_pair_by_line_not_by_position_among_non_blank_lines(tmp_path):
+    """Blank lines at different places in the two files gave equal row counts and the same
+    placeholders, and each later conversation was filled with the previous row's PII."""
+    a, b = tmp_path / "s-scrubbed-data.jsonl", tmp_path / "s-pii.jsonl"
+    other = {"NAME-1": "Bob Roe", "LOC-1": "2 Elm St", "ORG-1": "Beta Ltd"}
+    a.write_text(json.dumps(ROW) + "\n\n" + json.dumps({**ROW, "idx": 8}) + "\n")
+    b.write_text(json.dumps(MAP) + "\n" + json.dumps(other) + "\n\n")
+    with pytest.raises(PairFormatError, match=r"s-scrubbed-data.jsonl:2: blank, but line 2 of .*s-pii.jsonl holds a "
+                                              r"row: line i of both files must describe one conversation"):
+        read_challenge(a, b)
+    # blank lines at the same places, and extra ones at a file's end, pair as they should
+    b.write_text(json.dumps(MAP) + "\n\n" + json.dumps(other) + "\n\n\n")
+    assert [r.pii["NAME-1"] for r in read_challenge(a, b)] == ["Ann Lee", "Bob Roe"]
+
+
+def test_placeholders_fill_once_and_lookalikes_are_named(tmp_path, caplog):
+    # a value that reads like a placeholder is not filled again
+    assert fill("[NAME-1] at [LOC-1]", {"NAME-1": "[LOC-1]", "LOC-1": "12 Oak St"}) == "[LOC-1] at 12 Oak St"
+    odd = {"idx": 8, "messages": "user: Who is [name-1]?\nassistant: [NAME 1] lives at [LOC-1]."}
+    with caplog.at_level("WARNING", logger="cfg_unlearn.data.llmpc"):
+        read_challenge(*_write(tmp_path, [ROW, odd], [MAP, {"LOC-1": "12 Oak St"}]))
+    assert "1 conversation(s) of" in caplog.text and "first on line 2" in caplog.text

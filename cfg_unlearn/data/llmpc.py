@@ -77,6 +77,8 @@ _ROLE_LINE = re.compile(r"^(system|user|assistant): ?(.*)$")
 _KEY = re.compile(r"^[A-Z][A-Z_]*-\d+$")
 #: a placeholder as it appears in scrubbed text: "[NAME-1]"
 _PLACEHOLDER = re.compile(r"\[([A-Z][A-Z_]*-\d+)\]")
+#: what a hand-scrubbed text may use instead: "[name-1]", "[NAME 1]", "[NAME_1]"
+_PLACEHOLDER_LIKE = re.compile(r"\[[A-Za-z][A-Za-z_]*[-_ ]?\d+\]")
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +101,18 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
             f"{len(maps)} rows, but {scrubbed_path} has {len(scrubbed)}: line i of both files must describe one "
             "conversation",
         )
+    # rows pair by line: a blank line in one file where the other has a row shifts every
+    # later conversation onto the next one's PII, with equal row counts and the same
+    # placeholders (blank lines at the same places, or at either file's end, are fine)
+    for (n, *_), (m, *_) in zip(scrubbed, maps):
+        if n != m:
+            blank, other, row = (pii_path, scrubbed_path, n) if n < m else (scrubbed_path, pii_path, m)
+            raise PairFormatError(str(blank), min(n, m), None,
+                                  f"blank, but line {row} of {other} holds a row: line i of both files must "
+                                  "describe one conversation")
     rows = []
     first_line: dict[int, int] = {}
+    odd, n_odd = None, 0  # rows with placeholder-like tokens that are not placeholders
     for (n, obj, err), (m, pmap, perr) in zip(scrubbed, maps):
         for e in (err, perr):
             if e is not None:
@@ -131,6 +143,14 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
                 src, n, "messages", f"placeholder(s) {', '.join(f'[{k}]' for k in missing)} have no value on line {m} "
                 f"of {pii_path}: line i of both files must describe one conversation")
         rows.append(ChallengeRow(idx, obj["messages"], dict(pmap), f"{src}:{n}"))
+        if any(not _PLACEHOLDER.fullmatch(t) for t in _PLACEHOLDER_LIKE.findall(obj["messages"])):
+            odd, n_odd = odd or n, n_odd + 1
+    if n_odd:
+        # "[name-1]", "[NAME 1]": no value is looked up for them, so they stay literal text
+        # in the prompts and the "leaky" answers
+        log.warning("%d conversation(s) of %s hold bracketed tokens that look like placeholders but are not "
+                    "'[TYPE-n]' (upper-case type, a hyphen, a number), first on line %d: they are kept as "
+                    "literal text, with no value filled in", n_odd, scrubbed_path, odd)
     return rows
 
 
@@ -167,9 +187,8 @@ def attack_probes(rows: list[ChallengeRow], tokenizer) -> list[EvalRecord]:
 
 def fill(text: str, pii: dict[str, str]) -> str:
     """The scrubbed text with every placeholder replaced by its true value."""
-    for key, value in pii.items():
-        text = text.replace(f"[{key}]", value)
-    return text
+    # one pass: a value that itself reads like a placeholder ("[LOC-1]") stays as it is
+    return _PLACEHOLDER.sub(lambda m: pii.get(m.group(1), m.group(0)), text)
 
 
 def parse_messages(text: str, source: str = "") -> list[dict[str, str]]:
