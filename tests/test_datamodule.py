@@ -493,6 +493,32 @@ def test_val_file(tiny_name, tmp_path, world_pairs):
     assert [len(b["id"]) for b in dm.val_dataloader()] == [3, 1]
 
 
+def test_a_val_file_sharing_conversations_with_the_training_pairs_is_refused(tiny_name, tmp_path, world_pairs):
+    """The README's "no conversation lands on both sides" held for val_fraction only: the
+    train file given again as val_file validated on the training pairs, silently."""
+    recs = list(world_pairs.values())[:12]
+    write_pairs(tmp_path / "train.jsonl", recs)
+    write_pairs(tmp_path / "val.jsonl", recs[9:12])  # the second turn of one training conversation, and two more
+    with pytest.raises(ValueError, match=r"3 of the 3 validation pairs in .*val.jsonl belong to conversations .* "
+                                         r"first .*val.jsonl:1 \(as .*train.jsonl:9\)"):
+        make_dm(tiny_name, train_file=str(tmp_path / "train.jsonl"), val_file=str(tmp_path / "val.jsonl"))
+
+
+def test_asked_for_validation_does_not_vanish(tiny_name, tmp_path, world_pairs, recwarn):
+    """An empty val_file, and a val_fraction with one conversation to split, left training
+    without validation, with no more than an info line."""
+    write_pairs(tmp_path / "train.jsonl", list(world_pairs.values())[:4])
+    (tmp_path / "val.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match=r"no validation pairs: the pair file .*val.jsonl is empty"):
+        make_dm(tiny_name, train_file=str(tmp_path / "train.jsonl"), val_file=str(tmp_path / "val.jsonl"))
+    one = [PairRecord(id=f"p{i}", prompt=({"role": "user", "content": "q"},), chosen="c", rejected="r", group="g")
+           for i in range(4)]
+    write_pairs(tmp_path / "one.jsonl", one)
+    dm = make_dm(tiny_name, train_file=str(tmp_path / "one.jsonl"), val_fraction=0.25)
+    assert dm.val_dataset is None
+    assert any("val_fraction=0.25 holds out nothing" in str(w.message) for w in recwarn)
+
+
 def test_train_file_skip_mode(tiny_name, tmp_path, world_pairs, caplog):
     path = tmp_path / "p.jsonl"
     write_pairs(path, list(world_pairs.values())[:4])

@@ -181,6 +181,21 @@ def split_by_group(records: list[PairRecord], val_fraction: float, seed: int) ->
     return [r for r in records if r.group not in val_groups], [r for r in records if r.group in val_groups]
 
 
+def check_disjoint(train: list[PairRecord], val: list[PairRecord], val_file: str) -> None:
+    """Refuse a validation file that shares conversations (``group``) with the training
+    pairs: its scores would measure memorisation, the very thing being removed. Named by
+    the rows' ``file:line``, not their ids (an id can be personal data)."""
+    train_groups = {}
+    for r in train:
+        train_groups.setdefault(r.group, r.source or "a pair of the world")
+    shared = [(r.source, train_groups[r.group]) for r in val if r.group in train_groups]
+    if shared:
+        first, where = shared[0]
+        raise ConfigError(f"{len(shared)} of the {len(val)} validation pairs in {val_file} belong to conversations "
+                          f"(group, else id) that the training pairs hold too, first {first} (as {where}): a "
+                          "conversation must not land on both sides")
+
+
 class PairDataModule(L.LightningDataModule):
     """Pairs for every objective.
 
@@ -311,8 +326,17 @@ class PairDataModule(L.LightningDataModule):
             if not st.skipped:
                 rank_zero_info(st.summary())
             self.stats["skipped_rows"] = self.stats.get("skipped_rows", 0) + st.skipped
+            if not val:  # as an empty train_file is: validation was asked for and would not run
+                raise ConfigError(f"no validation pairs: the pair file {self.val_file} is empty or every row was "
+                                  "skipped (leave data.val_file unset to hold out data.val_fraction instead)")
+            check_disjoint(records, val, self.val_file)
             return records, val
-        return split_by_group(records, self.val_fraction, self.seed)
+        train, val = split_by_group(records, self.val_fraction, self.seed)
+        if self.val_fraction > 0 and not val:
+            rank_zero_warn(f"data.val_fraction={self.val_fraction} holds out nothing: the training pairs come from "
+                           "one conversation (group), and the split is by conversation. No validation runs (no val/* "
+                           "metrics); give data.val_file, or groups")
+        return train, val
 
     def encode(self, records: list[PairRecord], stats: EncodeStats) -> list[dict[str, Any]]:
         tok = self.tokenizer
