@@ -502,6 +502,16 @@ def test_a_val_file_sharing_conversations_with_the_training_pairs_is_refused(tin
     with pytest.raises(ValueError, match=r"3 of the 3 validation pairs in .*val.jsonl belong to conversations .* "
                                          r"first .*val.jsonl:1 \(as .*train.jsonl:9\)"):
         make_dm(tiny_name, train_file=str(tmp_path / "train.jsonl"), val_file=str(tmp_path / "val.jsonl"))
+    # rows with neither id nor group are named by file name and line, which two files share:
+    # the same lines of two files are not the same conversation, the same file twice is
+    rows = [json.dumps({"prompt": list(r.prompt), "chosen": r.chosen, "rejected": r.rejected}) for r in recs]
+    for split in ("a", "b"):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "pairs.jsonl").write_text("\n".join(rows[:6] if split == "a" else rows[6:]) + "\n")
+    dm = make_dm(tiny_name, train_file=str(tmp_path / "a/pairs.jsonl"), val_file=str(tmp_path / "b/pairs.jsonl"))
+    assert dm.stats["train_pairs"] == dm.stats["val_pairs"] == 6
+    with pytest.raises(ValueError, match=r"6 of the 6 validation pairs"):
+        make_dm(tiny_name, train_file=str(tmp_path / "a/pairs.jsonl"), val_file=str(tmp_path / "a/pairs.jsonl"))
 
 
 def test_asked_for_validation_does_not_vanish(tiny_name, tmp_path, world_pairs, recwarn):

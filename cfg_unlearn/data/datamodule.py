@@ -20,6 +20,7 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -182,13 +183,19 @@ def split_by_group(records: list[PairRecord], val_fraction: float, seed: int) ->
 
 
 def check_disjoint(train: list[PairRecord], val: list[PairRecord], val_file: str) -> None:
-    """Refuse a validation file that shares conversations (``group``) with the training
-    pairs: its scores would measure memorisation, the very thing being removed. Named by
-    the rows' ``file:line``, not their ids (an id can be personal data)."""
-    train_groups = {}
+    """Refuse a validation file that shares conversations (``group``, else ``id``) with
+    the training pairs: its scores would measure memorisation, the very thing being
+    removed. A row with neither names no conversation (its id is its file's name and
+    line, which two files can share), so it counts only as the same line of the same
+    file. Named by the rows' ``file:line``, not their ids (an id can be personal data)."""
+    def key(r: PairRecord) -> str:
+        path, _, line = r.source.rpartition(":")
+        return f"row {r.source}" if r.group == r.id == f"{Path(path).name}:{line}" else f"group {r.group}"
+
+    train_keys: dict[str, str] = {}
     for r in train:
-        train_groups.setdefault(r.group, r.source or "a pair of the world")
-    shared = [(r.source, train_groups[r.group]) for r in val if r.group in train_groups]
+        train_keys.setdefault(key(r), r.source or "a pair of the world")
+    shared = [(r.source, train_keys[key(r)]) for r in val if key(r) in train_keys]
     if shared:
         first, where = shared[0]
         raise ConfigError(f"{len(shared)} of the {len(val)} validation pairs in {val_file} belong to conversations "
