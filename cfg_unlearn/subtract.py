@@ -232,6 +232,41 @@ def check_compatible(base: WeightLayout, finetuned: WeightLayout) -> None:
             raise ValueError(f"tensor {name!r}: dtype {b.dtype} vs {f.dtype} in {where}")
 
 
+#: config.json fields that decide how the weights are used: two models that differ in
+#: one hold tensors of the same names and shapes that mean different things (heads of
+#: another size, another rotary base), so their difference is no task vector
+ARCHITECTURE_FIELDS = (
+    "model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "rope_theta", "rope_scaling",
+    "rope_parameters", "partial_rotary_factor", "hidden_act", "rms_norm_eps", "layer_norm_eps",
+    "layer_norm_epsilon", "tie_word_embeddings", "sliding_window", "attention_bias", "mlp_bias", "n_embd", "n_layer",
+    "n_head", "n_positions", "n_inner", "activation_function",
+)
+
+
+def check_same_architecture(base_dir: Path, finetuned_dir: Path) -> None:
+    """Refuse two models whose config.json differ in an :data:`ARCHITECTURE_FIELDS` field
+    (at the top level or in a ``text_config``), naming the field and both values; the
+    tensor headers alone passed a model with 8 heads of 16 as a fine-tune of one with 4
+    of 32. Runs where both configs exist (bare weight folders are checked by tensor)."""
+    paths = (base_dir / "config.json", finetuned_dir / "config.json")
+    if not all(p.is_file() for p in paths):
+        return
+    configs = [_read_json(p) for p in paths]
+    if not all(isinstance(c, dict) for c in configs):
+        return
+    for scope in (None, "text_config"):
+        parts = [c if scope is None else c.get(scope) for c in configs]
+        if not all(isinstance(x, dict) for x in parts):
+            continue
+        for name in ARCHITECTURE_FIELDS:
+            a, b = (x.get(name) for x in parts)
+            if a != b:
+                field = name if scope is None else f"{scope}.{name}"
+                raise ValueError(f"config field {field!r}: {a!r} in {paths[0]} vs {b!r} in {paths[1]}: the two "
+                                 "models are not one architecture, so their difference is no task vector")
+
+
 def check_not_quantized(model_dir: Path) -> None:
     """Quantized weights are codes relative to per-block scales stored elsewhere, so
     subtracting them elementwise is meaningless: refuse rather than write nonsense."""
@@ -427,6 +462,7 @@ def subtract_models(
         raise FileNotFoundError(f"no config.json in {base_dir}: the output would not load as a model")
     check_not_quantized(base_dir)
     check_not_quantized(finetuned_dir)
+    check_same_architecture(base_dir, finetuned_dir)
     check_compatible(base, ft)
     for t in base.tensors.values():
         _ = t.nbytes  # unsupported dtypes fail here, before any writing

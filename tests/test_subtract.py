@@ -239,6 +239,26 @@ def test_dtype_mismatch_names_tensor_and_files(tmp_path):
     assert str(base / SINGLE_FILE) in str(e.value) and str(ft / SINGLE_FILE) in str(e.value)
 
 
+def test_another_architecture_with_the_same_tensors_is_refused(tiny_model_dir, ft_dir, tmp_path):
+    """8 heads of 16 where the base has 4 of 32 (or another rotary base): same tensor names
+    and shapes, and the tensor headers passed them as a fine-tune."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(ft_dir, other)
+    original = json.loads((ft_dir / "config.json").read_text())
+    heads = original["num_attention_heads"]
+    (other / "config.json").write_text(json.dumps({**original, "num_attention_heads": 2 * heads}))
+    with pytest.raises(ValueError, match=rf"config field 'num_attention_heads': {heads} in .*config.json vs "
+                                         rf"{2 * heads} in .*other/config.json: the two models are not one"):
+        subtract_models(tiny_model_dir, other, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    # fields that do not change what the weights mean are not compared
+    (other / "config.json").write_text(json.dumps({**original, "transformers_version": "0.0", "use_cache": False}))
+    subtract_models(tiny_model_dir, other, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / SINGLE_FILE).is_file()
+
+
 def test_missing_safetensors_files(tmp_path):
     base = crafted(tmp_path / "b", {"w": torch.zeros(2)})
     empty = tmp_path / "e"
