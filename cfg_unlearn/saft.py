@@ -230,7 +230,9 @@ def read_labels(
         if rid in first:
             raise PairFormatError(src, line, "id", f"duplicate id (first on line {first[rid]})")
         if known_ids is not None and rid not in known_ids:
-            bad(PairFormatError(src, line, "id", "no row of the data has this id"))
+            bad(PairFormatError(src, line, "id", "no row of the data has this id" if obj.get("id") is not None else
+                                "missing: a labels file other than the data needs the ids of the rows it labels "
+                                "(an id left out defaults to this file's name and line)"))
             continue
         if data_labels is not None and data_labels.get(rid, label) != label:
             raise PairFormatError(src, line, "label",

@@ -275,6 +275,11 @@ def test_labels_file_errors_name_the_line(tmp_path):
     labels = _write(tmp_path / "l.jsonl", [json.dumps({"id": "a", "label": 1}), json.dumps({"id": "zz", "label": 0})])
     with pytest.raises(PairFormatError, match=r"l\.jsonl:2: field 'id': no row of the data has this id"):
         read_labels(labels, {"a": 0})
+    # a row with no id at all was reported as holding an id the data lacks
+    no_id = _write(tmp_path / "n.jsonl", [json.dumps({"label": 1})])
+    with pytest.raises(PairFormatError, match=r"n\.jsonl:1: field 'id': missing: a labels file other than the data "
+                                              r"needs the ids"):
+        read_labels(no_id, {"a": 0})
     bad = _write(tmp_path / "m.jsonl", [json.dumps({"id": "a", "label": 3})])
     with pytest.raises(PairFormatError, match=r"m\.jsonl:1: field 'label': expected 0 \(benign\) or 1 \(leaky\), got int 3$"):
         read_labels(bad)
