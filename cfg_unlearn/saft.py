@@ -75,6 +75,7 @@ from cfg_unlearn.data.schema import (
     _record_id,
     _text,
     iter_jsonl,
+    not_an_object,
     record_from_dict,
 )
 from cfg_unlearn.prompts import render_chat
@@ -133,7 +134,7 @@ def sample_from_dict(
     """Validate one row: a conversation (``messages``) or a pair (see the module docstring)."""
     src = source
     if not isinstance(obj, dict):
-        raise PairFormatError(src, line, None, f"expected a JSON object, got {type(obj).__name__}")
+        raise not_an_object(src, line, obj)
     if "messages" in obj:
         msgs = _messages(obj["messages"], src, line, "messages", max_chars)
         system = _text(obj, "system", src, line, max_chars, required=False)
@@ -217,7 +218,7 @@ def read_labels(
         if obj is None:
             continue
         if not isinstance(obj, dict):
-            bad(PairFormatError(src, line, None, f"expected a JSON object, got {type(obj).__name__}"))
+            bad(not_an_object(src, line, obj))
             continue
         try:
             label = parse_label(obj, src, line)

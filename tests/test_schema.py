@@ -346,6 +346,25 @@ def test_broken_json(tmp_path):
     assert str(_read_error(path)) == f"{path}:2: invalid JSON: Invalid control character at column 10"
 
 
+def test_files_that_are_not_jsonl_say_what_they_look_like(tmp_path):
+    """A .json export, an indented document and a gzip file each stopped at line 1 with a
+    correct but puzzling error ("got list", "Expecting property name", "byte 0x8b")."""
+    import gzip
+
+    for name, data, hint in (
+        ("arr.json", json.dumps([GOOD]).encode(), "(a JSON array? the file must hold one JSON object per line, JSONL)"),
+        ("doc.json", json.dumps(GOOD, indent=2).encode(), "(a pretty-printed or array JSON document?"),
+        ("docs.json", json.dumps([GOOD, GOOD], indent=1).encode(), "(a pretty-printed or array JSON document?"),
+        ("p.jsonl.gz", gzip.compress(json.dumps(GOOD).encode()), "(a gzip file? decompress it first)"),
+    ):
+        (tmp_path / name).write_bytes(data)
+        err = _read_error(tmp_path / name)
+        assert err.line == 1 and hint in str(err), str(err)
+    # a later line gets no guess about the file
+    path = _write_lines(tmp_path / "later.jsonl", [GOOD, "["])
+    assert "?" not in str(_read_error(path)).split("invalid JSON")[1]
+
+
 def test_non_object_json_line(tmp_path):
     path = _write_lines(tmp_path / "b.jsonl", [GOOD, "[1,2]"])
     err = _read_error(path)

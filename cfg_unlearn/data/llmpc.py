@@ -36,6 +36,7 @@ from cfg_unlearn.data.schema import (
     PIIItem,
     check_unicode,
     iter_jsonl,
+    not_an_object,
     note_first_line,
     warn_orphan_turns,
 )
@@ -119,7 +120,7 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
                 raise e
         src = str(scrubbed_path)
         if not isinstance(obj, dict):
-            raise PairFormatError(src, n, None, f"expected a JSON object, got {type(obj).__name__}")
+            raise not_an_object(src, n, obj)
         if not isinstance(obj.get("messages"), str) or not obj["messages"].strip():
             raise PairFormatError(src, n, "messages", "expected the conversation as a non-empty string")
         check_unicode(obj["messages"], src, n, "messages")
@@ -128,7 +129,7 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
             raise PairFormatError(src, n, "idx", f"expected an integer, got {type(idx).__name__}")
         note_first_line(first_line, idx, src, n, "idx")  # pair and probe ids are built from it
         if not isinstance(pmap, dict):
-            raise PairFormatError(str(pii_path), m, None, f"expected a JSON object, got {type(pmap).__name__}")
+            raise not_an_object(str(pii_path), m, pmap)
         for j, (key, value) in enumerate(pmap.items(), 1):
             if not _KEY.fullmatch(key):  # named by position: a map written the wrong way round has values as keys
                 raise PairFormatError(str(pii_path), m, f"key #{j}", "expected a placeholder key like 'NAME-1'")

@@ -367,7 +367,7 @@ def record_from_dict(
     """Validate one row (our format or TRL-style) into a :class:`PairRecord`."""
     src = source
     if not isinstance(obj, dict):
-        raise PairFormatError(src, line, None, f"expected a JSON object, got {type(obj).__name__}")
+        raise not_an_object(src, line, obj)
     for key in ("chosen", "rejected"):
         if key not in obj:
             raise PairFormatError(src, line, key, "missing required field")
@@ -418,7 +418,7 @@ def eval_record_from_dict(
     """Validate one row of a leak-probe (``kind="probe"``) or QA (``kind="qa"``) file."""
     src = source
     if not isinstance(obj, dict):
-        raise PairFormatError(src, line, None, f"expected a JSON object, got {type(obj).__name__}")
+        raise not_an_object(src, line, obj)
     if "prompt" not in obj:
         raise PairFormatError(src, line, "prompt", "missing required field")
     system, prompt_msgs = _system_and_turns(obj, _prompt_field(obj, src, line, max_chars), src, line, max_chars)
@@ -453,6 +453,27 @@ def eval_record_from_dict(
 # --------------------------------------------------------------------------- files
 
 
+#: what the first line of a file that is not JSONL usually is, and the hint for it
+_NOT_JSONL = "the file must hold one JSON object per line, JSONL"
+
+
+def not_an_object(src: str, line: int | None, obj: Any) -> PairFormatError:
+    """The error for a JSONL line that parsed to something other than an object; a list
+    on the first line is most often a whole JSON array (a ``.json`` export) on one line."""
+    hint = f" (a JSON array? {_NOT_JSONL})" if isinstance(obj, list) and line == 1 else ""
+    return PairFormatError(src, line, None, f"expected a JSON object, got {type(obj).__name__}{hint}")
+
+
+def _first_line_hint(raw: bytes) -> str:
+    """Why a file's first line is not JSON, where the bytes say: gzip, or an indented or
+    array-wrapped JSON document."""
+    if raw.startswith(b"\x1f\x8b"):
+        return " (a gzip file? decompress it first)"
+    if raw.strip() in (b"[", b"{") or raw.lstrip().startswith(b"[{"):
+        return f" (a pretty-printed or array JSON document? {_NOT_JSONL})"
+    return ""
+
+
 class _DuplicateKey(ValueError):
     def __init__(self, key: str):
         super().__init__(key)
@@ -485,6 +506,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, PairF
                 text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 reason = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                reason += _first_line_hint(raw) if lineno == 1 else ""
                 yield lineno, None, PairFormatError(src, lineno, None, reason)
                 continue
             if not text.strip():
@@ -499,7 +521,9 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, PairF
             except json.JSONDecodeError as e:
                 # some messages end in "at" ("Invalid control character at"): say it once
                 msg = e.msg.removesuffix(" at")
-                yield lineno, None, PairFormatError(src, lineno, None, f"invalid JSON: {msg} at column {e.colno}")
+                hint = _first_line_hint(raw) if lineno == 1 else ""
+                yield lineno, None, PairFormatError(src, lineno, None,
+                                                    f"invalid JSON: {msg} at column {e.colno}{hint}")
             except (ValueError, RecursionError) as e:
                 # e.g. an integer literal over Python's digit limit, or absurdly deep nesting
                 yield lineno, None, PairFormatError(src, lineno, None, f"invalid JSON: {str(e)[:120]}")
@@ -514,7 +538,7 @@ def iter_json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         if obj is None:
             continue
         if not isinstance(obj, dict):
-            raise PairFormatError(str(path), line, None, f"expected a JSON object, got {type(obj).__name__}")
+            raise not_an_object(str(path), line, obj)
         yield line, obj
 
 
