@@ -101,6 +101,11 @@ class UnlearnCLI(LightningCLI):
         alone = not (env is not None and env.creates_processes_externally and env.world_size() > 1)
         path = planned_run_dir(trainer) if saver is not None and not trainer.fast_dev_run else None
         existed = path is None or os.path.exists(path)
+        # the folders a failed run leaves empty go too: the version's, and its logger's
+        # `name` folder (and save_dir) where this run created them
+        first_existing = path
+        while first_existing and not os.path.exists(first_existing):  # "" (relative): the working folder
+            first_existing = os.path.dirname(first_existing)
         ckpt = self.config_init[subcommand].get("ckpt_path")
         if alone:
             check_ckpt_path(ckpt)
@@ -115,6 +120,7 @@ class UnlearnCLI(LightningCLI):
         except BaseException:
             if not existed and trainer.is_global_zero:
                 remove_if_only_config(path, ours=saver.already_saved)
+                remove_empty_parents(path, first_existing)
             raise
 
     def instantiate_trainer(self, **kwargs):
@@ -223,6 +229,18 @@ def remove_if_only_config(path: str, ours: bool) -> None:
         if any(f not in allowed or root != path for f in files):
             return
     shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_empty_parents(path: str, stop: str | None) -> None:
+    """Remove the empty folders above ``path`` up to, not including, ``stop`` (the
+    nearest one that existed before the run)."""
+    parent = os.path.dirname(path)
+    while stop is not None and parent and os.path.abspath(parent) != os.path.abspath(stop):
+        try:
+            os.rmdir(parent)  # only an empty one
+        except OSError:
+            return
+        parent = os.path.dirname(parent)
 
 
 def _checkpoint_file(ckpt_path: Any) -> dict[str, Any] | None:

@@ -334,7 +334,8 @@ def test_a_failed_run_leaves_no_run_directory_and_a_missing_checkpoint_is_one_li
             "--data.world.n_people=2", "--trainer.max_steps=1"]
     with pytest.raises(SystemExit):
         train_main([*args, "--data.max_length=10"])  # an answer longer than max_length: refused in setup
-    assert not (tmp_path / "tiny" / "version_0").exists()
+    # nor the logger's folder it created (it stayed, empty)
+    assert not (tmp_path / "tiny").exists() and tmp_path.is_dir()
     train_main(args)
     assert (tmp_path / "tiny" / "version_0" / "checkpoints" / "last.ckpt").is_file()
     capsys.readouterr()
