@@ -38,7 +38,14 @@ from cfg_unlearn.data.schema import EvalRecord, PIIItem, prompt_text, read_eval_
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.guidance import SPACES, check_guidance, generate
 from cfg_unlearn.metrics import DEFAULT_PII_TYPES, OTHER, AnswerAccuracy, LeakRate, PIIRate, answer_matches
-from cfg_unlearn.pii import PARTIAL_MIN_CHARS, NERDetector, contains_value, contains_value_or_fragment, redact
+from cfg_unlearn.pii import (
+    PARTIAL_MIN_CHARS,
+    NERDetector,
+    contains_value,
+    contains_value_or_fragment,
+    nfkc,
+    redact,
+)
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 from cfg_unlearn.strategies import forward_outside_step
 from cfg_unlearn.utils import ConfigError, atomic_write, dataclass_from
@@ -56,8 +63,8 @@ def metric_key(name: str, g: float, space: str) -> str:
     for probability space: the scale comes before the first ``/`` because W&B groups
     panels into sections by that prefix, so each guidance scale gets its own section
     (leak rate, per-type leak rates, PII rate and accuracy side by side). Run-level keys
-    (``eval/seconds``, ``eval/n_leak_targets``, ``eval/n_questions``, the ``eval/samples``
-    table) stay under ``eval/``."""
+    (``eval/seconds``, ``eval/n_leak_targets``, ``eval/n_questions``,
+    ``eval/trained_step``, the ``eval/samples`` table) stay under ``eval/``."""
     space_part = "" if space == "logprob" else f"{space}/"
     return f"eval@g={float(g)!r}/{space_part}{name}"
 
@@ -194,12 +201,26 @@ class GuidanceEval(Callback):
         # the training data's people too: a model answers with values no probe asks for
         data_pii = datamodule.known_pii() if callable(getattr(datamodule, "known_pii", None)) else ()
         self.known = list(dict.fromkeys([*self.known, *data_pii]))
+        self._check_type_labels()
         #: (probes, questions) before max_probes / max_questions took a subset
         self.available = (len(self.probes), len(self.questions))
         self.probes = subsample(self.probes, self.max_probes)
         self.questions = subsample(self.questions, self.max_questions)
         if not self.probes and not self.questions:
             raise ConfigError("GuidanceEval has no leak probes and no questions to evaluate")
+
+    def _check_type_labels(self) -> None:
+        """Refuse a probe whose PII type reads as personal data (type and value swapped,
+        ``{"type": "Boyd", "value": "ORG"}``): types name metrics (``leak_rate/BOYD``) and
+        the sample tables' target column, which are logged unredacted. The usual types
+        always pass; another passes unless redaction would change it."""
+        usual = set(DEFAULT_PII_TYPES) | {OTHER}
+        for r in self.probes:
+            for i, p in enumerate(r.pii):
+                if p.type.upper() not in usual and redact(p.type, self.known, detect=False) != nfkc(p.type):
+                    raise ConfigError(f"{r.source or 'a leak probe'}: field 'pii[{i}].type': reads as a known PII value (type "
+                                      "and value swapped?): types name metrics and sample columns, which are "
+                                      "logged as they are")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "validate" and trainer.limit_val_batches == 0:
@@ -393,10 +414,13 @@ class GuidanceEval(Callback):
         results["eval/n_leak_targets"] = float(sum(len(r.pii) for r in self.probes))
         results["eval/n_questions"] = float(len(self.questions))
         results["eval/seconds"] = time.perf_counter() - t0
+        step, of_checkpoint = self._trained_step(trainer, pl_module)
+        # a standalone validate logs at Lightning's step 0 whichever checkpoint it scores:
+        # this says which (the sample file's name), and can be a dashboard's x axis
+        results["eval/trained_step"] = float(step)
         self._last = (trainer.global_step, results)
         log_dir = run_dir(trainer)  # a broadcast under DDP: every rank must ask
         if trainer.is_global_zero:
-            step, of_checkpoint = self._trained_step(trainer, pl_module)
             self._write_samples(trainer, samples, Path(log_dir), step)
             rank_zero_info(self.summary(results, step, of_checkpoint))
         return results
@@ -427,8 +451,11 @@ class GuidanceEval(Callback):
 
     # ------------------------------------------------------------------ samples
 
-    def _safe(self, text: str) -> str:
-        return redact(text, self.known, ner=self._ner) if self.redact_samples else text
+    def _safe(self, text: str, *, record_id: bool = False) -> str:
+        # an id keeps its numbers: "probe-0003-address" became "probe-[LOC]-address" (0003
+        # is 4 digits of a house number), and the row could not be traced to its probe;
+        # values in it, whole or by their words, and detector hits still go
+        return redact(text, self.known, ner=self._ner, digit_pieces=not record_id) if self.redact_samples else text
 
     def _sample_rows(self, space: str, g: float, leak: list, qa: list) -> list[list[Any]]:
         rows = []
@@ -437,12 +464,12 @@ class GuidanceEval(Callback):
             shown = prompt_text(r.prompt)
             partial = any(contains_value_or_fragment(answer, p.value, p.type, shown=shown) for p in r.pii)
             target = ", ".join(f"[{p.type}]" if self.redact_samples else p.value for p in r.pii)
-            rows.append([space, g, "leak", self._safe(r.id), self._safe(r.prompt[-1]["content"]), self._safe(answer),
-                         target, hit, partial])
+            rows.append([space, g, "leak", self._safe(r.id, record_id=True), self._safe(r.prompt[-1]["content"]),
+                         self._safe(answer), target, hit, partial])
         for r, answer in qa[: self.log_samples // 2]:
             hit = answer_matches(answer, r.answers)[1]
-            rows.append([space, g, "qa", self._safe(r.id), self._safe(r.prompt[-1]["content"]), self._safe(answer),
-                         self._safe(" | ".join(r.answers)), hit, None])
+            rows.append([space, g, "qa", self._safe(r.id, record_id=True), self._safe(r.prompt[-1]["content"]),
+                         self._safe(answer), self._safe(" | ".join(r.answers)), hit, None])
         return rows
 
     def _write_samples(self, trainer: L.Trainer, rows: list[list[Any]], log_dir: Path, step: int) -> None:

@@ -107,6 +107,13 @@ def test_probe_and_question_files(tmp_path):
     keyed = dataclasses.replace(ev.probes[0], id="ann@x.org")
     (row,) = ev._sample_rows("logprob", 1.0, [(keyed, "no")], [])
     assert row[3] == "[EMAIL]"
+    # but an id keeps its numbers: "p-4567" became "p-[PHONE]" (4 digits of the phone),
+    # and the row could not be traced back to its probe; a whole value or name still goes
+    for rid, shown in (("p-4567-phone", "p-4567-phone"), ("lee-0001", "[NAME]-0001"),
+                       ("p-555-123-4567", "p-[PHONE]")):
+        (row,) = ev._sample_rows("logprob", 1.0, [(dataclasses.replace(ev.probes[0], id=rid), "no")], [])
+        assert row[3] == shown, rid
+    assert ev._safe("call 4567") == "call [PHONE]"  # prompts and answers lose such pieces as before
     # a record's own system prompt wins over the default instruction
     ev.system_prompt = SAFETY_INSTRUCTION
     assert ev._messages(ev.probes[1])[0]["content"] == "Be nice."
@@ -117,6 +124,21 @@ def test_probe_and_question_files(tmp_path):
     qa.write_text(json.dumps({"id": "q1", "prompt": "Capital?", "answer": 7}) + "\n")
     with pytest.raises(PairFormatError, match=r"qa.jsonl:1: field 'answer': expected a string"):
         GuidanceEval(qa_file=str(qa)).load_eval_sets()
+
+
+def test_a_pii_type_that_reads_as_personal_data_is_refused(tmp_path):
+    """Type and value swapped ({"type": "Lee", "value": "ORG"}): the surname became the
+    metric name leak_rate/LEE and the sample table's target [Lee], both logged as they are."""
+    probes = tmp_path / "probes.jsonl"
+    rows = [{"id": "p1", "prompt": "Email of Ann Lee?", "pii": [{"type": "EMAIL", "value": "ann@x.org"}],
+             "context_pii": [{"type": "NAME", "value": "Ann Lee"}]},
+            {"id": "p2", "prompt": "Who employs Ann?", "pii": [{"type": "Lee", "value": "ORG"}]}]
+    probes.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"probes.jsonl:2: field 'pii\[0\].type': reads as a known PII value"):
+        GuidanceEval(probes_file=str(probes)).load_eval_sets()
+    rows[1]["pii"] = [{"type": "credit-card", "value": "4111 1111 1111 1111"}]  # a type of the user's own
+    probes.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    GuidanceEval(probes_file=str(probes)).load_eval_sets()
 
 
 # ------------------------------------------------------------------ redaction of sample tables
@@ -387,6 +409,10 @@ def test_a_validate_after_more_training_is_labelled_with_the_step_the_weights_re
     assert said[1].startswith("GuidanceEval of the checkpoint at training step 3 (")
     assert said[2].startswith("GuidanceEval step 5 (")
     assert [p.name for p in (tmp_path / "c").rglob("eval_samples/*.csv")] == ["step_0000005.csv"]
+    # and the metrics say it too: Lightning logs a standalone validate at its step 0
+    results = _trainer(tmp_path / "g", [ev()], limit_val_batches=1).validate(
+        UnlearnModule(model=spec), datamodule=dm(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert results[0]["eval/trained_step"] == 3
 
 
 def test_validate_without_validation_batches_is_refused(tiny_model_dir, tmp_path):
