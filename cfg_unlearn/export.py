@@ -71,7 +71,8 @@ class ExportConfig:
     """The contents of ``cfg_unlearn.json``: how an exported model is meant to be decoded."""
 
     system_instruction: str | None
-    uncond_instruction: str | None  # None: the instruction is blanked in the unconditioned branch
+    #: None: the unconditioned prompt has no system message at all (not an empty one)
+    uncond_instruction: str | None
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     space: str = DEFAULT_SPACE
     source_checkpoint: str | None = None
@@ -86,7 +87,7 @@ class ExportConfig:
 
     def describe(self) -> str:
         """One line for the console: guidance, space and the two instructions."""
-        uncond = repr(self.uncond_instruction) if self.uncond_instruction else "blank"
+        uncond = repr(self.uncond_instruction) if self.uncond_instruction else "no system message"
         return (f"guidance {self.guidance_scale:g} ({self.space}); instruction {self.system_instruction!r}, "
                 f"unconditioned {uncond}")
 
@@ -344,7 +345,15 @@ def write_export(
         model.config.use_cache = True  # training with gradient checkpointing turns it off
     with staged_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        # an export is for decoding: transformers' batched generate needs left padding (a
+        # right-padded batch answered "sssss as a" where one prompt alone was sound).
+        # save_pretrained writes the attribute only where the init kwargs name it
+        saved = tokenizer.padding_side, dict(tokenizer.init_kwargs)
+        tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
+        try:
+            tokenizer.save_pretrained(tmp)
+        finally:
+            tokenizer.padding_side, tokenizer.init_kwargs = saved[0], saved[1]
         (tmp / EXPORT_CONFIG).write_text(config.to_json(), encoding="utf-8")
     return out
 

@@ -136,6 +136,37 @@ def test_export_decodes_exactly_like_the_trained_module(trained, exported, tiny_
         assert _cut_at_eos(out[0, ids.shape[1]:].tolist(), eos) == want
 
 
+def test_the_readmes_plain_transformers_recipe_decodes_like_the_engine(trained, exported):
+    """The README's recipe for CFG in plain transformers, run as written: "blank" in
+    cfg_unlearn.json had been read as an empty system message, which decodes otherwise."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "README: plain-transformers CFG" in b]
+    assert 'export = "unlearned/"' in block
+    for prompt in PROMPTS[:2]:
+        scope: dict = {}
+        exec(block.replace('export = "unlearned/"', f"export = {str(exported.dir)!r}")
+             .replace('chat = [{"role": "user", "content": "Where does Ann Lee live?"}]', f"chat = {prompt!r}"), scope)
+        ours = generate(trained.module.model, trained.tokenizer, [prompt], system=exported.config.system_instruction,
+                        uncond_system=exported.config.uncond_instruction,
+                        guidance_scale=exported.config.guidance_scale, max_new_tokens=64)[0]
+        assert scope["answer"] == ours and ours, prompt
+
+
+def test_the_exported_tokenizer_pads_on_the_left(trained, exported, tmp_path):
+    """It padded on the right: transformers' batched generate on the export answered
+    "sssss as a" where the prompt alone was sound."""
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(exported.dir).padding_side == "left"
+    tok = load_tokenizer(trained.spec)
+    before = tok.padding_side, dict(tok.init_kwargs)
+    write_export(trained.module.model, tok, tmp_path / "e", exported.config)
+    assert AutoTokenizer.from_pretrained(tmp_path / "e").padding_side == "left"
+    assert (tok.padding_side, tok.init_kwargs) == before  # the caller's tokenizer is left as it was
+
+
 def test_cfg_unlearn_json_records_the_trained_instructions(trained, exported):
     raw = json.loads((exported.dir / EXPORT_CONFIG).read_text())
     assert raw == {
@@ -202,7 +233,7 @@ def test_refuses_non_empty_out_without_overwrite_then_replaces_it(trained, tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     main_export(["--ckpt", str(trained.ckpt), "--out", str(out), "--overwrite"])
     # the blanked unconditioned instruction reads as chat's banner puts it, not "None"
-    assert "unconditioned blank)" in capsys.readouterr().out
+    assert "unconditioned no system message)" in capsys.readouterr().out
     names = {p.name for p in out.iterdir()}
     assert "keep.txt" not in names and {"config.json", "model.safetensors", EXPORT_CONFIG} <= names
     assert leftovers(tmp_path) == []
@@ -587,7 +618,7 @@ def test_main_chat_end_to_end_on_the_export(exported):
     want = generate(hf, tok, [[{"role": "user", "content": "What is the e-mail of Ann Lee?"}]],
                     system=TRAINED_SYSTEM, guidance_scale=2.0, max_new_tokens=8)[0]
     assert f"model> {want}\n" in out.getvalue()
-    assert f"guidance 2 (logprob); instruction {TRAINED_SYSTEM!r}, unconditioned blank" in out.getvalue()
+    assert f"guidance 2 (logprob); instruction {TRAINED_SYSTEM!r}, unconditioned no system message" in out.getvalue()
 
 
 def test_main_chat_refuses_max_new_tokens_beyond_the_context(exported, capsys):
