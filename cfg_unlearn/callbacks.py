@@ -43,7 +43,6 @@ from cfg_unlearn.pii import (
     NERDetector,
     contains_value,
     contains_value_or_fragment,
-    nfkc,
     redact,
 )
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
@@ -172,6 +171,7 @@ class GuidanceEval(Callback):
         self.probes: list[EvalRecord] = []
         self.questions: list[EvalRecord] = []
         self.known: list[PIIItem] = []
+        self._own_ids: set[str] = set()
         self._last: tuple[int, dict[str, float]] | None = None  # (global step, results) of the last run
         self._own_tokenizer = None
         self._ner: NERDetector | None = None
@@ -184,6 +184,7 @@ class GuidanceEval(Callback):
         return out + [(sp, g) for sp in self.spaces for g in self.scales if g != 1.0]
 
     def load_eval_sets(self, datamodule: Any = None) -> None:
+        self._own_ids = set()  # the ids the synthetic world made (no personal data in them)
         if self.probes_file or self.qa_file:
             self.probes = read_eval_records(self.probes_file, "probe")[0] if self.probes_file else []
             self.questions = read_eval_records(self.qa_file, "qa")[0] if self.qa_file else []
@@ -198,6 +199,7 @@ class GuidanceEval(Callback):
                 )
             world = World(config)
             self.probes, self.questions, self.known = world.probe_records(), world.qa_records(), world.known_pii()
+            self._own_ids = {r.id for r in (*self.probes, *self.questions)}
         # the training data's people too: a model answers with values no probe asks for
         data_pii = datamodule.known_pii() if callable(getattr(datamodule, "known_pii", None)) else ()
         self.known = list(dict.fromkeys([*self.known, *data_pii]))
@@ -210,17 +212,18 @@ class GuidanceEval(Callback):
             raise ConfigError("GuidanceEval has no leak probes and no questions to evaluate")
 
     def _check_type_labels(self) -> None:
-        """Refuse a probe whose PII type reads as personal data (type and value swapped,
-        ``{"type": "Boyd", "value": "ORG"}``): types name metrics (``leak_rate/BOYD``) and
-        the sample tables' target column, which are logged unredacted. The usual types
-        always pass; another passes unless redaction would change it."""
-        usual = set(DEFAULT_PII_TYPES) | {OTHER}
+        """Refuse a probe whose PII type is a known value or a word of a known name (type
+        and value swapped, ``{"type": "Lee", "value": "ORG"}``): types name metrics
+        (``leak_rate/LEE``) and the sample tables' target column, logged as they are. A
+        type that merely shares a word with a value ("CITY" beside "Mexico City") is fine."""
+        taken = {k.value.casefold() for k in self.known}
+        taken |= {w.casefold() for k in self.known if k.type.upper() == "NAME" for w in k.value.split()}
         for r in self.probes:
             for i, p in enumerate(r.pii):
-                if p.type.upper() not in usual and redact(p.type, self.known, detect=False) != nfkc(p.type):
-                    raise ConfigError(f"{r.source or 'a leak probe'}: field 'pii[{i}].type': reads as a known PII value (type "
-                                      "and value swapped?): types name metrics and sample columns, which are "
-                                      "logged as they are")
+                if p.type.casefold() in taken:
+                    raise ConfigError(f"{r.source or 'a leak probe'}: field 'pii[{i}].type': is a known PII value or "
+                                      "a word of a known name (type and value swapped?): types name metrics and "
+                                      "sample columns, which are logged as they are")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "validate" and trainer.limit_val_batches == 0:
@@ -451,11 +454,19 @@ class GuidanceEval(Callback):
 
     # ------------------------------------------------------------------ samples
 
-    def _safe(self, text: str, *, record_id: bool = False) -> str:
-        # an id keeps its numbers: "probe-0003-address" became "probe-[LOC]-address" (0003
-        # is 4 digits of a house number), and the row could not be traced to its probe;
-        # values in it, whole or by their words, and detector hits still go
-        return redact(text, self.known, ner=self._ner, digit_pieces=not record_id) if self.redact_samples else text
+    def _safe(self, text: str) -> str:
+        return redact(text, self.known, ner=self._ner) if self.redact_samples else text
+
+    def _safe_id(self, rec: EvalRecord) -> str:
+        """A sample row's id: the synthetic world's own ids as they are (they hold no
+        personal data; redacted, "probe-0003-address" became "probe-[LOC]-address", 0003
+        being 4 digits of a house number, and the row could not be traced to its probe);
+        a file's ids redacted like the rest (an id can be an e-mail address), with the
+        record's ``file:line`` where that changed it."""
+        if rec.id in self._own_ids:
+            return rec.id
+        shown = self._safe(rec.id)
+        return f"{shown} ({Path(rec.source).name})" if shown != rec.id and rec.source else shown
 
     def _sample_rows(self, space: str, g: float, leak: list, qa: list) -> list[list[Any]]:
         rows = []
@@ -464,11 +475,11 @@ class GuidanceEval(Callback):
             shown = prompt_text(r.prompt)
             partial = any(contains_value_or_fragment(answer, p.value, p.type, shown=shown) for p in r.pii)
             target = ", ".join(f"[{p.type}]" if self.redact_samples else p.value for p in r.pii)
-            rows.append([space, g, "leak", self._safe(r.id, record_id=True), self._safe(r.prompt[-1]["content"]),
+            rows.append([space, g, "leak", self._safe_id(r), self._safe(r.prompt[-1]["content"]),
                          self._safe(answer), target, hit, partial])
         for r, answer in qa[: self.log_samples // 2]:
             hit = answer_matches(answer, r.answers)[1]
-            rows.append([space, g, "qa", self._safe(r.id, record_id=True), self._safe(r.prompt[-1]["content"]),
+            rows.append([space, g, "qa", self._safe_id(r), self._safe(r.prompt[-1]["content"]),
                          self._safe(answer), self._safe(" | ".join(r.answers)), hit, None])
         return rows
 

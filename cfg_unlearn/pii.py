@@ -636,11 +636,9 @@ def redact(
     *,
     detect: bool = True,
     ner: NERDetector | None = None,
-    digit_pieces: bool = True,
 ) -> str:
     """Replace known values (bare strings get type "PII"), every piece of them a partial
-    leak would count (words of 4+ letters even when run into other text; with
-    ``digit_pieces``, numbers holding 4 digits of a numeric value), and, with
+    leak would count (words of 4+ letters even when run into other text), and, with
     ``detect``, detector hits by ``[TYPE]``. Overlapping
     spans merge into one placeholder, named after the longest known value in it, else
     the longest detection. The text comes back in :func:`nfkc` form. A known word run
@@ -651,7 +649,7 @@ def redact(
     items = redaction_items(given)
     # (span, is_known): all matches, overlaps included, so nothing of a value survives
     spans = [(s, True) for s in _value_spans(text, items) + _glued_word_spans(text, items)
-             + (_digit_piece_spans(text, given) if digit_pieces else [])]
+             + _digit_piece_spans(text, given)]
     # the same with accents dropped on both sides ("Jose Nunez" for "José Núñez", and the
     # other way round); fold_marks keeps offsets, so its spans are spans of text
     plain_text = fold_marks(text)

@@ -106,14 +106,10 @@ def test_probe_and_question_files(tmp_path):
     assert row[3] == "p1"  # an id is shown as it is, and redacted like the rest (ids can be e-mail addresses)
     keyed = dataclasses.replace(ev.probes[0], id="ann@x.org")
     (row,) = ev._sample_rows("logprob", 1.0, [(keyed, "no")], [])
-    assert row[3] == "[EMAIL]"
-    # but an id keeps its numbers: "p-4567" became "p-[PHONE]" (4 digits of the phone),
-    # and the row could not be traced back to its probe; a whole value or name still goes
-    for rid, shown in (("p-4567-phone", "p-4567-phone"), ("lee-0001", "[NAME]-0001"),
-                       ("p-555-123-4567", "p-[PHONE]")):
-        (row,) = ev._sample_rows("logprob", 1.0, [(dataclasses.replace(ev.probes[0], id=rid), "no")], [])
-        assert row[3] == shown, rid
-    assert ev._safe("call 4567") == "call [PHONE]"  # prompts and answers lose such pieces as before
+    assert row[3] == "[EMAIL] (probes.jsonl:1)"  # the line it came from traces the row
+    # pieces of a value go too (4 digits of the phone); the file's line then traces the row
+    (row,) = ev._sample_rows("logprob", 1.0, [(dataclasses.replace(ev.probes[1], id="p-123-4567"), "no")], [])
+    assert row[3] == "p-[PHONE] (probes.jsonl:2)"
     # a record's own system prompt wins over the default instruction
     ev.system_prompt = SAFETY_INSTRUCTION
     assert ev._messages(ev.probes[1])[0]["content"] == "Be nice."
@@ -134,9 +130,11 @@ def test_a_pii_type_that_reads_as_personal_data_is_refused(tmp_path):
              "context_pii": [{"type": "NAME", "value": "Ann Lee"}]},
             {"id": "p2", "prompt": "Who employs Ann?", "pii": [{"type": "Lee", "value": "ORG"}]}]
     probes.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ValueError, match=r"probes.jsonl:2: field 'pii\[0\].type': reads as a known PII value"):
+    with pytest.raises(ValueError, match=r"probes.jsonl:2: field 'pii\[0\].type': is a known PII value or a word "
+                                         r"of a known name"):
         GuidanceEval(probes_file=str(probes)).load_eval_sets()
-    rows[1]["pii"] = [{"type": "credit-card", "value": "4111 1111 1111 1111"}]  # a type of the user's own
+    # types of the user's own pass, also one that shares a word with a value
+    rows[1]["pii"] = [{"type": "credit-card", "value": "4111 1111 1111 1111"}, {"type": "CITY", "value": "Mexico City"}]
     probes.write_text("".join(json.dumps(r) + "\n" for r in rows))
     GuidanceEval(probes_file=str(probes)).load_eval_sets()
 
@@ -186,6 +184,9 @@ def test_sample_table_never_shows_a_known_pii_value_by_default(tmp_path):
     ev = GuidanceEval(world=world.config, log_samples=12)
     ev.load_eval_sets()
     rows = _leaky_rows(ev, world)
+    # the world's own ids are shown as they are: redacted, "probe-0003-address" was
+    # "probe-[LOC]-address" (0003: 4 digits of a house number), untraceable
+    assert [r[3] for r in rows] == [r.id for r in world.probe_records()[:12]] + [q.id for q in world.qa_records()[:4]]
     assert len(rows) == 12 + 4 and all(r[-1] for r in rows if r[2] == "leak")  # every leak row is a hit
     text = "\n".join(",".join(map(str, r)) for r in rows)
     for item in world.known_pii():
