@@ -205,11 +205,13 @@ def test_prompt_with_whole_conversations_is_read_as_trl_reads_it():
     assert (rec.system, rec.prompt, rec.chosen) == ("S", (turn,), "I can't share that.")
 
 
-def test_a_blank_system_is_refused_not_replaced():
-    """The data module put data.system_prompt in place of a blank ``system``, while one
-    who writes "" means no instruction: refused in a file (BAD_ROWS) and in Python."""
-    with pytest.raises(ValueError, match="system is blank"):
-        PairRecord(id="a", prompt=({"role": "user", "content": "q"},), chosen="c", rejected="r", system=" ")
+def test_a_blank_system_reads_as_none_of_its_own():
+    """Datasets write "" for "no system prompt of its own" (Intel/orca_dpo_pairs): it reads
+    as None, so data.system_prompt applies, as it did; in a file and in Python alike."""
+    rec = record_from_dict({**GOOD, "system": ""}, source="f.jsonl", line=1)
+    assert rec.system is None
+    assert PairRecord(id="a", prompt=({"role": "user", "content": "q"},), chosen="c", rejected="r",
+                      system=" ").system is None
 
 
 def test_a_key_given_twice_is_an_error_in_every_reader(tmp_path):
@@ -225,6 +227,11 @@ def test_a_key_given_twice_is_an_error_in_every_reader(tmp_path):
     path = _write_lines(tmp_path / "n.jsonl", ['{"messages": [{"role": "user", "role": "assistant"}]}'])
     [(line, obj, err)] = list(iter_jsonl(path))
     assert obj is None and (err.line, err.field) == (1, "role")
+    # a key that is no field name is not quoted: a PII map written the wrong way round
+    # has values for keys
+    path = _write_lines(tmp_path / "m.jsonl", ['{"Jane Roe": "NAME-1", "Jane Roe": "NAME-2"}'])
+    [(line, obj, err)] = list(iter_jsonl(path))
+    assert err.field is None and "Jane" not in str(err) and "a key of 8 characters is given twice" in str(err)
 
 
 def test_implicit_prompt_without_shared_prefix_is_error():
@@ -310,7 +317,6 @@ BAD_ROWS = {
                         "pii[1].value"),
     "pii_value_not_string": (_row(pii=[{"type": "EMAIL", "value": 5}]), "value"),
     "implicit_prompt_string_answers": (_row(prompt=_DROP, chosen="a", rejected="b"), "prompt"),
-    "system_empty": (_row(system=""), "system"),  # encode put data.system_prompt in its place
     "nul_in_answer": (_row(chosen="a\x00b"), "chosen"),
     "nul_in_message": (_row(prompt=[{"role": "user", "content": "q\x00"}]), "content"),
     "prompt_not_the_shared_turns": (

@@ -76,9 +76,7 @@ class PairRecord:
 
     def __post_init__(self) -> None:
         if self.system is not None and not self.system.strip():
-            # the data module reads a blank one as unset (data.system_prompt in its place),
-            # not as "no instruction", which is what one who writes it likely means
-            raise ValueError("a pair's system is blank: None means the data module's system_prompt")
+            object.__setattr__(self, "system", None)  # as the reader reads it: none of its own
         if not self.group:
             object.__setattr__(self, "group", self.id)
 
@@ -207,7 +205,8 @@ def check_unicode(val: str, src: str, line: int | None, name: str) -> str:
     except UnicodeEncodeError:
         raise PairFormatError(src, line, name, "contains an unpaired surrogate escape (invalid Unicode)") from None
     if "\x00" in val:  # binary data pasted into a text field; no chat text holds one
-        raise PairFormatError(src, line, name, f"contains a NUL character (at column {val.index(chr(0)) + 1})")
+        raise PairFormatError(src, line, name, f"contains a NUL character (character {val.index(chr(0)) + 1} of "
+                                               "the field)")
     return val
 
 
@@ -306,9 +305,7 @@ def _system_and_turns(
     remaining turns, which must end with a user turn."""
     system = _text(obj, "system", src, line, max_chars, required=False)
     if system is not None and not system.strip():
-        # as an empty system message is: `encode` would put data.system_prompt in its place
-        raise PairFormatError(src, line, "system", "empty; leave the field out (or null) for the data module's "
-                                                   "system_prompt")
+        system = None  # datasets write "" for "none of its own" (Intel/orca_dpo_pairs): data.system_prompt applies
     if prompt_msgs and prompt_msgs[0]["role"] == "system":
         if system is not None:
             raise PairFormatError(src, line, "system", "given both as a field and as a system message in the prompt")
@@ -474,6 +471,14 @@ def _first_line_hint(raw: bytes) -> str:
     return ""
 
 
+#: the keys of the JSONL formats read here (pairs, forget data, probes, questions, SAFT
+#: samples and labels, challenge rows): safe to name in an error, unlike a key in general
+FIELD_NAMES = frozenset({
+    "id", "prompt", "chosen", "rejected", "system", "pii", "group", "type", "value", "role", "content", "messages",
+    "label", "labels", "idx", "answer", "answers", "context_pii", "known", "kind", "score_chosen", "score_rejected",
+})
+
+
 class _DuplicateKey(ValueError):
     def __init__(self, key: str):
         super().__init__(key)
@@ -515,9 +520,15 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, PairF
             try:
                 yield lineno, json.loads(text, object_pairs_hook=_unique_keys), None
             except _DuplicateKey as e:
-                # json keeps the last value silently: a hand-merged row could train another answer
-                yield lineno, None, PairFormatError(src, lineno, e.key, "duplicate key (JSON would keep the last "
-                                                                        "value; which one is meant is not ours to guess)")
+                # json keeps the last value silently: a hand-merged row could train another answer.
+                # A key is named only when it is one of the formats' field names: a PII map
+                # written the wrong way round has values for keys
+                why = "JSON would keep the last value; which one is meant is not ours to guess"
+                if e.key in FIELD_NAMES:
+                    yield lineno, None, PairFormatError(src, lineno, e.key, f"duplicate key ({why})")
+                else:
+                    yield lineno, None, PairFormatError(src, lineno, None, f"a key of {len(e.key)} characters is "
+                                                        f"given twice (not shown: it may be personal data; {why})")
             except json.JSONDecodeError as e:
                 # some messages end in "at" ("Invalid control character at"): say it once
                 msg = e.msg.removesuffix(" at")
