@@ -244,27 +244,44 @@ ARCHITECTURE_FIELDS = (
 )
 
 
+def _effective_config(model_dir: Path) -> dict | None:
+    """``model_dir``'s config as transformers reads it (defaults filled in, the rotary
+    fields of older files moved into ``rope_parameters``: a fine-tune saved by another
+    transformers version writes them otherwise), else its raw JSON; None without one."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model_dir).to_dict()
+    except Exception:  # noqa: BLE001 - a model type this transformers lacks: compare the file as written
+        raw = _read_json(path)
+        return raw if isinstance(raw, dict) else None
+
+
 def check_same_architecture(base_dir: Path, finetuned_dir: Path) -> None:
-    """Refuse two models whose config.json differ in an :data:`ARCHITECTURE_FIELDS` field
-    (at the top level or in a ``text_config``), naming the field and both values; the
-    tensor headers alone passed a model with 8 heads of 16 as a fine-tune of one with 4
-    of 32. Runs where both configs exist (bare weight folders are checked by tensor)."""
-    paths = (base_dir / "config.json", finetuned_dir / "config.json")
-    if not all(p.is_file() for p in paths):
-        return
-    configs = [_read_json(p) for p in paths]
-    if not all(isinstance(c, dict) for c in configs):
+    """Refuse two models whose configs differ in an :data:`ARCHITECTURE_FIELDS` field (at
+    the top level or in a ``text_config``), naming the field and both values; the tensor
+    headers alone passed a model with 8 heads of 16 as a fine-tune of one with 4 of 32.
+    The configs are compared as transformers reads them; a field one of them lacks is
+    not compared. Bare weight folders (no config.json) are checked by tensor only."""
+    configs = [_effective_config(d) for d in (base_dir, finetuned_dir)]
+    if any(c is None for c in configs):
         return
     for scope in (None, "text_config"):
         parts = [c if scope is None else c.get(scope) for c in configs]
         if not all(isinstance(x, dict) for x in parts):
             continue
         for name in ARCHITECTURE_FIELDS:
-            a, b = (x.get(name) for x in parts)
+            if name not in parts[0] or name not in parts[1]:
+                continue
+            a, b = parts[0][name], parts[1][name]
             if a != b:
                 field = name if scope is None else f"{scope}.{name}"
-                raise ValueError(f"config field {field!r}: {a!r} in {paths[0]} vs {b!r} in {paths[1]}: the two "
-                                 "models are not one architecture, so their difference is no task vector")
+                raise ValueError(f"config field {field!r}: {a!r} in {base_dir / 'config.json'} vs {b!r} in "
+                                 f"{finetuned_dir / 'config.json'}: the two models are not one architecture, so "
+                                 "their difference is no task vector")
 
 
 def check_not_quantized(model_dir: Path) -> None:
