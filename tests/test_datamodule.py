@@ -493,25 +493,30 @@ def test_val_file(tiny_name, tmp_path, world_pairs):
     assert [len(b["id"]) for b in dm.val_dataloader()] == [3, 1]
 
 
-def test_a_val_file_sharing_conversations_with_the_training_pairs_is_refused(tiny_name, tmp_path, world_pairs):
-    """The README's "no conversation lands on both sides" held for val_fraction only: the
-    train file given again as val_file validated on the training pairs, silently."""
+def test_a_val_file_holding_training_pairs_is_refused(tiny_name, tmp_path, world_pairs):
+    """The train file given again as val_file validated on the training pairs, silently.
+    Pairs are compared by content: ids and groups are numbered per file."""
     recs = list(world_pairs.values())[:12]
     write_pairs(tmp_path / "train.jsonl", recs)
-    write_pairs(tmp_path / "val.jsonl", recs[9:12])  # the second turn of one training conversation, and two more
-    with pytest.raises(ValueError, match=r"3 of the 3 validation pairs in .*val.jsonl belong to conversations .* "
-                                         r"first .*val.jsonl:1 \(as .*train.jsonl:9\)"):
+    write_pairs(tmp_path / "val.jsonl", recs[9:12])
+    with pytest.raises(ValueError, match=r"3 of the 3 validation pairs in .*val.jsonl are training pairs too .* "
+                                         r"first .*val.jsonl:1 \(as .*train.jsonl:10\)"):
         make_dm(tiny_name, train_file=str(tmp_path / "train.jsonl"), val_file=str(tmp_path / "val.jsonl"))
-    # rows with neither id nor group are named by file name and line, which two files share:
-    # the same lines of two files are not the same conversation, the same file twice is
+    # the same file under another spelling of its path, rows without ids
     rows = [json.dumps({"prompt": list(r.prompt), "chosen": r.chosen, "rejected": r.rejected}) for r in recs]
-    for split in ("a", "b"):
-        (tmp_path / split).mkdir()
-        (tmp_path / split / "pairs.jsonl").write_text("\n".join(rows[:6] if split == "a" else rows[6:]) + "\n")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "pairs.jsonl").write_text("\n".join(rows[:6]) + "\n")
+    with pytest.raises(ValueError, match=r"6 of the 6 validation pairs"):
+        make_dm(tiny_name, train_file=str(tmp_path / "d/pairs.jsonl"), val_file=str(tmp_path / "d/../d/pairs.jsonl"))
+    # ids numbered per file (0, 1, ... in each) and id-less rows of two pairs.jsonl files:
+    # the same names, other pairs
+    for name, part in (("a", recs[:6]), ("b", recs[6:])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pairs.jsonl").write_text("".join(
+            json.dumps({"id": i, "prompt": list(r.prompt), "chosen": r.chosen, "rejected": r.rejected}) + "\n"
+            for i, r in enumerate(part)))
     dm = make_dm(tiny_name, train_file=str(tmp_path / "a/pairs.jsonl"), val_file=str(tmp_path / "b/pairs.jsonl"))
     assert dm.stats["train_pairs"] == dm.stats["val_pairs"] == 6
-    with pytest.raises(ValueError, match=r"6 of the 6 validation pairs"):
-        make_dm(tiny_name, train_file=str(tmp_path / "a/pairs.jsonl"), val_file=str(tmp_path / "a/pairs.jsonl"))
 
 
 def test_asked_for_validation_does_not_vanish(tiny_name, tmp_path, world_pairs, recwarn):

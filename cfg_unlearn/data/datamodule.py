@@ -16,11 +16,11 @@ Both variants share one ``L`` so the hook can choose rows with a ``torch.where``
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -183,24 +183,23 @@ def split_by_group(records: list[PairRecord], val_fraction: float, seed: int) ->
 
 
 def check_disjoint(train: list[PairRecord], val: list[PairRecord], val_file: str) -> None:
-    """Refuse a validation file that shares conversations (``group``, else ``id``) with
-    the training pairs: its scores would measure memorisation, the very thing being
-    removed. A row with neither names no conversation (its id is its file's name and
-    line, which two files can share), so it counts only as the same line of the same
-    file. Named by the rows' ``file:line``, not their ids (an id can be personal data)."""
-    def key(r: PairRecord) -> str:
-        path, _, line = r.source.rpartition(":")
-        return f"row {r.source}" if r.group == r.id == f"{Path(path).name}:{line}" else f"group {r.group}"
+    """Refuse validation pairs that are training pairs (the same prompt and leaky answer):
+    their scores would measure memorisation, the very thing being removed. Compared by
+    content, not by id or group: files number their rows on their own (ids 0, 1, ... in
+    each; pairs from two challenge files both start at llmpc-0). Named by ``file:line``,
+    not by id (an id can be personal data)."""
+    def content(r: PairRecord) -> str:
+        return json.dumps([[[m["role"], m["content"]] for m in r.prompt], r.rejected])
 
-    train_keys: dict[str, str] = {}
+    in_train: dict[str, str] = {}
     for r in train:
-        train_keys.setdefault(key(r), r.source or "a pair of the world")
-    shared = [(r.source, train_keys[key(r)]) for r in val if key(r) in train_keys]
+        in_train.setdefault(content(r), r.source or "a pair of the world")
+    shared = [(r.source, in_train[content(r)]) for r in val if content(r) in in_train]
     if shared:
         first, where = shared[0]
-        raise ConfigError(f"{len(shared)} of the {len(val)} validation pairs in {val_file} belong to conversations "
-                          f"(group, else id) that the training pairs hold too, first {first} (as {where}): a "
-                          "conversation must not land on both sides")
+        raise ConfigError(f"{len(shared)} of the {len(val)} validation pairs in {val_file} are training pairs too "
+                          f"(the same prompt and leaky answer), first {first} (as {where}): validation would score "
+                          "memorisation")
 
 
 class PairDataModule(L.LightningDataModule):
