@@ -194,7 +194,7 @@ def check_disjoint(train: list[PairRecord], val: list[PairRecord], val_file: str
     in_train: dict[str, str] = {}
     for r in train:
         in_train.setdefault(content(r), r.source or "a pair of the world")
-    shared = [(r.source, in_train[content(r)]) for r in val if content(r) in in_train]
+    shared = [(r.source, where) for r in val if (where := in_train.get(content(r))) is not None]
     if shared:
         first, where = shared[0]
         raise ConfigError(f"{len(shared)} of the {len(val)} validation pairs in {val_file} are training pairs too "

@@ -106,10 +106,10 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
     # later conversation onto the next one's PII, with equal row counts and the same
     # placeholders (blank lines at the same places, or at either file's end, are fine)
     for (n, *_), (m, *_) in zip(scrubbed, maps):
-        if n != m:
-            blank, other, row = (pii_path, scrubbed_path, n) if n < m else (scrubbed_path, pii_path, m)
+        if n != m:  # the earlier of the two lines is blank in the other file
+            blank, other = (pii_path, scrubbed_path) if n < m else (scrubbed_path, pii_path)
             raise PairFormatError(str(blank), min(n, m), None,
-                                  f"blank, but line {row} of {other} holds a row: line i of both files must "
+                                  f"blank, but line {min(n, m)} of {other} holds a row: line i of both files must "
                                   "describe one conversation")
     rows = []
     first_line: dict[int, int] = {}
