@@ -128,7 +128,14 @@ class UnlearnCLI(LightningCLI):
             raise
 
     def instantiate_trainer(self, **kwargs):
-        trainer = super().instantiate_trainer(**kwargs)
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as e:
+            # the Trainer's own refusals (no GPU for `accelerator: gpu`, `strategy: fsdp` on
+            # the CPU, `devices: 0`, an unknown strategy name) are setting errors, not crashes
+            raise ConfigError(f"trainer: {e}") from e
         install_checkpointing(trainer)  # atomic checkpoint writes + exact mid-epoch resume
         evaluator = self._get(self.config_init, "eval")
         if evaluator is not None:

@@ -211,8 +211,12 @@ def test_resumed_fit_names_optimizer_and_schedule_arguments_the_checkpoint_overr
     # raised in configure_optimizers, inside Lightning's fit
     (["--model.lr_scheduler.init_args.min_ratio=2"], "lr_scheduler: warmup_steps must be >= 0 and min_ratio in "
                                                      "[0, 1], got 10 and 2.0"),
+    # the Trainer's own refusals: Lightning's tracebacks until they were wrapped
+    (["--trainer.devices=0"], "trainer: `Trainer(devices='0')` value is not a valid input using cpu accelerator"),
+    (["--trainer.strategy=nonsense"], "trainer: You selected an invalid strategy name: `strategy='nonsense'`"),
+    (["--trainer.strategy=fsdp"], "trainer: The strategy `fsdp` requires a GPU accelerator"),
 ], ids=["batch-size", "cond-dropout", "no-people", "own-pairs-without-eval-sets", "eval-spaces", "eval-new-tokens",
-        "schedule-ratio"])
+        "schedule-ratio", "trainer-devices", "trainer-strategy", "trainer-fsdp-on-cpu"])
 def test_settings_that_cannot_work_are_one_line_errors(tiny_model_dir, tmp_path, capsys, monkeypatch, args, message):
     """A value the module, data module or GuidanceEval refuses is `train.py: error: ...`
     with exit status 2 (it was a traceback), like a malformed pair row."""
