@@ -104,6 +104,16 @@ def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
     try:
         # the expanded path: "~/m" unexpanded reads as a (malformed) hub id
         return loader.from_pretrained(str(local) if local.exists() else path, **kwargs)
+    except (ValueError, ImportError) as e:
+        # an attention backend that does not exist or is not installed ("sdpaa",
+        # flash_attention_2 without flash-attn) fails here, after the config and data
+        # setup; it is a setting, named as one
+        attn = kwargs.get("attn_implementation")
+        if attn is None or not ("attn_implementation" in str(e) or "attention" in str(e).lower()):
+            raise
+        raise ConfigError(f"attn_implementation {attn!r} cannot load {what} {name_or_path!r}: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__} ('sdpa' and 'eager' need "
+                          "nothing installed)") from e
     except OSError as e:  # transformers wraps hub and repo-id errors in OSError
         if local.exists():
             raise

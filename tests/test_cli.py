@@ -215,8 +215,9 @@ def test_resumed_fit_names_optimizer_and_schedule_arguments_the_checkpoint_overr
     (["--trainer.devices=0"], "trainer: `Trainer(devices='0')` value is not a valid input using cpu accelerator"),
     (["--trainer.strategy=nonsense"], "trainer: You selected an invalid strategy name: `strategy='nonsense'`"),
     (["--trainer.strategy=fsdp"], "trainer: The strategy `fsdp` requires a GPU accelerator"),
+    (["--model.attn_implementation=sdpaa"], "attn_implementation 'sdpaa' cannot load model"),  # at the model build
 ], ids=["batch-size", "cond-dropout", "no-people", "own-pairs-without-eval-sets", "eval-spaces", "eval-new-tokens",
-        "schedule-ratio", "trainer-devices", "trainer-strategy", "trainer-fsdp-on-cpu"])
+        "schedule-ratio", "trainer-devices", "trainer-strategy", "trainer-fsdp-on-cpu", "attn-implementation"])
 def test_settings_that_cannot_work_are_one_line_errors(tiny_model_dir, tmp_path, capsys, monkeypatch, args, message):
     """A value the module, data module or GuidanceEval refuses is `train.py: error: ...`
     with exit status 2 (it was a traceback), like a malformed pair row."""

@@ -236,6 +236,18 @@ def test_a_path_that_is_no_model_is_a_one_line_error(tmp_path):
             load(str(tmp_path / "last.ckpt"))
 
 
+def test_an_attention_backend_that_cannot_load_is_a_setting_error(tiny_dir, offline):
+    """A mistyped or uninstalled ``attn_implementation`` was transformers' traceback,
+    after the config and data setup; it is now a ConfigError naming the setting."""
+    from cfg_unlearn.models import load_causal_lm
+    from cfg_unlearn.utils import ConfigError
+
+    with pytest.raises(ConfigError, match=r"attn_implementation 'sdpaa' cannot load model '.*': Specified "
+                                          r"`attn_implementation=\"sdpaa\"` is not supported"):
+        load_causal_lm(str(tiny_dir), attn_implementation="sdpaa")
+    assert load_causal_lm(str(tiny_dir), attn_implementation="eager").config._attn_implementation == "eager"
+
+
 def test_a_model_under_the_home_folder_loads(tiny_dir, tmp_path, monkeypatch, offline):
     """'~/m' reached transformers unexpanded, which read it as a malformed hub id."""
     import shutil
