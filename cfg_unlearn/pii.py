@@ -95,11 +95,22 @@ def is_numeric_value(value: str) -> bool:
     return digits >= 7 and digits >= 0.7 * len(alnum)
 
 
+_SHARP_S = re.compile("ss|\u00df|\u1e9e", re.IGNORECASE)
+
+
+def _word_regex(word: str) -> str:
+    """``word`` as a case-insensitive pattern body in which "ß" and "ss" are one letter
+    ("Hauptstraße" is also found written "Hauptstrasse", and the other way round), as
+    case folding has them: models and keyboards without the letter write "ss"."""
+    pieces = _SHARP_S.split(word)
+    return "(?:ss|\u00df)".join(re.escape(p) for p in pieces)
+
+
 def _token_regex(token: str) -> str:
     # "05" and "5" are the same day of a date: leading zeros are optional on both sides.
     if token.isdigit() and token.strip("0"):
         return "0*" + re.escape(token.lstrip("0"))
-    return re.escape(token)
+    return _word_regex(token)
 
 
 def _value_parts(value: str, pii_type: str | None) -> tuple[bool, list[str]]:
@@ -264,7 +275,12 @@ class ValueIndex:
         # "0*5": a digit word's leading zeros are optional, on either side
         if word.isdigit() and word.strip("0"):
             word = word.lstrip("0")
-        return _fold(word)[: cls.WORD_KEY]
+        return cls._sharp_s_folded(word)[: cls.WORD_KEY]
+
+    @staticmethod
+    def _sharp_s_folded(word: str) -> str:
+        # "ß" keys as "ss" on both sides, as _word_regex matches ("Aßmann" finds "Assmann")
+        return _fold(word).replace("\u00df", "ss")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -279,7 +295,7 @@ class ValueIndex:
         for word in _TOKEN.findall(text):
             for w in {word, word.lstrip("0") if word[:1].isdigit() else word}:
                 for n in range(1, self.WORD_KEY + 1):
-                    tried.update(dict.fromkeys(self._words.get(_fold(w)[:n], ())))
+                    tried.update(dict.fromkeys(self._words.get(self._sharp_s_folded(w)[:n], ())))
             if len(word) in (2, 4, 8) and word.isascii() and word.isdigit():  # a year, or a compact date
                 tried.update(dict.fromkeys(self._years.get(word, ())))
         return sorted((it for it in tried if self._patterns[it].search(text)), key=self._order.__getitem__)
@@ -345,7 +361,7 @@ def _digit_groups(text: str) -> list[str]:
 
 
 def _has_word(text: str, word: str) -> bool:
-    return re.search(rf"(?<![^\W_]){re.escape(word)}(?![^\W_])", text, re.IGNORECASE) is not None
+    return re.search(rf"(?<![^\W_]){_word_regex(word)}(?![^\W_])", text, re.IGNORECASE) is not None
 
 
 def partial_fragments(value: str, pii_type: str | None = None, *, shown: str = "",

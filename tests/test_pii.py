@@ -687,6 +687,20 @@ def test_value_index_folds_case_like_the_patterns():
         assert pii.ValueIndex([item]).find(text) == [item], text
 
 
+def test_sharp_s_and_ss_are_one_letter():
+    """A model, or a keyboard without the letter, writes "Hauptstrasse" for the known
+    "Hauptstraße": it was no leak, no partial leak, and stayed unredacted in logs."""
+    street, name = PIIItem("LOC", "Hauptstraße 12, Köln"), PIIItem("NAME", "Anna Assmann")
+    for text, item in [("lives at Hauptstrasse 12, Köln", street), ("HAUPTSTRASSE 12, KÖLN", street),
+                       ("Frau Anna Aßmann", name), ("ANNA AẞMANN", name)]:
+        assert contains_value(text, item.value, item.type), text
+        assert pii.ValueIndex([item]).find(text) == [item], text
+    assert pii.contains_fragment("the Hauptstrasse", street.value, street.type)
+    assert redact("at Hauptstrasse 12, Köln, ask Aßmann", [street, name], detect=False) == "at [LOC], ask [NAME]"
+    # only those two: one "s" is another word
+    assert not contains_value("Asmann", name.value, name.type) and not pii.ValueIndex([name]).find("Anna Asmann")
+
+
 def test_redaction_hides_every_piece_a_partial_leak_counts():
     """What ``contains_fragment`` counts as a partial leak is hidden too: digit pieces of
     a number take the whole number they sit in, words of a value go one by one."""
