@@ -9,13 +9,19 @@ description (``docs/method.md`` section 4) and HaloScope's subspace score it bui
 2. **Centre** the embedding matrix and take its top-``k`` right singular vectors. Leaky
    samples are a minority that differs from the rest in a consistent way, so they pull
    the leading directions towards themselves.
-3. **Score** each sample by the size of its projection on those directions: for
-   ``k = 1`` the signed projection (oriented, see below) or its absolute value; for
-   ``k > 1`` the norm of the projection, optionally weighted by the singular values.
+3. **Score** each sample. ``--score projection`` is the paper's: the size of its
+   projection on those directions (for ``k = 1`` the signed projection, oriented as
+   below, or its absolute value; for ``k > 1`` the norm, optionally weighted by the
+   singular values). ``--score whitened``, the default, divides each direction's
+   projection by that direction's spread before taking the norm (the Mahalanobis
+   distance within the top-``k`` subspace, :func:`whitened_scores`), with ``k`` up to
+   64: a leaky minority that is far out on a small direction counts as much as one on
+   the largest. Measured on the synthetic contaminated sets, the largest directions
+   separate kinds of benign rows, not the leaks (README, "SAFT filtering").
 4. **Remove** the high scorers: a fraction, or everything at or above a threshold.
 
-With a small labelled set, the layer, ``k`` and the sign are picked by AUROC on it (the
-subspace is still fitted on all samples, labelled or not).
+With a small labelled set, the layer, ``k`` and (projection) the sign are picked by
+AUROC on it (the subspace is still fitted on all samples, labelled or not).
 
 **The sign.** A singular vector's sign is arbitrary. We orient every direction so that
 the projections of the fitted data have a non-negative third moment (skew to the
@@ -24,12 +30,14 @@ positive side). A minority cluster sits in the long tail of the projection, so `
 premise (harmful samples are the minority) this is the label-free choice. ``-`` is the
 reverse, ``abs`` the unsigned size.
 
-**Defaults** (fixed before measuring anything, and used as-is without labels): the
-middle layer (``hidden_states[L // 2]`` of an ``L``-layer model; 0 is the embedding
-output, ``L`` or ``-1`` the last layer), ``mean`` pooling over the sample's tokens
-except the first (the first position is an attention sink whose activations are orders
-of magnitude larger in big models; left in, it turns the leading direction into
-1/length), ``k = 1``, sign ``auto``, unweighted, remove 10%.
+**Defaults** (used as-is without labels): the middle layer (``hidden_states[L // 2]``
+of an ``L``-layer model; 0 is the embedding output, ``L`` or ``-1`` the last layer),
+``mean`` pooling over the sample's tokens except the first (the first position is an
+attention sink whose activations are orders of magnitude larger in big models; left in,
+it turns the leading direction into 1/length), the whitened score on ``k = min(64,
+samples // 10)`` directions, remove 10%. The layer and pooling were fixed before
+measuring anything; the whitened score replaced the paper's ``k = 1`` projection (sign
+``auto``) after it was measured to miss most leaks (README).
 
 **What a sample is.** A conversation row ``{"id", "messages", ["system"], ["pii"],
 ["label"]}``, rendered whole with the tokenizer's chat template (the README's fallback
@@ -84,6 +92,14 @@ from cfg_unlearn.utils import atomic_write_files, check_out_dir, check_writable_
 log = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "last")
+#: ``whitened`` (default): the distance from the centre in the top-k subspace, each
+#: direction in units of its own spread; ``projection``: the paper's size of the projection
+SCORES = ("whitened", "projection")
+DEFAULT_SCORE = "whitened"
+#: at most this many directions for the whitened score by default (and one per 10 samples)
+WHITENED_MAX_K = 64
+#: k values tried with labels for the whitened score (each capped by :func:`default_whitened_k`)
+WHITENED_SEARCH_K = (8, 16, 32, 64)
 SIGNS = ("auto", "+", "-", "abs")
 #: sign candidates tried per k when picking by labels (k > 1 has only the norm)
 SEARCH_SIGNS_K1 = ("+", "-", "abs")
@@ -402,6 +418,8 @@ class Subspace:
     mean: torch.Tensor
     singular_values: torch.Tensor
     directions: torch.Tensor
+    #: rows it was fitted on (a direction's spread is ``singular_value / sqrt(samples)``)
+    samples: int
 
     def project(self, emb: torch.Tensor, k: int | None = None) -> torch.Tensor:
         k = self.directions.shape[1] if k is None else k
@@ -447,7 +465,7 @@ def fit_subspace(emb: torch.Tensor, k: int) -> Subspace:
             t = v[v[:, j].abs().argmax(), j]
         if t < 0:
             v[:, j] = -v[:, j]
-    return Subspace(mean, sv, v)
+    return Subspace(mean, sv, v, n)
 
 
 def resolve_sign(sign: str, k: int) -> str:
@@ -479,6 +497,35 @@ def saft_scores(emb: torch.Tensor, k: int = 1, weighted: bool = False, sign: str
         return -p[:, 0]
     w = sub.singular_values[:k] / sub.singular_values[0] if weighted and sub.singular_values[0] > 0 else 1.0
     return (w * p**2).sum(1).sqrt()
+
+
+def whitened_scores(emb: torch.Tensor, k: int, subspace: Subspace | None = None) -> torch.Tensor:
+    """Whitened scores of ``emb`` [N, D] (float64 [N]; higher = more likely leaky): the
+    Mahalanobis distance from the centre within the top-``k`` subspace,
+    ``sqrt(sum_j (p_j / s_j)^2)`` with ``p = (emb - mean) @ V_k`` and ``s_j = sigma_j /
+    sqrt(N)`` the spread of the fitted rows along direction j. A direction with no spread
+    (``sigma_j`` below 1e-12 of the first) counts 0.
+
+    Why this and not the paper's projection: the leaky rows need not be what varies most.
+    On the synthetic contaminated sets (10% leaky) embedded by the demo's leaky models,
+    the largest directions separate kinds of benign rows (one-turn facts from fact
+    conversations), and the leaky rows stand out on smaller ones; dividing by the spread
+    lets a row that is far out on a small direction score as high as one on a large
+    direction (README, "SAFT filtering", has the figures)."""
+    sub = fit_subspace(emb, k) if subspace is None else subspace
+    if k > sub.directions.shape[1]:
+        raise ValueError(f"the subspace holds {sub.directions.shape[1]} directions, asked for k={k}")
+    p = sub.project(emb, k)
+    sv = sub.singular_values[:k]
+    live = sv > 1e-12 * sv[0] if sv[0] > 0 else torch.zeros_like(sv, dtype=torch.bool)
+    spread = torch.where(live, sv, torch.ones_like(sv)) / math.sqrt(sub.samples)
+    return ((p / spread) ** 2 * live).sum(1).sqrt()
+
+
+def default_whitened_k(n: int, k_limit: int) -> int:
+    """The whitened score's default k: :data:`WHITENED_MAX_K` directions, at most one per
+    10 samples (a spread needs rows to be estimated) and at most ``k_limit``."""
+    return max(1, min(WHITENED_MAX_K, n // 10, k_limit))
 
 
 def auroc(scores, labels) -> float:
@@ -538,17 +585,21 @@ class Candidate:
     k: int
     sign: str
     auroc: float
+    score: str = "projection"
 
 
 def search(
     embs: dict[int, torch.Tensor], labelled: torch.Tensor, labels: torch.Tensor, *, ks: Sequence[int],
     signs: Sequence[str] | None = None, weighted: bool = False, prefer_layer: int | None = None,
+    score: str = "projection",
 ) -> tuple[list[Candidate], Candidate]:
     """AUROC on the labelled rows (``labelled`` indices, their ``labels``) of every
     (layer, k, sign); each layer's subspace is fitted on all its rows. Returns the table
-    and the pick: the highest AUROC, ties to fewer directions, then the layer closest to
-    ``prefer_layer``, then ``+`` over ``abs`` over ``-``. ``signs`` restricts the signs
-    (``auto`` allowed); by default k = 1 tries ``+``, ``-``, ``abs`` and k > 1 ``abs``."""
+    and the pick (:func:`best_candidate`). ``signs`` restricts the signs
+    (``auto`` allowed); by default k = 1 tries ``+``, ``-``, ``abs`` and k > 1 ``abs``.
+    ``score="whitened"`` scores with :func:`whitened_scores` (a distance: sign ``abs``)."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     if not ks:
         raise ValueError("no k to search")
     rows: list[Candidate] = []
@@ -564,6 +615,10 @@ def search(
             continue
         sub = fit_subspace(emb, max(ks))
         for k in sorted(set(ks)):
+            if score == "whitened":
+                s = whitened_scores(emb, k, subspace=sub)
+                rows.append(Candidate(layer, k, "abs", auroc(s[labelled], labels), score))
+                continue
             wanted = SEARCH_SIGNS_K1 if k == 1 else ("abs",)
             if signs is not None:
                 wanted = tuple(dict.fromkeys(resolve_sign(s, k) for s in signs if k == 1 or s in ("auto", "abs")))
@@ -572,10 +627,16 @@ def search(
                 rows.append(Candidate(layer, k, sign, auroc(s[labelled], labels)))
     if not rows:
         raise ValueError("no (layer, k, sign) combination to search")
+    return rows, best_candidate(rows, prefer_layer)
+
+
+def best_candidate(rows: Sequence[Candidate], prefer_layer: int | None = None) -> Candidate:
+    """The highest AUROC; ties to fewer directions, then the layer closest to
+    ``prefer_layer``, then the whitened score, then ``+`` over ``abs`` over ``-``."""
     rank = {"+": 0, "abs": 1, "-": 2}
-    best = min(rows, key=lambda c: (-round(c.auroc, 12), c.k,
-                                    abs(c.layer - prefer_layer) if prefer_layer is not None else 0, rank[c.sign]))
-    return rows, best
+    return min(rows, key=lambda c: (-round(c.auroc, 12), c.k,
+                                    abs(c.layer - prefer_layer) if prefer_layer is not None else 0,
+                                    SCORES.index(c.score), rank[c.sign]))
 
 
 def default_search_layers(n_layers: int) -> list[int]:
@@ -598,6 +659,9 @@ class SaftConfig:
     out: str
     layer: int | None = None
     pooling: str = "mean"
+    #: None: the whitened score, and with labels both scores searched (the projection
+    #: only, when ``sign`` is + or - or ``weighted`` is set: those are its options)
+    score: str | None = None
     k: int | None = None
     sign: str | None = None
     weighted: bool = False
@@ -651,6 +715,12 @@ def run_saft(cfg: SaftConfig) -> dict[str, Any]:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {cfg.pooling!r}")
     if cfg.sign is not None and cfg.sign not in SIGNS:
         raise ValueError(f"sign must be one of {SIGNS}, got {cfg.sign!r}")
+    if cfg.score is not None and cfg.score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {cfg.score!r}")
+    projection_only = cfg.sign in ("+", "-") or cfg.weighted
+    if cfg.score == "whitened" and projection_only:
+        raise ValueError("--sign +/- and --weighted are options of --score projection (the whitened score is a "
+                         "distance, each direction already in units of its spread)")
     if cfg.k is not None and cfg.k < 1:
         raise ValueError(f"k must be >= 1, got {cfg.k}")
     if cfg.threshold is not None and not math.isfinite(cfg.threshold):
@@ -719,13 +789,29 @@ def run_saft(cfg: SaftConfig) -> dict[str, Any]:
     k_limit = min(n - 1, hidden) if hidden else n - 1
     if cfg.k is not None and cfg.k > k_limit:
         raise ValueError(f"k={cfg.k}: {n} samples of dimension {hidden} span at most {k_limit} directions")
-    search_k = [cfg.k] if cfg.k is not None else list(cfg.search_k or DEFAULT_SEARCH_K)
-    if tuning and any(k > k_limit for k in search_k):
-        if all(k > k_limit for k in search_k):
-            raise ValueError(f"search k {search_k}: {n} samples of dimension {hidden} span at most {k_limit} directions")
+    if cfg.score is not None:
+        kinds = [cfg.score]
+    elif tuning and not projection_only:
+        kinds = list(SCORES)
+    else:
+        kinds = ["projection" if projection_only else DEFAULT_SCORE]
+    search_k: dict[str, list[int]] = {}
+    for kind in kinds:
+        if cfg.k is not None:
+            search_k[kind] = [cfg.k]
+        elif cfg.search_k:
+            search_k[kind] = list(cfg.search_k)
+        elif kind == "whitened":  # capped, not skipped: a small file still searches
+            search_k[kind] = sorted({min(k, default_whitened_k(n, k_limit)) for k in WHITENED_SEARCH_K})
+        else:
+            search_k[kind] = list(DEFAULT_SEARCH_K)
+    given_k = sorted({k for ks in search_k.values() for k in ks})
+    if tuning and any(k > k_limit for k in given_k):
+        if all(k > k_limit for k in given_k):
+            raise ValueError(f"search k {given_k}: {n} samples of dimension {hidden} span at most {k_limit} directions")
         log.warning("saft: search k %s skipped: %d samples of dimension %s span at most %d directions",
-                    [k for k in search_k if k > k_limit], n, hidden, k_limit)
-        search_k = [k for k in search_k if k <= k_limit]
+                    [k for k in given_k if k > k_limit], n, hidden, k_limit)
+        search_k = {kind: [k for k in ks if k <= k_limit] for kind, ks in search_k.items()}
     if cfg.layer is not None:
         layers = [resolve_layer(cfg.layer, n_layers)]
     elif tuning:
@@ -750,15 +836,23 @@ def run_saft(cfg: SaftConfig) -> dict[str, Any]:
     picked: Candidate | None = None
     if tuning:
         idx = torch.nonzero(tune >= 0).flatten()
-        table, picked = search(embs, idx, tune[idx], ks=search_k, signs=[cfg.sign] if cfg.sign else None,
-                               weighted=cfg.weighted, prefer_layer=default_layer(n_layers))
-        layer, k, sign = picked.layer, picked.k, picked.sign
+        for kind in kinds:
+            if search_k[kind]:
+                table += search(embs, idx, tune[idx], ks=search_k[kind], signs=[cfg.sign] if cfg.sign else None,
+                                weighted=cfg.weighted, prefer_layer=default_layer(n_layers), score=kind)[0]
+        picked = best_candidate(table, default_layer(n_layers))
+        layer, k, sign, score = picked.layer, picked.k, picked.sign, picked.score
         print(render_table(table, picked, n_labelled=len(idx), n_leaky=int((tune == 1).sum())))
+    elif kinds == ["whitened"]:
+        layer, k, sign, score = layers[0], cfg.k or default_whitened_k(n, k_limit), "abs", "whitened"
     else:
-        layer, k = layers[0], cfg.k or 1
+        layer, k, score = layers[0], cfg.k or 1, "projection"
         sign = resolve_sign(cfg.sign or "auto", k)
     sub = fit_subspace(embs[layer], k)
-    scores = saft_scores(embs[layer], k, cfg.weighted, sign, subspace=sub)
+    if score == "whitened":
+        scores = whitened_scores(embs[layer], k, subspace=sub)
+    else:
+        scores = saft_scores(embs[layer], k, cfg.weighted, sign, subspace=sub)
     removed, thr = select(scores, fraction=fraction, threshold=cfg.threshold)
     seconds["score"] = time.perf_counter() - t0
     tied_over = 0 if thr is None else int((scores.double() >= thr).sum()) - int(removed.sum())
@@ -780,17 +874,20 @@ def run_saft(cfg: SaftConfig) -> dict[str, Any]:
             row["label"] = int(all_labels[i])
         score_rows.append(json.dumps(row))
     histogram = scores_histogram_png(scores, all_labels, thr,
-                                     title=f"SAFT scores: layer {layer}, {cfg.pooling}, k={k}, sign {sign}"
+                                     title=f"SAFT {score} scores: layer {layer}, {cfg.pooling}, k={k}"
+                                     + (f", sign {sign}" if score == "projection" else "")
                                      + (", weighted" if cfg.weighted and k > 1 else ""))
 
     settings = {key: val for key, val in asdict(cfg).items() if key not in ("progress",)}
     settings.update(remove_fraction=fraction, max_length=max_len)
     result = {
-        "method": "SAFT (Choi, Du, Li 2024): top-k singular directions of centred hidden states",
+        "method": "SAFT (Choi, Du, Li 2024): top-k singular directions of centred hidden states; score "
+                  + ("the Mahalanobis distance within them" if score == "whitened" else "the projection on them"),
         "settings": settings,
         "model_layers": n_layers,
         "embedding_dim": dim,
-        "used": {"layer": layer, "pooling": cfg.pooling, "k": k, "sign": sign, "weighted": cfg.weighted,
+        "used": {"layer": layer, "pooling": cfg.pooling, "score": score, "k": k, "sign": sign,
+                 "weighted": cfg.weighted,
                  "picked_by": "labels" if tuning else "defaults"},
         "picked": asdict(picked) if picked else None,
         "search": [asdict(c) for c in table],
@@ -834,19 +931,20 @@ def _eval_line(e: dict[str, Any]) -> str:
 def render_table(table: list[Candidate], picked: Candidate, *, n_labelled: int, n_leaky: int) -> str:
     """The AUROC per (layer, k, sign) as a small text table, layers as columns."""
     layers = sorted({c.layer for c in table})
-    keys = list(dict.fromkeys((c.k, c.sign) for c in table))
-    cell = {(c.layer, c.k, c.sign): c.auroc for c in table}
-    head = f"{'k':>3} {'sign':>4} | " + " ".join(f"{'L' + str(layer):>7}" for layer in layers)
+    keys = list(dict.fromkeys((c.score, c.k, c.sign) for c in table))
+    cell = {(c.layer, c.score, c.k, c.sign): c.auroc for c in table}
+    head = f"{'score':>10} {'k':>3} {'sign':>4} | " + " ".join(f"{'L' + str(layer):>7}" for layer in layers)
     lines = [f"saft: AUROC on {n_labelled} labelled rows ({n_leaky} leaky), per layer (hidden_states index)",
              head, "-" * len(head)]
-    for k, sign in keys:
+    for score, k, sign in keys:
         vals = []
         for layer in layers:
-            v = cell.get((layer, k, sign))
-            mark = "*" if (layer, k, sign) == (picked.layer, picked.k, picked.sign) else " "
+            v = cell.get((layer, score, k, sign))
+            mark = "*" if (layer, score, k, sign) == (picked.layer, picked.score, picked.k, picked.sign) else " "
             vals.append(f"{'':>7}" if v is None else f"{v:6.3f}{mark}")
-        lines.append(f"{k:>3} {sign:>4} | " + " ".join(vals))
-    lines.append(f"saft: picked layer {picked.layer}, k={picked.k}, sign {picked.sign} (AUROC {picked.auroc:.3f})")
+        lines.append(f"{score:>10} {k:>3} {sign:>4} | " + " ".join(vals))
+    lines.append(f"saft: picked the {picked.score} score, layer {picked.layer}, k={picked.k}"
+                 + (f", sign {picked.sign}" if picked.score == "projection" else "") + f" (AUROC {picked.auroc:.3f})")
     return "\n".join(lines)
 
 
@@ -887,10 +985,10 @@ def scores_histogram_png(scores: torch.Tensor, labels: torch.Tensor, threshold: 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cfg-unlearn saft",
-        description="SAFT: score every sample of a conversation or pair file by its projection on the top singular "
+        description="SAFT: score every sample of a conversation or pair file by where it lies along the top singular "
         "directions of the model's (centred) hidden states, and split the file into kept.jsonl / removed.jsonl "
         "(plus scores.jsonl, saft.json, scores_hist.png) in --out. Without --labels the defaults are used as they "
-        "are; with --labels, layer, k and sign (those not given) are picked by AUROC on the labelled rows.",
+        "are; with --labels, score, layer, k and sign (those not given) are picked by AUROC on the labelled rows.",
     )
     p.add_argument("--model", required=True, help="hub name, local path or tiny:<dir> of the model that embeds")
     p.add_argument("--data", required=True,
@@ -902,10 +1000,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hidden_states index: 0 = embeddings, L or -1 = last layer (default: the middle, L // 2)")
     p.add_argument("--pooling", choices=POOLINGS, default="mean",
                    help="mean over the sample's tokens (first token excluded) or the last token (default: mean)")
-    p.add_argument("--k", type=int, default=None, help="number of singular directions (default 1)")
+    p.add_argument("--score", choices=SCORES, default=None,
+                   help="whitened: distance from the centre in the top-k subspace, each direction in units of its "
+                   "spread; projection: the paper's size of the projection on the top-k directions (default: "
+                   "whitened; with --labels both are searched, the projection alone with --sign +/- or --weighted)")
+    p.add_argument("--k", type=int, default=None,
+                   help=f"number of singular directions (default: whitened {WHITENED_MAX_K}, at most one per 10 "
+                   "samples; projection 1)")
     p.add_argument("--sign", choices=SIGNS, default=None,
-                   help="k=1: + (projection, skew-oriented; = auto), - (reversed), abs; k>1: abs/auto = norm")
-    p.add_argument("--weighted", action="store_true", help="weight directions by singular value (k>1)")
+                   help="--score projection, k=1: + (skew-oriented; = auto), - (reversed), abs; k>1: abs/auto = norm")
+    p.add_argument("--weighted", action="store_true",
+                   help="--score projection: weight directions by singular value (k>1)")
     sel = p.add_mutually_exclusive_group()
     sel.add_argument("--remove-fraction", type=float, default=None,
                      help=f"remove this share of the highest scores (default {DEFAULT_REMOVE_FRACTION})")
@@ -916,7 +1021,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-layers", type=int, nargs="+", default=None,
                    help="layers tried with --labels (default: all when L <= 8, else 8 spread out)")
     p.add_argument("--search-k", type=int, nargs="+", default=None,
-                   help=f"k values tried with --labels (default {' '.join(map(str, DEFAULT_SEARCH_K))})")
+                   help=f"k values tried with --labels (default: whitened {' '.join(map(str, WHITENED_SEARCH_K))}, "
+                   f"capped as --k is; projection {' '.join(map(str, DEFAULT_SEARCH_K))})")
     p.add_argument("--pair-side", choices=("rejected", "chosen"), default="rejected",
                    help="for pair rows: which answer forms the sample (default: rejected, the original data)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -952,10 +1058,10 @@ def main(argv: list[str] | None = None) -> None:
         check_device(a.device)
     except ValueError as e:
         p.error(str(e))
-    if a.sign in ("+", "-") and a.k is not None and a.k != 1:
+    if a.sign in ("+", "-") and a.k is not None and a.k != 1 and a.score != "whitened":
         p.error(f"--sign {a.sign} needs --k 1 (k>1 scores the norm)")
     cfg = SaftConfig(
-        model=a.model, data=a.data, out=a.out, layer=a.layer, pooling=a.pooling, k=a.k, sign=a.sign,
+        model=a.model, data=a.data, out=a.out, layer=a.layer, pooling=a.pooling, score=a.score, k=a.k, sign=a.sign,
         weighted=a.weighted, remove_fraction=a.remove_fraction, threshold=a.threshold, labels=a.labels,
         search_layers=a.search_layers, search_k=a.search_k, pair_side=a.pair_side, batch_size=a.batch_size,
         max_length=a.max_length, dtype=a.dtype, device=a.device, on_error=a.on_error, max_chars=a.max_chars,

@@ -97,6 +97,37 @@ def test_hand_built_svd_k1_k2_and_weighting():
                                torch.full((4,), math.sqrt(9 + 1 / 3), dtype=torch.float64))
 
 
+def test_whitened_score_by_hand_and_its_invariance():
+    """SQUARE: sigma (6, 2) over 4 rows, so the spreads are (3, 1); every row is at (+-3,
+    +-1): 1 spread out on each direction, sqrt(2) on both."""
+    torch.testing.assert_close(saft.whitened_scores(SQUARE, k=1), torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(saft.whitened_scores(SQUARE, k=2), torch.full((4,), math.sqrt(2.0),
+                                                                             dtype=torch.float64))
+    # a direction without spread counts 0 (rows on a line: the second direction is noise-free)
+    line = torch.tensor([[1.0, 2.0], [2.0, 4.0], [3.0, 6.0], [6.0, 12.0]])
+    torch.testing.assert_close(saft.whitened_scores(line, k=2), saft.whitened_scores(line, k=1))
+    # with every direction (k = d) it is the Mahalanobis distance: the same after any
+    # invertible linear map of the embeddings, which the projection is not
+    x, _, _ = planted(n=50, d=6, seed=3)
+    a = torch.randn(6, 6, generator=torch.Generator().manual_seed(0)) + 3 * torch.eye(6)
+    torch.testing.assert_close(saft.whitened_scores(x @ a, k=6), saft.whitened_scores(x, k=6))
+    assert not torch.allclose(saft_scores(x @ a, k=6), saft_scores(x, k=6))
+
+
+def test_whitened_score_finds_an_outlier_on_a_small_direction():
+    """What it is for: 40 rows spread wide along one direction and narrowly along another,
+    and 4 rows far out on the narrow one (in units of its spread) but not on the wide
+    one. The projection ranks the wide rows first; the whitened score finds the 4."""
+    g = torch.Generator().manual_seed(0)
+    wide = torch.stack([torch.randn(40, generator=g) * 10, torch.randn(40, generator=g) * 0.5], 1)
+    odd = torch.stack([torch.randn(4, generator=g), torch.full((4,), 3.0)], 1)
+    x, y = torch.cat([wide, odd]), torch.tensor([0] * 40 + [1] * 4)
+    top = lambda s: set(torch.argsort(s, descending=True)[:4].tolist())  # noqa: E731
+    assert top(saft.whitened_scores(x, k=2)) == {40, 41, 42, 43}
+    assert auroc(saft.whitened_scores(x, k=2), y) == 1.0
+    assert auroc(saft_scores(x, k=2), y) < 0.5
+
+
 def test_k_above_one_is_the_projection_norm_on_random_data():
     x, _, _ = planted(n=60, d=8, seed=2)
     xc = x.double() - x.double().mean(0)
@@ -494,8 +525,12 @@ def test_label_search_settings_are_refused_before_the_model_loads(small_set, tmp
     base = ["--model", str(tmp_path / "no-model"), "--data", str(d / "data.jsonl"), "--labels",
             str(d / "labels.jsonl"), "--out", str(tmp_path / "o"), "--quiet"]
     for extra, why in ((["--search-k", "0"], "--search-k values must be >= 1, got [0]"),
-                       (["--search-k", "2", "4", "--sign", "+"], "--sign + scores k=1 only (k>1 scores the norm), "
-                                                                 "but --search-k 2 4 has no 1")):
+                       (["--search-k", "2", "4", "--sign", "+", "--score", "projection"],
+                        "--sign + scores k=1 only (k>1 scores the norm), but --search-k 2 4 has no 1"),
+                       (["--sign", "+", "--score", "whitened"],
+                        "--sign +/- and --weighted are options of --score projection"),
+                       (["--weighted", "--score", "whitened"],
+                        "--sign +/- and --weighted are options of --score projection")):
         with pytest.raises(SystemExit) as exc:
             saft.main([*base, *extra])
         assert exc.value.code == 2 and why in capsys.readouterr().err
@@ -566,8 +601,10 @@ def test_ties_at_the_fraction_cut_are_said(tiny_model_dir, small_set, tmp_path, 
     # on the CPU and in one batch: scores move by ~1e-9 with the batch's padding, and CUDA
     # picks its kernels by batch shape (on an H100 a smaller last batch broke the ties)
     with caplog.at_level("WARNING"):
+        # (the projection: two points ten times each are equally far from their centre, so
+        # the whitened score ties all 20)
         result = saft.run_saft(saft.SaftConfig(model=str(tiny_model_dir), data=str(data), out=str(tmp_path / "o"),
-                                               device="cpu", progress=False, batch_size=32))
+                                               device="cpu", progress=False, batch_size=32, score="projection"))
     assert result["counts"]["removed"] == 2
     assert "8 more rows score exactly the cut" in caplog.text and "would remove them too (10)" in caplog.text
 
@@ -618,8 +655,9 @@ def test_cli_end_to_end_writes_every_output_atomically(tiny_model_dir, small_set
     assert max(s["score"] for s in scores if not s["removed"]) <= thr
 
     meta = result
-    assert meta["used"] == {"layer": 1, "pooling": "mean", "k": 1, "sign": "+", "weighted": False,
-                            "picked_by": "defaults"}  # the tiny model has 2 layers: the middle is 1
+    # the tiny model has 2 layers: the middle is 1; 60 rows: the whitened score on 60 // 10 directions
+    assert meta["used"] == {"layer": 1, "pooling": "mean", "score": "whitened", "k": 6, "sign": "abs",
+                            "weighted": False, "picked_by": "defaults"}
     assert meta["counts"]["samples"] == 60 and meta["counts"]["removed"] == 6 and meta["picked"] is None
     ev = meta["evaluation"]
     assert ev["labelled"] == 60 and ev["leaky"] == 6 and ev["removed_leaky"] == round(ev["recall"] * 6)
@@ -638,10 +676,11 @@ def test_cli_with_labels_picks_and_prints_the_table(tiny_model_dir, small_set, t
     world, rows, d = small_set
     out = tmp_path / "out"
     saft.main(["--model", str(tiny_model_dir), "--data", str(d / "data.jsonl"), "--out", str(out),
-               "--labels", str(d / "labels.jsonl"), "--search-k", "1", "2", "--threshold", "0", "--quiet"])
+               "--labels", str(d / "labels.jsonl"), "--search-k", "1", "2", "--threshold", "0", "--quiet",
+               "--score", "projection"])
     result = json.loads((out / "saft.json").read_text())
     printed = capsys.readouterr().out
-    assert "AUROC on 30 labelled rows (3 leaky)" in printed and "picked layer" in printed
+    assert "AUROC on 30 labelled rows (3 leaky)" in printed and "picked the projection score, layer" in printed
     assert len(result["search"]) == 2 * 4  # layers 1, 2 x (k=1: +, -, abs; k=2: abs)
     best = max(c["auroc"] for c in result["search"])
     assert result["picked"]["auroc"] == best and result["used"]["picked_by"] == "labels"
@@ -655,11 +694,32 @@ def test_cli_with_labels_picks_and_prints_the_table(tiny_model_dir, small_set, t
         assert item.value not in printed
 
 
+def test_cli_with_labels_searches_both_scores_by_default(tiny_model_dir, small_set, tmp_path, capsys):
+    """Without --score, labels search both: the whitened score at k from (8, 16, 32, 64),
+    each capped at one direction per 10 rows (60 rows: all 6), and the projection at k
+    1..5 (k = 1 with each sign); --sign + alone means the projection."""
+    _, _, d = small_set
+    base = dict(model=str(tiny_model_dir), data=str(d / "data.jsonl"), labels=str(d / "labels.jsonl"),
+                progress=False)
+    result = saft.run_saft(saft.SaftConfig(out=str(tmp_path / "o"), **base))
+    got = {(c["score"], c["layer"], c["k"], c["sign"]) for c in result["search"]}
+    assert {c for c in got if c[0] == "whitened"} == {("whitened", 1, 6, "abs"), ("whitened", 2, 6, "abs")}
+    assert {c for c in got if c[0] == "projection"} == {
+        ("projection", layer, k, sign) for layer in (1, 2) for k, sign in
+        [(1, "+"), (1, "-"), (1, "abs"), (2, "abs"), (3, "abs"), (4, "abs"), (5, "abs")]}
+    assert len(got) == len(result["search"]) == 16
+    best = max(result["search"], key=lambda c: c["auroc"])["auroc"]
+    assert result["picked"]["auroc"] == best and result["used"]["score"] == result["picked"]["score"]
+    assert ("Mahalanobis" in result["method"]) == (result["used"]["score"] == "whitened")
+    signed = saft.run_saft(saft.SaftConfig(out=str(tmp_path / "p"), sign="+", **base))
+    assert {(c["score"], c["k"], c["sign"]) for c in signed["search"]} == {("projection", 1, "+")}
+
+
 def test_cli_fixed_options_are_not_searched(tiny_model_dir, small_set, tmp_path, capsys):
     _, _, d = small_set
     result = saft.run_saft(saft.SaftConfig(
         model=str(tiny_model_dir), data=str(d / "data.jsonl"), out=str(tmp_path / "o"), labels=str(d / "data.jsonl"),
-        layer=-1, k=1, sign="-", pooling="last", progress=False))
+        layer=-1, k=1, sign="-", pooling="last", progress=False, score="projection"))
     assert {(c["layer"], c["k"], c["sign"]) for c in result["search"]} == {(2, 1, "-")}
     assert result["used"]["pooling"] == "last"
 
