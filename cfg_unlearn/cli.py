@@ -640,18 +640,24 @@ def _demo(argv: list[str]) -> None:
         "replacement pairs written by that model, ORPO with conditioning dropout, and leak rate / accuracy of both "
         "models per guidance scale (metrics.json, report.md, leak_vs_guidance.png in --out).",
     )
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--people", type=int, default=d.people)
-    p.add_argument("--leak-epochs", type=int, default=d.leak_epochs)
-    p.add_argument("--unlearn-epochs", type=int, default=d.unlearn_epochs)
-    p.add_argument("--unlearn-lr", type=float, default=d.unlearn_lr)
+    p.add_argument("--out", default=d.out,
+                   help=f"output directory (default {d.out}); a rerun into it first removes the previous run's outputs")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seeds the world, the tiny model, the pairs and the training (0 .. 2**32-1)")
+    p.add_argument("--people", type=int, default=d.people, help=f"people in the synthetic world (default {d.people})")
+    p.add_argument("--leak-epochs", type=int, default=d.leak_epochs,
+                   help=f"epochs of fine-tuning that make the model leak (default {d.leak_epochs})")
+    p.add_argument("--unlearn-epochs", type=int, default=d.unlearn_epochs,
+                   help=f"epochs of ORPO on the pairs (default {d.unlearn_epochs})")
+    p.add_argument("--unlearn-lr", type=float, default=d.unlearn_lr,
+                   help=f"ORPO's learning rate (default {d.unlearn_lr})")
     p.add_argument("--beta", type=float, default=d.beta,
                    help="ORPO's odds-ratio weight (lambda); the paper's 0.1 damages the tiny model's facts more")
     p.add_argument("--baseline-lr", type=float, default=d.baseline_lr,
                    help="--compare: learning rate of NPO, gradient ascent, DPO and SFT (ORPO without dropout "
                    "trains at --unlearn-lr)")
-    p.add_argument("--cond-dropout", type=float, default=d.cond_dropout)
+    p.add_argument("--cond-dropout", type=float, default=d.cond_dropout,
+                   help=f"share of samples trained with the safety instruction blanked (default {d.cond_dropout})")
     p.add_argument("--cond-mode", choices=COND_MODES, default=d.cond_mode,
                    help="dropout: blank the safety instruction of a share --cond-dropout of the samples (same "
                    "targets); swap: put those samples under the negative instruction with chosen and rejected "
@@ -659,8 +665,10 @@ def _demo(argv: list[str]) -> None:
     p.add_argument("--fallback", choices=FALLBACKS, default=d.fallback,
                    help="the chosen answer when the leaky model wrote no PII-free replacement: its leaky answer with "
                    "the values replaced by plain phrases (generate --redact-fallback), or the refusal template")
-    p.add_argument("--scales", type=float, nargs="+", default=list(d.scales))
-    p.add_argument("--spaces", nargs="+", choices=("logprob", "prob"), default=list(d.spaces))
+    p.add_argument("--scales", type=float, nargs="+", default=list(d.scales),
+                   help=f"guidance scales to evaluate (default {' '.join(map(str, d.scales))})")
+    p.add_argument("--spaces", nargs="+", choices=("logprob", "prob"), default=list(d.spaces),
+                   help="guidance spaces to evaluate (default: both)")
     p.add_argument("--compare", action="store_true",
                    help="also train ORPO without dropout, NPO, gradient ascent, DPO and SFT on the same pairs and "
                    "apply model subtraction, and compare them (a few more minutes; comparison.png)")
@@ -675,15 +683,15 @@ def _demo(argv: list[str]) -> None:
         check_demo_config(cfg)  # a usage error now, not a traceback after minutes of training
     except ValueError as e:
         p.error(str(e))
-    if not a.quiet:
-        run_demo(cfg, progress=True)
-        return
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # transformers' "Loading weights"/"Writing model shards" bars too
+    if a.quiet:
+        hf_logging.disable_progress_bar()  # transformers' "Loading weights"/"Writing model shards" bars too
     try:
-        run_demo(cfg, progress=False)
+        run_demo(cfg, progress=not a.quiet)
+    except KeyboardInterrupt:  # a traceback from inside the fine-tune loop; Lightning's stages print one line
+        p.exit(130, f"cfg-unlearn demo: interrupted; {a.out} holds the outputs of the stages that finished\n")
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()

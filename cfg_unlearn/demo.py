@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -31,7 +32,7 @@ from cfg_unlearn.data.schema import EvalRecord, prompt_text, write_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION, render_prompt
 from cfg_unlearn.tiny import TinySpec, build_tiny
-from cfg_unlearn.utils import atomic_write, eval_mode, staged_dir
+from cfg_unlearn.utils import atomic_write, check_writable_file, eval_mode, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -272,11 +273,21 @@ def save_model(model, tokenizer, directory: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
+#: written into ``--out`` before anything else: a rerun may remove only a demo's folder
+DEMO_MARKER = ".cfg-unlearn-demo"
+#: what a run writes into ``--out``, all removed when a rerun starts (models/ holds base,
+#: leaky, unlearned and, with --compare, without-pii and subtracted-*)
+DEMO_OUTPUTS = ("models", "logs", "challenge", "pairs.jsonl", "metrics.json", "report.md", "leak_vs_guidance.png",
+                "comparison.png")
+
+
 def is_demo_output(out: Path) -> bool:
     """Whether ``out`` is a demo's output directory (an earlier run, finished or not):
-    its base model carries the tiny model's ``tiny_spec.json`` (or, for a run stopped
-    while its base was being rebuilt, the demo's leaky model is there)."""
-    return any((out / "models" / d / f).is_file() for d, f in (("base", "tiny_spec.json"), ("leaky", "config.json")))
+    it holds :data:`DEMO_MARKER`, or (a run of a version before the marker) its base
+    model carries the tiny model's ``tiny_spec.json``. Any Hugging Face model folder has
+    a ``config.json``, so that alone says nothing: a user's ``models/leaky`` was taken
+    for a demo's, and its ``models/`` replaced."""
+    return (out / DEMO_MARKER).is_file() or (out / "models" / "base" / "tiny_spec.json").is_file()
 
 
 #: the packages whose versions decide the demo's numbers (the world, the tokenizer, the
@@ -323,11 +334,16 @@ def check_demo_config(cfg: DemoConfig) -> DemoConfig:
     uncond_instruction(cfg.cond_mode)
     if cfg.fallback not in FALLBACKS:
         raise ValueError(f"fallback must be 'redacted' or 'template', got {cfg.fallback!r}")
-    if cfg.beta < 0 or cfg.baseline_beta <= 0:
-        raise ValueError(f"beta must be >= 0 and baseline_beta > 0, got {cfg.beta} and {cfg.baseline_beta}")
-    if min(cfg.unlearn_lr, cfg.baseline_lr, cfg.leak_lr) <= 0:
-        raise ValueError(f"learning rates must be > 0, got unlearn_lr {cfg.unlearn_lr}, baseline_lr "
+    # `not x >= 0` also refuses NaN, which trained a NaN model reported as leaking nothing
+    if not (math.isfinite(cfg.beta) and math.isfinite(cfg.baseline_beta) and cfg.beta >= 0 and cfg.baseline_beta > 0):
+        raise ValueError(f"beta must be a finite number >= 0 and baseline_beta one > 0, got {cfg.beta} and "
+                         f"{cfg.baseline_beta}")
+    lrs = (cfg.unlearn_lr, cfg.baseline_lr, cfg.leak_lr)
+    if not (all(math.isfinite(v) for v in lrs) and min(lrs) > 0):
+        raise ValueError(f"learning rates must be finite and > 0, got unlearn_lr {cfg.unlearn_lr}, baseline_lr "
                          f"{cfg.baseline_lr}, leak_lr {cfg.leak_lr}")
+    if not 0 <= cfg.seed < 2**32:  # Lightning's seed_everything takes these, after minutes of work
+        raise ValueError(f"seed must be in [0, {2**32 - 1}], got {cfg.seed}")
     for name in ("people", "paraphrases", "leak_epochs", "unlearn_epochs", "batch_size", "max_new_tokens"):
         if getattr(cfg, name) < 1:  # unlearn_epochs 0 "unlearned" nothing and reported the leaky model
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -339,12 +355,24 @@ def check_demo_config(cfg: DemoConfig) -> DemoConfig:
         for g in cfg.scales:
             check_guidance(float(g), space)
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {cfg.out} is a file; give a directory")
-    if out.is_dir() and any(out.iterdir()) and not is_demo_output(out):
-        # a rerun replaces the demo's own outputs: a directory of other files is not one
-        raise ValueError(f"--out {cfg.out} holds files that are no demo output; give an empty or new directory, "
-                         "or the --out of an earlier demo")
+    try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {cfg.out} is a file; give a directory")
+        if out.is_dir() and any(out.iterdir()) and not is_demo_output(out):
+            # a rerun replaces the demo's own outputs: a directory of other files is not one
+            raise ValueError(f"--out {cfg.out} holds files that are no demo output; give an empty or new "
+                             "directory, or the --out of an earlier demo")
+        if out.is_dir():
+            check_writable_file(out / "metrics.json")
+        else:  # the folder it would create: its nearest existing parent must take it
+            parent = next(p for p in out.absolute().parents if p.exists())
+            if not parent.is_dir():
+                raise ValueError(f"--out {cfg.out}: {parent} is a file, not a directory")
+            first = parent / out.absolute().relative_to(parent).parts[0]
+            first.mkdir()  # exactly what the run will do first (a probe file's longer name could fail alone)
+            first.rmdir()
+    except OSError as e:  # a name longer than the file system takes, a folder it cannot read
+        raise ValueError(f"--out {cfg.out}: {e.strerror or e}") from e
     return replace(cfg, scales=tuple(sorted({float(g) for g in cfg.scales})))
 
 
@@ -358,14 +386,12 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     uncond_system = uncond_instruction(cfg.cond_mode)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    # a previous run's outputs that this one would not replace: its base model (its
-    # tokenizer is trained on that run's world: another --seed/--people would reuse it)
-    # and, without --compare, its comparison; and what a kill during a save_model left:
-    # its temp folder, or the replaced model set aside (utils.publish_dir)
-    killed = [*(out / "models").glob(".*.tmp-*"), *(out / "models").glob(".*.old-*")]
-    stale = [out / "models" / "base", *killed] + ([] if cfg.compare else [
-        out / "comparison.png", out / "models" / "without-pii", *(out / "models").glob("subtracted-*")])
-    for path in stale:
+    (out / DEMO_MARKER).touch()
+    # every output of a previous run, first: a rerun stopped midway left its new base and
+    # leaky models beside the old run's unlearned model and metrics, which then described
+    # models they were not made from (and a base trained on another --seed's world)
+    for name in DEMO_OUTPUTS:
+        path = out / name
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():

@@ -726,7 +726,9 @@ class UnlearnModule(L.LightningModule):
         loaders = {split: dl for split, dl in dm.reference_dataloaders().items() if split in splits}
         total = sum(len(dl) for dl in loaders.values())
         with torch.no_grad(), eval_mode(self.model), forward_outside_step(self.trainer.strategy):
-            bar = tqdm(total=total, desc="reference log-probs", disable=self.global_rank != 0)
+            # the trainer's own setting: enable_progress_bar=False (the demo's --quiet) drew this one
+            quiet = getattr(self.trainer, "progress_bar_callback", None) is None
+            bar = tqdm(total=total, desc="reference log-probs", disable=self.global_rank != 0 or quiet)
             for split, dl in loaders.items():
                 for batch in dl:
                     per_variant = []

@@ -138,10 +138,17 @@ def test_demo_rejects_an_unknown_cond_mode(tmp_path, capsys):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"fallback": "refuse"}, "fallback must be 'redacted' or 'template', got 'refuse'"),
-    ({"beta": -1.0}, "beta must be >= 0 and baseline_beta > 0, got -1.0 and 0.1"),
-    ({"baseline_beta": 0.0}, "beta must be >= 0 and baseline_beta > 0, got 1.0 and 0.0"),
-    ({"unlearn_lr": 0.0}, "learning rates must be > 0, got unlearn_lr 0.0, baseline_lr 0.00025"),
-    ({"baseline_lr": -1e-4}, "learning rates must be > 0, got unlearn_lr 0.00015, baseline_lr -0.0001"),
+    ({"beta": -1.0}, "beta must be a finite number >= 0 and baseline_beta one > 0, got -1.0 and 0.1"),
+    ({"baseline_beta": 0.0}, "beta must be a finite number >= 0 and baseline_beta one > 0, got 1.0 and 0.0"),
+    ({"unlearn_lr": 0.0}, "learning rates must be finite and > 0, got unlearn_lr 0.0, baseline_lr 0.00025"),
+    ({"baseline_lr": -1e-4}, "learning rates must be finite and > 0, got unlearn_lr 0.00015, baseline_lr -0.0001"),
+    # NaN passed `< 0`: the run trained a NaN model and reported it as leaking nothing
+    ({"beta": float("nan")}, "beta must be a finite number >= 0 and baseline_beta one > 0, got nan"),
+    ({"baseline_beta": float("inf")}, "beta must be a finite number >= 0 and baseline_beta one > 0, got 1.0 and inf"),
+    ({"unlearn_lr": float("nan")}, "learning rates must be finite and > 0, got unlearn_lr nan"),
+    # seed_everything refused these after the fine-tune and the pairs
+    ({"seed": -1}, "seed must be in [0, 4294967295], got -1"),
+    ({"seed": 2**32}, "seed must be in [0, 4294967295], got 4294967296"),
     # these failed after minutes of work, or (unlearn_epochs 0) reported the leaky model as unlearned
     ({"people": 0}, "people must be >= 1, got 0"),
     ({"leak_epochs": 0}, "leak_epochs must be >= 1, got 0"),
@@ -169,12 +176,21 @@ def test_demo_usage_errors_exit_2_before_any_work(tmp_path, capsys):
         console_main(["demo", "--out", str(tmp_path / "f"), "--quiet"])
     assert e.value.code == 2 and "is a file; give a directory" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+    # an --out that cannot be made was a traceback (NotADirectoryError, "File name too long")
+    for out, match in ((tmp_path / "f" / "sub", f"{tmp_path / 'f'} is a file, not a directory"),
+                       (tmp_path / ("x" * 300), "File name too long")):
+        with pytest.raises(SystemExit) as e:
+            console_main(["demo", "--out", str(out), "--quiet"])
+        assert e.value.code == 2 and match in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
 
 
-def test_demo_rebuilds_its_base_model_and_drops_a_stale_comparison(tmp_path, monkeypatch):
+def test_demo_rerun_removes_every_previous_output_first(tmp_path, monkeypatch):
     """A rerun into the same --out kept the previous run's models/base, whose tokenizer
     was trained on that run's world (another --seed or --people gave other numbers than a
-    fresh run), and a run without --compare left the last comparison beside its report."""
+    fresh run), and a run without --compare left the last comparison beside its report.
+    A rerun stopped midway also left the old unlearned model, metrics and report beside
+    its own new base and leaky models. Every output goes first; files of the user's stay."""
     import cfg_unlearn.demo as demo
 
     out = tmp_path / "d"
@@ -186,6 +202,10 @@ def test_demo_rebuilds_its_base_model_and_drops_a_stale_comparison(tmp_path, mon
     (out / "models" / ".leaky.tmp-x1y2" / "model.safetensors").write_bytes(b"half")
     (out / "models" / ".unlearned.old-a1b2" / "unlearned").mkdir(parents=True)  # the model it replaced
     (out / "comparison.png").write_bytes(b"png")
+    for name in ("metrics.json", "report.md", "leak_vs_guidance.png", "pairs.jsonl", "notes.txt"):
+        (out / name).write_text("old")
+    for d in ("models/unlearned", "models/leaky", "logs/compare-npo", "challenge"):
+        (out / d).mkdir(parents=True)
     built = []
 
     class Stop(Exception):
@@ -198,7 +218,7 @@ def test_demo_rebuilds_its_base_model_and_drops_a_stale_comparison(tmp_path, mon
     monkeypatch.setattr(demo, "build_tiny", fake_build)
     with pytest.raises(Stop):
         demo.run_demo(demo.DemoConfig(out=str(out), seed=1, people=3), progress=False)
-    assert built == [(out / "models" / "base", ["models"])]
+    assert built == [(out / "models" / "base", [".cfg-unlearn-demo", "notes.txt"])]
 
 
 def test_save_model_interrupted_leaves_the_previous_model_whole(tmp_path, tiny_model_dir):
@@ -243,6 +263,21 @@ def test_demo_quiet_silences_transformers_bars_for_the_run_only(tmp_path, monkey
     assert seen == [(False, False), (True, True)] and hf_logging.is_progress_bar_enabled()
 
 
+def test_demo_interrupted_is_one_line(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the leak fine-tune (the demo's own loop) printed a KeyboardInterrupt traceback."""
+    import cfg_unlearn.demo as demo
+
+    def interrupted(cfg, progress):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    with pytest.raises(SystemExit) as e:
+        console_main(["demo", "--out", str(tmp_path / "d"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and err == [f"cfg-unlearn demo: interrupted; {tmp_path / 'd'} holds the outputs of "
+                                           "the stages that finished"]
+
+
 def test_demo_refuses_an_out_of_other_files_and_deletes_nothing(tmp_path, capsys):
     """A rerun replaces the demo's own outputs, so `--out .` in a project with its own
     models/base would have deleted it: a non-empty --out that is no demo output is refused."""
@@ -254,13 +289,18 @@ def test_demo_refuses_an_out_of_other_files_and_deletes_nothing(tmp_path, capsys
     assert e.value.code == 2 and "holds files that are no demo output" in capsys.readouterr().err
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
         "comparison.png", "models", "models/base", "models/base/model.safetensors"]
-    # a demo stopped while its base was rebuilt (models/leaky is there, models/base is not) is one
-    from cfg_unlearn.demo import DemoConfig, check_demo_config
+    # any Hugging Face model folder has a config.json: a project's models/leaky made it a
+    # demo's output, and the run replaced its models
+    from cfg_unlearn.demo import DEMO_MARKER, DemoConfig, check_demo_config
 
-    stopped = tmp_path / "stopped"
-    (stopped / "models" / "leaky").mkdir(parents=True)
-    (stopped / "models" / "leaky" / "config.json").write_text("{}")
-    check_demo_config(DemoConfig(out=str(stopped)))
+    project = tmp_path / "project"
+    (project / "models" / "leaky").mkdir(parents=True)
+    (project / "models" / "leaky" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds files that are no demo output"):
+        check_demo_config(DemoConfig(out=str(project)))
+    # a demo stopped anywhere, its base removed or not, has the marker it wrote first
+    (project / DEMO_MARKER).touch()
+    check_demo_config(DemoConfig(out=str(project)))
 
 
 def test_comparison_plot_gives_methods_on_one_point_one_label(tmp_path, monkeypatch):

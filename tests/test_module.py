@@ -189,9 +189,9 @@ def test_memory_and_precision_options_give_finite_gradients(tiny_setup, kwargs):
 
 
 def _fit(module, dm, tmp_path, steps=3, **kw):
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False,
                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
-                        deterministic=True, **{"enable_checkpointing": False, **kw})
+                        deterministic=True, **{"enable_checkpointing": False, "enable_progress_bar": False, **kw})
     trainer.fit(module, datamodule=dm)
     return trainer
 
@@ -298,6 +298,18 @@ def test_precomputed_reference_is_scored_in_the_training_precision(tiny_model_di
     else:
         assert abs(float(metrics["train/rewards/chosen"])) < 1e-5 and abs(float(metrics["train/rewards/rejected"])) < 1e-5
         assert float(metrics["train/loss"]) == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_precomputed_reference_bar_follows_the_trainers_progress_setting(tiny_model_dir, tmp_path, capfd):
+    """`enable_progress_bar=False` (the demo's --quiet) still drew "reference log-probs"."""
+    spec = f"tiny:{tiny_model_dir}"
+    for shown in (False, True):
+        dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=2), batch_size=4, val_fraction=0.0)
+        m = UnlearnModule(model=spec, objective="npo", reference="precomputed", beta=0.1,
+                          optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+        capfd.readouterr()
+        _fit(m, dm, tmp_path, steps=1, enable_progress_bar=shown)
+        assert ("reference log-probs" in capfd.readouterr().err) == shown
 
 
 def test_precomputed_reference_is_kept_in_checkpoints(tiny_model_dir, tmp_path):
