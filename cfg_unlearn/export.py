@@ -318,6 +318,38 @@ def merged_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _widens(model: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` has more bits than some floating weight of ``model``."""
+    bits = torch.finfo(dtype).bits if dtype.is_floating_point else 0
+    return any(p.is_floating_point() and torch.finfo(p.dtype).bits < bits for p in model.parameters())
+
+
+def _check_finite(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Refuse weights that came out NaN or inf (a value beyond float16's 65504 casts to
+    inf): the export would load, and decode nothing sensible."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"tensor {name!r} holds NaN or inf in {str(dtype).removeprefix('torch.')} (largest "
+                             f"magnitude {float(t.float().nan_to_num(0, 0, 0).abs().max()):.4g} of the finite values; "
+                             "float16 holds at most 65504): export in bfloat16 or float32")
+
+
+def _checked_fallback_template(tokenizer) -> str:
+    """:func:`~cfg_unlearn.prompts.fallback_chat_template`, checked to render a sample
+    conversation exactly as training rendered it."""
+    from cfg_unlearn.prompts import fallback_chat_template, render_chat
+
+    sample = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+              {"role": "user", "content": "Who?"}]
+    want = render_chat(tokenizer, sample, "Be safe.", generation_prompt=True)
+    template = fallback_chat_template()
+    got = tokenizer.apply_chat_template([{"role": "system", "content": "Be safe."}, *sample],
+                                        chat_template=template, tokenize=False, add_generation_prompt=True)
+    if got != want:  # pragma: no cover - a transformers change in what a template sees
+        raise RuntimeError(f"the fallback chat template renders {got!r}, training rendered {want!r}")
+    return template
+
+
 def write_export(
     model: torch.nn.Module,
     tokenizer,
@@ -337,9 +369,14 @@ def write_export(
     out = Path(out_dir)
     check_out_dir(out, overwrite, protect)
     torch_dtype = parse_dtype(dtype)
+    if isinstance(torch_dtype, torch.dtype) and _widens(model, torch_dtype):
+        # cast first: merged into bf16 weights and cast up after, a LoRA update is rounded
+        # to bf16's precision, and a float32 export lost about half of it
+        model = model.to(torch_dtype)
     model = merged_model(model)
     if isinstance(torch_dtype, torch.dtype):
         model = model.to(torch_dtype)
+        _check_finite(model, torch_dtype)
     model.eval()
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
         model.config.use_cache = True  # training with gradient checkpointing turns it off
@@ -348,12 +385,15 @@ def write_export(
         # an export is for decoding: transformers' batched generate needs left padding (a
         # right-padded batch answered "sssss as a" where one prompt alone was sound).
         # save_pretrained writes the attribute only where the init kwargs name it
-        saved = tokenizer.padding_side, dict(tokenizer.init_kwargs)
+        saved = tokenizer.padding_side, dict(tokenizer.init_kwargs), getattr(tokenizer, "chat_template", None)
         tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
+        if not saved[2]:
+            # the plain format training used, written out: outside cfg-unlearn there is no fallback
+            tokenizer.chat_template = _checked_fallback_template(tokenizer)
         try:
             tokenizer.save_pretrained(tmp)
         finally:
-            tokenizer.padding_side, tokenizer.init_kwargs = saved[0], saved[1]
+            tokenizer.padding_side, tokenizer.init_kwargs, tokenizer.chat_template = saved
         (tmp / EXPORT_CONFIG).write_text(config.to_json(), encoding="utf-8")
     return out
 

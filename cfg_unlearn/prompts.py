@@ -73,6 +73,19 @@ def render_chat(tokenizer, messages: list[dict[str, str]] | tuple, system: str |
     return text + "\n\n" + FALLBACK_ROLE_PREFIX["assistant"].rstrip() if generation_prompt else text
 
 
+def fallback_chat_template() -> str:
+    """:func:`render_chat`'s plain format as a Jinja chat template, for an export of a
+    tokenizer without one: transformers, vLLM or TGI would otherwise refuse to render, or
+    apply a default the model never saw."""
+    prefixes = ", ".join(f"{role!r}: {prefix!r}" for role, prefix in FALLBACK_ROLE_PREFIX.items())
+    # the separators are expressions: transformers compiles templates with trim_blocks,
+    # which drops a newline written right after a block tag
+    return ("{%- set prefix = {" + prefixes + "} -%}{{ bos_token or '' }}"
+            "{%- for m in messages %}{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
+            "{{ prefix[m['role']] + m['content'] }}{%- endfor %}"
+            "{% if add_generation_prompt %}{{ '\\n\\n" + FALLBACK_ROLE_PREFIX["assistant"].rstrip() + "' }}{% endif %}")
+
+
 def check_template(tokenizer, system: str | None = SAFETY_INSTRUCTION) -> None:
     """Refuse, before any work, a tokenizer whose chat template cannot carry ``system``
     (:func:`apply_template`): a command otherwise meets it at its first prompt, mid-run."""

@@ -458,6 +458,66 @@ def test_peft_model_is_merged_into_a_plain_model_with_equal_logits(tiny_model_di
     torch.testing.assert_close(merged_logits, peft_logits, atol=1e-5, rtol=1e-5)
 
 
+def test_a_bf16_lora_model_exports_its_update_whole_in_float32(tiny_model_dir, tmp_path):
+    """A bf16 base with float32 adapters (the LoRA configs' recipe) was merged into the
+    bf16 weights and cast up after: `--dtype float32` kept only about half of the
+    update. Now the export holds W + scale * B @ A at float32 precision."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    w = base.model.layers[0].mlp.down_proj.weight.detach().float().clone()
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj"],
+                                                 init_lora_weights=False))
+    layer = peft_model.base_model.model.model.layers[0].mlp.down_proj
+    with torch.no_grad():  # float32 adapters with a small update, as training leaves them
+        for name in ("lora_A", "lora_B"):
+            getattr(layer, name)["default"].to(torch.float32).weight.mul_(0.01)
+    a, b = layer.lora_A["default"].weight.float(), layer.lora_B["default"].weight.float()
+    update = (b @ a) * layer.scaling["default"]
+    tok = load_tokenizer(str(tiny_model_dir))
+    out = write_export(peft_model, tok, tmp_path / "e", ExportConfig(SAFETY_INSTRUCTION, None), dtype="float32")
+    got = load_file(out / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got - w, update, rtol=1e-4, atol=1e-7)
+
+
+def test_a_float16_export_that_overflows_is_refused(tiny_model_dir, tmp_path):
+    """A weight beyond float16's 65504 became inf, written without a word."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = 1e5
+    tok = load_tokenizer(str(tiny_model_dir))
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.down_proj.weight' holds NaN or inf in "
+                                         r"float16 .*export in bfloat16 or float32"):
+        write_export(model, tok, tmp_path / "h", ExportConfig(SAFETY_INSTRUCTION, None), dtype="float16")
+    assert not (tmp_path / "h").exists()
+
+
+def test_an_export_of_a_tokenizer_without_a_chat_template_carries_the_plain_format(tiny_model_dir, tmp_path):
+    """Training renders a tokenizer without a chat template in the README's plain format;
+    the export saved no template, so plain transformers refused to render (and vLLM/TGI
+    would apply their own default). It now carries that format as its template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cfg_unlearn.prompts import render_prompt
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    tok.chat_template = None
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    out = write_export(model, tok, tmp_path / "p", ExportConfig(SAFETY_INSTRUCTION, None))
+    assert tok.chat_template is None  # the caller's tokenizer is left as it was
+    plain = AutoTokenizer.from_pretrained(out)
+    convo = [{"role": "user", "content": "Where does Ann Lee live?"}, {"role": "assistant", "content": "Private."},
+             {"role": "user", "content": "And her phone?"}]
+    for system in (SAFETY_INSTRUCTION, None):
+        msgs = ([{"role": "system", "content": system}] if system else []) + convo
+        assert plain.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == render_prompt(
+            tok, convo, system)
+
+
 @pytest.mark.parametrize("adapter_only", [False, True], ids=["full-ckpt", "adapter-only-ckpt"])
 def test_lora_module_checkpoint_exports_merged(tiny_model_dir, tmp_path, adapter_only):
     """Through the module: a LoRA run's checkpoint (whole, or adapters only and restored
