@@ -19,7 +19,8 @@ Why it is shaped like this (and faster than ``generate(guidance_scale=...)``):
   are prefilled as two ``B``-row forwards at their own lengths, then their caches are
   merged: cheaper than one ``2B``-row prefill padded to the longer side.)
 * Prompts are left padded with position ids counted from each row's first real token,
-  so a padded batch decodes the same tokens as each prompt alone (tested).
+  so a padded batch decodes the same tokens as each prompt alone in float32 (tested;
+  in bf16 padding changes the rounding, and a near tie can go the other way).
 * Only the last position's logits are computed (``logits_to_keep=1``) in the prefill,
   and the KV cache is preallocated (no per-step concatenation).
 * Under DDP/FSDP each forward is a collective for sharded weights: with
@@ -47,11 +48,17 @@ SPACES = ("logprob", "prob")
 Prompt = str | Sequence[dict[str, str]]
 
 
+#: the largest guidance scale accepted from a user (:func:`check_guidance`)
+MAX_GUIDANCE_SCALE = 1e6
+
+
 def check_guidance(guidance_scale: float, space: str) -> None:
     """The guidance settings a user may ask for (export, generate): a finite ``g >= 0``
-    and a known space."""
-    if not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+    and a known space. Above :data:`MAX_GUIDANCE_SCALE` the difference term alone ranks the
+    tokens already, and near float32's 3.4e38 the scores become NaN (every answer came out
+    empty at 1e39)."""
+    if not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= MAX_GUIDANCE_SCALE:
+        raise ValueError(f"guidance_scale must be a finite number in [0, {MAX_GUIDANCE_SCALE:g}], got {guidance_scale}")
     if space not in SPACES:
         raise ValueError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
 
