@@ -579,11 +579,15 @@ def plot_comparison(m: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([m["baseline"]["accuracy"]], [m["baseline"]["leak_rate"]], color="gray", marker="x")
-    ax.annotate("leaky model", (m["baseline"]["accuracy"], m["baseline"]["leak_rate"]), fontsize=7)
-    for (acc, leak), labels in comparison_points(m["comparison"]).items():
-        ax.scatter([acc], [leak])
-        ax.annotate(", ".join(labels), (acc, leak), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    # the leaky model is grouped too: a method on its point got a second label over its own
+    for (acc, leak), labels in comparison_points({"leaky model": m["baseline"], **m["comparison"]}).items():
+        if "leaky model" in labels:
+            ax.scatter([acc], [leak], color="gray", marker="x")
+        else:
+            ax.scatter([acc], [leak])
+        right = acc > 0.7  # a label right of a point near accuracy 1 ran past the axes
+        ax.annotate(", ".join(labels), (acc, leak), fontsize=7, xytext=(-3 if right else 3, 3),
+                    textcoords="offset points", ha="right" if right else "left")
     ax.set_xlabel("accuracy (utility questions)")
     ax.set_ylabel("leak rate (held-out direct probes)")
     ax.set_xlim(-0.02, 1.02)

@@ -317,3 +317,9 @@ def test_comparison_plot_gives_methods_on_one_point_one_label(tmp_path, monkeypa
     demo.plot_comparison(m, tmp_path / "c.png")
     texts = sorted(t.get_text() for t in figs[0].axes[0].texts)
     assert texts == ["leaky model", "npo", "retrained, subtraction"]
+    # a method on the leaky model's own point shares its label (two labels printed over each other)
+    figs.clear()
+    demo.plot_comparison({**m, "comparison": {**m["comparison"], "dpo": {"accuracy": 0.95, "leak_rate": 0.77}}},
+                         tmp_path / "c.png")
+    assert sorted(t.get_text() for t in figs[0].axes[0].texts) == ["leaky model, dpo", "npo",
+                                                                    "retrained, subtraction"]
