@@ -504,7 +504,7 @@ def whitened_scores(emb: torch.Tensor, k: int, subspace: Subspace | None = None)
     Mahalanobis distance from the centre within the top-``k`` subspace,
     ``sqrt(sum_j (p_j / s_j)^2)`` with ``p = (emb - mean) @ V_k`` and ``s_j = sigma_j /
     sqrt(N)`` the spread of the fitted rows along direction j. A direction with no spread
-    (``sigma_j`` below 1e-12 of the first) counts 0.
+    (``sigma_j`` below the rounding of ``emb``'s dtype, relative to the first) counts 0.
 
     Why this and not the paper's projection: the leaky rows need not be what varies most.
     On the synthetic contaminated sets (10% leaky) embedded by the demo's leaky models,
@@ -516,8 +516,14 @@ def whitened_scores(emb: torch.Tensor, k: int, subspace: Subspace | None = None)
     if k > sub.directions.shape[1]:
         raise ValueError(f"the subspace holds {sub.directions.shape[1]} directions, asked for k={k}")
     p = sub.project(emb, k)
+    if k >= sub.samples - 1:
+        raise ValueError(f"the whitened score on k={k} directions of {sub.samples} rows is sqrt({sub.samples - 1}) "
+                         f"for every row: use k <= {sub.samples - 2}")
     sv = sub.singular_values[:k]
-    live = sv > 1e-12 * sv[0] if sv[0] > 0 else torch.zeros_like(sv, dtype=torch.bool)
+    # a direction below the embeddings' own rounding (float32: 1.2e-7 of the first) holds
+    # noise, which dividing by its spread would blow up to full weight
+    floor = max(torch.finfo(emb.dtype).eps if emb.is_floating_point() else 0.0, 1e-12)
+    live = sv > floor * sv[0] if sv[0] > 0 else torch.zeros_like(sv, dtype=torch.bool)
     spread = torch.where(live, sv, torch.ones_like(sv)) / math.sqrt(sub.samples)
     return ((p / spread) ** 2 * live).sum(1).sqrt()
 
@@ -787,14 +793,19 @@ def run_saft(cfg: SaftConfig) -> dict[str, Any]:
     # before the embedding: more directions than the samples span is an error, not a quiet k=1
     hidden = _hidden_size(model)
     k_limit = min(n - 1, hidden) if hidden else n - 1
-    if cfg.k is not None and cfg.k > k_limit:
-        raise ValueError(f"k={cfg.k}: {n} samples of dimension {hidden} span at most {k_limit} directions")
     if cfg.score is not None:
         kinds = [cfg.score]
     elif tuning and not projection_only:
         kinds = list(SCORES)
     else:
         kinds = ["projection" if projection_only else DEFAULT_SCORE]
+    # the whitened score on all n - 1 directions the centred rows span is sqrt(n - 1) for
+    # every row: one direction fewer at most
+    limits = {kind: min(k_limit, n - 2) if kind == "whitened" else k_limit for kind in kinds}
+    if cfg.k is not None and all(cfg.k > limit for limit in limits.values()):
+        raise ValueError(f"k={cfg.k}: {n} samples of dimension {hidden} span at most {k_limit} directions"
+                         + (f" (the whitened score takes at most {n - 2}: on all of them it is the same for every "
+                            "row)" if "whitened" in kinds else ""))
     search_k: dict[str, list[int]] = {}
     for kind in kinds:
         if cfg.k is not None:
@@ -802,16 +813,18 @@ def run_saft(cfg: SaftConfig) -> dict[str, Any]:
         elif cfg.search_k:
             search_k[kind] = list(cfg.search_k)
         elif kind == "whitened":  # capped, not skipped: a small file still searches
-            search_k[kind] = sorted({min(k, default_whitened_k(n, k_limit)) for k in WHITENED_SEARCH_K})
+            search_k[kind] = sorted({min(k, default_whitened_k(n, limits[kind])) for k in WHITENED_SEARCH_K})
         else:
             search_k[kind] = list(DEFAULT_SEARCH_K)
-    given_k = sorted({k for ks in search_k.values() for k in ks})
-    if tuning and any(k > k_limit for k in given_k):
-        if all(k > k_limit for k in given_k):
-            raise ValueError(f"search k {given_k}: {n} samples of dimension {hidden} span at most {k_limit} directions")
-        log.warning("saft: search k %s skipped: %d samples of dimension %s span at most %d directions",
-                    [k for k in given_k if k > k_limit], n, hidden, k_limit)
-        search_k = {kind: [k for k in ks if k <= k_limit] for kind, ks in search_k.items()}
+    over = sorted({k for kind, ks in search_k.items() for k in ks if k > limits[kind]})
+    if over:
+        if all(k > limits[kind] for kind, ks in search_k.items() for k in ks):
+            raise ValueError(f"k {over}: {n} samples of dimension {hidden} span at most {k_limit} directions"
+                             + (f" (the whitened score takes at most {n - 2})" if "whitened" in kinds else ""))
+        log.warning("saft: k %s skipped where above %s: %d samples of dimension %s span at most %d directions",
+                    over, ", ".join(f"{limit} ({kind})" for kind, limit in limits.items()), n, hidden, k_limit)
+        search_k = {kind: [k for k in ks if k <= limits[kind]] for kind, ks in search_k.items()}
+        kinds = [kind for kind in kinds if search_k[kind]]
     if cfg.layer is not None:
         layers = [resolve_layer(cfg.layer, n_layers)]
     elif tuning:
@@ -844,7 +857,7 @@ def run_saft(cfg: SaftConfig) -> dict[str, Any]:
         layer, k, sign, score = picked.layer, picked.k, picked.sign, picked.score
         print(render_table(table, picked, n_labelled=len(idx), n_leaky=int((tune == 1).sum())))
     elif kinds == ["whitened"]:
-        layer, k, sign, score = layers[0], cfg.k or default_whitened_k(n, k_limit), "abs", "whitened"
+        layer, k, sign, score = layers[0], search_k["whitened"][0], "abs", "whitened"
     else:
         layer, k, score = layers[0], cfg.k or 1, "projection"
         sign = resolve_sign(cfg.sign or "auto", k)
@@ -964,8 +977,8 @@ def scores_histogram_png(scores: torch.Tensor, labels: torch.Tensor, threshold: 
               (lab < 0, "unlabelled", "tab:gray")]
     data = [(s[m], name, color) for m, name, color in groups if m.any()]
     lo, hi = float(s.min()), float(s.max())
-    bins = 50 if hi > lo else 1
-    ax.hist([d for d, _, _ in data], bins=bins, range=(lo, hi) if hi > lo else None, stacked=True,
+    spread = hi - lo > 1e-9 * max(abs(lo), abs(hi), 1e-300)  # numpy refuses 50 bins narrower than rounding
+    ax.hist([d for d, _, _ in data], bins=50 if spread else 1, range=(lo, hi) if spread else None, stacked=True,
             label=[nm for _, nm, _ in data], color=[c for _, _, c in data])
     if threshold is not None:
         ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3g}")

@@ -745,7 +745,34 @@ def test_too_many_directions_are_refused_before_embedding_not_replaced_by_k1(tin
                                                out=str(tmp_path / "o"), labels=str(d / "labels.jsonl"), layer=1,
                                                search_k=[1, 60], progress=False))
     assert {c["k"] for c in result["search"]} == {1}
-    assert any("search k [60] skipped" in r.getMessage() for r in caplog.records)
+    assert any("k [60] skipped where above 58 (whitened), 59 (projection)" in r.getMessage() for r in caplog.records)
+
+
+def test_the_whitened_score_takes_at_most_n_minus_2_directions(tiny_model_dir, small_set, tmp_path, capsys):
+    """On all n - 1 directions the centred rows span, every row is sqrt(n - 1) from the
+    centre: `--k 59` of 60 rows scored every row the same, and the histogram failed."""
+    _, _, d = small_set
+    with pytest.raises(ValueError, match=r"is sqrt\(59\) for every row: use k <= 58"):
+        saft.whitened_scores(torch.randn(60, 128, generator=torch.Generator().manual_seed(0)), k=59)
+    with pytest.raises(SystemExit) as e:
+        saft.main(["--model", str(tiny_model_dir), "--data", str(d / "data.jsonl"), "--out", str(tmp_path / "o"),
+                   "--quiet", "--k", "59"])
+    assert e.value.code == 2 and "(the whitened score takes at most 58" in capsys.readouterr().err
+    r = saft.run_saft(saft.SaftConfig(model=str(tiny_model_dir), data=str(d / "data.jsonl"), out=str(tmp_path / "p"),
+                                      k=58, progress=False))
+    scores = [json.loads(x)["score"] for x in (tmp_path / "p" / "scores.jsonl").read_text().splitlines()]
+    assert r["used"]["k"] == 58 and max(scores) - min(scores) > 1e-3 * max(scores)
+
+
+def test_whitened_score_ignores_directions_of_float32_rounding():
+    """Rank-1 float32 rows have two more directions of rounding noise (about 1e-8 of the
+    first); the 1e-12 cutoff gave them full weight, and they reordered the rows."""
+    g = torch.Generator().manual_seed(0)
+    t, v = torch.randn(40, generator=g), torch.randn(8, generator=g)
+    x = t[:, None] * v
+    torch.testing.assert_close(saft.whitened_scores(x, k=3), saft.whitened_scores(x, k=1))
+    order = torch.argsort(saft.whitened_scores(x, k=3), descending=True)
+    assert order[:5].tolist() == torch.argsort((t - t.mean()).abs(), descending=True)[:5].tolist()
 
 
 def test_cli_errors_exit_2_with_file_line(tiny_model_dir, tmp_path, capsys):
