@@ -354,7 +354,9 @@ def check_demo_config(cfg: DemoConfig) -> DemoConfig:
     for space in cfg.spaces:
         for g in cfg.scales:
             check_guidance(float(g), space)
-    out = Path(cfg.out)
+    # resolved: "new/.." does not exist yet, so it escaped the check, and became the
+    # current folder (whose outputs-to-remove are a project's models/ and logs/) once made
+    out = Path(cfg.out).expanduser().resolve()
     try:
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {cfg.out} is a file; give a directory")
@@ -384,8 +386,10 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 
     cfg = check_demo_config(cfg)  # fail before minutes of training
     uncond_system = uncond_instruction(cfg.cond_mode)
-    out = Path(cfg.out)
+    out = Path(cfg.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()) and not is_demo_output(out):  # made since the check: nothing of it is ours
+        raise ValueError(f"--out {cfg.out} holds files that are no demo output; give an empty or new directory")
     (out / DEMO_MARKER).touch()
     # every output of a previous run, first: a rerun stopped midway left its new base and
     # leaky models beside the old run's unlearned model and metrics, which then described

@@ -263,6 +263,22 @@ def test_demo_quiet_silences_transformers_bars_for_the_run_only(tmp_path, monkey
     assert seen == [(False, False), (True, True)] and hf_logging.is_progress_bar_enabled()
 
 
+def test_demo_out_through_dotdot_is_checked_as_the_folder_it_names(tmp_path, monkeypatch):
+    """`--out new/..` did not exist when checked, then was made, and named the current
+    folder: the run removed a project's models/, logs/ and report.md as old outputs."""
+    import cfg_unlearn.demo as demo
+
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    (tmp_path / "models" / "mine" / "weights.bin").write_bytes(b"mine")
+    (tmp_path / "report.md").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "build_tiny", lambda *a, **kw: pytest.fail("the run started"))
+    with pytest.raises(ValueError, match="holds files that are no demo output"):
+        demo.run_demo(demo.DemoConfig(out="new/.."), progress=False)
+    assert (tmp_path / "models" / "mine" / "weights.bin").read_bytes() == b"mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "report.md"]
+
+
 def test_demo_interrupted_is_one_line(tmp_path, monkeypatch, capsys):
     """Ctrl-C in the leak fine-tune (the demo's own loop) printed a KeyboardInterrupt traceback."""
     import cfg_unlearn.demo as demo
