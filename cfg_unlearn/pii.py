@@ -605,12 +605,15 @@ _LETTER_RUN = re.compile(r"[^\W\d_]+")
 
 def _known_words(items: Iterable[PIIItem], min_chars: int = 1) -> dict[str, str]:
     """The one-word values of ``items`` (a name word, a street word) with at least
-    ``min_chars`` letters, lower-cased -> their type."""
+    ``min_chars`` letters, lower-cased -> their type; each also under its other "ß"/"ss"
+    spelling (:func:`_word_regex` takes them as one letter)."""
     words: dict[str, str] = {}
     for item in items:
         value = nfkc(item.value)
         if len(value) >= min_chars and _LETTER_RUN.fullmatch(value):
-            words.setdefault(value.lower(), item.type)
+            low = value.lower()
+            for spelling in (low, low.replace("\u00df", "ss"), low.replace("ss", "\u00df")):
+                words.setdefault(spelling, item.type)
     return words
 
 

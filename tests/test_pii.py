@@ -697,6 +697,11 @@ def test_sharp_s_and_ss_are_one_letter():
         assert pii.ValueIndex([item]).find(text) == [item], text
     assert pii.contains_fragment("the Hauptstrasse", street.value, street.type)
     assert redact("at Hauptstrasse 12, Köln, ask Aßmann", [street, name], detect=False) == "at [LOC], ask [NAME]"
+    # run into a redacted number too (review: "Assmann[PHONE]" was left, a whole word and a leak)
+    phone, sharp = PIIItem("PHONE", "555-123-4567"), PIIItem("NAME", "Aßmann")
+    for text in ("call Assmann555-123-4567", "call Aßmann555-123-4567", "call AẞMANN555-123-4567"):
+        assert redact(text, [sharp, phone], detect=False) == "call [NAME][PHONE]", text
+    assert redact("call Aßmann555-123-4567", [PIIItem("NAME", "Assmann"), phone], detect=False) == "call [NAME][PHONE]"
     # only those two: one "s" is another word
     assert not contains_value("Asmann", name.value, name.type) and not pii.ValueIndex([name]).find("Anna Asmann")
 
