@@ -319,19 +319,26 @@ def merged_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _widens(model: torch.nn.Module, dtype: torch.dtype) -> bool:
-    """Whether ``dtype`` has more bits than some floating weight of ``model``."""
-    bits = torch.finfo(dtype).bits if dtype.is_floating_point else 0
-    return any(p.is_floating_point() and torch.finfo(p.dtype).bits < bits for p in model.parameters())
+    """Whether ``dtype`` keeps more mantissa bits than some floating weight of ``model``
+    (float16 over bfloat16 too: same size, 10 bits against 7)."""
+    if not dtype.is_floating_point:
+        return False
+    eps = torch.finfo(dtype).eps  # the spacing at 1: smaller is more mantissa
+    return any(p.is_floating_point() and torch.finfo(p.dtype).eps > eps for p in model.parameters())
 
 
-def _check_finite(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Refuse weights that came out NaN or inf (a value beyond float16's 65504 casts to
-    inf): the export would load, and decode nothing sensible."""
+def _check_finite(model: torch.nn.Module, cast_to: torch.dtype | None) -> None:
+    """Refuse weights that are NaN or inf (a value beyond float16's 65504 casts to inf, a
+    diverged training leaves NaN): the export would load, and decode nothing sensible."""
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"tensor {name!r} holds NaN or inf in {str(dtype).removeprefix('torch.')} (largest "
-                             f"magnitude {float(t.float().nan_to_num(0, 0, 0).abs().max()):.4g} of the finite values; "
-                             "float16 holds at most 65504): export in bfloat16 or float32")
+            largest = float(t.float().nan_to_num(0, 0, 0).abs().max())
+            if cast_to is not None and torch.finfo(cast_to).max < 1e6:
+                why = (f"in {str(cast_to).removeprefix('torch.')}, which holds at most {torch.finfo(cast_to).max:g} "
+                       f"(largest finite magnitude {largest:.4g}): export in bfloat16 or float32")
+            else:
+                why = "(the checkpoint's own values: the training diverged)"
+            raise ValueError(f"tensor {name!r} holds NaN or inf {why}")
 
 
 def _checked_fallback_template(tokenizer) -> str:
@@ -376,7 +383,7 @@ def write_export(
     model = merged_model(model)
     if isinstance(torch_dtype, torch.dtype):
         model = model.to(torch_dtype)
-        _check_finite(model, torch_dtype)
+    _check_finite(model, torch_dtype if isinstance(torch_dtype, torch.dtype) else None)
     model.eval()
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
         model.config.use_cache = True  # training with gradient checkpointing turns it off

@@ -475,6 +475,8 @@ def test_a_bf16_lora_model_exports_its_update_whole_in_float32(tiny_model_dir, t
             getattr(layer, name)["default"].to(torch.float32).weight.mul_(0.01)
     a, b = layer.lora_A["default"].weight.float(), layer.lora_B["default"].weight.float()
     update = (b @ a) * layer.scaling["default"]
+    assert ex._widens(peft_model, torch.float16)  # more mantissa than bfloat16 at the same size: cast first too
+    assert not ex._widens(peft_model, torch.bfloat16)
     tok = load_tokenizer(str(tiny_model_dir))
     out = write_export(peft_model, tok, tmp_path / "e", ExportConfig(SAFETY_INSTRUCTION, None), dtype="float32")
     got = load_file(out / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
@@ -491,9 +493,16 @@ def test_a_float16_export_that_overflows_is_refused(tiny_model_dir, tmp_path):
         model.model.layers[0].mlp.down_proj.weight[0, 0] = 1e5
     tok = load_tokenizer(str(tiny_model_dir))
     with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.down_proj.weight' holds NaN or inf in "
-                                         r"float16 .*export in bfloat16 or float32"):
+                                         r"float16, which holds at most 65504 .*export in bfloat16 or float32"):
         write_export(model, tok, tmp_path / "h", ExportConfig(SAFETY_INSTRUCTION, None), dtype="float16")
     assert not (tmp_path / "h").exists()
+    # a NaN the training left is refused whatever the dtype, and not blamed on float16
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    for dtype in (None, "float32"):
+        with pytest.raises(ValueError, match=r"holds NaN or inf \(the checkpoint's own values"):
+            write_export(model, tok, tmp_path / "n", ExportConfig(SAFETY_INSTRUCTION, None), dtype=dtype)
+    assert not (tmp_path / "n").exists()
 
 
 def test_an_export_of_a_tokenizer_without_a_chat_template_carries_the_plain_format(tiny_model_dir, tmp_path):
