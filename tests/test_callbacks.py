@@ -73,7 +73,7 @@ def test_runs_decode_g1_once_and_arguments_are_checked():
     with pytest.raises(ValueError, match="probes_file and/or qa_file"):
         GuidanceEval().load_eval_sets(datamodule=None)
     # settings that would score nothing or decode nonsense are refused at construction
-    for kw, msg in ((dict(scales=[1, -2]), r"scales \[1, -2\]: .*>= 0, got -2.0"),
+    for kw, msg in ((dict(scales=[1, -2]), r"scales \[1, -2\]: .*in \[0, 1e\+06\], got -2.0"),
                     (dict(scales=[float("inf")]), "finite"),
                     (dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
                     (dict(batch_size=0), "batch_size must be >= 1"),
