@@ -317,12 +317,17 @@ class GuidanceEval(Callback):
         """:meth:`evaluate`; if it fails during a fit (out of memory), every checkpoint
         callback's last checkpoint is saved first, then the error is raised. This callback
         runs before them (its metrics feed their monitors), so they had saved nothing:
-        the run's weights were lost."""
+        the run's weights were lost. Under several processes the error is raised alone: a
+        checkpoint save is a collective, and the other ranks wait in the decoding's own
+        (a failure on one GPU hung the whole run)."""
         try:
             return self.evaluate(trainer, pl_module)
         except Exception:
-            if trainer.state.fn == "fit":
+            if trainer.state.fn == "fit" and trainer.world_size == 1:
                 save_last_checkpoints(trainer)
+            elif trainer.state.fn == "fit":
+                rank_zero_warn("GuidanceEval failed on this rank of a multi-process fit: no last checkpoint is "
+                               "saved (it would wait for the other ranks, which wait in the decoding)")
             raise
 
     @staticmethod

@@ -510,6 +510,29 @@ def test_a_fit_stopped_mid_epoch_scores_its_final_model(tiny_model_dir, tmp_path
     assert calls == [2, 4]  # validated at its final step: nothing more
 
 
+def test_a_failed_evaluation_on_one_rank_of_several_saves_nothing(monkeypatch):
+    """Under DDP the save after a failed evaluation ran on the failing rank alone; a
+    checkpoint save is a collective, the other ranks waited in the decoding's, and the
+    run hung (an audit's 2-process fit, killed after 14 minutes). It now raises at once."""
+    import types
+
+    import cfg_unlearn.callbacks as cb
+
+    saved = []
+    monkeypatch.setattr(cb, "save_last_checkpoints", saved.append)
+    ev = GuidanceEval(scales=[1])
+
+    def oom(trainer, module):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    ev.evaluate = oom
+    for world_size in (2, 1):
+        trainer = types.SimpleNamespace(world_size=world_size, state=types.SimpleNamespace(fn="fit"))
+        with pytest.raises(RuntimeError, match="simulated"):
+            ev._evaluate_or_save(trainer, None)
+        assert len(saved) == (0 if world_size == 2 else 1)
+
+
 def test_a_failed_evaluation_still_leaves_the_last_checkpoint(tiny_model_dir, tmp_path):
     """GuidanceEval runs ahead of the checkpoint callbacks (its metrics feed their
     monitors): an out-of-memory there lost the run's weights, as no checkpoint was saved.
