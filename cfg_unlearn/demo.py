@@ -367,10 +367,10 @@ def check_demo_config(cfg: DemoConfig) -> DemoConfig:
         if out.is_dir():
             check_writable_file(out / "metrics.json")
         else:  # the folder it would create: its nearest existing parent must take it
-            parent = next(p for p in out.absolute().parents if p.exists())
+            parent = next(p for p in out.parents if p.exists())  # (out is absolute: resolved above)
             if not parent.is_dir():
                 raise ValueError(f"--out {cfg.out}: {parent} is a file, not a directory")
-            first = parent / out.absolute().relative_to(parent).parts[0]
+            first = parent / out.relative_to(parent).parts[0]
             first.mkdir()  # exactly what the run will do first (a probe file's longer name could fail alone)
             first.rmdir()
     except OSError as e:  # a name longer than the file system takes, a folder it cannot read

@@ -515,10 +515,10 @@ def whitened_scores(emb: torch.Tensor, k: int, subspace: Subspace | None = None)
     sub = fit_subspace(emb, k) if subspace is None else subspace
     if k > sub.directions.shape[1]:
         raise ValueError(f"the subspace holds {sub.directions.shape[1]} directions, asked for k={k}")
-    p = sub.project(emb, k)
     if k >= sub.samples - 1:
         raise ValueError(f"the whitened score on k={k} directions of {sub.samples} rows is sqrt({sub.samples - 1}) "
                          f"for every row: use k <= {sub.samples - 2}")
+    p = sub.project(emb, k)
     sv = sub.singular_values[:k]
     # a direction below the embeddings' own rounding (float32: 1.2e-7 of the first) holds
     # noise, which dividing by its spread would blow up to full weight
@@ -849,10 +849,9 @@ def run_saft(cfg: SaftConfig) -> dict[str, Any]:
     picked: Candidate | None = None
     if tuning:
         idx = torch.nonzero(tune >= 0).flatten()
-        for kind in kinds:
-            if search_k[kind]:
-                table += search(embs, idx, tune[idx], ks=search_k[kind], signs=[cfg.sign] if cfg.sign else None,
-                                weighted=cfg.weighted, prefer_layer=default_layer(n_layers), score=kind)[0]
+        for kind in kinds:  # each with a k to try (the others were dropped above)
+            table += search(embs, idx, tune[idx], ks=search_k[kind], signs=[cfg.sign] if cfg.sign else None,
+                            weighted=cfg.weighted, prefer_layer=default_layer(n_layers), score=kind)[0]
         picked = best_candidate(table, default_layer(n_layers))
         layer, k, sign, score = picked.layer, picked.k, picked.sign, picked.score
         print(render_table(table, picked, n_labelled=len(idx), n_leaky=int((tune == 1).sum())))
