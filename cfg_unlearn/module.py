@@ -46,6 +46,7 @@ from cfg_unlearn.objectives import (
     masked_sequence_mean,
     npo_loss,
     orpo_loss,
+    real_mean,
     sft_loss,
     token_logps,
 )
@@ -141,6 +142,13 @@ def _rows_of(batch: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
     for v in ("cond", "uncond"):
         out[v] = {k: t[keep.to(t.device)] for k, t in batch[v].items()}
     return out
+
+
+def _real_rows(batch: dict[str, Any]) -> torch.Tensor:
+    """``(B,)`` True for a batch's real pairs, False for the rows that only pad a rank's
+    shard (``pad``, :class:`~cfg_unlearn.data.datamodule.ShardSampler`)."""
+    pad = batch.get("pad")
+    return torch.ones(len(batch["id"]), dtype=torch.bool) if pad is None else ~pad.bool().cpu()
 
 
 def accumulation_window_totals(counts: list[int], k: int) -> list[int]:
@@ -354,7 +362,7 @@ class UnlearnModule(L.LightningModule):
         # (epoch, per training batch of that epoch its optimizer step's NLL tokens on this
         # rank): accumulation only, see _nll. Planned at the epoch's first training step,
         # not in on_train_epoch_start, which Lightning skips when resuming mid-epoch
-        self._window_plan: tuple[int, list[int] | None] | None = None
+        self._window_plan: tuple[int, list[tuple[int, int]] | None] | None = None
         #: the optimizer classes of the checkpoint being restored (``on_load_checkpoint``),
         #: checked against this fit's once they are built and restored (``on_train_start``)
         self._saved_optimizer_classes: list[str] | None = None
@@ -490,122 +498,178 @@ class UnlearnModule(L.LightningModule):
             per_side = torch.where(uncond, per_side.flip(1), per_side)
         return torch.cat([per_side[:, s] for s in SIDES[self.objective]]).to(rows["input_ids"].device)
 
-    def _nll(self, logps: torch.Tensor, mask: torch.Tensor, batch_idx: int | None = None) -> torch.Tensor:
-        """Token-mean NLL over the tokens of one *optimizer step*, as one big batch would
-        compute it. A step can span ranks (DDP averages their gradients) and accumulated
-        micro-batches (Lightning divides each loss by ``accumulate_grad_batches`` and sums
-        the gradients): a per-micro-batch mean would weight a token by how many tokens its
-        micro-batch happened to hold, so 2 processes, or 2 accumulated halves, would not
-        follow 1 (the bug transformers fixed with ``num_items_in_batch``). So each rank
-        divides its token sum by (the step's tokens / (ranks x micro-batches)), the step's
-        tokens being looked up in the epoch's window plan. That scaling is for the
-        gradient only: the returned *value* is this micro-batch's own token mean, so the
-        logged NLL and loss read as without accumulation (an epoch's short last window
-        would otherwise log k times its NLL)."""
+    def _step_totals(self, nll_mask: torch.Tensor | None, real: torch.Tensor,
+                     batch_idx: int | None) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(NLL tokens, real pairs, shares) of the *optimizer step* this training
+        micro-batch belongs to, summed over the ranks, ``shares`` being ranks x
+        micro-batches; None where the batch is the whole step (one process, no
+        accumulation) or outside training.
+
+        The step's loss must be one big batch's mean, over its tokens (the NLL) and over
+        its pairs (the objectives' per-pair terms). A step can span ranks (DDP averages
+        their gradients) and accumulated micro-batches (Lightning divides each loss by
+        ``accumulate_grad_batches`` and sums the gradients), so a per-micro-batch mean
+        would weight a token or a pair by how full its micro-batch happened to be: 2
+        processes, or 2 accumulated halves, would not follow 1 (the bug transformers
+        fixed with ``num_items_in_batch``), and the padding row that evens out the ranks'
+        shards would count as a pair. So each rank divides its sums by (the step's count
+        / shares), the counts of an accumulation window looked up in the epoch's window
+        plan, and padding rows (``real`` False) count for nothing."""
         trainer = self._trainer
         if not (self.training and trainer is not None):
-            return masked_nll(logps, mask)
+            return None
         window = self._window_plan[1] if self._window_plan is not None else None
         planned = window is not None and batch_idx is not None and batch_idx < len(window)
         if trainer.world_size == 1 and not planned:
-            return masked_nll(logps, mask)
-        tokens = torch.tensor(float(window[batch_idx]), device=mask.device) if planned else mask.sum().float()
+            return None
+        if planned:
+            totals = torch.tensor([float(c) for c in window[batch_idx]], device=real.device)
+        else:
+            tokens = nll_mask.sum() if nll_mask is not None else real.new_zeros(())
+            totals = torch.stack([tokens.float(), real.sum().float()])
         if trainer.world_size > 1:
-            tokens = trainer.strategy.reduce(tokens, reduce_op="sum")
+            totals = trainer.strategy.reduce(totals, reduce_op="sum")
         shares = trainer.world_size * (trainer.accumulate_grad_batches if planned else 1)
+        return totals[0], totals[1], shares
+
+    @staticmethod
+    def _nll(logps: torch.Tensor, mask: torch.Tensor,
+             totals: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+        """Token-mean NLL over ``mask``; with the step's ``totals`` (:meth:`_step_totals`)
+        its gradient is the step's token mean, while the returned *value* stays this
+        micro-batch's own token mean, so the logged NLL and loss read as without
+        accumulation (an epoch's short last window would otherwise log k times its NLL)."""
+        if totals is None:
+            return masked_nll(logps, mask)
+        tokens, _, shares = totals
         scaled = -(logps * mask).sum() / (tokens.clamp(min=1) / shares)
         return scaled + (masked_nll(logps, mask) - scaled).detach()
 
-    def _nll_positions(self, rows: dict[str, torch.Tensor], b: int) -> torch.Tensor | None:
+    @staticmethod
+    def _pair_weights(real: torch.Tensor, totals: tuple[torch.Tensor, torch.Tensor, int] | None
+                      ) -> torch.Tensor | None:
+        """Per pair, its weight in the objective's mean over pairs (see
+        :func:`~cfg_unlearn.objectives.pair_mean`): shares / the step's pairs, 0 for a
+        padding row; None (the plain mean) where the batch is the whole step."""
+        if totals is None:
+            return None
+        _, pairs, shares = totals
+        return real.float() * (shares / pairs.clamp(min=1))
+
+    def _nll_positions(self, rows: dict[str, torch.Tensor], b: int,
+                       real: torch.Tensor | None = None) -> torch.Tensor | None:
         """The token positions the objective's NLL term averages over (None: it has none):
         the replacement's (ORPO, SFT; ``data.nll_span`` decides whether the prompt counts),
-        or the forget answer's alone (gradient ascent never ascends on the prompt)."""
+        or the forget answer's alone (gradient ascent never ascends on the prompt); none
+        of a padding row's (``real`` False)."""
         if self.objective == "ga":
-            return rows["labels"][:, 1:] != IGNORE_INDEX
-        if self.objective in ("orpo", "sft"):
-            return (rows["nll_labels"][:, 1:] != IGNORE_INDEX)[:b]
-        return None
+            mask = rows["labels"][:, 1:] != IGNORE_INDEX
+        elif self.objective in ("orpo", "sft"):
+            mask = (rows["nll_labels"][:, 1:] != IGNORE_INDEX)[:b]
+        else:
+            return None
+        return mask if real is None else mask & real.to(mask.device)[:, None]
 
-    def _plan_window_tokens(self) -> list[int] | None:
-        """For every training batch of this epoch (on this rank), the NLL tokens of the
-        accumulation window it belongs to: windows are ``accumulate_grad_batches``
-        consecutive batches from the epoch start, the last one possibly shorter, as
-        Lightning steps. Looks ahead by replaying the sampler's order for this epoch
-        (``DistributedSampler`` is seeded by seed + epoch, a ``SequentialSampler`` is
-        fixed) through the loader's own collate and the conditioning hook. None when there
-        is nothing to plan (no accumulation, no NLL term) or no way to look ahead."""
+    def _plan_windows(self) -> list[tuple[int, int]] | None:
+        """For every training batch of this epoch (on this rank), the (NLL tokens, real
+        pairs) of the accumulation window it belongs to: windows are
+        ``accumulate_grad_batches`` consecutive batches from the epoch start, the last one
+        possibly shorter, as Lightning steps. Looks ahead by replaying the sampler's order
+        for this epoch (``DistributedSampler`` is seeded by seed + epoch, a
+        ``SequentialSampler`` is fixed) through the loader's own collate and the
+        conditioning hook. None when there is nothing to plan (no accumulation) or no way
+        to look ahead."""
         trainer = self.trainer
         k = trainer.accumulate_grad_batches
-        if k == 1 or self.objective not in ("orpo", "sft", "ga"):
+        if k == 1:
             return None
         loader = trainer.train_dataloader
         order = _epoch_order(loader, self.current_epoch)
         if order is None:
             rank_zero_warn(
                 f"accumulate_grad_batches={k}: the training loader's order cannot be replayed ahead "
-                f"(sampler {type(getattr(loader, 'sampler', None)).__name__}), so the NLL is a token mean per "
-                "micro-batch, not per optimizer step; use a DistributedSampler or SequentialSampler for the exact mean"
+                f"(sampler {type(getattr(loader, 'sampler', None)).__name__}), so the NLL and the per-pair terms are "
+                "means per micro-batch, not per optimizer step; use a DistributedSampler or SequentialSampler for "
+                "the exact mean"
             )
             return None
-        bs, counts = loader.batch_size, []
+        bs, tokens, pairs = loader.batch_size, [], []
         for start in range(0, len(order), bs):
             idx = order[start : start + bs]
             if len(idx) < bs and loader.drop_last:
                 break
             batch = loader.collate_fn([loader.dataset[i] for i in idx])
+            real = _real_rows(batch)
             x = apply_conditioning(batch, self.conditioning_mask(batch["id"]), self.cond_mode)
-            counts.append(int(self._nll_positions(self._rows(x), len(idx)).sum()))
+            nll_mask = self._nll_positions(self._rows(x), len(idx), real)
+            tokens.append(int(nll_mask.sum()) if nll_mask is not None else 0)
+            pairs.append(int(real.sum()))
         n = trainer.num_training_batches
-        return accumulation_window_totals(counts[: int(n)] if n != float("inf") else counts, k)
+        if n != float("inf"):
+            tokens, pairs = tokens[: int(n)], pairs[: int(n)]
+        return list(zip(accumulation_window_totals(tokens, k), accumulation_window_totals(pairs, k)))
 
     def forward_pairs(self, x: dict[str, torch.Tensor], ids: list[str] | None = None,
                       use_uncond: torch.Tensor | None = None, split: str = "train",
-                      batch_idx: int | None = None) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+                      batch_idx: int | None = None, real: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """The objective's loss and metrics for ``(B, 2, L)`` tensors: the sides it
         scores go through the model in one forward (``2B`` rows for ORPO and DPO,
         ``B`` for the others). ``ids``/``use_uncond``/``split`` locate precomputed
-        reference log-probs; ``batch_idx`` (training) the optimizer step's NLL tokens.
-        The loss is None if the reference is unavailable."""
+        reference log-probs; ``batch_idx`` (training) the optimizer step's counts
+        (:meth:`_step_totals`); ``real`` (``(B,)``, training) is False on rows that only
+        pad a rank's shard, which then weigh nothing. The loss is None if the reference is
+        unavailable."""
         b = x["input_ids"].shape[0]
+        real = torch.ones(b, dtype=torch.bool) if real is None else real
+        real = real.to(x["input_ids"].device)
         rows = self._rows(x)
+        nll_mask = self._nll_positions(rows, b, real)
+        totals = self._step_totals(nll_mask, real, batch_idx)
+        weights = self._pair_weights(real, totals)
         logits = self.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], use_cache=False).logits
         # one gather for both terms: nll_labels score a superset of labels' positions
         scored = torch.where(rows["nll_labels"] != IGNORE_INDEX, rows["nll_labels"], rows["labels"])
         logps, _ = token_logps(logits, scored)
         resp_mask = rows["labels"][:, 1:] != IGNORE_INDEX
-        nll_mask = self._nll_positions(rows, b)
+        if weights is not None:
+            weights = weights.to(logps.device)
         if self.objective == "orpo":
             seq = masked_sequence_mean(logps, resp_mask)
-            loss, metrics = orpo_loss(seq[:b], seq[b:], self._nll(logps[:b], nll_mask, batch_idx), beta=self.beta)
-            metrics["logps/chosen"] = seq[:b].detach().mean()
-            metrics["logps/rejected"] = seq[b:].detach().mean()
+            loss, metrics = orpo_loss(seq[:b], seq[b:], self._nll(logps[:b], nll_mask, totals), beta=self.beta,
+                                      weights=weights)
+            metrics["logps/chosen"] = real_mean(seq[:b].detach(), weights)
+            metrics["logps/rejected"] = real_mean(seq[b:].detach(), weights)
             return loss, metrics
         if self.objective == "sft":
-            return sft_loss(self._nll(logps, nll_mask, batch_idx))
+            return sft_loss(self._nll(logps, nll_mask, totals))
         if self.objective == "ga":  # the forget answer only, never its prompt
-            return ga_loss(self._nll(logps, nll_mask, batch_idx))
+            return ga_loss(self._nll(logps, nll_mask, totals))
         seq = (logps * resp_mask).sum(-1)  # NPO and DPO use summed log-probs
         ref = self.reference_for(x, rows, ids, use_uncond, split)
         if ref is None:
-            return None, {"logps/" + ("forget" if self.objective == "npo" else "chosen"): seq[:b].detach().mean()}
+            return None, {"logps/" + ("forget" if self.objective == "npo" else "chosen"):
+                          real_mean(seq[:b].detach(), weights)}
         if self.objective == "npo":
-            return npo_loss(seq, ref, beta=self.beta)
-        return dpo_loss(seq[:b], seq[b:], ref[:b], ref[b:], beta=self.beta)
+            return npo_loss(seq, ref, beta=self.beta, weights=weights)
+        return dpo_loss(seq[:b], seq[b:], ref[:b], ref[b:], beta=self.beta, weights=weights)
 
     def conditioning_mask(self, ids: list[str]) -> torch.Tensor:
         return draw_dropout_mask(ids, self.cond_dropout, self.cond_seed, self.current_epoch)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        n = batch["cond"]["input_ids"].shape[0]
         if self._window_plan is None or self._window_plan[0] != self.current_epoch:
-            self._window_plan = (self.current_epoch, self._plan_window_tokens())
+            self._window_plan = (self.current_epoch, self._plan_windows())
         use_uncond = self.conditioning_mask(batch["id"])
+        real = _real_rows(batch)  # not the rows that only pad a rank's shard
         x = apply_conditioning(batch, use_uncond, self.cond_mode)
-        loss, metrics = self.forward_pairs(x, batch.get("id"), use_uncond, batch_idx=batch_idx)
+        loss, metrics = self.forward_pairs(x, batch.get("id"), use_uncond, batch_idx=batch_idx, real=real)
         if loss is None:
             raise RuntimeError("the reference log-probs of this batch are missing (reference='precomputed')")
-        self.cond_counts = [self.cond_counts[0] + int(use_uncond.sum()), self.cond_counts[1] + n]
-        metrics["cond_dropout_rate"] = use_uncond.float().mean()
+        dropped, n = int((use_uncond & real).sum()), int(real.sum())
+        self.cond_counts = [self.cond_counts[0] + dropped, self.cond_counts[1] + n]
+        metrics["cond_dropout_rate"] = dropped / max(n, 1)
+        n = max(n, 1)  # a rank's batch of padding alone logs its zeros with a weight of 1
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
         if "rewards/margins" in metrics:  # the preference objectives' headline number
             self.log("train/rewards/margins", metrics.pop("rewards/margins"), prog_bar=True, batch_size=n)
@@ -619,7 +683,7 @@ class UnlearnModule(L.LightningModule):
         """``val/*`` (conditioned) and ``val/uncond/*``: each batch's metrics weighted by
         its real pairs, summed over the ranks at the epoch's end
         (:meth:`on_validation_epoch_end`). Rows that only pad a rank's shard (``pad``,
-        :class:`~cfg_unlearn.data.datamodule.EvalShardSampler`) are left out; a batch of
+        :class:`~cfg_unlearn.data.datamodule.ShardSampler`) are left out; a batch of
         padding alone still runs, with weight 0, so that every rank has every key."""
         pad = batch.get("pad")
         if pad is not None and pad.any() and not pad.all():

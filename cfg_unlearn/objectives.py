@@ -52,6 +52,30 @@ def masked_sequence_mean(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return (logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
+def pair_mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The objectives' mean over pairs. With ``weights`` (``(B,)``, >= 0) the gradient is
+    that of ``sum(weights * values)`` while the value stays the mean over the pairs with
+    weight > 0 (0 if none): a caller that splits one optimizer step over ranks or
+    accumulated micro-batches passes each pair ``shares / (the step's pairs)`` and 0 for
+    padding rows, so the step's gradient is one big batch's mean, and logged losses still
+    read per batch (as ``UnlearnModule`` does with the NLL's tokens)."""
+    if weights is None:
+        return values.mean()
+    _same_shape(values=values, weights=weights)
+    weights = weights.to(values.dtype)
+    weighted = (values * weights).sum()
+    return weighted + (real_mean(values, weights) - weighted).detach()
+
+
+def real_mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``values`` over the pairs with weight > 0 (all of them without ``weights``;
+    0 if none): the per-batch metrics, which padding rows must not move."""
+    if weights is None:
+        return values.mean()
+    real = (weights > 0).to(values.dtype)
+    return (values * real).sum() / real.sum().clamp(min=1)
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends (Maechler 2012): near 0
     ``log(-expm1(x))`` keeps precision where ``1 - exp(x)`` cancels; far below,
@@ -68,6 +92,7 @@ def orpo_loss(
     rejected_logps: torch.Tensor,
     chosen_nll: torch.Tensor,
     beta: float = 0.1,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ORPO (Hong, Lee, Thorne 2024, arXiv 2403.07691): ``L = NLL(chosen) + beta * L_OR``.
 
@@ -98,16 +123,16 @@ def orpo_loss(
     log_odds = (lp_c - lp_r) - (log1mexp(lp_c) - log1mexp(lp_r))
     ratio = F.logsigmoid(log_odds)
     nll = chosen_nll.to(dt).mean()
-    loss = nll - beta * ratio.mean()
+    loss = nll - beta * pair_mean(ratio, weights)
     with torch.no_grad():
         r_c, r_r = beta * lp_c, beta * lp_r
         metrics = {
-            "rewards/chosen": r_c.mean(),
-            "rewards/rejected": r_r.mean(),
-            "rewards/margins": (r_c - r_r).mean(),
-            "rewards/accuracies": (r_c > r_r).float().mean(),
-            "log_odds_ratio": ratio.mean(),
-            "log_odds_chosen": log_odds.mean(),
+            "rewards/chosen": real_mean(r_c, weights),
+            "rewards/rejected": real_mean(r_r, weights),
+            "rewards/margins": real_mean(r_c - r_r, weights),
+            "rewards/accuracies": real_mean((r_c > r_r).to(dt), weights),
+            "log_odds_ratio": real_mean(ratio, weights),
+            "log_odds_chosen": real_mean(log_odds, weights),
             "nll_loss": nll.detach(),
         }
     return loss, metrics
@@ -171,6 +196,7 @@ def npo_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,
     beta: float = 0.1,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """NPO (Zhang, Lin, Bai, Mei 2024, arXiv 2404.05868): DPO with only a "rejected"
     answer, the forget answer. With sequence-summed log-probs ``lp`` (policy) and ``lr``
@@ -200,13 +226,13 @@ def npo_loss(
     lp, lr = _at_least_fp32(policy_logps, ref_logps)
     d = lp - lr
     # F.logsigmoid is the stable form (min(x, 0) - log1p(exp(-|x|))): finite for any finite d
-    loss = -(2.0 / beta) * F.logsigmoid(-beta * d).mean()
+    loss = -(2.0 / beta) * pair_mean(F.logsigmoid(-beta * d), weights)
     with torch.no_grad():
         metrics = {
-            "npo/log_ratio": d.mean(),
-            "npo/weight": (2.0 * torch.sigmoid(beta * d)).mean(),
-            "logps/forget": lp.mean(),
-            "logps/ref": lr.mean(),
+            "npo/log_ratio": real_mean(d, weights),
+            "npo/weight": real_mean(2.0 * torch.sigmoid(beta * d), weights),
+            "logps/forget": real_mean(lp, weights),
+            "logps/ref": real_mean(lr, weights),
         }
     return loss, metrics
 
@@ -218,6 +244,7 @@ def dpo_loss(
     ref_rejected_logps: torch.Tensor,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sigmoid DPO (Rafailov et al. 2023, arXiv 2305.18290) with sequence-summed log-probs::
 
@@ -258,16 +285,16 @@ def dpo_loss(
     per_pair = -F.logsigmoid(z)
     if label_smoothing:
         per_pair = (1.0 - label_smoothing) * per_pair - label_smoothing * F.logsigmoid(-z)
-    loss = per_pair.mean()
+    loss = pair_mean(per_pair, weights)
     with torch.no_grad():
         r_c, r_r = beta * ratio_c, beta * ratio_r
         metrics = {
-            "rewards/chosen": r_c.mean(),
-            "rewards/rejected": r_r.mean(),
-            "rewards/margins": (r_c - r_r).mean(),
-            "rewards/accuracies": (r_c > r_r).float().mean(),
-            "logps/chosen": lp_c.mean(),
-            "logps/rejected": lp_r.mean(),
+            "rewards/chosen": real_mean(r_c, weights),
+            "rewards/rejected": real_mean(r_r, weights),
+            "rewards/margins": real_mean(r_c - r_r, weights),
+            "rewards/accuracies": real_mean((r_c > r_r).to(r_c.dtype), weights),
+            "logps/chosen": real_mean(lp_c, weights),
+            "logps/rejected": real_mean(lp_r, weights),
         }
     return loss, metrics
 

@@ -80,8 +80,8 @@ def test_setup_stats(dm):
 
 def test_batch_keys_and_shapes(dm):
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"id", "cond", "uncond"}
-    assert len(batch["id"]) == 4
+    assert set(batch) == {"id", "cond", "uncond", "pad"}
+    assert len(batch["id"]) == 4 and not batch["pad"].any()  # one process: nothing pads
     shape = batch["cond"]["input_ids"].shape
     assert shape[:2] == (4, 2)
     for v in VARIANTS:
@@ -726,22 +726,52 @@ def test_train_sampler_shards_the_one_process_global_batches():
     ranks = [order(2, r, 1) for r in range(2)]
     for b in range(3):
         assert sorted(ranks[0][4 * b : 4 * b + 4] + ranks[1][4 * b : 4 * b + 4]) == sorted(one[8 * b : 8 * b + 8])
+    # one process: the permutation torch's DistributedSampler draws (runs made before
+    # the padding was marked train on the same order)
+    from torch.utils.data import DistributedSampler
+
+    reference = DistributedSampler(list(range(24)), num_replicas=1, rank=0, shuffle=True, seed=3)
+    reference.set_epoch(1)
+    assert one == list(reference)
+
+
+def test_train_shards_pad_with_marked_positions_not_repeats():
+    """21 pairs on 2 ranks: 11 + 11 positions, the last one past the data (21), which
+    MarkedPadding marks; DistributedSampler repeated a real pair there."""
+    from types import SimpleNamespace
+
+    from cfg_unlearn.data.datamodule import MarkedPadding
+
+    dm = PairDataModule(tokenizer="unused", world=WorldConfig(seed=0, n_people=4), seed=3)
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=0)
+    ranks = []
+    for rank in (0, 1):
+        dm.trainer.global_rank = rank
+        sampler = dm._train_sampler(list(range(21)))
+        sampler.set_epoch(0)
+        ranks.append(list(sampler))
+    assert len(ranks[0]) == len(ranks[1]) == 11
+    assert sorted(ranks[0] + ranks[1]) == list(range(22))
+    # the padding is the last position of the permutation, so it sits in the last global batch
+    assert ranks[1][-1] == 21
+    marked = MarkedPadding([{"id": f"p{i}"} for i in range(21)])
+    assert marked[21] == {"id": "p0", "pad": True} and marked[20] == {"id": "p20", "pad": False}
 
 
 def test_validation_shards_mark_their_padding():
     """3 validation pairs on 2 ranks: 2 + 1, the second rank padded with a row marked
     ``pad`` (Lightning's sampler repeats a real pair there, unmarked, and val/* counted it)."""
-    from cfg_unlearn.data.datamodule import EvalShardSampler, MarkedPadding, PairCollator, PairDataset
+    from cfg_unlearn.data.datamodule import MarkedPadding, PairCollator, PairDataset, ShardSampler
 
     item = lambda i: {"id": f"p{i}", **{v: {k: [[1, 2], [1, 3]] for k in ("input_ids", "labels", "nll_labels")}  # noqa: E731
                                        for v in ("cond", "uncond")}}
     ds = PairDataset([item(i) for i in range(3)])
-    assert [list(EvalShardSampler(ds, 2, r)) for r in (0, 1)] == [[0, 2], [1, 3]]
-    assert [list(EvalShardSampler(ds, 1, 0))] == [[0, 1, 2]]
+    assert [list(ShardSampler(ds, 2, r)) for r in (0, 1)] == [[0, 2], [1, 3]]
+    assert [list(ShardSampler(ds, 1, 0))] == [[0, 1, 2]]
     marked = MarkedPadding(ds)
     batch = PairCollator(0)([marked[i] for i in (1, 3)])
     assert batch["id"] == ["p1", "p0"] and batch["pad"].tolist() == [False, True]
-    assert "pad" not in PairCollator(0)([ds[0]])  # training batches carry no mark
+    assert "pad" not in PairCollator(0)([ds[0]])  # unwrapped items carry no mark
 
 
 def test_a_conversation_the_chat_template_refuses_is_named(tiny_name, tmp_path):

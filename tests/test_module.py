@@ -650,12 +650,17 @@ def _uneven_pairs(path, n):
                      + "\n")
 
 
-@pytest.mark.parametrize("objective,n_pairs,batch,k", [("orpo", 8, 2, 2), ("sft", 10, 2, 3), ("ga", 8, 2, 2)])
+@pytest.mark.parametrize("objective,n_pairs,batch,k", [
+    ("orpo", 8, 2, 2), ("sft", 10, 2, 3), ("ga", 8, 2, 2), ("orpo", 10, 2, 3), ("dpo", 10, 3, 2), ("npo", 4, 3, 2),
+])
 def test_accumulated_micro_batches_follow_one_big_batch(tiny_model_dir, tmp_path, objective, n_pairs, batch, k):
     """An optimizer step over k accumulated micro-batches updates the weights exactly as
     one batch of k x batch pairs does, with answers of very uneven lengths, conditioning
-    dropout on, and (sft) a last window of fewer micro-batches. The NLL used to be a
-    token mean per micro-batch: the short answers' tokens then weighed far more."""
+    dropout on, and a last window of fewer micro-batches (10 pairs: 2 x 3 + 2 x 2, or
+    micro-batches of 3 + 3 and 3 + 1, or 3 + 1 alone: NPO forgets in its first step). The NLL used to be a token mean per micro-batch:
+    the short answers' tokens then weighed far more; the per-pair terms (odds ratio, NPO,
+    DPO) were means per micro-batch, which a last window's fewer or smaller micro-batches
+    scaled down or up."""
     spec = f"tiny:{tiny_model_dir}"
     _uneven_pairs(tmp_path / "pairs.jsonl", n_pairs)
     weights = {}

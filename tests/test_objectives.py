@@ -465,3 +465,56 @@ def test_npo_and_dpo_reject_mismatched_shapes():
         npo_loss(a, b)
     with pytest.raises(ValueError, match="shapes disagree"):
         dpo_loss(a, a, a, b)
+
+
+def test_pair_mean_with_weights_takes_their_gradient_and_reports_the_real_pairs_mean():
+    """values (1, 2, 3), weights (0.5, 0, 1.5): the value is the mean over the weighted
+    pairs, (1 + 3) / 2 = 2, and the gradient is the weights themselves."""
+    from cfg_unlearn.objectives import pair_mean, real_mean
+
+    v = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    w = torch.tensor([0.5, 0.0, 1.5])
+    out = pair_mean(v, w)
+    out.backward()
+    assert out.item() == pytest.approx(2.0)
+    assert v.grad.tolist() == [0.5, 0.0, 1.5]
+    assert real_mean(v.detach(), w).item() == pytest.approx(2.0)
+    assert real_mean(v.detach(), torch.zeros(3)).item() == 0.0  # a batch of padding alone
+    assert pair_mean(v.detach()).item() == pytest.approx(2.0)  # no weights: the plain mean
+    with pytest.raises(ValueError, match="shapes disagree"):
+        pair_mean(v, torch.ones(2))
+
+
+@pytest.mark.parametrize("objective", ["orpo", "npo", "dpo"])
+def test_uniform_pair_weights_change_nothing_and_a_zero_weight_drops_the_pair(objective):
+    """Weights 1/B are the plain mean (value and gradient); a pair of weight 0 moves
+    neither the gradient nor the metrics (a rank's padding row)."""
+    from cfg_unlearn.objectives import dpo_loss, npo_loss, orpo_loss
+
+    torch.manual_seed(0)
+    c, r, rc, rr = (-torch.rand(4) * 3 for _ in range(4))
+
+    def run(weights, rows=slice(None)):
+        lc, lr_ = c[rows].clone().requires_grad_(), r[rows].clone().requires_grad_()
+        if objective == "orpo":
+            loss, m = orpo_loss(lc, lr_, torch.tensor(0.0), beta=0.5, weights=weights)
+        elif objective == "npo":
+            loss, m = npo_loss(lc, rc[rows], beta=0.5, weights=weights)
+        else:
+            loss, m = dpo_loss(lc, lr_, rc[rows], rr[rows], beta=0.5, weights=weights)
+        loss.backward()
+        grad = lc.grad
+        return loss.item(), grad, m
+
+    plain_loss, plain_grad, plain_m = run(None)
+    loss, grad, m = run(torch.full((4,), 0.25))
+    assert loss == pytest.approx(plain_loss, abs=1e-6)
+    torch.testing.assert_close(grad, plain_grad)
+    # the 4th pair as padding, the other three at 1/3: the same as the three alone
+    three_loss, three_grad, three_m = run(None, slice(0, 3))
+    loss, grad, m = run(torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0]))
+    assert loss == pytest.approx(three_loss, abs=1e-6)
+    torch.testing.assert_close(grad[:3], three_grad)
+    assert grad[3] == 0
+    for k in three_m:
+        assert m[k].item() == pytest.approx(three_m[k].item(), abs=1e-6), k

@@ -10,6 +10,9 @@ Layout of a batch (``B`` pairs, ``L`` = longest sequence in the batch, right pad
                                                 nll_span="response"; prompt too for "prompt_response"
     batch["uncond"][...]            same, with the system instruction blanked (or replaced
                                     by ``uncond_system_prompt``, the negative instruction)
+    batch["id"]                     B pair ids
+    batch["pad"]                    (B,) bool  training and validation batches: True on a
+                                    row that only pads a rank's shard (``ShardSampler``)
 
 Both variants share one ``L`` so the hook can choose rows with a ``torch.where``.
 """
@@ -143,25 +146,35 @@ class PairDataset(Dataset):
         return self.items[i]
 
 
-class EvalShardSampler(DistributedSampler):
-    """The validation order: rank ``r`` of ``W`` takes positions ``r, r+W, ...`` of the
-    pairs padded to a multiple of ``W`` (every rank runs the same number of batches, as
-    collectives need), and is given a padding position itself, at or past the data set's
-    length, so that :class:`MarkedPadding` can mark it. Lightning's own sampler repeats
-    real pairs as padding, which ``val/*`` then counted twice (3 pairs on 2 ranks:
-    accuracy 2/4 where one process has 1/3). Lightning keeps a ``DistributedSampler`` as
-    given."""
+class ShardSampler(DistributedSampler):
+    """Rank ``r`` of ``W`` takes positions ``r, r+W, ...`` of the order (training: the
+    seeded permutation of ``seed + epoch``, as ``DistributedSampler`` draws it; validation:
+    the pairs in order) padded to a multiple of ``W`` (every rank runs the same number of
+    batches, as collectives need) with positions at or past the data set's length, which
+    :class:`MarkedPadding` marks as padding. ``DistributedSampler`` pads with repeats of
+    real pairs instead, unmarked: ``val/*`` then counted them twice (3 pairs on 2 ranks:
+    accuracy 2/4 where one process has 1/3), and training gave them double weight (21
+    pairs on 2 ranks: the last step's weights 4e-4 off the one-process run's). Lightning
+    keeps a ``DistributedSampler`` as given and calls ``set_epoch`` on it."""
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool = False, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
 
     def __iter__(self):
-        return iter(range(self.rank, self.total_size, self.num_replicas))
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        order += range(n, self.total_size)
+        return iter(order[self.rank : self.total_size : self.num_replicas])
 
 
 class MarkedPadding(Dataset):
     """``dataset`` read at positions past its end too (they wrap around), each item
-    marked ``pad``: True past the end (:class:`EvalShardSampler`'s padding)."""
+    marked ``pad``: True past the end (:class:`ShardSampler`'s padding)."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -183,7 +196,7 @@ class PairCollator:
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         length = max(len(seq) for it in items for v in VARIANTS for seq in it[v]["input_ids"])
         batch: dict[str, Any] = {"id": [it["id"] for it in items]}
-        if "pad" in items[0]:  # validation under DDP: which rows only pad a rank's shard
+        if "pad" in items[0]:  # which rows only pad a rank's shard (ShardSampler)
             batch["pad"] = torch.tensor([it["pad"] for it in items])
         for v in VARIANTS:
             out = {
@@ -522,18 +535,17 @@ class PairDataModule(L.LightningDataModule):
 
     # -------------------------------------------------------------------- loaders
 
-    def _train_sampler(self, ds: PairDataset) -> DistributedSampler:
+    def _train_sampler(self, ds: PairDataset) -> ShardSampler:
         """One seeded permutation per epoch (seed + epoch), rank ``r`` of ``W`` taking
         positions ``r, r+W, ...`` of it: a global batch of ``W x b`` pairs holds exactly the
-        pairs of a one-process batch of ``W x b``, so 2 processes follow 1. Lightning
-        keeps a ``DistributedSampler`` as given (its own replacement would reshuffle with
-        another seed) and calls ``set_epoch`` on it."""
+        pairs of a one-process batch of ``W x b``, so 2 processes follow 1; the padding
+        that evens out the shards is marked, and weighs nothing (``UnlearnModule``)."""
         world, rank = self._world_rank()
-        return DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        return ShardSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
 
-    def _eval_sampler(self, ds: PairDataset) -> EvalShardSampler:
+    def _eval_sampler(self, ds: PairDataset) -> ShardSampler:
         world, rank = self._world_rank()
-        return EvalShardSampler(ds, num_replicas=world, rank=rank)
+        return ShardSampler(ds, num_replicas=world, rank=rank)
 
     def _world_rank(self) -> tuple[int, int]:
         """(processes, this one's rank) of the attached trainer; (1, 0) without one."""
@@ -541,10 +553,13 @@ class PairDataModule(L.LightningDataModule):
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def _loader(self, ds: PairDataset, batch_size: int, shuffle: bool, sharded: bool = False) -> DataLoader:
-        if sharded:  # validation: each rank its shard, padding marked (see EvalShardSampler)
+        # each rank its shard, the padding marked (see ShardSampler)
+        if shuffle:
+            sampler, ds = self._train_sampler(ds), MarkedPadding(ds)
+        elif sharded:
             sampler, ds = self._eval_sampler(ds), MarkedPadding(ds)
         else:
-            sampler = self._train_sampler(ds) if shuffle else None
+            sampler = None
         return DataLoader(
             ds,
             batch_size=batch_size,
