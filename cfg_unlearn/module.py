@@ -771,6 +771,27 @@ class UnlearnModule(L.LightningModule):
                     "(it comes from another objective or reference mode), and the resumed weights are not the "
                     "starting model; resume with reference: copy, which loads the starting model from `model`")
             self.reference_logps = self.compute_reference_logps()
+        elif self.reference_logps is not None and self.reference == "precomputed" \
+                and not self._uses_adapters_as_reference():
+            self._check_table_covers_data()
+
+    def _check_table_covers_data(self) -> None:
+        """A checkpoint's reference table must hold every pair of this fit's data: a
+        batch missing from it failed only when it came up, mid-epoch, and under DDP on one
+        rank alone, while the others waited in a collective (a gloo traceback there)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        for split in ("train", "val"):
+            ds = getattr(dm, f"{split}_dataset", None)
+            if ds is None:
+                continue
+            ids = [ds[i]["id"] for i in range(len(ds))]
+            missing = [i for i in ids if f"{split}:{i}" not in self.reference_logps]
+            if missing:  # a checkpoint's table, and other data (another file, world or split)
+                shown = ", ".join(map(repr, missing[:3])) + (", ..." if len(missing) > 3 else "")
+                raise ConfigError(
+                    f"the precomputed reference log-probs (reference: precomputed, kept in the checkpoint) have no "
+                    f"entry for {len(missing)} of the {len(ids)} {split} pairs ({shown}): the data differs from the "
+                    "data they were computed on. Resume with the same data and split, or use reference: copy")
 
     def compute_reference_logps(self, splits: tuple[str, ...] = ("train", "val")) -> dict[str, torch.Tensor]:
         """Summed response log-probs of the current (starting) model for every pair of

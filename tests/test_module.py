@@ -338,11 +338,20 @@ def test_precomputed_reference_is_kept_in_checkpoints(tiny_model_dir, tmp_path):
     other = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=6), batch_size=4, val_fraction=0.0)
     again = UnlearnModule(model=spec, objective="npo", reference="precomputed",
                           optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    steps = []
+
+    class Steps(L.Callback):
+        def on_train_batch_start(self, *args):
+            steps.append(1)
+
     trainer3 = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
-                         enable_checkpointing=False)
-    with pytest.raises(ValueError, match=r"no entry for \d+ train pair\(s\) of this batch .*use reference: copy"):
+                         enable_checkpointing=False, callbacks=[Steps()])
+    # checked at the fit's start, for every pair: a batch's own check failed mid-epoch, and
+    # under DDP on one rank only, the others left waiting in a collective
+    with pytest.raises(ValueError, match=r"no entry for 12 of the 36 train pairs \('.*', ...\).*use reference: copy"):
         trainer3.fit(again, datamodule=other, ckpt_path=ckpt)
+    assert steps == []
 
 
 
