@@ -619,6 +619,25 @@ class ExactResume(Callback):
             return out
         return [mine]
 
+    def on_load_checkpoint(self, trainer: "L.Trainer", pl_module: "L.LightningModule",
+                           checkpoint: dict[str, Any]) -> None:
+        # a mid-epoch resume point is an optimizer step's end (a mid-window checkpoint
+        # holds its window's start): the step end a mid-window checkpoint of *this* run
+        # falls back to until its first step, which it had none of, so it kept the
+        # batches' position without their gradient
+        state = checkpoint.get("callbacks", {}).get(self.state_key, {})
+        loops = checkpoint.get("loops")
+        if state.get("epoch_done") is not False or not isinstance(loops, dict) or "fit_loop" not in loops:
+            return
+        mine: dict[str, Any] = {}
+        if self.restore_rng:
+            rng = state.get("rng")
+            if not rng or len(rng) != trainer.world_size:  # not restored either (warned at the first batch)
+                return
+            mine = rng[trainer.global_rank]
+        self._step_end = (int(checkpoint["global_step"]), int(checkpoint["epoch"]), copy.deepcopy(loops["fit_loop"]),
+                          int(state["batches_done"]), mine)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = dict(state_dict) if "batches_done" in state_dict else None
         self._pending_rng = state_dict.get("rng") if self.restore_rng else None

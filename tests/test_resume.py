@@ -483,6 +483,26 @@ def test_a_checkpoint_written_mid_accumulation_replays_its_window(spec, uninterr
     assert trainer.optimizers[0].param_groups[0]["lr"] == lr
 
 
+def test_a_resumed_runs_own_mid_window_checkpoint_before_its_first_step_replays_the_window(
+        spec, uninterrupted_accumulating, tmp_path, recwarn):
+    """Resumed from a mid-window checkpoint, the run replays the window; a second
+    mid-window checkpoint written before that window's step (a validation at the same
+    batch again) found no step end in this process, said "not an exact resume" and held
+    the state after the batch without its gradient: resuming from it ended 5e-3 off.
+    The resumed checkpoint's own position is now that step end."""
+    weights, seen, lr = uninterrupted_accumulating
+    mid, mid2 = tmp_path / "mid.ckpt", tmp_path / "mid2.ckpt"
+    _fit(spec, tmp_path / "a", kill_batch=5, accumulate=2, extra=[_SaveAfterBatch(4, mid)])
+    _fit(spec, tmp_path / "b", ckpt_path=str(mid), kill_batch=5, accumulate=2, extra=[_SaveAfterBatch(4, mid2)])
+    assert not [w for w in recwarn if "not an exact resume" in str(w.message)]
+    module, trainer, record = _fit(spec, tmp_path / "c", ckpt_path=str(mid2), accumulate=2)
+    assert record.seen == seen[4:]
+    state = module.state_dict()
+    differ = [k for k in weights if not torch.equal(state[k], weights[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    assert trainer.optimizers[0].param_groups[0]["lr"] == lr
+
+
 def test_a_checkpoint_written_in_an_epochs_first_window_says_it_is_not_exact(spec, tmp_path):
     mid = tmp_path / "mid.ckpt"
     with pytest.warns(UserWarning, match="first accumulation window .* not an exact resume"):
