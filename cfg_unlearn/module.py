@@ -669,12 +669,28 @@ class UnlearnModule(L.LightningModule):
         dropped, n = int((use_uncond & real).sum()), int(real.sum())
         self.cond_counts = [self.cond_counts[0] + dropped, self.cond_counts[1] + n]
         metrics["cond_dropout_rate"] = dropped / max(n, 1)
+        logged = {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in metrics.items()}}
+        if self.trainer.world_size > 1:
+            logged = self._mean_over_ranks(logged, n)
         n = max(n, 1)  # a rank's batch of padding alone logs its zeros with a weight of 1
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
-        if "rewards/margins" in metrics:  # the preference objectives' headline number
-            self.log("train/rewards/margins", metrics.pop("rewards/margins"), prog_bar=True, batch_size=n)
-        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=n)
+        # the loss and the preference objectives' headline number on the bar
+        bar = {k: logged.pop(k) for k in ("train/loss", "train/rewards/margins") if k in logged}
+        self.log_dict(bar, prog_bar=True, batch_size=n)
+        self.log_dict(logged, batch_size=n)
         return loss
+
+    def _mean_over_ranks(self, values: dict[str, Any], pairs: int) -> dict[str, torch.Tensor]:
+        """``values`` (this rank's batch means) averaged over the ranks, each weighted by
+        its real pairs, in one all-reduce: under DDP the logged ``train/*`` were rank 0's
+        share of the batch alone. Exact for the per-pair means (rewards, log-probs);
+        the NLL and the loss are token means, weighted here by pairs, so close to the
+        step's value rather than equal to it."""
+        keys = sorted(values)
+        device = self.device
+        stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=device) * pairs for k in keys]
+                              + [torch.tensor(float(pairs), device=device)])
+        totals = self.trainer.strategy.reduce(stacked, reduce_op="sum")
+        return {k: totals[i] / totals[-1].clamp(min=1) for i, k in enumerate(keys)}
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums, self._val_pairs = {}, 0

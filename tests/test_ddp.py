@@ -23,7 +23,7 @@ def _fit(tiny_model_dir, save: Path, devices: int, accumulate: int = 1,
          eval_args: tuple[str, ...] = EVAL_ARGS) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """3 optimizer steps (24 pairs by default), global batch 8 (8 on one process, 4 + 4 on
     two, or 2 x 2 accumulated on each of two), conditioning dropout on, then GuidanceEval;
-    returns final weights and eval metrics."""
+    returns final weights and eval metrics, with the logged train/* rows under "train"."""
     args = [
         sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml",
         f"--model.model=tiny:{tiny_model_dir}", f"--trainer.logger.init_args.save_dir={save}",
@@ -39,8 +39,11 @@ def _fit(tiny_model_dir, save: Path, devices: int, accumulate: int = 1,
     (ckpt,) = save.rglob("last.ckpt")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     (path,) = save.rglob("metrics.csv")
-    rows = [r for r in csv.DictReader(open(path)) if r.get("eval/n_leak_targets")] or [{}]
+    logged = list(csv.DictReader(open(path)))
+    rows = [r for r in logged if r.get("eval/n_leak_targets")] or [{}]
     metrics = {k: float(v) for k, v in rows[-1].items() if k.startswith("eval") and k != "eval/seconds" and v}
+    metrics["train"] = [{k: float(v) for k, v in r.items() if k.startswith("train/") and v}
+                        for r in logged if r.get("train/loss")]
     # the measured dropout rate, summed over the ranks
     metrics["dropout line"] = next(ln for ln in (run.stdout + run.stderr).splitlines()
                                    if ln.startswith("conditioning dropout:"))
@@ -71,6 +74,7 @@ def test_two_process_ddp_fit_follows_the_one_process_run(tiny_model_dir, tmp_pat
     assert moved > 1e-4 and gap < 1e-3 * moved, (gap, moved)
     # GuidanceEval's in-run metrics of the two runs agree exactly, and so does the measured
     # dropout rate (rank 0's counts, broadcast as a DDP buffer, were summed twice before)
+    m1.pop("train"), m2.pop("train")
     assert m1 == m2
     assert m1["dropout line"].startswith("conditioning dropout: ") and "/24 " in m1["dropout line"]
     assert m1["eval/n_leak_targets"] == 21
@@ -109,8 +113,20 @@ def test_uneven_shards_and_windows_train_like_one_process(tiny_model_dir, tmp_pa
     not the mean of 5). Every step is now the one-process batch's step."""
     data = ("--data.world.n_people=4", "--data.world.turns_per_conversation=3", "--data.val_fraction=0.1")
     runs = {name: _fit(tiny_model_dir, tmp_path / name, devices=d, accumulate=k, data_args=data,
-                       eval_args=("--eval=null",))[0]
+                       eval_args=("--eval=null",))
             for name, d, k in (("one", 1, 1), ("two", 2, 1), ("two-accumulated", 2, 2), ("one-accumulated", 1, 2))}
+    # the logged train/* are the whole step's, not rank 0's half: per-pair means agree
+    # exactly, the token-mean NLL and the loss closely (ranks weigh by pairs, not tokens)
+    t1, t2 = runs["one"][1]["train"], runs["two"][1]["train"]
+    assert len(t1) == len(t2) == 3
+    for step, (a, b) in enumerate(zip(t1, t2)):
+        assert a.keys() == b.keys() and "train/rewards/margins" in a, step
+        for k in a:
+            if k.endswith("loss"):  # train/loss, train/nll_loss
+                assert b[k] == pytest.approx(a[k], rel=0.05), (step, k)
+            else:  # rewards/*, logps/*, log-odds, the dropout rate (the padding row is no pair)
+                assert b[k] == pytest.approx(a[k], abs=1e-5), (step, k)
+    runs = {name: run[0] for name, run in runs.items()}
     w1 = runs.pop("one")
     for name, w in runs.items():
         assert w.keys() == w1.keys()
