@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from cfg_unlearn.data.datamodule import VARIANTS, PairDataModule
+from cfg_unlearn.data.datamodule import VARIANTS, PairDataModule, pair_fingerprint
 from cfg_unlearn.models import check_tokenizer_fits, context_limit, load_causal_lm, parse_dtype
 from cfg_unlearn.objectives import (
     IGNORE_INDEX,
@@ -344,6 +344,8 @@ class UnlearnModule(L.LightningModule):
         # "split:id" -> (variant cond/uncond, side chosen/rejected) summed log-probs of the
         # reference; keyed by split too: ids are unique within a file, not across files
         self.reference_logps: dict[str, torch.Tensor] | None = None
+        #: per table entry, the :func:`pair_fingerprint` of the pair it was scored on
+        self.reference_fingerprints: dict[str, int] | None = None
         # a standalone validate's table of its validation pairs (on_validation_start)
         self._validate_table: dict[str, torch.Tensor] | None = None
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
@@ -787,27 +789,47 @@ class UnlearnModule(L.LightningModule):
                     "(it comes from another objective or reference mode), and the resumed weights are not the "
                     "starting model; resume with reference: copy, which loads the starting model from `model`")
             self.reference_logps = self.compute_reference_logps()
+            self.reference_fingerprints = self._data_fingerprints()
         elif self.reference_logps is not None and self.reference == "precomputed" \
                 and not self._uses_adapters_as_reference():
             self._check_table_covers_data()
 
-    def _check_table_covers_data(self) -> None:
-        """A checkpoint's reference table must hold every pair of this fit's data: a
-        batch missing from it failed only when it came up, mid-epoch, and under DDP on one
-        rank alone, while the others waited in a collective (a gloo traceback there)."""
+    def _data_fingerprints(self) -> dict[str, int]:
+        """``"split:id" -> pair_fingerprint`` of the data module's train and val pairs."""
         dm = getattr(self.trainer, "datamodule", None)
+        out = {}
         for split in ("train", "val"):
             ds = getattr(dm, f"{split}_dataset", None)
-            if ds is None:
-                continue
-            ids = [ds[i]["id"] for i in range(len(ds))]
-            missing = [i for i in ids if f"{split}:{i}" not in self.reference_logps]
-            if missing:  # a checkpoint's table, and other data (another file, world or split)
-                shown = ", ".join(map(repr, missing[:3])) + (", ..." if len(missing) > 3 else "")
-                raise ConfigError(
-                    f"the precomputed reference log-probs (reference: precomputed, kept in the checkpoint) have no "
-                    f"entry for {len(missing)} of the {len(ids)} {split} pairs ({shown}): the data differs from the "
-                    "data they were computed on. Resume with the same data and split, or use reference: copy")
+            for i in range(len(ds) if ds is not None else 0):
+                out[f"{split}:{ds[i]['id']}"] = pair_fingerprint(ds[i])
+        return out
+
+    def _check_table_covers_data(self) -> None:
+        """A checkpoint's reference table must hold every pair of this fit's data, as it
+        was encoded when the table was scored. A pair missing from it failed only when
+        its batch came up, mid-epoch, and under DDP on one rank alone, while the others
+        waited in a collective (a gloo traceback there); a pair whose id stayed but whose
+        text changed (another world seed, a regenerated file, another tokenizer,
+        max_length or instruction) was compared with a reference scored on other tokens,
+        silently (NPO's loss 11.8 where it was 0.59)."""
+        now = self._data_fingerprints()
+        saved = self.reference_fingerprints
+        for split in ("train", "val"):
+            keys = [k for k in now if k.startswith(f"{split}:")]
+            missing = [k for k in keys if k not in self.reference_logps]
+            changed = [k for k in keys if saved is not None and k in saved and saved[k] != now[k]]
+            for bad, what in ((missing, "have no entry in it"), (changed, "were encoded differently when it was "
+                                                                         "scored (other text, tokenizer, max_length "
+                                                                         "or instruction)")):
+                if bad:
+                    shown = ", ".join(repr(k.split(":", 1)[1]) for k in bad[:3]) + (", ..." if len(bad) > 3 else "")
+                    raise ConfigError(
+                        f"the precomputed reference log-probs (reference: precomputed, kept in the checkpoint) do not "
+                        f"fit this data: {len(bad)} of the {len(keys)} {split} pairs ({shown}) {what}. Resume with "
+                        "the data the table was computed on, or use reference: copy")
+        if saved is None:
+            rank_zero_warn("the checkpoint's precomputed reference table has no fingerprints of the pairs it was "
+                           "scored on (an older checkpoint): whether this data is the same cannot be checked")
 
     def compute_reference_logps(self, splits: tuple[str, ...] = ("train", "val")) -> dict[str, torch.Tensor]:
         """Summed response log-probs of the current (starting) model for every pair of
@@ -860,6 +882,9 @@ class UnlearnModule(L.LightningModule):
             keys = sorted(self.reference_logps)
             checkpoint["reference_logps"] = {"keys": keys,
                                              "values": torch.stack([self.reference_logps[k] for k in keys])}
+            prints = self.reference_fingerprints
+            if prints is not None and all(k in prints for k in keys):
+                checkpoint["reference_logps"]["fingerprints"] = torch.tensor([prints[k] for k in keys])
 
     def _adapter_only(self) -> bool:
         return self.lora is not None and self.lora.adapter_only_checkpoints
@@ -906,7 +931,10 @@ class UnlearnModule(L.LightningModule):
         saved = checkpoint.get("reference_logps")
         if saved is not None and "keys" in saved:
             self.reference_logps = dict(zip(saved["keys"], saved["values"]))
+            prints = saved.get("fingerprints")
+            self.reference_fingerprints = None if prints is None else dict(zip(saved["keys"], prints.tolist()))
         elif saved is not None:  # before tables were keyed by split: bare ids, either split
+            self.reference_fingerprints = None
             self.reference_logps = {f"{split}:{i}": v for i, v in zip(saved["ids"], saved["values"])
                                     for split in ("train", "val")}
 

@@ -349,8 +349,22 @@ def test_precomputed_reference_is_kept_in_checkpoints(tiny_model_dir, tmp_path):
                          enable_checkpointing=False, callbacks=[Steps()])
     # checked at the fit's start, for every pair: a batch's own check failed mid-epoch, and
     # under DDP on one rank only, the others left waiting in a collective
-    with pytest.raises(ValueError, match=r"no entry for 12 of the 36 train pairs \('.*', ...\).*use reference: copy"):
+    with pytest.raises(ValueError, match=r"do not fit this data: 12 of the 36 train pairs \('.*', ...\) have no entry "
+                                         r"in it.*use reference: copy"):
         trainer3.fit(again, datamodule=other, ckpt_path=ckpt)
+    assert steps == []
+    # another world seed: the same 24 ids, other text. The stale table was used silently
+    # (NPO's loss 11.8 at the first resumed step, against 0.59 on the same data)
+    reseeded = PairDataModule(tokenizer=spec, world=WorldConfig(seed=1, n_people=4), batch_size=4, val_fraction=0.0)
+    reseeded.setup("fit")
+    assert {reseeded.train_dataset[i]["id"] for i in range(24)} == {k.split(":", 1)[1] for k in table}
+    trainer4 = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                         enable_checkpointing=False, callbacks=[Steps()])
+    again = UnlearnModule(model=spec, objective="npo", reference="precomputed",
+                          optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    with pytest.raises(ValueError, match=r"24 of the 24 train pairs .* were encoded differently when it was scored"):
+        trainer4.fit(again, datamodule=reseeded, ckpt_path=ckpt)
     assert steps == []
 
 

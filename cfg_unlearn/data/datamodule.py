@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -144,6 +145,15 @@ class PairDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.items[i]
+
+
+def pair_fingerprint(item: dict[str, Any]) -> int:
+    """CRC-32 of an encoded pair's token ids and labels, both variants and both answers:
+    what a reference log-prob was scored on. A pair keeps its id when its text, the
+    tokenizer, ``max_length`` or the instruction change (the synthetic world's ids under
+    another seed, ``file:line`` of a regenerated file), so an id alone cannot tell a
+    precomputed reference table that it is stale."""
+    return zlib.crc32(json.dumps([[item[v][k] for k in ("input_ids", "labels")] for v in VARIANTS]).encode())
 
 
 class ShardSampler(DistributedSampler):
