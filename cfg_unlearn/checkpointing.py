@@ -213,6 +213,22 @@ class FinalLastCheckpoint(Callback):
     def __init__(self):
         self._marked: list[ModelCheckpoint] = []
 
+    def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        # resumed from a callback's own last.ckpt whose folder is spelled otherwise now (a
+        # relative logger save_dir given absolute, a moved run folder): Lightning restores
+        # last_model_path only for the same folder string, and otherwise wrote this run's
+        # last checkpoints to last-v1.ckpt beside the stale last.ckpt (which validate and
+        # export then read). Claiming it lets the callback overwrite it, as on a plain resume
+        ckpt = trainer.ckpt_path
+        if not ckpt or not os.path.isfile(ckpt):
+            return
+        for cb in trainer.checkpoint_callbacks:
+            if not (isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath) or cb.last_model_path:
+                continue
+            name = cb.format_checkpoint_name(cb._monitor_candidates(trainer), cb.CHECKPOINT_NAME_LAST)
+            if os.path.exists(name) and os.path.samefile(name, ckpt):
+                cb.last_model_path = name
+
     def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         if trainer.fast_dev_run:
             # Lightning 2.6's ModelCheckpoint.on_train_end saves last.ckpt whenever none was

@@ -503,6 +503,44 @@ def test_a_resumed_runs_own_mid_window_checkpoint_before_its_first_step_replays_
     assert trainer.optimizers[0].param_groups[0]["lr"] == lr
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+@pytest.mark.parametrize("move", [False, True], ids=["relative-then-absolute", "run-folder-moved"])
+def test_resuming_a_last_ckpt_under_another_spelling_of_its_folder_overwrites_it(spec, tmp_path, monkeypatch, move):
+    """The logger's save_dir given relative at first (as configs/tiny.yaml does) and
+    absolute on resume, or the run folder moved: Lightning restores last_model_path only
+    for the same checkpoint-folder string, so the resumed run wrote last-v1.ckpt and
+    left last.ckpt at the kill's step, which validate and export then read silently."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    monkeypatch.chdir(tmp_path)
+
+    def fit(save_dir, ckpt_path=None, kill_at=None):
+        L.seed_everything(0, verbose=False)
+        module = UnlearnModule(model=spec, optimizer=partial(torch.optim.AdamW, lr=1e-3))
+        data = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4, max_length=128)
+        callbacks = [ModelCheckpoint(save_last=True, save_top_k=0, every_n_train_steps=1)]
+        callbacks += [_KillAt(kill_at)] if kill_at is not None else []
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, callbacks=callbacks, enable_progress_bar=False,
+                            logger=CSVLogger(save_dir, name="tiny", version=0), enable_model_summary=False,
+                            num_sanity_val_steps=0, limit_val_batches=0)
+        install_checkpointing(trainer)
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        except _Kill:
+            pass
+        return trainer
+
+    fit("runs", kill_at=3)
+    if move:
+        os.rename(tmp_path / "runs", tmp_path / "moved")
+    ckpts = tmp_path / ("moved" if move else "runs") / "tiny" / "version_0" / "checkpoints"
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 3
+    trainer = fit(str(tmp_path / ("moved" if move else "runs")), ckpt_path=str(ckpts / "last.ckpt"))
+    assert trainer.global_step == 6
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
 def test_a_checkpoint_written_in_an_epochs_first_window_says_it_is_not_exact(spec, tmp_path):
     mid = tmp_path / "mid.ckpt"
     with pytest.warns(UserWarning, match="first accumulation window .* not an exact resume"):
