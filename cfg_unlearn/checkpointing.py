@@ -518,8 +518,18 @@ class ExactResume(Callback):
     def _pending_for(self, loader: DataLoader) -> dict[str, Any] | None:
         p = self._pending
         if p is not None and p["length"] != len(loader):
-            self._warn_once(f"the train loader has {len(loader)} batches, the checkpoint's had {p['length']}: "
-                            "data position not restored")
+            if p["epoch_done"]:
+                self._warn_once(f"the train loader has {len(loader)} batches, the checkpoint's had {p['length']} "
+                                "(another batch_size, data or number of processes): its shuffling state is not "
+                                "restored")
+            else:
+                self._warn_once(
+                    f"the train loader has {len(loader)} batches, the checkpoint's had {p['length']} (another "
+                    f"batch_size, data or number of processes), so epoch {p['epoch']} cannot continue where it "
+                    f"stopped ({p['batches_done']} batches in): Lightning restarts the data from the top and ends the "
+                    "epoch after the batches it counts as left, so some pairs of this epoch train twice and others "
+                    "not at all. For an exact resume, resume with the checkpoint's batch_size and data, or from an "
+                    "end-of-epoch checkpoint")
             return None
         return p
 

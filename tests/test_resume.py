@@ -346,13 +346,14 @@ def _one_thread():
 
 def _fit(spec: str, root: Path, *, kill_at: int | None = None, ckpt_path: str | None = None, exact: bool = True,
          every_step: bool = True, stop_at: int | None = None, accumulate: int = 1, kill_batch: int | None = None,
-         extra: list | None = None):
+         extra: list | None = None, batch_size: int = 4):
     """One fit of the tiny model; returns (module, trainer, recorder). Killed runs return
     after the kill; every run (killed or resumed) writes its checkpoints into ``root``."""
     L.seed_everything(0, verbose=False)
     module = UnlearnModule(model=spec, cond_dropout=0.5, optimizer=partial(torch.optim.AdamW, lr=1e-3),
                            lr_scheduler=partial(WarmupCosine, warmup_steps=3, min_ratio=0.1))
-    data = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4, max_length=128)
+    data = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=batch_size,
+                          max_length=128)
     record = _Record()
     # every step: save_top_k=0 and a step interval write last.ckpt after each step. Per
     # epoch: save_top_k=1 (Lightning 2.6 writes last.ckpt at an epoch end only when it
@@ -539,6 +540,16 @@ def test_resuming_a_last_ckpt_under_another_spelling_of_its_folder_overwrites_it
     assert trainer.global_step == 6
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt"]
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+def test_a_mid_epoch_resume_with_another_batch_size_says_what_it_does(spec, tmp_path):
+    """It said only "data position not restored", while the epoch restarted its data
+    from the top and ended after the batches counted as left."""
+    _fit(spec, tmp_path, kill_at=3)
+    with pytest.warns(UserWarning, match=r"the train loader has 11 batches, the checkpoint's had 6 .*epoch 0 cannot "
+                                         r"continue where it stopped \(3 batches in\).*some pairs of this epoch train "
+                                         r"twice and others not at all"):
+        _fit(spec, tmp_path / "resumed", ckpt_path=str(tmp_path / "last.ckpt"), batch_size=2)
 
 
 def test_a_checkpoint_written_in_an_epochs_first_window_says_it_is_not_exact(spec, tmp_path):
