@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import os
@@ -81,6 +82,12 @@ class UnlearnCLI(LightningCLI):
                            "the configured instruction (give the checkpoint's with --data.system_prompt / "
                            "--data.uncond_system_prompt to score it as trained)")
         if sub == "fit":
+            moved = _other_data(self.config[sub].get("data"), ckpt)
+            if moved:
+                rank_zero_warn(f"--ckpt_path: this fit resumes on other data than the checkpoint's run: "
+                               f"{', '.join(moved)}. The epoch's position, the dropout draws and a precomputed "
+                               "reference refer to the pairs of that run; resume with its data settings to continue "
+                               "it, or start a new fit from its weights (cfg-unlearn export, then --model.model)")
             ignored = _restored_over(self.config[sub].get("model"), ckpt)
             if ignored:
                 rank_zero_warn("--ckpt_path: a resumed fit restores the optimizer and learning-rate schedule from "
@@ -339,6 +346,49 @@ def _other_instructions(data: Any, ckpt: dict[str, Any] | None) -> list[str]:
         return []
     return [f"data.{key}={saved[key]!r} (configured: {data.get(key)!r})"
             for key in ("system_prompt", "uncond_system_prompt") if key in saved and data.get(key) != saved[key]]
+
+
+#: the data module settings that decide which pairs a fit trains on, and how they are encoded
+_DATA_KEYS = ("train_file", "val_file", "world", "tokenizer", "max_length", "nll_span", "val_fraction", "seed",
+              "batch_size")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Namespace):
+        return {k: _plain(v) for k, v in value.as_dict().items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
+
+
+def _same_setting(key: str, now: Any, saved: Any) -> bool:
+    if key in ("train_file", "val_file", "tokenizer") and isinstance(now, str) and isinstance(saved, str):
+        if os.path.exists(now) and os.path.exists(saved):  # the same file, spelled otherwise
+            return os.path.samefile(now, saved)
+    return now == saved
+
+
+def _other_data(data: Any, ckpt: dict[str, Any] | None) -> list[str]:
+    """The data settings (:data:`_DATA_KEYS`) of a resumed fit that differ from those its
+    checkpoint's data module trained with, as ``"data.world.seed=1 (checkpoint: 0)"``: a
+    resume on other data continued silently (ORPO), with the epoch's position and the
+    dropout draws of the other data."""
+    saved = (ckpt or {}).get("datamodule_hyper_parameters")
+    if not isinstance(data, Namespace) or not isinstance(saved, dict):
+        return []
+    out = []
+    for key in _DATA_KEYS:
+        if key not in saved:
+            continue
+        now, was = _plain(data.get(key)), _plain(saved[key])
+        if key == "tokenizer" and (now is None or was is None):  # None: the model's own
+            continue
+        if isinstance(now, dict) and isinstance(was, dict):
+            out += [f"data.{key}.{k}={now.get(k)!r} (checkpoint: {was.get(k)!r})"
+                    for k in sorted(set(now) | set(was)) if now.get(k) != was.get(k)]
+        elif not _same_setting(key, now, was):
+            out.append(f"data.{key}={now!r} (checkpoint: {was!r})")
+    return out
 
 
 def _restored_over(model: Any, ckpt: dict[str, Any] | None) -> list[tuple[str, str, Any, Any]]:

@@ -127,6 +127,35 @@ def test_ckpt_path_names_the_model_arguments_it_replaces(tmp_path, monkeypatch):
     assert "model.beta=0.1 (checkpoint: 1.0)" in msg
 
 
+def test_a_fit_resumed_on_other_data_says_so(tmp_path, monkeypatch):
+    """Another world seed (the same pair ids), file or max_length on resume continued
+    ORPO silently, on the epoch position and dropout draws of other pairs."""
+    import warnings
+
+    from cfg_unlearn.cli import UnlearnCLI
+
+    world = {"seed": 0, "n_people": 50, "turns_per_conversation": 2, "n_sums": 40, "locale": "en_US"}
+    ckpt = tmp_path / "c.ckpt"
+    torch.save({"hyper_parameters": {"model": "tiny:unused"}, "state_dict": {},
+                "datamodule_hyper_parameters": {"train_file": None, "val_file": None, "world": world,
+                                                "max_length": 256, "nll_span": "response", "val_fraction": 0.1,
+                                                "seed": 0, "batch_size": 8, "tokenizer": None,
+                                                "system_prompt": "Avoid using any personal data in the answers!"}},
+               ckpt)
+    monkeypatch.setattr(UnlearnCLI, "_run_subcommand", lambda self, sub: None)  # parse and build only
+    base = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
+            f"--ckpt_path={ckpt}"]
+    with pytest.warns(UserWarning, match="resumes on other data") as got:
+        cli_main([*base, "--data.world.seed=1", "--data.max_length=128"])
+    (msg,) = [str(w.message) for w in got if "other data" in str(w.message)]
+    assert "data.world.seed=1 (checkpoint: 0)" in msg and "data.max_length=128 (checkpoint: 256)" in msg
+    assert "n_people" not in msg and "batch_size" not in msg
+    with warnings.catch_warnings(record=True) as quiet:  # the checkpoint's own data: nothing to say
+        warnings.simplefilter("always")
+        cli_main(base)
+    assert not [w for w in quiet if "other data" in str(w.message)]
+
+
 def test_ckpt_path_names_a_lora_group_and_instructions_that_differ(tmp_path, monkeypatch):
     """`--model.lora null` against a LoRA checkpoint was silent (the flattened config had
     `lora: None` before and `lora.r`, `lora.alpha`, ... after), and so was a configured
