@@ -855,8 +855,8 @@ def run_saft(cfg: SaftConfig) -> dict[str, Any]:
         picked = best_candidate(table, default_layer(n_layers))
         layer, k, sign, score = picked.layer, picked.k, picked.sign, picked.score
         print(render_table(table, picked, n_labelled=len(idx), n_leaky=int((tune == 1).sum())))
-    elif kinds == ["whitened"]:
-        layer, k, sign, score = layers[0], search_k["whitened"][0], "abs", "whitened"
+    elif kinds == ["whitened"]:  # the documented default, not the label search's smallest k
+        layer, k, sign, score = layers[0], cfg.k or default_whitened_k(n, limits["whitened"]), "abs", "whitened"
     else:
         layer, k, score = layers[0], cfg.k or 1, "projection"
         sign = resolve_sign(cfg.sign or "auto", k)

@@ -672,6 +672,18 @@ def test_cli_end_to_end_writes_every_output_atomically(tiny_model_dir, small_set
     assert rows[0]["messages"][0]["content"] not in shown
 
 
+def test_without_labels_the_whitened_score_takes_its_documented_k(tiny_model_dir, tmp_path):
+    """min(64, rows // 10) directions: 200 rows, 20. A review fix had the label-free path
+    take the label search's smallest k, min(8, rows // 10): every file of 90 rows or more
+    was scored on 8 directions, not the documented (and measured) default."""
+    rows = build_contaminated(World(WorldConfig(seed=0, n_people=6)), n=200, leak_fraction=0.1, seed=0)
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    saft.main(["--model", str(tiny_model_dir), "--data", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "out"),
+               "--quiet"])
+    used = json.loads((tmp_path / "out" / "saft.json").read_text())["used"]
+    assert (used["score"], used["k"]) == ("whitened", 20) == ("whitened", saft.default_whitened_k(200, 10**6))
+
+
 def test_cli_with_labels_picks_and_prints_the_table(tiny_model_dir, small_set, tmp_path, capsys):
     world, rows, d = small_set
     out = tmp_path / "out"
