@@ -427,8 +427,13 @@ def test_errors_do_not_quote_what_may_be_personal_data(tmp_path):
     msg = str(_read_error(named))
     assert msg.startswith(f"{named}:1: field 'prompt[0].role': expected one of") and "Ann" not in msg
     assert "a string of 7 characters" in msg
-    typo = _write_lines(tmp_path / "typo.jsonl", [_row(id="a", prompt=[{"role": "human", "content": "Hi"}])])
-    assert str(_read_error(typo)).endswith("got 'human'")
+    for role in ("human", "asistant", "User"):  # another format's role, misspellings of ours
+        typo = _write_lines(tmp_path / "typo.jsonl", [_row(id="a", prompt=[{"role": role, "content": "Hi"}])])
+        assert str(_read_error(typo)).endswith(f"got {role!r}")
+    # a lower-case name looked like a role name ([a-z_]{1,16}) and was quoted
+    lower = _write_lines(tmp_path / "lower.jsonl", [_row(id="a", prompt=[{"role": "megan", "content": "Hi"}])])
+    msg = str(_read_error(lower))
+    assert "megan" not in msg and "a string of 5 characters" in msg
     # a PII type names metrics (leak_rate/EMAIL): a value given as the type would be in W&B's key names
     swapped = _write_lines(tmp_path / "swapped.jsonl", [_row(id="a", pii=[{"type": "ann.lee@mail.com", "value": "EMAIL"}])])
     msg = str(_read_error(swapped))

@@ -22,6 +22,7 @@ dropped silently: :class:`ReadStats` counts blank lines and (with
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -218,14 +219,19 @@ def check_unicode(val: str, src: str, line: int | None, name: str) -> str:
 
 #: a PII type: a label, since it becomes part of metric names (``leak_rate/EMAIL``)
 _PII_TYPE = re.compile(r"[^\W\d_][\w-]{0,31}")
-#: a role a chat export might use ("human", "gpt", "tool", "asistant"): safe to quote back
-_ROLE_LIKE = re.compile(r"[a-z_]{1,16}")
+#: roles other chat formats use (ShareGPT's "human"/"gpt", tool calls, Gemini's "model"):
+#: safe to quote back, as are misspellings of ours ("asistant", "User")
+_OTHER_ROLES = frozenset({"human", "gpt", "bot", "ai", "model", "tool", "tools", "function", "function_call",
+                          "ipython", "developer", "observation", "chatbot", "context", "prompt", "question",
+                          "answer", "response", "input", "output", "instruction", "customer", "agent", "usr", "sys"})
 
 
 def _shown_role(role: Any) -> str:
-    """How an error names a role that is not one of ours: quoted when it looks like a role
-    name; otherwise only its kind, since some datasets put the speaker's name there."""
-    if isinstance(role, str) and _ROLE_LIKE.fullmatch(role):
+    """How an error names a role that is not one of ours: quoted when it is a known role
+    of another format or a misspelling of ours; otherwise only its length, since some
+    datasets put the speaker's name there (a lower-case "megan" too)."""
+    if isinstance(role, str) and (role.strip().lower() in _OTHER_ROLES
+                                  or difflib.get_close_matches(role.strip().lower(), ROLES, n=1, cutoff=0.75)):
         return repr(role)
     if isinstance(role, str):
         return f"a string of {len(role)} characters that is no role name (not shown: it may be personal data)"
