@@ -370,7 +370,11 @@ def write_export(
     """Write ``model`` (adapters merged, cast to ``dtype`` unless None/``auto``), its
     tokenizer and ``cfg_unlearn.json`` to ``out_dir``, atomically. ``protect``: input
     files that ``out_dir`` must neither be nor contain (an ``--overwrite`` would delete
-    them)."""
+    them).
+
+    ``model`` is changed in place, as PEFT's ``merge_and_unload`` changes it: its adapters
+    are merged into the base weights and it is cast to ``dtype`` and set to eval mode (a
+    copy would double the memory of an 8B model). Reload it to go on training it."""
     from cfg_unlearn.models import parse_dtype
 
     out = Path(out_dir)
