@@ -520,6 +520,28 @@ def test_a_val_file_holding_training_pairs_is_refused(tiny_name, tmp_path, world
     assert dm.stats["train_pairs"] == dm.stats["val_pairs"] == 6
 
 
+def test_a_val_file_holding_other_turns_of_training_conversations_is_refused(tiny_name, tmp_path, world_pairs):
+    """A validation pair whose conversation's earlier turn is a training pair (or the
+    other way round) was let through: only identical pairs were compared, and its prompt
+    holds the training pair's leaky answer."""
+    recs = list(world_pairs.values())[:12]
+    assert recs[1].group == recs[0].group and recs[1].prompt[1]["content"] == recs[0].rejected
+    later = [r for r in recs if r.id.endswith("-t1")]
+    earlier = [r for r in recs if r.id.endswith("-t0")]
+    for train, val in ((earlier, later), (later, earlier)):
+        write_pairs(tmp_path / "train.jsonl", train)
+        write_pairs(tmp_path / "val.jsonl", val[:3])
+        with pytest.raises(ValueError, match=r"3 of the 3 validation pairs in .*val.jsonl are other turns of a "
+                                             r"training pair's conversation .* first .*val.jsonl:1 \(with "
+                                             r".*train.jsonl:1\)"):
+            make_dm(tiny_name, train_file=str(tmp_path / "train.jsonl"), val_file=str(tmp_path / "val.jsonl"))
+    # other conversations are fine
+    write_pairs(tmp_path / "train.jsonl", recs[:6])
+    write_pairs(tmp_path / "val.jsonl", recs[6:])
+    assert make_dm(tiny_name, train_file=str(tmp_path / "train.jsonl"),
+                   val_file=str(tmp_path / "val.jsonl")).stats["val_pairs"] == 6
+
+
 def test_asked_for_validation_does_not_vanish(tiny_name, tmp_path, world_pairs, recwarn):
     """An empty val_file, and a val_fraction with one conversation to split, left training
     without validation, with no more than an info line."""

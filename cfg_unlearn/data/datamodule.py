@@ -240,23 +240,48 @@ def split_by_group(records: list[PairRecord], val_fraction: float, seed: int) ->
 
 
 def check_disjoint(train: list[PairRecord], val: list[PairRecord], val_file: str) -> None:
-    """Refuse validation pairs that are training pairs (the same prompt and leaky answer):
-    their scores would measure memorisation, the very thing being removed. Compared by
-    content, not by id or group: files number their rows on their own (ids 0, 1, ... in
-    each; pairs from two challenge files both start at llmpc-0). Named by ``file:line``,
-    not by id (an id can be personal data)."""
-    def content(r: PairRecord) -> str:
-        return json.dumps([[[m["role"], m["content"]] for m in r.prompt], r.rejected])
+    """Refuse validation pairs that are training pairs (the same prompt and leaky answer),
+    or other turns of a training pair's conversation (one's prompt holds the other's
+    prompt and leaky answer as its earlier exchange): their scores would measure
+    memorisation, the very thing being removed. Compared by content, not by id or group:
+    files number their rows on their own (ids 0, 1, ... in each; pairs from two
+    challenge files both start at llmpc-0). Named by ``file:line``, not by id (an id can
+    be personal data)."""
+    def key(messages) -> str:
+        return json.dumps([[m["role"], m["content"]] for m in messages])
 
-    in_train: dict[str, str] = {}
+    def exchange(r: PairRecord) -> str:  # the pair as its conversation's later turns see it
+        return key([*r.prompt, {"role": "assistant", "content": r.rejected}])
+
+    def earlier(r: PairRecord) -> list[str]:  # the exchanges its prompt already holds
+        return [key(r.prompt[: i + 1]) for i, m in enumerate(r.prompt) if m["role"] == "assistant"]
+
+    def where(r: PairRecord) -> str:
+        return r.source or "a pair of the world"
+
+    as_exchange: dict[str, str] = {}  # also the identity of a pair: its prompt and leaky answer
+    as_earlier: dict[str, str] = {}
     for r in train:
-        in_train.setdefault(content(r), r.source or "a pair of the world")
-    shared = [(r.source, where) for r in val if (where := in_train.get(content(r))) is not None]
-    if shared:
-        first, where = shared[0]
-        raise ConfigError(f"{len(shared)} of the {len(val)} validation pairs in {val_file} are training pairs too "
-                          f"(the same prompt and leaky answer), first {first} (as {where}): validation would score "
+        as_exchange.setdefault(exchange(r), where(r))
+        for k in earlier(r):
+            as_earlier.setdefault(k, where(r))
+    same, turns = [], []
+    for r in val:
+        if (w := as_exchange.get(exchange(r))) is not None:
+            same.append((r.source, w))
+        elif (w := as_earlier.get(exchange(r)) or next(filter(None, map(as_exchange.get, earlier(r))), None)):
+            turns.append((r.source, w))
+    if same:
+        first, w = same[0]
+        raise ConfigError(f"{len(same)} of the {len(val)} validation pairs in {val_file} are training pairs too "
+                          f"(the same prompt and leaky answer), first {first} (as {w}): validation would score "
                           "memorisation")
+    if turns:
+        first, w = turns[0]
+        raise ConfigError(f"{len(turns)} of the {len(val)} validation pairs in {val_file} are other turns of a "
+                          f"training pair's conversation (one's prompt holds the other's prompt and leaky answer), "
+                          f"first {first} (with {w}): validation would score memorisation; split by "
+                          "conversation")
 
 
 class PairDataModule(L.LightningDataModule):
