@@ -674,7 +674,7 @@ class UnlearnModule(L.LightningModule):
         logged = {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in metrics.items()}}
         if self.trainer.world_size > 1:
             logged = self._mean_over_ranks(logged, n)
-        n = max(n, 1)  # a rank's batch of padding alone logs its zeros with a weight of 1
+        n = max(n, 1)  # the weight of epoch aggregates; a rank's batch of padding alone counts as 1
         # the loss and the preference objectives' headline number on the bar
         bar = {k: logged.pop(k) for k in ("train/loss", "train/rewards/margins") if k in logged}
         self.log_dict(bar, prog_bar=True, batch_size=n)
@@ -749,7 +749,12 @@ class UnlearnModule(L.LightningModule):
         # starting model, so its validation pairs' table can be scored, for this validate
         # only (a later fit scores its own, under its precision and data); trained or
         # restored weights are not the starting model
-        if self.trainer.state.fn == "fit" or not self._lacks_table():
+        if self.trainer.state.fn == "fit":
+            return
+        if not self._lacks_table():
+            if self.reference_logps is not None and self.reference == "precomputed" \
+                    and not self._uses_adapters_as_reference():
+                self._check_table_covers_data(splits=("val",))  # a checkpoint's table, this validate's data
             return
         dm = getattr(self.trainer, "datamodule", None)
         if self.checkpoint_step is None and self.trained_step is None and hasattr(dm, "reference_dataloaders"):
@@ -794,27 +799,28 @@ class UnlearnModule(L.LightningModule):
                 and not self._uses_adapters_as_reference():
             self._check_table_covers_data()
 
-    def _data_fingerprints(self) -> dict[str, int]:
-        """``"split:id" -> pair_fingerprint`` of the data module's train and val pairs."""
+    def _data_fingerprints(self, splits: tuple[str, ...] = ("train", "val")) -> dict[str, int]:
+        """``"split:id" -> pair_fingerprint`` of the data module's pairs of ``splits``."""
         dm = getattr(self.trainer, "datamodule", None)
         out = {}
-        for split in ("train", "val"):
+        for split in splits:
             ds = getattr(dm, f"{split}_dataset", None)
             for i in range(len(ds) if ds is not None else 0):
                 out[f"{split}:{ds[i]['id']}"] = pair_fingerprint(ds[i])
         return out
 
-    def _check_table_covers_data(self) -> None:
-        """A checkpoint's reference table must hold every pair of this fit's data, as it
-        was encoded when the table was scored. A pair missing from it failed only when
+    def _check_table_covers_data(self, splits: tuple[str, ...] = ("train", "val")) -> None:
+        """A checkpoint's reference table must hold every pair of this run's data (its
+        ``splits``), as it was encoded when the table was scored. A pair missing from it failed only when
         its batch came up, mid-epoch, and under DDP on one rank alone, while the others
         waited in a collective (a gloo traceback there); a pair whose id stayed but whose
         text changed (another world seed, a regenerated file, another tokenizer,
         max_length or instruction) was compared with a reference scored on other tokens,
-        silently (NPO's loss 11.8 where it was 0.59)."""
-        now = self._data_fingerprints()
+        silently (NPO's loss 11.8 where it was 0.59; a validate's val/loss 1.91 where it
+        was 11.54)."""
+        now = self._data_fingerprints(splits)
         saved = self.reference_fingerprints
-        for split in ("train", "val"):
+        for split in splits:
             keys = [k for k in now if k.startswith(f"{split}:")]
             missing = [k for k in keys if k not in self.reference_logps]
             changed = [k for k in keys if saved is not None and k in saved and saved[k] != now[k]]
@@ -824,9 +830,9 @@ class UnlearnModule(L.LightningModule):
                 if bad:
                     shown = ", ".join(repr(k.split(":", 1)[1]) for k in bad[:3]) + (", ..." if len(bad) > 3 else "")
                     raise ConfigError(
-                        f"the precomputed reference log-probs (reference: precomputed, kept in the checkpoint) do not "
-                        f"fit this data: {len(bad)} of the {len(keys)} {split} pairs ({shown}) {what}. Resume with "
-                        "the data the table was computed on, or use reference: copy")
+                        f"the precomputed reference log-probs (reference: precomputed: scored once on the starting "
+                        f"model, and kept in checkpoints) do not fit this data: {len(bad)} of the {len(keys)} {split} "
+                        f"pairs ({shown}) {what}. Use the data they were scored on, or reference: copy")
         if saved is None:
             rank_zero_warn("the checkpoint's precomputed reference table has no fingerprints of the pairs it was "
                            "scored on (an older checkpoint): whether this data is the same cannot be checked")

@@ -350,7 +350,7 @@ def test_precomputed_reference_is_kept_in_checkpoints(tiny_model_dir, tmp_path):
     # checked at the fit's start, for every pair: a batch's own check failed mid-epoch, and
     # under DDP on one rank only, the others left waiting in a collective
     with pytest.raises(ValueError, match=r"do not fit this data: 12 of the 36 train pairs \('.*', ...\) have no entry "
-                                         r"in it.*use reference: copy"):
+                                         r"in it.*or reference: copy"):
         trainer3.fit(again, datamodule=other, ckpt_path=ckpt)
     assert steps == []
     # another world seed: the same 24 ids, other text. The stale table was used silently
@@ -843,6 +843,33 @@ def test_a_standalone_validate_scores_the_precomputed_reference_or_says_why_not(
                                          r"reference table .* val/loss and the objective's terms are left out"):
         out = validate(UnlearnModule(model=spec, objective="npo", reference="precomputed"), ckpt_path=ckpt)
     assert "val/loss" not in out and "val/logps/forget" in out
+
+
+def test_validate_refuses_a_checkpoints_reference_table_scored_on_other_data(tiny_model_dir, tmp_path):
+    """validate --ckpt_path of an NPO run on another world seed (the same validation ids,
+    other text) scored val/loss against the stale table without a word (1.91 where it
+    was 11.54)."""
+    spec = f"tiny:{tiny_model_dir}"
+
+    def dm(seed):
+        return PairDataModule(tokenizer=spec, world=WorldConfig(seed=seed, n_people=4), batch_size=4,
+                              val_fraction=0.3)
+
+    trainer = _fit(UnlearnModule(model=spec, objective="npo", reference="precomputed",
+                                 optimizer=lambda p: torch.optim.SGD(p, lr=1e-3)), dm(0), tmp_path, steps=2,
+                   enable_checkpointing=True)
+    ckpt = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
+
+    def validate(seed):
+        return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path).validate(
+            UnlearnModule(model=spec, objective="npo", reference="precomputed"), datamodule=dm(seed),
+            ckpt_path=ckpt, verbose=False)
+
+    assert "val/loss" in validate(0)[0]  # its own data: scored
+    with pytest.raises(ValueError, match=r"do not fit this data: \d+ of the \d+ val pairs .* were encoded "
+                                         r"differently .* or reference: copy"):
+        validate(1)
 
 
 def test_python_users_settings_as_dicts_and_strict_false(tiny_model_dir, tmp_path):
