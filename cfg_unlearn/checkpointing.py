@@ -220,13 +220,16 @@ class FinalLastCheckpoint(Callback):
         # last checkpoints to last-v1.ckpt beside the stale last.ckpt (which validate and
         # export then read). Claiming it lets the callback overwrite it, as on a plain resume
         ckpt = trainer.ckpt_path
-        if not ckpt or not os.path.isfile(ckpt):
+        if not ckpt:
             return
         for cb in trainer.checkpoint_callbacks:
             if not (isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath) or cb.last_model_path:
                 continue
             name = cb.format_checkpoint_name(cb._monitor_candidates(trainer), cb.CHECKPOINT_NAME_LAST)
-            if os.path.exists(name) and os.path.samefile(name, ckpt):
+            mine = os.path.isfile(ckpt) and os.path.exists(name) and os.path.samefile(name, ckpt)
+            # rank 0 decides for all: ranks that disagreed (node-local disks) would run the
+            # save's file_exists broadcasts a different number of times, and hang
+            if trainer.strategy.broadcast(mine, src=0):
                 cb.last_model_path = name
 
     def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:

@@ -350,7 +350,7 @@ def _other_instructions(data: Any, ckpt: dict[str, Any] | None) -> list[str]:
 
 #: the data module settings that decide which pairs a fit trains on, and how they are encoded
 _DATA_KEYS = ("train_file", "val_file", "world", "tokenizer", "max_length", "nll_span", "val_fraction", "seed",
-              "batch_size")
+              "batch_size", "max_chars", "on_error")
 
 
 def _plain(value: Any) -> Any:

@@ -427,9 +427,13 @@ def test_errors_do_not_quote_what_may_be_personal_data(tmp_path):
     msg = str(_read_error(named))
     assert msg.startswith(f"{named}:1: field 'prompt[0].role': expected one of") and "Ann" not in msg
     assert "a string of 7 characters" in msg
-    for role in ("human", "asistant", "User"):  # another format's role, misspellings of ours
-        typo = _write_lines(tmp_path / "typo.jsonl", [_row(id="a", prompt=[{"role": role, "content": "Hi"}])])
-        assert str(_read_error(typo)).endswith(f"got {role!r}")
+    typo = _write_lines(tmp_path / "typo.jsonl", [_row(id="a", prompt=[{"role": "human", "content": "Hi"}])])
+    assert str(_read_error(typo)).endswith("got 'human'")  # another format's role
+    # a misspelling of ours, or a surname close to one: named by what it is close to
+    for role, close in (("asistant", "assistant"), ("Usher", "user")):
+        near = _write_lines(tmp_path / "near.jsonl", [_row(id="a", prompt=[{"role": role, "content": "Hi"}])])
+        msg = str(_read_error(near))
+        assert role not in msg and msg.endswith(f"it is close to {close!r}")
     # a lower-case name looked like a role name ([a-z_]{1,16}) and was quoted
     lower = _write_lines(tmp_path / "lower.jsonl", [_row(id="a", prompt=[{"role": "megan", "content": "Hi"}])])
     msg = str(_read_error(lower))

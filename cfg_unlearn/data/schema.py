@@ -220,7 +220,7 @@ def check_unicode(val: str, src: str, line: int | None, name: str) -> str:
 #: a PII type: a label, since it becomes part of metric names (``leak_rate/EMAIL``)
 _PII_TYPE = re.compile(r"[^\W\d_][\w-]{0,31}")
 #: roles other chat formats use (ShareGPT's "human"/"gpt", tool calls, Gemini's "model"):
-#: safe to quote back, as are misspellings of ours ("asistant", "User")
+#: safe to quote back
 _OTHER_ROLES = frozenset({"human", "gpt", "bot", "ai", "model", "tool", "tools", "function", "function_call",
                           "ipython", "developer", "observation", "chatbot", "context", "prompt", "question",
                           "answer", "response", "input", "output", "instruction", "customer", "agent", "usr", "sys"})
@@ -228,13 +228,15 @@ _OTHER_ROLES = frozenset({"human", "gpt", "bot", "ai", "model", "tool", "tools",
 
 def _shown_role(role: Any) -> str:
     """How an error names a role that is not one of ours: quoted when it is a known role
-    of another format or a misspelling of ours; otherwise only its length, since some
-    datasets put the speaker's name there (a lower-case "megan" too)."""
-    if isinstance(role, str) and (role.strip().lower() in _OTHER_ROLES
-                                  or difflib.get_close_matches(role.strip().lower(), ROLES, n=1, cutoff=0.75)):
+    of another format; otherwise only its length, since some datasets put the speaker's
+    name there (a lower-case "megan" too), and which of ours it is close to, unquoted
+    (a surname like "Usher" is close to "user")."""
+    if isinstance(role, str) and role.strip().lower() in _OTHER_ROLES:
         return repr(role)
     if isinstance(role, str):
-        return f"a string of {len(role)} characters that is no role name (not shown: it may be personal data)"
+        close = difflib.get_close_matches(role.strip().lower(), ROLES, n=1, cutoff=0.75)
+        return (f"a string of {len(role)} characters that is no role name (not shown: it may be personal data)"
+                + (f"; it is close to {close[0]!r}" if close else ""))
     return type(role).__name__
 
 
