@@ -29,7 +29,7 @@ from cfg_unlearn.callbacks import (
 from cfg_unlearn.checkpointing import install_checkpointing
 from cfg_unlearn.data.datamodule import PairDataModule
 from cfg_unlearn.module import UnlearnModule
-from cfg_unlearn.utils import ConfigError, check_writable_file
+from cfg_unlearn.utils import ConfigError, TrainingDiverged, check_writable_file
 
 #: LightningCLI's subcommands kept: the module scores pairs only in training and
 #: validation steps (``validate`` is the scoring run, GuidanceEval included), so ``test``
@@ -514,6 +514,9 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
     except ours as e:
         sys.stderr.write(f"{prog}: error: {e}\n")
         raise SystemExit(2) from None
+    except TrainingDiverged as e:  # not a usage error: the run went wrong
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        raise SystemExit(1) from None
     except ValueError as e:
         # jsonargparse re-raises an error of a class it instantiates for an Optional[...]
         # argument (--eval) as "Does not validate against any of the Union subtypes ...",

@@ -52,7 +52,7 @@ from cfg_unlearn.objectives import (
 )
 from cfg_unlearn.strategies import forward_outside_step
 from cfg_unlearn.tiny import absolute_model_name
-from cfg_unlearn.utils import ConfigError, dataclass_from, eval_mode
+from cfg_unlearn.utils import ConfigError, TrainingDiverged, dataclass_from, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -674,6 +674,15 @@ class UnlearnModule(L.LightningModule):
         logged = {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in metrics.items()}}
         if self.trainer.world_size > 1:
             logged = self._mean_over_ranks(logged, n)
+        # before this step's update. Under DDP the reduced value, the same on every rank,
+        # so all stop together
+        if not torch.isfinite(logged["train/loss"]):
+            raise TrainingDiverged(
+                f"train/loss is {float(logged['train/loss'])} at step {self.global_step} (epoch {self.current_epoch}, "
+                f"batch {batch_idx}): training diverged, and every later step would train NaN weights. Lower "
+                "model.optimizer's lr or clip gradients (trainer.gradient_clip_val). The previous steps' weights may "
+                "be non-finite already (an overflowing update shows in the next loss): resume from a checkpoint "
+                "before them; export refuses non-finite weights")
         n = max(n, 1)  # the weight of epoch aggregates; a rank's batch of padding alone counts as 1
         # the loss and the preference objectives' headline number on the bar
         bar = {k: logged.pop(k) for k in ("train/loss", "train/rewards/margins") if k in logged}
@@ -774,6 +783,16 @@ class UnlearnModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._window_plan = None  # a second fit may accumulate differently
+        half = [n for n, p in self.model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+        if half:
+            # torch's optimizers keep their state in the parameter's dtype: AdamW's eps
+            # (1e-8) is 0 in float16, and a zero gradient made the weights NaN at the first
+            # step, silently (model.dtype float16, or trainer.precision 16-true)
+            raise ConfigError(
+                f"{len(half)} trainable tensor(s) are float16 (model.dtype: float16, or trainer.precision: 16-true), "
+                f"e.g. {_unwrapped(half[0])}: float16 weights cannot be trained without float32 master weights "
+                "(AdamW's eps rounds to 0 there, and the weights turn NaN). Train float32 weights under "
+                "trainer.precision 16-mixed, or use bfloat16")
         stats = getattr(getattr(self.trainer, "datamodule", None), "stats", None) or {}
         if self.cond_dropout > 0 and stats.get("train_records") and \
                 stats.get("train_same_prompts") == stats["train_records"]:

@@ -21,6 +21,12 @@ class ConfigError(ValueError):
     a traceback through Lightning. A ValueError, so callers of the API catch it as one."""
 
 
+class TrainingDiverged(FloatingPointError):
+    """The training loss is NaN or infinite: every later step, checkpoint and evaluation
+    would be of NaN weights (whose empty answers score as leaking nothing). ``train.py``
+    prints it as one line and exits with status 1."""
+
+
 def dataclass_from(value, cls: type, name: str):
     """``value`` as the dataclass ``cls``: a mapping (a Python user's ``{"r": 8}``) is
     built into one, an unknown field named; None and instances pass through."""

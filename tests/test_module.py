@@ -1010,3 +1010,35 @@ def test_settings_errors_name_their_key_and_a_bad_dtype_fails_before_any_work():
         UnlearnModule(model="unused", cond_dropout=1.5)
     with pytest.raises(ConfigError, match=r"^data.batch_size must be >= 1, got 0"):
         PairDataModule(tokenizer="unused", world=WorldConfig(n_people=2), batch_size=0)
+
+
+@pytest.mark.parametrize("settings", [{"dtype": "float16"}, {"precision": "16-true"}],
+                         ids=["dtype-float16", "precision-16-true"])
+def test_float16_trainable_weights_are_refused(tiny_setup, tmp_path, settings):
+    """AdamW's eps (1e-8) is 0 in float16: a zero gradient made the weights NaN at the
+    first step, and training went on, exit status 0 (a numerics audit)."""
+    spec, dm = tiny_setup
+    m = UnlearnModule(model=spec, dtype=settings.get("dtype", "float32"))
+    kw = {"precision": settings["precision"]} if "precision" in settings else {}
+    with pytest.raises(ValueError, match=r"trainable tensor\(s\) are float16 .* cannot be trained without float32 "
+                                         r"master weights .*16-mixed"):
+        _fit(m, dm, tmp_path, steps=1, **kw)
+
+
+def test_a_diverged_loss_stops_training_before_its_update(tiny_setup, tmp_path):
+    """A NaN or infinite loss trained on: every later step, checkpoint and evaluation was
+    of NaN weights (whose empty answers score leak rate 0), exit status 0. It stops at
+    the first such step."""
+    from cfg_unlearn.utils import TrainingDiverged
+
+    spec, dm = tiny_setup
+    m = UnlearnModule(model=spec, optimizer=lambda p: torch.optim.SGD(p, lr=1e9))
+    steps = []
+
+    class Steps(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            steps.append(trainer.global_step)
+
+    with pytest.raises(TrainingDiverged, match=r"train/loss is (nan|inf) at step ([1-9]\d*) .* training diverged"):
+        _fit(m, dm, tmp_path, steps=50, callbacks=[Steps()])
+    assert 0 < len(steps) < 10  # stopped at the first non-finite loss, not after 50 steps
