@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -46,7 +47,7 @@ from typing import IO, Any
 
 import torch
 
-from cfg_unlearn.guidance import SPACES, check_guidance, encode_prompts, generate
+from cfg_unlearn.guidance import MIN_TEMPERATURE, SPACES, check_guidance, encode_prompts, generate
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION, check_template
 from cfg_unlearn.tiny import TINY_SCHEME, absolute_model_name
 from cfg_unlearn.utils import check_out_dir, staged_dir
@@ -685,8 +686,9 @@ def main_chat(argv: list[str] | None = None, stdin: IO[str] | None = None, stdou
     do_sample = a.sample or a.temperature is not None or a.top_p is not None
     temperature = 0.8 if a.temperature is None else a.temperature
     top_p = 0.95 if a.top_p is None else a.top_p
-    if do_sample and temperature <= 0:
-        p.error(f"--temperature must be > 0, got {temperature}")
+    # (nan, inf and 1e-40 were tracebacks from the decoding)
+    if do_sample and not (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE):
+        p.error(f"--temperature must be a finite number >= {MIN_TEMPERATURE:g}, got {temperature}")
     if not 0 < top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {top_p}")
     if a.max_new_tokens < 1:

@@ -63,6 +63,11 @@ def check_guidance(guidance_scale: float, space: str) -> None:
         raise ValueError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
 
 
+#: the lowest sampling temperature: a log-probability gap of 1 becomes 1e4, and at 1e-40
+#: the scores overflowed to inf and sampling failed on NaN probabilities
+MIN_TEMPERATURE = 1e-4
+
+
 # --------------------------------------------------------------------------- the math
 
 
@@ -77,13 +82,17 @@ def guided_scores(
         return c
     u = F.log_softmax(uncond_logits.float(), dim=-1)
     if space == "logprob":
+        if guidance_scale == 0:  # the unconditioned branch alone
+            return u
         # same expression and order as transformers' CFG logits processor, so greedy
         # decoding is token-identical to it on finite scores
         out = guidance_scale * (c - u) + u
         # a banned token (-inf logit, e.g. a masked vocabulary slot) made that NaN, which
         # argmax picks: banned in the conditioned branch stays banned; banned only in the
-        # unconditioned one, there is nothing to push away from, so it keeps its c
-        return torch.where(torch.isneginf(c), c, torch.where(torch.isneginf(u), c, out))
+        # unconditioned one, g > 1 has nothing to push away from, so it keeps its c, while
+        # 0 < g < 1 leans towards the branch that bans it (at g=0.5 it kept c and won)
+        kept = c if guidance_scale > 1 else torch.full_like(c, float("-inf"))
+        return torch.where(torch.isneginf(c), c, torch.where(torch.isneginf(u), kept, out))
     if space == "prob":
         pu = u.exp()
         p = (pu + guidance_scale * (c.exp() - pu)).clamp_min(0.0)
@@ -287,8 +296,9 @@ def cfg_decode(
     """
     if space not in SPACES:
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
-    if do_sample and not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature}")
+    if do_sample and not (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE):
+        raise ValueError(f"temperature must be a finite number > 0 when sampling, at least {MIN_TEMPERATURE:g} (below "
+                         f"it the scaled scores overflow to NaN; decode greedily instead), got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     guided = guidance_scale != 1

@@ -28,7 +28,8 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (B, T)")
-    logits = logits[:, :-1, :].float()
+    # at least float32; float64 (trainer.precision 64) stays float64
+    logits = logits[:, :-1, :].to(torch.promote_types(logits.dtype, torch.float32))
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
     safe = labels.masked_fill(~mask, 0)

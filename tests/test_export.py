@@ -698,6 +698,16 @@ def test_main_chat_refuses_max_new_tokens_beyond_the_context(exported, capsys):
     assert e.value.code == 2 and "--max-new-tokens 5000 leaves no room" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("temperature", ["nan", "inf", "1e-40"])
+def test_main_chat_refuses_a_temperature_that_cannot_sample(exported, capsys, temperature):
+    """nan and inf were a ValueError traceback from the decoding, 1e-40 a RuntimeError
+    from torch.multinomial on the overflowed scores (a numerics audit)."""
+    with pytest.raises(SystemExit) as e:
+        main_chat([str(exported.dir), "--temperature", temperature, "--device", "cpu"], stdin=io.StringIO("hi\n"),
+                  stdout=io.StringIO())
+    assert e.value.code == 2 and "--temperature must be a finite number >= 0.0001" in capsys.readouterr().err
+
+
 def test_main_chat_rejects_a_directory_that_is_not_an_export(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main_chat([str(tiny_model_dir)], stdin=io.StringIO(""), stdout=io.StringIO())

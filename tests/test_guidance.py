@@ -91,6 +91,22 @@ def test_banned_tokens_stay_banned_and_never_make_nan(space):
         assert torch.allclose(out[0, finite], 2 * (c - u)[0, finite] + u[0, finite])
 
 
+@pytest.mark.parametrize("g", [0.0, 0.5])
+def test_below_one_a_token_the_unconditioned_branch_bans_stays_banned(g):
+    """Below g=1, log-space guidance is the geometric mixture c^g u^(1-g): a token the
+    unconditioned branch bans is banned (at g=0, decoding is the unconditioned branch
+    alone, as probability space is too). The g > 1 rule (keep the conditioned score) let
+    it win the argmax at g=0 and 0.5."""
+    ninf = float("-inf")
+    c_logits = torch.tensor([[0.0, 0.0, 5.0, 1.0]])
+    u_logits = torch.tensor([[0.0, 0.0, ninf, 1.0]])
+    for space in ("logprob", "prob") if g == 0 else ("logprob",):
+        out = guided_scores(c_logits, u_logits, g, space)
+        assert not out.isnan().any() and out[0, 2] == ninf and out.argmax().item() == 3, space
+    if g == 0:
+        torch.testing.assert_close(guided_scores(c_logits, u_logits, 0.0), u_logits.log_softmax(-1))
+
+
 def test_unknown_space_is_an_error():
     with pytest.raises(ValueError, match="space must be one of"):
         guided_scores(torch.zeros(1, 3), torch.zeros(1, 3), 2.0, "logit")

@@ -518,3 +518,14 @@ def test_uniform_pair_weights_change_nothing_and_a_zero_weight_drops_the_pair(ob
     assert grad[3] == 0
     for k in three_m:
         assert m[k].item() == pytest.approx(three_m[k].item(), abs=1e-6), k
+
+
+def test_token_logps_keep_float64():
+    """trainer.precision 64 computed every log-prob in float32 (``.float()``)."""
+    logits = torch.randn(1, 4, 7, dtype=torch.float64)
+    labels = torch.tensor([[-100, 1, 2, 3]])
+    logps, _ = token_logps(logits, labels)
+    assert logps.dtype == torch.float64
+    assert token_logps(logits.to(torch.bfloat16), labels)[0].dtype == torch.float32
+    expected = torch.log_softmax(logits[0, :-1], -1)[torch.arange(3), labels[0, 1:]]
+    torch.testing.assert_close(logps[0], expected, rtol=0, atol=1e-12)

@@ -255,15 +255,16 @@ def check_generate_settings(*, guidance_scale: float, space: str, max_new_tokens
                             seed: int = 0) -> None:
     """Refuse settings that would fail late (sampling starts in round 2, after the greedy
     round's work) or quietly waste the run (no tokens: every record to the fallback)."""
-    from cfg_unlearn.guidance import check_guidance
+    from cfg_unlearn.guidance import MIN_TEMPERATURE, check_guidance
 
     check_guidance(guidance_scale, space)
     for name, value in (("max_new_tokens", max_new_tokens), ("max_attempts", max_attempts),
                         ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    if max_attempts > 1 and not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0 (rounds after the first sample), got {temperature}")
+    if max_attempts > 1 and not (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE):
+        raise ValueError(f"temperature must be a finite number > 0 (rounds after the first sample), at least "
+                         f"{MIN_TEMPERATURE:g} (below it the scaled scores overflow), got {temperature}")
     if max_attempts > 1 and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if partial_min_chars < 0:
