@@ -1042,3 +1042,17 @@ def test_a_diverged_loss_stops_training_before_its_update(tiny_setup, tmp_path):
     with pytest.raises(TrainingDiverged, match=r"train/loss is (nan|inf) at step ([1-9]\d*) .* training diverged"):
         _fit(m, dm, tmp_path, steps=50, callbacks=[Steps()])
     assert 0 < len(steps) < 10  # stopped at the first non-finite loss, not after 50 steps
+
+
+def test_bfloat16_trainable_weights_are_warned_about(tiny_setup, tmp_path):
+    """Full fine-tuning of bfloat16 weights (no float32 master copy) loses updates below
+    bfloat16's resolution, silently; LoRA adapters over a bfloat16 base stay float32."""
+    spec, dm = tiny_setup
+    with pytest.warns(UserWarning, match=r"trainable tensor\(s\) are bfloat16 .* no float32 master copy"):
+        _fit(UnlearnModule(model=spec, dtype="bfloat16"), dm, tmp_path, steps=1)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        _fit(UnlearnModule(model=spec, dtype="bfloat16", lora={"r": 4}), dm, tmp_path, steps=1)
+    assert not [w for w in got if "master copy" in str(w.message)]
