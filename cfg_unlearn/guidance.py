@@ -346,6 +346,11 @@ def cfg_decode(
         else:
             # g == 1: argmax of the raw logits, exactly what plain greedy decoding takes
             scores = logits.float() if not do_sample else F.log_softmax(logits.float(), dim=-1)
+        if step == 0 and scores.isnan().any():
+            # argmax over NaN is token 0 (often the pad token): NaN weights decoded empty
+            # answers, which every metric scores as leaking nothing
+            raise ValueError("the model's next-token scores are NaN: its weights are not finite (a diverged "
+                             "training, or an overflowing cast); its answers cannot be decoded or scored")
         nxt = pick_tokens(scores, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
         nxt = nxt.masked_fill(finished, pad_token_id)
         new_tokens.append(nxt)

@@ -455,3 +455,16 @@ def test_empty_prompts_are_named(tiny):
     # an empty explicit unconditioned prompt is named as one, not as the (fine) prompt beside it
     with pytest.raises(ValueError, match="uncond_prompts item 1 is empty"):
         generate(model, tok, ["The email of", "Hello"], uncond_prompts=["The", ""], guidance_scale=2.0)
+
+
+@pytest.mark.parametrize("g,space", [(1.0, "logprob"), (2.0, "logprob"), (2.0, "prob")])
+def test_a_model_with_nan_weights_is_refused_not_decoded_empty(tiny_model_dir, g, space):
+    """One NaN weight made every score NaN; argmax picked token 0 (the pad token) and the
+    answers came back empty, which LeakRate scored as no leak at all (a numerics audit)."""
+    tok, model = load_tokenizer(str(tiny_model_dir)), load_causal_lm(str(tiny_model_dir)).eval()
+    prompts = [[{"role": "user", "content": "What is the e-mail of Ann Lee?"}]]
+    assert generate(model, tok, prompts, system="Avoid PII", guidance_scale=g, space=space, max_new_tokens=4)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="next-token scores are NaN: its weights are not finite"):
+        generate(model, tok, prompts, system="Avoid PII", guidance_scale=g, space=space, max_new_tokens=4)
