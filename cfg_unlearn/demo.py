@@ -131,7 +131,7 @@ def evaluate(model, tokenizer, probes: list[EvalRecord], attacks: list[EvalRecor
     with guidance against ``uncond_system`` (None: the instruction blanked)."""
     from cfg_unlearn.data.llmpc import ATTACK_NEW_TOKENS, challenge_hit
     from cfg_unlearn.guidance import generate
-    from cfg_unlearn.metrics import AnswerAccuracy, LeakRate, PIIRate
+    from cfg_unlearn.metrics import AnswerAccuracy, LeakRate, PIIRate, rates_by_type
     from cfg_unlearn.pii import PARTIAL_MIN_CHARS
 
     def decode(records, n):
@@ -147,16 +147,30 @@ def evaluate(model, tokenizer, probes: list[EvalRecord], attacks: list[EvalRecor
     pii_rate.update(answers)
     acc.update(decode(questions, max_new_tokens), [q.answers for q in questions])
     attack_out = decode(attacks, ATTACK_NEW_TOKENS) if attacks else []
-    hits = sum(challenge_hit(r.pii[0].value, o) for r, o in zip(attacks, attack_out))
+    hits = [challenge_hit(r.pii[0].value, o) for r, o in zip(attacks, attack_out)]
+    leaked = leak.compute()
     out = {
-        "leak_rate": float(leak.compute()["leak_rate"]),
+        "leak_rate": float(leaked["leak_rate"]),
         "partial_leak_rate": float(partial.compute()["leak_rate"]),
         "accuracy": float(acc.compute()["accuracy"]),
         "pii_rate": float(pii_rate.compute()["pii_rate"]),
+        "leak_rate_by_type": rates_by_type(leaked),
     }
     if attacks:  # none run (the during-training scores) is no figure, not a rate of 0
-        out["attack_leak_rate"] = hits / len(attacks)
+        out["attack_leak_rate"] = sum(hits) / len(attacks)
+        out["attack_leak_rate_by_type"] = attack_rates_by_type(attacks, hits)
     return out
+
+
+def attack_rates_by_type(attacks: list[EvalRecord], hits: list[bool]) -> dict[str, dict[str, float]]:
+    """The challenge attack's leak rate per PII type (method.md section 5: "overall and
+    per PII type"), ``{type: {"leak_rate", "n"}}`` with types in order of first probe."""
+    counts: dict[str, list[int]] = {}
+    for r, hit in zip(attacks, hits, strict=True):
+        c = counts.setdefault(r.pii[0].type, [0, 0])
+        c[0] += hit
+        c[1] += 1
+    return {t: {"leak_rate": h / n, "n": n} for t, (h, n) in counts.items()}
 
 
 def uncond_instruction(cond_mode: str) -> str | None:
@@ -515,6 +529,7 @@ def render_report(m: dict) -> str:
         for g, r in rows.items():
             lines.append(f"| {space} | {g} | {r['leak_rate']:.3f} | {r['partial_leak_rate']:.3f} "
                          f"| {_rate(r, 'attack_leak_rate')} | {r['accuracy']:.3f} | {r['pii_rate']:.3f} |")
+    lines += _by_type_tables(m)
     if "comparison" in m:
         lines += [
             "",
@@ -534,6 +549,25 @@ def render_report(m: dict) -> str:
         lines += ["", "Measured with: " + ", ".join(f"{k} {v}" for k, v in m["environment"].items())]
     lines.append("")
     return "\n".join(lines)
+
+
+def _by_type_tables(m: dict) -> list[str]:
+    """The leak rates per PII type: the leaky model and the unlearned one at each scale
+    of the first space, for the direct probes and the challenge attack (none in a
+    metrics.json of an earlier version)."""
+    b = m["baseline"]
+    space, rows = next(iter(m["unlearned"].items()))
+    lines = []
+    for key, title in (("leak_rate_by_type", "direct probes"), ("attack_leak_rate_by_type", "challenge attack")):
+        if key not in b:
+            continue
+        lines += ["", f"Leak rate per PII type, {title} (unlearned: {space} space):", "",
+                  "| type | probes | leaky | " + " | ".join(f"g={g}" for g in rows) + " |",
+                  "|---|---|---|" + "---|" * len(rows)]
+        for t, r in b[key].items():
+            cells = [f"{row[key][t]['leak_rate']:.3f}" if t in row.get(key, {}) else "n/a" for row in rows.values()]
+            lines.append(f"| {t} | {r['n']} | {r['leak_rate']:.3f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(m: dict, path: Path) -> None:

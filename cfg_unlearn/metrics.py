@@ -44,7 +44,9 @@ class LeakRate(Metric):
 
     ``update(outputs, targets, shown=None)``: ``targets[i]`` are the items answer ``i``
     must not reveal; each is a hit when :func:`~cfg_unlearn.pii.contains_value` finds it.
-    Types not in ``pii_types`` are counted under ``"OTHER"``.
+    Types not in ``pii_types`` are counted under ``"OTHER"``. ``compute()`` gives
+    ``leak_rate`` and ``n_targets``, and per type with targets ``leak_rate/TYPE`` and
+    ``n_targets/TYPE`` (:func:`rates_by_type` groups them).
 
     ``partial_min_chars > 0`` counts pieces too (:func:`~cfg_unlearn.pii.contains_fragment`:
     four digits of an ID, the street of an address, the year of a birth date), except
@@ -92,7 +94,15 @@ class LeakRate(Metric):
         for i, name in enumerate(self.pii_types + (OTHER,)):
             if self.totals[i] > 0:
                 out[f"leak_rate/{name}"] = _ratio(self.hits[i], self.totals[i])
+                out[f"n_targets/{name}"] = self.totals[i].float()
         return out
+
+
+def rates_by_type(computed: dict[str, torch.Tensor | float]) -> dict[str, dict[str, float]]:
+    """``LeakRate.compute()``'s per-type entries as ``{type: {"leak_rate", "n"}}``, in
+    the metric's type order (types without targets are absent)."""
+    return {key.split("/", 1)[1]: {"leak_rate": float(v), "n": int(computed["n_targets/" + key.split("/", 1)[1]])}
+            for key, v in computed.items() if key.startswith("leak_rate/")}
 
 
 class PIIRate(Metric):

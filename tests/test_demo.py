@@ -62,6 +62,17 @@ def test_demo_writes_metrics_report_and_plot(tmp_path, monkeypatch, assert_open_
         for r in rows.values():
             assert {"leak_rate", "accuracy", "pii_rate"} <= set(r) and 0 <= r["leak_rate"] <= 1
             assert r["leak_rate"] <= r["partial_leak_rate"] <= 1  # pieces count on top of whole values
+    # per PII type (method.md section 5): six types of three probes each; they add up to the overall rate
+    for r in [m["baseline"], *m["unlearned"]["logprob"].values()]:
+        by_type = r["leak_rate_by_type"]
+        assert {t: v["n"] for t, v in by_type.items()} == dict.fromkeys(["EMAIL", "PHONE", "LOC", "DATE", "SSN", "ORG"], 3)
+        assert sum(v["leak_rate"] * v["n"] for v in by_type.values()) / 18 == pytest.approx(r["leak_rate"])
+        attack = r["attack_leak_rate_by_type"]
+        assert sum(v["n"] for v in attack.values()) == m["baseline"]["n_attack_probes"]
+        assert sum(v["leak_rate"] * v["n"] for v in attack.values()) / m["baseline"]["n_attack_probes"] == \
+            pytest.approx(r["attack_leak_rate"])
+    report = (out / "report.md").read_text()
+    assert "Leak rate per PII type, direct probes" in report and "| EMAIL | 3 |" in report
     assert "| logprob | 2.0 |" in (out / "report.md").read_text()
     assert (out / "leak_vs_guidance.png").read_bytes()[:4] == b"\x89PNG"
     # --compare: every method on the same probes, the baselines scored during training
@@ -339,3 +350,35 @@ def test_comparison_plot_gives_methods_on_one_point_one_label(tmp_path, monkeypa
                          tmp_path / "c.png")
     assert sorted(t.get_text() for t in figs[0].axes[0].texts) == ["leaky model, dpo", "npo",
                                                                     "retrained, subtraction"]
+
+
+def test_attack_rates_by_type_counts_hits_per_type_in_first_seen_order():
+    import cfg_unlearn.demo as demo
+    from cfg_unlearn.data.schema import EvalRecord, PIIItem
+
+    def probe(kind):
+        return EvalRecord(id=f"p{kind}", prompt=({"role": "user", "content": "..."},), pii=(PIIItem(kind, "v"),))
+
+    attacks = [probe("NAME"), probe("LOC"), probe("NAME"), probe("NAME"), probe("LOC")]
+    assert demo.attack_rates_by_type(attacks, [True, False, False, True, False]) == {
+        "NAME": {"leak_rate": 2 / 3, "n": 3}, "LOC": {"leak_rate": 0.0, "n": 2}}
+    with pytest.raises(ValueError):  # one hit per probe
+        demo.attack_rates_by_type(attacks, [True])
+
+
+def test_report_tables_leak_rates_per_type_and_skips_them_for_older_metrics():
+    import cfg_unlearn.demo as demo
+
+    row = {"leak_rate": 0.1, "partial_leak_rate": 0.2, "accuracy": 0.9, "pii_rate": 0.0,
+           "leak_rate_by_type": {"EMAIL": {"leak_rate": 0.2, "n": 5}, "PHONE": {"leak_rate": 0.0, "n": 5}}}
+    m = {"baseline": {**row, "leak_rate": 0.5, "n_leak_probes": 10, "n_attack_probes": 0, "n_qa": 4,
+                      "leak_rate_by_type": {"EMAIL": {"leak_rate": 0.6, "n": 5}, "PHONE": {"leak_rate": 0.4, "n": 5}}},
+         "unlearned": {"logprob": {"1.0": row, "2.0": {**row, "leak_rate_by_type": {}}}},
+         "config": {"cond_dropout": 0.3}, "seconds": {"total": 1.0}}
+    report = demo.render_report(m)
+    assert "| type | probes | leaky | g=1.0 | g=2.0 |" in report
+    assert "| EMAIL | 5 | 0.600 | 0.200 | n/a |" in report and "| PHONE | 5 | 0.400 | 0.000 | n/a |" in report
+    assert "challenge attack (unlearned" not in report  # no attack figures, no attack table
+    for r in [m["baseline"], *m["unlearned"]["logprob"].values()]:
+        del r["leak_rate_by_type"]
+    assert "per PII type" not in demo.render_report(m)

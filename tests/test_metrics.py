@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cfg_unlearn.data.schema import PIIItem
-from cfg_unlearn.metrics import DEFAULT_PII_TYPES, AnswerAccuracy, LeakRate, PIIRate, normalize_answer
+from cfg_unlearn.metrics import DEFAULT_PII_TYPES, AnswerAccuracy, LeakRate, PIIRate, normalize_answer, rates_by_type
 from cfg_unlearn.pii import Span
 
 
@@ -40,6 +40,14 @@ def test_leak_rate_overall_and_per_type():
         "leak_rate/EMAIL": 0.5,
         "leak_rate/PHONE": 0.5,
         "leak_rate/OTHER": 1.0,
+        "n_targets/NAME": 2.0,
+        "n_targets/EMAIL": 2.0,
+        "n_targets/PHONE": 2.0,
+        "n_targets/OTHER": 1.0,
+    }
+    assert rates_by_type(out) == {  # the metric's type order, then OTHER
+        "NAME": {"leak_rate": 0.5, "n": 2}, "EMAIL": {"leak_rate": 0.5, "n": 2},
+        "PHONE": {"leak_rate": 0.5, "n": 2}, "OTHER": {"leak_rate": 1.0, "n": 1},
     }
     assert all(v.dtype == torch.float32 and v.device == m.device for v in out.values())
     assert m.hits.shape == m.totals.shape == (len(DEFAULT_PII_TYPES) + 1,)
@@ -54,6 +62,8 @@ def test_leak_rate_custom_types_and_batches_accumulate():
         "n_targets": 7.0,
         "leak_rate/NAME": 0.5,
         "leak_rate/OTHER": 0.6,
+        "n_targets/NAME": 2.0,
+        "n_targets/OTHER": 5.0,
     }
 
 
@@ -67,7 +77,8 @@ def test_leak_rate_empty_is_zero_not_nan_and_reset():
     m.reset()
     assert m.totals.sum().item() == 0
     m.update(["Allison Hill"], [[NAME]])
-    assert _values(m.compute()) == {"leak_rate": 1.0, "n_targets": 1.0, "leak_rate/NAME": 1.0}
+    assert _values(m.compute()) == {"leak_rate": 1.0, "n_targets": 1.0, "leak_rate/NAME": 1.0,
+                                     "n_targets/NAME": 1.0}
 
 
 def test_leak_rate_rejects_bad_input():
