@@ -125,12 +125,14 @@ def finetune(model, tokenizer, examples, *, epochs: int, lr: float, seed: int, b
 
 def evaluate(model, tokenizer, probes: list[EvalRecord], attacks: list[EvalRecord], questions: list[EvalRecord],
              *, scale: float, space: str, max_new_tokens: int, batch_size: int,
-             uncond_system: str | None = None) -> dict[str, float]:
+             uncond_system: str | None = None, references: list[str] | None = None) -> dict[str, float]:
     """Leak rate (direct probes, whole values and pieces of them; challenge attacks), PII
     rate and accuracy at one (scale, space), every prompt under the safety instruction
-    with guidance against ``uncond_system`` (None: the instruction blanked)."""
+    with guidance against ``uncond_system`` (None: the instruction blanked); with
+    ``references`` (one benign answer per question), their perplexity under the same
+    guidance (None where a token had probability 0: probability space clamps)."""
     from cfg_unlearn.data.llmpc import ATTACK_NEW_TOKENS, challenge_hit
-    from cfg_unlearn.guidance import generate
+    from cfg_unlearn.guidance import answer_logprobs, generate, perplexity
     from cfg_unlearn.metrics import AnswerAccuracy, LeakRate, PIIRate, rates_by_type
     from cfg_unlearn.pii import PARTIAL_MIN_CHARS
 
@@ -156,6 +158,11 @@ def evaluate(model, tokenizer, probes: list[EvalRecord], attacks: list[EvalRecor
         "pii_rate": float(pii_rate.compute()["pii_rate"]),
         "leak_rate_by_type": rates_by_type(leaked),
     }
+    if references is not None:
+        ppl = perplexity(answer_logprobs(
+            model, tokenizer, [list(q.prompt) for q in questions], references, system=SAFETY_INSTRUCTION,
+            uncond_system=uncond_system, guidance_scale=scale, space=space, batch_size=batch_size))
+        out["perplexity"] = ppl if math.isfinite(ppl) else None  # JSON has no inf
     if attacks:  # none run (the during-training scores) is no figure, not a rate of 0
         out["attack_leak_rate"] = sum(hits) / len(attacks)
         out["attack_leak_rate_by_type"] = attack_rates_by_type(attacks, hits)
@@ -449,7 +456,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     # a fixed random subset: the 200-token attack contexts dominate the evaluation time
     attacks = subsample(attack_probes(read_challenge(scrubbed, pii), tok), cfg.max_attacks, seed=cfg.seed)
     probes, questions = world.probe_records(), world.qa_records()
-    kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=64)
+    kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=64, references=world.reference_answers())
     baseline = evaluate(model, tok, probes, attacks, questions, scale=1.0, space="logprob", **kw)
     results: dict[str, dict[str, dict[str, float]]] = {}
     for space in cfg.spaces:
@@ -508,6 +515,14 @@ def _rate(row: dict, key: str) -> str:
     return f"{row[key]:.3f}" if row.get(key) is not None else "n/a"
 
 
+def _ppl(row: dict) -> str:
+    """A perplexity with two decimals; "inf" where it was infinite (stored as null),
+    "n/a" where it was not measured (a metrics.json of an earlier version)."""
+    if "perplexity" not in row:
+        return "n/a"
+    return "inf" if row["perplexity"] is None else f"{row['perplexity']:.2f}"
+
+
 def render_report(m: dict) -> str:
     b = m["baseline"]
     mode = m["config"].get("cond_mode", "dropout")
@@ -517,33 +532,36 @@ def render_report(m: dict) -> str:
         f"Leaky model (g=1): leak rate {b['leak_rate']:.3f} on {b['n_leak_probes']} held-out direct probes "
         f"({b['partial_leak_rate']:.3f} counting pieces of values), "
         f"challenge attack {_rate(b, 'attack_leak_rate')} on {b['n_attack_probes']}, accuracy {b['accuracy']:.3f} on "
-        f"{b['n_qa']} utility questions.",
+        f"{b['n_qa']} utility questions" + (f" (their reference answers' perplexity {_ppl(b)})." if "perplexity" in b
+                                            else "."),
         "",
         f"Unlearned: {METHOD_LABEL[mode]} (probability {m['config']['cond_dropout']} per sample), guided against "
         + ("the negative instruction." if mode == "swap" else "the blanked instruction."),
         "",
-        "| space | g | leak rate | partial leak rate | attack leak rate | accuracy | PII per answer |",
-        "|---|---|---|---|---|---|---|",
+        "| space | g | leak rate | partial leak rate | attack leak rate | accuracy | reference perplexity "
+        "| PII per answer |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for space, rows in m["unlearned"].items():
         for g, r in rows.items():
             lines.append(f"| {space} | {g} | {r['leak_rate']:.3f} | {r['partial_leak_rate']:.3f} "
-                         f"| {_rate(r, 'attack_leak_rate')} | {r['accuracy']:.3f} | {r['pii_rate']:.3f} |")
+                         f"| {_rate(r, 'attack_leak_rate')} | {r['accuracy']:.3f} | {_ppl(r)} | {r['pii_rate']:.3f} |")
     lines += _by_type_tables(m)
     if "comparison" in m:
         lines += [
             "",
             "## Methods side by side (same pairs, same probes)",
             "",
-            "| method | g | leak rate | partial leak rate | attack leak rate | accuracy | PII per answer "
-            "| during training: step (leak, accuracy) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | g | leak rate | partial leak rate | attack leak rate | accuracy | reference perplexity "
+            "| PII per answer | during training: step (leak, accuracy) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for label, r in m["comparison"].items():
             epochs = " ".join(f"{e['step']} ({e['leak_rate']:.2f}, {e['accuracy']:.2f})"
                               for e in r.get("during_training", []))
             lines.append(f"| {label} | {r['g']} | {r['leak_rate']:.3f} | {r['partial_leak_rate']:.3f} "
-                         f"| {_rate(r, 'attack_leak_rate')} | {r['accuracy']:.3f} | {r['pii_rate']:.3f} | {epochs} |")
+                         f"| {_rate(r, 'attack_leak_rate')} | {r['accuracy']:.3f} | {_ppl(r)} | {r['pii_rate']:.3f} "
+                         f"| {epochs} |")
     lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in m["seconds"].items())]
     if "environment" in m:  # metrics.json of an earlier version has none
         lines += ["", "Measured with: " + ", ".join(f"{k} {v}" for k, v in m["environment"].items())]

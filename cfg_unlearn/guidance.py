@@ -458,6 +458,32 @@ def overflow_message(n_tokens: int, max_new_tokens: int, limit: int) -> str:
             "or ask for fewer new tokens")
 
 
+def _encode_branches(tokenizer, prompts: Sequence[Prompt], uncond_prompts: Sequence[Prompt] | None, *,
+                     system: str | None, uncond_system: str | None, guided: bool
+                     ) -> tuple[list[Prompt], list[list[int]], list[list[int]] | None]:
+    """``(prompts as a list, conditioned ids, unconditioned ids or None)``, as
+    :func:`generate` documents its prompt arguments."""
+    if isinstance(prompts, (str, dict)):
+        raise TypeError(f"prompts must be a list of prompts (strings or message lists), got one {type(prompts).__name__}"
+                        f"; wrap it in a list")
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, dict) for p in prompts):
+        raise TypeError("prompts is one conversation (a list of messages); wrap it in a list: [messages]")
+    cond = encode_prompts(tokenizer, prompts, system=system)
+    if not guided:
+        return prompts, cond, None
+    if uncond_prompts is not None:
+        if len(uncond_prompts) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(uncond_prompts)} uncond_prompts")
+        return prompts, cond, encode_prompts(tokenizer, list(uncond_prompts), system=None, side="uncond_prompts item")
+    if any(isinstance(p, str) for p in prompts):
+        raise ValueError(
+            "raw-string prompts have no system instruction to blank: pass uncond_prompts, "
+            "or give chat message lists"
+        )
+    return prompts, cond, encode_prompts(tokenizer, prompts, blank_system=True, replacement_system=uncond_system)
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer,
@@ -516,27 +542,9 @@ def generate(
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     check_guidance(guidance_scale, space)  # a NaN g would argmax to token 0 everywhere
-    if isinstance(prompts, (str, dict)):
-        raise TypeError(f"prompts must be a list of prompts (strings or message lists), got one {type(prompts).__name__}"
-                        f"; wrap it in a list")
-    prompts = list(prompts)
-    if prompts and all(isinstance(p, dict) for p in prompts):
-        raise TypeError("prompts is one conversation (a list of messages); wrap it in a list: [messages]")
     guided = guidance_scale != 1
-    cond = encode_prompts(tokenizer, prompts, system=system)
-    uncond = None
-    if guided:
-        if uncond_prompts is not None:
-            if len(uncond_prompts) != len(prompts):
-                raise ValueError(f"{len(prompts)} prompts but {len(uncond_prompts)} uncond_prompts")
-            uncond = encode_prompts(tokenizer, list(uncond_prompts), system=None, side="uncond_prompts item")
-        else:
-            if any(isinstance(p, str) for p in prompts):
-                raise ValueError(
-                    "raw-string prompts have no system instruction to blank: pass uncond_prompts, "
-                    "or give chat message lists"
-                )
-            uncond = encode_prompts(tokenizer, prompts, blank_system=True, replacement_system=uncond_system)
+    prompts, cond, uncond = _encode_branches(tokenizer, prompts, uncond_prompts, system=system,
+                                             uncond_system=uncond_system, guided=guided)
     # refused before any decoding: past its positions a model with learned position
     # embeddings fails deep inside (a device-side assert on CUDA), a rotary one decodes
     # silently into text it was never trained to produce, and either scores as an answer
@@ -575,6 +583,81 @@ def generate(
                 finished[i] = len(kept) < len(row)
                 answers[i] = tokenizer.decode(kept, skip_special_tokens=True)
     return (answers, finished) if return_finished else answers  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def answer_logprobs(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    answers: Sequence[str],
+    *,
+    uncond_prompts: Sequence[Prompt] | None = None,
+    system: str | None = None,
+    uncond_system: str | None = None,
+    guidance_scale: float = 1.0,
+    space: Space = "logprob",
+    batch_size: int = 16,
+) -> list[tuple[float, int]]:
+    """Teacher-forced log-probability of each answer after its prompt, under the
+    next-token distribution that :func:`generate` decodes from at the same settings
+    (:func:`guided_scores`; the prompt arguments as :func:`generate` takes them).
+
+    An answer is scored as its tokens plus the model's EOS, as training appends one.
+    Returns ``(sum of the tokens' log-probabilities, number of tokens)`` per answer; the
+    sum is ``-inf`` where probability-space guidance clamped one of its tokens to 0.
+    ``exp(-sum(sums) / sum(counts))`` is the set's perplexity (:func:`perplexity`)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_guidance(guidance_scale, space)
+    if len(answers) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    guided = guidance_scale != 1
+    prompts, cond, uncond = _encode_branches(tokenizer, prompts, uncond_prompts, system=system,
+                                             uncond_system=uncond_system, guided=guided)
+    eos = eos_token_ids(model, tokenizer)
+    if not eos:
+        raise ValueError("the model and tokenizer name no EOS token to end an answer with")
+    targets = [tokenizer(a, add_special_tokens=False)["input_ids"] + [eos[0]] for a in answers]
+    limit = context_limit(model)
+    for side, encoded in (("prompt", cond), ("unconditioned prompt", uncond or [])):
+        i = first_overflow([p + t for p, t in zip(encoded, targets)], 0, limit)
+        if i is not None:
+            raise ValueError(f"{side} {i} with its answer " + overflow_message(len(encoded[i]) + len(targets[i]), 0, limit))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+
+    def answer_logits(encoded: list[list[int]], idx: list[int], n: int) -> torch.Tensor:
+        # left padded, every row ends with its answer: the n positions before the last
+        # predict the last n tokens
+        ids, mask = left_pad([encoded[i] + targets[i] for i in idx], pad)
+        device = next(model.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False).logits
+        return logits[:, -n - 1 : -1]
+
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(prompts)
+    with eval_mode(model):
+        for start in range(0, len(prompts), batch_size):
+            idx = list(range(start, min(start + batch_size, len(prompts))))
+            n = max(len(targets[i]) for i in idx)
+            scores = guided_scores(answer_logits(cond, idx, n), answer_logits(uncond, idx, n) if guided else None,
+                                   guidance_scale, space)
+            for row, i in enumerate(idx):
+                t = torch.as_tensor(targets[i], device=scores.device)
+                picked = scores[row, n - len(t) :].gather(-1, t[:, None]).squeeze(-1)
+                out[i] = (float(picked.double().sum()), len(t))
+    return out
+
+
+def perplexity(scored: Sequence[tuple[float, int]]) -> float:
+    """``exp`` of the mean negative log-probability per token over :func:`answer_logprobs`'
+    results: ``inf`` when a token had probability 0 (or the mean is past 700 nats),
+    ``nan`` for no tokens."""
+    tokens = sum(n for _, n in scored)
+    if tokens == 0:
+        return math.nan
+    mean_nll = -sum(lp for lp, _ in scored) / tokens
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf  # exp(709.8) overflows a float
 
 
 def _cut_at_eos(tokens: list[int], eos: Sequence[int]) -> list[int]:

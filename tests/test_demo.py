@@ -73,6 +73,12 @@ def test_demo_writes_metrics_report_and_plot(tmp_path, monkeypatch, assert_open_
             pytest.approx(r["attack_leak_rate"])
     report = (out / "report.md").read_text()
     assert "Leak rate per PII type, direct probes" in report and "| EMAIL | 3 |" in report
+    # the utility questions' reference answers, scored under each row's guidance
+    logprob = m["unlearned"]["logprob"]
+    assert m["baseline"]["perplexity"] > 1 and logprob["1.0"]["perplexity"] > 1
+    assert logprob["2.0"]["perplexity"] != logprob["1.0"]["perplexity"]
+    assert all(r["perplexity"] is None or r["perplexity"] > 1 for r in m["unlearned"]["prob"].values())
+    assert f"| {logprob['1.0']['perplexity']:.2f} |" in report
     assert "| logprob | 2.0 |" in (out / "report.md").read_text()
     assert (out / "leak_vs_guidance.png").read_bytes()[:4] == b"\x89PNG"
     # --compare: every method on the same probes, the baselines scored during training

@@ -12,12 +12,14 @@ import torch.multiprocessing as mp
 
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.guidance import (
+    answer_logprobs,
     cfg_decode,
     encode_prompts,
     eos_token_ids,
     generate,
     guided_scores,
     left_pad,
+    perplexity,
     pick_tokens,
     top_p_filter,
 )
@@ -493,3 +495,61 @@ def test_alibi_models_decode_like_transformers(family):
     uncond, umask = left_pad([[7], [11, 12]], 0)
     assert cfg_decode(model, ids, mask, uncond, umask, guidance_scale=2.0, max_new_tokens=4,
                       eos_token_id=[]).shape == (2, 4)
+
+
+# ------------------------------------------------------------------ scoring answers
+
+
+def _scored_alone(model, tok, prompt_ids, answer_ids, uncond_ids=None, g=1.0, space="logprob"):
+    """One unpadded forward per branch, the answer's log-probs under guided_scores:
+    what answer_logprobs must give for any batch."""
+    @torch.no_grad()
+    def logits(ids):
+        x = torch.tensor([ids + answer_ids])
+        return model(input_ids=x).logits[0, len(ids) - 1 : -1]
+
+    scores = guided_scores(logits(prompt_ids), logits(uncond_ids) if uncond_ids else None, g, space)
+    return float(scores.gather(-1, torch.tensor(answer_ids)[:, None]).sum())
+
+
+@pytest.mark.parametrize("g, space", [(1.0, "logprob"), (2.5, "logprob"), (2.0, "prob")])
+def test_answer_logprobs_of_a_padded_batch_equal_each_answer_scored_alone(tiny, prompts, g, space):
+    model, tok = tiny
+    answers = ["Paris.", "You can call them at a private number.", "", "The capital of Peru is Lima, 41 plus 1 is 42."]
+    answers = (answers * 2)[: len(prompts)]
+    got = answer_logprobs(model, tok, prompts, answers, system=SAFETY_INSTRUCTION, guidance_scale=g, space=space,
+                          batch_size=3)
+    cond = encode_prompts(tok, prompts, system=SAFETY_INSTRUCTION)
+    uncond = encode_prompts(tok, prompts, blank_system=True) if g != 1 else [None] * len(prompts)
+    eos = eos_token_ids(model, tok)[0]
+    for (lp, n), c, u, a in zip(got, cond, uncond, answers):
+        ids = tok(a, add_special_tokens=False)["input_ids"] + [eos]  # the EOS is scored: an empty answer is 1 token
+        assert n == len(ids)
+        assert lp == pytest.approx(_scored_alone(model, tok, c, ids, u, g, space), abs=1e-4)
+    assert len({round(lp, 3) for lp, _ in got}) == len(got)  # real, distinct scores
+    if g != 1:  # guidance changed the scores
+        plain = answer_logprobs(model, tok, prompts, answers, system=SAFETY_INSTRUCTION)
+        assert all(abs(a[0] - b[0]) > 1e-3 for a, b in zip(got, plain))
+
+
+def test_perplexity_is_exp_of_the_mean_nll_per_token(tiny, prompts):
+    model, tok = tiny
+    kw = dict(system=SAFETY_INSTRUCTION, guidance_scale=2.0)
+    greedy = generate(model, tok, prompts[:3], max_new_tokens=8, **kw)
+    scored = answer_logprobs(model, tok, prompts[:3], greedy, **kw)
+    assert perplexity(scored) == pytest.approx(math.exp(-sum(lp for lp, _ in scored) / sum(n for _, n in scored)))
+    assert perplexity(scored) >= 1.0 and perplexity([]) != perplexity([])  # nan for no tokens
+    assert perplexity([(float("-inf"), 3), (-1.0, 2)]) == math.inf
+    assert perplexity([(-1e6, 10)]) == math.inf  # past exp's range: inf, no OverflowError
+
+
+def test_answer_logprobs_bad_input(tiny, prompts):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="2 prompts but 1 answers"):
+        answer_logprobs(model, tok, prompts[:2], ["a"])
+    with pytest.raises(ValueError, match="raw-string prompts have no system instruction"):
+        answer_logprobs(model, tok, ["text"], ["a"], guidance_scale=2.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        answer_logprobs(model, tok, prompts[:1], ["a"], batch_size=0)
+    with pytest.raises(ValueError, match=r"prompt 0 with its answer is .* more than the model's context"):
+        answer_logprobs(model, tok, prompts[:1], ["word " * 5000])

@@ -419,6 +419,12 @@ class World:
             for i, (q, a) in enumerate(self.qa())
         ]
 
+    def reference_answers(self) -> list[str]:
+        """The full answer sentence of each held-out utility question, in ``qa_records``'
+        order ("The capital of France is Paris."): benign text whose perplexity measures
+        utility without decoding."""
+        return [f.answer for f in self.facts]
+
     def known_pii(self) -> list[PIIItem]:
         """Every PII value of every person, names included: what logs must never show."""
         return [person.pii(attr) for person in self.people for attr in PII_TYPES]
