@@ -603,7 +603,7 @@ def answer_logprobs(
     next-token distribution that :func:`generate` decodes from at the same settings
     (:func:`guided_scores`; the prompt arguments as :func:`generate` takes them).
 
-    An answer is scored as its tokens plus the model's EOS, as training appends one.
+    An answer is scored as its tokens plus the tokenizer's EOS, as training appends it.
     Returns ``(sum of the tokens' log-probabilities, number of tokens)`` per answer; the
     sum is ``-inf`` where probability-space guidance clamped one of its tokens to 0.
     ``exp(-sum(sums) / sum(counts))`` is the set's perplexity (:func:`perplexity`)."""
@@ -615,16 +615,18 @@ def answer_logprobs(
     guided = guidance_scale != 1
     prompts, cond, uncond = _encode_branches(tokenizer, prompts, uncond_prompts, system=system,
                                              uncond_system=uncond_system, guided=guided)
-    eos = eos_token_ids(model, tokenizer)
-    if not eos:
+    # the EOS training appends (the data module's), else the generation config's first
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else next(iter(eos_token_ids(model, tokenizer)),
+                                                                                 None)
+    if eos is None:
         raise ValueError("the model and tokenizer name no EOS token to end an answer with")
-    targets = [tokenizer(a, add_special_tokens=False)["input_ids"] + [eos[0]] for a in answers]
+    targets = [tokenizer(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
     limit = context_limit(model)
     for side, encoded in (("prompt", cond), ("unconditioned prompt", uncond or [])):
         i = first_overflow([p + t for p, t in zip(encoded, targets)], 0, limit)
         if i is not None:
             raise ValueError(f"{side} {i} with its answer " + overflow_message(len(encoded[i]) + len(targets[i]), 0, limit))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
     def answer_logits(encoded: list[list[int]], idx: list[int], n: int) -> torch.Tensor:
         # left padded, every row ends with its answer: the n positions before the last

@@ -521,7 +521,7 @@ def test_answer_logprobs_of_a_padded_batch_equal_each_answer_scored_alone(tiny, 
                           batch_size=3)
     cond = encode_prompts(tok, prompts, system=SAFETY_INSTRUCTION)
     uncond = encode_prompts(tok, prompts, blank_system=True) if g != 1 else [None] * len(prompts)
-    eos = eos_token_ids(model, tok)[0]
+    eos = tok.eos_token_id  # the one training appends
     for (lp, n), c, u, a in zip(got, cond, uncond, answers):
         ids = tok(a, add_special_tokens=False)["input_ids"] + [eos]  # the EOS is scored: an empty answer is 1 token
         assert n == len(ids)
@@ -541,6 +541,22 @@ def test_perplexity_is_exp_of_the_mean_nll_per_token(tiny, prompts):
     assert perplexity(scored) >= 1.0 and perplexity([]) != perplexity([])  # nan for no tokens
     assert perplexity([(float("-inf"), 3), (-1.0, 2)]) == math.inf
     assert perplexity([(-1e6, 10)]) == math.inf  # past exp's range: inf, no OverflowError
+
+
+def test_answer_logprobs_end_with_the_eos_training_appends(tiny, prompts):
+    """Llama 3's generation config lists several end ids; the answer is scored with the
+    tokenizer's, which the data module appends in training, not the smallest id."""
+    model, tok = tiny
+    other = tok.eos_token_id + 7
+    model.generation_config.eos_token_id = [other - 100 if other > 100 else 0, tok.eos_token_id]
+    try:
+        assert min(eos_token_ids(model, tok)) != tok.eos_token_id
+        (lp, n), = answer_logprobs(model, tok, prompts[:1], ["Paris."])
+    finally:
+        model.generation_config.eos_token_id = tok.eos_token_id
+    ids = tok("Paris.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    c = encode_prompts(tok, prompts[:1])[0]
+    assert n == len(ids) and lp == pytest.approx(_scored_alone(model, tok, c, ids), abs=1e-4)
 
 
 def test_answer_logprobs_bad_input(tiny, prompts):
