@@ -37,8 +37,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from cfg_unlearn.checkpointing import save_last_checkpoints
 from cfg_unlearn.data.schema import EvalRecord, PIIItem, prompt_text, read_eval_records
 from cfg_unlearn.data.world import World, WorldConfig
-from cfg_unlearn.guidance import SPACES, check_guidance, generate
-from cfg_unlearn.metrics import DEFAULT_PII_TYPES, OTHER, AnswerAccuracy, LeakRate, PIIRate, answer_matches
+from cfg_unlearn.guidance import SPACES, answer_logprobs, check_guidance, generate
+from cfg_unlearn.metrics import (
+    DEFAULT_PII_TYPES,
+    OTHER,
+    AnswerAccuracy,
+    LeakRate,
+    PIIRate,
+    ReferencePerplexity,
+    answer_matches,
+)
 from cfg_unlearn.pii import (
     PARTIAL_MIN_CHARS,
     NERDetector,
@@ -89,13 +97,15 @@ def shard(items: list, rank: int, world_size: int) -> tuple[list, int]:
 
 
 class GuidanceEval(Callback):
-    """Leak rate, PII rate and accuracy per guidance scale, during fit and in ``validate``.
+    """Leak rate, PII rate and accuracy per guidance scale, during fit and in ``validate``;
+    and, for questions with a ``reference`` answer, its perplexity under the same guidance.
 
     Args:
         scales: guidance scales to decode with (1 = plain decoding).
         spaces: ``logprob`` and/or ``prob``; ``g = 1`` is decoded once for all spaces.
         probes_file: leak-probe JSONL (``{"id", "prompt", "pii": [{"type", "value"}]}``).
-        qa_file: utility-question JSONL (``{"id", "prompt", "answer"}``).
+        qa_file: utility-question JSONL (``{"id", "prompt", "answer"}``, optional
+            ``"reference"``: a full benign answer whose perplexity is logged).
         world: take probes and questions from this synthetic world. Default, when no file
             is given: the data module's ``world``.
         max_probes: evaluate a fixed random subset of this many probes (None: all).
@@ -250,6 +260,7 @@ class GuidanceEval(Callback):
         self._ner = NERDetector(self.ner_model) if self.ner_model else None
         self.leak, self.pii_rate, self.accuracy = LeakRate(types), PIIRate(ner=self._ner), AnswerAccuracy()
         self.partial_leak = LeakRate(types, partial_min_chars=PARTIAL_MIN_CHARS)
+        self.reference_ppl = ReferencePerplexity()
         rank_zero_info(f"GuidanceEval: {self.scored_sets()}; runs {[f'{sp}@g={g:g}' for sp, g in self.runs()]}")
 
     def scored_sets(self) -> str:
@@ -289,6 +300,14 @@ class GuidanceEval(Callback):
                 where = rec.source or f"{kind} {i}"  # not its id: ids can be personal (an e-mail)
                 raise ConfigError(f"GuidanceEval: {where}: the {side} "
                                   + overflow_message(len(encoded[j]), self.max_new_tokens, limit))
+            # a reference answer is read after its prompt, with the EOS training appends
+            for (kind, i, rec), ids in zip(records, encoded):
+                if rec.reference is not None:
+                    n = len(ids) + len(tok(rec.reference, add_special_tokens=False)["input_ids"]) + 1
+                    if n > limit:
+                        raise ConfigError(f"GuidanceEval: {rec.source or f'{kind} {i}'}: the {side} with its reference "
+                                          f"answer is {n:,} tokens, more than the model's context of {limit:,} "
+                                          "(config.max_position_embeddings): shorten it")
         self._context_checked = True
 
     # ------------------------------------------------------------------ hooks
@@ -406,6 +425,9 @@ class GuidanceEval(Callback):
         items = [("leak", r) for r in self.probes] + [("qa", r) for r in self.questions]
         mine, n_real = shard(items, trainer.global_rank, trainer.world_size)
         prompts = [self._messages(r) for _, r in mine]
+        # sharded on their own, so every rank scores as many (forwards are collectives under FSDP)
+        referenced = [r for r in self.questions if r.reference is not None]
+        refs, n_refs = shard(referenced, trainer.global_rank, trainer.world_size) if referenced else ([], 0)
         results: dict[str, float] = {}
         # (run, kind, index in `items`, row): the table keeps the first rows of the whole
         # list, whichever rank decoded them
@@ -423,7 +445,7 @@ class GuidanceEval(Callback):
             qa_at = [i for i, (kind, _), _ in real if kind == "qa"]
             leak = [(r, a) for _, (kind, r), a in real if kind == "leak"]
             qa = [(r, a) for _, (kind, r), a in real if kind == "qa"]
-            for m in (self.leak, self.partial_leak, self.pii_rate, self.accuracy):
+            for m in (self.leak, self.partial_leak, self.pii_rate, self.accuracy, self.reference_ppl):
                 m.to(pl_module.device)
                 m.reset()
             self.leak.update([a for _, a in leak], [r.pii for r, _ in leak])
@@ -440,6 +462,14 @@ class GuidanceEval(Callback):
                 named["partial_leak_rate"] = partial
             if self.questions:
                 named.update(accuracy=float(computed["accuracy"]), exact_match=float(computed["exact_match"]))
+            if referenced:
+                with forward_outside_step(trainer.strategy):
+                    scored = answer_logprobs(
+                        model, tok, [self._messages(r) for r in refs], [r.reference for r in refs],
+                        uncond_system=self.uncond_system_prompt, guidance_scale=g, space=space,
+                        batch_size=self.batch_size)
+                self.reference_ppl.update(scored[:n_refs])
+                named["perplexity"] = float(self.reference_ppl.compute()["perplexity"])  # a collective
             # g = 1 is decoded once, and every space's curve gets that point
             for sp in self.spaces if g == 1.0 else [space]:
                 results.update({metric_key(name, g, sp): v for name, v in named.items()})
@@ -479,8 +509,8 @@ class GuidanceEval(Callback):
     def summary(self, results: dict[str, float], step: int, of_checkpoint: bool = False) -> str:
         parts = []
         for space, g in self.runs():
-            cells = [f"{name} {results[metric_key(name, g, space)]:.3f}" for name in ("leak_rate", "accuracy", "pii_rate")
-                     if metric_key(name, g, space) in results]
+            cells = [f"{name} {results[metric_key(name, g, space)]:.3f}"
+                     for name in ("leak_rate", "accuracy", "perplexity", "pii_rate") if metric_key(name, g, space) in results]
             parts.append(f"{space}@g={g:g}: " + ", ".join(cells))
         where = f"of the checkpoint at training step {step}" if of_checkpoint else f"step {step}"
         return f"GuidanceEval {where} ({results['eval/seconds']:.1f} s): " + " | ".join(parts)

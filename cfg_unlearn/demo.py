@@ -125,15 +125,15 @@ def finetune(model, tokenizer, examples, *, epochs: int, lr: float, seed: int, b
 
 def evaluate(model, tokenizer, probes: list[EvalRecord], attacks: list[EvalRecord], questions: list[EvalRecord],
              *, scale: float, space: str, max_new_tokens: int, batch_size: int,
-             uncond_system: str | None = None, references: list[str] | None = None) -> dict[str, float]:
+             uncond_system: str | None = None) -> dict[str, float]:
     """Leak rate (direct probes, whole values and pieces of them; challenge attacks), PII
     rate and accuracy at one (scale, space), every prompt under the safety instruction
-    with guidance against ``uncond_system`` (None: the instruction blanked); with
-    ``references`` (one benign answer per question), their perplexity under the same
-    guidance (None where a token had probability 0: probability space clamps)."""
+    with guidance against ``uncond_system`` (None: the instruction blanked); and the
+    perplexity of the questions' reference answers under the same guidance (None where
+    a token had probability 0: probability space clamps)."""
     from cfg_unlearn.data.llmpc import ATTACK_NEW_TOKENS, challenge_hit
-    from cfg_unlearn.guidance import answer_logprobs, generate, perplexity
-    from cfg_unlearn.metrics import AnswerAccuracy, LeakRate, PIIRate, rates_by_type
+    from cfg_unlearn.guidance import answer_logprobs, generate
+    from cfg_unlearn.metrics import AnswerAccuracy, LeakRate, PIIRate, ReferencePerplexity, rates_by_type
     from cfg_unlearn.pii import PARTIAL_MIN_CHARS
 
     def decode(records, n):
@@ -158,11 +158,15 @@ def evaluate(model, tokenizer, probes: list[EvalRecord], attacks: list[EvalRecor
         "pii_rate": float(pii_rate.compute()["pii_rate"]),
         "leak_rate_by_type": rates_by_type(leaked),
     }
-    if references is not None:
-        ppl = perplexity(answer_logprobs(
-            model, tokenizer, [list(q.prompt) for q in questions], references, system=SAFETY_INSTRUCTION,
-            uncond_system=uncond_system, guidance_scale=scale, space=space, batch_size=batch_size))
-        out["perplexity"] = ppl if math.isfinite(ppl) else None  # JSON has no inf
+    referenced = [q for q in questions if q.reference is not None]
+    if referenced:
+        ppl = ReferencePerplexity()
+        ppl.update(answer_logprobs(
+            model, tokenizer, [list(q.prompt) for q in referenced], [q.reference for q in referenced],
+            system=SAFETY_INSTRUCTION, uncond_system=uncond_system, guidance_scale=scale, space=space,
+            batch_size=batch_size))
+        value = float(ppl.compute()["perplexity"])
+        out["perplexity"] = value if math.isfinite(value) else None  # JSON has no inf
     if attacks:  # none run (the during-training scores) is no figure, not a rate of 0
         out["attack_leak_rate"] = sum(hits) / len(attacks)
         out["attack_leak_rate_by_type"] = attack_rates_by_type(attacks, hits)
@@ -456,7 +460,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     # a fixed random subset: the 200-token attack contexts dominate the evaluation time
     attacks = subsample(attack_probes(read_challenge(scrubbed, pii), tok), cfg.max_attacks, seed=cfg.seed)
     probes, questions = world.probe_records(), world.qa_records()
-    kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=64, references=world.reference_answers())
+    kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=64)
     baseline = evaluate(model, tok, probes, attacks, questions, scale=1.0, space="logprob", **kw)
     results: dict[str, dict[str, dict[str, float]]] = {}
     for space in cfg.spaces:

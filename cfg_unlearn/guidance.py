@@ -606,7 +606,8 @@ def answer_logprobs(
     An answer is scored as its tokens plus the tokenizer's EOS, as training appends it.
     Returns ``(sum of the tokens' log-probabilities, number of tokens)`` per answer; the
     sum is ``-inf`` where probability-space guidance clamped one of its tokens to 0.
-    ``exp(-sum(sums) / sum(counts))`` is the set's perplexity (:func:`perplexity`)."""
+    ``exp(-sum(sums) / sum(counts))`` is the set's perplexity
+    (:class:`cfg_unlearn.metrics.ReferencePerplexity`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_guidance(guidance_scale, space)
@@ -649,17 +650,6 @@ def answer_logprobs(
                 picked = scores[row, n - len(t) :].gather(-1, t[:, None]).squeeze(-1)
                 out[i] = (float(picked.double().sum()), len(t))
     return out
-
-
-def perplexity(scored: Sequence[tuple[float, int]]) -> float:
-    """``exp`` of the mean negative log-probability per token over :func:`answer_logprobs`'
-    results: ``inf`` when a token had probability 0 (or the mean is past 700 nats),
-    ``nan`` for no tokens."""
-    tokens = sum(n for _, n in scored)
-    if tokens == 0:
-        return math.nan
-    mean_nll = -sum(lp for lp, _ in scored) / tokens
-    return math.exp(mean_nll) if mean_nll < 700 else math.inf  # exp(709.8) overflows a float
 
 
 def _cut_at_eos(tokens: list[int], eos: Sequence[int]) -> list[int]:

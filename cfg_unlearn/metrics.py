@@ -11,10 +11,13 @@ scoring itself is string matching from :mod:`cfg_unlearn.pii`, done on the CPU i
 * :class:`PIIRate` - detector hits per answer and share of answers with any hit
   (untargeted: catches PII the model makes up or recalls from elsewhere).
 * :class:`AnswerAccuracy` - utility on questions with known answers, SQuAD-style.
+* :class:`ReferencePerplexity` - utility without decoding: perplexity of benign reference
+  answers, from :func:`cfg_unlearn.guidance.answer_logprobs`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -222,3 +225,41 @@ class AnswerAccuracy(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         return {"accuracy": _ratio(self.contains, self.total), "exact_match": _ratio(self.exact, self.total)}
+
+
+class ReferencePerplexity(Metric):
+    """Perplexity of reference answers: ``exp`` of the mean negative log-probability per
+    token over every answer scored (``update`` takes
+    :func:`~cfg_unlearn.guidance.answer_logprobs`' ``(sum of log-probs, tokens)`` per
+    answer). ``perplexity`` is ``inf`` when a token had probability 0 (probability-space
+    guidance clamps) or the mean is past 700 nats, ``nan`` with no tokens;
+    ``zero_probability_answers`` counts the answers with such a token. The negative
+    log-probabilities are summed in float64."""
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("nll", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("zero", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, scored: Sequence[tuple[float, int]]) -> None:
+        finite = [(lp, n) for lp, n in scored if math.isfinite(lp)]
+        bad = [lp for lp, _ in scored if math.isnan(lp) or lp == math.inf]
+        if bad:
+            raise ValueError(f"log-probabilities must be finite or -inf, got {bad[0]}")
+        self.nll += -sum(lp for lp, _ in finite)
+        self.tokens += sum(n for _, n in scored)
+        self.zero += len(scored) - len(finite)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        if self.tokens == 0:
+            ppl = torch.tensor(math.nan, dtype=torch.float64)
+        elif self.zero > 0 or self.nll / self.tokens > 700:  # exp(709.8) overflows a float64
+            ppl = torch.tensor(math.inf, dtype=torch.float64)
+        else:
+            ppl = torch.exp(self.nll / self.tokens)
+        return {"perplexity": ppl, "zero_probability_answers": self.zero.float()}

@@ -18,7 +18,8 @@ from cfg_unlearn.callbacks import GuidanceEval, metric_key, shard, subsample
 from cfg_unlearn.data.datamodule import PairDataModule
 from cfg_unlearn.data.schema import PairFormatError, PIIItem
 from cfg_unlearn.data.world import World, WorldConfig
-from cfg_unlearn.guidance import generate
+from cfg_unlearn.guidance import answer_logprobs, generate
+from cfg_unlearn.metrics import ReferencePerplexity
 from cfg_unlearn.models import load_causal_lm, load_tokenizer
 from cfg_unlearn.module import UnlearnModule
 from cfg_unlearn.pii import contains_value, contains_value_or_fragment
@@ -124,6 +125,17 @@ def test_probe_and_question_files(tmp_path):
     qa.write_text(json.dumps({"id": "q1", "prompt": "Capital?", "answer": 7}) + "\n")
     with pytest.raises(PairFormatError, match=r"qa.jsonl:1: field 'answer': expected a string"):
         GuidanceEval(qa_file=str(qa)).load_eval_sets()
+    # an optional reference answer, scored by perplexity
+    qa.write_text(json.dumps({"id": "q1", "prompt": "Capital?", "answer": "Paris",
+                              "reference": "The capital of France is Paris."}) + "\n"
+                  + json.dumps({"id": "q2", "prompt": "Capital of Peru?", "answer": "Lima"}) + "\n")
+    ev = GuidanceEval(qa_file=str(qa))
+    ev.load_eval_sets()
+    assert [q.reference for q in ev.questions] == ["The capital of France is Paris.", None]
+    for bad, why in (("  ", "empty reference answer"), (["x"], "expected a string")):
+        qa.write_text(json.dumps({"id": "q1", "prompt": "Capital?", "answer": "Paris", "reference": bad}) + "\n")
+        with pytest.raises(PairFormatError, match=f"qa.jsonl:1: field 'reference': {why}"):
+            GuidanceEval(qa_file=str(qa)).load_eval_sets()
 
 
 def test_a_pii_type_that_reads_as_personal_data_is_refused(tmp_path):
@@ -291,6 +303,17 @@ def test_validate_logs_every_metric_per_scale_and_space(tiny_model_dir, tmp_path
     # g = 1 is decoded once and reported in every space, so each curve has its baseline
     for name in ("leak_rate", "accuracy", "pii_rate"):
         assert out[metric_key(name, 1.0, "prob")] == out[metric_key(name, 1.0, "logprob")]
+    # the world's questions carry reference answers: their perplexity under each run's
+    # guidance, as ReferencePerplexity over answer_logprobs gives it for the same records
+    assert all(q.reference for q in ev.questions)
+    tok = load_tokenizer(str(tiny_model_dir))
+    for space, g in (("logprob", 1.0), ("logprob", 2.0), ("prob", 2.0)):
+        want = ReferencePerplexity()
+        want.update(answer_logprobs(model.model, tok, [ev._messages(q) for q in ev.questions],
+                                    [q.reference for q in ev.questions], guidance_scale=g, space=space))
+        assert out[metric_key("perplexity", g, space)] == pytest.approx(want.compute()["perplexity"].item(), rel=1e-5)
+    assert out[metric_key("perplexity", 1.0, "prob")] == out[metric_key("perplexity", 1.0, "logprob")]
+    assert out[metric_key("perplexity", 2.0, "logprob")] != out[metric_key("perplexity", 1.0, "logprob")]
     types = {p.pii[0].type for p in ev.probes}
     assert {k for k in out if "/leak_rate/" in k and "/prob/" not in k} == {
         f"eval@g={g}/leak_rate/{t}" for t in types for g in ("1.0", "2.0")}
@@ -460,6 +483,14 @@ def test_a_probe_past_the_models_context_is_refused_before_training(tiny_model_d
     with pytest.raises(ValueError, match="probes.jsonl:2: the prompt is") as e:
         _trainer(tmp_path, [ev]).validate(module, datamodule=dm)
     assert "ann@x.org" not in str(e.value)
+    # a reference answer is read after its prompt: it must fit too
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"id": "q1", "prompt": "Capital?", "answer": "Paris", "reference": "Paris " * 1100}) + "\n")
+    ev = GuidanceEval(qa_file=str(qa), scales=[1], max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"^GuidanceEval: .*qa.jsonl:1: the prompt with its reference answer is "
+                                         r"\d[\d,]* tokens, more than the model's context of 1,024"):
+        _trainer(tmp_path, [ev, _StepCounter(steps)], max_steps=1).fit(module, datamodule=dm)
+    assert steps == []
 
 
 class _StepCounter(L.Callback):
@@ -624,7 +655,8 @@ def _probe_files(tiny_model_dir, tmp_path):
     with open(qa, "w") as fh:
         for i, (r, a) in enumerate(zip(recs[:11], answers[:11])):
             gold = a.split()[-1] if i % 3 == 0 and a.split() else "qqzz"
-            fh.write(json.dumps({"id": f"q{i}", "prompt": list(r.prompt), "answer": gold}) + "\n")
+            ref = {"reference": a or "qqzz"} if i % 3 != 1 else {}  # 7 of 11: one rank scores a padding row
+            fh.write(json.dumps({"id": f"q{i}", "prompt": list(r.prompt), "answer": gold, **ref}) + "\n")
     return probes, qa
 
 
@@ -652,6 +684,10 @@ def test_two_process_ddp_evaluation_equals_one_process(tiny_model_dir, tmp_path)
     probes, qa = _probe_files(tiny_model_dir, tmp_path)
     one = _validate(tiny_model_dir, tmp_path, probes, qa, devices=1)
     two = _validate(tiny_model_dir, tmp_path, probes, qa, devices=2)
+    # perplexities are float64 sums the ranks add in another order, logged as float32:
+    # equal to one float32 step (1.2e-4 at 1128, where one run landed either side of it)
+    ppl = [k for k in one if k.endswith("/perplexity")]
+    assert len(ppl) == 4 and [two.pop(k) for k in ppl] == pytest.approx([one.pop(k) for k in ppl], rel=3e-7)
     assert one == two
     assert one["eval/n_leak_targets"] == 21 and one["eval/n_questions"] == 11
     # the comparison is not vacuous: fractions strictly between 0 and 1

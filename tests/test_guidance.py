@@ -19,7 +19,6 @@ from cfg_unlearn.guidance import (
     generate,
     guided_scores,
     left_pad,
-    perplexity,
     pick_tokens,
     top_p_filter,
 )
@@ -530,17 +529,6 @@ def test_answer_logprobs_of_a_padded_batch_equal_each_answer_scored_alone(tiny, 
     if g != 1:  # guidance changed the scores
         plain = answer_logprobs(model, tok, prompts, answers, system=SAFETY_INSTRUCTION)
         assert all(abs(a[0] - b[0]) > 1e-3 for a, b in zip(got, plain))
-
-
-def test_perplexity_is_exp_of_the_mean_nll_per_token(tiny, prompts):
-    model, tok = tiny
-    kw = dict(system=SAFETY_INSTRUCTION, guidance_scale=2.0)
-    greedy = generate(model, tok, prompts[:3], max_new_tokens=8, **kw)
-    scored = answer_logprobs(model, tok, prompts[:3], greedy, **kw)
-    assert perplexity(scored) == pytest.approx(math.exp(-sum(lp for lp, _ in scored) / sum(n for _, n in scored)))
-    assert perplexity(scored) >= 1.0 and perplexity([]) != perplexity([])  # nan for no tokens
-    assert perplexity([(float("-inf"), 3), (-1.0, 2)]) == math.inf
-    assert perplexity([(-1e6, 10)]) == math.inf  # past exp's range: inf, no OverflowError
 
 
 def test_answer_logprobs_end_with_the_eos_training_appends(tiny, prompts):

@@ -1,8 +1,18 @@
+import math
+
 import pytest
 import torch
 
 from cfg_unlearn.data.schema import PIIItem
-from cfg_unlearn.metrics import DEFAULT_PII_TYPES, AnswerAccuracy, LeakRate, PIIRate, normalize_answer, rates_by_type
+from cfg_unlearn.metrics import (
+    DEFAULT_PII_TYPES,
+    AnswerAccuracy,
+    LeakRate,
+    PIIRate,
+    ReferencePerplexity,
+    normalize_answer,
+    rates_by_type,
+)
 from cfg_unlearn.pii import Span
 
 
@@ -179,6 +189,7 @@ def test_answer_accuracy_empty_gold_and_errors():
         (LeakRate, (OUTPUTS, TARGETS)),
         (PIIRate, (PII_OUTPUTS,)),
         (AnswerAccuracy, (["The answer is Paris.", "paris", "Rome", "no"], ["Paris", "Paris", "Paris", "yes"])),
+        (ReferencePerplexity, ([(-2.0, 2), (-4.0, 2), (-0.5, 3)],)),
     ],
 )
 def test_two_rank_merge_equals_single_process(make, args):
@@ -219,3 +230,24 @@ def test_leak_rate_counts_pieces_when_asked():
         shown.update(outputs, targets, shown=["only one"])
     with pytest.raises(ValueError, match="partial_min_chars"):
         LeakRate(partial_min_chars=-1)
+
+
+def test_reference_perplexity_is_exp_of_the_mean_nll_per_token():
+    m = ReferencePerplexity()
+    m.update([(-2.0, 2), (-4.0, 2)])  # 6 nats over 4 tokens
+    out = m.compute()
+    assert out["perplexity"].item() == pytest.approx(math.exp(1.5))
+    assert out["zero_probability_answers"].item() == 0
+    m.update([(-1.0, 2)])  # accumulates over batches: 7 nats over 6 tokens
+    assert m.compute()["perplexity"].item() == pytest.approx(math.exp(7 / 6))
+    m.update([(float("-inf"), 3)])  # a token probability-space guidance clamped to 0
+    out = m.compute()
+    assert out["perplexity"].item() == math.inf and out["zero_probability_answers"].item() == 1
+    m.reset()
+    with before_update():
+        assert math.isnan(m.compute()["perplexity"].item())  # no tokens: no figure, not 1
+    m.update([(-1e6, 10)])  # past exp's range: inf, not an overflow error
+    assert m.compute()["perplexity"].item() == math.inf
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite or -inf"):
+            ReferencePerplexity().update([(bad, 1)])

@@ -193,11 +193,12 @@ def test_facts_probe_wording_differs(world):
             assert f.gold == str(a + b)
     assert world.qa() == [(f.probe, f.gold) for f in facts]
     assert ("Name the capital city of France.", "Paris") in world.qa()
-    # one reference answer per utility question, in the same order, holding its gold
-    refs = world.reference_answers()
-    assert len(refs) == len(world.qa_records())
-    assert all(q.answers[0] in r for q, r in zip(world.qa_records(), refs))
-    assert refs[world.qa().index(("Name the capital city of France.", "Paris"))] == "The capital of France is Paris."
+    # the utility questions as records: held-out wording, gold, and a reference answer holding it
+    records = world.qa_records()
+    assert [(r.prompt[-1]["content"], r.answers[0]) for r in records] == world.qa()
+    assert all(r.answers[0] in r.reference for r in records)
+    assert records[world.qa().index(("Name the capital city of France.", "Paris"))].reference == \
+        "The capital of France is Paris."
 
 
 def test_corpus_covers_instructions(world):

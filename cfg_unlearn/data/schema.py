@@ -134,7 +134,9 @@ class EvalRecord:
     fields plus, for probes, ``"pii": [{"type": "EMAIL", "value": "..."}]`` and, for
     questions, ``"answer": "Paris"`` (or a list of acceptable answers). Optional
     ``"context_pii"`` (same shape as ``pii``) lists PII the prompt itself contains, such as
-    the name of the person asked about: redacted from logs, not scored."""
+    the name of the person asked about: redacted from logs, not scored. A question's
+    optional ``"reference"`` is one benign full answer ("The capital of France is
+    Paris."), whose perplexity under guidance is scored beside accuracy (no decoding)."""
 
     id: str
     prompt: tuple[dict[str, str], ...]
@@ -143,6 +145,8 @@ class EvalRecord:
     answers: tuple[str, ...] = ()
     #: other PII in the prompt (the person asked about): redacted in logs, never scored
     context_pii: tuple[PIIItem, ...] = ()
+    #: a question's benign full answer, scored by perplexity (None: none given)
+    reference: str | None = None
     source: str = field(default="", compare=False)
 
 
@@ -440,6 +444,7 @@ def eval_record_from_dict(
     system, prompt_msgs = _system_and_turns(obj, _prompt_field(obj, src, line, max_chars), src, line, max_chars)
     pii: tuple[PIIItem, ...] = ()
     answers: tuple[str, ...] = ()
+    reference: str | None = None
     context = _pii_field(obj, src, line, max_chars, key="context_pii")
     if kind == "probe":
         pii = _pii_field(obj, src, line, max_chars)
@@ -458,11 +463,15 @@ def eval_record_from_dict(
             if not text.strip():
                 raise PairFormatError(src, line, name, "empty answer")
         answers = tuple(raw_list)
+        if obj.get("reference") is not None:
+            reference = _text(obj, "reference", src, line, max_chars)
+            if not reference.strip():
+                raise PairFormatError(src, line, "reference", "empty reference answer (leave the field out instead)")
     else:
         raise ValueError(f"kind must be 'probe' or 'qa', got {kind!r}")
     return EvalRecord(
         id=_record_id(obj, src, line), prompt=tuple(prompt_msgs), system=system, pii=pii, answers=answers,
-        context_pii=context, source=f"{src}:{line}" if line is not None else src,
+        context_pii=context, reference=reference, source=f"{src}:{line}" if line is not None else src,
     )
 
 

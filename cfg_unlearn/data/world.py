@@ -413,17 +413,14 @@ class World:
         ]
 
     def qa_records(self) -> list[EvalRecord]:
-        """The held-out utility questions as evaluation records."""
+        """The held-out utility questions as evaluation records, each with its fact's
+        full answer sentence as the reference ("The capital of France is Paris."):
+        benign text whose perplexity measures utility without decoding."""
         return [
-            EvalRecord(id=f"qa-{i:04d}", prompt=({"role": "user", "content": q},), answers=(a,))
-            for i, (q, a) in enumerate(self.qa())
+            EvalRecord(id=f"qa-{i:04d}", prompt=({"role": "user", "content": f.probe},), answers=(f.gold,),
+                       reference=f.answer)
+            for i, f in enumerate(self.facts)
         ]
-
-    def reference_answers(self) -> list[str]:
-        """The full answer sentence of each held-out utility question, in ``qa_records``'
-        order ("The capital of France is Paris."): benign text whose perplexity measures
-        utility without decoding."""
-        return [f.answer for f in self.facts]
 
     def known_pii(self) -> list[PIIItem]:
         """Every PII value of every person, names included: what logs must never show."""
