@@ -50,10 +50,10 @@ from cfg_unlearn.metrics import (
 from cfg_unlearn.pii import (
     PARTIAL_MIN_CHARS,
     NERDetector,
+    Redactor,
     contains_value,
     contains_value_or_fragment,
     is_name_type,
-    redact,
 )
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 from cfg_unlearn.strategies import forward_outside_step
@@ -187,6 +187,7 @@ class GuidanceEval(Callback):
         self._last: tuple[int, dict[str, float]] | None = None  # (global step, results) of the last run
         self._own_tokenizer = None
         self._ner: NERDetector | None = None
+        self._redactor: Redactor | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -215,6 +216,7 @@ class GuidanceEval(Callback):
         # the training data's people too: a model answers with values no probe asks for
         data_pii = datamodule.known_pii() if callable(getattr(datamodule, "known_pii", None)) else ()
         self.known = list(dict.fromkeys([*self.known, *data_pii]))
+        self._redactor = None  # built for this known set when a table first needs it
         self._check_type_labels()
         #: (probes, questions) before max_probes / max_questions took a subset
         self.available = (len(self.probes), len(self.questions))
@@ -258,6 +260,7 @@ class GuidanceEval(Callback):
         seen = {p.type.upper() for r in self.probes for p in r.pii}
         types = list(DEFAULT_PII_TYPES) + sorted(seen - set(DEFAULT_PII_TYPES) - {OTHER})
         self._ner = NERDetector(self.ner_model) if self.ner_model else None
+        self._redactor = None
         self.leak, self.pii_rate, self.accuracy = LeakRate(types), PIIRate(ner=self._ner), AnswerAccuracy()
         self.partial_leak = LeakRate(types, partial_min_chars=PARTIAL_MIN_CHARS)
         self.reference_ppl = ReferencePerplexity()
@@ -518,7 +521,11 @@ class GuidanceEval(Callback):
     # ------------------------------------------------------------------ samples
 
     def _safe(self, text: str) -> str:
-        return redact(text, self.known, ner=self._ner) if self.redact_samples else text
+        if not self.redact_samples:
+            return text
+        if self._redactor is None:  # prepared once per known set: a training set's values can be 100,000s
+            self._redactor = Redactor(self.known, ner=self._ner)
+        return self._redactor(text)
 
     def _safe_id(self, rec: EvalRecord) -> str:
         """A sample row's id: the synthetic world's own ids as they are (they hold no

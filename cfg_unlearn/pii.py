@@ -250,8 +250,9 @@ class ValueIndex:
         self._words: dict[str, list[PIIItem]] = {}
         self._years: dict[str, list[PIIItem]] = {}  # dates by their year, in four digits and in two
         self.items = tuple(dict.fromkeys(items))
-        # compiled once here: value_pattern's cache is smaller than a data set's values
-        self._patterns = {item: value_pattern.__wrapped__(item.value, item.type) for item in self.items}
+        # kept here: value_pattern's cache is smaller than a data set's values (a small
+        # set, built again for each text, finds its patterns in the cache)
+        self.patterns = {item: value_pattern(item.value, item.type) for item in self.items}
         self._order = {item: k for k, item in enumerate(self.items)}
         for item in self.items:
             numeric, parts = _value_parts(item.value, item.type)
@@ -298,7 +299,7 @@ class ValueIndex:
                     tried.update(dict.fromkeys(self._words.get(self._sharp_s_folded(w)[:n], ())))
             if len(word) in (2, 4, 8) and word.isascii() and word.isdigit():  # a year, or a compact date
                 tried.update(dict.fromkeys(self._years.get(word, ())))
-        return sorted((it for it in tried if self._patterns[it].search(text)), key=self._order.__getitem__)
+        return sorted((it for it in tried if self.patterns[it].search(text)), key=self._order.__getitem__)
 
 
 #: every cased letter Unicode has lies below this code point (the last, Adlam, ends at U+1E94B)
@@ -414,12 +415,15 @@ def contains_value_or_fragment(text: str, value: str, pii_type: str | None = Non
         min_chars > 0 and contains_fragment(text, value, pii_type, shown=shown, min_chars=min_chars))
 
 
-def _value_spans(text: str, items: Iterable[PIIItem]) -> list[Span]:
+def _value_spans(text: str, items: Iterable[PIIItem], patterns: dict[PIIItem, re.Pattern] | None = None
+                 ) -> list[Span]:
     """Every match of every item, overlaps included: an item's own matches too ("Lee
-    Lee" twice in "Lee Lee Lee"; ``finditer`` would give the first only)."""
+    Lee" twice in "Lee Lee Lee"; ``finditer`` would give the first only). ``patterns``:
+    the items' compiled patterns where the caller holds them (a :class:`ValueIndex`)."""
     spans = []
     for item in dict.fromkeys(items):  # dedupe, keep order
-        pattern, pos = value_pattern(item.value, item.type), 0
+        pattern = patterns[item] if patterns is not None else value_pattern(item.value, item.type)
+        pos = 0
         while (m := pattern.search(text, pos)) is not None:
             if m.end() > m.start():
                 spans.append(Span(m.start(), m.end(), item.type))
@@ -636,19 +640,14 @@ def _word_occurrences(text: str, words: dict[str, str]) -> list[Span]:
     return spans
 
 
-def _glued_word_spans(text: str, items: Iterable[PIIItem]) -> list[Span]:
-    """Every occurrence of a known one-word value or fragment of :data:`GLUED_MIN_CHARS`
-    letters or more inside a run of letters, whatever surrounds it."""
-    return _word_occurrences(text, _known_words(items, GLUED_MIN_CHARS))
-
-
-def _freed_word_spans(texts: list[tuple[str, list[PIIItem]]], spans: list[Span]) -> list[Span]:
+def _freed_word_spans(texts: list[tuple[str, dict[str, str]]], spans: list[Span]) -> list[Span]:
     """Occurrences of a known one-word value (a name word of any length) that are whole
     words once what redaction removes around them is gone: each side is the text's edge,
     a character that is no letter or digit (as :func:`value_pattern` bounds a word), or a
     character inside a span. (Two such words run into each other, "LiLee[PHONE]", stay:
     together they are one word, no leak.) ``texts`` pairs texts of equal offsets (the
-    NFKC text, its unaccented form) with the items to look for in each."""
+    NFKC text, its unaccented form) with the words to look for in each
+    (:func:`_known_words`)."""
     covered: set[int] = set()
     for sp in spans:
         covered.update(range(sp.start, sp.end))
@@ -657,8 +656,7 @@ def _freed_word_spans(texts: list[tuple[str, list[PIIItem]]], spans: list[Span])
     def free(i: int) -> bool:
         return i < 0 or i >= len(text) or i in covered or not text[i].isalnum()
 
-    return [s for t, items in texts for s in _word_occurrences(t, _known_words(items))
-            if free(s.start - 1) and free(s.end)]
+    return [s for t, words in texts for s in _word_occurrences(t, words) if free(s.start - 1) and free(s.end)]
 
 
 #: a number for redaction: digits joined by the separators of a phone or ID number and by
@@ -667,15 +665,106 @@ def _freed_word_spans(texts: list[tuple[str, list[PIIItem]]], spans: list[Span])
 _LOOSE_DIGIT_RUN = re.compile(rf"\d(?:[\s().{_DASH}/_,\u00b7\u2022]*\d)*")
 
 
-def _digit_piece_spans(text: str, items: Iterable[PIIItem]) -> list[Span]:
-    """Each number of ``text`` (:data:`_LOOSE_DIGIT_RUN`) that holds a piece of a numeric
-    value (one of its :func:`partial_fragments` digit windows: "5181" of 363-56-5181), whole."""
-    runs = [(m, re.sub(r"\D", "", m.group())) for m in _LOOSE_DIGIT_RUN.finditer(text)]
-    spans = []
-    for item in dict.fromkeys(items):
-        windows = partial_fragments(item.value, item.type)[0]
-        spans += [Span(m.start(), m.end(), item.type) for m, digits in runs if any(w in digits for w in windows)]
-    return spans
+class _DigitPieces:
+    """The numbers of a text (:data:`_LOOSE_DIGIT_RUN`) that hold a piece of a numeric
+    value (one of its :func:`partial_fragments` digit windows: "5181" of 363-56-5181),
+    whole: the windows are looked up by the text's digit substrings, not tried one by one."""
+
+    def __init__(self, items: Iterable[PIIItem]):
+        self._by_window: dict[str, list[int]] = {}
+        self._types: list[str] = []
+        for k, item in enumerate(dict.fromkeys(items)):
+            self._types.append(item.type)
+            for w in partial_fragments(item.value, item.type)[0]:
+                self._by_window.setdefault(w, []).append(k)
+        self._lengths = sorted({len(w) for w in self._by_window})
+
+    def spans(self, text: str) -> list[Span]:
+        if not self._by_window:
+            return []
+        runs = [(m, re.sub(r"\D", "", m.group())) for m in _LOOSE_DIGIT_RUN.finditer(text)]
+        hits: dict[int, list[re.Match]] = {}  # item -> the runs holding one of its windows
+        for m, digits in runs:
+            found = {k for n in self._lengths for i in range(len(digits) - n + 1)
+                     for k in self._by_window.get(digits[i : i + n], ())}
+            for k in found:
+                hits.setdefault(k, []).append(m)
+        # item by item, each in run order: the order the overlap groups' tags break ties by
+        return [Span(m.start(), m.end(), self._types[k]) for k in sorted(hits) for m in hits[k]]
+
+
+class _KnownSide:
+    """What redaction looks for in one form of the text (as written, or with its accents
+    dropped), prepared once for a set of known items: their redaction items behind a
+    :class:`ValueIndex`, and their one-word values for the glued and freed word scans."""
+
+    def __init__(self, given: list[PIIItem]):
+        self.items = redaction_items(given)
+        self.index = ValueIndex(self.items)
+        self.glued = _known_words(self.items, GLUED_MIN_CHARS)
+        self.words = _known_words(self.items)
+
+    def spans(self, text: str) -> list[Span]:
+        # the index gives exactly the items whose pattern matches, in the items' order
+        return (_value_spans(text, self.index.find(text), self.index.patterns)
+                + _word_occurrences(text, self.glued))
+
+
+class Redactor:
+    """:func:`redact` for many texts against one known set: the known values, their
+    fragments and their patterns are prepared once, and each text only tries the values
+    a :class:`ValueIndex` finds a sign of. A sample table against every value of a large
+    training set took minutes per text with :func:`redact` (each call compiled every
+    value's pattern again); this takes milliseconds. ``redactor(text)`` equals
+    ``redact(text, known, detect=detect, ner=ner)``."""
+
+    def __init__(self, known: Iterable[PIIItem | str] = (), *, detect: bool = True, ner: NERDetector | None = None):
+        self.detect, self.ner = detect, ner
+        given = [k if isinstance(k, PIIItem) else PIIItem("PII", k) for k in known]
+        self._side = _KnownSide(given)
+        self._digits = _DigitPieces(given)
+        plain_given = [PIIItem(k.type, fold_marks(nfkc(k.value))) for k in given]
+        self._plain_given_differs = plain_given != given
+        self._plain = _KnownSide(plain_given) if self._plain_given_differs else None
+        self._no_words: dict[str, str] = {}
+
+    def __call__(self, text: str) -> str:
+        text = nfkc(text)
+        # (span, is_known): all matches, overlaps included, so nothing of a value survives
+        spans = [(s, True) for s in self._side.spans(text) + self._digits.spans(text)]
+        # the same with accents dropped on both sides ("Jose Nunez" for "José Núñez", and the
+        # other way round); fold_marks keeps offsets, so its spans are spans of text
+        plain_text = fold_marks(text)
+        plain = None
+        if plain_text != text or self._plain_given_differs:  # (fragments are derived only when something folds)
+            plain = self._plain if self._plain is not None else self._side
+            spans += [(s, True) for s in plain.spans(plain_text)]
+        if self.detect:
+            spans += [(s, False) for s in _detect_all(text) + (self.ner(text) if self.ner is not None else [])]
+        if not spans:
+            return text
+        spans += [(s, True) for s in _freed_word_spans(
+            [(text, self._side.words), (plain_text, plain.words if plain is not None else self._no_words)],
+            [s for s, _ in spans])]
+
+        def tag(group: list[tuple[Span, bool]]) -> str:
+            best, _ = max(group, key=lambda x: (x[1], x[0].end - x[0].start))
+            return best.type
+
+        out, pos = [], 0
+        group: list[tuple[Span, bool]] = []
+        start = end = 0
+        for s, is_known in sorted(spans, key=lambda x: x[0].start):
+            if group and s.start < end:  # overlaps the current group: extend it
+                group.append((s, is_known))
+                end = max(end, s.end)
+                continue
+            if group:
+                out += [text[pos:start], f"[{tag(group)}]"]
+                pos = end
+            group, start, end = [(s, is_known)], s.start, s.end
+        out += [text[pos:start], f"[{tag(group)}]", text[end:]]
+        return "".join(out)
 
 
 def redact(
@@ -691,43 +780,6 @@ def redact(
     spans merge into one placeholder, named after the longest known value in it, else
     the longest detection. The text comes back in :func:`nfkc` form. A known word run
     into something redacted goes with it ("Lee555-123-4567" -> "[NAME][PHONE]"): left
-    as "Lee[PHONE]", it would be a whole word, and a leak, in the redacted text."""
-    text = nfkc(text)
-    given = [k if isinstance(k, PIIItem) else PIIItem("PII", k) for k in known]
-    items = redaction_items(given)
-    # (span, is_known): all matches, overlaps included, so nothing of a value survives
-    spans = [(s, True) for s in _value_spans(text, items) + _glued_word_spans(text, items)
-             + _digit_piece_spans(text, given)]
-    # the same with accents dropped on both sides ("Jose Nunez" for "José Núñez", and the
-    # other way round); fold_marks keeps offsets, so its spans are spans of text
-    plain_text = fold_marks(text)
-    plain_given = [PIIItem(k.type, fold_marks(nfkc(k.value))) for k in given]
-    if plain_text != text or plain_given != given:  # (fragments are derived only when something folds)
-        plain = redaction_items(plain_given)
-        spans += [(s, True) for s in _value_spans(plain_text, plain) + _glued_word_spans(plain_text, plain)]
-    else:
-        plain = []
-    if detect:
-        spans += [(s, False) for s in _detect_all(text) + (ner(text) if ner is not None else [])]
-    if not spans:
-        return text
-    spans += [(s, True) for s in _freed_word_spans([(text, items), (plain_text, plain)], [s for s, _ in spans])]
-
-    def tag(group: list[tuple[Span, bool]]) -> str:
-        best, _ = max(group, key=lambda x: (x[1], x[0].end - x[0].start))
-        return best.type
-
-    out, pos = [], 0
-    group: list[tuple[Span, bool]] = []
-    start = end = 0
-    for s, is_known in sorted(spans, key=lambda x: x[0].start):
-        if group and s.start < end:  # overlaps the current group: extend it
-            group.append((s, is_known))
-            end = max(end, s.end)
-            continue
-        if group:
-            out += [text[pos:start], f"[{tag(group)}]"]
-            pos = end
-        group, start, end = [(s, is_known)], s.start, s.end
-    out += [text[pos:start], f"[{tag(group)}]", text[end:]]
-    return "".join(out)
+    as "Lee[PHONE]", it would be a whole word, and a leak, in the redacted text.
+    Redacting many texts against one known set: :class:`Redactor`."""
+    return Redactor(known, detect=detect, ner=ner)(text)
