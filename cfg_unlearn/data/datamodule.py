@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from cfg_unlearn.data.schema import DEFAULT_MAX_CHARS, PairRecord, PIIItem, read_pairs, user_text
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.models import load_tokenizer
-from cfg_unlearn.pii import contains_value
+from cfg_unlearn.pii import ValueIndex, contains_value
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION, render_prompt
 from cfg_unlearn.tiny import resolve_pretrained
 from cfg_unlearn.utils import ConfigError, dataclass_from
@@ -70,11 +70,14 @@ def audit_pairs(records: Sequence[PairRecord]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {"identical": [], "chosen_leaks": []}
     for rec in records:
         where = rec.source or f"id {rec.id!r}"
-        shown = user_text(rec.prompt)
         if rec.chosen.strip() == rec.rejected.strip():
             out["identical"].append(where)
-        elif any(contains_value(rec.chosen, item.value, item.type) and not contains_value(shown, item.value, item.type)
-                 for item in rec.pii):
+            continue
+        # the index compiles a value's pattern only when the chosen answer holds a sign of
+        # it: most rows compile nothing (contains_value on every value compiled each one,
+        # 0.9 ms a row past value_pattern's cache: minutes per setup on a large file)
+        found = ValueIndex(rec.pii).find(rec.chosen)
+        if found and any(not contains_value(user_text(rec.prompt), p.value, p.type) for p in found):
             out["chosen_leaks"].append(where)
     return out
 
