@@ -739,7 +739,7 @@ def test_the_words_of_a_company_or_user_name_are_not_redacted_one_by_one():
 def test_a_redactor_prepares_a_large_known_set_once():
     """GuidanceEval redacts its sample tables against every value of the training data.
     redact() compiled every value's pattern again for each text (value_pattern's cache
-    holds 4,096): 15 s per table at 1,750 values, 258 s at 7,000. A Redactor tries only
+    held 4,096): 15 s per table at 1,750 values, 258 s at 7,000. A Redactor tries only
     the values a text's words and digits point to, and compiles each of those once."""
     from cfg_unlearn.data.world import World, WorldConfig
 
