@@ -19,6 +19,7 @@ Both variants share one ``L`` so the hook can choose rows with a ``torch.where``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -241,19 +242,36 @@ class PairCollator:
         return batch
 
 
-def _messages_key(messages) -> str:
-    return json.dumps([[m["role"], m["content"]] for m in messages])
+def _hash_message(h, role: str, content: str) -> None:
+    """Feed one message to a running hash, length-prefixed (no two message lists feed
+    the same bytes)."""
+    for part in (role, content):
+        data = part.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "big") + data)
 
 
-def _exchange_key(r: PairRecord) -> str:
+def _exchange_key(r: PairRecord) -> bytes:
     """The pair as its conversation's later turns see it (also a pair's identity: its
-    prompt and leaky answer)."""
-    return _messages_key([*r.prompt, {"role": "assistant", "content": r.rejected}])
+    prompt and leaky answer): a digest of those messages, as :func:`_earlier_keys` gives
+    the same messages in a later pair's prompt."""
+    h = hashlib.blake2b(digest_size=16)
+    for m in r.prompt:
+        _hash_message(h, m["role"], m["content"])
+    _hash_message(h, "assistant", r.rejected)
+    return h.digest()
 
 
-def _earlier_keys(r: PairRecord) -> list[str]:
-    """The exchanges the pair's prompt already holds (its conversation's earlier turns)."""
-    return [_messages_key(r.prompt[: i + 1]) for i, m in enumerate(r.prompt) if m["role"] == "assistant"]
+def _earlier_keys(r: PairRecord) -> list[bytes]:
+    """The exchanges the pair's prompt already holds (its conversation's earlier turns),
+    each the digest of the prompt up to one of its assistant turns: one running hash, so
+    a conversation of n turns costs its length, not n times it (a JSON key per prefix
+    took 5 s for 200 conversations of 40 turns)."""
+    h, out = hashlib.blake2b(digest_size=16), []
+    for m in r.prompt:
+        _hash_message(h, m["role"], m["content"])
+        if m["role"] == "assistant":
+            out.append(h.copy().digest())
+    return out
 
 
 def conversations(records: list[PairRecord]) -> dict[str, str]:
