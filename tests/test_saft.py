@@ -497,6 +497,10 @@ def test_embedding_does_not_depend_on_batching(tiny_model_dir):
         alone = saft.embed(model, tok, texts[:1], layer=1, pooling=pooling, progress=False)
         torch.testing.assert_close(both[1][:1], alone, atol=1e-5, rtol=1e-4)
         assert both[-1].shape == (2, model.config.hidden_size)
+        # longest first in the input: embedded shortest first, each row still its own text's
+        rev, _ = saft.embed_layers(model, tok, texts[::-1], [1], pooling=pooling, batch_size=1, progress=False)
+        torch.testing.assert_close(rev[1][1:], alone, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(rev[1][:1], both[1][1:], atol=1e-5, rtol=1e-4)
     cut, n_cut = saft.embed_layers(model, tok, texts, [1], max_length=4, progress=False)
     assert n_cut == 2 and torch.isfinite(cut[1]).all()
 
