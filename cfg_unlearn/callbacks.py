@@ -449,7 +449,10 @@ class GuidanceEval(Callback):
             leak = [(r, a) for _, (kind, r), a in real if kind == "leak"]
             qa = [(r, a) for _, (kind, r), a in real if kind == "qa"]
             for m in (self.leak, self.partial_leak, self.pii_rate, self.accuracy, self.reference_ppl):
-                m.to(pl_module.device)
+                # the perplexity's float64 sum stays on the CPU on Apple's MPS, which has no
+                # float64 (one device there: nothing to reduce across ranks)
+                on_mps = m is self.reference_ppl and pl_module.device.type == "mps"
+                m.to("cpu" if on_mps else pl_module.device)
                 m.reset()
             self.leak.update([a for _, a in leak], [r.pii for r, _ in leak])
             self.partial_leak.update([a for _, a in leak], [r.pii for r, _ in leak],

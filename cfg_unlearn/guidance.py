@@ -101,6 +101,16 @@ def guided_scores(
     raise ValueError(f"space must be one of {SPACES}, got {space!r}")
 
 
+def guided_logprobs(
+    cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, guidance_scale: float, space: Space = "logprob"
+) -> torch.Tensor:
+    """The next-token log-probabilities of the distribution guided decoding samples from
+    (at temperature 1): :func:`guided_scores` normalised. Log space's ``u + g * (c - u)``
+    is no log-distribution for ``g != 1`` (with c = log(.99, .005, .005), u its mirror
+    and g = 3 the first token scores +9.99); probability space's already is."""
+    return F.log_softmax(guided_scores(cond_logits, uncond_logits, guidance_scale, space), dim=-1)
+
+
 def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus filtering: keep the smallest set of tokens whose probability reaches
     ``top_p`` (always at least one), as transformers' ``TopPLogitsWarper``."""
@@ -601,7 +611,7 @@ def answer_logprobs(
 ) -> list[tuple[float, int]]:
     """Teacher-forced log-probability of each answer after its prompt, under the
     next-token distribution that :func:`generate` decodes from at the same settings
-    (:func:`guided_scores`; the prompt arguments as :func:`generate` takes them).
+    (:func:`guided_logprobs`; the prompt arguments as :func:`generate` takes them).
 
     An answer is scored as its tokens plus the tokenizer's EOS, as training appends it.
     Returns ``(sum of the tokens' log-probabilities, number of tokens)`` per answer; the
@@ -635,7 +645,10 @@ def answer_logprobs(
         ids, mask = left_pad([encoded[i] + targets[i] for i in idx], pad)
         device = next(model.parameters()).device
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False).logits
+        # only the positions scored: a 128k vocabulary over every position of a batch is GBs
+        keep = {"logits_to_keep": n + 1} if _accepts_logits_to_keep(model) else {}
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False,
+                       **keep).logits
         return logits[:, -n - 1 : -1]
 
     out: list[tuple[float, int]] = [(0.0, 0)] * len(prompts)
@@ -643,12 +656,13 @@ def answer_logprobs(
         for start in range(0, len(prompts), batch_size):
             idx = list(range(start, min(start + batch_size, len(prompts))))
             n = max(len(targets[i]) for i in idx)
-            scores = guided_scores(answer_logits(cond, idx, n), answer_logits(uncond, idx, n) if guided else None,
-                                   guidance_scale, space)
+            logps = guided_logprobs(answer_logits(cond, idx, n), answer_logits(uncond, idx, n) if guided else None,
+                                    guidance_scale, space)
             for row, i in enumerate(idx):
-                t = torch.as_tensor(targets[i], device=scores.device)
-                picked = scores[row, n - len(t) :].gather(-1, t[:, None]).squeeze(-1)
-                out[i] = (float(picked.double().sum()), len(t))
+                t = torch.as_tensor(targets[i], device=logps.device)
+                picked = logps[row, n - len(t) :].gather(-1, t[:, None]).squeeze(-1)
+                # summed in float64 on the CPU (Apple's MPS has no float64)
+                out[i] = (float(picked.cpu().double().sum()), len(t))
     return out
 
 

@@ -17,6 +17,7 @@ from cfg_unlearn.guidance import (
     encode_prompts,
     eos_token_ids,
     generate,
+    guided_logprobs,
     guided_scores,
     left_pad,
     pick_tokens,
@@ -499,6 +500,21 @@ def test_alibi_models_decode_like_transformers(family):
 # ------------------------------------------------------------------ scoring answers
 
 
+def test_guided_logprobs_are_the_normalised_distribution_sampling_draws_from():
+    """Log space's u + g(c - u) is no log-distribution: with c = logits (5, 0, 0), u = (0, 5, 0)
+    and g = 3 the first token scores +9.99. Normalised, its log-probability is
+    -log(1 + e^-25 + e^-15) (the scores are 9.99, -15.01 and -5.01)."""
+    c, u = torch.tensor([[5.0, 0.0, 0.0]]), torch.tensor([[0.0, 5.0, 0.0]])
+    assert guided_scores(c, u, 3.0)[0, 0].item() == pytest.approx(9.98661, abs=1e-4)
+    logps = guided_logprobs(c, u, 3.0)  # float32: one step at 10 is 9.5e-7
+    assert logps[0, 0].item() == pytest.approx(-math.log1p(math.exp(-25) + math.exp(-15)), abs=1e-6)
+    assert logps[0, 1].item() == pytest.approx(-15.01339 - 9.98661, abs=1e-4)
+    assert logps.exp().sum().item() == pytest.approx(1.0)
+    # probability space and g = 1 were normalised already: unchanged
+    for g, space in ((3.0, "prob"), (1.0, "logprob")):
+        torch.testing.assert_close(guided_logprobs(c, u, g, space), guided_scores(c, u, g, space))
+
+
 def _scored_alone(model, tok, prompt_ids, answer_ids, uncond_ids=None, g=1.0, space="logprob"):
     """One unpadded forward per branch, the answer's log-probs under guided_scores:
     what answer_logprobs must give for any batch."""
@@ -508,7 +524,8 @@ def _scored_alone(model, tok, prompt_ids, answer_ids, uncond_ids=None, g=1.0, sp
         return model(input_ids=x).logits[0, len(ids) - 1 : -1]
 
     scores = guided_scores(logits(prompt_ids), logits(uncond_ids) if uncond_ids else None, g, space)
-    return float(scores.gather(-1, torch.tensor(answer_ids)[:, None]).sum())
+    logps = scores - scores.logsumexp(-1, keepdim=True)  # sampling's softmax, normalised
+    return float(logps.gather(-1, torch.tensor(answer_ids)[:, None]).sum())
 
 
 @pytest.mark.parametrize("g, space", [(1.0, "logprob"), (2.5, "logprob"), (2.0, "prob")])
