@@ -295,10 +295,14 @@ class ValueIndex:
     def __len__(self) -> int:
         return len(self.items)
 
-    def find(self, text: str) -> list[PIIItem]:
-        """The indexed items whose value ``text`` contains, in index order."""
+    def find(self, text: str, *, normalized: bool = False) -> list[PIIItem]:
+        """The indexed items whose value ``text`` contains, in index order. The text is
+        taken to :func:`nfkc` form first, unless ``normalized`` says the caller searches it
+        as it is (redaction's accent-dropped copy: NFKC would put a stray mark back on its
+        letter, "e" + U+0301 -> "é", and the items found would not be those of the text)."""
         tried: dict[PIIItem, None] = {}
-        text = nfkc(text)
+        if not normalized:
+            text = nfkc(text)
         digits = "".join(c for c in text if c.isdigit())  # as _value_parts reads a value's digits
         for i in range(len(digits) - self.DIGIT_KEY + 1):
             tried.update(dict.fromkeys(self._numbers.get(digits[i : i + self.DIGIT_KEY], ())))
@@ -721,7 +725,7 @@ class _KnownSide:
 
     def spans(self, text: str) -> list[Span]:
         # the index gives exactly the items whose pattern matches, in the items' order
-        return (_value_spans(text, self.index.find(text), self.index)
+        return (_value_spans(text, self.index.find(text, normalized=True), self.index)
                 + _word_occurrences(text, self.glued))
 
 
