@@ -280,7 +280,8 @@ class GuidanceEval(Callback):
         context with ``max_new_tokens``: ``generate`` would refuse it at the first
         evaluation, possibly hours in, and on one rank only (each decodes its shard),
         leaving the others waiting in a collective. Every rank checks every record."""
-        from cfg_unlearn.guidance import encode_prompts, first_overflow, overflow_message
+        from cfg_unlearn.guidance import answer_overflow_message, answer_token_ids, encode_prompts, first_overflow, \
+            overflow_message
         from cfg_unlearn.models import context_limit
 
         if self._context_checked:
@@ -292,6 +293,9 @@ class GuidanceEval(Callback):
         records = [("leak probe", i, r) for i, r in enumerate(self.probes)]
         records += [("question", i, r) for i, r in enumerate(self.questions)]
         messages = [self._messages(r) for _, _, r in records]
+        # a reference answer is read after its prompt, with the EOS training appends
+        at = [j for j, (_, _, r) in enumerate(records) if r.reference is not None]
+        references = dict(zip(at, answer_token_ids(pl_module.model, tok, [records[j][2].reference for j in at])))
         sides = [("prompt", encode_prompts(tok, messages))]
         if any(g != 1.0 for _, g in self.runs()):
             sides.append(("unconditioned prompt", encode_prompts(tok, messages, blank_system=True,
@@ -303,14 +307,11 @@ class GuidanceEval(Callback):
                 where = rec.source or f"{kind} {i}"  # not its id: ids can be personal (an e-mail)
                 raise ConfigError(f"GuidanceEval: {where}: the {side} "
                                   + overflow_message(len(encoded[j]), self.max_new_tokens, limit))
-            # a reference answer is read after its prompt, with the EOS training appends
-            for (kind, i, rec), ids in zip(records, encoded):
-                if rec.reference is not None:
-                    n = len(ids) + len(tok(rec.reference, add_special_tokens=False)["input_ids"]) + 1
-                    if n > limit:
-                        raise ConfigError(f"GuidanceEval: {rec.source or f'{kind} {i}'}: the {side} with its reference "
-                                          f"answer is {n:,} tokens, more than the model's context of {limit:,} "
-                                          "(config.max_position_embeddings): shorten it")
+            for j, answer in references.items():
+                if len(encoded[j]) + len(answer) > limit:
+                    kind, i, rec = records[j]
+                    raise ConfigError(f"GuidanceEval: {rec.source or f'{kind} {i}'}: the {side} with its reference "
+                                      "answer " + answer_overflow_message(len(encoded[j]) + len(answer), limit))
         self._context_checked = True
 
     # ------------------------------------------------------------------ hooks

@@ -468,6 +468,23 @@ def overflow_message(n_tokens: int, max_new_tokens: int, limit: int) -> str:
             "or ask for fewer new tokens")
 
 
+def answer_token_ids(model: torch.nn.Module, tokenizer, answers: Sequence[str]) -> list[list[int]]:
+    """Each answer's tokens and the EOS training appends (the data module's: the
+    tokenizer's, else the generation config's first end id), as answers are scored."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else next(iter(eos_token_ids(model, tokenizer)),
+                                                                                 None)
+    if eos is None:
+        raise ValueError("the model and tokenizer name no EOS token to end an answer with")
+    return [tokenizer(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
+
+
+def answer_overflow_message(n_tokens: int, limit: int) -> str:
+    """What a prompt with its scored answer (``n_tokens`` in all) is told when it does not
+    fit: no token is decoded, so there are no new tokens to ask fewer of."""
+    return (f"is {n_tokens:,} tokens, more than the model's context of {limit:,} (config.max_position_embeddings): "
+            "shorten it")
+
+
 def _encode_branches(tokenizer, prompts: Sequence[Prompt], uncond_prompts: Sequence[Prompt] | None, *,
                      system: str | None, uncond_system: str | None, guided: bool
                      ) -> tuple[list[Prompt], list[list[int]], list[list[int]] | None]:
@@ -626,24 +643,21 @@ def answer_logprobs(
     guided = guidance_scale != 1
     prompts, cond, uncond = _encode_branches(tokenizer, prompts, uncond_prompts, system=system,
                                              uncond_system=uncond_system, guided=guided)
-    # the EOS training appends (the data module's), else the generation config's first
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else next(iter(eos_token_ids(model, tokenizer)),
-                                                                                 None)
-    if eos is None:
-        raise ValueError("the model and tokenizer name no EOS token to end an answer with")
-    targets = [tokenizer(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
+    targets = answer_token_ids(model, tokenizer, answers)
     limit = context_limit(model)
     for side, encoded in (("prompt", cond), ("unconditioned prompt", uncond or [])):
         i = first_overflow([p + t for p, t in zip(encoded, targets)], 0, limit)
         if i is not None:
-            raise ValueError(f"{side} {i} with its answer " + overflow_message(len(encoded[i]) + len(targets[i]), 0, limit))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+            raise ValueError(f"{side} {i} with its answer "
+                             + answer_overflow_message(len(encoded[i]) + len(targets[i]), limit))
+    # no pad token: the EOS every answer ends with (no answers: nothing is padded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (targets[0][-1] if targets else 0)
+    device = next(model.parameters()).device
 
     def answer_logits(encoded: list[list[int]], idx: list[int], n: int) -> torch.Tensor:
         # left padded, every row ends with its answer: the n positions before the last
         # predict the last n tokens
         ids, mask = left_pad([encoded[i] + targets[i] for i in idx], pad)
-        device = next(model.parameters()).device
         ids, mask = ids.to(device), mask.to(device)
         # only the positions scored: a 128k vocabulary over every position of a batch is GBs
         keep = {"logits_to_keep": n + 1} if _accepts_logits_to_keep(model) else {}

@@ -745,7 +745,6 @@ class Redactor:
         plain_given = [PIIItem(k.type, fold_marks(nfkc(k.value))) for k in given]
         self._plain_given_differs = plain_given != given
         self._plain = _KnownSide(plain_given) if self._plain_given_differs else None
-        self._no_words: dict[str, str] = {}
 
     def __call__(self, text: str) -> str:
         text = nfkc(text)
@@ -763,7 +762,7 @@ class Redactor:
         if not spans:
             return text
         spans += [(s, True) for s in _freed_word_spans(
-            [(text, self._side.words), (plain_text, plain.words if plain is not None else self._no_words)],
+            [(text, self._side.words), (plain_text, plain.words if plain is not None else {})],
             [s for s, _ in spans])]
 
         def tag(group: list[tuple[Span, bool]]) -> str:

@@ -338,10 +338,10 @@ def check_disjoint(train: list[PairRecord], val: list[PairRecord], val_file: str
             as_earlier.setdefault(k, where(r))
     same, turns = [], []
     for r in val:
-        if (w := as_exchange.get(_exchange_key(r))) is not None:
+        key = _exchange_key(r)
+        if (w := as_exchange.get(key)) is not None:
             same.append((r.source, w))
-        elif (w := as_earlier.get(_exchange_key(r))
-                   or next(filter(None, map(as_exchange.get, _earlier_keys(r))), None)):
+        elif (w := as_earlier.get(key) or next(filter(None, map(as_exchange.get, _earlier_keys(r))), None)):
             turns.append((r.source, w))
     if same:
         first, w = same[0]
