@@ -4,6 +4,7 @@ variants, group splits, left truncation, file input and workers."""
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ from cfg_unlearn.data.datamodule import (
     VARIANTS,
     PairCollator,
     PairDataModule,
-    encode_sequence,
+    PairDataset,
+    cut_prompts,
+    label_sequence,
     split_by_group,
 )
 from cfg_unlearn.data.schema import PairRecord, PIIItem, write_pairs
@@ -157,7 +160,7 @@ def test_record_system_overrides_default(tiny_name, tok, tmp_path):
     ]
     write_pairs(tmp_path / "p.jsonl", recs)
     dm = make_dm(tiny_name, train_file=str(tmp_path / "p.jsonl"), val_fraction=0.0)
-    items = {it["id"]: it for it in dm.train_dataset.items}
+    items = {it["id"]: it for it in dm.train_dataset}
     cond_a = tok.decode(items["a"]["cond"]["input_ids"][0])
     assert "<|system|>Custom rule.<|end|>" in cond_a and SAFETY_INSTRUCTION not in cond_a
     assert f"<|system|>{SAFETY_INSTRUCTION}<|end|>" in tok.decode(items["b"]["cond"]["input_ids"][0])
@@ -191,7 +194,7 @@ def test_nll_span_response(dm):
 
 
 def _groups(ds, world_pairs) -> set[str]:
-    return {world_pairs[it["id"]].group for it in ds.items}
+    return {world_pairs[it["id"]].group for it in ds}
 
 
 def test_split_by_group_disjoint(dm, world_pairs):
@@ -200,7 +203,7 @@ def test_split_by_group_disjoint(dm, world_pairs):
     assert not train & val
     assert train | val == {r.group for r in world_pairs.values()}
     # every pair of a val conversation is in val
-    val_ids = {it["id"] for it in dm.val_dataset.items}
+    val_ids = {it["id"] for it in dm.val_dataset}
     assert val_ids == {rid for rid, r in world_pairs.items() if r.group in val}
 
 
@@ -230,7 +233,7 @@ def test_split_keeps_the_turns_of_a_conversation_without_group_together():
 
 def test_split_seeded(dm, tiny_name, world_pairs):
     again = make_dm(tiny_name, batch_size=4)
-    assert [it["id"] for it in again.val_dataset.items] == [it["id"] for it in dm.val_dataset.items]
+    assert [it["id"] for it in again.val_dataset] == [it["id"] for it in dm.val_dataset]
     # shuffling follows the seed too
     assert next(iter(again.train_dataloader()))["id"] == next(iter(dm.train_dataloader()))["id"]
     recs = list(world_pairs.values())
@@ -311,7 +314,7 @@ def test_prompts_lose_their_oldest_turns_but_keep_the_instruction(tiny_name, tok
     eos, bos = tok.eos_token_id, tok.bos_token_id
     instruction = _ids(tok, SAFETY_INSTRUCTION)
     n_cut = total_cut = lost_instruction = 0
-    for it in dm.train_dataset.items:
+    for it in dm.train_dataset:
         rec = world_pairs[it["id"]]
         answers = [_ids(tok, a) + [eos] for a in (rec.chosen, rec.rejected)]
         room = max_length - max(map(len, answers))
@@ -373,7 +376,7 @@ def test_a_trimming_template_keeps_the_instruction_of_a_cut_prompt(tok, tmp_path
     dm = make_dm(str(tmp_path / "tok"), train_file=str(tmp_path / "pairs.jsonl"), max_length=48, val_fraction=0.0)
     instruction = _ids(tok, SAFETY_INSTRUCTION)
     assert dm.stats["truncated_prompts"] == 8 and dm.stats["instruction_cut"] == 0
-    for it in dm.train_dataset.items:
+    for it in dm.train_dataset:
         for ids in it["cond"]["input_ids"]:
             assert len(ids) == 48 and _contains(ids, instruction), it["id"]
 
@@ -410,7 +413,7 @@ def test_on_error_skip_skips_and_counts_pairs_with_an_answer_too_long(tiny_name,
     write_pairs(path, recs)
     with caplog.at_level("WARNING"):
         dm = make_dm(tiny_name, train_file=str(path), max_length=32, val_fraction=0.0, on_error="skip")
-    assert [x["id"] for x in dm.train_dataset.items] == ["p0", "p2"]
+    assert [x["id"] for x in dm.train_dataset] == ["p0", "p2"]
     assert (dm.stats["train_pairs"], dm.stats["train_groups"], dm.stats["skipped_rows"]) == (2, 2, 2)
     assert (f"2 pairs skipped (on_error: skip): an answer is longer than max_length=32 and answers are never "
             f"truncated: {path}:2 (chosen, " in caplog.text) and f"{path}:4 (rejected, " in caplog.text
@@ -427,65 +430,81 @@ def test_answer_longer_than_max_length_from_world(tiny_name):
     assert msg.startswith("record '") and "field 'chosen'" in msg
 
 
-# ------------------------------------------------------------------ encode_sequence
+# ------------------------------------------------------------------ label_sequence, cut_prompts
 
 
-def test_encode_sequence_fits():
-    ids, labels, nll, cut = encode_sequence([1, 5, 6], [7, 2], max_length=10, bos_id=1, nll_on_prompt=False)
+def test_label_sequence():
+    ids, labels, nll = label_sequence([1, 5, 6], [7, 2], nll_on_prompt=False)
     assert ids == [1, 5, 6, 7, 2]
     assert labels == [-100, -100, -100, 7, 2]
     assert nll == labels and nll is not labels
-    assert cut == 0
-    ids, labels, nll, cut = encode_sequence([1, 5, 6], [7, 2], max_length=10, bos_id=1, nll_on_prompt=True)
+    ids, labels, nll = label_sequence([1, 5, 6], [7, 2], nll_on_prompt=True)
     assert nll == [1, 5, 6, 7, 2] and nll is not ids
     assert labels == [-100, -100, -100, 7, 2]
+    assert label_sequence([], [7, 2], nll_on_prompt=True) == ([7, 2], [7, 2], [7, 2])
 
 
-def test_encode_sequence_exact_fit_not_cut():
-    assert encode_sequence([1, 5, 6], [7, 2], max_length=5, bos_id=1, nll_on_prompt=False) == (
-        [1, 5, 6, 7, 2], [-100, -100, -100, 7, 2], [-100, -100, -100, 7, 2], 0
-    )
+def test_cut_prompts_exact_fit_not_cut():
+    assert cut_prompts([[1, 5, 6]], [0], 3, 1) == [[1, 5, 6]]
 
 
-def test_encode_sequence_keeps_bos():
-    out = encode_sequence([1, 10, 11, 12, 13], [7, 8, 2], max_length=6, bos_id=1, nll_on_prompt=False)
-    assert out == ([1, 12, 13, 7, 8, 2], [-100, -100, -100, 7, 8, 2], [-100, -100, -100, 7, 8, 2], 2)
-    out = encode_sequence([1, 10, 11, 12, 13], [7, 8, 2], max_length=6, bos_id=1, nll_on_prompt=True)
-    assert out == ([1, 12, 13, 7, 8, 2], [-100, -100, -100, 7, 8, 2], [1, 12, 13, 7, 8, 2], 2)
+def test_cut_prompts_keeps_bos():
+    assert cut_prompts([[1, 10, 11, 12, 13]], [0], 3, 1) == [[1, 12, 13]]
 
 
-def test_encode_sequence_keeps_the_head_then_the_newest_tokens():
+def test_cut_prompts_keeps_the_head_then_the_newest_tokens():
     # head [1, 20, 21] (BOS + instruction) kept, the oldest turn tokens 10, 11 cut
-    out = encode_sequence([1, 20, 21, 10, 11, 12, 13], [7, 2], max_length=7, bos_id=1, nll_on_prompt=False,
-                          keep_head=3)
-    assert out == ([1, 20, 21, 12, 13, 7, 2], [-100] * 5 + [7, 2], [-100] * 5 + [7, 2], 2)
+    assert cut_prompts([[1, 20, 21, 10, 11, 12, 13]], [3], 5, 1) == [[1, 20, 21, 12, 13]]
     # a head that leaves no room for a newest token (here it fills the room exactly): the BOS only, as without one
-    assert encode_sequence([1, 20, 21, 10, 11], [7, 2], max_length=5, bos_id=1, nll_on_prompt=False,
-                           keep_head=3)[0] == [1, 10, 11, 7, 2]
+    assert cut_prompts([[1, 20, 21, 10, 11]], [3], 3, 1) == [[1, 10, 11]]
 
 
-def test_encode_sequence_without_bos():
+def test_cut_prompts_without_bos():
     # no BOS id: plain left cut
-    assert encode_sequence([1, 10, 11, 12, 13], [7, 8, 2], max_length=6, bos_id=None, nll_on_prompt=False) == (
-        [11, 12, 13, 7, 8, 2], [-100, -100, -100, 7, 8, 2], [-100, -100, -100, 7, 8, 2], 2
-    )
+    assert cut_prompts([[1, 10, 11, 12, 13]], [0], 3, None) == [[11, 12, 13]]
     # prompt that does not start with BOS: nothing to keep
-    assert encode_sequence([10, 11, 12, 13], [7, 8, 2], max_length=5, bos_id=1, nll_on_prompt=False)[0] == [
-        12, 13, 7, 8, 2
-    ]
+    assert cut_prompts([[10, 11, 12, 13]], [0], 2, 1) == [[12, 13]]
 
 
-def test_encode_sequence_edge_rooms():
-    # room for the BOS only
-    assert encode_sequence([1, 10, 11], [7, 2], max_length=3, bos_id=1, nll_on_prompt=False) == (
-        [1, 7, 2], [-100, 7, 2], [-100, 7, 2], 2
-    )
-    # no room at all: the whole prompt goes, BOS included
-    assert encode_sequence([1, 10, 11], [7, 8, 2], max_length=3, bos_id=1, nll_on_prompt=False) == (
-        [7, 8, 2], [7, 8, 2], [7, 8, 2], 3
-    )
-    # empty prompt
-    assert encode_sequence([], [7, 2], max_length=3, bos_id=1, nll_on_prompt=True) == ([7, 2], [7, 2], [7, 2], 0)
+def test_cut_prompts_edge_rooms():
+    assert cut_prompts([[1, 10, 11]], [0], 1, 1) == [[1]]  # room for the BOS only
+    assert cut_prompts([[1, 10, 11]], [0], 0, 1) == [[]]  # no room at all: the BOS goes too
+    assert cut_prompts([[]], [0], 1, 1) == [[]]
+
+
+def test_cut_prompts_keeps_the_same_newest_tokens_in_both_variants():
+    # the conditioned prompt's head is 3 tokens, the unconditioned one's 1 (BOS): both keep 2 newest
+    assert cut_prompts([[1, 20, 21, 10, 11, 12], [1, 10, 11, 12]], [3, 1], 5, 1) == [[1, 20, 21, 11, 12], [1, 11, 12]]
+
+
+def test_pair_dataset_builds_items_from_packed_parts():
+    """Each token stored once (4 bytes); an item is the prompt + answer sequences of both
+    variants with their labels, built on access; it pickles and indexes like a list."""
+    ds = PairDataset(nll_on_prompt=False)
+    ds.append("a", [[1, 20, 21, 10], [1, 10]], [[7, 2], [8, 9, 2]])
+    ds.append("b", [[1, 20, 21], []], [[2], [5, 2]])
+    assert len(ds) == 2 and ds.ids == ["a", "b"]
+    assert ds[0] == {
+        "id": "a",
+        "cond": {"input_ids": [[1, 20, 21, 10, 7, 2], [1, 20, 21, 10, 8, 9, 2]],
+                 "labels": [[-100] * 4 + [7, 2], [-100] * 4 + [8, 9, 2]],
+                 "nll_labels": [[-100] * 4 + [7, 2], [-100] * 4 + [8, 9, 2]]},
+        "uncond": {"input_ids": [[1, 10, 7, 2], [1, 10, 8, 9, 2]],
+                   "labels": [[-100, -100, 7, 2], [-100, -100, 8, 9, 2]],
+                   "nll_labels": [[-100, -100, 7, 2], [-100, -100, 8, 9, 2]]},
+    }
+    assert ds[-1] == ds[1] and ds[1]["uncond"]["input_ids"] == [[2], [5, 2]]
+    assert [it["id"] for it in ds] == ["a", "b"]  # iteration stops at the end (IndexError)
+    with pytest.raises(IndexError):
+        ds[2]
+    assert ds.longest_sequence() == 7 and PairDataset().longest_sequence() == 0
+    assert pickle.loads(pickle.dumps(ds))[1] == ds[1]
+    whole = PairDataset(nll_on_prompt=True)
+    whole.append("a", [[1, 20], [1]], [[7, 2], [8, 2]])
+    assert whole[0]["cond"]["nll_labels"] == [[1, 20, 7, 2], [1, 20, 8, 2]]
+    assert whole[0]["uncond"]["nll_labels"] == [[1, 7, 2], [1, 8, 2]]
+    with pytest.raises(ValueError, match="2 prompts and 2 answers"):
+        ds.append("c", [[1]], [[2], [3]])
 
 
 def test_collator_pads_right():
@@ -514,7 +533,7 @@ def test_train_file(tiny_name, tmp_path, world_pairs):
     dm = make_dm(tiny_name, train_file=str(path), batch_size=2, val_fraction=0.25)
     assert dm.stats["train_pairs"] + dm.stats["val_pairs"] == 12
     assert dm.stats["skipped_rows"] == 0
-    got = {it["id"] for it in dm.train_dataset.items} | {it["id"] for it in dm.val_dataset.items}
+    got = {it["id"] for it in dm.train_dataset} | {it["id"] for it in dm.val_dataset}
     assert got == {r.id for r in recs}
     batch = next(iter(dm.train_dataloader()))
     assert batch["cond"]["input_ids"].shape[:2] == (2, 2)
@@ -526,8 +545,8 @@ def test_val_file(tiny_name, tmp_path, world_pairs):
     write_pairs(tmp_path / "val.jsonl", recs[10:14])
     dm = make_dm(tiny_name, train_file=str(tmp_path / "train.jsonl"), val_file=str(tmp_path / "val.jsonl"),
                  eval_batch_size=3)
-    assert [it["id"] for it in dm.train_dataset.items] == [r.id for r in recs[:10]]
-    assert [it["id"] for it in dm.val_dataset.items] == [r.id for r in recs[10:14]]
+    assert [it["id"] for it in dm.train_dataset] == [r.id for r in recs[:10]]
+    assert [it["id"] for it in dm.val_dataset] == [r.id for r in recs[10:14]]
     assert [len(b["id"]) for b in dm.val_dataloader()] == [3, 1]
 
 
@@ -693,7 +712,7 @@ def test_num_workers_two(tiny_name):
         seen += batch["id"]
         assert batch["cond"]["input_ids"].shape == batch["uncond"]["input_ids"].shape
     assert len(seen) == len(dm.train_dataset)
-    assert sorted(seen) == sorted(it["id"] for it in dm.train_dataset.items)
+    assert sorted(seen) == sorted(it["id"] for it in dm.train_dataset)
     assert sum(len(b["id"]) for b in dm.val_dataloader()) == len(dm.val_dataset)
 
 
@@ -759,7 +778,7 @@ def test_datamodule_uses_fallback_when_no_template(tiny_name):
     dm = PairDataModule(tokenizer=tiny_name, world=WORLD, val_fraction=0.0)
     dm.tokenizer = tok
     dm.setup("fit")
-    it = dm.train_dataset.items[0]
+    it = dm.train_dataset[0]
     text = tok.decode(it["cond"]["input_ids"][0])
     assert text.startswith(f"<|begin|>System: {SAFETY_INSTRUCTION}\n\nUser: ")
     assert text.endswith("<|end|>")
@@ -820,11 +839,11 @@ def test_train_shards_pad_with_marked_positions_not_repeats():
 def test_validation_shards_mark_their_padding():
     """3 validation pairs on 2 ranks: 2 + 1, the second rank padded with a row marked
     ``pad`` (Lightning's sampler repeats a real pair there, unmarked, and val/* counted it)."""
-    from cfg_unlearn.data.datamodule import MarkedPadding, PairCollator, PairDataset, ShardSampler
+    from cfg_unlearn.data.datamodule import MarkedPadding, ShardSampler
 
-    item = lambda i: {"id": f"p{i}", **{v: {k: [[1, 2], [1, 3]] for k in ("input_ids", "labels", "nll_labels")}  # noqa: E731
-                                       for v in ("cond", "uncond")}}
-    ds = PairDataset([item(i) for i in range(3)])
+    ds = PairDataset()
+    for i in range(3):
+        ds.append(f"p{i}", [[1], [1]], [[2], [3]])
     assert [list(ShardSampler(ds, 2, r)) for r in (0, 1)] == [[0, 2], [1, 3]]
     assert [list(ShardSampler(ds, 1, 0))] == [[0, 1, 2]]
     marked = MarkedPadding(ds)

@@ -24,6 +24,7 @@ import json
 import logging
 import random
 import zlib
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -83,33 +84,27 @@ def audit_pairs(records: Sequence[PairRecord]) -> dict[str, list[str]]:
     return out
 
 
-def encode_sequence(
-    prompt_ids: list[int], answer_ids: list[int], *, max_length: int, bos_id: int | None, nll_on_prompt: bool,
-    keep_head: int = 0,
-) -> tuple[list[int], list[int], list[int], int]:
-    """prompt + answer (answer already ends with EOS) -> (input_ids, labels, nll_labels,
-    tokens cut). Answers are kept whole. A prompt too long for the rest is cut from the
-    left *after* its first ``keep_head`` tokens (the BOS and the system instruction: the
-    conditioned sample must keep its condition, or it trains as the unconditioned one),
-    so the oldest turns go first; when the head leaves no room for a single newest token
-    (a prompt of the instruction alone, with no question, teaches nothing), only a leading
-    BOS is kept. The caller guarantees ``len(answer_ids) <= max_length``."""
-    n_prompt = len(prompt_ids)
-    (prompt_ids,) = cut_prompts([prompt_ids], [keep_head], max_length - len(answer_ids), bos_id)
-    cut = n_prompt - len(prompt_ids)
+def label_sequence(prompt_ids: list[int], answer_ids: list[int], *, nll_on_prompt: bool,
+                   ) -> tuple[list[int], list[int], list[int]]:
+    """prompt + answer (the answer ends with EOS) -> (input_ids, labels, nll_labels):
+    ``labels`` score the answer alone (``-100`` on the prompt); ``nll_labels`` are the
+    labels of the NLL term, the whole sequence with ``nll_on_prompt``. Three new lists."""
     ids = prompt_ids + answer_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
-    nll = ids[:] if nll_on_prompt else labels[:]
-    return ids, labels, nll, cut
+    return ids, labels, (ids[:] if nll_on_prompt else labels[:])
 
 
 def cut_prompts(prompts: Sequence[list[int]], heads: Sequence[int], room: int, bos_id: int | None) -> list[list[int]]:
     """The prompts of one pair's variants (conditioned, unconditioned) cut to ``room``
-    tokens each, as :func:`encode_sequence` cuts one: each keeps its head (``heads``:
-    BOS, instruction, template framing) and then the *same number* of newest tokens, so
-    the variants still differ by their instruction alone (cut each to its own room, the
-    variant with the shorter instruction kept more of the conversation). A head that
-    leaves no room for a newest token is dropped but for a leading BOS."""
+    tokens each (``max_length`` less the longer answer: answers are kept whole). A prompt
+    too long is cut from the left *after* its head (``heads``: the BOS, the system
+    instruction, the template's framing; the conditioned sample must keep its condition,
+    or it trains as the unconditioned one), so the oldest turns go first, and each keeps
+    the *same number* of newest tokens, so the variants still differ by their instruction
+    alone (cut each to its own room, the variant with the shorter instruction kept more
+    of the conversation). A head that leaves no room for a newest token (a prompt of the
+    instruction alone, with no question, teaches nothing) is dropped but for a leading
+    BOS; no room at all drops the BOS too."""
     spans = []
     for prompt, head in zip(prompts, heads):
         bos = 1 if bos_id is not None and prompt and prompt[0] == bos_id else 0
@@ -151,16 +146,69 @@ def instruction_head(tok, prompt_ids: list[int], text: str, system: str | None,
 
 
 class PairDataset(Dataset):
-    """Pre-tokenised pairs (plain lists, so it pickles cheaply into workers)."""
+    """Encoded pairs, packed: each pair's two prompts (one per variant, already cut to
+    ``max_length``) and two answers (with EOS) in one growing int32 buffer, each token
+    stored once, 4 bytes. An item is built as plain lists on access, labels included
+    (``-100`` on the prompt; ``nll_labels`` the whole sequence when ``nll_on_prompt``).
+    Storing the items themselves took 12 Python int lists per pair (2 variants x 2
+    answers x ids, labels, NLL labels), 42 bytes a token: 18 GB per rank for 500k pairs
+    of 860 tokens; and DataLoader workers forked from a process holding them copied their
+    pages as they touched each int's reference count. Pickles as bytes (spawned workers)."""
 
-    def __init__(self, items: list[dict[str, Any]]):
-        self.items = items
+    def __init__(self, nll_on_prompt: bool = False):
+        self.nll_on_prompt = nll_on_prompt
+        self.ids: list[str] = []
+        self._tokens = array("i")
+        # where each part ends in _tokens: cond prompt, uncond prompt, chosen, rejected
+        self._ends = array("q")
+
+    def append(self, pair_id: str, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]) -> None:
+        """Add a pair: its prompt per variant (``VARIANTS`` order) and its chosen and
+        rejected answer ids."""
+        if len(prompts) != len(VARIANTS) or len(answers) != 2:
+            raise ValueError(f"a pair has {len(VARIANTS)} prompts and 2 answers, got {len(prompts)} and {len(answers)}")
+        for part in (*prompts, *answers):
+            self._tokens.extend(part)
+            self._ends.append(len(self._tokens))
+        self.ids.append(pair_id)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.ids)
+
+    def _parts(self, i: int) -> list[list[int]]:
+        """Pair ``i``'s cond prompt, uncond prompt, chosen and rejected ids."""
+        k = len(_PARTS) * i
+        start = self._ends[k - 1] if k else 0
+        parts = []
+        for end in self._ends[k : k + len(_PARTS)]:
+            parts.append(self._tokens[start:end].tolist())
+            start = end
+        return parts
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.items[i]
+        n = len(self.ids)
+        if not -n <= i < n:
+            raise IndexError(f"pair {i} of {n}")
+        i %= n
+        *prompts, chosen, rejected = self._parts(i)
+        item: dict[str, Any] = {"id": self.ids[i]}
+        for v, prompt in zip(VARIANTS, prompts):
+            seqs = [label_sequence(prompt, a, nll_on_prompt=self.nll_on_prompt) for a in (chosen, rejected)]
+            item[v] = {key: [s[k] for s in seqs] for k, key in enumerate(("input_ids", "labels", "nll_labels"))}
+        return item
+
+    def longest_sequence(self) -> int:
+        """Tokens of the longest prompt + answer sequence; 0 when empty."""
+        longest, start = 0, 0
+        for i in range(len(self.ids)):
+            ends = self._ends[len(_PARTS) * i : len(_PARTS) * (i + 1)]
+            lengths = [end - begin for begin, end in zip([start, *ends[:-1]], ends)]
+            longest = max(longest, max(lengths[: len(VARIANTS)]) + max(lengths[len(VARIANTS):]))
+            start = ends[-1]
+        return longest
+
+
+_PARTS = (*VARIANTS, "chosen", "rejected")
 
 
 def pair_fingerprint(item: dict[str, Any]) -> int:
@@ -374,7 +422,7 @@ class PairDataModule(L.LightningDataModule):
             :data:`~cfg_unlearn.prompts.NEGATIVE_INSTRUCTION` is the swap variant's
             negative instruction.
         max_length: tokens per sequence; prompts lose their oldest tokens to fit, after
-            the instruction (counted; see :func:`encode_sequence`), an answer that alone
+            the instruction (counted; see :func:`cut_prompts`), an answer that alone
             exceeds it is an error.
         nll_span: ``response`` (default: the prompt may hold the PII being removed) or
             ``prompt_response`` (TRL's ORPO, for parity).
@@ -456,8 +504,8 @@ class PairDataModule(L.LightningDataModule):
     def longest_sequence(self) -> int:
         """Tokens of the longest encoded sequence (prompt + answer, either variant and
         side) of the set-up train and validation pairs; 0 before ``setup``."""
-        return max((len(ids) for ds in (self.train_dataset, self.val_dataset) if ds is not None
-                    for it in ds.items for v in VARIANTS for ids in it[v]["input_ids"]), default=0)
+        return max((ds.longest_sequence() for ds in (self.train_dataset, self.val_dataset) if ds is not None),
+                   default=0)
 
     def known_pii(self) -> tuple[PIIItem, ...]:
         """Every PII value the training data knows (after ``setup``): the synthetic
@@ -498,11 +546,11 @@ class PairDataModule(L.LightningDataModule):
                            "metrics); give data.val_file, or groups")
         return train, val
 
-    def encode(self, records: list[PairRecord], stats: EncodeStats) -> list[dict[str, Any]]:
+    def encode(self, records: list[PairRecord], stats: EncodeStats) -> PairDataset:
         tok = self.tokenizer
         eos = tok.eos_token_id
         nll_on_prompt = self.nll_span == "prompt_response"
-        items = []
+        items = PairDataset(nll_on_prompt)
         for rec in records:
             answers = []
             for side in ("chosen", "rejected"):
@@ -520,7 +568,6 @@ class PairDataModule(L.LightningDataModule):
                 answers.append(ids)
             if len(answers) < 2:
                 continue
-            item: dict[str, Any] = {"id": rec.id}
             systems = [(rec.system or self.system_prompt) if v == "cond" else self.uncond_system_prompt
                        for v in VARIANTS]
             texts, prompts = [], []
@@ -541,9 +588,7 @@ class PairDataModule(L.LightningDataModule):
             if any(len(p) > room for p in prompts):
                 heads = [instruction_head(tok, p, t, s, rec.prompt) for p, t, s in zip(prompts, texts, systems)]
                 kept = cut_prompts(prompts, [h or 0 for h in heads], room, tok.bos_token_id)
-            for v, system, prompt_ids, prompt, head in zip(VARIANTS, systems, prompts, kept, heads):
-                seqs = [encode_sequence(prompt, a, max_length=self.max_length, bos_id=tok.bos_token_id,
-                                        nll_on_prompt=nll_on_prompt) for a in answers]
+            for system, prompt_ids, prompt, head in zip(systems, prompts, kept, heads):
                 cut = len(prompt_ids) - len(prompt)
                 if cut:
                     stats.truncated_prompts += len(answers)
@@ -554,12 +599,7 @@ class PairDataModule(L.LightningDataModule):
                         lost = head > 0 and prompt[:head] != prompt_ids[:head]
                     # either variant's instruction: the swap variant's negative one too
                     stats.instruction_cut += len(answers) * (bool(system) and lost)
-                item[v] = {
-                    "input_ids": [s[0] for s in seqs],
-                    "labels": [s[1] for s in seqs],
-                    "nll_labels": [s[2] for s in seqs],
-                }
-            items.append(item)
+            items.append(rec.id, kept, answers)
             stats.pairs += 1
         return items
 
@@ -588,9 +628,9 @@ class PairDataModule(L.LightningDataModule):
             self.stats["skipped_rows"] = self.stats.get("skipped_rows", 0) + len(st.too_long)
             if not train_items:
                 raise ConfigError(f"no training pairs: every answer is longer than max_length={self.max_length}")
-        kept = {x["id"] for x in train_items + val_items}
-        self.train_dataset = PairDataset(train_items)
-        self.val_dataset = PairDataset(val_items) if val_items else None
+        kept = {*train_items.ids, *val_items.ids}
+        self.train_dataset = train_items
+        self.val_dataset = val_items if len(val_items) else None
         self.stats.update(
             train_pairs=len(train_items),
             val_pairs=len(val_items),
