@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
@@ -91,18 +93,13 @@ def open_modes(directory: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str | None = None,
-                fsync: bool = True) -> Iterator[IO]:
-    """Write ``path`` so that readers see the old file or the new one, never half of one:
-    yield a temp file (``.<name>.<random>.tmp``) in the same directory; on a clean exit
-    flush, fsync, rename it onto ``path`` and fsync the directory; on any exception
-    (KeyboardInterrupt included) remove it.
-
-    The result has the mode a plain ``open(path, "w")`` would leave: an existing file's
-    mode is kept, a new file gets ``0o666 & ~umask`` (``mkstemp`` alone would make every
-    output ``0600``, unreadable to the teammates a shared umask lets in; a user who wants
-    private outputs sets ``umask 077``)."""
-    path = Path(path)
+def _temp_file(path: Path, mode: str, encoding: str | None) -> Iterator[tuple[IO, str]]:
+    """A temp file (``.<name>.<random>.tmp``) next to ``path``, with the mode a plain
+    ``open(path, "w")`` would leave: an existing file's mode is kept, a new file gets
+    ``0o666 & ~umask`` (``mkstemp`` alone would make every output ``0600``, unreadable to
+    the teammates a shared umask lets in; a user who wants private outputs sets ``umask
+    077``). Yields the open file and its name; closed when the block ends, removed if it
+    raises."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
@@ -113,10 +110,28 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str | No
                 except OSError:
                     perms = 0o666 & ~process_umask()
                 os.fchmod(fh.fileno(), perms)
-            yield fh
-            fh.flush()
-            if fsync:
-                os.fsync(fh.fileno())
+            yield fh, tmp
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str | None = None,
+                fsync: bool = True) -> Iterator[IO]:
+    """Write ``path`` so that readers see the old file or the new one, never half of one:
+    yield a temp file (:func:`_temp_file`: ``.<name>.<random>.tmp``, in the same directory,
+    with the mode ``open`` would give); on a clean exit flush, fsync, rename it onto
+    ``path`` and fsync the directory; on any exception (KeyboardInterrupt included)
+    remove it."""
+    path = Path(path)
+    with _temp_file(path, mode, encoding) as (fh, tmp):
+        yield fh
+        fh.flush()
+        if fsync:
+            os.fsync(fh.fileno())
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -134,20 +149,82 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
 
 
 def atomic_write_files(files: Sequence[tuple[str | os.PathLike, str | bytes]]) -> None:
-    """Several outputs that belong together (``(path, data)`` each, text as UTF-8), as
-    near to all-or-nothing as renames allow: every file is written to its temp file and
-    fsynced first, so a full disk or a bad path replaces none of them; then they are
-    renamed in the given order (put a summary that names the rest last)."""
-    with contextlib.ExitStack() as stack:
-        opened = []
-        for path, data in reversed(files):  # the stack renames the first entered last: the given order
+    """Several outputs that belong together (``(path, data)`` each, text as UTF-8), all
+    or none: every file is written to its temp file and fsynced first, so a full disk or
+    a bad path replaces none of them; then they are renamed in the given order (put a
+    summary that names the rest last) with SIGINT and SIGTERM held (:func:`signals_held`),
+    each existing file moved aside first and put back if a later rename fails. Renamed
+    one by one as they were, a Ctrl-C or an error after the first left a set of a new
+    file beside old ones (SAFT's new kept rows beside the old run's removed rows and
+    summary; a new contaminated set beside the old labels, one of them now wrong)."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, data in files:
             binary = isinstance(data, bytes)
-            mode, encoding = ("wb", None) if binary else ("w", "utf-8")
-            opened.append((stack.enter_context(atomic_open(path, mode, encoding=encoding)), data))
-        for fh, data in opened:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            with _temp_file(Path(path), "wb" if binary else "w", "utf-8" if not binary else None) as (fh, tmp):
+                staged.append((tmp, Path(path)))
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        with signals_held():
+            _replace_together(staged)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    for directory in dict.fromkeys(path.parent for _, path in staged):
+        fsync_dir(directory)
+
+
+def _replace_together(staged: Sequence[tuple[str, Path]]) -> None:
+    """Rename each temp file onto its path; if one rename fails, undo the ones before it
+    (an existing file is renamed aside first, to a temp name, and put back)."""
+    done: list[tuple[Path, str | None]] = []
+    try:
+        for tmp, path in staged:
+            aside = None
+            if path.exists() and not path.is_dir():
+                fd, aside = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+                os.close(fd)
+                os.replace(path, aside)
+            done.append((path, aside))
+            os.replace(tmp, path)
+    except BaseException:
+        for path, aside in reversed(done):
+            with contextlib.suppress(OSError):
+                if aside is not None:
+                    os.replace(aside, path)
+                elif path.exists() and not path.is_dir():
+                    os.unlink(path)
+        raise
+    for _, aside in done:
+        if aside is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(aside)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for the block (a few renames that must all happen, or
+    none), then deliver the ones that came, to the handlers there were. Python runs
+    signal handlers in the main thread only: elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    before = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler is not None:  # None: set outside Python, and it could not be put back
+            before[signum] = signal.signal(signum, lambda n, _frame: came.append(n))
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(came):
+            signal.raise_signal(signum)
 
 
 def check_writable_file(path: str | os.PathLike) -> None:

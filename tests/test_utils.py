@@ -163,3 +163,60 @@ def test_check_out_dir_tries_beside_out_only_for_a_staged_output(tmp_path, monke
         check_out_dir(out, False, ())
     with pytest.raises(ValueError, match="cannot write there: Permission denied"):  # still to be made: in the parent
         check_out_dir(tmp_path / "new", False, (), staged=False)
+
+
+def _rename_then(fail_at: int, action):
+    """os.replace that runs ``action`` instead of its ``fail_at``-th call onto a kept file
+    (temp -> target renames counted: calls whose source is a temp file)."""
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        if str(src).endswith(TMP_SUFFIX) and not str(dst).endswith(TMP_SUFFIX):
+            calls.append(dst)
+            if len(calls) == fail_at:
+                action()
+        return real(src, dst)
+    return replace
+
+
+def _set(tmp_path, texts):
+    return [(tmp_path / name, text) for name, text in texts.items()]
+
+
+def test_atomic_write_files_puts_the_old_set_back_when_a_rename_fails(tmp_path, monkeypatch):
+    """Renamed one by one, an error after the first left the new kept rows beside the
+    old removed rows and summary (and a new contaminated set beside its old labels)."""
+    from cfg_unlearn import utils
+
+    utils.atomic_write_files(_set(tmp_path, {"kept.jsonl": "old kept", "removed.jsonl": "old removed"}))
+
+    def fail():
+        raise OSError("disk gone")
+    monkeypatch.setattr(utils.os, "replace", _rename_then(2, fail))
+    with pytest.raises(OSError, match="disk gone"):
+        utils.atomic_write_files(_set(tmp_path, {"kept.jsonl": "new", "removed.jsonl": "new", "saft.json": "new"}))
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"kept.jsonl": "old kept",
+                                                                   "removed.jsonl": "old removed"}
+
+
+def test_atomic_write_files_holds_ctrl_c_until_every_file_is_renamed(tmp_path, monkeypatch):
+    import signal
+
+    from cfg_unlearn import utils
+
+    utils.atomic_write_files(_set(tmp_path, {"a.jsonl": "old", "b.jsonl": "old"}))
+    monkeypatch.setattr(utils.os, "replace", _rename_then(1, lambda: signal.raise_signal(signal.SIGINT)))
+    with pytest.raises(KeyboardInterrupt):
+        utils.atomic_write_files(_set(tmp_path, {"a.jsonl": "new", "b.jsonl": "new", "c.json": "new"}))
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"a.jsonl": "new", "b.jsonl": "new", "c.json": "new"}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+
+
+def test_atomic_write_files_keeps_modes_and_writes_bytes(tmp_path, umask_027):
+    from cfg_unlearn.utils import atomic_write_files
+
+    (tmp_path / "a.txt").write_text("old")
+    (tmp_path / "a.txt").chmod(0o600)
+    atomic_write_files([(tmp_path / "a.txt", "new"), (tmp_path / "b.png", b"\x89PNG")])
+    assert (tmp_path / "a.txt").read_text() == "new" and _mode(tmp_path / "a.txt") == 0o600
+    assert (tmp_path / "b.png").read_bytes() == b"\x89PNG" and _mode(tmp_path / "b.png") == 0o640

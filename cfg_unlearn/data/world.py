@@ -27,7 +27,7 @@ from faker import Faker
 
 from cfg_unlearn.data.schema import EvalRecord, ForgetRecord, PairRecord, PIIItem
 from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION
-from cfg_unlearn.utils import ConfigError, atomic_write
+from cfg_unlearn.utils import ConfigError, atomic_write_files
 
 #: PII attribute -> challenge-style type tag.
 PII_TYPES = {
@@ -464,10 +464,12 @@ class World:
         return scrubbed, maps
 
     def write_challenge(self, out_dir: str | Path, prefix: str = "synthetic") -> tuple[Path, Path]:
-        """Write ``{prefix}-scrubbed-data.jsonl`` and ``{prefix}-pii.jsonl`` atomically."""
+        """Write ``{prefix}-scrubbed-data.jsonl`` and ``{prefix}-pii.jsonl`` atomically, as
+        a pair (rows and the values of their placeholders: one without the other's new
+        version would fill the wrong values)."""
         out_dir = Path(out_dir)
         scrubbed, maps = self.challenge_rows()
         a, b = out_dir / f"{prefix}-scrubbed-data.jsonl", out_dir / f"{prefix}-pii.jsonl"
-        atomic_write(a, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scrubbed))
-        atomic_write(b, "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in maps))
+        atomic_write_files([(a, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scrubbed)),
+                            (b, "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in maps))])
         return a, b
