@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Optional
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cfg_unlearn.callbacks import (
     GuidanceEval,
@@ -29,7 +31,7 @@ from cfg_unlearn.callbacks import (
 from cfg_unlearn.checkpointing import install_checkpointing
 from cfg_unlearn.data.datamodule import PairDataModule
 from cfg_unlearn.module import UnlearnModule
-from cfg_unlearn.utils import ConfigError, TrainingDiverged, check_writable_file
+from cfg_unlearn.utils import ConfigError, Terminated, TrainingDiverged, check_writable_file, sigterm_raises
 
 #: LightningCLI's subcommands kept: the module scores pairs only in training and
 #: validation steps (``validate`` is the scoring run, GuidanceEval included), so ``test``
@@ -511,6 +513,12 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
             args = None  # `cfg-unlearn fit ...`: the command line itself (Lightning warns when given both)
         check_config_files(sys.argv[1:] if args is None else args)
         cli_main(args)
+    except SIGTERMException:
+        # Lightning ends the step, then raises this: a SystemExit with no code, so a fit a
+        # scheduler stopped exited 0, as if finished (`fit && export` shipped it)
+        sys.stderr.write(f"{prog}: stopped by SIGTERM at the end of a step; the checkpoints saved before it are "
+                         "kept (resume with --ckpt_path)\n")
+        raise SystemExit(128 + signal.SIGTERM) from None
     except ours as e:
         sys.stderr.write(f"{prog}: error: {e}\n")
         raise SystemExit(2) from None
@@ -684,7 +692,8 @@ def _generate(argv: list[str]) -> None:
 
 
 def _demo(argv: list[str]) -> None:
-    from cfg_unlearn.demo import COND_MODES, FALLBACKS, DemoConfig, check_demo_config, run_demo
+    from cfg_unlearn.demo import (COND_MODES, DEMO_OUTPUTS, FALLBACKS, PREVIOUS_RUN, DemoConfig, check_demo_config,
+                                  run_demo)
 
     d = DemoConfig()
     p = argparse.ArgumentParser(
@@ -694,7 +703,8 @@ def _demo(argv: list[str]) -> None:
         "models per guidance scale (metrics.json, report.md, leak_vs_guidance.png in --out).",
     )
     p.add_argument("--out", default=d.out,
-                   help=f"output directory (default {d.out}); a rerun into it first removes the previous run's outputs")
+                   help=f"output directory (default {d.out}); a rerun into it replaces the previous run's outputs when it "
+                   "finishes, and puts them back if it fails or is stopped")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="seeds the world, the tiny model, the pairs and the training (0 .. 2**32-1)")
     p.add_argument("--people", type=int, default=d.people, help=f"people in the synthetic world (default {d.people})")
@@ -741,10 +751,21 @@ def _demo(argv: list[str]) -> None:
     was_enabled = hf_logging.is_progress_bar_enabled()
     if a.quiet:
         hf_logging.disable_progress_bar()  # transformers' "Loading weights"/"Writing model shards" bars too
+    out = Path(a.out).expanduser()
+    had_previous = (out / PREVIOUS_RUN).is_dir() or any((out / name).exists() for name in DEMO_OUTPUTS)
+    stopped = (f"cfg-unlearn demo: interrupted; {a.out} holds "
+               + ("the previous run's outputs, as they were\n" if had_previous
+                  else "the outputs of the stages that finished\n"))
     try:
         run_demo(cfg, progress=not a.quiet)
-    except KeyboardInterrupt:  # a traceback from inside the fine-tune loop; Lightning's stages print one line
-        p.exit(130, f"cfg-unlearn demo: interrupted; {a.out} holds the outputs of the stages that finished\n")
+    except KeyboardInterrupt:  # a traceback from inside the fine-tune loop
+        p.exit(130, stopped)
+    except Terminated as e:
+        p.exit(e.code, stopped)
+    except SystemExit as e:
+        if e.code == 1 and isinstance(e.__context__, KeyboardInterrupt):  # Lightning's own Ctrl-C exit
+            p.exit(130, stopped)
+        raise
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
@@ -779,21 +800,23 @@ def console_main(argv: list[str] | None = None) -> None:
         print(usage, COMMANDS_HELP, sep="\n", file=sys.stdout if argv else sys.stderr)
         sys.exit(0 if argv else 2)
     cmd, rest = argv[0], argv[1:]
-    if cmd in TRAINER_SUBCOMMANDS:
+    if cmd in TRAINER_SUBCOMMANDS:  # Lightning stops a fit at a step's end on SIGTERM: train_main
         train_main([cmd, *rest], prog="cfg-unlearn")
-    elif cmd == "build-tiny":
-        _build_tiny(rest)
-    elif cmd == "generate":
-        _generate(rest)
-    elif cmd == "demo":
-        _demo(rest)
-    elif cmd in COMMAND_ENTRY_POINTS:
-        module, function = COMMAND_ENTRY_POINTS[cmd]
-        # imported on use: `cfg-unlearn --help` stays fast and commands pull only their deps
-        getattr(importlib.import_module(module), function)(rest)
-    else:
-        print(f"cfg-unlearn: unknown command {cmd!r}\n{usage}", file=sys.stderr)
-        sys.exit(2)
+        return
+    with sigterm_raises():  # the other commands clean up after themselves on SIGTERM as on Ctrl-C
+        if cmd == "build-tiny":
+            _build_tiny(rest)
+        elif cmd == "generate":
+            _generate(rest)
+        elif cmd == "demo":
+            _demo(rest)
+        elif cmd in COMMAND_ENTRY_POINTS:
+            module, function = COMMAND_ENTRY_POINTS[cmd]
+            # imported on use: `cfg-unlearn --help` stays fast and commands pull only their deps
+            getattr(importlib.import_module(module), function)(rest)
+        else:
+            print(f"cfg-unlearn: unknown command {cmd!r}\n{usage}", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":  # python -m cfg_unlearn.cli ...

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -22,6 +23,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from cfg_unlearn.data.schema import EvalRecord, prompt_text, write_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION, render_prompt
 from cfg_unlearn.tiny import TinySpec, build_tiny
-from cfg_unlearn.utils import atomic_write, check_writable_file, eval_mode, staged_dir
+from cfg_unlearn.utils import atomic_write, check_writable_file, eval_mode, signals_held, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -404,11 +406,9 @@ def check_demo_config(cfg: DemoConfig) -> DemoConfig:
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
-    from cfg_unlearn.callbacks import subsample
-    from cfg_unlearn.data.generate import generate_pairs
-    from cfg_unlearn.data.llmpc import attack_probes, read_challenge
-    from cfg_unlearn.models import load_causal_lm, load_tokenizer
-
+    """The demo's stages into ``cfg.out`` (see the module docstring); returns the metrics
+    it writes to ``metrics.json``. A previous run's outputs there are replaced when this
+    one finishes, and put back if it fails or is stopped (:func:`previous_run_set_aside`)."""
     cfg = check_demo_config(cfg)  # fail before minutes of training
     uncond_system = uncond_instruction(cfg.cond_mode)
     out = Path(cfg.out).expanduser().resolve()
@@ -416,15 +416,65 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     if any(out.iterdir()) and not is_demo_output(out):  # made since the check: nothing of it is ours
         raise ValueError(f"--out {cfg.out} holds files that are no demo output; give an empty or new directory")
     (out / DEMO_MARKER).touch()
-    # every output of a previous run, first: a rerun stopped midway left its new base and
-    # leaky models beside the old run's unlearned model and metrics, which then described
-    # models they were not made from (and a base trained on another --seed's world)
+    with previous_run_set_aside(out):
+        return _run_stages(cfg, out, uncond_system, progress)
+
+
+#: where a rerun keeps the previous run's outputs until it has finished (inside ``--out``)
+PREVIOUS_RUN = ".previous-run"
+
+
+def _remove_outputs(out: Path) -> None:
     for name in DEMO_OUTPUTS:
         path = out / name
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists():
+        elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+@contextlib.contextmanager
+def previous_run_set_aside(out: Path) -> Iterator[bool]:
+    """A rerun's block with the previous run's outputs moved into ``out/.previous-run``:
+    the stages start from an empty ``out`` (a rerun stopped midway left its new base and
+    leaky models beside the old unlearned model and metrics, which then described models
+    they were not made from), and the previous run is deleted only when the new one has
+    finished. If the block fails or is stopped (Ctrl-C, SIGTERM), its partial outputs go
+    and the previous run's come back: deleted at the start, they were lost to a rerun
+    stopped a minute in. A first run's partial outputs stay. A run killed outright
+    (SIGKILL) leaves ``.previous-run``: the next run keeps it as the previous outputs and
+    deletes the partial ones beside it. Yields whether there was a previous run."""
+    aside = out / PREVIOUS_RUN
+    if aside.is_dir():
+        _remove_outputs(out)
+    else:
+        aside.mkdir()
+        for name in DEMO_OUTPUTS:
+            if (out / name).exists() or (out / name).is_symlink():
+                os.rename(out / name, aside / name)
+    had_previous = any(aside.iterdir())
+    if not had_previous:
+        aside.rmdir()
+    try:
+        yield had_previous
+    except BaseException:
+        if had_previous:
+            with signals_held():
+                _remove_outputs(out)
+                for entry in aside.iterdir():
+                    os.rename(entry, out / entry.name)
+                aside.rmdir()
+        raise
+    if had_previous:
+        shutil.rmtree(aside)
+
+
+def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress: bool) -> dict:
+    from cfg_unlearn.callbacks import subsample
+    from cfg_unlearn.data.generate import generate_pairs
+    from cfg_unlearn.data.llmpc import attack_probes, read_challenge
+    from cfg_unlearn.models import load_causal_lm, load_tokenizer
+
     seconds: dict[str, float] = {}
     t_all = t0 = time.perf_counter()
     world = World(WorldConfig(seed=cfg.seed, n_people=cfg.people))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -12,6 +14,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
+
+log = logging.getLogger(__name__)
 
 #: suffix of the temp files ``atomic_open`` writes next to their target (``.<name>.<random>.tmp``)
 TMP_SUFFIX = ".tmp"
@@ -33,6 +37,37 @@ class NonFiniteWeights(TrainingDiverged, ValueError):
     """The model's weights (or the scores they give) are NaN or infinite: a diverged
     update, or an overflowing cast. A ``ValueError`` too, so the commands that report
     bad input in one line (``chat``, ``generate``) report this one the same way."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM as an exception (:func:`sigterm_raises`): the code it stops cleans up
+    after itself (temp files, staged folders) and the process exits with status 143, as
+    a process killed by SIGTERM does."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """In the block, SIGTERM raises :class:`Terminated` (in the main thread, where Python
+    runs handlers); the handler before is put back after it. By default Python dies at
+    once: no ``finally`` ran, so a command stopped by a scheduler or ``kill`` left its
+    temp files, and subtract and export a staged copy of a whole model, behind.
+    Lightning, during a fit, calls this handler after its own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
 
 
 def dataclass_from(value, cls: type, name: str):
@@ -241,6 +276,32 @@ def check_writable_file(path: str | os.PathLike) -> None:
     os.unlink(tmp)
 
 
+#: the names this package's writers give their temp files and folders: ``.<name>.<8
+#: random>.tmp`` (:func:`atomic_open`), ``.<name>.tmp-<8>`` (:func:`staged_dir`),
+#: ``.<name>.old-<8>`` (:func:`publish_dir`'s previous output)
+_LEFTOVER = re.compile(r"\..+\.(?:[a-z0-9_]{8}\.tmp|tmp-[a-z0-9_]{8}|old-[a-z0-9_]{8})")
+
+
+def leftovers(out: Path) -> list[Path]:
+    """The temp files and folders in ``out``, and the staged or set-aside folders of
+    ``out`` beside it: what a run killed with no chance to clean up left there."""
+    found = [p for p in out.iterdir() if _LEFTOVER.fullmatch(p.name)] if out.is_dir() else []
+    if out.parent.is_dir():
+        found += [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.") and _LEFTOVER.fullmatch(p.name)]
+    return sorted(found)
+
+
+def _holds_only_leftovers(directory: Path) -> bool:
+    """Empty, or nothing but temp files (:data:`_LEFTOVER`): no output of anyone's."""
+    return all(_LEFTOVER.fullmatch(p.name) for p in directory.iterdir())
+
+
+def _disk_bytes(path: Path) -> int:
+    with contextlib.suppress(OSError):
+        return sum(f.stat().st_size for f in (path.rglob("*") if path.is_dir() else [path]) if f.is_file())
+    return 0
+
+
 def check_out_dir(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike], *, staged: bool = True) -> None:
     """Refuse, before any work, to write over a non-empty directory (unless
     ``overwrite``), or over an input: an ``out`` that is one of ``inputs`` or contains
@@ -264,7 +325,12 @@ def check_out_dir(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"--out {out}: {existing} is a file, so the directory cannot be made")
-    if out.exists() and not overwrite and any(out.iterdir()):
+    left = leftovers(out)
+    if left:  # only a kill nothing could clean up after (SIGKILL, the OOM killer) leaves them
+        log.warning("%d temp file(s) or folder(s) of an interrupted run are in or beside %s (%.1f MB): %s; "
+                    "nothing reads them, delete them", len(left), out, sum(map(_disk_bytes, left)) / 1e6,
+                    ", ".join(str(p) for p in left[:5]) + (", ..." if len(left) > 5 else ""))
+    if out.exists() and not overwrite and not _holds_only_leftovers(out):
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
     if not staged and out.is_dir():
         return
@@ -280,11 +346,11 @@ def publish_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     deleted only after the new one is in place, so at no time does ``out`` hold a mix of
     the two; a kill between the two renames leaves both, the old one under
     ``.<name>.old-*``. The renames are fsynced."""
-    if out.is_dir() and not any(out.iterdir()):  # empty, as check_out_dir counts it
+    if out.is_dir() and _holds_only_leftovers(out):  # empty, as check_out_dir counts it
         if out.is_symlink():
-            out.unlink()  # the link is replaced, its (empty) target left alone
+            out.unlink()  # the link is replaced, its target left alone
         else:
-            out.rmdir()
+            shutil.rmtree(out)
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")

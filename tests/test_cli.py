@@ -610,3 +610,42 @@ def test_a_resume_may_use_a_taken_run_folder_only_with_that_runs_checkpoint(tmp_
     other = tmp_path / "tiny" / "version_1" / "checkpoints" / "last.ckpt"
     assert not resumes_run(str(other), run, trainer)
     assert not resumes_run(None, run, trainer)
+
+
+def test_a_fit_stopped_by_sigterm_exits_143_not_0(monkeypatch, capsys):
+    """Lightning ends the step and raises SIGTERMException, a SystemExit with no code: a
+    fit a scheduler stopped exited 0, as if finished, and `fit && export` went on."""
+    import cfg_unlearn.cli as cli
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def stopped(args):
+        raise SIGTERMException
+
+    monkeypatch.setattr(cli, "cli_main", stopped)
+    with pytest.raises(SystemExit) as e:
+        train_main(["fit"])
+    assert e.value.code == 143
+    assert capsys.readouterr().err == ("train.py: stopped by SIGTERM at the end of a step; the checkpoints saved "
+                                       "before it are kept (resume with --ckpt_path)\n")
+
+
+def test_sigterm_cleans_up_like_ctrl_c_in_the_other_commands(tmp_path, monkeypatch):
+    """Python dies at once on SIGTERM by default: no cleanup ran, and a stopped subtract
+    or export left a staged copy of the whole model beside --out."""
+    import signal
+
+    import cfg_unlearn.cli as cli
+    from cfg_unlearn.utils import staged_dir
+
+    def killed_midway(argv):
+        with staged_dir(tmp_path / "out", overwrite=False) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half")
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "_build_tiny", killed_midway)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        console_main(["build-tiny", str(tmp_path / "out")])
+    assert e.value.code == 143
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its staged copy
+    assert signal.getsignal(signal.SIGTERM) is before  # put back for the caller

@@ -3,6 +3,7 @@
 import json
 import platform
 import re
+import signal
 
 import pytest
 import torch
@@ -202,15 +203,8 @@ def test_demo_usage_errors_exit_2_before_any_work(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
 
 
-def test_demo_rerun_removes_every_previous_output_first(tmp_path, monkeypatch):
-    """A rerun into the same --out kept the previous run's models/base, whose tokenizer
-    was trained on that run's world (another --seed or --people gave other numbers than a
-    fresh run), and a run without --compare left the last comparison beside its report.
-    A rerun stopped midway also left the old unlearned model, metrics and report beside
-    its own new base and leaky models. Every output goes first; files of the user's stay."""
-    import cfg_unlearn.demo as demo
-
-    out = tmp_path / "d"
+def _previous_run(out):
+    """A finished-looking demo output directory, plus a file of the user's; its tree."""
     for d in ("models/base", "models/without-pii", "models/subtracted-0.5"):
         (out / d).mkdir(parents=True)
         (out / d / "config.json").write_text("{}")
@@ -223,19 +217,77 @@ def test_demo_rerun_removes_every_previous_output_first(tmp_path, monkeypatch):
         (out / name).write_text("old")
     for d in ("models/unlearned", "models/leaky", "logs/compare-npo", "challenge"):
         (out / d).mkdir(parents=True)
+    return _tree(out)
+
+
+def _tree(out):
+    return {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None for p in out.rglob("*")}
+
+
+def test_demo_rerun_starts_from_no_previous_output_and_puts_it_back_if_stopped(tmp_path, monkeypatch):
+    """A rerun into the same --out kept the previous run's models/base, whose tokenizer
+    was trained on that run's world (another --seed or --people gave other numbers than a
+    fresh run), and a run without --compare left the last comparison beside its report.
+    A rerun stopped midway also left the old unlearned model, metrics and report beside
+    its own new base and leaky models. So every output went first, and a rerun stopped a
+    minute in lost the previous run's results. Now they wait in .previous-run and come
+    back, the new run's partial outputs gone; files of the user's stay."""
+    import cfg_unlearn.demo as demo
+
+    out = tmp_path / "d"
+    before = _previous_run(out)
     built = []
 
-    class Stop(Exception):
-        pass
-
     def fake_build(path, **kw):
-        built.append((path, sorted(p.name for p in out.rglob("*"))))
-        raise Stop
+        built.append((path, sorted(str(p.relative_to(out)) for p in out.iterdir())))
+        (out / "models" / "base").mkdir(parents=True)
+        (out / "models" / "base" / "config.json").write_text("new")
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(demo, "build_tiny", fake_build)
-    with pytest.raises(Stop):
+    with pytest.raises(KeyboardInterrupt):
         demo.run_demo(demo.DemoConfig(out=str(out), seed=1, people=3), progress=False)
-    assert built == [(out / "models" / "base", [".cfg-unlearn-demo", "notes.txt"])]
+    assert built == [(out / "models" / "base", [".cfg-unlearn-demo", ".previous-run", "notes.txt"])]
+    assert _tree(out) == {**before, ".cfg-unlearn-demo": b""}
+
+
+def test_demo_rerun_deletes_the_previous_run_when_it_finishes(tmp_path, monkeypatch):
+    import cfg_unlearn.demo as demo
+
+    out = tmp_path / "d"
+    _previous_run(out)
+
+    def stages(cfg, out, uncond_system, progress):
+        (out / "metrics.json").write_text("new")
+        return {}
+
+    monkeypatch.setattr(demo, "_run_stages", stages)
+    demo.run_demo(demo.DemoConfig(out=str(out), seed=1, people=3), progress=False)
+    assert _tree(out) == {".cfg-unlearn-demo": b"", "metrics.json": b"new", "notes.txt": b"old"}
+
+
+def test_demo_after_a_killed_rerun_keeps_the_last_whole_run(tmp_path, monkeypatch):
+    """SIGKILL leaves .previous-run beside the killed run's partial outputs: the next run
+    takes .previous-run as the previous outputs (to restore if it is stopped too) and
+    deletes the partial ones."""
+    import cfg_unlearn.demo as demo
+
+    out = tmp_path / "d"
+    (out / ".previous-run").mkdir(parents=True)
+    (out / ".previous-run" / "metrics.json").write_text("whole")
+    (out / demo.DEMO_MARKER).write_text("")
+    (out / "pairs.jsonl").write_text("partial")
+    seen = []
+
+    def stages(cfg, out, uncond_system, progress):
+        seen.append(sorted(p.name for p in out.iterdir()))
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(demo, "_run_stages", stages)
+    with pytest.raises(RuntimeError):
+        demo.run_demo(demo.DemoConfig(out=str(out), seed=1, people=3), progress=False)
+    assert seen == [[demo.DEMO_MARKER, ".previous-run"]]
+    assert _tree(out) == {demo.DEMO_MARKER: b"", "metrics.json": b"whole"}
 
 
 def test_save_model_interrupted_leaves_the_previous_model_whole(tmp_path, tiny_model_dir):
@@ -296,19 +348,60 @@ def test_demo_out_through_dotdot_is_checked_as_the_folder_it_names(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "report.md"]
 
 
-def test_demo_interrupted_is_one_line(tmp_path, monkeypatch, capsys):
-    """Ctrl-C in the leak fine-tune (the demo's own loop) printed a KeyboardInterrupt traceback."""
+def _ctrl_c_in_lightning():
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        raise SystemExit(1)  # Lightning's fit: "Detected KeyboardInterrupt", then sys.exit(1)
+
+
+@pytest.mark.parametrize("stop, code", [
+    (lambda: (_ for _ in ()).throw(KeyboardInterrupt), 130),  # the demo's own loop
+    (_ctrl_c_in_lightning, 130),
+    (lambda: signal.raise_signal(signal.SIGTERM), 143),
+], ids=["ctrl-c", "ctrl-c-in-lightning", "sigterm"])
+def test_demo_interrupted_is_one_line(tmp_path, monkeypatch, capsys, stop, code):
+    """Ctrl-C in the leak fine-tune (the demo's own loop) printed a KeyboardInterrupt
+    traceback; in a Lightning stage, or on SIGTERM, the demo exited 1 or 0 with no word."""
     import cfg_unlearn.demo as demo
+
+    def interrupted(cfg, progress):
+        stop()
+
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    with pytest.raises(SystemExit) as e:
+        console_main(["demo", "--out", str(tmp_path / "d"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == code and err == [f"cfg-unlearn demo: interrupted; {tmp_path / 'd'} holds the outputs of "
+                                            "the stages that finished"]
+
+
+def test_demo_interrupted_rerun_says_the_previous_run_is_back(tmp_path, monkeypatch, capsys):
+    import cfg_unlearn.demo as demo
+
+    out = tmp_path / "d"
+    _previous_run(out)
 
     def interrupted(cfg, progress):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(demo, "run_demo", interrupted)
     with pytest.raises(SystemExit) as e:
+        console_main(["demo", "--out", str(out), "--quiet"])
+    assert e.value.code == 130
+    assert capsys.readouterr().err == f"cfg-unlearn demo: interrupted; {out} holds the previous run's outputs, as they were\n"
+
+
+def test_demo_passes_other_exits_on(tmp_path, monkeypatch):
+    import cfg_unlearn.demo as demo
+
+    def exits(cfg, progress):
+        raise SystemExit(1)
+
+    monkeypatch.setattr(demo, "run_demo", exits)
+    with pytest.raises(SystemExit) as e:
         console_main(["demo", "--out", str(tmp_path / "d"), "--quiet"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 130 and err == [f"cfg-unlearn demo: interrupted; {tmp_path / 'd'} holds the outputs of "
-                                           "the stages that finished"]
+    assert e.value.code == 1
 
 
 def test_demo_refuses_an_out_of_other_files_and_deletes_nothing(tmp_path, capsys):

@@ -220,3 +220,30 @@ def test_atomic_write_files_keeps_modes_and_writes_bytes(tmp_path, umask_027):
     atomic_write_files([(tmp_path / "a.txt", "new"), (tmp_path / "b.png", b"\x89PNG")])
     assert (tmp_path / "a.txt").read_text() == "new" and _mode(tmp_path / "a.txt") == 0o600
     assert (tmp_path / "b.png").read_bytes() == b"\x89PNG" and _mode(tmp_path / "b.png") == 0o640
+
+
+def test_leftovers_of_a_killed_run_neither_block_a_rerun_nor_go_unmentioned(tmp_path, caplog):
+    """A run killed outright (SIGKILL, the OOM killer) leaves its temp files: saft then
+    refused every rerun ("exists and is not empty"), though `ls` showed nothing, and a
+    subtract's staged copy of a whole model stayed beside --out with no word."""
+    from cfg_unlearn.utils import check_out_dir, publish_dir
+
+    out = tmp_path / "saft"
+    out.mkdir()
+    (out / ".kept.jsonl.k2j_9xq1.tmp").write_text("half")
+    (tmp_path / ".saft.tmp-ab12cd34").mkdir()
+    (tmp_path / ".saft.tmp-ab12cd34" / "model.safetensors").write_bytes(b"x" * 2_000_000)
+    (tmp_path / ".other.tmp-ab12cd34").mkdir()  # another output's: not named for this one
+    with caplog.at_level("WARNING"):
+        check_out_dir(out, False, ())
+    assert "2 temp file(s) or folder(s) of an interrupted run are in or beside" in caplog.text
+    assert "(2.0 MB)" in caplog.text and ".kept.jsonl.k2j_9xq1.tmp" in caplog.text and ".other" not in caplog.text
+    (out / "notes.txt").write_text("mine")  # anything else still counts
+    with pytest.raises(FileExistsError):
+        check_out_dir(out, False, ())
+    (out / "notes.txt").unlink()
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "kept.jsonl").write_text("rows")
+    publish_dir(new, out, overwrite=False)  # the leftovers alone are no output to keep
+    assert sorted(p.name for p in out.iterdir()) == ["kept.jsonl"]
