@@ -1086,5 +1086,8 @@ def main(argv: list[str] | None = None) -> None:
         p.exit(2, f"cfg-unlearn saft: {e}\n")
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+if __name__ == "__main__":  # python -m cfg_unlearn.saft: SIGTERM cleans up, as under cfg-unlearn
+    from cfg_unlearn.utils import sigterm_raises
+
+    with sigterm_raises():
+        main(sys.argv[1:])

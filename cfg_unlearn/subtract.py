@@ -539,5 +539,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {a.out} ({summary.tensors} tensors, {summary.parameters:,} parameters, {summary.seconds:.1f}s)")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv[1:])
+if __name__ == "__main__":  # pragma: no cover - SIGTERM cleans up, as under cfg-unlearn
+    from cfg_unlearn.utils import sigterm_raises
+
+    with sigterm_raises():
+        main(sys.argv[1:])

@@ -261,5 +261,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{len(labels)} labels ({n_labelled_leaky} leaky) to {out / 'labels.jsonl'}")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # SIGTERM cleans up (temp files), as under cfg-unlearn
+    from cfg_unlearn.utils import sigterm_raises
+
+    with sigterm_raises():
+        main()
