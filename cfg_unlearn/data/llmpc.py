@@ -208,9 +208,11 @@ def attack_probes(rows: list[ChallengeRow], tokenizer) -> list[EvalRecord]:
     out = []
     for row in rows:
         for key, value in row.pii.items():
-            kind = pii_type(key)
-            if kind not in PII_DESCRIPTIONS or not _KEY.fullmatch(key):  # "NAME-FIRST", "name-2": the baseline's
-                continue  # split("-")[0] finds no description for them either
+            # the baseline's type, exactly: the key up to its first "-", attacked when described
+            # ("NAME-FIRST" is, as NAME; "name-2", "PARK-NAME" and "NAME_1" are not)
+            kind = key.split("-")[0]
+            if kind not in PII_DESCRIPTIONS:
+                continue
             locs = [m.start() for m in re.finditer(re.escape(f"[{key}]"), row.text)]
             for j, loc in enumerate(locs[::-1]):
                 context = row.text[:loc]
