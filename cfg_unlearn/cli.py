@@ -516,8 +516,9 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
     except SIGTERMException:
         # Lightning ends the step, then raises this: a SystemExit with no code, so a fit a
         # scheduler stopped exited 0, as if finished (`fit && export` shipped it)
-        sys.stderr.write(f"{prog}: stopped by SIGTERM at the end of a step; the checkpoints saved before it are "
-                         "kept (resume with --ckpt_path)\n")
+        fit = "fit" in (sys.argv[1:2] if args is None else args[:1])
+        sys.stderr.write(f"{prog}: stopped by SIGTERM at the end of a step"
+                         + ("; the checkpoints saved before it are kept (resume with --ckpt_path)\n" if fit else "\n"))
         raise SystemExit(128 + signal.SIGTERM) from None
     except ours as e:
         sys.stderr.write(f"{prog}: error: {e}\n")
@@ -752,19 +753,24 @@ def _demo(argv: list[str]) -> None:
     if a.quiet:
         hf_logging.disable_progress_bar()  # transformers' "Loading weights"/"Writing model shards" bars too
     out = Path(a.out).expanduser()
-    had_previous = (out / PREVIOUS_RUN).is_dir() or any((out / name).exists() for name in DEMO_OUTPUTS)
-    stopped = (f"cfg-unlearn demo: interrupted; {a.out} holds "
-               + ("the previous run's outputs, as they were\n" if had_previous
-                  else "the outputs of the stages that finished\n"))
+    had_previous = any((out / name).exists() for name in (PREVIOUS_RUN, f"{PREVIOUS_RUN}.partial", *DEMO_OUTPUTS))
+
+    def stopped() -> str:  # read after the run: what its cleanup could do
+        if (out / PREVIOUS_RUN).is_dir():
+            return f"cfg-unlearn demo: interrupted; the previous run's outputs are in {out / PREVIOUS_RUN}\n"
+        return (f"cfg-unlearn demo: interrupted; {a.out} holds "
+                + ("the previous run's outputs, as they were\n" if had_previous
+                   else "the outputs of the stages that finished\n"))
+
     try:
         run_demo(cfg, progress=not a.quiet)
     except KeyboardInterrupt:  # a traceback from inside the fine-tune loop
-        p.exit(130, stopped)
+        p.exit(130, stopped())
     except Terminated as e:
-        p.exit(e.code, stopped)
+        p.exit(e.code, stopped())
     except SystemExit as e:
         if e.code == 1 and isinstance(e.__context__, KeyboardInterrupt):  # Lightning's own Ctrl-C exit
-            p.exit(130, stopped)
+            p.exit(130, stopped())
         raise
     finally:
         if was_enabled:

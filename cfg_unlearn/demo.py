@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -441,17 +442,33 @@ def previous_run_set_aside(out: Path) -> Iterator[bool]:
     they were not made from), and the previous run is deleted only when the new one has
     finished. If the block fails or is stopped (Ctrl-C, SIGTERM), its partial outputs go
     and the previous run's come back: deleted at the start, they were lost to a rerun
-    stopped a minute in. A first run's partial outputs stay. A run killed outright
-    (SIGKILL) leaves ``.previous-run``: the next run keeps it as the previous outputs and
-    deletes the partial ones beside it. Yields whether there was a previous run."""
-    aside = out / PREVIOUS_RUN
+    stopped a minute in. A first run's partial outputs stay. Yields whether there was a
+    previous run.
+
+    Each step that moves a whole set holds Ctrl-C and SIGTERM, and goes through a name
+    that says how far it got, so that a run killed outright (SIGKILL) leaves a state the
+    next run reads right: ``.previous-run.partial`` (killed while setting the previous
+    run aside: the rest is still in ``out``, moved in too), ``.previous-run`` (killed
+    during the stages: the last whole run; the partial outputs beside it are deleted),
+    ``.previous-run.done-*`` (killed while deleting a finished run's predecessor: deleted)."""
+    aside, partial = out / PREVIOUS_RUN, out / f"{PREVIOUS_RUN}.partial"
+    for done in out.glob(f"{PREVIOUS_RUN}.done-*"):
+        shutil.rmtree(done, ignore_errors=True)
     if aside.is_dir():
         _remove_outputs(out)
     else:
-        aside.mkdir()
-        for name in DEMO_OUTPUTS:
-            if (out / name).exists() or (out / name).is_symlink():
-                os.rename(out / name, aside / name)
+        with signals_held():
+            partial.mkdir(exist_ok=True)
+            try:
+                for name in DEMO_OUTPUTS:
+                    if (out / name).exists() or (out / name).is_symlink():
+                        os.rename(out / name, partial / name)
+            except BaseException:  # a rename refused: all back where they were
+                for entry in partial.iterdir():
+                    os.rename(entry, out / entry.name)
+                partial.rmdir()
+                raise
+            os.rename(partial, aside)
     had_previous = any(aside.iterdir())
     if not had_previous:
         aside.rmdir()
@@ -466,7 +483,11 @@ def previous_run_set_aside(out: Path) -> Iterator[bool]:
                 aside.rmdir()
         raise
     if had_previous:
-        shutil.rmtree(aside)
+        # renamed first: a kill while deleting must not leave a .previous-run, which the
+        # next run would take for the last whole run (and delete this one's outputs for it)
+        done = out / f"{PREVIOUS_RUN}.done-{secrets.token_hex(4)}"
+        os.rename(aside, done)
+        shutil.rmtree(done)
 
 
 def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress: bool) -> dict:

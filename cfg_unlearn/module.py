@@ -886,8 +886,8 @@ class UnlearnModule(L.LightningModule):
         out = {}
         for split in splits:
             ds = getattr(dm, f"{split}_dataset", None)
-            for i in range(len(ds) if ds is not None else 0):
-                out[f"{split}:{ds[i]['id']}"] = pair_fingerprint(ds[i])
+            for item in ds if ds is not None else ():  # each built once (PairDataset builds items on access)
+                out[f"{split}:{item['id']}"] = pair_fingerprint(item)
         return out
 
     def _check_table_covers_data(self, splits: tuple[str, ...] = ("train", "val")) -> None:

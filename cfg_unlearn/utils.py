@@ -213,25 +213,27 @@ def atomic_write_files(files: Sequence[tuple[str | os.PathLike, str | bytes]]) -
 
 
 def _replace_together(staged: Sequence[tuple[str, Path]]) -> None:
-    """Rename each temp file onto its path; if one rename fails, undo the ones before it
-    (an existing file is renamed aside first, to a temp name, and put back)."""
+    """Rename each temp file onto its path; if one rename fails, undo the ones before it.
+    An existing file keeps a second name (a hard link, a temp name) until the end, to be
+    put back: the path itself always holds the old file or the new one, never nothing
+    (renamed aside instead, a reader found no file, and a kill in between left the only
+    copy under a temp name). Where hard links are not supported it is copied."""
     done: list[tuple[Path, str | None]] = []
     try:
         for tmp, path in staged:
-            aside = None
-            if path.exists() and not path.is_dir():
-                fd, aside = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-                os.close(fd)
-                os.replace(path, aside)
+            aside = _second_name(path) if path.is_file() else None
             done.append((path, aside))
             os.replace(tmp, path)
     except BaseException:
         for path, aside in reversed(done):
             with contextlib.suppress(OSError):
-                if aside is not None:
+                if aside is None:
+                    if path.is_file():
+                        os.unlink(path)
+                elif os.path.samefile(aside, path):  # not replaced yet (rename() of two links to one file does nothing)
+                    os.unlink(aside)
+                else:
                     os.replace(aside, path)
-                elif path.exists() and not path.is_dir():
-                    os.unlink(path)
         raise
     for _, aside in done:
         if aside is not None:
@@ -239,27 +241,52 @@ def _replace_together(staged: Sequence[tuple[str, Path]]) -> None:
                 os.unlink(aside)
 
 
+def _second_name(path: Path) -> str:
+    """A hard link to ``path`` under a temp name beside it (a copy where links fail)."""
+    fd, aside = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    try:
+        os.unlink(aside)
+        try:
+            os.link(path, aside)
+        except OSError:  # no hard links here (some network or FUSE file systems)
+            shutil.copy2(path, aside)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(aside)
+        raise
+    return aside
+
+
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """Hold SIGINT and SIGTERM for the block (a few renames that must all happen, or
-    none), then deliver the ones that came, to the handlers there were. Python runs
-    signal handlers in the main thread only: elsewhere the block runs as it is."""
+    none), then deliver the ones that came, to the handlers there were, SIGTERM first.
+    The handlers are put back SIGTERM first too, so a Ctrl-C until its own handler is
+    back is still held, and a held SIGTERM is delivered even when a new Ctrl-C interrupts
+    the putting back. Python runs signal handlers in the main thread only: elsewhere the
+    block runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     came: list[int] = []
+    order = (signal.SIGTERM, signal.SIGINT)
     before = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in order:
         handler = signal.getsignal(signum)
         if handler is not None:  # None: set outside Python, and it could not be put back
             before[signum] = signal.signal(signum, lambda n, _frame: came.append(n))
     try:
         yield
     finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
-        for signum in dict.fromkeys(came):
-            signal.raise_signal(signum)
+        try:
+            for signum in order:
+                if signum in before:
+                    signal.signal(signum, before[signum])
+        finally:
+            for signum in order:
+                if signum in came:
+                    signal.raise_signal(signum)
 
 
 def check_writable_file(path: str | os.PathLike) -> None:
@@ -276,24 +303,30 @@ def check_writable_file(path: str | os.PathLike) -> None:
     os.unlink(tmp)
 
 
-#: the names this package's writers give their temp files and folders: ``.<name>.<8
-#: random>.tmp`` (:func:`atomic_open`), ``.<name>.tmp-<8>`` (:func:`staged_dir`),
-#: ``.<name>.old-<8>`` (:func:`publish_dir`'s previous output)
-_LEFTOVER = re.compile(r"\..+\.(?:[a-z0-9_]{8}\.tmp|tmp-[a-z0-9_]{8}|old-[a-z0-9_]{8})")
+#: the temp files :func:`atomic_open` writes: ``.<name>.<8 random>.tmp``
+_TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(TMP_SUFFIX))
 
 
 def leftovers(out: Path) -> list[Path]:
-    """The temp files and folders in ``out``, and the staged or set-aside folders of
-    ``out`` beside it: what a run killed with no chance to clean up left there."""
-    found = [p for p in out.iterdir() if _LEFTOVER.fullmatch(p.name)] if out.is_dir() else []
+    """What runs that were killed with no chance to clean up (SIGKILL, the OOM killer)
+    may have left for ``out``: temp files in it (:func:`atomic_open`), and its staged
+    (``.<name>.tmp-*``, :func:`staged_dir`) or set-aside (``.<name>.old-*``,
+    :func:`publish_dir`) folders beside it. A run still at work has them too."""
+    found = [p for p in out.iterdir() if p.is_file() and _TEMP_FILE.fullmatch(p.name)] if out.is_dir() else []
     if out.parent.is_dir():
-        found += [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.") and _LEFTOVER.fullmatch(p.name)]
+        beside = re.compile(re.escape(f".{out.name}.") + r"(?:tmp|old)-[a-z0-9_]{8}")
+        found += [p for p in out.parent.iterdir() if p.is_dir() and beside.fullmatch(p.name)]
     return sorted(found)
 
 
-def _holds_only_leftovers(directory: Path) -> bool:
-    """Empty, or nothing but temp files (:data:`_LEFTOVER`): no output of anyone's."""
-    return all(_LEFTOVER.fullmatch(p.name) for p in directory.iterdir())
+def _warn_leftovers(out: Path, left: list[Path]) -> None:
+    old = [p for p in left if p.name.startswith(f".{out.name}.old-")]
+    if old and not out.exists():  # killed between publish_dir's renames: the previous output's only copy
+        log.warning("%s is missing and %s holds the output it had: a run was killed while replacing it; rename "
+                    "it back to keep it", out, old[0])
+    log.warning("%d temp file(s) or folder(s) of a run that was killed (or is still at work) are in or beside %s "
+                "(%.1f MB): %s; no run reads them: check them, then delete them", len(left), out,
+                sum(map(_disk_bytes, left)) / 1e6, ", ".join(str(p) for p in left[:5]) + (", ..." if len(left) > 5 else ""))
 
 
 def _disk_bytes(path: Path) -> int:
@@ -326,11 +359,12 @@ def check_out_dir(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike
     if not existing.is_dir():
         raise ValueError(f"--out {out}: {existing} is a file, so the directory cannot be made")
     left = leftovers(out)
-    if left:  # only a kill nothing could clean up after (SIGKILL, the OOM killer) leaves them
-        log.warning("%d temp file(s) or folder(s) of an interrupted run are in or beside %s (%.1f MB): %s; "
-                    "nothing reads them, delete them", len(left), out, sum(map(_disk_bytes, left)) / 1e6,
-                    ", ".join(str(p) for p in left[:5]) + (", ..." if len(left) > 5 else ""))
-    if out.exists() and not overwrite and not _holds_only_leftovers(out):
+    if left:
+        _warn_leftovers(out, left)
+    # files written into out (not staged) ignore a killed run's temp files there: they
+    # blocked every rerun, "not empty" with nothing to see; a staged output replaces the
+    # whole folder, so anything in it counts
+    if out.exists() and not overwrite and any(staged or p not in left for p in out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
     if not staged and out.is_dir():
         return
@@ -346,11 +380,11 @@ def publish_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     deleted only after the new one is in place, so at no time does ``out`` hold a mix of
     the two; a kill between the two renames leaves both, the old one under
     ``.<name>.old-*``. The renames are fsynced."""
-    if out.is_dir() and _holds_only_leftovers(out):  # empty, as check_out_dir counts it
+    if out.is_dir() and not any(out.iterdir()):  # empty, as check_out_dir counts it
         if out.is_symlink():
-            out.unlink()  # the link is replaced, its target left alone
+            out.unlink()  # the link is replaced, its (empty) target left alone
         else:
-            shutil.rmtree(out)
+            out.rmdir()
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")

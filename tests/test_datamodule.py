@@ -505,6 +505,9 @@ def test_pair_dataset_builds_items_from_packed_parts():
     assert whole[0]["uncond"]["nll_labels"] == [[1, 7, 2], [1, 8, 2]]
     with pytest.raises(ValueError, match="2 prompts and 2 answers"):
         ds.append("c", [[1]], [[2], [3]])
+    with pytest.raises(OverflowError):  # refused whole: the buffer and the part ends stay aligned
+        ds.append("c", [[1], [1]], [[2], [2**31]])
+    assert len(ds) == 2 and ds[1]["uncond"]["input_ids"] == [[2], [5, 2]] and ds.longest_sequence() == 7
 
 
 def test_collator_pads_right():

@@ -4,6 +4,7 @@ import json
 import platform
 import re
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,6 +291,78 @@ def test_demo_after_a_killed_rerun_keeps_the_last_whole_run(tmp_path, monkeypatc
     assert _tree(out) == {demo.DEMO_MARKER: b"", "metrics.json": b"whole"}
 
 
+def test_demo_killed_while_deleting_the_previous_run_keeps_its_own(tmp_path, monkeypatch):
+    """A kill during the final delete of .previous-run left it half deleted beside the
+    finished run: the next run took it for the last whole run, deleted the finished one,
+    and on failure put the half-deleted one back. It is renamed first now."""
+    import cfg_unlearn.demo as demo
+
+    out = tmp_path / "d"
+    _previous_run(out)
+
+    def finished(cfg, out, uncond_system, progress):
+        (out / "metrics.json").write_text("run2")
+        return {}
+
+    real_rmtree = demo.shutil.rmtree
+
+    def killed_in_rmtree(path, *a, **kw):
+        if ".previous-run.done-" in str(path):
+            real_rmtree(Path(path) / "models", *a, **kw)  # part of it gone, then the kill
+            raise KeyboardInterrupt
+        return real_rmtree(path, *a, **kw)
+
+    monkeypatch.setattr(demo, "_run_stages", finished)
+    monkeypatch.setattr(demo.shutil, "rmtree", killed_in_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(demo.DemoConfig(out=str(out), seed=1, people=3), progress=False)
+    monkeypatch.setattr(demo.shutil, "rmtree", real_rmtree)
+
+    def fails(cfg, out, uncond_system, progress):
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(demo, "_run_stages", fails)
+    with pytest.raises(RuntimeError):
+        demo.run_demo(demo.DemoConfig(out=str(out), seed=1, people=3), progress=False)
+    assert _tree(out) == {demo.DEMO_MARKER: b"", "metrics.json": b"run2", "notes.txt": b"old"}
+
+
+def test_demo_setting_the_previous_run_aside_is_all_or_nothing(tmp_path, monkeypatch):
+    """A rename refused midway (a file in use) split the previous run between --out and
+    .previous-run; a kill midway (SIGKILL: nothing can put it back) leaves
+    .previous-run.partial, whose rest the next run moves in too."""
+    import cfg_unlearn.demo as demo
+
+    out = tmp_path / "d"
+    before = _previous_run(out)
+    real_rename, calls = demo.os.rename, []
+
+    def refused(src, dst):
+        calls.append(src)
+        if len(calls) == 3:
+            raise OSError("in use")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(demo.os, "rename", refused)
+    with pytest.raises(OSError, match="in use"):
+        demo.run_demo(demo.DemoConfig(out=str(out), seed=1, people=3), progress=False)
+    monkeypatch.setattr(demo.os, "rename", real_rename)
+    assert _tree(out) == {**before, ".cfg-unlearn-demo": b""}
+    # killed midway: part of the run in .partial
+    (out / ".previous-run.partial").mkdir()
+    real_rename(out / "models", out / ".previous-run.partial" / "models")
+    real_rename(out / "metrics.json", out / ".previous-run.partial" / "metrics.json")
+
+    def fails(cfg, out, uncond_system, progress):
+        assert sorted(p.name for p in out.iterdir()) == [demo.DEMO_MARKER, ".previous-run", "notes.txt"]
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(demo, "_run_stages", fails)
+    with pytest.raises(RuntimeError):
+        demo.run_demo(demo.DemoConfig(out=str(out), seed=1, people=3), progress=False)
+    assert _tree(out) == {**before, ".cfg-unlearn-demo": b""}
+
+
 def test_save_model_interrupted_leaves_the_previous_model_whole(tmp_path, tiny_model_dir):
     """The demo's models were written in place: a run killed between the weights and the
     tokenizer left a new model beside an old tokenizer. Now the old one stays as it was,
@@ -380,16 +453,18 @@ def test_demo_interrupted_rerun_says_the_previous_run_is_back(tmp_path, monkeypa
     import cfg_unlearn.demo as demo
 
     out = tmp_path / "d"
-    _previous_run(out)
+    before = _previous_run(out)
 
-    def interrupted(cfg, progress):
+    def interrupted(cfg, out, uncond_system, progress):
+        (out / "pairs.jsonl").write_text("partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo, "run_demo", interrupted)
+    monkeypatch.setattr(demo, "_run_stages", interrupted)
     with pytest.raises(SystemExit) as e:
         console_main(["demo", "--out", str(out), "--quiet"])
     assert e.value.code == 130
     assert capsys.readouterr().err == f"cfg-unlearn demo: interrupted; {out} holds the previous run's outputs, as they were\n"
+    assert _tree(out) == {**before, ".cfg-unlearn-demo": b""}
 
 
 def test_demo_passes_other_exits_on(tmp_path, monkeypatch):

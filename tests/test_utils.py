@@ -226,24 +226,89 @@ def test_leftovers_of_a_killed_run_neither_block_a_rerun_nor_go_unmentioned(tmp_
     """A run killed outright (SIGKILL, the OOM killer) leaves its temp files: saft then
     refused every rerun ("exists and is not empty"), though `ls` showed nothing, and a
     subtract's staged copy of a whole model stayed beside --out with no word."""
-    from cfg_unlearn.utils import check_out_dir, publish_dir
+    from cfg_unlearn.utils import check_out_dir
 
     out = tmp_path / "saft"
     out.mkdir()
     (out / ".kept.jsonl.k2j_9xq1.tmp").write_text("half")
     (tmp_path / ".saft.tmp-ab12cd34").mkdir()
     (tmp_path / ".saft.tmp-ab12cd34" / "model.safetensors").write_bytes(b"x" * 2_000_000)
-    (tmp_path / ".other.tmp-ab12cd34").mkdir()  # another output's: not named for this one
+    (tmp_path / ".other.tmp-ab12cd34").mkdir()  # another output's
+    (tmp_path / ".saft.v2.tmp-ab12cd34").mkdir()  # another output's too, whose name extends this one's
     with caplog.at_level("WARNING"):
+        check_out_dir(out, False, (), staged=False)  # saft writes its files into --out
+    assert "2 temp file(s) or folder(s) of a run that was killed (or is still at work) are in or beside" in caplog.text
+    assert "(2.0 MB)" in caplog.text and ".kept.jsonl.k2j_9xq1.tmp" in caplog.text
+    assert ".other" not in caplog.text and ".saft.v2" not in caplog.text
+    with pytest.raises(FileExistsError):  # a staged output replaces the whole folder: anything in it counts
         check_out_dir(out, False, ())
-    assert "2 temp file(s) or folder(s) of an interrupted run are in or beside" in caplog.text
-    assert "(2.0 MB)" in caplog.text and ".kept.jsonl.k2j_9xq1.tmp" in caplog.text and ".other" not in caplog.text
     (out / "notes.txt").write_text("mine")  # anything else still counts
     with pytest.raises(FileExistsError):
-        check_out_dir(out, False, ())
-    (out / "notes.txt").unlink()
-    new = tmp_path / "new"
-    new.mkdir()
-    (new / "kept.jsonl").write_text("rows")
-    publish_dir(new, out, overwrite=False)  # the leftovers alone are no output to keep
-    assert sorted(p.name for p in out.iterdir()) == ["kept.jsonl"]
+        check_out_dir(out, False, (), staged=False)
+
+
+def test_a_previous_output_left_set_aside_is_named_as_one_to_keep(tmp_path, caplog):
+    """Killed between publish_dir's two renames: --out is missing and its previous
+    output's only copy is in .<name>.old-*: the warning must not only say "delete"."""
+    from cfg_unlearn.utils import check_out_dir
+
+    (tmp_path / ".model.old-gl5s19sw" / "model").mkdir(parents=True)
+    with caplog.at_level("WARNING"):
+        check_out_dir(tmp_path / "model", False, ())
+    assert f"{tmp_path / 'model'} is missing and {tmp_path / '.model.old-gl5s19sw'} holds the output it had" in caplog.text
+    assert "rename it back" in caplog.text
+
+
+def test_atomic_write_files_never_leaves_a_path_without_a_file(tmp_path, monkeypatch):
+    """The old file was renamed aside before the new one went in: a reader found no file
+    (37,766 times in a polling test), and a kill in between left the only copy under a
+    temp name. Each path now holds the old file or the new one at every rename."""
+    from cfg_unlearn import utils
+
+    utils.atomic_write_files(_set(tmp_path, {"a.jsonl": "old", "b.jsonl": "old"}))
+    real, present = os.replace, []
+
+    def replace(src, dst):
+        if str(src).endswith(TMP_SUFFIX) and not str(dst).endswith(TMP_SUFFIX):
+            present.append((Path(dst).name, Path(dst).exists()))
+        return real(src, dst)
+    monkeypatch.setattr(utils.os, "replace", replace)
+    utils.atomic_write_files(_set(tmp_path, {"a.jsonl": "new", "b.jsonl": "new"}))
+    assert present == [("a.jsonl", True), ("b.jsonl", True)]
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"a.jsonl": "new", "b.jsonl": "new"}
+
+
+def test_signals_held_delivers_sigterm_first_and_puts_both_handlers_back():
+    import signal
+
+    from cfg_unlearn import utils
+
+    with utils.sigterm_raises():
+        with pytest.raises(utils.Terminated), utils.signals_held():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is utils._raise_terminated
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_ctrl_c_while_the_handlers_are_put_back_leaves_no_handler_holding(monkeypatch):
+    """A Ctrl-C right after SIGINT's handler was put back left the loop with SIGTERM's
+    holding handler still installed: every later SIGTERM was swallowed."""
+    import signal
+
+    from cfg_unlearn import utils
+
+    real = signal.signal
+
+    def put_back_then_ctrl_c(signum, handler):
+        previous = real(signum, handler)
+        if signum == signal.SIGINT and handler is signal.default_int_handler:
+            signal.raise_signal(signal.SIGINT)
+        return previous
+
+    with utils.sigterm_raises():
+        monkeypatch.setattr(signal, "signal", put_back_then_ctrl_c)
+        with pytest.raises(KeyboardInterrupt), utils.signals_held():
+            pass
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGTERM) is utils._raise_terminated

@@ -167,7 +167,8 @@ class PairDataset(Dataset):
         rejected answer ids."""
         if len(prompts) != len(VARIANTS) or len(answers) != 2:
             raise ValueError(f"a pair has {len(VARIANTS)} prompts and 2 answers, got {len(prompts)} and {len(answers)}")
-        for part in (*prompts, *answers):
+        parts = [array("i", part) for part in (*prompts, *answers)]  # an id past int32 fails here, nothing added
+        for part in parts:
             self._tokens.extend(part)
             self._ends.append(len(self._tokens))
         self.ids.append(pair_id)
