@@ -725,8 +725,13 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
         if trainer.is_global_zero:
             if self.save_to_log_dir:
                 os.makedirs(path, exist_ok=True)
-                self.parser.save(self.config, os.path.join(path, self.config_filename), skip_unset=False,
-                                 overwrite=True, multifile=self.multifile)
+                target = os.path.join(path, self.config_filename)
+                if self.multifile:  # one file per sub-config given as a file: jsonargparse's own writer
+                    self.parser.save(self.config, target, skip_unset=False, overwrite=True, multifile=True)
+                else:  # UTF-8 and whole: parser.save wrote in the locale's encoding (cp1252 on Windows:
+                    # a Cyrillic instruction failed and left an empty file; a German one was written so
+                    # that the run's own config.yaml was then refused as not UTF-8)
+                    atomic_write(target, self.parser.dump(self.config, skip_unset=False))
             self.save_config(trainer, pl_module, stage)
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)

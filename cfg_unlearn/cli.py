@@ -317,10 +317,12 @@ def _checkpoint_file(ckpt_path: Any) -> dict[str, Any] | None:
         return None
     import torch
 
-    try:
-        return torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception:  # noqa: BLE001 - Lightning's own load reports an unreadable checkpoint
-        return None
+    for mmap in (True, False):  # a plain read where mapping fails (the resume checks would be skipped)
+        try:
+            return torch.load(ckpt_path, map_location="cpu", mmap=mmap, weights_only=False)
+        except Exception:  # noqa: BLE001 - Lightning's own load reports an unreadable checkpoint
+            continue
+    return None
 
 
 def _replaced(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
@@ -467,6 +469,27 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> UnlearnCLI:
     )
 
 
+def _check_config_encoding(path: str) -> None:
+    """jsonargparse reads a config file in the locale's encoding: on Windows (cp1252) a
+    UTF-8 instruction "Keine persönlichen Daten" trained as "Keine persÃ¶nlichen Daten",
+    silently, never matching the text chat and export are given. A config with any
+    non-ASCII byte is refused there, naming the fix."""
+    import codecs
+    import locale
+
+    encoding = locale.getpreferredencoding(False)
+    if codecs.lookup(encoding).name == "utf-8":
+        return
+    try:
+        with open(path, "rb") as fh:
+            ascii_only = fh.read().isascii()
+    except OSError:  # unreadable: jsonargparse says so
+        return
+    if not ascii_only:
+        raise ConfigError(f"--config {path}: holds non-ASCII text, and this Python reads config files as {encoding}, "
+                          "not UTF-8, so it would be misread; run with PYTHONUTF8=1 (or python -X utf8)")
+
+
 def check_config_files(argv: list[str]) -> None:
     """Read every ``--config``/``-c`` file as YAML first, so a syntax error names the file
     (jsonargparse reads the text and names it ``<unicode string>``). A value that is not
@@ -482,6 +505,7 @@ def check_config_files(argv: list[str]) -> None:
             continue
         if not os.path.isfile(path):  # inline YAML text (any length) is jsonargparse's
             continue
+        _check_config_encoding(path)
         try:
             with open(path, encoding="utf-8") as fh:
                 yaml.compose(fh, Loader=yaml.SafeLoader)  # syntax only: values are jsonargparse's to read

@@ -476,11 +476,12 @@ def previous_run_set_aside(out: Path) -> Iterator[bool]:
         yield had_previous
     except BaseException:
         if had_previous:
-            with signals_held():
-                _remove_outputs(out)
-                for entry in aside.iterdir():
-                    os.rename(entry, out / entry.name)
-                aside.rmdir()
+            try:
+                with signals_held():
+                    _restore_previous_run(out, aside)
+            except OSError as e:  # on Windows, a file the failed run still maps cannot be deleted
+                log.warning("the previous run's outputs stay in %s (its partial outputs could not all be "
+                            "removed: %s); the next run into %s starts from them", aside, e, out)
         raise
     if had_previous:
         # renamed first: a kill while deleting must not leave a .previous-run, which the
@@ -488,6 +489,22 @@ def previous_run_set_aside(out: Path) -> Iterator[bool]:
         done = out / f"{PREVIOUS_RUN}.done-{secrets.token_hex(4)}"
         os.rename(aside, done)
         shutil.rmtree(done)
+
+
+def _restore_previous_run(out: Path, aside: Path) -> None:
+    """The failed run's outputs out of ``out``, the set-aside previous run's back in; if
+    a step fails the previous run stays whole in ``aside`` (the next run starts from it)."""
+    _remove_outputs(out)
+    moved = []
+    try:
+        for entry in list(aside.iterdir()):
+            os.rename(entry, out / entry.name)
+            moved.append(entry.name)
+    except OSError:
+        for name in moved:
+            os.rename(out / name, aside / name)
+        raise
+    aside.rmdir()
 
 
 def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress: bool) -> dict:

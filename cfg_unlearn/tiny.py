@@ -143,6 +143,8 @@ def build_tiny(out_dir: str | os.PathLike, texts: list[str] | None = None, spec:
                                                         "requested_vocab_size": spec.vocab_size}, indent=2))
         open_modes(tmp)  # mkdtemp and safetensors make them owner-only; a shared cache must be readable
         try:
+            if out_dir.is_dir() and not any(out_dir.iterdir()):
+                out_dir.rmdir()  # Windows renames onto no existing directory, even an empty one
             os.rename(tmp, out_dir)  # onto a missing or empty directory
         except OSError:
             if not (out_dir / "config.json").exists():

@@ -138,7 +138,10 @@ def _temp_file(path: Path, mode: str, encoding: str | None) -> Iterator[tuple[IO
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
-        with os.fdopen(fd, mode, encoding=encoding) as fh:  # owns fd from here: closed on any exit
+        # text as written ("\n"): Windows' newline translation turned csv's "\r\n" rows into
+        # "\r\r\n" (a blank row after each) and every JSONL line into CRLF
+        newline = None if "b" in mode else ""
+        with os.fdopen(fd, mode, encoding=encoding, newline=newline) as fh:  # owns fd from here: closed on any exit
             if hasattr(os, "fchmod"):
                 try:
                     perms = path.stat().st_mode & 0o7777
@@ -335,6 +338,16 @@ def _disk_bytes(path: Path) -> int:
     return 0
 
 
+def _same_path(a: Path, b: Path) -> bool:
+    """One file or folder under two names: the same device and inode where both exist (a
+    case-insensitive disk, macOS's and Windows', takes "Models/leaky" for "models/leaky",
+    which ``resolve()`` does not spell alike), else the same resolved path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
 def check_out_dir(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike], *, staged: bool = True) -> None:
     """Refuse, before any work, to write over a non-empty directory (unless
     ``overwrite``), or over an input: an ``out`` that is one of ``inputs`` or contains
@@ -343,14 +356,13 @@ def check_out_dir(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike
     output (:func:`staged_dir` renames a finished directory into place); else, when ``out``
     is still to be made, in its nearest existing parent (a writer into an existing ``out``
     tries it itself: :func:`check_writable_file`)."""
-    resolved = out.resolve()
-    cwd = Path.cwd().resolve()
-    if resolved == cwd or resolved in cwd.parents:  # "--out ." was renamed into itself
+    cwd = Path.cwd()
+    if _same_path(out, cwd) or any(_same_path(out, d) for d in cwd.resolve().parents):  # "--out ." renamed into itself
         raise ValueError(f"--out {out} is the current directory or holds it; give a directory of its own")
     for p in map(Path, inputs):
-        if resolved == p.resolve():
+        if _same_path(out, p):
             raise ValueError(f"--out {out} is one of the inputs ({p}); write the result elsewhere")
-        if resolved in p.resolve().parents:
+        if any(_same_path(out, d) for d in p.resolve().parents):
             raise ValueError(f"--out {out} contains the input {p}: writing there could replace or delete it; "
                              "write elsewhere")
     if out.exists() and not out.is_dir():
@@ -389,7 +401,11 @@ def publish_dir(tmp: Path, out: Path, overwrite: bool) -> None:
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, old / out.name)
+        try:
+            os.rename(out, old / out.name)
+        except BaseException:  # refused (on Windows, a file in it is open): nothing moved
+            old.rmdir()
+            raise
         try:
             os.rename(tmp, out)
         except BaseException:

@@ -649,3 +649,42 @@ def test_sigterm_cleans_up_like_ctrl_c_in_the_other_commands(tmp_path, monkeypat
     assert e.value.code == 143
     assert list(tmp_path.iterdir()) == []  # neither the output nor its staged copy
     assert signal.getsignal(signal.SIGTERM) is before  # put back for the caller
+
+
+def test_a_non_ascii_config_is_refused_where_python_would_not_read_it_as_utf8(tmp_path, monkeypatch):
+    """jsonargparse reads config files in the locale's encoding: on Windows (cp1252) the
+    UTF-8 instruction "Keine persönlichen Daten" trained as "Keine persÃ¶nlichen Daten",
+    silently."""
+    import locale
+
+    from cfg_unlearn.cli import check_config_files
+    from cfg_unlearn.utils import ConfigError
+
+    german = tmp_path / "de.yaml"
+    german.write_text('data:\n  system_prompt: "Keine persönlichen Daten verwenden!"\n', encoding="utf-8")
+    plain = tmp_path / "en.yaml"
+    plain.write_text('data:\n  system_prompt: "Use no personal data."\n', encoding="utf-8")
+    check_config_files(["fit", "--config", str(german)])  # this machine reads UTF-8
+    monkeypatch.setattr(locale, "getpreferredencoding", lambda do_setlocale=True: "cp1252")
+    check_config_files(["fit", "--config", str(plain)])  # ASCII reads alike in both
+    with pytest.raises(ConfigError, match=r"de.yaml: holds non-ASCII text, and this Python reads config files as "
+                                          r"cp1252, not UTF-8, so it would be misread; run with PYTHONUTF8=1"):
+        check_config_files(["fit", f"--config={german}"])
+
+
+def test_resume_checks_read_a_checkpoint_that_cannot_be_memory_mapped(tmp_path, monkeypatch):
+    """A checkpoint torch could not map (Windows, some network disks) read as no
+    checkpoint: every resume check (replaced settings, another instruction) was skipped."""
+    import cfg_unlearn.cli as cli
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"global_step": 7}, path)
+    real = torch.load
+
+    def no_mmap(*a, mmap=None, **kw):
+        if mmap:
+            raise RuntimeError("mmap not supported")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch, "load", no_mmap)
+    assert cli._checkpoint_file(str(path)) == {"global_step": 7}

@@ -556,3 +556,31 @@ def test_report_tables_leak_rates_per_type_and_skips_them_for_older_metrics():
     for r in [m["baseline"], *m["unlearned"]["logprob"].values()]:
         del r["leak_rate_by_type"]
     assert "per PII type" not in demo.render_report(m)
+
+
+def test_demo_whose_failed_run_cannot_be_removed_keeps_the_previous_run_whole(tmp_path, monkeypatch, capsys):
+    """On Windows a file the failed run still maps cannot be deleted: restoring raised a
+    PermissionError over the Ctrl-C (a traceback, exit 1) with models/ half deleted. The
+    previous run now stays whole in .previous-run, and the message says so."""
+    import cfg_unlearn.demo as demo
+
+    out = tmp_path / "d"
+    before = _previous_run(out)
+
+    def interrupted(cfg, out, uncond_system, progress):
+        (out / "models" / "leaky").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    def mapped(out):
+        raise PermissionError("models/leaky/model.safetensors is in use")
+
+    monkeypatch.setattr(demo, "_run_stages", interrupted)
+    real_remove = demo._remove_outputs
+    monkeypatch.setattr(demo, "_remove_outputs", lambda o: mapped(o) if (o / "models" / "leaky").exists()
+                        and (o / ".previous-run").exists() else real_remove(o))
+    with pytest.raises(SystemExit) as e:
+        console_main(["demo", "--out", str(out), "--quiet"])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.endswith(f"interrupted; the previous run's outputs are in {out / '.previous-run'}\n")
+    kept = {k[len(".previous-run/"):]: v for k, v in _tree(out).items() if k.startswith(".previous-run/")}
+    assert kept == {k: v for k, v in before.items() if k != "notes.txt"}

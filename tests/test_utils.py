@@ -312,3 +312,57 @@ def test_a_ctrl_c_while_the_handlers_are_put_back_leaves_no_handler_holding(monk
             pass
         monkeypatch.undo()
         assert signal.getsignal(signal.SIGTERM) is utils._raise_terminated
+
+
+def test_an_input_under_another_name_is_still_an_input(tmp_path):
+    """check_out_dir compared resolved spellings: on a case-insensitive disk (macOS,
+    Windows) --out Models/leaky passed for the input models/leaky, and subtract replaced
+    its own --finetuned. Compared as files now (a hard link stands in for the other case)."""
+    from cfg_unlearn.utils import check_out_dir
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}\n")
+    os.link(data, tmp_path / "DATA.jsonl")
+    with pytest.raises(ValueError, match="is one of the inputs"):
+        check_out_dir(tmp_path / "DATA.jsonl", True, [data])
+
+
+def test_publish_dir_refused_leaves_no_empty_old_folder(tmp_path, monkeypatch):
+    """On Windows renaming a folder with an open file (a model chat is serving) fails:
+    an empty .<name>.old-* folder was left per attempt."""
+    from cfg_unlearn import utils
+
+    out, new = tmp_path / "model", tmp_path / "new"
+    out.mkdir()
+    (out / "w").write_text("old")
+    new.mkdir()
+    real = os.rename
+
+    def in_use(src, dst):
+        if Path(src) == out:
+            raise PermissionError("in use")
+        return real(src, dst)
+
+    monkeypatch.setattr(utils.os, "rename", in_use)
+    with pytest.raises(PermissionError):
+        utils.publish_dir(new, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "new"]
+
+
+def test_text_outputs_are_written_as_given_not_with_windows_newlines(tmp_path, monkeypatch):
+    """Text mode on Windows turns every "\\n" into "\\r\\n": the GuidanceEval sample CSVs
+    (csv rows end in "\\r\\n") got a blank row after each, and every JSONL line a CR."""
+    from cfg_unlearn import utils
+
+    real = os.fdopen
+
+    def windows_fdopen(fd, mode="r", *args, **kw):
+        if "b" not in mode:
+            kw.setdefault("newline", "\r\n")  # what newline=None means on Windows
+        return real(fd, mode, *args, **kw)
+
+    monkeypatch.setattr(utils.os, "fdopen", windows_fdopen)
+    utils.atomic_write(tmp_path / "step.csv", "a,b\r\nc,d\r\n")
+    utils.atomic_write(tmp_path / "pairs.jsonl", '{"id": 1}\n')
+    assert (tmp_path / "step.csv").read_bytes() == b"a,b\r\nc,d\r\n"
+    assert (tmp_path / "pairs.jsonl").read_bytes() == b'{"id": 1}\n'
