@@ -717,8 +717,8 @@ def _generate(argv: list[str]) -> None:
 
 
 def _demo(argv: list[str]) -> None:
-    from cfg_unlearn.demo import (COND_MODES, DEMO_OUTPUTS, FALLBACKS, PREVIOUS_RUN, DemoConfig, check_demo_config,
-                                  run_demo)
+    from cfg_unlearn.demo import (COND_MODES, DEMO_MARKER, DEMO_OUTPUTS, FALLBACKS, PREVIOUS_RUN, DemoConfig,
+                                  check_demo_config, run_demo)
 
     d = DemoConfig()
     p = argparse.ArgumentParser(
@@ -780,6 +780,9 @@ def _demo(argv: list[str]) -> None:
     had_previous = any((out / name).exists() for name in (PREVIOUS_RUN, f"{PREVIOUS_RUN}.partial", *DEMO_OUTPUTS))
 
     def stopped() -> str:  # read after the run: what its cleanup could do
+        metrics, marker = out / "metrics.json", out / DEMO_MARKER
+        if metrics.is_file() and marker.is_file() and metrics.stat().st_mtime >= marker.stat().st_mtime:
+            return f"cfg-unlearn demo: interrupted after the run finished; {a.out} holds its outputs\n"
         if (out / PREVIOUS_RUN).is_dir():
             return f"cfg-unlearn demo: interrupted; the previous run's outputs are in {out / PREVIOUS_RUN}\n"
         return (f"cfg-unlearn demo: interrupted; {a.out} holds "

@@ -474,8 +474,16 @@ def previous_run_set_aside(out: Path) -> Iterator[bool]:
         aside.rmdir()
     try:
         yield had_previous
-    except BaseException:
         if had_previous:
+            # one rename, signals held: a Ctrl-C now must not leave a .previous-run beside the
+            # finished run (the next run would take it for the last whole run and delete this
+            # one), nor a half-deleted one; what is left of a kill is swept by the next run
+            done = out / f"{PREVIOUS_RUN}.done-{secrets.token_hex(4)}"
+            with signals_held():
+                os.rename(aside, done)
+                shutil.rmtree(done, ignore_errors=True)
+    except BaseException:
+        if had_previous and aside.is_dir():
             try:
                 with signals_held():
                     _restore_previous_run(out, aside)
@@ -483,12 +491,6 @@ def previous_run_set_aside(out: Path) -> Iterator[bool]:
                 log.warning("the previous run's outputs stay in %s (its partial outputs could not all be "
                             "removed: %s); the next run into %s starts from them", aside, e, out)
         raise
-    if had_previous:
-        # renamed first: a kill while deleting must not leave a .previous-run, which the
-        # next run would take for the last whole run (and delete this one's outputs for it)
-        done = out / f"{PREVIOUS_RUN}.done-{secrets.token_hex(4)}"
-        os.rename(aside, done)
-        shutil.rmtree(done)
 
 
 def _restore_previous_run(out: Path, aside: Path) -> None:

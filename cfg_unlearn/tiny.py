@@ -9,6 +9,7 @@ in <dir>, built there first if missing" (see :func:`resolve_pretrained`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -143,9 +144,10 @@ def build_tiny(out_dir: str | os.PathLike, texts: list[str] | None = None, spec:
                                                         "requested_vocab_size": spec.vocab_size}, indent=2))
         open_modes(tmp)  # mkdtemp and safetensors make them owner-only; a shared cache must be readable
         try:
-            if out_dir.is_dir() and not any(out_dir.iterdir()):
-                out_dir.rmdir()  # Windows renames onto no existing directory, even an empty one
-            os.rename(tmp, out_dir)  # onto a missing or empty directory
+            if os.name == "nt":  # Windows renames onto no existing directory, even an empty one
+                with contextlib.suppress(OSError):  # not empty, or another builder's: the rename decides
+                    out_dir.rmdir()
+            os.rename(tmp, out_dir)  # onto a missing or empty directory (atomic: concurrent builders race here)
         except OSError:
             if not (out_dir / "config.json").exists():
                 raise

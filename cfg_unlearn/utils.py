@@ -221,22 +221,25 @@ def _replace_together(staged: Sequence[tuple[str, Path]]) -> None:
     put back: the path itself always holds the old file or the new one, never nothing
     (renamed aside instead, a reader found no file, and a kill in between left the only
     copy under a temp name). Where hard links are not supported it is copied."""
-    done: list[tuple[Path, str | None]] = []
+    done: list[tuple[Path, str | None]] = []  # replaced, with the old file's second name
     try:
         for tmp, path in staged:
-            aside = _second_name(path) if path.is_file() else None
+            aside = _second_name(path) if path.is_file() or path.is_symlink() else None
+            try:
+                os.replace(tmp, path)
+            except BaseException:  # this one is as it was: only its second name goes
+                if aside is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(aside)
+                raise
             done.append((path, aside))
-            os.replace(tmp, path)
     except BaseException:
         for path, aside in reversed(done):
             with contextlib.suppress(OSError):
-                if aside is None:
-                    if path.is_file():
-                        os.unlink(path)
-                elif os.path.samefile(aside, path):  # not replaced yet (rename() of two links to one file does nothing)
-                    os.unlink(aside)
-                else:
+                if aside is not None:
                     os.replace(aside, path)
+                elif path.is_file():
+                    os.unlink(path)
         raise
     for _, aside in done:
         if aside is not None:
@@ -253,7 +256,7 @@ def _second_name(path: Path) -> str:
         try:
             os.link(path, aside)
         except OSError:  # no hard links here (some network or FUSE file systems)
-            shutil.copy2(path, aside)
+            shutil.copy2(path, aside, follow_symlinks=False)  # a link stays a link
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(aside)
@@ -343,9 +346,12 @@ def _same_path(a: Path, b: Path) -> bool:
     case-insensitive disk, macOS's and Windows', takes "Models/leaky" for "models/leaky",
     which ``resolve()`` does not spell alike), else the same resolved path."""
     try:
-        return os.path.samefile(a, b)
+        sa, sb = os.stat(a), os.stat(b)
     except OSError:
         return a.resolve() == b.resolve()
+    if sa.st_ino and sb.st_ino:  # some Windows drives (network, cloud) give every file inode 0
+        return os.path.samestat(sa, sb)
+    return a.resolve() == b.resolve()
 
 
 def check_out_dir(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike], *, staged: bool = True) -> None:

@@ -584,3 +584,32 @@ def test_demo_whose_failed_run_cannot_be_removed_keeps_the_previous_run_whole(tm
     assert capsys.readouterr().err.endswith(f"interrupted; the previous run's outputs are in {out / '.previous-run'}\n")
     kept = {k[len(".previous-run/"):]: v for k, v in _tree(out).items() if k.startswith(".previous-run/")}
     assert kept == {k: v for k, v in before.items() if k != "notes.txt"}
+
+
+def test_demo_ctrl_c_as_it_finishes_keeps_the_finished_run_and_says_so(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C while the previous run was being deleted exited 130 saying the previous
+    run was back, over the new run's outputs; one just before that deletion left
+    .previous-run beside the finished run, and the next run deleted the finished one."""
+    import cfg_unlearn.demo as demo
+
+    out = tmp_path / "d"
+    _previous_run(out)
+
+    def finished(cfg, out, uncond_system, progress):
+        (out / "metrics.json").write_text("new")
+        return {}
+
+    real_rmtree = demo.shutil.rmtree
+
+    def ctrl_c_in_rmtree(path, *a, **kw):
+        if ".previous-run.done-" in str(path):
+            signal.raise_signal(signal.SIGINT)  # held until the deletion is over
+        return real_rmtree(path, *a, **kw)
+
+    monkeypatch.setattr(demo, "_run_stages", finished)
+    monkeypatch.setattr(demo.shutil, "rmtree", ctrl_c_in_rmtree)
+    with pytest.raises(SystemExit) as e:
+        console_main(["demo", "--out", str(out), "--quiet"])
+    assert e.value.code == 130
+    assert capsys.readouterr().err == f"cfg-unlearn demo: interrupted after the run finished; {out} holds its outputs\n"
+    assert _tree(out) == {demo.DEMO_MARKER: b"", "metrics.json": b"new", "notes.txt": b"old"}

@@ -366,3 +366,46 @@ def test_text_outputs_are_written_as_given_not_with_windows_newlines(tmp_path, m
     utils.atomic_write(tmp_path / "pairs.jsonl", '{"id": 1}\n')
     assert (tmp_path / "step.csv").read_bytes() == b"a,b\r\nc,d\r\n"
     assert (tmp_path / "pairs.jsonl").read_bytes() == b'{"id": 1}\n'
+
+
+def test_atomic_write_files_rolls_back_with_copies_where_hard_links_fail(tmp_path, monkeypatch):
+    """Without hard links the old file is copied aside. A rename that failed left its
+    file untouched, yet the rollback put the copy over it (a new inode: other links and
+    the owner lost; a symlink came back as a plain file)."""
+    from cfg_unlearn import utils
+
+    (tmp_path / "real.jsonl").write_text("old a")
+    (tmp_path / "a.jsonl").symlink_to("real.jsonl")
+    (tmp_path / "b.jsonl").write_text("old b")
+    inode_b = (tmp_path / "b.jsonl").stat().st_ino
+
+    def no_links(src, dst):
+        raise OSError("hard links not supported")
+
+    def fail():
+        raise OSError("disk gone")
+    monkeypatch.setattr(utils.os, "link", no_links)
+    monkeypatch.setattr(utils.os, "replace", _rename_then(2, fail))
+    with pytest.raises(OSError, match="disk gone"):
+        utils.atomic_write_files(_set(tmp_path, {"a.jsonl": "new", "b.jsonl": "new"}))
+    assert (tmp_path / "a.jsonl").is_symlink() and (tmp_path / "a.jsonl").read_text() == "old a"
+    assert (tmp_path / "b.jsonl").stat().st_ino == inode_b and (tmp_path / "b.jsonl").read_text() == "old b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "real.jsonl"]
+
+
+def test_same_path_does_not_trust_inode_0(tmp_path, monkeypatch):
+    """Some Windows drives (network, cloud) give every file inode 0: samefile said any
+    two paths were one, and every existing --out was refused as the current directory."""
+    from cfg_unlearn import utils
+
+    (tmp_path / "results").mkdir()
+    real = os.stat
+
+    def inode_0(path, *a, **kw):
+        st = real(path, *a, **kw)
+        return os.stat_result((st.st_mode, 0, 7, *st[3:10]))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(utils.os, "stat", inode_0)
+    assert not utils._same_path(Path("results"), Path.cwd())
+    utils.check_out_dir(Path("results"), True, ())
