@@ -127,6 +127,17 @@ def open_modes(directory: str | os.PathLike) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A new empty temp file beside ``path`` (``.<name>.<8 random>.tmp``, what
+    :data:`_TEMP_FILE` recognises): its open descriptor and its name."""
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+
+
+def _write_mode(data: str | bytes) -> tuple[str, str | None]:
+    """The ``open`` mode and encoding that write ``data``: bytes as they are, text as UTF-8."""
+    return ("wb", None) if isinstance(data, bytes) else ("w", "utf-8")
+
+
 @contextlib.contextmanager
 def _temp_file(path: Path, mode: str, encoding: str | None) -> Iterator[tuple[IO, str]]:
     """A temp file (``.<name>.<random>.tmp``) next to ``path``, with the mode a plain
@@ -136,7 +147,7 @@ def _temp_file(path: Path, mode: str, encoding: str | None) -> Iterator[tuple[IO
     077``). Yields the open file and its name; closed when the block ends, removed if it
     raises."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    fd, tmp = _temp_beside(path)
     try:
         # text as written ("\n"): Windows' newline translation turned csv's "\r\n" rows into
         # "\r\r\n" (a blank row after each) and every JSONL line into CRLF
@@ -181,8 +192,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str | No
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     """``data`` to ``path`` through :func:`atomic_open` (text as UTF-8)."""
-    binary = isinstance(data, bytes)
-    with atomic_open(path, "wb" if binary else "w", encoding=None if binary else "utf-8") as fh:
+    mode, encoding = _write_mode(data)
+    with atomic_open(path, mode, encoding=encoding) as fh:
         fh.write(data)
 
 
@@ -191,15 +202,15 @@ def atomic_write_files(files: Sequence[tuple[str | os.PathLike, str | bytes]]) -
     or none: every file is written to its temp file and fsynced first, so a full disk or
     a bad path replaces none of them; then they are renamed in the given order (put a
     summary that names the rest last) with SIGINT and SIGTERM held (:func:`signals_held`),
-    each existing file moved aside first and put back if a later rename fails. Renamed
+    each existing file kept under a second name and put back if a later rename fails
+    (:func:`_replace_together`). Renamed
     one by one as they were, a Ctrl-C or an error after the first left a set of a new
     file beside old ones (SAFT's new kept rows beside the old run's removed rows and
     summary; a new contaminated set beside the old labels, one of them now wrong)."""
     staged: list[tuple[str, Path]] = []
     try:
         for path, data in files:
-            binary = isinstance(data, bytes)
-            with _temp_file(Path(path), "wb" if binary else "w", "utf-8" if not binary else None) as (fh, tmp):
+            with _temp_file(Path(path), *_write_mode(data)) as (fh, tmp):
                 staged.append((tmp, Path(path)))
                 fh.write(data)
                 fh.flush()
@@ -249,7 +260,7 @@ def _replace_together(staged: Sequence[tuple[str, Path]]) -> None:
 
 def _second_name(path: Path) -> str:
     """A hard link to ``path`` under a temp name beside it (a copy where links fail)."""
-    fd, aside = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    fd, aside = _temp_beside(path)
     os.close(fd)
     try:
         os.unlink(aside)
@@ -302,7 +313,7 @@ def check_writable_file(path: str | os.PathLike) -> None:
     system, then fails before minutes of decoding, not after. The folder must exist."""
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        fd, tmp = _temp_beside(path)
     except OSError as e:
         raise ValueError(f"--out {path}: cannot write there: {e.strerror}") from None
     os.close(fd)

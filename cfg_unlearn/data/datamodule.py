@@ -176,15 +176,15 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def _spans(self, i: int) -> list[tuple[int, int]]:
+        """Where pair ``i``'s parts (:data:`_PARTS`) lie in the buffer: ``(start, end)`` each."""
+        k = len(_PARTS) * i
+        starts = [self._ends[k - 1] if k else 0, *self._ends[k : k + len(_PARTS) - 1]]
+        return list(zip(starts, self._ends[k : k + len(_PARTS)]))
+
     def _parts(self, i: int) -> list[list[int]]:
         """Pair ``i``'s cond prompt, uncond prompt, chosen and rejected ids."""
-        k = len(_PARTS) * i
-        start = self._ends[k - 1] if k else 0
-        parts = []
-        for end in self._ends[k : k + len(_PARTS)]:
-            parts.append(self._tokens[start:end].tolist())
-            start = end
-        return parts
+        return [self._tokens[start:end].tolist() for start, end in self._spans(i)]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         n = len(self.ids)
@@ -200,12 +200,10 @@ class PairDataset(Dataset):
 
     def longest_sequence(self) -> int:
         """Tokens of the longest prompt + answer sequence; 0 when empty."""
-        longest, start = 0, 0
+        longest = 0
         for i in range(len(self.ids)):
-            ends = self._ends[len(_PARTS) * i : len(_PARTS) * (i + 1)]
-            lengths = [end - begin for begin, end in zip([start, *ends[:-1]], ends)]
+            lengths = [end - start for start, end in self._spans(i)]
             longest = max(longest, max(lengths[: len(VARIANTS)]) + max(lengths[len(VARIANTS):]))
-            start = ends[-1]
         return longest
 
 
