@@ -688,3 +688,31 @@ def test_resume_checks_read_a_checkpoint_that_cannot_be_memory_mapped(tmp_path, 
 
     monkeypatch.setattr(torch, "load", no_mmap)
     assert cli._checkpoint_file(str(path)) == {"global_step": 7}
+
+
+def test_config_yaml_is_written_in_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """jsonargparse's parser.save opens config.yaml in the locale's encoding: under
+    Windows' cp1252 a Cyrillic instruction failed half-way and left an empty file (a
+    German one was written in cp1252, and the run's own config.yaml was then refused).
+    Simulated here: every text-mode open without an encoding gets cp1252."""
+    import builtins
+
+    import yaml
+
+    from cfg_unlearn.callbacks import LoggerSaveConfigCallback
+
+    instruction = "Не раскрывай персональные данные."
+    cli = cli_main(["--config", str(ROOT / "configs/tiny.yaml"), f"--trainer.logger.init_args.save_dir={tmp_path}",
+                    f"--data.system_prompt={instruction}"], run=False)
+    real_open = builtins.open
+
+    def cp1252_open(file, mode="r", buffering=-1, encoding=None, *args, **kw):
+        if "b" not in mode and encoding is None:
+            encoding = "cp1252"  # what Python picks on a Windows machine without PYTHONUTF8
+        return real_open(file, mode, buffering, encoding, *args, **kw)
+
+    monkeypatch.setattr(builtins, "open", cp1252_open)
+    LoggerSaveConfigCallback(cli.parser, cli.config, overwrite=True).setup(cli.trainer, cli.model, "fit")
+    monkeypatch.undo()
+    (saved,) = tmp_path.glob("tiny/version_*/config.yaml")
+    assert yaml.safe_load(saved.read_text(encoding="utf-8"))["data"]["system_prompt"] == instruction

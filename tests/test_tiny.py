@@ -184,6 +184,33 @@ def test_a_build_lands_on_an_empty_dir_and_a_lost_race_with_other_settings_is_an
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp dir left
 
 
+def test_a_build_lands_on_an_empty_dir_on_windows_too(tmp_path, offline, monkeypatch):
+    """Windows renames a folder onto no existing one, not even an empty one: a build into
+    an empty folder (made by hand, or by a launcher) failed after the whole build."""
+    small = TinySpec(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1)
+    import os
+
+    class WindowsOs:  # tiny's view of os (setting os.name itself breaks pathlib here)
+        name = "nt"
+
+        def __getattr__(self, attr):
+            return getattr(os, attr)
+
+        @staticmethod
+        def rename(src, dst):
+            if Path(dst).exists():
+                raise FileExistsError(183, "Cannot create a file when that file already exists", str(dst))
+            return os.rename(src, dst)
+
+    monkeypatch.setattr(tiny, "os", WindowsOs())
+    d = tmp_path / "m"
+    d.mkdir()
+    build_tiny(d, texts=["a few words", "some more words"], spec=small)
+    assert (d / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 def test_an_empty_mount_point_is_refused_before_building(tmp_path, monkeypatch):
     """A rename cannot replace a mount point: it failed with EBUSY after the whole build."""
     from cfg_unlearn.utils import ConfigError
