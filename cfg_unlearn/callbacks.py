@@ -57,7 +57,7 @@ from cfg_unlearn.pii import (
 )
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 from cfg_unlearn.strategies import forward_outside_step
-from cfg_unlearn.utils import ConfigError, TrainingDiverged, atomic_write, dataclass_from
+from cfg_unlearn.utils import ConfigError, TrainingDiverged, atomic_write, dataclass_from, same_path
 
 log = logging.getLogger(__name__)
 
@@ -672,11 +672,11 @@ def resumes_run(ckpt: Any, run_path: str | Path | None, trainer: L.Trainer) -> b
     file = os.path.expanduser(name)
     folders = [str(run_path), os.path.join(str(run_path), "checkpoints")]
     folders += [str(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-    for folder in folders:
-        for resolve in (os.path.abspath, os.path.realpath):
-            if resolve(file).startswith(resolve(folder).rstrip(os.sep) + os.sep):
-                return True
-    return False
+    # folders compared as folders, not spellings: on a case-insensitive disk (macOS,
+    # Windows) "Runs/tiny/..." is in "runs/tiny"; a linked `checkpoints` is seen through
+    # the link (realpath) or as spelled (abspath)
+    parents = {p for resolve in (os.path.abspath, os.path.realpath) for p in Path(resolve(file)).parents}
+    return any(same_path(parent, folder) for parent in parents for folder in folders)
 
 
 def refuse_taken_run_dir(path: str | Path, taken: list[str], stage: str = "fit") -> None:

@@ -352,10 +352,11 @@ def _disk_bytes(path: Path) -> int:
     return 0
 
 
-def _same_path(a: Path, b: Path) -> bool:
+def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """One file or folder under two names: the same device and inode where both exist (a
     case-insensitive disk, macOS's and Windows', takes "Models/leaky" for "models/leaky",
     which ``resolve()`` does not spell alike), else the same resolved path."""
+    a, b = Path(a), Path(b)
     try:
         sa, sb = os.stat(a), os.stat(b)
     except OSError:
@@ -374,12 +375,12 @@ def check_out_dir(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike
     is still to be made, in its nearest existing parent (a writer into an existing ``out``
     tries it itself: :func:`check_writable_file`)."""
     cwd = Path.cwd()
-    if _same_path(out, cwd) or any(_same_path(out, d) for d in cwd.resolve().parents):  # "--out ." renamed into itself
+    if same_path(out, cwd) or any(same_path(out, d) for d in cwd.resolve().parents):  # "--out ." renamed into itself
         raise ValueError(f"--out {out} is the current directory or holds it; give a directory of its own")
     for p in map(Path, inputs):
-        if _same_path(out, p):
+        if same_path(out, p):
             raise ValueError(f"--out {out} is one of the inputs ({p}); write the result elsewhere")
-        if any(_same_path(out, d) for d in p.resolve().parents):
+        if any(same_path(out, d) for d in p.resolve().parents):
             raise ValueError(f"--out {out} contains the input {p}: writing there could replace or delete it; "
                              "write elsewhere")
     if out.exists() and not out.is_dir():

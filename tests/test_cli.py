@@ -612,6 +612,26 @@ def test_a_resume_may_use_a_taken_run_folder_only_with_that_runs_checkpoint(tmp_
     assert not resumes_run(None, run, trainer)
 
 
+def test_a_resume_spelled_in_another_case_is_the_same_run_on_a_case_insensitive_disk(tmp_path, monkeypatch):
+    """resumes_run compared path strings: on macOS or Windows `--ckpt_path
+    Runs/tiny/version_0/checkpoints/last.ckpt` was refused as another run's checkpoint for
+    the run folder runs/tiny/version_0. A case-insensitive disk is simulated by a stat
+    that ignores case."""
+    from types import SimpleNamespace
+
+    from cfg_unlearn import utils
+    from cfg_unlearn.callbacks import resumes_run
+
+    run = tmp_path / "runs" / "tiny" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    real_stat = os.stat
+    monkeypatch.setattr(utils.os, "stat", lambda p, *a, **kw: real_stat(str(p).lower(), *a, **kw))
+    trainer = SimpleNamespace(checkpoint_callbacks=[])
+    assert resumes_run(str(tmp_path / "RUNS" / "Tiny" / "version_0" / "checkpoints" / "last.ckpt"), run, trainer)
+    assert not resumes_run(str(tmp_path / "runs" / "tiny" / "version_1" / "last.ckpt"), run, trainer)
+
+
 def test_a_fit_stopped_by_sigterm_exits_143_not_0(monkeypatch, capsys):
     """Lightning ends the step and raises SIGTERMException, a SystemExit with no code: a
     fit a scheduler stopped exited 0, as if finished, and `fit && export` went on."""

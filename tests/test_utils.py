@@ -407,5 +407,5 @@ def test_same_path_does_not_trust_inode_0(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(utils.os, "stat", inode_0)
-    assert not utils._same_path(Path("results"), Path.cwd())
+    assert not utils.same_path(Path("results"), Path.cwd())
     utils.check_out_dir(Path("results"), True, ())
