@@ -325,6 +325,27 @@ NUMERIC_PACKAGES = ("torch", "transformers", "tokenizers", "lightning", "faker")
 NUMERIC_SETTINGS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+def _cpu_name() -> str:
+    """The CPU's model name: Linux's /proc/cpuinfo, macOS's sysctl ("Apple M2 Pro";
+    ``platform.processor()`` says only "arm" or "i386" there), else what ``platform`` knows
+    (Windows: family, model and vendor)."""
+    import platform
+    import subprocess
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    if platform.system() == "Darwin":
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            brand = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                   timeout=5, check=True).stdout.strip()
+            cpu = brand or cpu
+    return cpu
+
+
 def environment() -> dict[str, object]:
     """What the demo's numbers depend on besides its config: the same command and seed
     reproduce them exactly on one machine and software set, but another CPU's kernels
@@ -334,12 +355,7 @@ def environment() -> dict[str, object]:
     import platform
     from importlib import metadata
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = _cpu_name()
     versions = {}
     for name in NUMERIC_PACKAGES:
         try:

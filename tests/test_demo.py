@@ -613,3 +613,41 @@ def test_demo_ctrl_c_as_it_finishes_keeps_the_finished_run_and_says_so(tmp_path,
     assert e.value.code == 130
     assert capsys.readouterr().err == f"cfg-unlearn demo: interrupted after the run finished; {out} holds its outputs\n"
     assert _tree(out) == {demo.DEMO_MARKER: b"", "metrics.json": b"new", "notes.txt": b"old"}
+
+
+def test_the_recorded_cpu_names_an_apple_chip_not_just_arm(monkeypatch):
+    """metrics.json's environment tells two runs' machines apart; on macOS it said "arm"
+    for every Apple chip (platform.processor()), which round differently. Simulated:
+    no /proc/cpuinfo, Darwin, and sysctl's answer."""
+    import builtins
+    import platform
+    import subprocess
+    from types import SimpleNamespace
+
+    from cfg_unlearn.demo import _cpu_name
+
+    real_open = builtins.open
+
+    def no_proc(file, *a, **kw):
+        if str(file) == "/proc/cpuinfo":
+            raise FileNotFoundError(file)
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    calls = []
+
+    def sysctl(args, **kw):
+        calls.append(args)
+        return SimpleNamespace(stdout="Apple M2 Pro\n")
+
+    monkeypatch.setattr(subprocess, "run", sysctl)
+    assert _cpu_name() == "Apple M2 Pro"
+    assert calls == [["sysctl", "-n", "machdep.cpu.brand_string"]]
+
+    def missing(args, **kw):
+        raise FileNotFoundError("sysctl")
+
+    monkeypatch.setattr(subprocess, "run", missing)
+    assert _cpu_name() == "arm"  # what platform knows, rather than no figure
