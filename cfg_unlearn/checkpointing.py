@@ -103,6 +103,27 @@ def sharded_temp_path(path: str | os.PathLike, token: str) -> str:
     return os.path.join(directory, f".{name}.{token}{TMP_SUFFIX}")
 
 
+def register_checkpoint_types() -> None:
+    """Importing these registers the config types a checkpoint's hyperparameters hold
+    (``LoraSettings``, ``WorldConfig``) as safe for ``torch.load(weights_only=True)``."""
+    import importlib
+
+    for name in ("cfg_unlearn.module", "cfg_unlearn.data.datamodule"):
+        importlib.import_module(name)
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> Any:
+    """A checkpoint file as data, never code (``weights_only=True``: a pickle that would
+    run a function is refused), memory-mapped so that reading its keys reads no tensor;
+    read plainly where mapping fails (Windows, some network disks, the legacy non-zip
+    format). Raises what the plain read raises."""
+    register_checkpoint_types()
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # noqa: BLE001 - the plain read below says what is wrong, if anything
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike, *, fsync: bool = True) -> None:
     """``torch.save(obj, path)`` so that ``path`` holds the old file or the new one, never
     part of one: serialise into ``.<name>.<random>.tmp`` in the same directory, flush,

@@ -72,6 +72,12 @@ class UnlearnCLI(LightningCLI):
         if not before:
             return
         after = _flat(self.config[sub].get("model"))
+        if after.get("trust_remote_code") and not before.get("trust_remote_code"):
+            # a checkpoint is data: it may not turn on running its model folder's code
+            raise ConfigError(f"--ckpt_path {self.config[sub].get('ckpt_path')}: the checkpoint was trained with "
+                              f"model.trust_remote_code=True, which runs the modelling code of its model "
+                              f"{after.get('model')!r}; a checkpoint cannot turn that on by itself: add "
+                              "--model.trust_remote_code true if you trust that code")
         lost = _replaced(before, after)
         if lost:
             rank_zero_warn(f"--ckpt_path: the checkpoint's hyperparameters replace {', '.join(lost)}; "
@@ -315,14 +321,12 @@ def _checkpoint_file(ckpt_path: Any) -> dict[str, Any] | None:
     exist: Lightning says so itself)."""
     if not isinstance(ckpt_path, str) or not os.path.isfile(ckpt_path):
         return None
-    import torch
+    from cfg_unlearn.checkpointing import load_checkpoint_file
 
-    for mmap in (True, False):  # a plain read where mapping fails (the resume checks would be skipped)
-        try:
-            return torch.load(ckpt_path, map_location="cpu", mmap=mmap, weights_only=False)
-        except Exception:  # noqa: BLE001 - Lightning's own load reports an unreadable checkpoint
-            continue
-    return None
+    try:
+        return load_checkpoint_file(ckpt_path)
+    except Exception:  # noqa: BLE001 - Lightning's own load reports an unreadable checkpoint
+        return None
 
 
 def _replaced(before: dict[str, Any], after: dict[str, Any]) -> list[str]:

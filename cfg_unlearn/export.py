@@ -47,6 +47,7 @@ from typing import IO, Any
 
 import torch
 
+from cfg_unlearn.checkpointing import load_checkpoint_file, register_checkpoint_types
 from cfg_unlearn.guidance import MIN_TEMPERATURE, SPACES, check_guidance, encode_prompts, generate
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION, check_template
 from cfg_unlearn.tiny import TINY_SCHEME, absolute_model_name
@@ -154,14 +155,8 @@ def read_checkpoint(path: str | os.PathLike, name: str | os.PathLike | None = No
             f"(no {DCP_METADATA} file): a DeepSpeed checkpoint must first be consolidated into one file "
             "with DeepSpeed's zero_to_fp32.py"
         )
-    _register_checkpoint_types()
     try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        ckpt = load_checkpoint_file(path)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a checkpoint we can read"
         raise ValueError(f"{shown} is not a readable PyTorch Lightning checkpoint ({_error_line(e)})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
@@ -178,15 +173,6 @@ def read_checkpoint(path: str | os.PathLike, name: str | os.PathLike | None = No
     if not any(k.startswith("model.") for k in ckpt["state_dict"]):
         raise ValueError(f"{shown} is not an {MODULE_CLASS} checkpoint: its state_dict holds no 'model.*' weights")
     return ckpt
-
-
-def _register_checkpoint_types() -> None:
-    """Importing these registers the config types a checkpoint's hyperparameters hold
-    (``LoraSettings``, ``WorldConfig``) as safe for ``torch.load(weights_only=True)``."""
-    import importlib
-
-    for name in ("cfg_unlearn.module", "cfg_unlearn.data.datamodule"):
-        importlib.import_module(name)
 
 
 def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
@@ -221,7 +207,7 @@ def consolidate_sharded(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike
     if not meta_file.is_file():
         raise ValueError(f"sharded checkpoint {ckpt_dir} has no {LIGHTNING_SHARDED_META} (Lightning's metadata "
                          "file with the hyperparameters): the export cannot tell which model it holds")
-    _register_checkpoint_types()
+    register_checkpoint_types()
     try:
         meta = torch.load(meta_file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - damaged or foreign: say which file and why
@@ -421,6 +407,7 @@ def export_checkpoint(
     dtype: str | None = None,
     overwrite: bool = False,
     base_model: str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[Path, ExportConfig]:
     """Export a Lightning checkpoint of :class:`UnlearnModule` (a file, or a sharded FSDP
     checkpoint directory, see the module docstring) to ``out_dir``.
@@ -428,8 +415,11 @@ def export_checkpoint(
     ``system`` / ``uncond_system``: None keeps the checkpoint's (its data module's)
     instructions; an empty string blanks one. ``guidance_scale`` / ``space``: None
     gives 2.0 / ``logprob``. ``base_model``: the model the checkpoint was trained from,
-    where its recorded path no longer resolves (see :func:`base_model_name`). Returns
-    the directory and the written decoding config.
+    where its recorded path no longer resolves (see :func:`base_model_name`).
+    ``trust_remote_code``: a checkpoint trained with ``model.trust_remote_code`` is
+    refused unless this is set (rebuilding it runs its model folder's code, and a
+    checkpoint cannot turn that on by itself). Returns the directory and the written
+    decoding config.
     """
     ckpt_path, out = Path(ckpt_path), Path(out_dir)
     g = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale)
@@ -446,18 +436,23 @@ def export_checkpoint(
             log.info("gathering the sharded checkpoint %s into one file", ckpt_path)
             single = consolidate_sharded(ckpt_path, Path(tmp) / "consolidated.ckpt")
             return _export_file(single, out, ckpt_path, g, space, system, uncond_system, dtype, overwrite,
-                                base_model)
-    return _export_file(ckpt_path, out, ckpt_path, g, space, system, uncond_system, dtype, overwrite, base_model)
+                                base_model, trust_remote_code)
+    return _export_file(ckpt_path, out, ckpt_path, g, space, system, uncond_system, dtype, overwrite, base_model,
+                        trust_remote_code)
 
 
 def _export_file(ckpt_path: Path, out: Path, source: Path, g: float, space: str, system: str | None,
                  uncond_system: str | None, dtype: str | None, overwrite: bool,
-                 base_model: str | None = None) -> tuple[Path, ExportConfig]:
+                 base_model: str | None = None, trust_remote_code: bool = False) -> tuple[Path, ExportConfig]:
     """:func:`export_checkpoint` of one checkpoint file; ``source`` is what the user gave."""
     from cfg_unlearn import __version__
     from cfg_unlearn.models import adapter_base_model, load_tokenizer
 
     ckpt = read_checkpoint(ckpt_path, name=source)
+    if ckpt["hyper_parameters"].get("trust_remote_code") and not trust_remote_code:
+        raise ValueError(f"{source} was trained with model.trust_remote_code=True, which runs the modelling code "
+                         f"of its model {ckpt['hyper_parameters']['model']!r}; a checkpoint cannot turn that on by "
+                         "itself: pass --trust-remote-code if you trust that code")
     trained_system, trained_uncond = checkpoint_instructions(ckpt)
     config = ExportConfig(
         system_instruction=trained_system if system is None else _blank_to_none(system),
@@ -635,6 +630,9 @@ def build_export_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", default=None,
                    help="the model the checkpoint was trained from, where its recorded path no longer resolves "
                    "(moved, or another machine); default: the checkpoint's model.model")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint trained with model.trust_remote_code to run its model's own modelling "
+                   "code (refused without this flag)")
     return p
 
 
@@ -647,6 +645,7 @@ def main_export(argv: list[str] | None = None) -> None:
         out, config = export_checkpoint(
             a.ckpt, a.out, guidance_scale=a.guidance_scale, space=a.space, system=a.system,
             uncond_system=a.uncond_system, dtype=a.dtype, overwrite=a.overwrite, base_model=a.base_model,
+            trust_remote_code=a.trust_remote_code,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         from cfg_unlearn.models import ModelNotFoundError

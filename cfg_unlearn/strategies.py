@@ -607,11 +607,11 @@ class UnlearnFSDPStrategy(FSDPStrategy):
         module = self.lightning_module
         check = getattr(module, "_check_adapter_checkpoint", None)
         if check is not None and module._adapter_only():
-            import torch
+            from cfg_unlearn.checkpointing import load_checkpoint_file
 
             path = self.broadcast(checkpoint_path)
             if Path(path).is_file():  # a full checkpoint (mmap: keys read, not tensors); shards load strictly
-                check(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"])
+                check(load_checkpoint_file(path)["state_dict"])
         return super().load_checkpoint(checkpoint_path, weights_only)
 
     def post_backward(self, closure_loss):

@@ -127,6 +127,27 @@ def test_ckpt_path_names_the_model_arguments_it_replaces(tmp_path, monkeypatch):
     assert "model.beta=0.1 (checkpoint: 1.0)" in msg
 
 
+def test_a_checkpoint_cannot_turn_on_remote_code_by_itself(tmp_path, monkeypatch):
+    """Security review: LightningCLI rebuilds the model from the checkpoint's
+    hyperparameters, so a planted checkpoint with `trust_remote_code: True` and a model
+    folder holding an `auto_map` ran that folder's code under `validate --ckpt_path`
+    (with a warning only). It is refused unless the command line turns it on itself."""
+    from cfg_unlearn.cli import UnlearnCLI
+    from cfg_unlearn.utils import ConfigError
+
+    ckpt = tmp_path / "c.ckpt"
+    torch.save({"hyper_parameters": {"model": "tiny:unused", "trust_remote_code": True}, "state_dict": {}}, ckpt)
+    monkeypatch.setattr(UnlearnCLI, "_run_subcommand", lambda self, sub: None)  # parse and build only
+    base = ["validate", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
+            f"--ckpt_path={ckpt}"]
+    with pytest.raises(ConfigError, match=r"c.ckpt: the checkpoint was trained with model.trust_remote_code=True, "
+                                          r"which runs the modelling code of its model 'tiny:unused'; .*add "
+                                          r"--model.trust_remote_code true if you trust that code"):
+        cli_main(base)
+    cli = cli_main([*base, "--model.trust_remote_code=true"])
+    assert cli.model.hparams.trust_remote_code is True
+
+
 def test_a_fit_resumed_on_other_data_says_so(tmp_path, monkeypatch):
     """Another world seed (the same pair ids), file or max_length on resume continued
     ORPO silently, on the epoch position and dropout draws of other pairs."""
@@ -736,3 +757,31 @@ def test_config_yaml_is_written_in_utf8_whatever_the_locale(tmp_path, monkeypatc
     monkeypatch.undo()
     (saved,) = tmp_path.glob("tiny/version_*/config.yaml")
     assert yaml.safe_load(saved.read_text(encoding="utf-8"))["data"]["system_prompt"] == instruction
+
+
+class _Payload:
+    """What a planted checkpoint could hold: unpickling it calls a function (here one
+    that creates a file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_the_resume_checks_read_a_checkpoint_as_data_never_as_code(tmp_path):
+    """The resume checks read --ckpt_path with weights_only=False: a checkpoint that
+    unpickles a function call ran it (Lightning's own load, with weights_only=True, came
+    first only for a plain path; a file swapped in between, or FSDP's adapter check, did not)."""
+    import cfg_unlearn.cli as cli
+    from cfg_unlearn.checkpointing import load_checkpoint_file
+
+    marker, path = tmp_path / "ran", tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": _Payload(marker)}, path)
+    assert cli._checkpoint_file(str(path)) is None  # unreadable as data: Lightning's load says why
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_checkpoint_file(path)
+    assert not marker.exists()
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, path)  # a plain one still reads
+    assert cli._checkpoint_file(str(path))["global_step"] == 3

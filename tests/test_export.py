@@ -746,3 +746,23 @@ def test_export_may_not_overwrite_the_base_behind_an_adapter_model(tiny_model_di
     with pytest.raises(ValueError, match="is one of the inputs"):
         export_checkpoint(ckpt, base, overwrite=True)
     assert (base / "model.safetensors").read_bytes() == before
+
+
+def test_a_checkpoint_cannot_turn_on_remote_code_by_itself(trained, tmp_path):
+    """Security review: export rebuilt the model from the checkpoint's hyperparameters,
+    so a planted `trust_remote_code: True` ran its model folder's code. Refused unless
+    --trust-remote-code is given; nothing is written."""
+    ckpt = torch.load(trained.ckpt, weights_only=True)
+    ckpt["hyper_parameters"]["trust_remote_code"] = True
+    remote = tmp_path / "remote.ckpt"
+    torch.save(ckpt, remote)
+    out = tmp_path / "export"
+    with pytest.raises(SystemExit) as e:
+        main_export(["--ckpt", str(remote), "--out", str(out)])
+    assert e.value.code == 2
+    with pytest.raises(ValueError, match=r"remote.ckpt was trained with model.trust_remote_code=True, which runs the "
+                                         r"modelling code of its model .*pass --trust-remote-code if you trust"):
+        export_checkpoint(remote, out)
+    assert not out.exists() and leftovers(tmp_path) == []
+    path, _ = export_checkpoint(remote, out, trust_remote_code=True)  # the tiny model has no code of its own
+    assert (path / "cfg_unlearn.json").is_file()
