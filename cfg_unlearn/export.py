@@ -626,7 +626,8 @@ def build_export_parser() -> argparse.ArgumentParser:
                    "data.uncond_system_prompt, else blank; '' = blank)")
     p.add_argument("--dtype", default=None,
                    help="cast the weights: float32, bfloat16, float16 (default / 'auto': as trained)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a model folder (a previous output); a folder of other files is refused")
     p.add_argument("--base-model", default=None,
                    help="the model the checkpoint was trained from, where its recorded path no longer resolves "
                    "(moved, or another machine); default: the checkpoint's model.model")

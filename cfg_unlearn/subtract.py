@@ -520,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetuned", required=True, help="model directory of the fine-tuned (leaky) model")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="how far to step away (default: %(default)s)")
     p.add_argument("--out", required=True, help="output model directory (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a model folder (a previous output); a folder of other files is refused")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

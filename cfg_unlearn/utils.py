@@ -366,10 +366,22 @@ def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return a.resolve() == b.resolve()
 
 
+#: files one of which a Hugging Face model folder (or an export, or an adapter) holds
+MODEL_DIR_FILES = ("config.json", "adapter_config.json", "cfg_unlearn.json")
+
+
+def is_model_dir(path: Path) -> bool:
+    """Whether ``path`` looks like a model folder (a config or safetensors weights at its
+    top), the only kind of folder ``--overwrite`` replaces whole."""
+    return any((path / name).is_file() for name in MODEL_DIR_FILES) or any(path.glob("*.safetensors"))
+
+
 def check_out_dir(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike], *, staged: bool = True) -> None:
     """Refuse, before any work, to write over a non-empty directory (unless
-    ``overwrite``), or over an input: an ``out`` that is one of ``inputs`` or contains
-    one (the output replaces ``out`` only at the end, and then the inputs are gone).
+    ``overwrite``; a ``staged`` output, which replaces the whole folder, replaces only a
+    model folder, :func:`is_model_dir`), or over an input: an ``out`` that is one of
+    ``inputs`` or contains one (the output replaces ``out`` only at the end, and then the
+    inputs are gone).
     Where the output will be written is tried too: beside ``out`` for a ``staged``
     output (:func:`staged_dir` renames a finished directory into place); else, when ``out``
     is still to be made, in its nearest existing parent (a writer into an existing ``out``
@@ -396,6 +408,13 @@ def check_out_dir(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike
     # whole folder, so anything in it counts
     if out.exists() and not overwrite and any(staged or p not in left for p in out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    if staged and overwrite and out.is_dir() and not is_model_dir(out) and any(p not in left for p in out.iterdir()):
+        # the staged output replaces the whole folder: `--out ~/thesis --overwrite` (a typo,
+        # a wrong variable) deleted whatever was there
+        names = sorted(p.name for p in out.iterdir() if p not in left)
+        raise FileExistsError(f"{out} holds files that are not a model ({', '.join(names[:3])}"
+                              f"{', ...' if len(names) > 3 else ''}); --overwrite replaces only a model folder "
+                              "(a previous output): remove them yourself or pick another --out")
     if not staged and out.is_dir():
         return
     try:  # the temp directory made where it will be: a read-only place fails now, not after the work

@@ -231,6 +231,13 @@ def test_refuses_non_empty_out_without_overwrite_then_replaces_it(trained, tmp_p
         main_export(["--ckpt", str(trained.ckpt), "--out", str(out)])
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    # --overwrite replaces a model folder only: `--out ~/thesis --overwrite` deleted the thesis
+    with pytest.raises(SystemExit) as e:
+        main_export(["--ckpt", str(trained.ckpt), "--out", str(out), "--overwrite"])
+    assert e.value.code == 2 and (f"{out} holds files that are not a model (keep.txt); --overwrite replaces only "
+                                  "a model folder" in capsys.readouterr().err)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "config.json").write_text("{}")  # a previous output
     main_export(["--ckpt", str(trained.ckpt), "--out", str(out), "--overwrite"])
     # the blanked unconditioned instruction reads as chat's banner puts it, not "None"
     assert "unconditioned no system message)" in capsys.readouterr().out
@@ -261,7 +268,7 @@ def test_failed_export_leaves_nothing_behind(tiny_model_dir, tmp_path, monkeypat
     out = tmp_path / "out"
     if existing:
         out.mkdir()
-        (out / "old.txt").write_text("previous export")
+        (out / "config.json").write_text("previous export")
 
     def broken(*args, **kwargs):  # the model is written by then: a half-finished export
         raise OSError("disk full")
@@ -272,7 +279,7 @@ def test_failed_export_leaves_nothing_behind(tiny_model_dir, tmp_path, monkeypat
         write_export(model, tok, out, cfg, overwrite=existing)
     assert leftovers(tmp_path) == []
     if existing:
-        assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+        assert sorted(p.name for p in out.iterdir()) == ["config.json"]
     else:
         assert not out.exists()
 

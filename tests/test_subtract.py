@@ -346,6 +346,10 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         subtract_models(base, ft, out, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    with pytest.raises(FileExistsError, match=r"holds files that are not a model \(keep.txt\)"):
+        subtract_models(base, ft, out, alpha=0.5, overwrite=True, progress=False)  # a folder of other files
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / SINGLE_FILE).write_bytes(b"")  # a previous output's weights
     subtract_models(base, ft, out, alpha=0.5, overwrite=True, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", SINGLE_FILE]
     assert torch.equal(load_file(str(out / SINGLE_FILE))["w"], torch.zeros(2))  # 1 - 0.5 * (3 - 1)
