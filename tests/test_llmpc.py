@@ -101,6 +101,10 @@ def test_bad_challenge_files_name_file_line_and_field(tmp_path):
     with pytest.raises(PairFormatError, match=r"field 'key #1'") as exc:
         read_challenge(*_write(tmp_path, [ROW], [{v: k for k, v in MAP.items()}]))
     assert "Ann" not in str(exc.value)
+    with pytest.raises(PairFormatError, match=r"x-pii.jsonl:1: field 'NAME-1': a PII value of 600 characters "
+                                              r"\(at most 512\)") as exc:
+        read_challenge(*_write(tmp_path, [ROW], [{**MAP, "NAME-1": "Ann " * 150}]))
+    assert "Ann" not in str(exc.value)
     with pytest.raises(PairFormatError, match=r"x-scrubbed-data.jsonl:1: field 'messages': expected the conversation"):
         read_challenge(*_write(tmp_path, [{"idx": 0, "messages": []}], [MAP]))
     with pytest.raises(PairFormatError, match="before the first 'role: ' line") as exc:

@@ -340,6 +340,11 @@ BAD_ROWS = {
              rejected=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]),
         "prompt",
     ),
+    # one value becomes patterns matched against every answer: a 32,000-digit "phone"
+    # took 5 s a row to audit (security review)
+    "pii_value_too_long": (_row(pii=[{"type": "PHONE", "value": "7" * 513}]), "pii[0].value"),
+    "context_pii_value_too_long": (_row(context_pii=[{"type": "NAME", "value": "Ann " * 200}]),
+                                   "context_pii[0].value"),
     "huge_chosen": (_row(chosen="x" * 100_000), "chosen"),
     "huge_message_content": (_row(prompt=[{"role": "user", "content": "y" * 100_000}]), "content"),
 }

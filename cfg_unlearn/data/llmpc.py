@@ -34,6 +34,7 @@ from cfg_unlearn.data.schema import (
     ForgetRecord,
     PairFormatError,
     PIIItem,
+    check_pii_value,
     check_unicode,
     iter_jsonl,
     not_an_object,
@@ -150,6 +151,7 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
             if not isinstance(value, str) or not value.strip():
                 raise PairFormatError(str(pii_path), m, field, "expected a non-empty string value")
             check_unicode(value, str(pii_path), m, field)
+            check_pii_value(value, str(pii_path), m, field)
             if not typed:
                 # the challenge's own files hold such keys ("PARK-NAME", a scrub that
                 # swallowed text): found as "[key]" like any other, no attack probe

@@ -41,6 +41,11 @@ ROLES = ("system", "user", "assistant")
 #: pair file is almost always a broken export (a whole document pasted into one cell);
 #: raise the cap explicitly if your prompts really are that long.
 DEFAULT_MAX_CHARS = 32_768
+#: The longest PII value read: one name, address, date or number, not a passage. Every
+#: value becomes patterns matched against every answer and log line (whole, in pieces,
+#: with separators loosened), at a cost that grows with its length: a 32,000-digit
+#: "phone" took 5 s a row to audit, 512 characters about 60 ms.
+MAX_PII_VALUE_CHARS = 512
 
 
 class PairFormatError(ValueError):
@@ -51,6 +56,13 @@ class PairFormatError(ValueError):
         where = f"{source}:{line}" if line is not None else source
         what = f" field '{field_name}':" if field_name else ""
         super().__init__(f"{where}:{what} {reason}")
+
+
+def check_pii_value(value: str, src: str, line: int | None, field: str) -> None:
+    """Refuse a PII value longer than :data:`MAX_PII_VALUE_CHARS` (its length named, never its text)."""
+    if len(value) > MAX_PII_VALUE_CHARS:
+        raise PairFormatError(src, line, field, f"a PII value of {len(value):,} characters (at most "
+                              f"{MAX_PII_VALUE_CHARS}): one name, address, date or number, not a passage")
 
 
 @dataclass(frozen=True)
@@ -376,6 +388,7 @@ def _pii_field(obj: dict, src: str, line: int | None, max_chars: int, key: str =
         pval = _text(p, "value", src, line, max_chars, path=f"{key}[{i}].value")
         if not pval.strip():
             raise PairFormatError(src, line, f"{key}[{i}].value", "empty value")
+        check_pii_value(pval, src, line, f"{key}[{i}].value")
         pii.append(PIIItem(ptype, pval))
     return tuple(pii)
 
