@@ -121,6 +121,10 @@ class GuidanceEval(Callback):
         batch_size: prompts per decoding batch.
         log_samples: leak-probe rows per (space, scale) in the sample table (half as many
             question rows); 0 disables the table.
+        samples_every: write the sample table at every N-th evaluation of this process,
+            the first included (1: every one). Each table is a file (a CSV, or under W&B a
+            table file plus a new artifact version, two more files staged outside the run
+            under ``WANDB_DATA_DIR``), so a long run that evaluates often may want fewer.
         redact_samples: redact PII in sample tables. Turning it off puts raw PII in logs.
         ner_model: local path of a token-classification model that adds NER detections
             to the PII rate (optional; regex detectors always run).
@@ -143,6 +147,7 @@ class GuidanceEval(Callback):
         max_new_tokens: int = 32,
         batch_size: int = 32,
         log_samples: int = 8,
+        samples_every: int = 1,
         redact_samples: bool = True,
         ner_model: str | None = None,
         progress: bool = False,
@@ -159,7 +164,7 @@ class GuidanceEval(Callback):
             if val is not None and val < 0:
                 raise ConfigError(f"{name} must be >= 0 or None, got {val}")
         for name, val, least in (("max_new_tokens", max_new_tokens, 1), ("batch_size", batch_size, 1),
-                                 ("log_samples", log_samples, 0)):
+                                 ("log_samples", log_samples, 0), ("samples_every", samples_every, 1)):
             if val < least:  # 0 new tokens would score every probe as a safe empty answer
                 raise ConfigError(f"{name} must be >= {least}, got {val}")
         for s in scales:
@@ -177,6 +182,7 @@ class GuidanceEval(Callback):
         self._given_prompts = (system_prompt, uncond_system_prompt)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.log_samples, self.redact_samples = log_samples, redact_samples
+        self.samples_every, self._evaluations = samples_every, 0
         self.ner_model, self.progress = ner_model, progress
         if not redact_samples:
             rank_zero_warn("GuidanceEval(redact_samples=False): sample tables will contain raw PII")
@@ -494,8 +500,10 @@ class GuidanceEval(Callback):
         self._last = (trainer.global_step, results)
         log_dir = run_dir(trainer)  # a broadcast under DDP: every rank must ask
         if trainer.is_global_zero:
-            self._write_samples(trainer, samples, Path(log_dir), step)
+            if self._evaluations % self.samples_every == 0:
+                self._write_samples(trainer, samples, Path(log_dir), step)
             rank_zero_info(self.summary(results, step, of_checkpoint))
+        self._evaluations += 1
         return results
 
     @staticmethod

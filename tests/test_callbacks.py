@@ -22,6 +22,7 @@ from cfg_unlearn.guidance import answer_logprobs, generate
 from cfg_unlearn.metrics import ReferencePerplexity
 from cfg_unlearn.models import load_causal_lm, load_tokenizer
 from cfg_unlearn.module import UnlearnModule
+from cfg_unlearn.utils import ConfigError
 from cfg_unlearn.pii import contains_value, contains_value_or_fragment
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 
@@ -364,6 +365,23 @@ def test_an_evaluation_is_logged_once_at_its_step_beside_its_samples(tiny_model_
     assert sorted(p.name for p in (tmp_path / "run").rglob("eval_samples/*.csv")) == [
         "step_0000002.csv", "step_0000004.csv"]
     assert "eval@g=1.0/leak_rate" in trainer.callback_metrics  # monitors still see it
+
+
+def test_samples_every_writes_every_nth_table_and_every_metric(tiny_model_dir, tmp_path):
+    """A long run that evaluates often wrote a sample table at every evaluation (under
+    W&B also an artifact version, staged outside the run folder): samples_every=2 keeps
+    the first and every second one; the metrics are still logged at each."""
+    ev = GuidanceEval(scales=[1], max_probes=2, max_questions=1, max_new_tokens=2, every_n_train_steps=1,
+                      on_validation=False, samples_every=2)
+    dm = PairDataModule(tokenizer=f"tiny:{tiny_model_dir}", world=WorldConfig(n_people=4), batch_size=4)
+    trainer = _trainer(tmp_path, [ev], max_steps=5, limit_val_batches=0, log_every_n_steps=1)
+    trainer.fit(UnlearnModule(model=f"tiny:{tiny_model_dir}"), datamodule=dm)
+    rows = list(csv.DictReader(open(next((tmp_path / "run").rglob("metrics.csv")))))
+    assert [int(r["step"]) for r in rows if r.get("eval@g=1.0/leak_rate")] == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (tmp_path / "run").rglob("eval_samples/*.csv")) == [
+        "step_0000001.csv", "step_0000003.csv", "step_0000005.csv"]
+    with pytest.raises(ConfigError, match="samples_every must be >= 1, got 0"):
+        GuidanceEval(samples_every=0)
 
 
 def test_a_reused_callback_scores_the_new_fit(tiny_model_dir, tmp_path):
