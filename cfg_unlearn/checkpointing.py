@@ -35,6 +35,7 @@ import contextlib
 import copy
 import functools
 import os
+import pickle
 import random
 import re
 import shutil
@@ -120,6 +121,8 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
     register_checkpoint_types()
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:  # refused as data: a plain read would load every tensor first, then refuse
+        raise
     except Exception:  # noqa: BLE001 - the plain read below says what is wrong, if anything
         return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -366,14 +366,14 @@ def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return a.resolve() == b.resolve()
 
 
-#: files one of which a Hugging Face model folder (or an export, or an adapter) holds
-MODEL_DIR_FILES = ("config.json", "adapter_config.json", "cfg_unlearn.json")
-
-
 def is_model_dir(path: Path) -> bool:
-    """Whether ``path`` looks like a model folder (a config or safetensors weights at its
-    top), the only kind of folder ``--overwrite`` replaces whole."""
-    return any((path / name).is_file() for name in MODEL_DIR_FILES) or any(path.glob("*.safetensors"))
+    """Whether ``path`` looks like a model folder, the only kind of folder ``--overwrite``
+    replaces whole: an export (``cfg_unlearn.json``), or a model's or adapter's config with
+    weights beside it (a ``config.json`` alone is any project's)."""
+    if (path / "cfg_unlearn.json").is_file():
+        return True
+    config = any((path / name).is_file() for name in ("config.json", "adapter_config.json"))
+    return config and any(p.is_file() for pattern in ("*.safetensors", "*.bin") for p in path.glob(pattern))
 
 
 def check_out_dir(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike], *, staged: bool = True) -> None:

@@ -770,7 +770,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_the_resume_checks_read_a_checkpoint_as_data_never_as_code(tmp_path):
+def test_the_resume_checks_read_a_checkpoint_as_data_never_as_code(tmp_path, monkeypatch):
     """The resume checks read --ckpt_path with weights_only=False: a checkpoint that
     unpickles a function call ran it (Lightning's own load, with weights_only=True, came
     first only for a plain path; a file swapped in between, or FSDP's adapter check, did not)."""
@@ -780,8 +780,13 @@ def test_the_resume_checks_read_a_checkpoint_as_data_never_as_code(tmp_path):
     marker, path = tmp_path / "ran", tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": _Payload(marker)}, path)
     assert cli._checkpoint_file(str(path)) is None  # unreadable as data: Lightning's load says why
+    reads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: reads.append(kw.get("mmap")) or real_load(*a, **kw))
     with pytest.raises(Exception, match="Weights only load failed"):
         load_checkpoint_file(path)
+    # refused by the mapped read: a plain read again loaded every tensor (an 8B run's 100 GB) before refusing
+    assert reads == [True]
+    monkeypatch.undo()
     assert not marker.exists()
     torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, path)  # a plain one still reads
     assert cli._checkpoint_file(str(path))["global_step"] == 3

@@ -237,7 +237,11 @@ def test_refuses_non_empty_out_without_overwrite_then_replaces_it(trained, tmp_p
     assert e.value.code == 2 and (f"{out} holds files that are not a model (keep.txt); --overwrite replaces only "
                                   "a model folder" in capsys.readouterr().err)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    (out / "config.json").write_text("{}")  # a previous output
+    (out / "config.json").write_text("{}")  # any project's: still not a model
+    with pytest.raises(SystemExit):
+        main_export(["--ckpt", str(trained.ckpt), "--out", str(out), "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "keep.txt"]
+    (out / "model.safetensors").write_bytes(b"")  # with weights: a previous output
     main_export(["--ckpt", str(trained.ckpt), "--out", str(out), "--overwrite"])
     # the blanked unconditioned instruction reads as chat's banner puts it, not "None"
     assert "unconditioned no system message)" in capsys.readouterr().out
@@ -269,6 +273,7 @@ def test_failed_export_leaves_nothing_behind(tiny_model_dir, tmp_path, monkeypat
     if existing:
         out.mkdir()
         (out / "config.json").write_text("previous export")
+        (out / "model.safetensors").write_bytes(b"")
 
     def broken(*args, **kwargs):  # the model is written by then: a half-finished export
         raise OSError("disk full")
@@ -279,7 +284,7 @@ def test_failed_export_leaves_nothing_behind(tiny_model_dir, tmp_path, monkeypat
         write_export(model, tok, out, cfg, overwrite=existing)
     assert leftovers(tmp_path) == []
     if existing:
-        assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     else:
         assert not out.exists()
 

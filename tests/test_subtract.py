@@ -349,9 +349,12 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
     with pytest.raises(FileExistsError, match=r"holds files that are not a model \(keep.txt\)"):
         subtract_models(base, ft, out, alpha=0.5, overwrite=True, progress=False)  # a folder of other files
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    (out / SINGLE_FILE).write_bytes(b"")  # a previous output's weights
+    (out / SINGLE_FILE).write_bytes(b"")  # weights alone: not yet a model folder
+    with pytest.raises(FileExistsError, match="holds files that are not a model"):
+        subtract_models(base, ft, out, alpha=0.5, overwrite=True, progress=False)
+    (out / "config.json").write_text("{}")  # with its config: a previous output
     subtract_models(base, ft, out, alpha=0.5, overwrite=True, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", SINGLE_FILE]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", SINGLE_FILE]  # keep.txt went with it
     assert torch.equal(load_file(str(out / SINGLE_FILE))["w"], torch.zeros(2))  # 1 - 0.5 * (3 - 1)
     assert leftovers(tmp_path) == []
     empty = tmp_path / "empty"
