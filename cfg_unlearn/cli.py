@@ -527,6 +527,22 @@ def check_config_files(argv: list[str]) -> None:
             continue
 
 
+def as_flags(message: str, parser: argparse.ArgumentParser) -> str:
+    """A Python-API check's message with the settings it names spelled as the command's
+    flags: ``batch_size must be >= 1`` reads ``--batch-size must be >= 1`` (a name with an
+    underscore anywhere, a plain word only before "must", so "one space" stays prose)."""
+    import re
+
+    flags = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+
+    def flag(m: re.Match) -> str:
+        name = m.group(0)
+        ours = name in flags and flags[name].startswith("--")
+        return flags[name] if ours and ("_" in name or message[m.end():].startswith(" must")) else name
+
+    return re.sub(r"\b[a-z][a-z0-9_]*\b", flag, message)
+
+
 def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
     """``python train.py ...`` (and ``cfg-unlearn fit|validate``): :func:`cli_main`, with
     a malformed data row, a missing model or a setting that cannot work reported as one
@@ -548,6 +564,14 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
         sys.stderr.write(f"{prog}: stopped by SIGTERM at the end of a step"
                          + ("; the checkpoints saved before it are kept (resume with --ckpt_path)\n" if fit else "\n"))
         raise SystemExit(128 + signal.SIGTERM) from None
+    except SystemExit as e:
+        if not (e.code == 1 and isinstance(e.__context__, KeyboardInterrupt)):
+            raise
+        # Lightning's own Ctrl-C: it shuts down, then exits 1, as a failed run does
+        fit = "fit" in (sys.argv[1:2] if args is None else args[:1])
+        sys.stderr.write(f"{prog}: interrupted" + ("; the checkpoints saved before it are kept (resume with "
+                                                   "--ckpt_path)\n" if fit else "\n"))
+        raise SystemExit(128 + signal.SIGINT) from None
     except ours as e:
         sys.stderr.write(f"{prog}: error: {e}\n")
         raise SystemExit(2) from None
@@ -572,10 +596,13 @@ def _build_tiny(argv: list[str]) -> None:
 
     p = argparse.ArgumentParser(prog="cfg-unlearn build-tiny", description="Build the offline tiny model.")
     p.add_argument("--out", required=True, help="directory to create (must not exist)")
-    p.add_argument("--vocab-size", type=int, default=TinySpec.vocab_size)
-    p.add_argument("--hidden-size", type=int, default=TinySpec.hidden_size)
-    p.add_argument("--layers", type=int, default=TinySpec.num_hidden_layers)
-    p.add_argument("--seed", type=int, default=TinySpec.seed)
+    p.add_argument("--vocab-size", type=int, default=TinySpec.vocab_size,
+                   help="tokens to learn (default %(default)s); the byte alphabet and special tokens set a floor, "
+                   "and a small corpus may hold fewer: the size built is recorded in tiny_spec.json")
+    p.add_argument("--hidden-size", type=int, default=TinySpec.hidden_size, help="model width (default %(default)s)")
+    p.add_argument("--layers", type=int, default=TinySpec.num_hidden_layers,
+                   help="transformer blocks (default %(default)s)")
+    p.add_argument("--seed", type=int, default=TinySpec.seed, help="seed of the random weights (default %(default)s)")
     a = p.parse_args(argv)
     if os.path.exists(a.out):
         p.error(f"{a.out} already exists")
@@ -621,14 +648,19 @@ def _generate(argv: list[str]) -> None:
     p.add_argument("--system", default=SAFETY_INSTRUCTION, help="the instruction the writer gets")
     p.add_argument("--reminder", default=None, help="text appended to the last user turn")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale for the writer (1 = off)")
-    p.add_argument("--space", choices=("logprob", "prob"), default="logprob")
+    p.add_argument("--space", choices=("logprob", "prob"), default="logprob",
+                   help="guidance space when --guidance-scale is not 1 (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=96,
-                   help="tokens per candidate at most; a candidate cut off before its end is rejected (truncated)")
+                   help="tokens per candidate at most (default %(default)s); a candidate cut off before its end is "
+                   "rejected (truncated)")
     p.add_argument("--accept-truncated", action="store_true",
                    help="keep candidates cut off at --max-new-tokens (counted) instead of rejecting them")
-    p.add_argument("--max-attempts", type=int, default=4, help="rounds per record: greedy, then sampling")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-attempts", type=int, default=4,
+                   help="rounds per record: greedy, then sampling (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature of the rounds after the first (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=0.95,
+                   help="nucleus sampling threshold of those rounds (default %(default)s)")
     p.add_argument("--fallback", default=DEFAULT_FALLBACK, help="answer used when every attempt leaked")
     p.add_argument("--redact-fallback", action="store_true",
                    help="when every attempt leaked, use the leaky answer with its values replaced by plain phrases "
@@ -638,10 +670,12 @@ def _generate(argv: list[str]) -> None:
                    "(a value's words, or runs of its digits); 0: whole values only")
     p.add_argument("--own-values-only", action="store_true",
                    help="check a candidate against its own record's values only, not every known value of the data")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling rounds (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default %(default)s)")
+    p.add_argument("--dtype", default="auto",
+                   help="weights dtype to load: auto (as saved), float32, bfloat16, float16 (default %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the writer runs (default here: %(default)s)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # everything that can be checked without the model, before it loads and decodes for minutes
@@ -668,7 +702,7 @@ def _generate(argv: list[str]) -> None:
         parse_dtype(a.dtype)
         check_device(a.device)
     except ValueError as e:
-        p.error(str(e))
+        p.error(as_flags(str(e), p))
     try:
         tok = load_tokenizer(a.model)
         check_template(tok, a.system)
@@ -774,7 +808,7 @@ def _demo(argv: list[str]) -> None:
     try:
         check_demo_config(cfg)  # a usage error now, not a traceback after minutes of training
     except ValueError as e:
-        p.error(str(e))
+        p.error(as_flags(str(e), p))
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -836,24 +870,40 @@ def console_main(argv: list[str] | None = None) -> None:
         # no command at all is a usage error (exit 2): to stderr, like argparse's
         print(usage, COMMANDS_HELP, sep="\n", file=sys.stdout if argv else sys.stderr)
         sys.exit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        from cfg_unlearn import __version__
+
+        print(f"cfg-unlearn {__version__}")
+        sys.exit(0)
     cmd, rest = argv[0], argv[1:]
     if cmd in TRAINER_SUBCOMMANDS:  # Lightning stops a fit at a step's end on SIGTERM: train_main
         train_main([cmd, *rest], prog="cfg-unlearn")
         return
-    with sigterm_raises():  # the other commands clean up after themselves on SIGTERM as on Ctrl-C
-        if cmd == "build-tiny":
-            _build_tiny(rest)
-        elif cmd == "generate":
-            _generate(rest)
-        elif cmd == "demo":
-            _demo(rest)
-        elif cmd in COMMAND_ENTRY_POINTS:
-            module, function = COMMAND_ENTRY_POINTS[cmd]
-            # imported on use: `cfg-unlearn --help` stays fast and commands pull only their deps
-            getattr(importlib.import_module(module), function)(rest)
-        else:
-            print(f"cfg-unlearn: unknown command {cmd!r}\n{usage}", file=sys.stderr)
-            sys.exit(2)
+    commands = ("build-tiny", "generate", "demo", *COMMAND_ENTRY_POINTS)
+    if cmd not in commands:
+        import difflib
+
+        names = [*commands, *TRAINER_SUBCOMMANDS]
+        close = [c for c in names if cmd and c.startswith(cmd)][:1] or difflib.get_close_matches(cmd, names, n=1)
+        print(f"cfg-unlearn: unknown command {cmd!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+              + f"\n{usage}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        with sigterm_raises():  # the other commands clean up after themselves on SIGTERM as on Ctrl-C
+            if cmd == "build-tiny":
+                _build_tiny(rest)
+            elif cmd == "generate":
+                _generate(rest)
+            elif cmd == "demo":
+                _demo(rest)
+            else:
+                module, function = COMMAND_ENTRY_POINTS[cmd]
+                # imported on use: commands pull only their own dependencies
+                getattr(importlib.import_module(module), function)(rest)
+    except KeyboardInterrupt:  # one line, not a traceback from inside a model's forward (the demo
+        # and chat say more themselves)
+        sys.stderr.write(f"cfg-unlearn {cmd}: interrupted (outputs are written whole or not at all)\n")
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":  # python -m cfg_unlearn.cli ...

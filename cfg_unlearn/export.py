@@ -666,14 +666,15 @@ def build_chat_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="directory written by cfg-unlearn export")
     p.add_argument("--guidance-scale", type=float, default=None, help="override the exported guidance scale")
     p.add_argument("--space", choices=SPACES, default=None, help="override the exported guidance space")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer at most (default %(default)s)")
     p.add_argument("--sample", action="store_true",
                    help="sample instead of greedy decoding (implied by --temperature or --top-p)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.8)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default 0.95)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (turn n uses seed + n)")
     p.add_argument("--dtype", default="auto", help="weights dtype to load (default: as saved)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model runs (default here: %(default)s)")
     return p
 
 

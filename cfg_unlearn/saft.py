@@ -1038,7 +1038,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"capped as --k is; projection {' '.join(map(str, DEFAULT_SEARCH_K))})")
     p.add_argument("--pair-side", choices=("rejected", "chosen"), default="rejected",
                    help="for pair rows: which answer forms the sample (default: rejected, the original data)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="samples embedded together (default %(default)s)")
     p.add_argument("--max-length", type=int, default=2048, help="keep at most the last N tokens of a sample")
     p.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -69,7 +69,58 @@ def test_console_script_rejects_unknown_command(capsys):
     with pytest.raises(SystemExit) as e:
         console_main(["frobnicate"])
     assert e.value.code == 2
-    assert "unknown command" in capsys.readouterr().err
+    assert "unknown command 'frobnicate'\n" in capsys.readouterr().err
+    for typed, meant in (("gen", "generate"), ("fitt", "fit"), ("sft", "saft")):  # a prefix, or a typo
+        with pytest.raises(SystemExit) as e:
+            console_main([typed])
+        assert e.value.code == 2
+        assert f"unknown command {typed!r}; did you mean {meant!r}?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_console_script_version(flag, capsys):
+    from cfg_unlearn import __version__
+
+    with pytest.raises(SystemExit) as e:
+        console_main([flag])
+    assert e.value.code == 0 and capsys.readouterr().out == f"cfg-unlearn {__version__}\n"
+
+
+def test_ctrl_c_is_one_line_and_exit_130_in_every_command(monkeypatch, capsys):
+    """CLI audit: Ctrl-C in generate or saft printed a KeyboardInterrupt traceback from
+    inside the model's forward; a fit went through Lightning's graceful shutdown and
+    exited 1, as a failed run does."""
+    import cfg_unlearn.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_generate", interrupted)
+    with pytest.raises(SystemExit) as e:
+        console_main(["generate", "--forget", "f.jsonl"])
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "cfg-unlearn generate: interrupted (outputs are written whole or not at all)\n"
+
+    def lightning_ctrl_c(args):  # what Lightning's _call_and_handle_interrupt does
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise SystemExit(1) from None
+
+    monkeypatch.setattr(cli, "cli_main", lightning_ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        train_main(["fit"])
+    assert e.value.code == 130
+    assert capsys.readouterr().err == ("train.py: interrupted; the checkpoints saved before it are kept (resume with "
+                                       "--ckpt_path)\n")
+
+    def failed(args):  # a run that failed exits 1 as before
+        raise SystemExit(1)
+
+    monkeypatch.setattr(cli, "cli_main", failed)
+    with pytest.raises(SystemExit) as e:
+        train_main(["validate"])
+    assert e.value.code == 1
 
 
 def test_console_script_usage(capsys):

@@ -185,7 +185,9 @@ def test_demo_rejects_bad_settings_before_training(tmp_path, kwargs, match):
 
 
 def test_demo_usage_errors_exit_2_before_any_work(tmp_path, capsys):
-    for args, match in ((["--unlearn-epochs", "0"], "unlearn_epochs must be >= 1"),
+    for args, match in ((["--unlearn-epochs", "0"], "demo: error: --unlearn-epochs must be >= 1"),  # the flag, not
+                        # the field (CLI audit)
+                        (["--unlearn-lr", "0"], "got --unlearn-lr 0.0, --baseline-lr 0.00025, leak_lr"),
                         (["--scales", "1", "-1"], "guidance_scale must be")):
         with pytest.raises(SystemExit) as e:
             console_main(["demo", "--out", str(tmp_path / "d"), "--quiet", *args])
