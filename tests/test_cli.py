@@ -101,20 +101,7 @@ def test_ctrl_c_is_one_line_and_exit_130_in_every_command(monkeypatch, capsys):
     assert e.value.code == 130
     assert capsys.readouterr().err == "cfg-unlearn generate: interrupted (outputs are written whole or not at all)\n"
 
-    def lightning_ctrl_c(args):  # what Lightning's _call_and_handle_interrupt does
-        try:
-            raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            raise SystemExit(1) from None
-
-    monkeypatch.setattr(cli, "cli_main", lightning_ctrl_c)
-    with pytest.raises(SystemExit) as e:
-        train_main(["fit"])
-    assert e.value.code == 130
-    assert capsys.readouterr().err == ("train.py: interrupted; the checkpoints saved before it are kept (resume with "
-                                       "--ckpt_path)\n")
-
-    def failed(args):  # a run that failed exits 1 as before
+    def failed(args):  # a run that failed exits 1 as before (the fit's Ctrl-C: below, beside SIGTERM)
         raise SystemExit(1)
 
     monkeypatch.setattr(cli, "cli_main", failed)
@@ -704,21 +691,35 @@ def test_a_resume_spelled_in_another_case_is_the_same_run_on_a_case_insensitive_
     assert not resumes_run(str(tmp_path / "runs" / "tiny" / "version_1" / "last.ckpt"), run, trainer)
 
 
-def test_a_fit_stopped_by_sigterm_exits_143_not_0(monkeypatch, capsys):
-    """Lightning ends the step and raises SIGTERMException, a SystemExit with no code: a
-    fit a scheduler stopped exited 0, as if finished, and `fit && export` went on."""
-    import cfg_unlearn.cli as cli
+def _lightning_sigterm(args):
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    def stopped(args):
-        raise SIGTERMException
+    raise SIGTERMException
 
-    monkeypatch.setattr(cli, "cli_main", stopped)
+
+def _lightning_ctrl_c(args):  # what Lightning's _call_and_handle_interrupt does after its shutdown
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        raise SystemExit(1) from None
+
+
+@pytest.mark.parametrize("stop,code,said", [
+    (_lightning_sigterm, 143, "stopped by SIGTERM at the end of a step"),
+    (_lightning_ctrl_c, 130, "interrupted"),
+], ids=["sigterm", "ctrl-c"])
+def test_a_stopped_fit_exits_with_the_signals_status_not_0_or_1(monkeypatch, capsys, stop, code, said):
+    """Lightning ends the step and raises SIGTERMException, a SystemExit with no code: a
+    fit a scheduler stopped exited 0, as if finished, and `fit && export` went on. After
+    a Ctrl-C Lightning exits 1, as a failed run does (CLI audit)."""
+    import cfg_unlearn.cli as cli
+
+    monkeypatch.setattr(cli, "cli_main", stop)
     with pytest.raises(SystemExit) as e:
         train_main(["fit"])
-    assert e.value.code == 143
-    assert capsys.readouterr().err == ("train.py: stopped by SIGTERM at the end of a step; the checkpoints saved "
-                                       "before it are kept (resume with --ckpt_path)\n")
+    assert e.value.code == code
+    assert capsys.readouterr().err == (f"train.py: {said}; the checkpoints saved before it are kept (resume with "
+                                       "--ckpt_path)\n")
 
 
 def test_sigterm_cleans_up_like_ctrl_c_in_the_other_commands(tmp_path, monkeypatch):
