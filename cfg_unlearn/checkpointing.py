@@ -113,6 +113,13 @@ def register_checkpoint_types() -> None:
         importlib.import_module(name)
 
 
+def remote_code_refusal(model: Any, how: str) -> str:
+    """The end of the refusal of a checkpoint trained with ``model.trust_remote_code``
+    (rebuilding it runs its model folder's code): ``how`` names the command's own switch."""
+    return (f"was trained with model.trust_remote_code=True, which runs the modelling code of its model {model!r}; "
+            f"a checkpoint cannot turn that on by itself: {how} if you trust that code")
+
+
 def load_checkpoint_file(path: str | os.PathLike) -> Any:
     """A checkpoint file as data, never code (``weights_only=True``: a pickle that would
     run a function is refused), memory-mapped so that reading its keys reads no tensor;

@@ -74,10 +74,10 @@ class UnlearnCLI(LightningCLI):
         after = _flat(self.config[sub].get("model"))
         if after.get("trust_remote_code") and not before.get("trust_remote_code"):
             # a checkpoint is data: it may not turn on running its model folder's code
-            raise ConfigError(f"--ckpt_path {self.config[sub].get('ckpt_path')}: the checkpoint was trained with "
-                              f"model.trust_remote_code=True, which runs the modelling code of its model "
-                              f"{after.get('model')!r}; a checkpoint cannot turn that on by itself: add "
-                              "--model.trust_remote_code true if you trust that code")
+            from cfg_unlearn.checkpointing import remote_code_refusal
+
+            raise ConfigError(f"--ckpt_path {self.config[sub].get('ckpt_path')}: the checkpoint "
+                              + remote_code_refusal(after.get("model"), "add --model.trust_remote_code true"))
         lost = _replaced(before, after)
         if lost:
             rank_zero_warn(f"--ckpt_path: the checkpoint's hyperparameters replace {', '.join(lost)}; "
@@ -543,6 +543,12 @@ def as_flags(message: str, parser: argparse.ArgumentParser) -> str:
     return re.sub(r"\b[a-z][a-z0-9_]*\b", flag, message)
 
 
+def lightning_interrupted(e: SystemExit) -> bool:
+    """Whether ``e`` is Lightning's exit after a Ctrl-C: it shuts the run down, then
+    calls ``exit(1)`` inside its ``except KeyboardInterrupt``."""
+    return e.code == 1 and isinstance(e.__context__, KeyboardInterrupt)
+
+
 def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
     """``python train.py ...`` (and ``cfg-unlearn fit|validate``): :func:`cli_main`, with
     a malformed data row, a missing model or a setting that cannot work reported as one
@@ -552,6 +558,13 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
     from cfg_unlearn.models import ModelNotFoundError
 
     ours = (PairFormatError, ModelNotFoundError, ConfigError)
+
+    def stopped(said: str, signum: int) -> None:
+        fit = "fit" in (sys.argv[1:2] if args is None else args[:1])
+        sys.stderr.write(said + ("; the checkpoints saved before it are kept (resume with --ckpt_path)\n" if fit
+                                 else "\n"))
+        raise SystemExit(128 + signum) from None
+
     try:
         if args is not None and args == sys.argv[1:]:
             args = None  # `cfg-unlearn fit ...`: the command line itself (Lightning warns when given both)
@@ -560,18 +573,11 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
     except SIGTERMException:
         # Lightning ends the step, then raises this: a SystemExit with no code, so a fit a
         # scheduler stopped exited 0, as if finished (`fit && export` shipped it)
-        fit = "fit" in (sys.argv[1:2] if args is None else args[:1])
-        sys.stderr.write(f"{prog}: stopped by SIGTERM at the end of a step"
-                         + ("; the checkpoints saved before it are kept (resume with --ckpt_path)\n" if fit else "\n"))
-        raise SystemExit(128 + signal.SIGTERM) from None
+        stopped(f"{prog}: stopped by SIGTERM at the end of a step", signal.SIGTERM)
     except SystemExit as e:
-        if not (e.code == 1 and isinstance(e.__context__, KeyboardInterrupt)):
+        if not lightning_interrupted(e):
             raise
-        # Lightning's own Ctrl-C: it shuts down, then exits 1, as a failed run does
-        fit = "fit" in (sys.argv[1:2] if args is None else args[:1])
-        sys.stderr.write(f"{prog}: interrupted" + ("; the checkpoints saved before it are kept (resume with "
-                                                   "--ckpt_path)\n" if fit else "\n"))
-        raise SystemExit(128 + signal.SIGINT) from None
+        stopped(f"{prog}: interrupted", signal.SIGINT)  # it exited 1, as a failed run does
     except ours as e:
         sys.stderr.write(f"{prog}: error: {e}\n")
         raise SystemExit(2) from None
@@ -834,7 +840,7 @@ def _demo(argv: list[str]) -> None:
     except Terminated as e:
         p.exit(e.code, stopped())
     except SystemExit as e:
-        if e.code == 1 and isinstance(e.__context__, KeyboardInterrupt):  # Lightning's own Ctrl-C exit
+        if lightning_interrupted(e):
             p.exit(130, stopped())
         raise
     finally:

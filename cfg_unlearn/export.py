@@ -47,7 +47,7 @@ from typing import IO, Any
 
 import torch
 
-from cfg_unlearn.checkpointing import load_checkpoint_file, register_checkpoint_types
+from cfg_unlearn.checkpointing import load_checkpoint_file, register_checkpoint_types, remote_code_refusal
 from cfg_unlearn.guidance import MIN_TEMPERATURE, SPACES, check_guidance, encode_prompts, generate
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION, check_template
 from cfg_unlearn.tiny import TINY_SCHEME, absolute_model_name
@@ -450,9 +450,7 @@ def _export_file(ckpt_path: Path, out: Path, source: Path, g: float, space: str,
 
     ckpt = read_checkpoint(ckpt_path, name=source)
     if ckpt["hyper_parameters"].get("trust_remote_code") and not trust_remote_code:
-        raise ValueError(f"{source} was trained with model.trust_remote_code=True, which runs the modelling code "
-                         f"of its model {ckpt['hyper_parameters']['model']!r}; a checkpoint cannot turn that on by "
-                         "itself: pass --trust-remote-code if you trust that code")
+        raise ValueError(f"{source} " + remote_code_refusal(ckpt["hyper_parameters"]["model"], "pass --trust-remote-code"))
     trained_system, trained_uncond = checkpoint_instructions(ckpt)
     config = ExportConfig(
         system_instruction=trained_system if system is None else _blank_to_none(system),

@@ -408,13 +408,14 @@ def check_out_dir(out: Path, overwrite: bool, inputs: Iterable[str | os.PathLike
     # whole folder, so anything in it counts
     if out.exists() and not overwrite and any(staged or p not in left for p in out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    if staged and overwrite and out.is_dir() and not is_model_dir(out) and any(p not in left for p in out.iterdir()):
+    if staged and overwrite and out.is_dir() and not is_model_dir(out):
         # the staged output replaces the whole folder: `--out ~/thesis --overwrite` (a typo,
         # a wrong variable) deleted whatever was there
         names = sorted(p.name for p in out.iterdir() if p not in left)
-        raise FileExistsError(f"{out} holds files that are not a model ({', '.join(names[:3])}"
-                              f"{', ...' if len(names) > 3 else ''}); --overwrite replaces only a model folder "
-                              "(a previous output): remove them yourself or pick another --out")
+        if names:
+            raise FileExistsError(f"{out} holds files that are not a model ({', '.join(names[:3])}"
+                                  f"{', ...' if len(names) > 3 else ''}); --overwrite replaces only a model folder "
+                                  "(a previous output): remove them yourself or pick another --out")
     if not staged and out.is_dir():
         return
     try:  # the temp directory made where it will be: a read-only place fails now, not after the work
