@@ -382,6 +382,28 @@ def test_contaminated_command_writes_both_files_or_neither(tmp_path, capsys):
     assert (tmp_path / "a" / "contaminated.jsonl").read_bytes() == before
 
 
+def test_contaminated_replaces_a_previous_set_only_with_overwrite(tmp_path, capsys):
+    """A rerun into the same --out replaced the set and its labels unasked (a hand-edited
+    labels file, or the input of a SAFT run, gone)."""
+    from cfg_unlearn.data import contaminated
+
+    contaminated.main(["--out", str(tmp_path), "--n", "20", "--people", "4"])
+    (tmp_path / "labels.jsonl").write_text('{"id": "s00000", "label": 1}\n')  # edited by hand
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(SystemExit) as exc:
+        contaminated.main(["--out", str(tmp_path), "--n", "30", "--people", "4"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "holds contaminated.jsonl and labels.jsonl; pass --overwrite" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    (tmp_path / "contaminated.jsonl").unlink()  # one of the two is enough to refuse
+    with pytest.raises(SystemExit):
+        contaminated.main(["--out", str(tmp_path), "--n", "30", "--people", "4"])
+    assert "holds labels.jsonl; pass --overwrite" in capsys.readouterr().err
+    contaminated.main(["--out", str(tmp_path), "--n", "30", "--people", "4", "--overwrite"])
+    assert len((tmp_path / "contaminated.jsonl").read_text().splitlines()) == 30
+    assert (tmp_path / "labels.jsonl").read_bytes() != before["labels.jsonl"]
+
+
 def _disk_fills_at_fsync(monkeypatch, n: int) -> list[int]:
     """``os.fsync`` fails with ENOSPC at its ``n``-th call; returns the calls made."""
     import errno
@@ -407,7 +429,7 @@ def test_contaminated_replaces_neither_file_when_the_disk_fills(tmp_path, capsys
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     _disk_fills_at_fsync(monkeypatch, 2)
     with pytest.raises(SystemExit) as exc:
-        contaminated.main(["--out", str(tmp_path), "--n", "30", "--people", "4", "--seed", "1"])
+        contaminated.main(["--out", str(tmp_path), "--n", "30", "--people", "4", "--seed", "1", "--overwrite"])
     assert exc.value.code == 2 and "No space left on device" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file left either
 

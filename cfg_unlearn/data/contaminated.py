@@ -30,7 +30,8 @@ the builder's test; about 0.60 with ``hard_negatives=0``). Everything follows fr
 ``seed`` and the world's config: same arguments, byte-identical rows.
 
 ``python -m cfg_unlearn.data.contaminated --out DIR`` writes ``DIR/contaminated.jsonl``
-and ``DIR/labels.jsonl`` (a small stratified labelled subset: ``{"id", "label"}``).
+and ``DIR/labels.jsonl`` (a small stratified labelled subset: ``{"id", "label"}``);
+``--overwrite`` replaces a previous pair of them.
 """
 
 from __future__ import annotations
@@ -225,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hard-negatives", type=float, default=DEFAULT_HARD_NEGATIVES,
                    help="share of benign rows that ask about a person and answer without PII")
     p.add_argument("--n-labelled", type=int, default=None, help="rows in labels.jsonl (default: 10%% of --n)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace contaminated.jsonl and labels.jsonl if --out holds them")
     a = p.parse_args(argv)
     if a.n < 1:
         p.error(f"--n must be >= 1, got {a.n}")
@@ -248,6 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("contaminated.jsonl", "labels.jsonl"):
         if (out / name).is_dir():
             p.error(f"--out {a.out}: {name} there is a directory")
+    # a set and its labels may be hand-edited, or a SAFT run's input: not replaced unasked
+    present = [name for name in ("contaminated.jsonl", "labels.jsonl") if (out / name).exists()]
+    if present and not a.overwrite:
+        p.error(f"--out {a.out} holds {' and '.join(present)}; pass --overwrite to replace them")
     try:  # both on disk before either is renamed: a full disk fails with neither file replaced
         atomic_write_files([(out / "contaminated.jsonl", jsonl_text(rows)), (out / "labels.jsonl", jsonl_text(labels))])
     except OSError as e:  # e.g. a parent of --out is a file
