@@ -57,7 +57,7 @@ from cfg_unlearn.pii import (
 )
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 from cfg_unlearn.strategies import forward_outside_step
-from cfg_unlearn.utils import ConfigError, TrainingDiverged, atomic_write, dataclass_from, same_path
+from cfg_unlearn.utils import ConfigError, TrainingDiverged, atomic_write, dataclass_from, eval_mode, same_path
 
 log = logging.getLogger(__name__)
 
@@ -746,3 +746,25 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         log_resolved_config(trainer, self.parser.dump(self.config, skip_unset=False))
+
+
+class ProgressEval(Callback):
+    """``cfg-unlearn demo --compare``'s scorer: ``score(model)`` after the first few
+    optimizer steps and after every epoch, so how fast a method collapses shows in the
+    numbers (gradient ascent within a few steps, NPO more slowly), not only where it ends."""
+
+    def __init__(self, score, early_steps: tuple[int, ...] = (2, 4, 8)):
+        self.score, self.early_steps, self.rows = score, early_steps, []
+
+    def _record(self, trainer, pl_module):
+        if self.rows and self.rows[-1]["step"] == trainer.global_step:
+            return
+        with eval_mode(pl_module.model):
+            self.rows.append({"step": trainer.global_step, **self.score(pl_module.model)})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step in self.early_steps:
+            self._record(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._record(trainer, pl_module)

@@ -1,17 +1,14 @@
-"""Command line: ``python train.py fit|validate --config ...`` (LightningCLI) and the
-``cfg-unlearn`` console script, which adds the project's own subcommands."""
+"""Command line: ``python train.py fit|validate --config ...`` (LightningCLI), also run
+as ``cfg-unlearn fit|validate`` by the console script (:mod:`cfg_unlearn.console`)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib
 import logging
 import os
 import signal
 import sys
 import warnings
-from pathlib import Path
 
 from typing import Any, Optional
 
@@ -29,15 +26,10 @@ from cfg_unlearn.callbacks import (
     resumes_run,
 )
 from cfg_unlearn.checkpointing import install_checkpointing
+from cfg_unlearn.console import TRAINER_SUBCOMMANDS, lightning_interrupted
 from cfg_unlearn.data.datamodule import PairDataModule
 from cfg_unlearn.module import UnlearnModule
-from cfg_unlearn.utils import ConfigError, Terminated, TrainingDiverged, check_writable_file, sigterm_raises
-
-#: LightningCLI's subcommands kept: the module scores pairs only in training and
-#: validation steps (``validate`` is the scoring run, GuidanceEval included), so ``test``
-#: and ``predict`` would fail after loading the model; argparse refuses them up front
-TRAINER_SUBCOMMANDS = ("fit", "validate")
-
+from cfg_unlearn.utils import ConfigError, TrainingDiverged
 
 class UnlearnCLI(LightningCLI):
     """LightningCLI with the model's name linked into the data module (one model path:
@@ -527,28 +519,6 @@ def check_config_files(argv: list[str]) -> None:
             continue
 
 
-def as_flags(message: str, parser: argparse.ArgumentParser) -> str:
-    """A Python-API check's message with the settings it names spelled as the command's
-    flags: ``batch_size must be >= 1`` reads ``--batch-size must be >= 1`` (a name with an
-    underscore anywhere, a plain word only before "must", so "one space" stays prose)."""
-    import re
-
-    flags = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
-
-    def flag(m: re.Match) -> str:
-        name = m.group(0)
-        ours = name in flags and flags[name].startswith("--")
-        return flags[name] if ours and ("_" in name or message[m.end():].startswith(" must")) else name
-
-    return re.sub(r"\b[a-z][a-z0-9_]*\b", flag, message)
-
-
-def lightning_interrupted(e: SystemExit) -> bool:
-    """Whether ``e`` is Lightning's exit after a Ctrl-C: it shuts the run down, then
-    calls ``exit(1)`` inside its ``except KeyboardInterrupt``."""
-    return e.code == 1 and isinstance(e.__context__, KeyboardInterrupt)
-
-
 def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
     """``python train.py ...`` (and ``cfg-unlearn fit|validate``): :func:`cli_main`, with
     a malformed data row, a missing model or a setting that cannot work reported as one
@@ -597,320 +567,7 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
         raise SystemExit(2) from None
 
 
-def _build_tiny(argv: list[str]) -> None:
-    from cfg_unlearn.tiny import TinySpec, build_tiny
+if __name__ == "__main__":  # python -m cfg_unlearn.cli ...: the console script (cfg_unlearn.console)
+    from cfg_unlearn.console import console_main
 
-    p = argparse.ArgumentParser(prog="cfg-unlearn build-tiny", description="Build the offline tiny model.")
-    p.add_argument("--out", required=True, help="directory to create (must not exist)")
-    p.add_argument("--vocab-size", type=int, default=TinySpec.vocab_size,
-                   help="tokens to learn (default %(default)s); the byte alphabet and special tokens set a floor, "
-                   "and a small corpus may hold fewer: the size built is recorded in tiny_spec.json")
-    p.add_argument("--hidden-size", type=int, default=TinySpec.hidden_size, help="model width (default %(default)s)")
-    p.add_argument("--layers", type=int, default=TinySpec.num_hidden_layers,
-                   help="transformer blocks (default %(default)s)")
-    p.add_argument("--seed", type=int, default=TinySpec.seed, help="seed of the random weights (default %(default)s)")
-    a = p.parse_args(argv)
-    if os.path.exists(a.out):
-        p.error(f"{a.out} already exists")
-    try:
-        spec = TinySpec(vocab_size=a.vocab_size, hidden_size=a.hidden_size, num_hidden_layers=a.layers, seed=a.seed)
-    except ValueError as e:
-        p.error(str(e))
-    print(build_tiny(a.out, spec=spec))
-
-
-def _generate(argv: list[str]) -> None:
-    import json
-    import logging
-
-    import torch
-
-    from cfg_unlearn.data.generate import (
-        DEFAULT_FALLBACK,
-        check_context,
-        check_fallback,
-        check_generate_settings,
-        encode_writer_prompts,
-        generate_pairs,
-        read_forget_conversations,
-    )
-    from cfg_unlearn.data.schema import PairFormatError, write_pairs
-    from cfg_unlearn.models import check_device, load_causal_lm, load_tokenizer, parse_dtype
-    from cfg_unlearn.pii import PARTIAL_MIN_CHARS
-    from cfg_unlearn.prompts import SAFETY_INSTRUCTION, check_template
-
-    p = argparse.ArgumentParser(
-        prog="cfg-unlearn generate",
-        description="Write pairs (chosen = a PII-free replacement from --model, rejected = the leaky answer) "
-        "for forget data: our conversation JSONL (--forget) or the LLM-PC challenge files (--challenge).",
-    )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--forget", help="conversation JSONL: {id, messages, pii}")
-    src.add_argument("--challenge", nargs=2, metavar=("SCRUBBED", "PII"),
-                     help="LLM-PC *-scrubbed-data.jsonl and *-pii.jsonl")
-    p.add_argument("--model", required=True, help="hub name, local path or tiny:<dir> of the replacement writer")
-    p.add_argument("--out", required=True, help="pair JSONL to write (atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--system", default=SAFETY_INSTRUCTION, help="the instruction the writer gets")
-    p.add_argument("--reminder", default=None, help="text appended to the last user turn")
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale for the writer (1 = off)")
-    p.add_argument("--space", choices=("logprob", "prob"), default="logprob",
-                   help="guidance space when --guidance-scale is not 1 (default %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=96,
-                   help="tokens per candidate at most (default %(default)s); a candidate cut off before its end is "
-                   "rejected (truncated)")
-    p.add_argument("--accept-truncated", action="store_true",
-                   help="keep candidates cut off at --max-new-tokens (counted) instead of rejecting them")
-    p.add_argument("--max-attempts", type=int, default=4,
-                   help="rounds per record: greedy, then sampling (default %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.8,
-                   help="sampling temperature of the rounds after the first (default %(default)s)")
-    p.add_argument("--top-p", type=float, default=0.95,
-                   help="nucleus sampling threshold of those rounds (default %(default)s)")
-    p.add_argument("--fallback", default=DEFAULT_FALLBACK, help="answer used when every attempt leaked")
-    p.add_argument("--redact-fallback", action="store_true",
-                   help="when every attempt leaked, use the leaky answer with its values replaced by plain phrases "
-                   "('... at a private number.') if that passes the same checks, else --fallback")
-    p.add_argument("--partial-min-chars", type=int, default=PARTIAL_MIN_CHARS,
-                   help="reject a candidate holding a piece of a value this long that the prompt does not show "
-                   "(a value's words, or runs of its digits); 0: whole values only")
-    p.add_argument("--own-values-only", action="store_true",
-                   help="check a candidate against its own record's values only, not every known value of the data")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling rounds (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default %(default)s)")
-    p.add_argument("--dtype", default="auto",
-                   help="weights dtype to load: auto (as saved), float32, bfloat16, float16 (default %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where the writer runs (default here: %(default)s)")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # everything that can be checked without the model, before it loads and decodes for minutes
-    out = Path(a.out)
-    try:
-        out.exists()
-    except OSError as e:  # a name longer than the file system takes
-        p.error(f"--out {a.out}: {e.strerror}")
-    for src in [a.forget] if a.forget else a.challenge:
-        if out.resolve() == Path(src).resolve():
-            p.error(f"--out {a.out} is one of the inputs; write the pairs elsewhere")
-    if out.is_dir():
-        p.error(f"--out {a.out} is a directory; give the path of the pair file to write")
-    if not out.parent.is_dir():
-        p.error(f"--out {a.out}: the directory {out.parent} does not exist")
-    if out.exists() and not a.overwrite:
-        p.error(f"--out {a.out} exists; pass --overwrite to replace it")
-    try:
-        check_writable_file(out)  # the pairs are written after all the decoding
-        check_generate_settings(guidance_scale=a.guidance_scale, space=a.space, max_new_tokens=a.max_new_tokens,
-                                max_attempts=a.max_attempts, temperature=a.temperature, top_p=a.top_p,
-                                partial_min_chars=a.partial_min_chars, batch_size=a.batch_size, seed=a.seed)
-        check_fallback(a.fallback)
-        parse_dtype(a.dtype)
-        check_device(a.device)
-    except ValueError as e:
-        p.error(as_flags(str(e), p))
-    try:
-        tok = load_tokenizer(a.model)
-        check_template(tok, a.system)
-    except (ConfigError, ValueError) as e:  # no such model, a directory or file that is none, no pad or EOS token
-        p.exit(2, f"cfg-unlearn generate: --model: {e}\n")
-    try:
-        if a.forget:
-            records = read_forget_conversations(a.forget)
-        else:
-            from cfg_unlearn.data.llmpc import forget_records, read_challenge
-
-            records = forget_records(read_challenge(*a.challenge))
-    except PairFormatError as e:
-        p.exit(2, f"cfg-unlearn generate: {e}\n")
-    if not records:
-        p.exit(2, "cfg-unlearn generate: the forget data holds no leaky assistant turn\n")
-    try:
-        check_fallback(a.fallback, (v for r in records for v in (*r.pii, *r.known)))
-    except ValueError as e:
-        p.error(str(e))
-    try:  # every prompt through the chat template before the model loads
-        encoded = encode_writer_prompts(tok, records, system=a.system, reminder=a.reminder,
-                                        guidance=a.guidance_scale != 1.0)
-    except PairFormatError as e:
-        p.exit(2, f"cfg-unlearn generate: {e}\n")
-    try:
-        model = load_causal_lm(a.model, dtype=a.dtype).to(a.device)
-    except (ConfigError, ValueError, OSError) as e:  # e.g. a folder with a tokenizer and no model
-        p.exit(2, f"cfg-unlearn generate: --model: {e}\n")
-    try:
-        check_context(model, records, encoded, a.max_new_tokens)
-    except PairFormatError as e:  # a record too long for the writer's context
-        p.exit(2, f"cfg-unlearn generate: {e}\n")
-    except ValueError as e:  # max_new_tokens alone fills the context
-        p.error(str(e))
-    try:
-        pairs, summary = generate_pairs(
-            model, tok, records, system=a.system, reminder=a.reminder, guidance_scale=a.guidance_scale,
-            space=a.space, max_new_tokens=a.max_new_tokens, max_attempts=a.max_attempts, temperature=a.temperature,
-            top_p=a.top_p, fallback=a.fallback, redact_fallback=a.redact_fallback,
-            partial_min_chars=a.partial_min_chars, other_values=not a.own_values_only,
-            accept_truncated=a.accept_truncated, seed=a.seed, batch_size=a.batch_size, encoded=encoded,
-        )
-    except PairFormatError as e:  # checked above; kept for a record that only the model's own checks refuse
-        p.exit(2, f"cfg-unlearn generate: {e}\n")
-    write_pairs(a.out, pairs)
-    print(summary.line())
-    print(json.dumps(summary.to_dict()))
-    print(f"wrote {len(pairs)} pairs to {a.out}")
-
-
-def _demo(argv: list[str]) -> None:
-    from cfg_unlearn.demo import (COND_MODES, DEMO_MARKER, DEMO_OUTPUTS, FALLBACKS, PREVIOUS_RUN, DemoConfig,
-                                  check_demo_config, run_demo)
-
-    d = DemoConfig()
-    p = argparse.ArgumentParser(
-        prog="cfg-unlearn demo",
-        description="The whole method offline on CPU: a synthetic PII world, a tiny model fine-tuned until it leaks, "
-        "replacement pairs written by that model, ORPO with conditioning dropout, and leak rate / accuracy of both "
-        "models per guidance scale (metrics.json, report.md, leak_vs_guidance.png in --out).",
-    )
-    p.add_argument("--out", default=d.out,
-                   help=f"output directory (default {d.out}); a rerun into it replaces the previous run's outputs when it "
-                   "finishes, and puts them back if it fails or is stopped")
-    p.add_argument("--seed", type=int, default=d.seed,
-                   help="seeds the world, the tiny model, the pairs and the training (0 .. 2**32-1)")
-    p.add_argument("--people", type=int, default=d.people, help=f"people in the synthetic world (default {d.people})")
-    p.add_argument("--leak-epochs", type=int, default=d.leak_epochs,
-                   help=f"epochs of fine-tuning that make the model leak (default {d.leak_epochs})")
-    p.add_argument("--unlearn-epochs", type=int, default=d.unlearn_epochs,
-                   help=f"epochs of ORPO on the pairs (default {d.unlearn_epochs})")
-    p.add_argument("--unlearn-lr", type=float, default=d.unlearn_lr,
-                   help=f"ORPO's learning rate (default {d.unlearn_lr})")
-    p.add_argument("--beta", type=float, default=d.beta,
-                   help="ORPO's odds-ratio weight (lambda); the paper's 0.1 damages the tiny model's facts more")
-    p.add_argument("--baseline-lr", type=float, default=d.baseline_lr,
-                   help="--compare: learning rate of NPO, gradient ascent, DPO and SFT (ORPO without dropout "
-                   "trains at --unlearn-lr)")
-    p.add_argument("--cond-dropout", type=float, default=d.cond_dropout,
-                   help=f"share of samples trained with the safety instruction blanked (default {d.cond_dropout})")
-    p.add_argument("--cond-mode", choices=COND_MODES, default=d.cond_mode,
-                   help="dropout: blank the safety instruction of a share --cond-dropout of the samples (same "
-                   "targets); swap: put those samples under the negative instruction with chosen and rejected "
-                   "swapped (the paper's variant); guidance then contrasts with that same instruction")
-    p.add_argument("--fallback", choices=FALLBACKS, default=d.fallback,
-                   help="the chosen answer when the leaky model wrote no PII-free replacement: its leaky answer with "
-                   "the values replaced by plain phrases (generate --redact-fallback), or the refusal template")
-    p.add_argument("--scales", type=float, nargs="+", default=list(d.scales),
-                   help=f"guidance scales to evaluate (default {' '.join(map(str, d.scales))})")
-    p.add_argument("--spaces", nargs="+", choices=("logprob", "prob"), default=list(d.spaces),
-                   help="guidance spaces to evaluate (default: both)")
-    p.add_argument("--compare", action="store_true",
-                   help="also train ORPO without dropout, NPO, gradient ascent, DPO and SFT on the same pairs and "
-                   "apply model subtraction, and compare them (a few more minutes; comparison.png)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    a = p.parse_args(argv)
-    quiet_third_party_warnings()
-    cfg = DemoConfig(out=a.out, seed=a.seed, people=a.people, leak_epochs=a.leak_epochs,
-                     unlearn_epochs=a.unlearn_epochs, unlearn_lr=a.unlearn_lr, beta=a.beta, baseline_lr=a.baseline_lr,
-                     cond_dropout=a.cond_dropout, cond_mode=a.cond_mode, fallback=a.fallback,
-                     scales=tuple(a.scales), spaces=tuple(a.spaces), compare=a.compare)
-    try:
-        check_demo_config(cfg)  # a usage error now, not a traceback after minutes of training
-    except ValueError as e:
-        p.error(as_flags(str(e), p))
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if a.quiet:
-        hf_logging.disable_progress_bar()  # transformers' "Loading weights"/"Writing model shards" bars too
-    out = Path(a.out).expanduser()
-    had_previous = any((out / name).exists() for name in (PREVIOUS_RUN, f"{PREVIOUS_RUN}.partial", *DEMO_OUTPUTS))
-
-    def stopped() -> str:  # read after the run: what its cleanup could do
-        metrics, marker = out / "metrics.json", out / DEMO_MARKER
-        if metrics.is_file() and marker.is_file() and metrics.stat().st_mtime >= marker.stat().st_mtime:
-            return f"cfg-unlearn demo: interrupted after the run finished; {a.out} holds its outputs\n"
-        if (out / PREVIOUS_RUN).is_dir():
-            return f"cfg-unlearn demo: interrupted; the previous run's outputs are in {out / PREVIOUS_RUN}\n"
-        return (f"cfg-unlearn demo: interrupted; {a.out} holds "
-                + ("the previous run's outputs, as they were\n" if had_previous
-                   else "the outputs of the stages that finished\n"))
-
-    try:
-        run_demo(cfg, progress=not a.quiet)
-    except KeyboardInterrupt:  # a traceback from inside the fine-tune loop
-        p.exit(130, stopped())
-    except Terminated as e:
-        p.exit(e.code, stopped())
-    except SystemExit as e:
-        if lightning_interrupted(e):
-            p.exit(130, stopped())
-        raise
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-#: commands whose argparse entry point lives in their own module: name -> (module, function)
-COMMAND_ENTRY_POINTS = {
-    "export": ("cfg_unlearn.export", "main_export"),
-    "chat": ("cfg_unlearn.export", "main_chat"),
-    "subtract": ("cfg_unlearn.subtract", "main"),
-    "saft": ("cfg_unlearn.saft", "main"),
-}
-
-
-COMMANDS_HELP = """\
-  demo               the whole method end to end on CPU, offline (report in --out)
-  fit/validate       train or score with a YAML config (same as `python train.py ...`)
-  generate           write PII-free replacement pairs for forget data with a model
-  export             a checkpoint -> a merged Hugging Face model + tokenizer + cfg_unlearn.json
-  chat               chat with an exported model, decoded with classifier-free guidance
-  subtract           model subtraction: base - alpha * (finetuned - base), tensor by tensor
-  saft               score and filter PII-bearing samples from a data set (SAFT)
-  build-tiny         build the offline tiny tokenizer + model into a directory"""
-
-
-def console_main(argv: list[str] | None = None) -> None:
-    """``cfg-unlearn <demo|fit|validate|generate|export|chat|subtract|saft|build-tiny> ...``"""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: cfg-unlearn {demo,fit,validate,generate,export,chat,subtract,saft,build-tiny} [options]   (-h after a command for its help)"
-    if not argv or argv[0] in ("-h", "--help"):
-        # no command at all is a usage error (exit 2): to stderr, like argparse's
-        print(usage, COMMANDS_HELP, sep="\n", file=sys.stdout if argv else sys.stderr)
-        sys.exit(0 if argv else 2)
-    if argv[0] in ("-V", "--version"):
-        from cfg_unlearn import __version__
-
-        print(f"cfg-unlearn {__version__}")
-        sys.exit(0)
-    cmd, rest = argv[0], argv[1:]
-    if cmd in TRAINER_SUBCOMMANDS:  # Lightning stops a fit at a step's end on SIGTERM: train_main
-        train_main([cmd, *rest], prog="cfg-unlearn")
-        return
-    commands = ("build-tiny", "generate", "demo", *COMMAND_ENTRY_POINTS)
-    if cmd not in commands:
-        import difflib
-
-        names = [*commands, *TRAINER_SUBCOMMANDS]
-        close = [c for c in names if cmd and c.startswith(cmd)][:1] or difflib.get_close_matches(cmd, names, n=1)
-        print(f"cfg-unlearn: unknown command {cmd!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-              + f"\n{usage}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        with sigterm_raises():  # the other commands clean up after themselves on SIGTERM as on Ctrl-C
-            if cmd == "build-tiny":
-                _build_tiny(rest)
-            elif cmd == "generate":
-                _generate(rest)
-            elif cmd == "demo":
-                _demo(rest)
-            else:
-                module, function = COMMAND_ENTRY_POINTS[cmd]
-                # imported on use: commands pull only their own dependencies
-                getattr(importlib.import_module(module), function)(rest)
-    except KeyboardInterrupt:  # one line, not a traceback from inside a model's forward (the demo
-        # and chat say more themselves)
-        sys.stderr.write(f"cfg-unlearn {cmd}: interrupted (outputs are written whole or not at all)\n")
-        sys.exit(128 + signal.SIGINT)
-
-
-if __name__ == "__main__":  # python -m cfg_unlearn.cli ...
     console_main()

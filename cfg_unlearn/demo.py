@@ -28,14 +28,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import lightning as L
-import torch
-
 from cfg_unlearn.data.schema import EvalRecord, prompt_text, write_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION, render_prompt
 from cfg_unlearn.tiny import TinySpec, build_tiny
-from cfg_unlearn.utils import atomic_write, check_writable_file, eval_mode, signals_held, staged_dir
+from cfg_unlearn.utils import atomic_write, check_writable_file, signals_held, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +86,7 @@ def finetune(model, tokenizer, examples, *, epochs: int, lr: float, seed: int, b
     """Plain causal-LM fine-tuning on (prompt messages, answer) pairs, answer tokens only:
     the "before" of the story (how the model came to memorise PII), kept to a seeded
     loop so that every run of the demo starts from the same leaky model."""
+    import torch
     from tqdm.auto import tqdm
 
     def encode(prompt, answer):
@@ -199,6 +197,8 @@ def unlearn(cfg: DemoConfig, leaky_dir: Path, pairs_file: Path, log_dir: Path, *
             progress: bool, callbacks: list | None = None, version: str = "unlearn", cond_mode: str = "dropout"):
     """Unlearning on the pairs with ``UnlearnModule`` in a Lightning Trainer (the same
     module ``train.py fit`` runs); returns the trained model in eval mode."""
+    import lightning as L
+    import torch
     from lightning.pytorch.loggers import CSVLogger
 
     from cfg_unlearn.data.datamodule import PairDataModule
@@ -235,28 +235,6 @@ BASELINES = (
 SUBTRACTION_ALPHA = 0.5
 
 
-class ProgressEval(L.Callback):
-    """Scores the model at g=1 after the first few optimizer steps and after every
-    epoch, so how fast a method collapses shows in the numbers (gradient ascent within
-    a few steps, NPO more slowly), not only where it ends."""
-
-    def __init__(self, score, early_steps: tuple[int, ...] = (2, 4, 8)):
-        self.score, self.early_steps, self.rows = score, early_steps, []
-
-    def _record(self, trainer, pl_module):
-        if self.rows and self.rows[-1]["step"] == trainer.global_step:
-            return
-        with eval_mode(pl_module.model):
-            self.rows.append({"step": trainer.global_step, **self.score(pl_module.model)})
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step in self.early_steps:
-            self._record(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self._record(trainer, pl_module)
-
-
 def compare(cfg: DemoConfig, out: Path, tok, leaky_dir: Path, chat_base_dir: Path, main: dict, score, progress: bool
             ) -> dict[str, dict]:
     """The seed papers' other systems on the same pairs and the same probes: ORPO without
@@ -265,6 +243,7 @@ def compare(cfg: DemoConfig, out: Path, tok, leaky_dir: Path, chat_base_dir: Pat
     same training without the PII, itself scored as the exact-unlearning reference). ``main`` holds the ORPO +
     dropout results per scale; ``score(model, with_attacks)`` evaluates at g=1.
     The baselines are also scored during training (``ProgressEval``)."""
+    from cfg_unlearn.callbacks import ProgressEval
     from cfg_unlearn.models import load_causal_lm
     from cfg_unlearn.subtract import subtract_models
 
@@ -352,6 +331,8 @@ def environment() -> dict[str, object]:
     (AVX2 or AVX-512, another BLAS path), another thread count or other package versions
     round differently, and 14 epochs of memorisation amplify that into another leaky
     model (README, "Reproducibility"). Recorded so that two runs can be told apart."""
+    import torch
+
     import platform
     from importlib import metadata
 

@@ -47,7 +47,6 @@ from typing import IO, Any
 
 import torch
 
-from cfg_unlearn.checkpointing import load_checkpoint_file, register_checkpoint_types, remote_code_refusal
 from cfg_unlearn.guidance import MIN_TEMPERATURE, SPACES, check_guidance, encode_prompts, generate
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION, check_template
 from cfg_unlearn.tiny import TINY_SCHEME, absolute_model_name
@@ -155,6 +154,8 @@ def read_checkpoint(path: str | os.PathLike, name: str | os.PathLike | None = No
             f"(no {DCP_METADATA} file): a DeepSpeed checkpoint must first be consolidated into one file "
             "with DeepSpeed's zero_to_fp32.py"
         )
+    from cfg_unlearn.checkpointing import load_checkpoint_file  # Lightning: on use, not for chat or --help
+
     try:
         ckpt = load_checkpoint_file(path)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a checkpoint we can read"
@@ -207,6 +208,8 @@ def consolidate_sharded(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike
     if not meta_file.is_file():
         raise ValueError(f"sharded checkpoint {ckpt_dir} has no {LIGHTNING_SHARDED_META} (Lightning's metadata "
                          "file with the hyperparameters): the export cannot tell which model it holds")
+    from cfg_unlearn.checkpointing import register_checkpoint_types
+
     register_checkpoint_types()
     try:
         meta = torch.load(meta_file, map_location="cpu", weights_only=True)
@@ -446,6 +449,7 @@ def _export_file(ckpt_path: Path, out: Path, source: Path, g: float, space: str,
                  base_model: str | None = None, trust_remote_code: bool = False) -> tuple[Path, ExportConfig]:
     """:func:`export_checkpoint` of one checkpoint file; ``source`` is what the user gave."""
     from cfg_unlearn import __version__
+    from cfg_unlearn.checkpointing import remote_code_refusal
     from cfg_unlearn.models import adapter_base_model, load_tokenizer
 
     ckpt = read_checkpoint(ckpt_path, name=source)

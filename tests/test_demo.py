@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cfg_unlearn.cli import console_main
+from cfg_unlearn.console import console_main
 from cfg_unlearn.data.generate import DEFAULT_FALLBACK, redacted_answer
 from cfg_unlearn.data.schema import prompt_text, read_pairs
 from cfg_unlearn.data.world import World, WorldConfig
