@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from cfg_unlearn.utils import ConfigError, Terminated, check_writable_file, sigterm_raises
+from cfg_unlearn.utils import ConfigError, Terminated, check_writable_file, hf_progress_bars_off, sigterm_raises
 
 #: LightningCLI's subcommands kept: the module scores pairs only in training and
 #: validation steps (``validate`` is the scoring run, GuidanceEval included), so ``test``
@@ -131,6 +131,7 @@ def _generate(argv: list[str]) -> None:
                    help="weights dtype to load: auto (as saved), float32, bfloat16, float16 (default %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the writer runs (default here: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # everything that can be checked without the model, before it loads and decodes for minutes
@@ -184,7 +185,8 @@ def _generate(argv: list[str]) -> None:
     except PairFormatError as e:
         p.exit(2, f"cfg-unlearn generate: {e}\n")
     try:
-        model = load_causal_lm(a.model, dtype=a.dtype).to(a.device)
+        with hf_progress_bars_off(a.quiet):
+            model = load_causal_lm(a.model, dtype=a.dtype).to(a.device)
     except (ConfigError, ValueError, OSError) as e:  # e.g. a folder with a tokenizer and no model
         p.exit(2, f"cfg-unlearn generate: --model: {e}\n")
     try:
@@ -200,6 +202,7 @@ def _generate(argv: list[str]) -> None:
             top_p=a.top_p, fallback=a.fallback, redact_fallback=a.redact_fallback,
             partial_min_chars=a.partial_min_chars, other_values=not a.own_values_only,
             accept_truncated=a.accept_truncated, seed=a.seed, batch_size=a.batch_size, encoded=encoded,
+            progress=not a.quiet,
         )
     except PairFormatError as e:  # checked above; kept for a record that only the model's own checks refuse
         p.exit(2, f"cfg-unlearn generate: {e}\n")
@@ -266,11 +269,6 @@ def _demo(argv: list[str]) -> None:
         check_demo_config(cfg)  # a usage error now, not a traceback after minutes of training
     except ValueError as e:
         p.error(as_flags(str(e), p))
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if a.quiet:
-        hf_logging.disable_progress_bar()  # transformers' "Loading weights"/"Writing model shards" bars too
     out = Path(a.out).expanduser()
     had_previous = any((out / name).exists() for name in (PREVIOUS_RUN, f"{PREVIOUS_RUN}.partial", *DEMO_OUTPUTS))
 
@@ -285,7 +283,8 @@ def _demo(argv: list[str]) -> None:
                    else "the outputs of the stages that finished\n"))
 
     try:
-        run_demo(cfg, progress=not a.quiet)
+        with hf_progress_bars_off(a.quiet):
+            run_demo(cfg, progress=not a.quiet)
     except KeyboardInterrupt:  # a traceback from inside the fine-tune loop
         p.exit(130, stopped())
     except Terminated as e:
@@ -294,9 +293,6 @@ def _demo(argv: list[str]) -> None:
         if lightning_interrupted(e):
             p.exit(130, stopped())
         raise
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 #: commands whose argparse entry point lives in their own module: name -> (module, function)

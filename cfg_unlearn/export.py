@@ -50,7 +50,7 @@ import torch
 from cfg_unlearn.guidance import MIN_TEMPERATURE, SPACES, check_guidance, encode_prompts, generate
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION, check_template
 from cfg_unlearn.tiny import TINY_SCHEME, absolute_model_name
-from cfg_unlearn.utils import check_out_dir, staged_dir
+from cfg_unlearn.utils import check_out_dir, hf_progress_bars_off, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -636,6 +636,7 @@ def build_export_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a checkpoint trained with model.trust_remote_code to run its model's own modelling "
                    "code (refused without this flag)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (transformers' loading and writing bars)")
     return p
 
 
@@ -645,11 +646,12 @@ def main_export(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        out, config = export_checkpoint(
-            a.ckpt, a.out, guidance_scale=a.guidance_scale, space=a.space, system=a.system,
-            uncond_system=a.uncond_system, dtype=a.dtype, overwrite=a.overwrite, base_model=a.base_model,
-            trust_remote_code=a.trust_remote_code,
-        )
+        with hf_progress_bars_off(a.quiet):
+            out, config = export_checkpoint(
+                a.ckpt, a.out, guidance_scale=a.guidance_scale, space=a.space, system=a.system,
+                uncond_system=a.uncond_system, dtype=a.dtype, overwrite=a.overwrite, base_model=a.base_model,
+                trust_remote_code=a.trust_remote_code,
+            )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         from cfg_unlearn.models import ModelNotFoundError
 

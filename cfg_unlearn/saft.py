@@ -87,7 +87,7 @@ from cfg_unlearn.data.schema import (
     record_from_dict,
 )
 from cfg_unlearn.prompts import render_chat
-from cfg_unlearn.utils import atomic_write_files, check_out_dir, check_writable_file, eval_mode
+from cfg_unlearn.utils import atomic_write_files, check_out_dir, check_writable_file, eval_mode, hf_progress_bars_off
 
 log = logging.getLogger(__name__)
 
@@ -1045,7 +1045,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="bad rows: stop with file:line (default) or skip them, counted and logged")
     p.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS, help="cap on one text field")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (transformers' loading bar too)")
     return p
 
 
@@ -1081,7 +1081,8 @@ def main(argv: list[str] | None = None) -> None:
         progress=not a.quiet, overwrite=a.overwrite,
     )
     try:
-        run_saft(cfg)
+        with hf_progress_bars_off(a.quiet):
+            run_saft(cfg)
     except (ValueError, FileExistsError) as e:  # PairFormatError included: file:line: field 'x': why
         p.exit(2, f"cfg-unlearn saft: {e}\n")
 

@@ -70,6 +70,26 @@ def sigterm_raises() -> Iterator[None]:
             signal.signal(signal.SIGTERM, before)
 
 
+@contextlib.contextmanager
+def hf_progress_bars_off(off: bool = True) -> Iterator[None]:
+    """transformers' own bars ("Loading weights", "Writing model shards") off in the
+    block when ``off``, as they were after it: a command's ``--quiet`` turned off its own
+    bars and left these. ``off=False`` leaves them as they are (a user's
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` included)."""
+    if not off:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def dataclass_from(value, cls: type, name: str):
     """``value`` as the dataclass ``cls``: a mapping (a Python user's ``{"r": 8}``) is
     built into one, an unknown field named; None and instances pass through."""

@@ -181,6 +181,18 @@ def test_cfg_unlearn_json_records_the_trained_instructions(trained, exported):
     assert json.loads((exported.dir / "config.json").read_text())["use_cache"] is True
 
 
+def test_export_quiet_shows_no_progress_bar(trained, tmp_path, capsys):
+    """CLI audit: export had no --quiet; transformers' loading bar always went to stderr."""
+    from transformers.utils import logging as hf_logging
+
+    main_export(["--ckpt", str(trained.ckpt), "--out", str(tmp_path / "loud")])
+    assert "Loading weights" in capsys.readouterr().err
+    main_export(["--ckpt", str(trained.ckpt), "--out", str(tmp_path / "quiet"), "--quiet"])
+    printed = capsys.readouterr()
+    assert "%|" not in printed.err and "Loading weights" not in printed.err and "wrote " in printed.out
+    assert hf_logging.is_progress_bar_enabled()
+
+
 def test_cli_overrides_and_dtype(trained, tmp_path, capsys):
     out = tmp_path / "bf16"
     main_export(["--ckpt", str(trained.ckpt), "--out", str(out), "--guidance-scale", "3", "--space", "prob",

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from cfg_unlearn.cli import console_main
+from cfg_unlearn.console import console_main
 from cfg_unlearn.data.generate import (
     DEFAULT_FALLBACK,
     bad_characters,
@@ -281,6 +281,24 @@ def test_a_fallback_with_pii_is_refused(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="fallback answer is no usable replacement"):
         generate_pairs(model, tok, [], fallback="Mail me at a@b.co")
+
+
+def test_generate_quiet_shows_no_progress_bar(tiny_model_dir, tmp_path, capsys):
+    """CLI audit: generate had no --quiet; its decoding bars and transformers' "Loading
+    weights" bar always went to stderr."""
+    from transformers.utils import logging as hf_logging
+
+    world = World(WorldConfig(n_people=2))
+    scrubbed, pii = world.write_challenge(tmp_path)
+    args = ["generate", "--challenge", str(scrubbed), str(pii), "--model", f"tiny:{tiny_model_dir}",
+            "--max-new-tokens", "8", "--device", "cpu"]
+    console_main([*args, "--out", str(tmp_path / "loud.jsonl")])
+    assert "decode g=1" in capsys.readouterr().err  # the bars this test would miss, there by default
+    console_main([*args, "--out", str(tmp_path / "quiet.jsonl"), "--quiet"])
+    printed = capsys.readouterr()
+    assert printed.err == "" and "wrote " in printed.out
+    assert (tmp_path / "quiet.jsonl").read_bytes() == (tmp_path / "loud.jsonl").read_bytes()
+    assert hf_logging.is_progress_bar_enabled()  # put back for the caller
 
 
 def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeypatch):

@@ -451,6 +451,22 @@ def test_saft_replaces_none_of_a_previous_runs_files_when_the_disk_fills(tiny_mo
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp file left either
 
 
+def test_saft_quiet_hides_transformers_loading_bar(tiny_model_dir, small_set, tmp_path, capsys):
+    """CLI audit: saft --quiet turned off its embedding bar but not transformers' "Loading
+    weights" bar."""
+    from transformers.utils import logging as hf_logging
+
+    _, _, d = small_set
+    args = ["--model", str(tiny_model_dir), "--data", str(d / "data.jsonl")]
+    saft.main([*args, "--out", str(tmp_path / "loud")])
+    err = capsys.readouterr().err
+    assert "Loading weights" in err and "saft: embed" in err
+    saft.main([*args, "--out", str(tmp_path / "quiet"), "--quiet"])
+    err = capsys.readouterr().err
+    assert "%|" not in err and "Loading weights" not in err
+    assert hf_logging.is_progress_bar_enabled()
+
+
 def test_the_default_labels_of_a_small_set_hold_both_classes(tmp_path, capsys):
     """--n below 15 gave one labelled row, so one class, and saft --labels refused it."""
     from cfg_unlearn.data.contaminated import main as build
