@@ -23,6 +23,7 @@ import os
 import random
 import secrets
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -217,7 +218,10 @@ def unlearn(cfg: DemoConfig, leaky_dir: Path, pairs_file: Path, log_dir: Path, *
                         logger=CSVLogger(log_dir.parent, log_dir.name, version=version), callbacks=callbacks,
                         enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
                         deterministic=True, log_every_n_steps=5, limit_val_batches=0)
-    trainer.fit(module, datamodule=data)
+    # Lightning writes its bar to stdout; the demo's other bars (tqdm, transformers) and
+    # its messages go to stderr, so `demo > log` kept this one's carriage returns alone
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer.fit(module, datamodule=data)
     return module.model.eval()
 
 

@@ -365,6 +365,20 @@ def test_demo_setting_the_previous_run_aside_is_all_or_nothing(tmp_path, monkeyp
     assert _tree(out) == {**before, ".cfg-unlearn-demo": b""}
 
 
+def test_unlearn_bar_goes_to_stderr_with_the_demos_other_bars(tmp_path, tiny_model_dir, capsys):
+    """Lightning writes its bar to stdout: `cfg-unlearn demo > log` caught the ORPO
+    stage's carriage returns alone, while every other stage's bar went to stderr."""
+    import cfg_unlearn.demo as demo
+    from cfg_unlearn.data.schema import write_pairs
+
+    write_pairs(tmp_path / "pairs.jsonl", World(WorldConfig(n_people=2)).pairs()[:4])
+    cfg = demo.DemoConfig(out=str(tmp_path), unlearn_epochs=1, batch_size=2)
+    demo.unlearn(cfg, tiny_model_dir, tmp_path / "pairs.jsonl", tmp_path / "logs", objective="orpo",
+                 cond_dropout=0.5, progress=True)
+    printed = capsys.readouterr()
+    assert "Epoch 0" in printed.err and "Epoch" not in printed.out and "it/s" not in printed.out
+
+
 def test_save_model_interrupted_leaves_the_previous_model_whole(tmp_path, tiny_model_dir):
     """The demo's models were written in place: a run killed between the weights and the
     tokenizer left a new model beside an old tokenizer. Now the old one stays as it was,
