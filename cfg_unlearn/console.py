@@ -15,7 +15,8 @@ import signal
 import sys
 from pathlib import Path
 
-from cfg_unlearn.utils import ConfigError, Terminated, check_writable_file, hf_progress_bars_off, sigterm_raises
+from cfg_unlearn.utils import (ConfigError, Terminated, check_writable_file, exit_with_error, hf_progress_bars_off,
+                               sigterm_raises)
 
 #: LightningCLI's subcommands kept: the module scores pairs only in training and
 #: validation steps (``validate`` is the scoring run, GuidanceEval included), so ``test``
@@ -163,7 +164,7 @@ def _generate(argv: list[str]) -> None:
         tok = load_tokenizer(a.model)
         check_template(tok, a.system)
     except (ConfigError, ValueError) as e:  # no such model, a directory or file that is none, no pad or EOS token
-        p.exit(2, f"cfg-unlearn generate: --model: {e}\n")
+        exit_with_error(p, f"--model: {e}")
     try:
         if a.forget:
             records = read_forget_conversations(a.forget)
@@ -172,9 +173,9 @@ def _generate(argv: list[str]) -> None:
 
             records = forget_records(read_challenge(*a.challenge))
     except PairFormatError as e:
-        p.exit(2, f"cfg-unlearn generate: {e}\n")
+        exit_with_error(p, str(e))
     if not records:
-        p.exit(2, "cfg-unlearn generate: the forget data holds no leaky assistant turn\n")
+        exit_with_error(p, "the forget data holds no leaky assistant turn")
     try:
         check_fallback(a.fallback, (v for r in records for v in (*r.pii, *r.known)))
     except ValueError as e:
@@ -183,16 +184,16 @@ def _generate(argv: list[str]) -> None:
         encoded = encode_writer_prompts(tok, records, system=a.system, reminder=a.reminder,
                                         guidance=a.guidance_scale != 1.0)
     except PairFormatError as e:
-        p.exit(2, f"cfg-unlearn generate: {e}\n")
+        exit_with_error(p, str(e))
     try:
         with hf_progress_bars_off(a.quiet):
             model = load_causal_lm(a.model, dtype=a.dtype).to(a.device)
     except (ConfigError, ValueError, OSError) as e:  # e.g. a folder with a tokenizer and no model
-        p.exit(2, f"cfg-unlearn generate: --model: {e}\n")
+        exit_with_error(p, f"--model: {e}")
     try:
         check_context(model, records, encoded, a.max_new_tokens)
     except PairFormatError as e:  # a record too long for the writer's context
-        p.exit(2, f"cfg-unlearn generate: {e}\n")
+        exit_with_error(p, str(e))
     except ValueError as e:  # max_new_tokens alone fills the context
         p.error(str(e))
     try:
@@ -205,7 +206,7 @@ def _generate(argv: list[str]) -> None:
             progress=not a.quiet,
         )
     except PairFormatError as e:  # checked above; kept for a record that only the model's own checks refuse
-        p.exit(2, f"cfg-unlearn generate: {e}\n")
+        exit_with_error(p, str(e))
     write_pairs(a.out, pairs)
     print(summary.line())
     print(json.dumps(summary.to_dict()))
@@ -332,7 +333,7 @@ def console_main(argv: list[str] | None = None) -> None:
     if cmd in TRAINER_SUBCOMMANDS:  # Lightning stops a fit at a step's end on SIGTERM: train_main
         from cfg_unlearn.cli import train_main
 
-        train_main([cmd, *rest], prog="cfg-unlearn")
+        train_main([cmd, *rest], prog=f"cfg-unlearn {cmd}")
         return
     commands = ("build-tiny", "generate", "demo", *COMMAND_ENTRY_POINTS)
     if cmd not in commands:

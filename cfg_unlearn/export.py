@@ -50,7 +50,7 @@ import torch
 from cfg_unlearn.guidance import MIN_TEMPERATURE, SPACES, check_guidance, encode_prompts, generate
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION, check_template
 from cfg_unlearn.tiny import TINY_SCHEME, absolute_model_name
-from cfg_unlearn.utils import check_out_dir, hf_progress_bars_off, staged_dir
+from cfg_unlearn.utils import check_out_dir, exit_with_error, hf_progress_bars_off, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -657,7 +657,7 @@ def main_export(argv: list[str] | None = None) -> None:
 
         hint = ("; pass --base-model with the model it was trained from"
                 if isinstance(e, ModelNotFoundError) and a.base_model is None else "")
-        p.exit(2, f"cfg-unlearn export: {e}{hint}\n")
+        exit_with_error(p, f"{e}{hint}")
     print(f"wrote {out} ({config.describe()})")
 
 
@@ -710,7 +710,7 @@ def main_chat(argv: list[str] | None = None, stdin: IO[str] | None = None, stdou
             raise ValueError(f"--max-new-tokens {a.max_new_tokens} leaves no room for a message in the model's "
                              f"context of {limit} positions; use fewer")
     except (ValueError, FileNotFoundError) as e:
-        p.exit(2, f"cfg-unlearn chat: {e}\n")
+        exit_with_error(p, str(e))
     try:
         chat_loop(
             model, tokenizer, config, input_stream=stdin or sys.stdin, output_stream=stdout or sys.stdout,

@@ -87,7 +87,8 @@ from cfg_unlearn.data.schema import (
     record_from_dict,
 )
 from cfg_unlearn.prompts import render_chat
-from cfg_unlearn.utils import atomic_write_files, check_out_dir, check_writable_file, eval_mode, hf_progress_bars_off
+from cfg_unlearn.utils import (atomic_write_files, check_out_dir, check_writable_file, eval_mode, exit_with_error,
+                               hf_progress_bars_off)
 
 log = logging.getLogger(__name__)
 
@@ -1084,7 +1085,7 @@ def main(argv: list[str] | None = None) -> None:
         with hf_progress_bars_off(a.quiet):
             run_saft(cfg)
     except (ValueError, FileExistsError) as e:  # PairFormatError included: file:line: field 'x': why
-        p.exit(2, f"cfg-unlearn saft: {e}\n")
+        exit_with_error(p, str(e))
 
 
 if __name__ == "__main__":  # python -m cfg_unlearn.saft: SIGTERM cleans up, as under cfg-unlearn

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from cfg_unlearn.tiny import resolve_pretrained
-from cfg_unlearn.utils import check_out_dir, staged_dir
+from cfg_unlearn.utils import check_out_dir, exit_with_error, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
         summary = subtract_models(a.base, a.finetuned, a.out, alpha=a.alpha, overwrite=a.overwrite,
                                   progress=not a.quiet)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        p.exit(2, f"cfg-unlearn subtract: {e}\n")
+        exit_with_error(p, str(e))
     print(f"wrote {a.out} ({summary.tensors} tensors, {summary.parameters:,} parameters, {summary.seconds:.1f}s)")
 
 

@@ -12,7 +12,7 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, NoReturn
 
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,13 @@ def hf_progress_bars_off(off: bool = True) -> Iterator[None]:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+def exit_with_error(parser, message: str) -> NoReturn:
+    """A command's error about its input (a bad row, a missing model), exit status 2, in
+    argparse's own form ``<prog>: error: <message>`` but without the usage lines: the
+    command line was well formed, the data was not."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
 def dataclass_from(value, cls: type, name: str):

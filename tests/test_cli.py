@@ -401,7 +401,7 @@ def test_train_py_reports_a_bad_pair_row_in_one_line(tiny_model_dir, tmp_path, c
                       "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"cfg-unlearn: error: {bad}:2: field 'chosen': expected a string or message list, got int")
+        f"cfg-unlearn fit: error: {bad}:2: field 'chosen': expected a string or message list, got int")
 
 
 def test_a_run_directory_of_another_run_is_refused_unless_resuming(tiny_model_dir, tmp_path, capsys, monkeypatch):

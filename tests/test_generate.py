@@ -642,7 +642,7 @@ def test_console_generate_refuses_what_would_fail_after_decoding(tiny_model_dir,
     (tok_only / "config.json").unlink()
     with pytest.raises(SystemExit) as exc:
         console_main([*base, "--model", str(tok_only), "--out", str(tmp_path / "p.jsonl")])
-    assert exc.value.code == 2 and "cfg-unlearn generate: --model:" in capsys.readouterr().err
+    assert exc.value.code == 2 and "cfg-unlearn generate: error: --model:" in capsys.readouterr().err
     assert not (tmp_path / "p.jsonl").exists()
 
 

@@ -307,7 +307,7 @@ def test_cli_errors_exit_2_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--base", str(base), "--finetuned", str(ft), "--out", str(tmp_path / "out"), "--quiet"])
     assert e.value.code == 2
-    assert "cfg-unlearn subtract: tensor 'w': shape" in capsys.readouterr().err
+    assert "cfg-unlearn subtract: error: tensor 'w': shape" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["--base", str(base), "--finetuned", str(base), "--out", str(tmp_path / "o"), "--alpha", "nan"])
     assert e.value.code == 2 and "finite" in capsys.readouterr().err
