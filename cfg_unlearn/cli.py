@@ -460,6 +460,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> UnlearnCLI:
         # config.yaml beside the run's checkpoints; a directory of another run is refused
         save_config_callback=LoggerSaveConfigCallback,
         seed_everything_default=0,
+        # no abbreviated flags: `--seed 3` was taken as --seed_everything, and an
+        # abbreviation that works today breaks when a setting with the same prefix is added
+        parser_kwargs={"allow_abbrev": False},
         args=args,
         run=run,
     )

@@ -130,6 +130,15 @@ def test_console_script_usage(capsys):
     assert proc.returncode == 0 and proc.stdout.startswith("usage: cfg-unlearn")
 
 
+@pytest.mark.parametrize("flag", ["--seed=3", "--trainer.max_e=3"])
+def test_fit_refuses_abbreviated_flags(flag, capsys):
+    """CLI audit: `--seed 3` was taken as --seed_everything and `--trainer.max_e` as
+    max_epochs; an abbreviation breaks as soon as a setting with its prefix is added."""
+    with pytest.raises(SystemExit) as e:
+        cli_main(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), flag, "--print_config"])
+    assert e.value.code == 2 and f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
 def test_help_and_version_do_not_import_lightning():
     """The console script lived in cli.py, which imports Lightning: --version, a mistyped
     command and every --help took about 6 s on a laptop CPU (now well under 2 s)."""
