@@ -50,7 +50,8 @@ def lightning_interrupted(e: SystemExit) -> bool:
 def _build_tiny(argv: list[str]) -> None:
     from cfg_unlearn.tiny import TinySpec, build_tiny
 
-    p = argparse.ArgumentParser(prog="cfg-unlearn build-tiny", description="Build the offline tiny model.")
+    p = argparse.ArgumentParser(prog="cfg-unlearn build-tiny", description="Build the offline tiny model.",
+                                allow_abbrev=False)
     p.add_argument("--out", required=True, help="directory to create (must not exist)")
     p.add_argument("--vocab-size", type=int, default=TinySpec.vocab_size,
                    help="tokens to learn (default %(default)s); the byte alphabet and special tokens set a floor, "
@@ -90,6 +91,7 @@ def _generate(argv: list[str]) -> None:
     from cfg_unlearn.prompts import SAFETY_INSTRUCTION, check_template
 
     p = argparse.ArgumentParser(
+        allow_abbrev=False,  # flags in full: cli.cli_main says why
         prog="cfg-unlearn generate",
         description="Write pairs (chosen = a PII-free replacement from --model, rejected = the leaky answer) "
         "for forget data: our conversation JSONL (--forget) or the LLM-PC challenge files (--challenge).",
@@ -219,6 +221,7 @@ def _demo(argv: list[str]) -> None:
 
     d = DemoConfig()
     p = argparse.ArgumentParser(
+        allow_abbrev=False,  # flags in full: cli.cli_main says why
         prog="cfg-unlearn demo",
         description="The whole method offline on CPU: a synthetic PII world, a tiny model fine-tuned until it leaks, "
         "replacement pairs written by that model, ORPO with conditioning dropout, and leak rate / accuracy of both "

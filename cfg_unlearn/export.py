@@ -609,6 +609,7 @@ def chat_loop(
 
 def build_export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,  # flags in full: cli.cli_main says why
         prog="cfg-unlearn export",
         description="Write a Lightning checkpoint of UnlearnModule as a Hugging Face model directory "
         "(LoRA adapters merged, safetensors, tokenizer) plus cfg_unlearn.json: the instructions, guidance "
@@ -663,6 +664,7 @@ def main_export(argv: list[str] | None = None) -> None:
 
 def build_chat_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,  # flags in full: cli.cli_main says why
         prog="cfg-unlearn chat",
         description="Chat with a model written by `cfg-unlearn export`, decoded with classifier-free guidance "
         f"under its cfg_unlearn.json. {HELP}.",

@@ -998,6 +998,7 @@ def scores_histogram_png(scores: torch.Tensor, labels: torch.Tensor, threshold: 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,  # flags in full: cli.cli_main says why
         prog="cfg-unlearn saft",
         description="SAFT: score every sample of a conversation or pair file by where it lies along the top singular "
         "directions of the model's (centred) hidden states, and split the file into kept.jsonl / removed.jsonl "

@@ -511,6 +511,7 @@ def subtract_models(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,  # flags in full: cli.cli_main says why
         prog="cfg-unlearn subtract",
         description="Model subtraction with task vectors: write theta = base - alpha * (finetuned - base), "
         "tensor by tensor, as a Hugging Face model directory (safetensors sharded like --base; the base's "

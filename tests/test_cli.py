@@ -139,6 +139,25 @@ def test_fit_refuses_abbreviated_flags(flag, capsys):
     assert e.value.code == 2 and f"unrecognized arguments: {flag}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [
+    ["build-tiny", "--out", "o", "--vocab", "600"],
+    ["generate", "--forget", "f.jsonl", "--model", "m", "--out", "o.jsonl", "--guid", "2"],
+    ["demo", "--unlearn-e", "1"],
+    ["export", "--ckpt", "c.ckpt", "--out", "o", "--guid", "2"],
+    ["chat", "d", "--guid", "2"],
+    ["subtract", "--base", "b", "--finetuned", "f", "--out", "o", "--alph", "0.5"],
+    ["saft", "--model", "m", "--data", "d.jsonl", "--out", "o", "--remove-f", "0.1"],
+], ids=lambda argv: argv[0])
+def test_commands_refuse_abbreviated_flags(argv, capsys, tmp_path, monkeypatch):
+    """As fit's: argparse took `--guid 2` for --guidance-scale 2, until another flag
+    starting with --guid would make the same command line an error."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        console_main(argv)
+    assert e.value.code == 2 and f"unrecognized arguments: {argv[-2]}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_help_and_version_do_not_import_lightning():
     """The console script lived in cli.py, which imports Lightning: --version, a mistyped
     command and every --help took about 6 s on a laptop CPU (now well under 2 s)."""

@@ -214,6 +214,7 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,  # flags in full: cli.cli_main says why
         prog="python -m cfg_unlearn.data.contaminated",
         description="Write a labelled contaminated conversation set from the synthetic world "
         "(contaminated.jsonl) and a small labelled subset of it (labels.jsonl).",
