@@ -57,16 +57,17 @@ def _build_tiny(argv: list[str]) -> None:
                    help="tokens to learn (default %(default)s); the byte alphabet and special tokens set a floor, "
                    "and a small corpus may hold fewer: the size built is recorded in tiny_spec.json")
     p.add_argument("--hidden-size", type=int, default=TinySpec.hidden_size, help="model width (default %(default)s)")
-    p.add_argument("--layers", type=int, default=TinySpec.num_hidden_layers,
+    p.add_argument("--layers", type=int, default=TinySpec.num_hidden_layers, dest="num_hidden_layers",
                    help="transformer blocks (default %(default)s)")
     p.add_argument("--seed", type=int, default=TinySpec.seed, help="seed of the random weights (default %(default)s)")
     a = p.parse_args(argv)
     if os.path.exists(a.out):
         p.error(f"{a.out} already exists")
     try:
-        spec = TinySpec(vocab_size=a.vocab_size, hidden_size=a.hidden_size, num_hidden_layers=a.layers, seed=a.seed)
-    except ValueError as e:
-        p.error(str(e))
+        spec = TinySpec(vocab_size=a.vocab_size, hidden_size=a.hidden_size, num_hidden_layers=a.num_hidden_layers,
+                        seed=a.seed)
+    except ValueError as e:  # TinySpec's fields, spelled as the flags
+        p.error(as_flags(str(e), p))
     print(build_tiny(a.out, spec=spec))
 
 

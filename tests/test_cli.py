@@ -636,9 +636,10 @@ def test_console_build_tiny(tmp_path, capsys):
         console_main(["build-tiny", "--out", str(out)])
     capsys.readouterr()
     # shapes that cannot build (were tracebacks) or build nonsense (0 layers: exit 0)
-    for args, match in ((["--hidden-size", "130"], "hidden_size (130) must be a multiple of num_attention_heads (4)"),
-                        (["--hidden-size", "-4"], "sizes must be >= 1, got hidden_size=-4"),
-                        (["--layers", "0"], "sizes must be >= 1, got num_hidden_layers=0")):
+    # (the messages name the flags, not TinySpec's fields: CLI audit)
+    for args, match in ((["--hidden-size", "130"], "--hidden-size (130) must be a multiple of num_attention_heads (4)"),
+                        (["--hidden-size", "-4"], "sizes must be >= 1, got --hidden-size=-4"),
+                        (["--layers", "0"], "sizes must be >= 1, got --layers=0")):
         with pytest.raises(SystemExit) as e:
             console_main(["build-tiny", "--out", str(tmp_path / "bad"), *args])
         assert e.value.code == 2 and match in capsys.readouterr().err, args
