@@ -50,6 +50,14 @@ class UnlearnCLI(LightningCLI):
             help="GuidanceEval: leak rate / accuracy per guidance scale (null: off)",
         )
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        seed = (self.config[sub] if sub else self.config).get("seed_everything")
+        # Lightning checks the range only when it seeds, with a traceback through the CLI
+        if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < 2**32:
+            raise ConfigError(f"seed_everything must be in 0 .. {2**32 - 1} (numpy's seed range), got {seed}")
+
     def _parse_ckpt_path(self) -> None:
         """LightningCLI (2.6) replaces the model's arguments with the checkpoint's
         hyperparameters, so ``validate --ckpt_path C --model.beta 5`` would score with the

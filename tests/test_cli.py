@@ -158,6 +158,17 @@ def test_commands_refuse_abbreviated_flags(argv, capsys, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_fit_refuses_a_seed_numpy_cannot_take(seed, tmp_path, capsys):
+    """Lightning checks the range only when it seeds: a traceback through the CLI."""
+    with pytest.raises(SystemExit) as e:
+        train_main(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), f"--seed_everything={seed}",
+                    f"--trainer.default_root_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "train.py: error: seed_everything must be in 0 .. 4294967295" in err
+    assert f"got {seed}" in err and list(tmp_path.iterdir()) == []
+
+
 def test_help_and_version_do_not_import_lightning():
     """The console script lived in cli.py, which imports Lightning: --version, a mistyped
     command and every --help took about 6 s on a laptop CPU (now well under 2 s)."""
