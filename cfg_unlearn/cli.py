@@ -4,7 +4,6 @@ as ``cfg-unlearn fit|validate`` by the console script (:mod:`cfg_unlearn.console
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import signal
 import sys
@@ -26,10 +25,17 @@ from cfg_unlearn.callbacks import (
     resumes_run,
 )
 from cfg_unlearn.checkpointing import install_checkpointing
-from cfg_unlearn.console import TRAINER_SUBCOMMANDS, lightning_interrupted
+# console_main: the entry point that launchers of installs before console.py import from here
+from cfg_unlearn.console import (  # noqa: F401
+    TRAINER_SUBCOMMANDS,
+    console_main,
+    lightning_interrupted,
+    quiet_third_party_warnings,
+)
 from cfg_unlearn.data.datamodule import PairDataModule
 from cfg_unlearn.module import UnlearnModule
 from cfg_unlearn.utils import ConfigError, TrainingDiverged
+
 
 class UnlearnCLI(LightningCLI):
     """LightningCLI with the model's name linked into the data module (one model path:
@@ -435,28 +441,6 @@ def _flat(ns: Any) -> dict[str, Any]:
     return dict(ns.items()) if isinstance(ns, Namespace) else {}
 
 
-class _NoAdvertisement(logging.Filter):
-    """Drops Lightning 2.6's "💡 Tip: ... try installing litlogger" line, printed by every
-    Trainer without a LitLogger: an advertisement, not news about the run."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip:")
-
-
-_NO_ADVERTISEMENT = _NoAdvertisement()
-
-
-def quiet_third_party_warnings() -> None:
-    # Deprecation chatter from inside jsonargparse/Lightning is not actionable by users.
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jsonargparse.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"jsonargparse.*")
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    # rank_zero_info logs through the logger of whichever of fabric / pytorch was imported last
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_NO_ADVERTISEMENT)  # a filter is added once, however often called
-
-
 def cli_main(args: list[str] | None = None, run: bool = True) -> UnlearnCLI:
     """Entry point of ``train.py``. ``args`` (for tests) replaces ``sys.argv[1:]``."""
     quiet_third_party_warnings()
@@ -579,6 +563,4 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
 
 
 if __name__ == "__main__":  # python -m cfg_unlearn.cli ...: the console script (cfg_unlearn.console)
-    from cfg_unlearn.console import console_main
-
     console_main()

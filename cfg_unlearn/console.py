@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 from cfg_unlearn.utils import (ConfigError, Terminated, check_writable_file, exit_with_error, hf_progress_bars_off,
@@ -22,6 +24,28 @@ from cfg_unlearn.utils import (ConfigError, Terminated, check_writable_file, exi
 #: validation steps (``validate`` is the scoring run, GuidanceEval included), so ``test``
 #: and ``predict`` would fail after loading the model; argparse refuses them up front
 TRAINER_SUBCOMMANDS = ("fit", "validate")
+
+
+class _NoAdvertisement(logging.Filter):
+    """Drops Lightning 2.6's "💡 Tip: ... try installing litlogger" line, printed by every
+    Trainer without a LitLogger: an advertisement, not news about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+_NO_ADVERTISEMENT = _NoAdvertisement()
+
+
+def quiet_third_party_warnings() -> None:
+    # Deprecation chatter from inside jsonargparse/Lightning is not actionable by users.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jsonargparse.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"jsonargparse.*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # rank_zero_info logs through the logger of whichever of fabric / pytorch was imported last
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NO_ADVERTISEMENT)  # a filter is added once, however often called
 
 
 def as_flags(message: str, parser: argparse.ArgumentParser) -> str:
@@ -46,7 +70,6 @@ def lightning_interrupted(e: SystemExit) -> bool:
     return e.code == 1 and isinstance(e.__context__, KeyboardInterrupt)
 
 
-
 def _build_tiny(argv: list[str]) -> None:
     from cfg_unlearn.tiny import TinySpec, build_tiny
 
@@ -57,7 +80,7 @@ def _build_tiny(argv: list[str]) -> None:
                    help="tokens to learn (default %(default)s); the byte alphabet and special tokens set a floor, "
                    "and a small corpus may hold fewer: the size built is recorded in tiny_spec.json")
     p.add_argument("--hidden-size", type=int, default=TinySpec.hidden_size, help="model width (default %(default)s)")
-    p.add_argument("--layers", type=int, default=TinySpec.num_hidden_layers, dest="num_hidden_layers",
+    p.add_argument("--layers", type=int, default=TinySpec.num_hidden_layers, dest="num_hidden_layers", metavar="LAYERS",
                    help="transformer blocks (default %(default)s)")
     p.add_argument("--seed", type=int, default=TinySpec.seed, help="seed of the random weights (default %(default)s)")
     a = p.parse_args(argv)
@@ -164,7 +187,8 @@ def _generate(argv: list[str]) -> None:
     except ValueError as e:
         p.error(as_flags(str(e), p))
     try:
-        tok = load_tokenizer(a.model)
+        with hf_progress_bars_off(a.quiet):  # tiny:<dir> builds the model here on first use
+            tok = load_tokenizer(a.model)
         check_template(tok, a.system)
     except (ConfigError, ValueError) as e:  # no such model, a directory or file that is none, no pad or EOS token
         exit_with_error(p, f"--model: {e}")
@@ -263,8 +287,6 @@ def _demo(argv: list[str]) -> None:
                    "apply model subtraction, and compare them (a few more minutes; comparison.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
-    from cfg_unlearn.cli import quiet_third_party_warnings
-
     quiet_third_party_warnings()
     cfg = DemoConfig(out=a.out, seed=a.seed, people=a.people, leak_epochs=a.leak_epochs,
                      unlearn_epochs=a.unlearn_epochs, unlearn_lr=a.unlearn_lr, beta=a.beta, baseline_lr=a.baseline_lr,

@@ -125,6 +125,10 @@ def test_console_script_usage(capsys):
         console_main(["--help"])
     out, err = capsys.readouterr()
     assert e.value.code == 0 and err == "" and out.startswith("usage: cfg-unlearn") and "saft " in out
+    import cfg_unlearn.cli
+
+    # launchers that installs before console.py wrote import it from cli (review)
+    assert cfg_unlearn.cli.console_main is console_main
     proc = subprocess.run([sys.executable, "-m", "cfg_unlearn.cli", "--help"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: cfg-unlearn")

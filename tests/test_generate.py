@@ -299,6 +299,10 @@ def test_generate_quiet_shows_no_progress_bar(tiny_model_dir, tmp_path, capsys):
     assert printed.err == "" and "wrote " in printed.out
     assert (tmp_path / "quiet.jsonl").read_bytes() == (tmp_path / "loud.jsonl").read_bytes()
     assert hf_logging.is_progress_bar_enabled()  # put back for the caller
+    # a tiny: model built on first use, inside the tokenizer's load ("Writing model shards")
+    fresh = ["--model", f"tiny:{tmp_path / 'fresh'}", "--out", str(tmp_path / "fresh.jsonl"), "--quiet"]
+    console_main([*args[:4], *args[6:], *fresh])
+    assert capsys.readouterr().err == "" and (tmp_path / "fresh" / "config.json").is_file()
 
 
 def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeypatch):

@@ -409,3 +409,25 @@ def test_same_path_does_not_trust_inode_0(tmp_path, monkeypatch):
     monkeypatch.setattr(utils.os, "stat", inode_0)
     assert not utils.same_path(Path("results"), Path.cwd())
     utils.check_out_dir(Path("results"), True, ())
+
+
+def test_hf_progress_bars_off_puts_them_back_as_they_were():
+    """After an exception too, and bars a user had turned off stay off."""
+    from transformers.utils import logging as hf_logging
+
+    from cfg_unlearn.utils import hf_progress_bars_off
+
+    assert hf_logging.is_progress_bar_enabled()
+    with pytest.raises(KeyboardInterrupt), hf_progress_bars_off():
+        assert not hf_logging.is_progress_bar_enabled()
+        raise KeyboardInterrupt
+    assert hf_logging.is_progress_bar_enabled()
+    with hf_progress_bars_off(False):
+        assert hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with hf_progress_bars_off():
+            pass
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
