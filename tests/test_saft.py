@@ -399,6 +399,9 @@ def test_contaminated_replaces_a_previous_set_only_with_overwrite(tmp_path, caps
     with pytest.raises(SystemExit):
         contaminated.main(["--out", str(tmp_path), "--n", "30", "--people", "4"])
     assert "holds labels.jsonl; pass --overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # in full, as every command's flags
+        contaminated.main(["--out", str(tmp_path), "--n", "30", "--people", "4", "--overw"])
+    assert "unrecognized arguments: --overw" in capsys.readouterr().err
     contaminated.main(["--out", str(tmp_path), "--n", "30", "--people", "4", "--overwrite"])
     assert len((tmp_path / "contaminated.jsonl").read_text().splitlines()) == 30
     assert (tmp_path / "labels.jsonl").read_bytes() != before["labels.jsonl"]
