@@ -83,11 +83,6 @@ def fold_marks(text: str) -> str:
     return "".join(out)
 
 
-def normalize_text(text: str) -> str:
-    """Casefold and collapse every whitespace run to one space."""
-    return " ".join(text.casefold().split())
-
-
 def is_numeric_value(value: str) -> bool:
     """Whether a value is a number in disguise (phone, SSN, account or card number)."""
     alnum = [c for c in value if c.isalnum()]

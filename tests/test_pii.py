@@ -15,18 +15,12 @@ from cfg_unlearn.pii import (
     is_numeric_value,
     luhn_valid,
     ner_spans,
-    normalize_text,
     redact,
     value_pattern,
 )
 
 PHONE = "(555) 123-4567"
 SSN = "123-45-6789"
-
-
-def test_normalize_text():
-    assert normalize_text("  Allison\n\t HILL  ") == "allison hill"
-    assert normalize_text("STRASSE") == normalize_text("straße")  # casefold, not lower
 
 
 def test_is_numeric_value():
