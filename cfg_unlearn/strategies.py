@@ -65,6 +65,7 @@ sharded master weights). Beyond Lightning's ``FSDPStrategy`` this one also
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import uuid
@@ -360,6 +361,16 @@ class NormClippingFSDPPrecision(FSDPPrecision):
     #: float32 activations, in Lightning's own steps (a LoRA's float32 adapters) and
     #: outside them ("expected m1 and m2 to have the same dtype")
     device_type: str = "cuda"
+
+    @property
+    def mixed_precision_config(self):
+        # Lightning casts buffers to the low precision too, and FSDP does it at the first
+        # forward: Llama's and Qwen's rotary inv_freq in bf16 is off by up to 0.33%, which
+        # turns positions by up to 1.8 rad at position 1000. The FSDP run then trained and
+        # scored other positions than the exported model (inv_freq is not saved), which
+        # runs them in float32 as DDP and one device do. Buffers stay as the model keeps them.
+        config = super().mixed_precision_config
+        return dataclasses.replace(config, buffer_dtype=None) if self.precision != "32-true" else config
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         if "mixed" in self.precision and self.device_type == "cpu":

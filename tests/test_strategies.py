@@ -641,7 +641,8 @@ for case, lora, precision in (("lora", True, "bf16-mixed"), ("full", False, "32-
                          "finite": all(bool(torch.isfinite(t).all()) for t in ckpt["state_dict"].values()
                                        if t.is_floating_point()),
                          "trainable": sum(1 for p in module.parameters() if p.requires_grad),
-                         "layers": module.model.config.num_hidden_layers}
+                         "layers": module.model.config.num_hidden_layers,
+                         "buffers": sorted({str(b.dtype) for b in module.model.buffers() if b.is_floating_point()})}
 if trainer.global_rank == 0:
     print("RESULT " + json.dumps(results))
 """
@@ -668,3 +669,6 @@ def test_two_rank_fsdp_on_the_cpu_saves_full_checkpoints_and_trains_lora_in_bf16
     adapters = 2 * PROJECTIONS * lora["layers"]
     assert lora["keys"] == full["keys"] + adapters
     assert lora["optimizer"] == lora["trainable"] == adapters and full["optimizer"] == full["trainable"] > 0
+    # the rotary inv_freq stays float32 under bf16-mixed: FSDP cast it to bf16 (Lightning's
+    # buffer_dtype), so the run trained on other positions than the exported model's
+    assert lora["buffers"] == full["buffers"] == ["torch.float32"]
