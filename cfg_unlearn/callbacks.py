@@ -656,6 +656,36 @@ def planned_run_dir(trainer: L.Trainer) -> str | None:
     return _run_path(trainer)
 
 
+def claim_run_version(trainer: L.Trainer) -> str | None:
+    """Give the first logger (CSV, TensorBoard) a version folder of its own when its
+    version is unset: made here with ``os.mkdir``, which one process wins. The logger
+    picks max(version_N) + 1 by listing the folders, so the runs of a sweep started
+    together picked the same one: two of three were refused as taken after loading
+    their model, and with ``--ckpt_path last`` all three wrote into one folder. Returns
+    the folder above the claimed one that existed before (a failed run removes what it
+    created up to there), or None when nothing was claimed (a pinned version, W&B, a
+    remote ``save_dir``)."""
+    lg = trainer.loggers[0] if trainer.loggers else None
+    if lg is None or not hasattr(lg, "_get_next_version") or getattr(lg, "_version", 0) is not None:
+        return None
+    root = str(lg.root_dir)
+    if "://" in root:
+        return None
+    existing = root
+    while existing and not os.path.exists(existing):  # "" (relative): the working folder
+        existing = os.path.dirname(existing)
+    os.makedirs(root, exist_ok=True)
+    version = lg._get_next_version()
+    while True:
+        try:
+            os.mkdir(os.path.join(root, f"version_{version}"))
+        except FileExistsError:  # another run took it first
+            version += 1
+            continue
+        lg._version = version
+        return existing
+
+
 def _run_path(trainer: L.Trainer) -> str:
     """The path :func:`run_dir` and :func:`planned_run_dir` name, on this rank."""
     if not trainer.loggers:

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from cfg_unlearn.callbacks import (
     GuidanceEval,
     LoggerSaveConfigCallback,
+    claim_run_version,
     planned_run_dir,
     previous_run_files,
     refuse_taken_run_dir,
@@ -122,25 +123,29 @@ class UnlearnCLI(LightningCLI):
         # failed on one rank only would leave the others waiting for it forever, so they
         # keep only the setup-time check, which every rank makes together
         alone = not (env is not None and env.creates_processes_externally and env.world_size() > 1)
-        path = planned_run_dir(trainer) if saver is not None and not trainer.fast_dev_run else None
-        existed = path is None or os.path.exists(path)
+        writes_run = saver is not None and not trainer.fast_dev_run
+        # one process: its version folder claimed before anything reads the logger's version
+        # (under DDP each rank's logger would list the folders after rank 0 claimed one)
+        claimed_below = claim_run_version(trainer) if writes_run and trainer.world_size == 1 else None
+        path = planned_run_dir(trainer) if writes_run else None
+        existed = path is None or (os.path.exists(path) and claimed_below is None)
         # the folders a failed run leaves empty go too: the version's, and its logger's
         # `name` folder (and save_dir) where this run created them
-        first_existing = path
+        first_existing = claimed_below if claimed_below is not None else path
         while first_existing and not os.path.exists(first_existing):  # "" (relative): the working folder
             first_existing = os.path.dirname(first_existing)
         ckpt = self.config_init[subcommand].get("ckpt_path")
         # a fit resumes into a taken run folder only when the checkpoint is that run's own
         resumes_here = subcommand == "fit" and resumes_run(ckpt, path, trainer)
-        if alone:
-            check_ckpt_path(ckpt, trainer.strategy)
-            if ckpt == "last" and path is not None:
-                check_last_checkpoint(trainer, subcommand, path)
-            if path is not None and not resumes_here and trainer.is_global_zero:
-                refuse_taken_run_dir(path, previous_run_files(path), subcommand)
-        if resumes_here and trainer.is_global_zero:
-            keep_csv_metrics(trainer)
-        try:
+        try:  # (a refusal too removes a version folder claimed above)
+            if alone:
+                check_ckpt_path(ckpt, trainer.strategy)
+                if ckpt == "last" and path is not None:
+                    check_last_checkpoint(trainer, subcommand, path)
+                if path is not None and not resumes_here and trainer.is_global_zero:
+                    refuse_taken_run_dir(path, previous_run_files(path), subcommand)
+            if resumes_here and trainer.is_global_zero:
+                keep_csv_metrics(trainer)
             super()._run_subcommand(subcommand)
         except BaseException:
             if not existed and trainer.is_global_zero:

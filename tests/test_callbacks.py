@@ -756,3 +756,29 @@ def test_decoding_an_fsdp_wrapped_model_matches_the_plain_model(tiny_model_dir):
         for rank in (0, 1):
             want, got = results[rank]
             assert got == want and all(want)
+
+
+def test_claim_run_version_takes_a_folder_no_other_run_took(tmp_path, monkeypatch):
+    """The logger picks max(version_N) + 1 by listing: runs of a sweep started together
+    picked the same version, and two of three were refused as taken after loading their
+    model (or, with --ckpt_path last, all three wrote into one folder)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from cfg_unlearn.callbacks import claim_run_version, planned_run_dir
+
+    def trainer_with(logger):
+        return SimpleNamespace(loggers=[logger], default_root_dir=str(tmp_path))
+
+    first = CSVLogger(tmp_path / "runs", name="tiny")
+    assert claim_run_version(trainer_with(first)) == str(tmp_path)  # what existed above it
+    assert first.version == 0 and (tmp_path / "runs" / "tiny" / "version_0").is_dir()
+    # another process listed the folders before this one claimed version_0: it gets the next
+    second = CSVLogger(tmp_path / "runs", name="tiny")
+    monkeypatch.setattr(second, "_get_next_version", lambda: 0)
+    assert claim_run_version(trainer_with(second)) == str(tmp_path / "runs" / "tiny")
+    assert second.version == 1 and planned_run_dir(trainer_with(second)) == str(tmp_path / "runs" / "tiny" / "version_1")
+    # a pinned version is the user's: nothing made
+    pinned = CSVLogger(tmp_path / "runs", name="tiny", version=7)
+    assert claim_run_version(trainer_with(pinned)) is None and not (tmp_path / "runs" / "tiny" / "version_7").exists()
