@@ -17,8 +17,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from cfg_unlearn.utils import (ConfigError, Terminated, check_writable_file, exit_with_error, hf_progress_bars_off,
-                               sigterm_raises)
+from cfg_unlearn.utils import (ConfigError, OutputBusy, Terminated, check_writable_file, exit_with_error,
+                               hf_progress_bars_off, sigterm_raises)
 
 #: LightningCLI's subcommands kept: the module scores pairs only in training and
 #: validation steps (``validate`` is the scoring run, GuidanceEval included), so ``test``
@@ -312,6 +312,8 @@ def _demo(argv: list[str]) -> None:
     try:
         with hf_progress_bars_off(a.quiet):
             run_demo(cfg, progress=not a.quiet)
+    except OutputBusy as e:
+        exit_with_error(p, str(e))
     except KeyboardInterrupt:  # a traceback from inside the fine-tune loop
         p.exit(130, stopped())
     except Terminated as e:

@@ -33,7 +33,7 @@ from cfg_unlearn.data.schema import EvalRecord, prompt_text, write_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION, render_prompt
 from cfg_unlearn.tiny import TinySpec, build_tiny
-from cfg_unlearn.utils import atomic_write, check_writable_file, signals_held, staged_dir
+from cfg_unlearn.utils import atomic_write, check_writable_file, exclusive_lock, signals_held, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +418,10 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     if any(out.iterdir()) and not is_demo_output(out):  # made since the check: nothing of it is ours
         raise ValueError(f"--out {cfg.out} holds files that are no demo output; give an empty or new directory")
     (out / DEMO_MARKER).touch()
-    with previous_run_set_aside(out):
+    # one demo at a time in --out: a second one set the first's outputs aside, read its
+    # leaky model and pairs as its own, and when stopped deleted the first's finished outputs
+    with exclusive_lock(out / DEMO_MARKER, f"--out {cfg.out}: another demo is writing there; wait for it to "
+                        "finish, or give another --out"), previous_run_set_aside(out):
         return _run_stages(cfg, out, uncond_system, progress)
 
 

@@ -90,6 +90,35 @@ def hf_progress_bars_off(off: bool = True) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+class OutputBusy(OSError):
+    """Another process holds :func:`exclusive_lock` on an output: it is writing there."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created if missing) for the block, or
+    raise :class:`OutputBusy` with the message ``busy`` at once if another process holds
+    it. The operating system releases it when its holder exits, a killed one included,
+    so it never goes stale (``flock`` on POSIX, ``msvcrt.locking`` on Windows)."""
+    fh = open(path, "a+b")  # noqa: SIM115 - held for the block
+    try:
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                fh.seek(0)
+                msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError on POSIX, PermissionError on Windows
+            raise OutputBusy(busy) from None
+        yield
+    finally:
+        fh.close()  # releases the lock
+
+
 def exit_with_error(parser, message: str) -> NoReturn:
     """A command's error about its input (a bad row, a missing model), exit status 2, in
     argparse's own form ``<prog>: error: <message>`` but without the usage lines: the

@@ -365,6 +365,25 @@ def test_demo_setting_the_previous_run_aside_is_all_or_nothing(tmp_path, monkeyp
     assert _tree(out) == {**before, ".cfg-unlearn-demo": b""}
 
 
+def test_a_second_demo_into_the_same_out_is_refused_while_the_first_runs(tmp_path, capsys):
+    """A second demo set the first's outputs aside, trained on the first's leaky model and
+    pairs as its own, and when stopped deleted the first's finished outputs (a helper
+    reproduced all three with two real demos)."""
+    from cfg_unlearn.demo import DEMO_MARKER
+    from cfg_unlearn.utils import exclusive_lock
+
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")  # the running demo's
+    with exclusive_lock(out / DEMO_MARKER, "held by the test"):  # as the running demo holds it
+        with pytest.raises(SystemExit) as e:
+            console_main(["demo", "--out", str(out), "--quiet"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"cfg-unlearn demo: error: --out {out}: another demo is writing there; "
+                                       "wait for it to finish, or give another --out\n")
+    assert sorted(p.name for p in out.iterdir()) == [DEMO_MARKER, "metrics.json"]
+
+
 def test_unlearn_bar_goes_to_stderr_with_the_demos_other_bars(tmp_path, tiny_model_dir, capsys):
     """Lightning writes its bar to stdout: `cfg-unlearn demo > log` caught the ORPO
     stage's carriage returns alone, while every other stage's bar went to stderr."""

@@ -431,3 +431,14 @@ def test_hf_progress_bars_off_puts_them_back_as_they_were():
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_exclusive_lock_refuses_a_second_holder_until_the_first_lets_go(tmp_path):
+    from cfg_unlearn.utils import OutputBusy, exclusive_lock
+
+    lock = tmp_path / "out.lock"
+    with exclusive_lock(lock, "busy"):
+        with pytest.raises(OutputBusy, match="^busy$"), exclusive_lock(lock, "busy"):
+            pass
+    with exclusive_lock(lock, "busy"):  # released: taken again
+        pass
