@@ -417,12 +417,14 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()) and not is_demo_output(out):  # made since the check: nothing of it is ours
         raise ValueError(f"--out {cfg.out} holds files that are no demo output; give an empty or new directory")
-    (out / DEMO_MARKER).touch()
     # one demo at a time in --out: a second one set the first's outputs aside, read its
     # leaky model and pairs as its own, and when stopped deleted the first's finished outputs
     with exclusive_lock(out / DEMO_MARKER, f"--out {cfg.out}: another demo is writing there; wait for it to "
-                        "finish, or give another --out"), previous_run_set_aside(out):
-        return _run_stages(cfg, out, uncond_system, progress)
+                        "finish, or give another --out"):
+        # touched once the lock is ours: the Ctrl-C message compares metrics.json's time with it
+        (out / DEMO_MARKER).touch()
+        with previous_run_set_aside(out):
+            return _run_stages(cfg, out, uncond_system, progress)
 
 
 #: where a rerun keeps the previous run's outputs until it has finished (inside ``--out``)

@@ -51,8 +51,9 @@ checkpointing is also on (``model.gradient_checkpointing: true``), it is switche
 a warning: both would recompute each layer twice.
 
 Mixed precision comes from ``trainer.precision`` (Lightning's FSDP precision plugin:
-``bf16-mixed`` = bfloat16 compute, parameters, buffers and gradient reduction over float32
-sharded master weights). Beyond Lightning's ``FSDPStrategy`` this one also
+``bf16-mixed`` = bfloat16 compute, parameters and gradient reduction over float32 sharded
+master weights; buffers such as the rotary frequencies stay float32, see
+:class:`NormClippingFSDPPrecision`). Beyond Lightning's ``FSDPStrategy`` this one also
 
 * clips gradients by norm (``trainer.gradient_clip_val``) with FSDP's collective
   ``clip_grad_norm_`` on the root, where Lightning's FSDP plugin raises;
@@ -370,6 +371,8 @@ class NormClippingFSDPPrecision(FSDPPrecision):
         # scored other positions than the exported model (inv_freq is not saved), which
         # runs them in float32 as DDP and one device do. Buffers stay as the model keeps them.
         config = super().mixed_precision_config
+        # (under bf16-true and 16-true Lightning casts the whole module first, buffers included,
+        # as DDP and one device do: nothing diverges there)
         return dataclasses.replace(config, buffer_dtype=None) if self.precision != "32-true" else config
 
     def forward_context(self) -> contextlib.AbstractContextManager:

@@ -99,8 +99,18 @@ def exclusive_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
     """Hold an exclusive lock on the file ``path`` (created if missing) for the block, or
     raise :class:`OutputBusy` with the message ``busy`` at once if another process holds
     it. The operating system releases it when its holder exits, a killed one included,
-    so it never goes stale (``flock`` on POSIX, ``msvcrt.locking`` on Windows)."""
-    fh = open(path, "a+b")  # noqa: SIM115 - held for the block
+    so it never goes stale (``flock`` on POSIX, ``msvcrt.locking`` on Windows). Where the
+    file system cannot lock (some NFS, CIFS or Lustre mounts) or the file cannot be
+    opened, the block runs unlocked with a warning: a lock is a guard, not a requirement."""
+    import errno
+
+    try:
+        fh = open(path, "a+b")  # noqa: SIM115 - held for the block
+    except OSError as e:
+        log.warning("cannot lock %s (%s): another process writing there would not be noticed", path, e.strerror)
+        yield
+        return
+    locked = False
     try:
         try:
             if os.name == "nt":
@@ -112,11 +122,20 @@ def exclusive_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
                 import fcntl
 
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # BlockingIOError on POSIX, PermissionError on Windows
-            raise OutputBusy(busy) from None
+            locked = True
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK)):
+                raise OutputBusy(busy) from None  # held by another process
+            log.warning("cannot lock %s (%s): another process writing there would not be noticed", path,
+                        e.strerror)
         yield
     finally:
-        fh.close()  # releases the lock
+        if locked and os.name == "nt":  # Windows frees a lock left on a closed file only later
+            import msvcrt
+
+            fh.seek(0)
+            msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
+        fh.close()  # releases a POSIX lock
 
 
 def exit_with_error(parser, message: str) -> NoReturn:

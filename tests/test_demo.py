@@ -1,6 +1,7 @@
 """The demo end to end, shrunk: every stage runs and every output is written."""
 
 import json
+import os
 import platform
 import re
 import signal
@@ -375,6 +376,8 @@ def test_a_second_demo_into_the_same_out_is_refused_while_the_first_runs(tmp_pat
     out = tmp_path / "d"
     out.mkdir()
     (out / "metrics.json").write_text("{}")  # the running demo's
+    (out / DEMO_MARKER).touch()
+    os.utime(out / DEMO_MARKER, (1_000_000_000, 1_000_000_000))  # the running demo's start
     with exclusive_lock(out / DEMO_MARKER, "held by the test"):  # as the running demo holds it
         with pytest.raises(SystemExit) as e:
             console_main(["demo", "--out", str(out), "--quiet"])
@@ -382,6 +385,8 @@ def test_a_second_demo_into_the_same_out_is_refused_while_the_first_runs(tmp_pat
     assert capsys.readouterr().err == (f"cfg-unlearn demo: error: --out {out}: another demo is writing there; "
                                        "wait for it to finish, or give another --out\n")
     assert sorted(p.name for p in out.iterdir()) == [DEMO_MARKER, "metrics.json"]
+    # the marker's time is the running demo's: its Ctrl-C message compares metrics.json with it
+    assert (out / DEMO_MARKER).stat().st_mtime == 1_000_000_000
 
 
 def test_unlearn_bar_goes_to_stderr_with_the_demos_other_bars(tmp_path, tiny_model_dir, capsys):
