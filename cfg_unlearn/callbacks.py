@@ -668,7 +668,7 @@ def claim_run_version(trainer: L.Trainer) -> str | None:
     lg = trainer.loggers[0] if trainer.loggers else None
     if lg is None or not hasattr(lg, "_get_next_version") or getattr(lg, "_version", 0) is not None:
         return None
-    root = str(lg.root_dir)
+    root = os.path.expanduser(str(lg.root_dir))
     if "://" in root:
         return None
     existing = root
@@ -692,7 +692,9 @@ def _run_path(trainer: L.Trainer) -> str:
         return trainer.default_root_dir
     lg = trainer.loggers[0]
     version = lg.version if isinstance(lg.version, str) else f"version_{lg.version}"
-    return os.path.join(lg.save_dir or trainer.default_root_dir, str(lg.name), version)
+    # "~/runs" as the logger's file system reads it: config.yaml went to a literal ./~/runs
+    # while the checkpoints went to $HOME/runs
+    return os.path.join(os.path.expanduser(lg.save_dir or trainer.default_root_dir), str(lg.name), version)
 
 
 def resumes_run(ckpt: Any, run_path: str | Path | None, trainer: L.Trainer) -> bool:

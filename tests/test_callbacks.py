@@ -782,3 +782,20 @@ def test_claim_run_version_takes_a_folder_no_other_run_took(tmp_path, monkeypatc
     # a pinned version is the user's: nothing made
     pinned = CSVLogger(tmp_path / "runs", name="tiny", version=7)
     assert claim_run_version(trainer_with(pinned)) is None and not (tmp_path / "runs" / "tiny" / "version_7").exists()
+
+
+def test_a_save_dir_under_home_is_one_folder(tmp_path, monkeypatch):
+    """save_dir "~/runs": config.yaml went to a literal ./~/runs in the working folder, the
+    checkpoints to $HOME/runs (review)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from cfg_unlearn.callbacks import claim_run_version, planned_run_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    trainer = SimpleNamespace(loggers=[CSVLogger("~/runs", name="tiny")], default_root_dir=str(tmp_path))
+    claim_run_version(trainer)
+    assert planned_run_dir(trainer) == str(tmp_path / "home" / "runs" / "tiny" / "version_0")
+    assert (tmp_path / "home" / "runs" / "tiny" / "version_0").is_dir() and not (tmp_path / "~").exists()
