@@ -524,10 +524,14 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
     a malformed data row, a missing model or a setting that cannot work reported as one
     line (``file:line: field 'x': why``; exit status 2, as the other ``cfg-unlearn``
     commands) instead of a traceback through Lightning's loops."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from cfg_unlearn.data.schema import PairFormatError
     from cfg_unlearn.models import ModelNotFoundError
 
-    ours = (PairFormatError, ModelNotFoundError, ConfigError)
+    # Lightning's MisconfigurationException: a setting that cannot work (a
+    # LearningRateMonitor with `trainer.logger: false`), raised from inside its loops
+    ours = (PairFormatError, ModelNotFoundError, ConfigError, MisconfigurationException)
 
     def stopped(said: str, signum: int) -> None:
         fit = "fit" in (sys.argv[1:2] if args is None else args[:1])

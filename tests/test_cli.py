@@ -173,6 +173,17 @@ def test_fit_refuses_a_seed_numpy_cannot_take(seed, tmp_path, capsys):
     assert f"got {seed}" in err and list(tmp_path.iterdir()) == []
 
 
+def test_a_lightning_setting_that_cannot_work_is_one_line(tmp_path, capsys):
+    """tiny.yaml's LearningRateMonitor with `trainer.logger: false`: Lightning raises its
+    MisconfigurationException from inside the fit loop, which was a traceback (review)."""
+    with pytest.raises(SystemExit) as e:
+        train_main(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--trainer.logger=false",
+                    "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}", "--eval=null"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "train.py: error: Cannot use `LearningRateMonitor` callback with `Trainer` that has no logger.")
+
+
 def test_help_and_version_do_not_import_lightning():
     """The console script lived in cli.py, which imports Lightning: --version, a mistyped
     command and every --help took about 6 s on a laptop CPU (now well under 2 s)."""
