@@ -57,7 +57,8 @@ from cfg_unlearn.pii import (
 )
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 from cfg_unlearn.strategies import forward_outside_step
-from cfg_unlearn.utils import ConfigError, TrainingDiverged, atomic_write, dataclass_from, eval_mode, same_path
+from cfg_unlearn.utils import (ConfigError, TrainingDiverged, atomic_write, dataclass_from, eval_mode, nearest_existing,
+                               same_path)
 
 log = logging.getLogger(__name__)
 
@@ -671,9 +672,7 @@ def claim_run_version(trainer: L.Trainer) -> str | None:
     root = os.path.expanduser(str(lg.root_dir))
     if "://" in root:
         return None
-    existing = root
-    while existing and not os.path.exists(existing):  # "" (relative): the working folder
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(root)
     os.makedirs(root, exist_ok=True)
     version = lg._get_next_version()
     while True:

@@ -35,7 +35,7 @@ from cfg_unlearn.console import (  # noqa: F401
 )
 from cfg_unlearn.data.datamodule import PairDataModule
 from cfg_unlearn.module import UnlearnModule
-from cfg_unlearn.utils import ConfigError, TrainingDiverged
+from cfg_unlearn.utils import ConfigError, TrainingDiverged, nearest_existing
 
 
 class UnlearnCLI(LightningCLI):
@@ -131,9 +131,7 @@ class UnlearnCLI(LightningCLI):
         existed = path is None or (os.path.exists(path) and claimed_below is None)
         # the folders a failed run leaves empty go too: the version's, and its logger's
         # `name` folder (and save_dir) where this run created them
-        first_existing = claimed_below if claimed_below is not None else path
-        while first_existing and not os.path.exists(first_existing):  # "" (relative): the working folder
-            first_existing = os.path.dirname(first_existing)
+        first_existing = claimed_below if claimed_below is not None else nearest_existing(path)
         ckpt = self.config_init[subcommand].get("ckpt_path")
         # a fit resumes into a taken run folder only when the checkpoint is that run's own
         resumes_here = subcommand == "fit" and resumes_run(ckpt, path, trainer)

@@ -17,8 +17,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from cfg_unlearn.utils import (ConfigError, OutputBusy, Terminated, check_writable_file, exit_with_error,
-                               hf_progress_bars_off, sigterm_raises)
+from cfg_unlearn.utils import (ConfigError, OutputBusy, Terminated, check_writable_file, command_parser,
+                               exit_with_error, hf_progress_bars_off, sigterm_raises)
 
 #: LightningCLI's subcommands kept: the module scores pairs only in training and
 #: validation steps (``validate`` is the scoring run, GuidanceEval included), so ``test``
@@ -73,8 +73,7 @@ def lightning_interrupted(e: SystemExit) -> bool:
 def _build_tiny(argv: list[str]) -> None:
     from cfg_unlearn.tiny import TinySpec, build_tiny
 
-    p = argparse.ArgumentParser(prog="cfg-unlearn build-tiny", description="Build the offline tiny model.",
-                                allow_abbrev=False)
+    p = command_parser(prog="cfg-unlearn build-tiny", description="Build the offline tiny model.")
     p.add_argument("--out", required=True, help="directory to create (must not exist)")
     p.add_argument("--vocab-size", type=int, default=TinySpec.vocab_size,
                    help="tokens to learn (default %(default)s); the byte alphabet and special tokens set a floor, "
@@ -114,8 +113,7 @@ def _generate(argv: list[str]) -> None:
     from cfg_unlearn.pii import PARTIAL_MIN_CHARS
     from cfg_unlearn.prompts import SAFETY_INSTRUCTION, check_template
 
-    p = argparse.ArgumentParser(
-        allow_abbrev=False,  # flags in full: cli.cli_main says why
+    p = command_parser(
         prog="cfg-unlearn generate",
         description="Write pairs (chosen = a PII-free replacement from --model, rejected = the leaky answer) "
         "for forget data: our conversation JSONL (--forget) or the LLM-PC challenge files (--challenge).",
@@ -245,8 +243,7 @@ def _demo(argv: list[str]) -> None:
                                   check_demo_config, run_demo)
 
     d = DemoConfig()
-    p = argparse.ArgumentParser(
-        allow_abbrev=False,  # flags in full: cli.cli_main says why
+    p = command_parser(
         prog="cfg-unlearn demo",
         description="The whole method offline on CPU: a synthetic PII world, a tiny model fine-tuned until it leaks, "
         "replacement pairs written by that model, ORPO with conditioning dropout, and leak rate / accuracy of both "

@@ -335,10 +335,10 @@ def environment() -> dict[str, object]:
     (AVX2 or AVX-512, another BLAS path), another thread count or other package versions
     round differently, and 14 epochs of memorisation amplify that into another leaky
     model (README, "Reproducibility"). Recorded so that two runs can be told apart."""
-    import torch
-
     import platform
     from importlib import metadata
+
+    import torch
 
     cpu = _cpu_name()
     versions = {}

@@ -50,7 +50,7 @@ import torch
 from cfg_unlearn.guidance import MIN_TEMPERATURE, SPACES, check_guidance, encode_prompts, generate
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION, check_template
 from cfg_unlearn.tiny import TINY_SCHEME, absolute_model_name
-from cfg_unlearn.utils import check_out_dir, exit_with_error, hf_progress_bars_off, staged_dir
+from cfg_unlearn.utils import check_out_dir, command_parser, exit_with_error, hf_progress_bars_off, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -608,8 +608,7 @@ def chat_loop(
 
 
 def build_export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        allow_abbrev=False,  # flags in full: cli.cli_main says why
+    p = command_parser(
         prog="cfg-unlearn export",
         description="Write a Lightning checkpoint of UnlearnModule as a Hugging Face model directory "
         "(LoRA adapters merged, safetensors, tokenizer) plus cfg_unlearn.json: the instructions, guidance "
@@ -663,8 +662,7 @@ def main_export(argv: list[str] | None = None) -> None:
 
 
 def build_chat_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        allow_abbrev=False,  # flags in full: cli.cli_main says why
+    p = command_parser(
         prog="cfg-unlearn chat",
         description="Chat with a model written by `cfg-unlearn export`, decoded with classifier-free guidance "
         f"under its cfg_unlearn.json. {HELP}.",

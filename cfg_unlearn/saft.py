@@ -87,8 +87,8 @@ from cfg_unlearn.data.schema import (
     record_from_dict,
 )
 from cfg_unlearn.prompts import render_chat
-from cfg_unlearn.utils import (atomic_write_files, check_out_dir, check_writable_file, eval_mode, exit_with_error,
-                               hf_progress_bars_off)
+from cfg_unlearn.utils import (atomic_write_files, check_out_dir, check_writable_file, command_parser, eval_mode,
+                               exit_with_error, hf_progress_bars_off)
 
 log = logging.getLogger(__name__)
 
@@ -997,8 +997,7 @@ def scores_histogram_png(scores: torch.Tensor, labels: torch.Tensor, threshold: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        allow_abbrev=False,  # flags in full: cli.cli_main says why
+    p = command_parser(
         prog="cfg-unlearn saft",
         description="SAFT: score every sample of a conversation or pair file by where it lies along the top singular "
         "directions of the model's (centred) hidden states, and split the file into kept.jsonl / removed.jsonl "

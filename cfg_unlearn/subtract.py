@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from cfg_unlearn.tiny import resolve_pretrained
-from cfg_unlearn.utils import check_out_dir, exit_with_error, staged_dir
+from cfg_unlearn.utils import check_out_dir, command_parser, exit_with_error, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -510,8 +510,7 @@ def subtract_models(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        allow_abbrev=False,  # flags in full: cli.cli_main says why
+    p = command_parser(
         prog="cfg-unlearn subtract",
         description="Model subtraction with task vectors: write theta = base - alpha * (finetuned - base), "
         "tensor by tensor, as a Hugging Face model directory (safetensors sharded like --base; the base's "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -104,30 +105,26 @@ def exclusive_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
     opened, the block runs unlocked with a warning: a lock is a guard, not a requirement."""
     import errno
 
+    fh, locked = None, False
     try:
         fh = open(path, "a+b")  # noqa: SIM115 - held for the block
+        if os.name == "nt":
+            import msvcrt
+
+            fh.seek(0)
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        locked = True
     except OSError as e:
+        held = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK))
+        if fh is not None and e.errno in held:  # (an open refused with EACCES is no holder)
+            fh.close()
+            raise OutputBusy(busy) from None
         log.warning("cannot lock %s (%s): another process writing there would not be noticed", path, e.strerror)
-        yield
-        return
-    locked = False
     try:
-        try:
-            if os.name == "nt":
-                import msvcrt
-
-                fh.seek(0)
-                msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK)):
-                raise OutputBusy(busy) from None  # held by another process
-            log.warning("cannot lock %s (%s): another process writing there would not be noticed", path,
-                        e.strerror)
         yield
     finally:
         if locked and os.name == "nt":  # Windows frees a lock left on a closed file only later
@@ -135,7 +132,23 @@ def exclusive_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
 
             fh.seek(0)
             msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
-        fh.close()  # releases a POSIX lock
+        if fh is not None:
+            fh.close()  # releases a POSIX lock
+
+
+def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser of a ``cfg-unlearn`` command: flags in full only (``allow_abbrev`` off,
+    as ``train.py``'s). argparse took ``--guid 2`` for ``--guidance-scale 2``, until another
+    flag starting with ``--guid`` would make the same command line an error."""
+    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+
+
+def nearest_existing(path: str | None) -> str | None:
+    """``path`` or its nearest folder above that exists (``""``, the working folder, for
+    a relative path none of whose folders does); None for None."""
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def exit_with_error(parser, message: str) -> NoReturn:

@@ -36,7 +36,6 @@ and ``DIR/labels.jsonl`` (a small stratified labelled subset: ``{"id", "label"}`
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -44,7 +43,7 @@ import sys
 from pathlib import Path
 
 from cfg_unlearn.data.world import CAPITALS, PII_TYPES, REFUSALS, TRAIN_QUESTIONS, World, WorldConfig
-from cfg_unlearn.utils import atomic_write, atomic_write_files
+from cfg_unlearn.utils import atomic_write, atomic_write_files, command_parser
 
 #: share of each recipe within the leaky rows
 LEAKY_KINDS = {"leak": 0.6, "leak-conversation": 0.15, "leak-mixed": 0.25}
@@ -213,8 +212,7 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        allow_abbrev=False,  # flags in full: cli.cli_main says why
+    p = command_parser(
         prog="python -m cfg_unlearn.data.contaminated",
         description="Write a labelled contaminated conversation set from the synthetic world "
         "(contaminated.jsonl) and a small labelled subset of it (labels.jsonl).",
