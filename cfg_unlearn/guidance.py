@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from cfg_unlearn.models import context_limit
-from cfg_unlearn.prompts import render_prompt
+from cfg_unlearn.prompts import answer_end_ids, render_prompt
 from cfg_unlearn.utils import NonFiniteWeights, eval_mode
 
 Space = Literal["logprob", "prob"]
@@ -396,9 +396,10 @@ def cfg_decode(
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
-    """Every id that ends an answer: the generation config's (Llama-3 has several) and
-    the tokenizer's."""
-    ids: set[int] = set()
+    """Every id that ends an answer: the generation config's (Llama-3 has several), the
+    tokenizer's, and the chat template's end of an answer, which training appends
+    (:func:`cfg_unlearn.prompts.answer_end_ids`)."""
+    ids: set[int] = set(answer_end_ids(tokenizer))
     gen = getattr(model, "generation_config", None)
     cfg_eos = getattr(gen, "eos_token_id", None)
     if isinstance(cfg_eos, int):
@@ -469,13 +470,13 @@ def overflow_message(n_tokens: int, max_new_tokens: int, limit: int) -> str:
 
 
 def answer_token_ids(model: torch.nn.Module, tokenizer, answers: Sequence[str]) -> list[list[int]]:
-    """Each answer's tokens and the EOS training appends (the data module's: the
-    tokenizer's, else the generation config's first end id), as answers are scored."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else next(iter(eos_token_ids(model, tokenizer)),
-                                                                                 None)
-    if eos is None:
+    """Each answer's tokens and the end token training appends (the data module's:
+    :func:`cfg_unlearn.prompts.answer_end_ids`, else the generation config's first end
+    id), as answers are scored."""
+    end = answer_end_ids(tokenizer) or eos_token_ids(model, tokenizer)[:1]
+    if not end:
         raise ValueError("the model and tokenizer name no EOS token to end an answer with")
-    return [tokenizer(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
+    return [tokenizer(a, add_special_tokens=False)["input_ids"] + end for a in answers]
 
 
 def answer_overflow_message(n_tokens: int, limit: int) -> str:
@@ -630,7 +631,8 @@ def answer_logprobs(
     next-token distribution that :func:`generate` decodes from at the same settings
     (:func:`guided_logprobs`; the prompt arguments as :func:`generate` takes them).
 
-    An answer is scored as its tokens plus the tokenizer's EOS, as training appends it.
+    An answer is scored as its tokens plus the end token training appends
+    (:func:`answer_token_ids`).
     Returns ``(sum of the tokens' log-probabilities, number of tokens)`` per answer; the
     sum is ``-inf`` where probability-space guidance clamped one of its tokens to 0.
     ``exp(-sum(sums) / sum(counts))`` is the set's perplexity

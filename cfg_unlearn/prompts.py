@@ -49,6 +49,42 @@ def apply_template(tokenizer, messages: list[dict[str, str]], *, add_generation_
     return text
 
 
+#: stands in for an answer when the chat template is asked what follows one
+_ANSWER_PLACEHOLDER = "cfgunlearnanswerplaceholder"
+
+
+def answer_end_ids(tokenizer) -> list[int]:
+    """The token that ends an assistant answer as the model's chat template writes it,
+    which training appends to every answer and decoding stops at: the first special
+    token the template puts after an answer (Llama 3's ``<|eot_id|>``, Qwen's
+    ``<|im_end|>``, Gemma 3's ``<end_of_turn>``, Phi-3's ``<|end|>``), not what follows
+    it (a newline before the next turn).
+
+    The tokenizer's EOS where the template has no special token there, or there is no
+    template (the README's plain format), as Hugging Face's ``generate`` stops at it.
+    The EOS alone is not the answer's end everywhere: Gemma 3's is ``<eos>``, older
+    Llama 3 snapshots name ``<|end_of_text|>``, and answers trained to end with it
+    taught the model a turn end its own template never writes.
+    """
+    from jinja2.exceptions import TemplateError
+
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if not getattr(tokenizer, "chat_template", None):
+        return eos
+    try:
+        text = apply_template(tokenizer, [{"role": "user", "content": "Hi"},
+                                          {"role": "assistant", "content": _ANSWER_PLACEHOLDER}],
+                              add_generation_prompt=False, check_system=False)
+    except TemplateError:  # one that wants other turns first: the prompts meet that error themselves
+        return eos
+    at = text.rfind(_ANSWER_PLACEHOLDER)
+    if at < 0:  # a template that rewrites answers: nothing to read the end from
+        return eos
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    after = tokenizer(text[at + len(_ANSWER_PLACEHOLDER):], add_special_tokens=False)["input_ids"]
+    return next(([i] for i in after if i in special), eos)
+
+
 def render_prompt(tokenizer, messages: list[dict[str, str]] | tuple, system: str | None) -> str:
     """The prompt text up to where the assistant answer starts.
 

@@ -12,6 +12,7 @@ import torch
 from cfg_unlearn.data.datamodule import (
     IGNORE_INDEX,
     VARIANTS,
+    EncodeStats,
     PairCollator,
     PairDataModule,
     PairDataset,
@@ -22,7 +23,7 @@ from cfg_unlearn.data.datamodule import (
 from cfg_unlearn.data.schema import PairRecord, PIIItem, write_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.models import load_tokenizer
-from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION, render_prompt
+from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION, answer_end_ids, render_prompt
 from cfg_unlearn.utils import ConfigError
 
 WORLD = WorldConfig(seed=0, n_people=10)
@@ -906,3 +907,51 @@ def test_pairs_whose_own_system_is_the_unconditioned_text_are_named(tiny_name, t
     write_pairs(tmp_path / "p.jsonl", recs)
     with pytest.warns(UserWarning, match=r"1 of 2 pairs have the same conditioned and unconditioned prompt .*p.jsonl:2"):
         make_dm(tiny_name, train_file=str(tmp_path / "p.jsonl"), val_fraction=0.0, uncond_system_prompt="Share it.")
+
+
+# ------------------------------------------------------------------ answer end
+
+
+def _templated(tiny_name, template: str, eos: str, special: list[str]):
+    """The tiny tokenizer with another chat template and EOS (new special tokens added)."""
+    tok = load_tokenizer(tiny_name)
+    tok.add_tokens(special + [eos], special_tokens=True)
+    tok.eos_token = eos
+    tok.chat_template = template
+    return tok
+
+
+LLAMA3_STYLE = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+                " + m['content'] + '<|eot_id|>' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+GEMMA_STYLE = ("{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + m['role'] + '\\n' + m['content']"
+               " + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}"
+               "{% endif %}")
+
+
+@pytest.mark.parametrize("template,eos,special,end", [
+    # an older Llama 3 snapshot: EOS <|end_of_text|>, answers end with <|eot_id|>
+    (LLAMA3_STYLE, "<|end_of_text|>", ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
+    # Gemma: EOS <eos>, answers end with <end_of_turn> (then a newline, not trained)
+    (GEMMA_STYLE, "<eos>", ["<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
+    # a template that ends answers with plain text: the EOS, as generate stops at it
+    (GEMMA_STYLE.replace("<end_of_turn>", "\\n"), "<eos>", ["<start_of_turn>"], "<eos>"),
+], ids=["llama3-old-eos", "gemma", "plain-text-end"])
+def test_answers_end_with_the_chat_templates_end_of_an_answer(tiny_name, template, eos, special, end):
+    """Training appended the tokenizer's EOS to every answer: where the template ends an
+    answer with another token, the model learned a turn end its template never writes
+    (and decoding of a multi-turn chat then reads one it was not trained on)."""
+    tok = _templated(tiny_name, template, eos, special)
+    end_id = tok.convert_tokens_to_ids(end)
+    assert answer_end_ids(tok) == [end_id]
+    rec = PairRecord(id="r", prompt=({"role": "user", "content": "Where does Ann live?"},),
+                     chosen="I can't share that.", rejected="Ann lives in Oslo.")
+    dm = make_dm(tiny_name)
+    dm.tokenizer = tok
+    item = dm.encode([rec], EncodeStats())[0]
+    for labels, answer in zip(item["cond"]["labels"], (rec.chosen, rec.rejected)):
+        scored = [t for t in labels if t != -100]
+        assert scored == tok(answer, add_special_tokens=False)["input_ids"] + [end_id]
+    no_template = load_tokenizer(tiny_name)
+    no_template.chat_template = None
+    assert answer_end_ids(no_template) == [no_template.eos_token_id]  # the plain format: EOS

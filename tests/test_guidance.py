@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.guidance import (
     answer_logprobs,
+    answer_token_ids,
     cfg_decode,
     encode_prompts,
     eos_token_ids,
@@ -574,3 +575,19 @@ def test_answer_logprobs_bad_input(tiny, prompts):
         answer_logprobs(model, tok, prompts[:1], ["a"], batch_size=0)
     with pytest.raises(ValueError, match=r"prompt 0 with its answer is .* more than the model's context"):
         answer_logprobs(model, tok, prompts[:1], ["word " * 5000])
+
+
+def test_decoding_stops_at_and_scoring_appends_the_chat_templates_answer_end(tiny_model_dir):
+    """A template that ends answers with a token other than the EOS (an older Llama 3
+    snapshot: EOS <|end_of_text|>, answers end with <|eot_id|>): training appends
+    <|eot_id|> (the data module's test), so decoding must stop at it even where the
+    generation config does not list it, and references are scored ending with it."""
+    tok = load_tokenizer(f"tiny:{tiny_model_dir}")
+    tok.add_tokens(["<|eot_id|>", "<|end_of_text|>"], special_tokens=True)
+    tok.eos_token = "<|end_of_text|>"
+    tok.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|eot_id|>' }}"
+                         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=tok.eos_token_id))
+    assert eos_token_ids(model, tok) == sorted({eot, tok.eos_token_id})
+    assert answer_token_ids(model, tok, ["Paris."]) == [tok("Paris.", add_special_tokens=False)["input_ids"] + [eot]]

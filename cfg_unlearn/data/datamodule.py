@@ -5,7 +5,7 @@ Layout of a batch (``B`` pairs, ``L`` = longest sequence in the batch, right pad
 
     batch["cond"]["input_ids"]      (B, 2, L)   [:, 0] = prompt+chosen, [:, 1] = prompt+rejected
     batch["cond"]["attention_mask"] (B, 2, L)
-    batch["cond"]["labels"]         (B, 2, L)   -100 on prompt and padding (response + EOS only)
+    batch["cond"]["labels"]         (B, 2, L)   -100 on prompt and padding (response + its end token only)
     batch["cond"]["nll_labels"]     (B, 2, L)   labels of the NLL term: == labels for
                                                 nll_span="response"; prompt too for "prompt_response"
     batch["uncond"][...]            same, with the system instruction blanked (or replaced
@@ -39,7 +39,7 @@ from cfg_unlearn.data.schema import DEFAULT_MAX_CHARS, PairRecord, PIIItem, read
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.models import load_tokenizer
 from cfg_unlearn.pii import ValueIndex, contains_value
-from cfg_unlearn.prompts import SAFETY_INSTRUCTION, render_prompt
+from cfg_unlearn.prompts import SAFETY_INSTRUCTION, answer_end_ids, render_prompt
 from cfg_unlearn.tiny import resolve_pretrained
 from cfg_unlearn.utils import ConfigError, dataclass_from
 
@@ -86,8 +86,8 @@ def audit_pairs(records: Sequence[PairRecord]) -> dict[str, list[str]]:
 
 def label_sequence(prompt_ids: list[int], answer_ids: list[int], *, nll_on_prompt: bool,
                    ) -> tuple[list[int], list[int], list[int]]:
-    """prompt + answer (the answer ends with EOS) -> (input_ids, labels, nll_labels):
-    ``labels`` score the answer alone (``-100`` on the prompt); ``nll_labels`` are the
+    """prompt + answer (ending with its end token, :func:`answer_end_ids`) -> (input_ids,
+    labels, nll_labels): ``labels`` score the answer alone (``-100`` on the prompt); ``nll_labels`` are the
     labels of the NLL term, the whole sequence with ``nll_on_prompt``. Three new lists."""
     ids = prompt_ids + answer_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
@@ -147,7 +147,7 @@ def instruction_head(tok, prompt_ids: list[int], text: str, system: str | None,
 
 class PairDataset(Dataset):
     """Encoded pairs, packed: each pair's two prompts (one per variant, already cut to
-    ``max_length``) and two answers (with EOS) in one growing int32 buffer, each token
+    ``max_length``) and two answers (with their end token) in one growing int32 buffer, each token
     stored once, 4 bytes. An item is built as plain lists on access, labels included
     (``-100`` on the prompt; ``nll_labels`` the whole sequence when ``nll_on_prompt``).
     Storing the items themselves took 12 Python int lists per pair (2 variants x 2
@@ -547,20 +547,23 @@ class PairDataModule(L.LightningDataModule):
 
     def encode(self, records: list[PairRecord], stats: EncodeStats) -> PairDataset:
         tok = self.tokenizer
-        eos = tok.eos_token_id
+        end = answer_end_ids(tok)  # the chat template's end of an answer (Llama 3's <|eot_id|>), else EOS
+        if not end:
+            raise ConfigError("the tokenizer names no EOS token, and its chat template no token that ends an "
+                              "answer: training has nothing to end the answers with")
         nll_on_prompt = self.nll_span == "prompt_response"
         items = PairDataset(nll_on_prompt)
         for rec in records:
             answers = []
             for side in ("chosen", "rejected"):
-                ids = tok(getattr(rec, side), add_special_tokens=False)["input_ids"] + [eos]
+                ids = tok(getattr(rec, side), add_special_tokens=False)["input_ids"] + end
                 if len(ids) > self.max_length:
                     where = rec.source or f"record {rec.id!r}"
                     if self.on_error == "skip":  # a bad row like any other: skipped, counted
                         stats.too_long.append(f"{where} ({side}, {len(ids)} tokens)")
                         break
                     raise ConfigError(
-                        f"{where}: field '{side}': answer is {len(ids)} tokens (with EOS), more than "
+                        f"{where}: field '{side}': answer is {len(ids)} tokens (with its end token), more than "
                         f"max_length={self.max_length}; answers are never truncated, raise max_length "
                         "(or skip such rows with on_error: skip)"
                     )
