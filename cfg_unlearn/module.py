@@ -34,6 +34,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from cfg_unlearn.data.datamodule import VARIANTS, PairDataModule, pair_fingerprint
@@ -62,6 +63,8 @@ OBJECTIVES = ("orpo", "npo", "dpo", "ga", "sft")
 #: only those rows go through the model
 SIDES = {"orpo": (0, 1), "dpo": (0, 1), "npo": (1,), "ga": (1,), "sft": (0,)}
 NEEDS_REFERENCE = ("npo", "dpo")
+#: strategies that shard the model across devices (a frozen reference copy is not sharded)
+SHARDING_STRATEGIES = (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)
 
 
 @dataclass
@@ -484,6 +487,15 @@ class UnlearnModule(L.LightningModule):
                 ref = self.trainer.precision_plugin.convert_module(ref)
             self._reference_model = (ref.eval().requires_grad_(False),)
             self._reference_precision = precision  # a later trainer's other precision rebuilds it
+            if self._trainer is not None and isinstance(self.trainer.strategy, SHARDING_STRATEGIES):
+                # the copy is no submodule, so the strategy never shards it: an 8B model's
+                # fp32 copy is 30 GiB on every GPU beside the policy's shard
+                size = sum(p.numel() * p.element_size() for p in ref.parameters())
+                size_text = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+                rank_zero_warn(
+                    f"model.reference: copy keeps a whole, unsharded copy of the starting model on every device "
+                    f"({size_text}) beside the {type(self.trainer.strategy).__name__}-sharded model: use "
+                    "model.reference: precomputed (its log-probs computed once at fit start; no second model)")
 
     def _rows(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``(B, 2, L)`` -> ``(len(sides)*B, L)``, the objective's sides stacked (chosen first)."""

@@ -498,6 +498,32 @@ def test_frozen_copy_reference_is_in_the_policys_precision(tiny_model_dir, tmp_p
     assert float(trainer.callback_metrics["train/npo/log_ratio"]) == 0.0
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_a_frozen_copy_under_a_sharding_strategy_is_warned_about(tiny_model_dir, strategy):
+    """FSDP shards the policy, not the reference copy (no submodule): a whole fp32 copy
+    of an 8B model on every GPU, which the user did not ask for by name."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins import Precision
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    m = UnlearnModule(model=f"tiny:{tiny_model_dir}", objective="npo", reference="copy")
+    # the parts of a trainer the reference reads (Lightning builds FSDP on GPUs only)
+    m._trainer = SimpleNamespace(strategy=FSDPStrategy() if strategy == "fsdp" else DDPStrategy(),
+                                 precision="32-true", precision_plugin=Precision())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        m._build_reference()
+    said = [str(w.message) for w in seen if "unsharded copy" in str(w.message)]
+    if strategy == "ddp":  # every device holds the whole policy anyway
+        assert said == []
+    else:
+        size = sum(p.numel() * 4 for p in m._reference_model[0].parameters()) / 2**20
+        assert said == [f"model.reference: copy keeps a whole, unsharded copy of the starting model on every device "
+                        f"({size:.1f} MiB) beside the FSDPStrategy-sharded model: use model.reference: precomputed "
+                        "(its log-probs computed once at fit start; no second model)"]
+
+
 def test_precomputed_reference_is_not_scored_on_resumed_weights(tiny_model_dir, tmp_path):
     """A checkpoint with no table (here: a `copy` run) resumed with `precomputed` scored
     the table on the trained weights: the model became its own reference, silently."""
