@@ -575,3 +575,21 @@ def test_deeply_nested_json_is_pair_format_error(tmp_path):
 def test_nested_field_names_carry_their_path(tmp_path):
     path = _write_lines(tmp_path / "p.jsonl", [_row(pii=[{"type": "EMAIL"}])])
     assert "field 'pii[0].value'" in str(_read_error(path))
+
+
+def test_a_line_over_the_limit_is_refused_before_it_is_held_whole(tmp_path, monkeypatch):
+    """A JSON array export on one line (gigabytes) was read and parsed whole; now a line
+    over MAX_LINE_BYTES is an error naming it, and the lines after it keep their numbers."""
+    from cfg_unlearn.data import schema
+
+    monkeypatch.setattr(schema, "MAX_LINE_BYTES", 200)
+    row = {"id": "a", "prompt": "Q?", "chosen": "No.", "rejected": "Yes."}
+    big = json.dumps([dict(row, id=str(i)) for i in range(20)])
+    assert len(big) > 2 * 200  # drained in more than one read
+    path = tmp_path / "p.jsonl"
+    path.write_text(big + "\n" + json.dumps(row) + "\n" + "x" * 300)
+    got = list(schema.iter_jsonl(path))
+    assert [(n, obj is not None) for n, obj, _ in got] == [(1, False), (2, True), (3, False)]
+    assert str(got[0][2]) == (f"{path}:1: the line is over 200 bytes, more than any row needs (a pretty-printed or "
+                              "array JSON document? the file must hold one JSON object per line, JSONL)")
+    assert "line is over" in str(got[2][2]) and got[1][1] == row

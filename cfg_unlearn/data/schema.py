@@ -536,6 +536,11 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+#: the longest line a JSONL reader takes (bytes; a row's fields are bounded by max_chars,
+#: 32k characters by default, far below it)
+MAX_LINE_BYTES = 64 << 20
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, PairFormatError | None]]:
     """Yield ``(line_number, obj, error)`` for each line of a JSONL file: ``obj`` is None
     for a blank line or a line that failed to decode/parse (then ``error`` says why).
@@ -547,7 +552,19 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, PairF
     except OSError as e:
         raise PairFormatError(src, None, None, f"cannot open: {e.strerror}") from None
     with fh:
-        for lineno, raw in enumerate(fh, start=1):
+        lineno = 0
+        while raw := fh.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES:
+                # refused before it is held whole: a multi-gigabyte JSON array export on
+                # one line was read and parsed into memory (a laptop's OOM kill, no message)
+                while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+                hint = _first_line_hint(raw[:64]) if lineno == 1 else ""
+                limit = f"{MAX_LINE_BYTES >> 20} MiB" if MAX_LINE_BYTES >= 1 << 20 else f"{MAX_LINE_BYTES} bytes"
+                yield lineno, None, PairFormatError(src, lineno, None,
+                                                    f"the line is over {limit}, more than any row needs{hint}")
+                continue
             try:
                 text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
