@@ -83,6 +83,7 @@ from cfg_unlearn.data.schema import (
     _record_id,
     _text,
     iter_jsonl,
+    iter_raw_lines,
     not_an_object,
     record_from_dict,
 )
@@ -200,9 +201,11 @@ def read_samples(
         lambda obj, line: sample_from_dict(obj, source=str(path), line=line, pair_side=pair_side, max_chars=max_chars),
         "samples", on_error,
     )
-    # iter_jsonl splits the bytes at b"\n" exactly like this: line numbers agree
-    raw = Path(path).read_bytes().split(b"\n")
-    lines = [raw[s.line - 1].rstrip(b"\r").decode("utf-8") for s in samples]
+    # the same lines iter_jsonl numbered; only the samples' are held (not a skipped
+    # over-long line, nor the whole file)
+    wanted = {s.line for s in samples}
+    raw = {n: line.removesuffix(b"\n").rstrip(b"\r") for n, line, _ in iter_raw_lines(path) if n in wanted}
+    lines = [raw[s.line].decode("utf-8") for s in samples]
     return samples, lines, stats
 
 

@@ -303,6 +303,21 @@ def test_skip_mode_counts_bad_rows_and_keeps_raw_lines(tmp_path):
     assert chosen[1].messages[-1]["content"] == "No."
 
 
+def test_skip_mode_keeps_each_rows_own_line_past_an_over_long_one(tmp_path, monkeypatch):
+    """The raw lines (written to kept/removed) are read by number as the rows were: a
+    line skipped as too long neither shifts them nor is read whole (the file was read
+    whole a second time)."""
+    from cfg_unlearn.data import schema
+
+    monkeypatch.setattr(schema, "MAX_LINE_BYTES", 200)
+    ok2 = json.dumps({"id": "c", "prompt": "Q?", "chosen": "No.", "rejected": "Yes.", "label": True})
+    path = _write(tmp_path / "x.jsonl", [json.dumps(CONV), "[" + "1, " * 100 + "1]", ok2])
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("the file was read whole"))
+    samples, lines, stats = read_samples(path, on_error="skip")
+    assert [(s.id, s.line) for s in samples] == [("a", 1), ("c", 3)] and lines == [json.dumps(CONV), ok2]
+    assert stats.skipped == 1
+
+
 def test_labels_file_errors_name_the_line(tmp_path):
     labels = _write(tmp_path / "l.jsonl", [json.dumps({"id": "a", "label": 1}), json.dumps({"id": "zz", "label": 0})])
     with pytest.raises(PairFormatError, match=r"l\.jsonl:2: field 'id': no row of the data has this id"):

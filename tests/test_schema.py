@@ -579,17 +579,25 @@ def test_nested_field_names_carry_their_path(tmp_path):
 
 def test_a_line_over_the_limit_is_refused_before_it_is_held_whole(tmp_path, monkeypatch):
     """A JSON array export on one line (gigabytes) was read and parsed whole; now a line
-    over MAX_LINE_BYTES is an error naming it, and the lines after it keep their numbers."""
+    whose text is over MAX_LINE_BYTES is an error naming it (a byte order mark does not
+    hide the array hint), and the lines after it keep their numbers and rows, also
+    after a line one byte over the limit, and a line exactly at it is read."""
     from cfg_unlearn.data import schema
 
     monkeypatch.setattr(schema, "MAX_LINE_BYTES", 200)
     row = {"id": "a", "prompt": "Q?", "chosen": "No.", "rejected": "Yes."}
     big = json.dumps([dict(row, id=str(i)) for i in range(20)])
     assert len(big) > 2 * 200  # drained in more than one read
+    at_limit = json.dumps(dict(row, id="b", chosen="N" * (200 - len(json.dumps(dict(row, id="b", chosen=""))))))
+    assert len(at_limit) == 200
+    over_by_one = at_limit.replace('"b"', '"bb"')
     path = tmp_path / "p.jsonl"
-    path.write_text(big + "\n" + json.dumps(row) + "\n" + "x" * 300)
+    lines = ["\ufeff" + big, json.dumps(row), over_by_one, at_limit, json.dumps(dict(row, id="c")), "x" * 300]
+    path.write_text("\r\n".join(lines[:3]) + "\n" + "\n".join(lines[3:]), encoding="utf-8")
     got = list(schema.iter_jsonl(path))
-    assert [(n, obj is not None) for n, obj, _ in got] == [(1, False), (2, True), (3, False)]
+    assert [(n, obj and obj["id"]) for n, obj, _ in got] == [(1, None), (2, "a"), (3, None), (4, "b"), (5, "c"),
+                                                             (6, None)]
     assert str(got[0][2]) == (f"{path}:1: the line is over 200 bytes, more than any row needs (a pretty-printed or "
                               "array JSON document? the file must hold one JSON object per line, JSONL)")
-    assert "line is over" in str(got[2][2]) and got[1][1] == row
+    assert [str(got[i][2]).split(": ", 1)[1] for i in (2, 5)] == ["the line is over 200 bytes, more than any row "
+                                                                  "needs"] * 2

@@ -22,6 +22,7 @@ dropped silently: :class:`ReadStats` counts blank lines and (with
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import json
 import logging
@@ -541,64 +542,75 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 MAX_LINE_BYTES = 64 << 20
 
 
+def iter_raw_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes, bool]]:
+    """``(line_number, bytes, too_long)`` for each line of a file, split at ``b"\\n"``
+    (which stays on the bytes). A line whose text is over :data:`MAX_LINE_BYTES` is
+    skipped without being held whole, ``too_long`` True and only its first 64 bytes
+    given: a multi-gigabyte JSON array export on one line was read and parsed into
+    memory (a laptop's OOM kill, no message). Raises :class:`PairFormatError` if the
+    file cannot be opened."""
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise PairFormatError(str(path), None, None, f"cannot open: {e.strerror}") from None
+    with fh:
+        lineno = 0
+        while raw := fh.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            too_long = len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n")  # the limit is on the text
+            if too_long:
+                while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+            yield lineno, (raw[:64] if too_long else raw), too_long
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, PairFormatError | None]]:
     """Yield ``(line_number, obj, error)`` for each line of a JSONL file: ``obj`` is None
     for a blank line or a line that failed to decode/parse (then ``error`` says why).
     Bytes are decoded per line so that a non-UTF-8 byte names its line; a UTF-8 byte
     order mark at the start of the file (Windows tools write one) is skipped."""
     src = str(path)
-    try:
-        fh = open(path, "rb")
-    except OSError as e:
-        raise PairFormatError(src, None, None, f"cannot open: {e.strerror}") from None
-    with fh:
-        lineno = 0
-        while raw := fh.readline(MAX_LINE_BYTES + 1):
-            lineno += 1
-            if len(raw) > MAX_LINE_BYTES:
-                # refused before it is held whole: a multi-gigabyte JSON array export on
-                # one line was read and parsed into memory (a laptop's OOM kill, no message)
-                while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
-                    pass
-                hint = _first_line_hint(raw[:64]) if lineno == 1 else ""
-                limit = f"{MAX_LINE_BYTES >> 20} MiB" if MAX_LINE_BYTES >= 1 << 20 else f"{MAX_LINE_BYTES} bytes"
-                yield lineno, None, PairFormatError(src, lineno, None,
-                                                    f"the line is over {limit}, more than any row needs{hint}")
-                continue
-            try:
-                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                reason = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-                reason += _first_line_hint(raw) if lineno == 1 else ""
-                yield lineno, None, PairFormatError(src, lineno, None, reason)
-                continue
-            if not text.strip():
-                yield lineno, None, None
-                continue
-            try:
-                obj = json.loads(text, object_pairs_hook=_unique_keys)
-                # JSON null is a row that is no object, not a blank line (it was skipped
-                # uncounted, or shifted a line-paired file's rows)
-                yield lineno, obj, not_an_object(src, lineno, obj) if obj is None else None
-            except _DuplicateKey as e:
-                # json keeps the last value silently: a hand-merged row could train another answer.
-                # A key is named only when it is one of the formats' field names: a PII map
-                # written the wrong way round has values for keys
-                why = "JSON would keep the last value; which one is meant is not ours to guess"
-                if e.key in FIELD_NAMES:
-                    yield lineno, None, PairFormatError(src, lineno, e.key, f"duplicate key ({why})")
-                else:
-                    yield lineno, None, PairFormatError(src, lineno, None, f"a key of {len(e.key)} characters is "
-                                                        f"given twice (not shown: it may be personal data; {why})")
-            except json.JSONDecodeError as e:
-                # some messages end in "at" ("Invalid control character at"): say it once
-                msg = e.msg.removesuffix(" at")
-                hint = _first_line_hint(raw) if lineno == 1 else ""
-                yield lineno, None, PairFormatError(src, lineno, None,
-                                                    f"invalid JSON: {msg} at column {e.colno}{hint}")
-            except (ValueError, RecursionError) as e:
-                # e.g. an integer literal over Python's digit limit, or absurdly deep nesting
-                yield lineno, None, PairFormatError(src, lineno, None, f"invalid JSON: {str(e)[:120]}")
+    for lineno, raw, too_long in iter_raw_lines(path):
+        if too_long:
+            limit = f"{MAX_LINE_BYTES >> 20} MiB" if MAX_LINE_BYTES >= 1 << 20 else f"{MAX_LINE_BYTES} bytes"
+            hint = _first_line_hint(raw.removeprefix(codecs.BOM_UTF8)) if lineno == 1 else ""
+            yield lineno, None, PairFormatError(src, lineno, None,
+                                                f"the line is over {limit}, more than any row needs{hint}")
+            continue
+        try:
+            text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            reason = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            reason += _first_line_hint(raw) if lineno == 1 else ""
+            yield lineno, None, PairFormatError(src, lineno, None, reason)
+            continue
+        if not text.strip():
+            yield lineno, None, None
+            continue
+        try:
+            obj = json.loads(text, object_pairs_hook=_unique_keys)
+            # JSON null is a row that is no object, not a blank line (it was skipped
+            # uncounted, or shifted a line-paired file's rows)
+            yield lineno, obj, not_an_object(src, lineno, obj) if obj is None else None
+        except _DuplicateKey as e:
+            # json keeps the last value silently: a hand-merged row could train another answer.
+            # A key is named only when it is one of the formats' field names: a PII map
+            # written the wrong way round has values for keys
+            why = "JSON would keep the last value; which one is meant is not ours to guess"
+            if e.key in FIELD_NAMES:
+                yield lineno, None, PairFormatError(src, lineno, e.key, f"duplicate key ({why})")
+            else:
+                yield lineno, None, PairFormatError(src, lineno, None, f"a key of {len(e.key)} characters is "
+                                                    f"given twice (not shown: it may be personal data; {why})")
+        except json.JSONDecodeError as e:
+            # some messages end in "at" ("Invalid control character at"): say it once
+            msg = e.msg.removesuffix(" at")
+            hint = _first_line_hint(raw) if lineno == 1 else ""
+            yield lineno, None, PairFormatError(src, lineno, None,
+                                                f"invalid JSON: {msg} at column {e.colno}{hint}")
+        except (ValueError, RecursionError) as e:
+            # e.g. an integer literal over Python's digit limit, or absurdly deep nesting
+            yield lineno, None, PairFormatError(src, lineno, None, f"invalid JSON: {str(e)[:120]}")
 
 
 def iter_json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
