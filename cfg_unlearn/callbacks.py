@@ -300,7 +300,7 @@ class GuidanceEval(Callback):
         records = [("leak probe", i, r) for i, r in enumerate(self.probes)]
         records += [("question", i, r) for i, r in enumerate(self.questions)]
         messages = [self._messages(r) for _, _, r in records]
-        # a reference answer is read after its prompt, with the EOS training appends
+        # a reference answer is read after its prompt, with the end token training appends
         at = [j for j, (_, _, r) in enumerate(records) if r.reference is not None]
         references = dict(zip(at, answer_token_ids(pl_module.model, tok, [records[j][2].reference for j in at])))
         sides = [("prompt", encode_prompts(tok, messages))]

@@ -470,9 +470,10 @@ def overflow_message(n_tokens: int, max_new_tokens: int, limit: int) -> str:
 
 
 def answer_token_ids(model: torch.nn.Module, tokenizer, answers: Sequence[str]) -> list[list[int]]:
-    """Each answer's tokens and the end token training appends (the data module's:
-    :func:`cfg_unlearn.prompts.answer_end_ids`, else the generation config's first end
-    id), as answers are scored."""
+    """Each answer's tokens and the end token training appends
+    (:func:`cfg_unlearn.prompts.answer_end_ids`), as answers are scored; where that names
+    none (no EOS; the data module refuses such a tokenizer), the smallest of the
+    model's end ids."""
     end = answer_end_ids(tokenizer) or eos_token_ids(model, tokenizer)[:1]
     if not end:
         raise ValueError("the model and tokenizer name no EOS token to end an answer with")

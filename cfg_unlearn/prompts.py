@@ -57,8 +57,11 @@ def answer_end_ids(tokenizer) -> list[int]:
     """The token that ends an assistant answer as the model's chat template writes it,
     which training appends to every answer and decoding stops at: the first special
     token the template puts after an answer (Llama 3's ``<|eot_id|>``, Qwen's
-    ``<|im_end|>``, Gemma 3's ``<end_of_turn>``, Phi-3's ``<|end|>``), not what follows
-    it (a newline before the next turn).
+    ``<|im_end|>``, Gemma 3's ``<end_of_turn>``, Phi-3's ``<|end|>``; GLM-4's next-role
+    token), not what follows it (a newline before the next turn). Read after a closing
+    answer, and where that gives none (a template that refuses an assistant turn last,
+    or closes turns only before another), as the special token right after an answer
+    that a user turn follows.
 
     The tokenizer's EOS where the template has no special token there, or there is no
     template (the README's plain format), as Hugging Face's ``generate`` stops at it.
@@ -71,18 +74,24 @@ def answer_end_ids(tokenizer) -> list[int]:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if not getattr(tokenizer, "chat_template", None):
         return eos
-    try:
-        text = apply_template(tokenizer, [{"role": "user", "content": "Hi"},
-                                          {"role": "assistant", "content": _ANSWER_PLACEHOLDER}],
-                              add_generation_prompt=False, check_system=False)
-    except TemplateError:  # one that wants other turns first: the prompts meet that error themselves
-        return eos
-    at = text.rfind(_ANSWER_PLACEHOLDER)
-    if at < 0:  # a template that rewrites answers: nothing to read the end from
-        return eos
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    after = tokenizer(text[at + len(_ANSWER_PLACEHOLDER):], add_special_tokens=False)["input_ids"]
-    return next(([i] for i in after if i in special), eos)
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _ANSWER_PLACEHOLDER}]
+    for messages in (turns, turns + [{"role": "user", "content": "Thanks"}]):
+        try:
+            text = apply_template(tokenizer, messages, add_generation_prompt=False, check_system=False)
+        except TemplateError:
+            continue
+        at = text.rfind(_ANSWER_PLACEHOLDER)
+        if at < 0:  # a template that rewrites answers: nothing to read the end from
+            continue
+        after = tokenizer(text[at + len(_ANSWER_PLACEHOLDER):], add_special_tokens=False)["input_ids"]
+        if messages is turns:
+            end = next((i for i in after if i in special), None)
+        else:  # the next turn's own opening is no answer's end unless it follows the answer at once (GLM-4)
+            end = after[0] if after and after[0] in special else None
+        if end is not None:
+            return [end]
+    return eos
 
 
 def render_prompt(tokenizer, messages: list[dict[str, str]] | tuple, system: str | None) -> str:

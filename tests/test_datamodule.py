@@ -924,6 +924,8 @@ def _templated(tiny_name, template: str, eos: str, special: list[str]):
 LLAMA3_STYLE = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
                 " + m['content'] + '<|eot_id|>' }}{% endfor %}"
                 "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 GEMMA_STYLE = ("{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + m['role'] + '\\n' + m['content']"
                " + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}"
                "{% endif %}")
@@ -936,7 +938,17 @@ GEMMA_STYLE = ("{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + m['
     (GEMMA_STYLE, "<eos>", ["<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
     # a template that ends answers with plain text: the EOS, as generate stops at it
     (GEMMA_STYLE.replace("<end_of_turn>", "\\n"), "<eos>", ["<start_of_turn>"], "<eos>"),
-], ids=["llama3-old-eos", "gemma", "plain-text-end"])
+    # ChatML that refuses an assistant turn last: read where a user turn follows
+    ("{% if messages[-1]['role'] == 'assistant' %}{{ raise_exception('last turn must be the user') }}{% endif %}"
+     + CHATML, "<|endoftext|>", ["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+    # closes a turn only before another (loop.last)
+    (CHATML.replace("+ '<|im_end|>\\n'", "+ ('' if loop.last else '<|im_end|>\\n')"), "<|endoftext|>",
+     ["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+    # GLM-4: the next role's token ends an answer
+    ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}{% endfor %}"
+     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}", "<|endoftext|>",
+     ["<|user|>", "<|assistant|>"], "<|user|>"),
+], ids=["llama3-old-eos", "gemma", "plain-text-end", "chatml-refuses-last-answer", "closes-before-next", "glm4"])
 def test_answers_end_with_the_chat_templates_end_of_an_answer(tiny_name, template, eos, special, end):
     """Training appended the tokenizer's EOS to every answer: where the template ends an
     answer with another token, the model learned a turn end its template never writes

@@ -19,7 +19,7 @@ employer, as the demo's seed-1 model did 3 times; whole values only, found throu
 :class:`cfg_unlearn.pii.ValueIndex`; ``other_values=False`` checks the row's own values
 only), trips a PII detector, holds a control character (``control_chars``: NUL and the
 like, which a pair file may not hold), or was cut off by ``max_new_tokens`` before its
-EOS (``truncated``: trained with an EOS appended, a fragment would teach the model to
+EOS (``truncated``: trained with the answer's end token appended, a fragment would teach the model to
 stop mid-sentence; ``accept_truncated`` keeps such candidates and counts them); rejected
 records are decoded again by sampling, up to ``max_attempts`` rounds in all (the first
 is greedy), and then get a fallback: with ``redact_fallback``, the leaky answer itself
