@@ -381,6 +381,15 @@ def write_export(
     model.eval()
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
         model.config.use_cache = True  # training with gradient checkpointing turns it off
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        # transformers' and vLLM's generate stop at the generation config's ids: add the
+        # chat template's end of an answer, which training appended (a config that named
+        # only <|end_of_text|> ran past the trained <|eot_id|>)
+        from cfg_unlearn.guidance import eos_token_ids
+
+        ends = eos_token_ids(model, tokenizer)
+        gen.eos_token_id = ends[0] if len(ends) == 1 else ends
     with staged_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         # an export is for decoding: transformers' batched generate needs left padding (a

@@ -551,6 +551,27 @@ def test_an_export_of_a_tokenizer_without_a_chat_template_carries_the_plain_form
             tok, convo, system)
 
 
+def test_an_export_stops_where_training_ended_answers(tiny_model_dir, tmp_path):
+    """Training ends answers with the chat template's end token (an older Llama 3
+    snapshot: <|eot_id|>, while its generation config may name only <|end_of_text|>);
+    the exported generation config lists it, so transformers' and vLLM's generate stop
+    there as cfg-unlearn's decoding does. A model whose ends agree keeps its single id."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = load_tokenizer(str(tiny_model_dir))
+    out = write_export(model, tok, tmp_path / "same", ExportConfig(SAFETY_INSTRUCTION, None))
+    assert GenerationConfig.from_pretrained(out).eos_token_id == tok.eos_token_id
+    tok.add_tokens(["<|eot_id|>", "<|end_of_text|>"], special_tokens=True)
+    tok.eos_token = "<|end_of_text|>"
+    tok.chat_template = tok.chat_template.replace("+ eos_token", "+ '<|eot_id|>'")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    out = write_export(model, tok, tmp_path / "eot", ExportConfig(SAFETY_INSTRUCTION, None))
+    assert GenerationConfig.from_pretrained(out).eos_token_id == sorted(
+        tok.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"]))
+
+
 @pytest.mark.parametrize("adapter_only", [False, True], ids=["full-ckpt", "adapter-only-ckpt"])
 def test_lora_module_checkpoint_exports_merged(tiny_model_dir, tmp_path, adapter_only):
     """Through the module: a LoRA run's checkpoint (whole, or adapters only and restored
