@@ -63,8 +63,17 @@ OBJECTIVES = ("orpo", "npo", "dpo", "ga", "sft")
 #: only those rows go through the model
 SIDES = {"orpo": (0, 1), "dpo": (0, 1), "npo": (1,), "ga": (1,), "sft": (0,)}
 NEEDS_REFERENCE = ("npo", "dpo")
-#: strategies that shard the model across devices (a frozen reference copy is not sharded)
-SHARDING_STRATEGIES = (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)
+
+
+def shards_parameters(strategy: Any) -> bool:
+    """Whether ``strategy`` splits the model's weights across devices (FSDP but
+    ``NO_SHARD``, DeepSpeed ZeRO-3, model parallelism): then a frozen reference copy,
+    which is no submodule and stays whole, costs more than the policy does."""
+    if isinstance(strategy, FSDPStrategy):
+        return getattr(strategy.sharding_strategy, "name", str(strategy.sharding_strategy)) != "NO_SHARD"
+    if isinstance(strategy, DeepSpeedStrategy):
+        return bool(getattr(strategy, "zero_stage_3", False))
+    return isinstance(strategy, ModelParallelStrategy)
 
 
 @dataclass
@@ -487,7 +496,7 @@ class UnlearnModule(L.LightningModule):
                 ref = self.trainer.precision_plugin.convert_module(ref)
             self._reference_model = (ref.eval().requires_grad_(False),)
             self._reference_precision = precision  # a later trainer's other precision rebuilds it
-            if self._trainer is not None and isinstance(self.trainer.strategy, SHARDING_STRATEGIES):
+            if self._trainer is not None and shards_parameters(self.trainer.strategy):
                 # the copy is no submodule, so the strategy never shards it: an 8B model's
                 # fp32 copy is 30 GiB on every GPU beside the policy's shard
                 size = sum(p.numel() * p.element_size() for p in ref.parameters())
@@ -918,8 +927,8 @@ class UnlearnModule(L.LightningModule):
             missing = [k for k in keys if k not in self.reference_logps]
             changed = [k for k in keys if saved is not None and k in saved and saved[k] != now[k]]
             for bad, what in ((missing, "have no entry in it"), (changed, "were encoded differently when it was "
-                                                                         "scored (other text, tokenizer, max_length "
-                                                                         "or instruction)")):
+                                                                         "scored (other text, tokenizer, max_length, "
+                                                                         "instruction or answer end token)")):
                 if bad:
                     shown = ", ".join(repr(k.split(":", 1)[1]) for k in bad[:3]) + (", ..." if len(bad) > 3 else "")
                     raise ConfigError(

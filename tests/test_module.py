@@ -498,7 +498,7 @@ def test_frozen_copy_reference_is_in_the_policys_precision(tiny_model_dir, tmp_p
     assert float(trainer.callback_metrics["train/npo/log_ratio"]) == 0.0
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp", "fsdp-no-shard"])
 def test_a_frozen_copy_under_a_sharding_strategy_is_warned_about(tiny_model_dir, strategy):
     """FSDP shards the policy, not the reference copy (no submodule): a whole fp32 copy
     of an 8B model on every GPU, which the user did not ask for by name."""
@@ -509,13 +509,13 @@ def test_a_frozen_copy_under_a_sharding_strategy_is_warned_about(tiny_model_dir,
 
     m = UnlearnModule(model=f"tiny:{tiny_model_dir}", objective="npo", reference="copy")
     # the parts of a trainer the reference reads (Lightning builds FSDP on GPUs only)
-    m._trainer = SimpleNamespace(strategy=FSDPStrategy() if strategy == "fsdp" else DDPStrategy(),
-                                 precision="32-true", precision_plugin=Precision())
+    made = {"fsdp": FSDPStrategy, "ddp": DDPStrategy, "fsdp-no-shard": lambda: FSDPStrategy(sharding_strategy="NO_SHARD")}
+    m._trainer = SimpleNamespace(strategy=made[strategy](), precision="32-true", precision_plugin=Precision())
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         m._build_reference()
     said = [str(w.message) for w in seen if "unsharded copy" in str(w.message)]
-    if strategy == "ddp":  # every device holds the whole policy anyway
+    if strategy != "fsdp":  # every device holds the whole policy anyway
         assert said == []
     else:
         size = sum(p.numel() * 4 for p in m._reference_model[0].parameters()) / 2**20
