@@ -388,7 +388,9 @@ def write_export(
         # only <|end_of_text|> ran past the trained <|eot_id|>)
         from cfg_unlearn.guidance import eos_token_ids
 
-        ends = eos_token_ids(model, tokenizer)
+        # the config's own ids first, in their order (generate pads with the first)
+        ends = [gen.eos_token_id] if isinstance(gen.eos_token_id, int) else list(gen.eos_token_id or [])
+        ends += [i for i in eos_token_ids(model, tokenizer) if i not in ends]
         gen.eos_token_id = ends[0] if len(ends) == 1 else ends
     with staged_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
