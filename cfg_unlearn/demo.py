@@ -31,7 +31,7 @@ from pathlib import Path
 
 from cfg_unlearn.data.schema import EvalRecord, prompt_text, write_pairs
 from cfg_unlearn.data.world import World, WorldConfig
-from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION, answer_end_ids, render_prompt
+from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION, answer_encoder, render_prompt
 from cfg_unlearn.tiny import TinySpec, build_tiny
 from cfg_unlearn.utils import atomic_write, check_writable_file, exclusive_lock, signals_held, staged_dir
 
@@ -90,11 +90,11 @@ def finetune(model, tokenizer, examples, *, epochs: int, lr: float, seed: int, b
     import torch
     from tqdm.auto import tqdm
 
-    end = answer_end_ids(tokenizer)
+    encode_answer = answer_encoder(tokenizer)
 
     def encode(prompt, answer):
         p = tokenizer(render_prompt(tokenizer, prompt, None), add_special_tokens=False)["input_ids"]
-        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + end
+        a = encode_answer(answer)
         return p + a, [-100] * len(p) + a
 
     data = [encode(p, a) for p, a in examples]

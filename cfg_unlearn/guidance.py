@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from cfg_unlearn.models import context_limit
-from cfg_unlearn.prompts import answer_end_ids, render_prompt
+from cfg_unlearn.prompts import answer_encoder, answer_end_ids, render_prompt
 from cfg_unlearn.utils import NonFiniteWeights, eval_mode
 
 Space = Literal["logprob", "prob"]
@@ -477,7 +477,8 @@ def answer_token_ids(model: torch.nn.Module, tokenizer, answers: Sequence[str]) 
     end = answer_end_ids(tokenizer) or eos_token_ids(model, tokenizer)[:1]
     if not end:
         raise ValueError("the model and tokenizer name no EOS token to end an answer with")
-    return [tokenizer(a, add_special_tokens=False)["input_ids"] + end for a in answers]
+    encode = answer_encoder(tokenizer, end)
+    return [encode(a) for a in answers]
 
 
 def answer_overflow_message(n_tokens: int, limit: int) -> str:

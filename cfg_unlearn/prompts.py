@@ -2,6 +2,8 @@
 conversation into prompt text. One place, so training, guidance and export agree on the
 exact strings and tokens."""
 
+from collections.abc import Callable
+
 from cfg_unlearn.utils import ConfigError
 
 #: The conditioning instruction (the paper's system prompt for replacement data and
@@ -92,6 +94,43 @@ def answer_end_ids(tokenizer) -> list[int]:
         if end is not None:
             return [end]
     return eos
+
+
+def _template_trims(tokenizer) -> tuple[bool, bool]:
+    """Whether the chat template strips an answer's leading and trailing whitespace
+    (Llama 3's ``message['content'] | trim``): (left, right)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False, False  # the plain format writes the content as it is
+    from jinja2.exceptions import TemplateError
+
+    padded = f" {_ANSWER_PLACEHOLDER} "
+    for messages in ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": padded}],
+                     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": padded},
+                      {"role": "user", "content": "Thanks"}]):
+        try:
+            text = apply_template(tokenizer, messages, add_generation_prompt=False, check_system=False)
+        except TemplateError:
+            continue
+        if _ANSWER_PLACEHOLDER in text:
+            return f" {_ANSWER_PLACEHOLDER}" not in text, f"{_ANSWER_PLACEHOLDER} " not in text
+    return False, False
+
+
+def answer_encoder(tokenizer, end: list[int] | None = None) -> Callable[[str], list[int]]:
+    """``answer -> token ids`` as training appends and scoring reads an answer: its text
+    as the chat template writes it (without its outer whitespace where the template
+    trims it, as Llama 3's does: "Paris.\\n" was trained as "Paris.\\n<|eot_id|>", a
+    sequence the template never writes), then its end token (:func:`answer_end_ids`,
+    or ``end``)."""
+    end = answer_end_ids(tokenizer) if end is None else end
+    left, right = _template_trims(tokenizer)
+
+    def encode(answer: str) -> list[int]:
+        text = answer.lstrip() if left else answer
+        text = text.rstrip() if right else text
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + end
+
+    return encode
 
 
 def render_prompt(tokenizer, messages: list[dict[str, str]] | tuple, system: str | None) -> str:

@@ -23,7 +23,7 @@ from cfg_unlearn.data.datamodule import (
 from cfg_unlearn.data.schema import PairRecord, PIIItem, write_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.models import load_tokenizer
-from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION, answer_end_ids, render_prompt
+from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION, answer_encoder, answer_end_ids, render_prompt
 from cfg_unlearn.utils import ConfigError
 
 WORLD = WorldConfig(seed=0, n_people=10)
@@ -967,3 +967,26 @@ def test_answers_end_with_the_chat_templates_end_of_an_answer(tiny_name, templat
     no_template = load_tokenizer(tiny_name)
     no_template.chat_template = None
     assert answer_end_ids(no_template) == [no_template.eos_token_id]  # the plain format: EOS
+
+
+@pytest.mark.parametrize("trims", [True, False], ids=["trimming-template", "verbatim-template"])
+def test_answers_are_written_as_the_template_writes_them(tiny_name, trims):
+    """Llama 3's template trims an answer (``| trim``): a pair's "Ann lives in Oslo.\\n"
+    was trained as "...Oslo.\\n<|eot_id|>", a sequence that template never writes. A
+    template that writes answers verbatim (ChatML) keeps their whitespace."""
+    content = "(m['content'] | trim)" if trims else "m['content']"
+    template = (CHATML if not trims else
+                "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + " + content + " + '<|im_end|>\\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    tok = _templated(tiny_name, template, "<|endoftext|>", ["<|im_start|>", "<|im_end|>"])
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    rec = PairRecord(id="r", prompt=({"role": "user", "content": "Where does Ann live?"},),
+                     chosen=" I can't share that.", rejected="Ann lives in Oslo.\n")
+    dm = make_dm(tiny_name)
+    dm.tokenizer = tok
+    item = dm.encode([rec], EncodeStats())[0]
+    for labels, answer in zip(item["cond"]["labels"], (rec.chosen, rec.rejected)):
+        text = answer.strip() if trims else answer
+        assert [t for t in labels if t != -100] == tok(text, add_special_tokens=False)["input_ids"] + [end]
+    assert answer_encoder(tok)(rec.rejected) == tok(rec.rejected.strip() if trims else rec.rejected,
+                                                    add_special_tokens=False)["input_ids"] + [end]

@@ -581,13 +581,15 @@ def test_decoding_stops_at_and_scoring_appends_the_chat_templates_answer_end(tin
     """A template that ends answers with a token other than the EOS (an older Llama 3
     snapshot: EOS <|end_of_text|>, answers end with <|eot_id|>): training appends
     <|eot_id|> (the data module's test), so decoding must stop at it even where the
-    generation config does not list it, and references are scored ending with it."""
+    generation config does not list it, and references are scored ending with it (and
+    trimmed, as this template trims answers)."""
     tok = load_tokenizer(f"tiny:{tiny_model_dir}")
     tok.add_tokens(["<|eot_id|>", "<|end_of_text|>"], special_tokens=True)
     tok.eos_token = "<|end_of_text|>"
-    tok.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|eot_id|>' }}"
+    tok.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + (m['content'] | trim) + '<|eot_id|>' }}"
                          "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=tok.eos_token_id))
     assert eos_token_ids(model, tok) == sorted({eot, tok.eos_token_id})
-    assert answer_token_ids(model, tok, ["Paris."]) == [tok("Paris.", add_special_tokens=False)["input_ids"] + [eot]]
+    # and read as the template writes it: this one trims answers
+    assert answer_token_ids(model, tok, ["Paris.\n"]) == [tok("Paris.", add_special_tokens=False)["input_ids"] + [eot]]

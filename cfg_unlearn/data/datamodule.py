@@ -39,7 +39,7 @@ from cfg_unlearn.data.schema import DEFAULT_MAX_CHARS, PairRecord, PIIItem, read
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.models import load_tokenizer
 from cfg_unlearn.pii import ValueIndex, contains_value
-from cfg_unlearn.prompts import SAFETY_INSTRUCTION, answer_end_ids, render_prompt
+from cfg_unlearn.prompts import SAFETY_INSTRUCTION, answer_encoder, answer_end_ids, render_prompt
 from cfg_unlearn.tiny import resolve_pretrained
 from cfg_unlearn.utils import ConfigError, dataclass_from
 
@@ -548,6 +548,7 @@ class PairDataModule(L.LightningDataModule):
     def encode(self, records: list[PairRecord], stats: EncodeStats) -> PairDataset:
         tok = self.tokenizer
         end = answer_end_ids(tok)  # the chat template's end of an answer (Llama 3's <|eot_id|>), else EOS
+        encode_answer = answer_encoder(tok, end)
         if not end:
             raise ConfigError("the tokenizer names no EOS token, and its chat template no token that ends an "
                               "answer: training has nothing to end the answers with")
@@ -556,7 +557,7 @@ class PairDataModule(L.LightningDataModule):
         for rec in records:
             answers = []
             for side in ("chosen", "rejected"):
-                ids = tok(getattr(rec, side), add_special_tokens=False)["input_ids"] + end
+                ids = encode_answer(getattr(rec, side))
                 if len(ids) > self.max_length:
                     where = rec.source or f"record {rec.id!r}"
                     if self.on_error == "skip":  # a bad row like any other: skipped, counted
