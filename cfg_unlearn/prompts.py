@@ -2,7 +2,7 @@
 conversation into prompt text. One place, so training, guidance and export agree on the
 exact strings and tokens."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from cfg_unlearn.utils import ConfigError
 
@@ -55,6 +55,21 @@ def apply_template(tokenizer, messages: list[dict[str, str]], *, add_generation_
 _ANSWER_PLACEHOLDER = "cfgunlearnanswerplaceholder"
 
 
+def _answer_renderings(tokenizer, answer: str) -> Iterator[tuple[str, bool]]:
+    """The chat template's text of a conversation around an assistant ``answer``, with
+    whether the answer closes it: first closing, then with a user turn after it (for a
+    template that refuses an assistant turn last, or closes turns only before another).
+    A rendering the template refuses is left out."""
+    from jinja2.exceptions import TemplateError
+
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer}]
+    for closing, messages in ((True, turns), (False, turns + [{"role": "user", "content": "Thanks"}])):
+        try:
+            yield apply_template(tokenizer, messages, add_generation_prompt=False, check_system=False), closing
+        except TemplateError:
+            continue
+
+
 def answer_end_ids(tokenizer) -> list[int]:
     """The token that ends an assistant answer as the model's chat template writes it,
     which training appends to every answer and decoding stops at: the first special
@@ -71,23 +86,16 @@ def answer_end_ids(tokenizer) -> list[int]:
     Llama 3 snapshots name ``<|end_of_text|>``, and answers trained to end with it
     taught the model a turn end its own template never writes.
     """
-    from jinja2.exceptions import TemplateError
-
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if not getattr(tokenizer, "chat_template", None):
         return eos
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _ANSWER_PLACEHOLDER}]
-    for messages in (turns, turns + [{"role": "user", "content": "Thanks"}]):
-        try:
-            text = apply_template(tokenizer, messages, add_generation_prompt=False, check_system=False)
-        except TemplateError:
-            continue
+    for text, closing in _answer_renderings(tokenizer, _ANSWER_PLACEHOLDER):
         at = text.rfind(_ANSWER_PLACEHOLDER)
         if at < 0:  # a template that rewrites answers: nothing to read the end from
             continue
         after = tokenizer(text[at + len(_ANSWER_PLACEHOLDER):], add_special_tokens=False)["input_ids"]
-        if messages is turns:
+        if closing:
             end = next((i for i in after if i in special), None)
         else:  # the next turn's own opening is no answer's end unless it follows the answer at once (GLM-4)
             end = after[0] if after and after[0] in special else None
@@ -101,16 +109,7 @@ def _template_trims(tokenizer) -> tuple[bool, bool]:
     (Llama 3's ``message['content'] | trim``): (left, right)."""
     if not getattr(tokenizer, "chat_template", None):
         return False, False  # the plain format writes the content as it is
-    from jinja2.exceptions import TemplateError
-
-    padded = f" {_ANSWER_PLACEHOLDER} "
-    for messages in ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": padded}],
-                     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": padded},
-                      {"role": "user", "content": "Thanks"}]):
-        try:
-            text = apply_template(tokenizer, messages, add_generation_prompt=False, check_system=False)
-        except TemplateError:
-            continue
+    for text, _ in _answer_renderings(tokenizer, f" {_ANSWER_PLACEHOLDER} "):
         if _ANSWER_PLACEHOLDER in text:
             return f" {_ANSWER_PLACEHOLDER}" not in text, f"{_ANSWER_PLACEHOLDER} " not in text
     return False, False

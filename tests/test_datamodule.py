@@ -921,6 +921,17 @@ def _templated(tiny_name, template: str, eos: str, special: list[str]):
     return tok
 
 
+def _scored_answers(tiny_name, tok, answers: tuple[str, str]) -> list[list[int]]:
+    """The tokens a pair with these (chosen, rejected) answers is trained on, encoded by
+    the data module with ``tok``."""
+    rec = PairRecord(id="r", prompt=({"role": "user", "content": "Where does Ann live?"},), chosen=answers[0],
+                     rejected=answers[1])
+    dm = make_dm(tiny_name)
+    dm.tokenizer = tok
+    item = dm.encode([rec], EncodeStats())[0]
+    return [[t for t in labels if t != -100] for labels in item["cond"]["labels"]]
+
+
 LLAMA3_STYLE = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
                 " + m['content'] + '<|eot_id|>' }}{% endfor %}"
                 "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
@@ -956,14 +967,9 @@ def test_answers_end_with_the_chat_templates_end_of_an_answer(tiny_name, templat
     tok = _templated(tiny_name, template, eos, special)
     end_id = tok.convert_tokens_to_ids(end)
     assert answer_end_ids(tok) == [end_id]
-    rec = PairRecord(id="r", prompt=({"role": "user", "content": "Where does Ann live?"},),
-                     chosen="I can't share that.", rejected="Ann lives in Oslo.")
-    dm = make_dm(tiny_name)
-    dm.tokenizer = tok
-    item = dm.encode([rec], EncodeStats())[0]
-    for labels, answer in zip(item["cond"]["labels"], (rec.chosen, rec.rejected)):
-        scored = [t for t in labels if t != -100]
-        assert scored == tok(answer, add_special_tokens=False)["input_ids"] + [end_id]
+    answers = ("I can't share that.", "Ann lives in Oslo.")
+    assert _scored_answers(tiny_name, tok, answers) == [tok(a, add_special_tokens=False)["input_ids"] + [end_id]
+                                                        for a in answers]
     no_template = load_tokenizer(tiny_name)
     no_template.chat_template = None
     assert answer_end_ids(no_template) == [no_template.eos_token_id]  # the plain format: EOS
@@ -974,19 +980,11 @@ def test_answers_are_written_as_the_template_writes_them(tiny_name, trims):
     """Llama 3's template trims an answer (``| trim``): a pair's "Ann lives in Oslo.\\n"
     was trained as "...Oslo.\\n<|eot_id|>", a sequence that template never writes. A
     template that writes answers verbatim (ChatML) keeps their whitespace."""
-    content = "(m['content'] | trim)" if trims else "m['content']"
-    template = (CHATML if not trims else
-                "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + " + content + " + '<|im_end|>\\n' }}"
-                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    template = CHATML.replace("m['content']", "(m['content'] | trim)") if trims else CHATML
     tok = _templated(tiny_name, template, "<|endoftext|>", ["<|im_start|>", "<|im_end|>"])
     end = tok.convert_tokens_to_ids("<|im_end|>")
-    rec = PairRecord(id="r", prompt=({"role": "user", "content": "Where does Ann live?"},),
-                     chosen=" I can't share that.", rejected="Ann lives in Oslo.\n")
-    dm = make_dm(tiny_name)
-    dm.tokenizer = tok
-    item = dm.encode([rec], EncodeStats())[0]
-    for labels, answer in zip(item["cond"]["labels"], (rec.chosen, rec.rejected)):
-        text = answer.strip() if trims else answer
-        assert [t for t in labels if t != -100] == tok(text, add_special_tokens=False)["input_ids"] + [end]
-    assert answer_encoder(tok)(rec.rejected) == tok(rec.rejected.strip() if trims else rec.rejected,
-                                                    add_special_tokens=False)["input_ids"] + [end]
+    answers = (" I can't share that.", "Ann lives in Oslo.\n")
+    written = [a.strip() if trims else a for a in answers]
+    assert _scored_answers(tiny_name, tok, answers) == [tok(w, add_special_tokens=False)["input_ids"] + [end]
+                                                        for w in written]
+    assert answer_encoder(tok)(answers[1]) == tok(written[1], add_special_tokens=False)["input_ids"] + [end]

@@ -548,10 +548,10 @@ class PairDataModule(L.LightningDataModule):
     def encode(self, records: list[PairRecord], stats: EncodeStats) -> PairDataset:
         tok = self.tokenizer
         end = answer_end_ids(tok)  # the chat template's end of an answer (Llama 3's <|eot_id|>), else EOS
-        encode_answer = answer_encoder(tok, end)
         if not end:
             raise ConfigError("the tokenizer names no EOS token, and its chat template no token that ends an "
                               "answer: training has nothing to end the answers with")
+        encode_answer = answer_encoder(tok, end)
         nll_on_prompt = self.nll_span == "prompt_response"
         items = PairDataset(nll_on_prompt)
         for rec in records:
