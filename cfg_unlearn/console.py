@@ -240,7 +240,7 @@ def _generate(argv: list[str]) -> None:
 
 def _demo(argv: list[str]) -> None:
     from cfg_unlearn.demo import (COND_MODES, DEMO_MARKER, DEMO_OUTPUTS, FALLBACKS, PREVIOUS_RUN, DemoConfig,
-                                  check_demo_config, run_demo)
+                                  LEAK_SETTINGS, check_demo_config, leak_settings_of, run_demo)
 
     d = DemoConfig()
     p = command_parser(
@@ -252,11 +252,18 @@ def _demo(argv: list[str]) -> None:
     p.add_argument("--out", default=d.out,
                    help=f"output directory (default {d.out}); a rerun into it replaces the previous run's outputs when it "
                    "finishes, and puts them back if it fails or is stopped")
-    p.add_argument("--seed", type=int, default=d.seed,
-                   help="seeds the world, the tiny model, the pairs and the training (0 .. 2**32-1)")
-    p.add_argument("--people", type=int, default=d.people, help=f"people in the synthetic world (default {d.people})")
-    p.add_argument("--leak-epochs", type=int, default=d.leak_epochs,
-                   help=f"epochs of fine-tuning that make the model leak (default {d.leak_epochs})")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"seeds the world, the tiny model, the pairs and the training (0 .. 2**32-1; default {d.seed}, "
+                   "with --leaky-from its run's)")
+    p.add_argument("--people", type=int, default=None,
+                   help=f"people in the synthetic world (default {d.people}, with --leaky-from its run's)")
+    p.add_argument("--leak-epochs", type=int, default=None,
+                   help=f"epochs of fine-tuning that make the model leak (default {d.leak_epochs}, with --leaky-from "
+                   "its run's)")
+    p.add_argument("--leaky-from", metavar="DIR", default=None,
+                   help="the --out of a finished demo: copy its tiny and leaky models instead of building and "
+                   "fine-tuning them (about 4 of the 5 minutes), to try other unlearning settings on the same "
+                   "leaky model; its seed, people and leak epochs are this run's")
     p.add_argument("--unlearn-epochs", type=int, default=d.unlearn_epochs,
                    help=f"epochs of ORPO on the pairs (default {d.unlearn_epochs})")
     p.add_argument("--unlearn-lr", type=float, default=d.unlearn_lr,
@@ -285,7 +292,14 @@ def _demo(argv: list[str]) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     quiet_third_party_warnings()
-    cfg = DemoConfig(out=a.out, seed=a.seed, people=a.people, leak_epochs=a.leak_epochs,
+    try:  # the leak stage's settings not given: the copied model's, else the defaults
+        source = {} if a.leaky_from is None else leak_settings_of(a.leaky_from)
+    except ValueError as e:
+        p.error(str(e))
+    leak = {k: source.get(k, getattr(d, k)) for k in LEAK_SETTINGS}
+    leak.update({k: v for k, v in (("seed", a.seed), ("people", a.people), ("leak_epochs", a.leak_epochs))
+                 if v is not None})
+    cfg = DemoConfig(out=a.out, **leak, leaky_from=a.leaky_from,
                      unlearn_epochs=a.unlearn_epochs, unlearn_lr=a.unlearn_lr, beta=a.beta, baseline_lr=a.baseline_lr,
                      cond_dropout=a.cond_dropout, cond_mode=a.cond_mode, fallback=a.fallback,
                      scales=tuple(a.scales), spaces=tuple(a.spaces), compare=a.compare)

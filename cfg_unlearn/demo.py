@@ -10,6 +10,10 @@
    continuation attacks and utility questions, every one decoded with the same guidance,
    at each scale and space;
 6. write ``metrics.json``, ``report.md`` and ``leak_vs_guidance.png`` and print the table.
+
+``leaky_from`` (``--leaky-from DIR``) copies steps 1 and 2's models from a finished demo
+instead, so that other unlearning settings can be tried on the same leaky model in a
+minute and a half rather than five.
 """
 
 from __future__ import annotations
@@ -79,7 +83,15 @@ class DemoConfig:
     max_attacks: int | None = 150
     batch_size: int = 16
     compare: bool = False
+    #: a finished demo's ``--out``: copy its tiny and leaky models instead of steps 1 and 2
+    #: (the :data:`LEAK_SETTINGS` must be its own; ``None``: build and fine-tune them)
+    leaky_from: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+#: the settings the leaky model depends on: a run that copies it (``leaky_from``) must
+#: have its source's, so that its world and its record describe the model it unlearns
+LEAK_SETTINGS = ("seed", "people", "paraphrases", "leak_epochs", "leak_lr")
 
 
 def finetune(model, tokenizer, examples, *, epochs: int, lr: float, seed: int, batch_size: int = 16,
@@ -294,6 +306,17 @@ DEMO_OUTPUTS = ("models", "logs", "challenge", "pairs.jsonl", "metrics.json", "r
                 "comparison.png")
 
 
+def copy_leaky_models(source: Path, out: Path) -> None:
+    """``source``'s tiny and leaky models into ``out/models`` (``leaky_from``), each whole
+    or not at all, while no demo writes into ``source`` (a rerun there swaps its models)."""
+    with exclusive_lock(source / DEMO_MARKER, f"--leaky-from {source}: a demo is writing there; wait for it to "
+                        "finish"):
+        leak_settings_of(str(source))  # still a finished demo's, now that it is ours to read
+        for name in ("base", "leaky"):
+            with staged_dir(out / "models" / name, overwrite=True) as tmp:
+                shutil.copytree(source / "models" / name, tmp, dirs_exist_ok=True)
+
+
 def is_demo_output(out: Path) -> bool:
     """Whether ``out`` is a demo's output directory (an earlier run, finished or not):
     it holds :data:`DEMO_MARKER`, or (a run of a version before the marker) its base
@@ -356,10 +379,33 @@ def environment() -> dict[str, object]:
             "torch_threads": torch.get_num_threads(), **versions, **settings}
 
 
+def leak_settings_of(source: str) -> dict[str, object]:
+    """The :data:`LEAK_SETTINGS` of the finished demo in ``source`` (from its metrics.json),
+    after checking that it holds the two models a ``leaky_from`` run copies."""
+    src = Path(source).expanduser()
+    metrics = src / "metrics.json"
+    if not src.exists():
+        raise ValueError(f"--leaky-from {source}: no such directory")
+    if not (src.is_dir() and is_demo_output(src) and metrics.is_file()):
+        raise ValueError(f"--leaky-from {source}: not the --out of a finished demo (no metrics.json beside a "
+                         "demo's models)")
+    for name in ("base", "leaky"):
+        if not (src / "models" / name / "config.json").is_file():
+            raise ValueError(f"--leaky-from {source}: its models/{name} is missing or incomplete")
+    try:
+        config = json.loads(metrics.read_text(encoding="utf-8")).get("config")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise ValueError(f"--leaky-from {source}: cannot read {metrics}: {e}") from e
+    missing = [k for k in LEAK_SETTINGS if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise ValueError(f"--leaky-from {source}: {metrics} records no {', '.join(missing)} in its config")
+    return {k: config[k] for k in LEAK_SETTINGS}
+
+
 def check_demo_config(cfg: DemoConfig) -> DemoConfig:
     """Refuse settings that would fail, or quietly mean nothing, after minutes of
     training; returns ``cfg`` with its scales as sorted distinct floats (the plot joins
-    them in order, and metrics.json keys them as ``"1.0"``)."""
+    them in order, and metrics.json keys them as ``"1.0"``) and ``leaky_from`` resolved."""
     from cfg_unlearn.guidance import check_guidance
 
     uncond_instruction(cfg.cond_mode)
@@ -406,7 +452,21 @@ def check_demo_config(cfg: DemoConfig) -> DemoConfig:
             first.rmdir()
     except OSError as e:  # a name longer than the file system takes, a folder it cannot read
         raise ValueError(f"--out {cfg.out}: {e.strerror or e}") from e
-    return replace(cfg, scales=tuple(sorted({float(g) for g in cfg.scales})))
+    leaky_from = cfg.leaky_from
+    if leaky_from is not None:
+        source = Path(leaky_from).expanduser().resolve()
+        if source == out or out in source.parents:  # a rerun sets --out's outputs aside before it copies
+            raise ValueError(f"--leaky-from {leaky_from} is --out {cfg.out} or inside it; copy from another demo's "
+                             "--out")
+        theirs = leak_settings_of(str(source))
+        differ = [k for k, v in theirs.items() if getattr(cfg, k) != v]
+        if differ:
+            raise ValueError(f"--leaky-from {leaky_from}: its leaky model was made with "
+                             + ", ".join(f"{k} {theirs[k]}" for k in differ) + ", this run has "
+                             + ", ".join(f"{k} {getattr(cfg, k)}" for k in differ) + "; a run that copies it takes its values "
+                             "(on the command line, leave those flags out)")
+        leaky_from = str(source)
+    return replace(cfg, scales=tuple(sorted({float(g) for g in cfg.scales})), leaky_from=leaky_from)
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
@@ -526,18 +586,23 @@ def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress:
     seconds: dict[str, float] = {}
     t_all = t0 = time.perf_counter()
     world = World(WorldConfig(seed=cfg.seed, n_people=cfg.people))
-    base_dir = out / "models" / "base"
-    build_tiny(base_dir, texts=world.corpus(), spec=DEMO_SPEC)
-    tok = load_tokenizer(str(base_dir))
-    seconds["build"] = time.perf_counter() - t0
+    base_dir, leaky_dir = out / "models" / "base", out / "models" / "leaky"
+    if cfg.leaky_from is not None:
+        copy_leaky_models(Path(cfg.leaky_from), out)
+        tok = load_tokenizer(str(base_dir))
+        model = load_causal_lm(str(leaky_dir))
+        seconds["copy"] = time.perf_counter() - t0
+    else:
+        build_tiny(base_dir, texts=world.corpus(), spec=DEMO_SPEC)
+        tok = load_tokenizer(str(base_dir))
+        seconds["build"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    model = load_causal_lm(str(base_dir))
-    finetune(model, tok, world.memorisation_examples(cfg.paraphrases), epochs=cfg.leak_epochs, lr=cfg.leak_lr,
-             seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
-    leaky_dir = out / "models" / "leaky"
-    save_model(model, tok, leaky_dir)
-    seconds["leak"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model = load_causal_lm(str(base_dir))
+        finetune(model, tok, world.memorisation_examples(cfg.paraphrases), epochs=cfg.leak_epochs, lr=cfg.leak_lr,
+                 seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
+        save_model(model, tok, leaky_dir)
+        seconds["leak"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     pairs, summary = generate_pairs(model, tok, world.forget_records(), seed=cfg.seed, batch_size=64,
@@ -636,6 +701,8 @@ def render_report(m: dict) -> str:
         f"challenge attack {_rate(b, 'attack_leak_rate')} on {b['n_attack_probes']}, accuracy {b['accuracy']:.3f} on "
         f"{b['n_qa']} utility questions" + (f" (their reference answers' perplexity {_ppl(b)})." if "perplexity" in b
                                             else "."),
+        *([f"(The leaky model and its tokenizer were copied from {m['config']['leaky_from']}.)"]
+          if m["config"].get("leaky_from") else []),
         "",
         f"Unlearned: {METHOD_LABEL[mode]} (probability {m['config']['cond_dropout']} per sample), guided against "
         + ("the negative instruction." if mode == "swap" else "the blanked instruction."),

@@ -691,3 +691,100 @@ def test_the_recorded_cpu_names_an_apple_chip_not_just_arm(monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", missing)
     assert _cpu_name() == "arm"  # what platform knows, rather than no figure
+
+
+def _finished_demo(out: Path, **config) -> Path:
+    """A finished-looking demo in ``out`` for ``--leaky-from`` (its models are stand-ins)."""
+    from cfg_unlearn.demo import DEMO_MARKER, LEAK_SETTINGS, DemoConfig
+
+    for name in ("base", "leaky"):
+        (out / "models" / name).mkdir(parents=True)
+        (out / "models" / name / "config.json").write_text(f'{{"model": "{name}"}}')
+    (out / DEMO_MARKER).touch()
+    d = DemoConfig()
+    recorded = {k: config.get(k, getattr(d, k)) for k in LEAK_SETTINGS}
+    (out / "metrics.json").write_text(json.dumps({"config": {**recorded, "out": str(out)}}))
+    return out
+
+
+def test_demo_leaky_from_takes_the_leak_settings_of_its_run(tmp_path, monkeypatch):
+    """Flags left out are the copied run's (a seed-7 world with 5 people), not the defaults,
+    whose world would not be the one the model memorised."""
+    import cfg_unlearn.demo as demo
+
+    src = _finished_demo(tmp_path / "src", seed=7, people=5, leak_epochs=3, leak_lr=1e-3)
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda cfg, progress: seen.append(cfg))
+    console_main(["demo", "--out", str(tmp_path / "d"), "--leaky-from", str(src), "--unlearn-lr", "3e-4", "--quiet"])
+    (cfg,) = seen
+    assert (cfg.seed, cfg.people, cfg.leak_epochs, cfg.leak_lr, cfg.unlearn_lr) == (7, 5, 3, 1e-3, 3e-4)
+    assert demo.check_demo_config(cfg).leaky_from == str(src.resolve())
+    # without --leaky-from the defaults stand
+    seen.clear()
+    console_main(["demo", "--out", str(tmp_path / "d"), "--quiet"])
+    assert (seen[0].seed, seen[0].people, seen[0].leak_epochs, seen[0].leaky_from) == (0, 30, 14, None)
+
+
+def test_demo_leaky_from_refuses_what_is_not_its_run_before_any_work(tmp_path, capsys):
+    from cfg_unlearn.demo import DemoConfig, check_demo_config
+
+    src = _finished_demo(tmp_path / "src", seed=7, people=5)
+    out = tmp_path / "d"
+    cases = [
+        # a world other than the one the model memorised: its probes would test nothing it learnt
+        (["--leaky-from", str(src), "--seed", "1", "--people", "6"],
+         f"--leaky-from {src}: its leaky model was made with seed 7, people 5, this run has seed 1, people 6; a run "
+         "that copies it takes its values (on the command line, leave those flags out)"),
+        (["--leaky-from", str(tmp_path / "none")], f"--leaky-from {tmp_path / 'none'}: no such directory"),
+        (["--leaky-from", str(tmp_path)], f"--leaky-from {tmp_path}: not the --out of a finished demo"),
+    ]
+    for args, match in cases:
+        with pytest.raises(SystemExit) as e:
+            console_main(["demo", "--out", str(out), "--quiet", *args])
+        assert e.value.code == 2 and match in capsys.readouterr().err
+    # its own --out: a rerun sets its outputs aside before copying them
+    with pytest.raises(ValueError, match="is --out .* or inside it"):
+        check_demo_config(DemoConfig(out=str(src), seed=7, people=5, leaky_from=str(src)))
+    (src / "models" / "leaky" / "config.json").unlink()  # a run killed mid-save, or a user's tidy-up
+    with pytest.raises(ValueError, match="its models/leaky is missing or incomplete"):
+        check_demo_config(DemoConfig(out=str(out), seed=7, people=5, leaky_from=str(src)))
+    (src / "models" / "leaky" / "config.json").write_text("{}")
+    (src / "metrics.json").write_text('{"config": {"seed": 7}}')  # an older demo's record
+    with pytest.raises(ValueError, match="records no people, paraphrases, leak_epochs, leak_lr in its config"):
+        check_demo_config(DemoConfig(out=str(out), seed=7, people=5, leaky_from=str(src)))
+    (src / "metrics.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read .*metrics.json"):
+        check_demo_config(DemoConfig(out=str(out), seed=7, people=5, leaky_from=str(src)))
+    assert not out.exists()
+
+
+def test_demo_leaky_from_copies_whole_models_and_waits_for_no_writer(tmp_path):
+    from cfg_unlearn.demo import DEMO_MARKER, copy_leaky_models
+    from cfg_unlearn.utils import OutputBusy, exclusive_lock
+
+    src = _finished_demo(tmp_path / "src")
+    out = tmp_path / "d"
+    with exclusive_lock(src / DEMO_MARKER, "held by the test"):  # a demo rerunning into the source
+        with pytest.raises(OutputBusy, match="a demo is writing there; wait for it to finish"):
+            copy_leaky_models(src, out)
+    assert not (out / "models").exists()
+    copy_leaky_models(src, out)
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["base", "leaky"]  # no temp folder left
+    assert (out / "models" / "leaky" / "config.json").read_text() == '{"model": "leaky"}'
+
+
+@pytest.mark.slow
+def test_demo_leaky_from_reproduces_the_run_it_copies(tmp_path):
+    """The same unlearning settings on the copied leaky model give the copied run's
+    numbers: the world, tokenizer and model are its own, and nothing is fine-tuned again."""
+    src, out = tmp_path / "src", tmp_path / "d"
+    args = ["--people", "3", "--unlearn-epochs", "1", "--scales", "1", "2", "--spaces", "logprob", "--quiet"]
+    console_main(["demo", "--out", str(src), "--leak-epochs", "1", *args])
+    console_main(["demo", "--out", str(out), "--leaky-from", str(src), *args])
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (src, out))
+    assert (b["baseline"], b["unlearned"], b["pairs"]) == (a["baseline"], a["unlearned"], a["pairs"])
+    assert b["config"]["leaky_from"] == str(src.resolve()) and b["config"]["leak_epochs"] == 1
+    assert "leak" not in b["seconds"] and "copy" in b["seconds"]
+    assert (out / "models" / "leaky" / "model.safetensors").read_bytes() == \
+        (src / "models" / "leaky" / "model.safetensors").read_bytes()
+    assert f"copied from {src.resolve()}" in (out / "report.md").read_text()
