@@ -463,8 +463,8 @@ def check_demo_config(cfg: DemoConfig) -> DemoConfig:
         if differ:
             raise ValueError(f"--leaky-from {leaky_from}: its leaky model was made with "
                              + ", ".join(f"{k} {theirs[k]}" for k in differ) + ", this run has "
-                             + ", ".join(f"{k} {getattr(cfg, k)}" for k in differ) + "; a run that copies it takes its values "
-                             "(on the command line, leave those flags out)")
+                             + ", ".join(f"{k} {getattr(cfg, k)}" for k in differ)
+                             + "; a run that copies it takes its values (on the command line, leave those flags out)")
         leaky_from = str(source)
     return replace(cfg, scales=tuple(sorted({float(g) for g in cfg.scales})), leaky_from=leaky_from)
 
