@@ -19,6 +19,7 @@ minute and a half rather than five.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -37,7 +38,8 @@ from cfg_unlearn.data.schema import EvalRecord, prompt_text, write_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.prompts import NEGATIVE_INSTRUCTION, SAFETY_INSTRUCTION, answer_encoder, render_prompt
 from cfg_unlearn.tiny import TinySpec, build_tiny
-from cfg_unlearn.utils import atomic_write, check_writable_file, exclusive_lock, signals_held, staged_dir
+from cfg_unlearn.utils import (OutputBusy, atomic_write, check_writable_file, exclusive_lock, same_path, signals_held,
+                               staged_dir)
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,14 @@ class DemoConfig:
 
 #: the settings the leaky model depends on: a run that copies it (``leaky_from``) must
 #: have its source's, so that its world and its record describe the model it unlearns
-LEAK_SETTINGS = ("seed", "people", "paraphrases", "leak_epochs", "leak_lr")
+LEAK_SETTINGS = ("seed", "people", "paraphrases", "leak_epochs", "leak_lr", "batch_size")
+
+
+def examples_digest(examples) -> str:
+    """sha256 of the leak stage's ``(prompt messages, answer)`` examples: ``metrics.json``'s
+    ``world.leak_examples_sha256``, which a ``leaky_from`` run compares with its own world's
+    (another Faker or cfg-unlearn version can build another world from the same seed)."""
+    return hashlib.sha256(json.dumps(examples, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def finetune(model, tokenizer, examples, *, epochs: int, lr: float, seed: int, batch_size: int = 16,
@@ -306,12 +315,16 @@ DEMO_OUTPUTS = ("models", "logs", "challenge", "pairs.jsonl", "metrics.json", "r
                 "comparison.png")
 
 
-def copy_leaky_models(source: Path, out: Path) -> None:
-    """``source``'s tiny and leaky models into ``out/models`` (``leaky_from``), each whole
-    or not at all, while no demo writes into ``source`` (a rerun there swaps its models)."""
-    with exclusive_lock(source / DEMO_MARKER, f"--leaky-from {source}: a demo is writing there; wait for it to "
-                        "finish"):
-        leak_settings_of(str(source))  # still a finished demo's, now that it is ours to read
+def copy_leaky_models(cfg: DemoConfig, out: Path) -> None:
+    """``cfg.leaky_from``'s tiny and leaky models into ``out/models``, each whole or not at
+    all, while no demo writes into the source (a rerun there swaps its models), and only
+    if the source still is what :func:`check_demo_config` checked."""
+    source = Path(cfg.leaky_from)
+    with exclusive_lock(source / DEMO_MARKER, _busy(cfg.leaky_from), shared=True):
+        try:
+            _check_source_matches(cfg, _read_source(source, cfg.leaky_from))
+        except ValueError as e:  # rerun with other settings since the check, or removed
+            raise OutputBusy(f"{e} (it changed after this run was checked)") from None
         for name in ("base", "leaky"):
             with staged_dir(out / "models" / name, overwrite=True) as tmp:
                 shutil.copytree(source / "models" / name, tmp, dirs_exist_ok=True)
@@ -379,27 +392,74 @@ def environment() -> dict[str, object]:
             "torch_threads": torch.get_num_threads(), **versions, **settings}
 
 
+def _busy(source: str) -> str:
+    return f"--leaky-from {source}: a demo is writing there; wait for it to finish"
+
+
 def leak_settings_of(source: str) -> dict[str, object]:
-    """The :data:`LEAK_SETTINGS` of the finished demo in ``source`` (from its metrics.json),
-    after checking that it holds the two models a ``leaky_from`` run copies."""
+    """The :data:`LEAK_SETTINGS` of the finished demo in ``source`` (from its metrics.json)
+    and its ``leak_examples_sha256``, after checking that no demo is writing there and that
+    it holds the two models a ``leaky_from`` run copies. Reads only."""
     src = Path(source).expanduser()
-    metrics = src / "metrics.json"
     if not src.exists():
         raise ValueError(f"--leaky-from {source}: no such directory")
-    if not (src.is_dir() and is_demo_output(src) and metrics.is_file()):
-        raise ValueError(f"--leaky-from {source}: not the --out of a finished demo (no metrics.json beside a "
-                         "demo's models)")
+    if not (src / DEMO_MARKER).is_file():  # (the lock below would create it)
+        raise ValueError(f"--leaky-from {source}: not a demo's --out (no {DEMO_MARKER} there)")
+    try:
+        with exclusive_lock(src / DEMO_MARKER, _busy(source), shared=True):
+            return _read_source(src, source)
+    except OutputBusy as e:  # its metrics.json is set aside or not written yet: "not finished" misled
+        raise ValueError(str(e)) from None
+
+
+#: the types a source's record must give its :data:`LEAK_SETTINGS` (a null seed was a traceback)
+_SETTING_TYPES = {"seed": int, "people": int, "paraphrases": int, "leak_epochs": int, "batch_size": int,
+                  "leak_lr": (int, float)}
+
+
+def _read_source(src: Path, source: str) -> dict[str, object]:
+    metrics = src / "metrics.json"
+    if not metrics.is_file():
+        raise ValueError(f"--leaky-from {source}: not the --out of a finished demo (no metrics.json: its run failed, "
+                         "was stopped, or is running)")
     for name in ("base", "leaky"):
         if not (src / "models" / name / "config.json").is_file():
             raise ValueError(f"--leaky-from {source}: its models/{name} is missing or incomplete")
     try:
-        config = json.loads(metrics.read_text(encoding="utf-8")).get("config")
+        record = json.loads(metrics.read_text(encoding="utf-8"))
+        config, world = record.get("config"), record.get("world")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
         raise ValueError(f"--leaky-from {source}: cannot read {metrics}: {e}") from e
-    missing = [k for k in LEAK_SETTINGS if not isinstance(config, dict) or k not in config]
+    config = config if isinstance(config, dict) else {}
+    digest = world.get("leak_examples_sha256") if isinstance(world, dict) else None
+    missing = [k for k in LEAK_SETTINGS if k not in config] + ([] if digest else ["world.leak_examples_sha256"])
     if missing:
-        raise ValueError(f"--leaky-from {source}: {metrics} records no {', '.join(missing)} in its config")
-    return {k: config[k] for k in LEAK_SETTINGS}
+        raise ValueError(f"--leaky-from {source}: {metrics} records no {', '.join(missing)}; it was made by another "
+                         "version of cfg-unlearn, whose world may differ: rerun that demo with this one")
+    bad = [(k, config[k]) for k, t in _SETTING_TYPES.items()
+           if isinstance(config[k], bool) or not isinstance(config[k], t) or not math.isfinite(config[k])]
+    if not isinstance(digest, str):
+        bad.append(("world.leak_examples_sha256", digest))
+    if bad:
+        raise ValueError(f"--leaky-from {source}: {metrics} records " + ", ".join(f"{k} {v!r}" for k, v in bad)
+                         + ", which no demo writes")
+    return {**{k: config[k] for k in LEAK_SETTINGS}, "leak_examples_sha256": digest}
+
+
+def _check_source_matches(cfg: DemoConfig, theirs: dict[str, object]) -> None:
+    """Refuse a ``leaky_from`` source whose leaky model was made from another world or
+    with other leak-stage settings than ``cfg``'s: the probes would test what it never saw."""
+    differ = [k for k in LEAK_SETTINGS if getattr(cfg, k) != theirs[k]]
+    if differ:
+        raise ValueError(f"--leaky-from {cfg.leaky_from}: its leaky model was made with "
+                         + ", ".join(f"{k} {theirs[k]}" for k in differ) + ", this run has "
+                         + ", ".join(f"{k} {getattr(cfg, k)}" for k in differ)
+                         + "; a run that copies it takes its values (on the command line, leave those flags out)")
+    world = World(WorldConfig(seed=cfg.seed, n_people=cfg.people))
+    if examples_digest(world.memorisation_examples(cfg.paraphrases)) != theirs["leak_examples_sha256"]:
+        raise ValueError(f"--leaky-from {cfg.leaky_from}: its leaky model was trained on another world than this "
+                         "version of cfg-unlearn builds from the same settings (another Faker or cfg-unlearn "
+                         "version?); rerun that demo with this one")
 
 
 def check_demo_config(cfg: DemoConfig) -> DemoConfig:
@@ -452,21 +512,17 @@ def check_demo_config(cfg: DemoConfig) -> DemoConfig:
             first.rmdir()
     except OSError as e:  # a name longer than the file system takes, a folder it cannot read
         raise ValueError(f"--out {cfg.out}: {e.strerror or e}") from e
-    leaky_from = cfg.leaky_from
-    if leaky_from is not None:
-        source = Path(leaky_from).expanduser().resolve()
-        if source == out or out in source.parents:  # a rerun sets --out's outputs aside before it copies
-            raise ValueError(f"--leaky-from {leaky_from} is --out {cfg.out} or inside it; copy from another demo's "
-                             "--out")
-        theirs = leak_settings_of(str(source))
-        differ = [k for k, v in theirs.items() if getattr(cfg, k) != v]
-        if differ:
-            raise ValueError(f"--leaky-from {leaky_from}: its leaky model was made with "
-                             + ", ".join(f"{k} {theirs[k]}" for k in differ) + ", this run has "
-                             + ", ".join(f"{k} {getattr(cfg, k)}" for k in differ)
-                             + "; a run that copies it takes its values (on the command line, leave those flags out)")
-        leaky_from = str(source)
-    return replace(cfg, scales=tuple(sorted({float(g) for g in cfg.scales})), leaky_from=leaky_from)
+    cfg = replace(cfg, scales=tuple(sorted({float(g) for g in cfg.scales})))
+    if cfg.leaky_from is not None:
+        source = Path(cfg.leaky_from).expanduser()
+        # a rerun sets --out's outputs aside before it copies; an --out inside the source
+        # copied its models into themselves, and the source's next rerun would remove it
+        if same_path(source, out) or out in source.resolve().parents or source.resolve() in out.parents:
+            raise ValueError(f"--leaky-from {cfg.leaky_from} and --out {cfg.out} are the same folder or one holds "
+                             "the other; give an --out beside the demo you copy from")
+        _check_source_matches(cfg, leak_settings_of(cfg.leaky_from))
+        cfg = replace(cfg, leaky_from=str(source.resolve()))
+    return cfg
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
@@ -587,8 +643,9 @@ def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress:
     t_all = t0 = time.perf_counter()
     world = World(WorldConfig(seed=cfg.seed, n_people=cfg.people))
     base_dir, leaky_dir = out / "models" / "base", out / "models" / "leaky"
+    leak_examples = world.memorisation_examples(cfg.paraphrases)
     if cfg.leaky_from is not None:
-        copy_leaky_models(Path(cfg.leaky_from), out)
+        copy_leaky_models(cfg, out)
         tok = load_tokenizer(str(base_dir))
         model = load_causal_lm(str(leaky_dir))
         seconds["copy"] = time.perf_counter() - t0
@@ -599,8 +656,8 @@ def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress:
 
         t0 = time.perf_counter()
         model = load_causal_lm(str(base_dir))
-        finetune(model, tok, world.memorisation_examples(cfg.paraphrases), epochs=cfg.leak_epochs, lr=cfg.leak_lr,
-                 seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
+        finetune(model, tok, leak_examples, epochs=cfg.leak_epochs, lr=cfg.leak_lr, seed=cfg.seed,
+                 batch_size=cfg.batch_size, progress=progress)
         save_model(model, tok, leaky_dir)
         seconds["leak"] = time.perf_counter() - t0
 
@@ -664,6 +721,8 @@ def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress:
         **({"comparison": comparison} if comparison is not None else {}),
         "pairs": summary.to_dict(),
         "config": config,
+        # what the leaky model was trained on, for a later --leaky-from run to compare
+        "world": {"leak_examples_sha256": examples_digest(leak_examples)},
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "environment": environment(),
     }

@@ -96,13 +96,17 @@ class OutputBusy(OSError):
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
+def exclusive_lock(path: str | os.PathLike, busy: str, *, shared: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on the file ``path`` (created if missing) for the block, or
     raise :class:`OutputBusy` with the message ``busy`` at once if another process holds
     it. The operating system releases it when its holder exits, a killed one included,
     so it never goes stale (``flock`` on POSIX, ``msvcrt.locking`` on Windows). Where the
     file system cannot lock (some NFS, CIFS or Lustre mounts) or the file cannot be
-    opened, the block runs unlocked with a warning: a lock is a guard, not a requirement."""
+    opened, the block runs unlocked with a warning: a lock is a guard, not a requirement.
+
+    ``shared=True`` takes a reader's lock instead, which only an exclusive holder refuses
+    (two readers copy from one folder at once); Windows' ``msvcrt`` has no shared lock,
+    so there it is exclusive."""
     import errno
 
     fh, locked = None, False
@@ -116,7 +120,7 @@ def exclusive_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
         else:
             import fcntl
 
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         locked = True
     except OSError as e:
         held = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK))

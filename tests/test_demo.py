@@ -50,7 +50,7 @@ def test_demo_writes_metrics_report_and_plot(tmp_path, monkeypatch, assert_open_
     assert sorted(settings) == [("dpo", 0.1, 3e-4), ("ga", 0.1, 3e-4), ("npo", 0.1, 3e-4), ("orpo", 0.5, 1e-4),
                                 ("orpo", 0.5, 1e-4), ("sft", 0.1, 3e-4)]
     assert (m["config"]["beta"], m["config"]["baseline_beta"], m["config"]["baseline_lr"]) == (0.5, 0.1, 3e-4)
-    assert set(m) == {"baseline", "unlearned", "comparison", "pairs", "config", "seconds", "environment"}
+    assert set(m) == {"baseline", "unlearned", "comparison", "pairs", "config", "world", "seconds", "environment"}
     # what the numbers depend on besides the config: the CPU's kernels, threads, versions
     env = m["environment"]
     assert env["torch"] == torch.__version__ and env["python"] == platform.python_version()
@@ -693,9 +693,11 @@ def test_the_recorded_cpu_names_an_apple_chip_not_just_arm(monkeypatch):
     assert _cpu_name() == "arm"  # what platform knows, rather than no figure
 
 
+
 def _finished_demo(out: Path, **config) -> Path:
-    """A finished-looking demo in ``out`` for ``--leaky-from`` (its models are stand-ins)."""
-    from cfg_unlearn.demo import DEMO_MARKER, LEAK_SETTINGS, DemoConfig
+    """A finished-looking demo in ``out`` for ``--leaky-from`` (its models are stand-ins;
+    its record is what this version writes for that world)."""
+    from cfg_unlearn.demo import DEMO_MARKER, LEAK_SETTINGS, DemoConfig, examples_digest
 
     for name in ("base", "leaky"):
         (out / "models" / name).mkdir(parents=True)
@@ -703,7 +705,10 @@ def _finished_demo(out: Path, **config) -> Path:
     (out / DEMO_MARKER).touch()
     d = DemoConfig()
     recorded = {k: config.get(k, getattr(d, k)) for k in LEAK_SETTINGS}
-    (out / "metrics.json").write_text(json.dumps({"config": {**recorded, "out": str(out)}}))
+    world = World(WorldConfig(seed=recorded["seed"], n_people=recorded["people"]))
+    digest = examples_digest(world.memorisation_examples(recorded["paraphrases"]))
+    (out / "metrics.json").write_text(json.dumps({"config": {**recorded, "out": str(out)},
+                                                  "world": {"leak_examples_sha256": digest}}))
     return out
 
 
@@ -712,12 +717,13 @@ def test_demo_leaky_from_takes_the_leak_settings_of_its_run(tmp_path, monkeypatc
     whose world would not be the one the model memorised."""
     import cfg_unlearn.demo as demo
 
-    src = _finished_demo(tmp_path / "src", seed=7, people=5, leak_epochs=3, leak_lr=1e-3)
+    src = _finished_demo(tmp_path / "src", seed=7, people=5, leak_epochs=3, leak_lr=1e-3, batch_size=8)
     seen = []
     monkeypatch.setattr(demo, "run_demo", lambda cfg, progress: seen.append(cfg))
     console_main(["demo", "--out", str(tmp_path / "d"), "--leaky-from", str(src), "--unlearn-lr", "3e-4", "--quiet"])
     (cfg,) = seen
-    assert (cfg.seed, cfg.people, cfg.leak_epochs, cfg.leak_lr, cfg.unlearn_lr) == (7, 5, 3, 1e-3, 3e-4)
+    assert (cfg.seed, cfg.people, cfg.leak_epochs, cfg.leak_lr, cfg.batch_size, cfg.unlearn_lr) == \
+        (7, 5, 3, 1e-3, 8, 3e-4)
     assert demo.check_demo_config(cfg).leaky_from == str(src.resolve())
     # without --leaky-from the defaults stand
     seen.clear()
@@ -726,7 +732,8 @@ def test_demo_leaky_from_takes_the_leak_settings_of_its_run(tmp_path, monkeypatc
 
 
 def test_demo_leaky_from_refuses_what_is_not_its_run_before_any_work(tmp_path, capsys):
-    from cfg_unlearn.demo import DemoConfig, check_demo_config
+    from cfg_unlearn.demo import DEMO_MARKER, DemoConfig, check_demo_config
+    from cfg_unlearn.utils import exclusive_lock
 
     src = _finished_demo(tmp_path / "src", seed=7, people=5)
     out = tmp_path / "d"
@@ -736,41 +743,66 @@ def test_demo_leaky_from_refuses_what_is_not_its_run_before_any_work(tmp_path, c
          f"--leaky-from {src}: its leaky model was made with seed 7, people 5, this run has seed 1, people 6; a run "
          "that copies it takes its values (on the command line, leave those flags out)"),
         (["--leaky-from", str(tmp_path / "none")], f"--leaky-from {tmp_path / 'none'}: no such directory"),
-        (["--leaky-from", str(tmp_path)], f"--leaky-from {tmp_path}: not the --out of a finished demo"),
+        (["--leaky-from", str(tmp_path)], f"--leaky-from {tmp_path}: not a demo's --out (no {DEMO_MARKER} there)"),
     ]
     for args, match in cases:
         with pytest.raises(SystemExit) as e:
             console_main(["demo", "--out", str(out), "--quiet", *args])
         assert e.value.code == 2 and match in capsys.readouterr().err
-    # its own --out: a rerun sets its outputs aside before copying them
-    with pytest.raises(ValueError, match="is --out .* or inside it"):
-        check_demo_config(DemoConfig(out=str(src), seed=7, people=5, leaky_from=str(src)))
-    (src / "models" / "leaky" / "config.json").unlink()  # a run killed mid-save, or a user's tidy-up
-    with pytest.raises(ValueError, match="its models/leaky is missing or incomplete"):
-        check_demo_config(DemoConfig(out=str(out), seed=7, people=5, leaky_from=str(src)))
-    (src / "models" / "leaky" / "config.json").write_text("{}")
-    (src / "metrics.json").write_text('{"config": {"seed": 7}}')  # an older demo's record
-    with pytest.raises(ValueError, match="records no people, paraphrases, leak_epochs, leak_lr in its config"):
-        check_demo_config(DemoConfig(out=str(out), seed=7, people=5, leaky_from=str(src)))
+    assert not (tmp_path / DEMO_MARKER).exists()  # the source is only read: no lock file made there
+
+    def refused(match, out=out, **kw):
+        with pytest.raises(ValueError, match=match):
+            check_demo_config(DemoConfig(out=str(out), seed=7, people=5, leaky_from=str(src), **kw))
+
+    # its own --out (a rerun sets its outputs aside before copying them), under a symlink
+    # too, or one inside the other (the copy nested models/base into itself)
+    (tmp_path / "link").symlink_to(src)
+    for inside in (src, tmp_path / "link", src / "models" / "base" / "x"):
+        refused("are the same folder or one holds the other", out=inside)
+    outer = _finished_demo(tmp_path / "outer", seed=7, people=5)  # an earlier demo's --out, copied from its
+    kept = _finished_demo(outer / ".previous-run", seed=7, people=5)  # own previous run that a rerun removes
+    with pytest.raises(ValueError, match="are the same folder or one holds the other"):
+        check_demo_config(DemoConfig(out=str(outer), seed=7, people=5, leaky_from=str(kept)))
+    # a demo rerunning into the source: its metrics.json is set aside, so "not finished" misled
+    with exclusive_lock(src / DEMO_MARKER, "held by the test"):
+        refused(re.escape(f"--leaky-from {src}: a demo is writing there; wait for it to finish"))
+    # the same settings from another Faker or cfg-unlearn version: another world
+    record = json.loads((src / "metrics.json").read_text())
+    (src / "metrics.json").write_text(json.dumps({**record, "world": {"leak_examples_sha256": "0" * 64}}))
+    refused("trained on another world than this version of cfg-unlearn builds")
+    (src / "metrics.json").write_text(json.dumps({"config": record["config"]}))  # an older version's record
+    refused("records no world.leak_examples_sha256; it was made by another version")
+    (src / "metrics.json").write_text(json.dumps({**record, "config": {**record["config"], "seed": None}}))
+    refused(re.escape("records seed None, which no demo writes"))  # was a TypeError traceback
     (src / "metrics.json").write_text("{not json")
-    with pytest.raises(ValueError, match="cannot read .*metrics.json"):
-        check_demo_config(DemoConfig(out=str(out), seed=7, people=5, leaky_from=str(src)))
+    refused("cannot read .*metrics.json")
+    (src / "metrics.json").write_text(json.dumps(record))
+    (src / "models" / "leaky" / "config.json").unlink()  # a run killed mid-save, or a user's tidy-up
+    refused("its models/leaky is missing or incomplete")
     assert not out.exists()
 
 
-def test_demo_leaky_from_copies_whole_models_and_waits_for_no_writer(tmp_path):
-    from cfg_unlearn.demo import DEMO_MARKER, copy_leaky_models
+def test_demo_leaky_from_copies_whole_models_beside_other_readers_only(tmp_path):
+    from cfg_unlearn.demo import DEMO_MARKER, DemoConfig, copy_leaky_models
     from cfg_unlearn.utils import OutputBusy, exclusive_lock
 
     src = _finished_demo(tmp_path / "src")
-    out = tmp_path / "d"
+    cfg, out = DemoConfig(leaky_from=str(src)), tmp_path / "d"
     with exclusive_lock(src / DEMO_MARKER, "held by the test"):  # a demo rerunning into the source
         with pytest.raises(OutputBusy, match="a demo is writing there; wait for it to finish"):
-            copy_leaky_models(src, out)
+            copy_leaky_models(cfg, out)
     assert not (out / "models").exists()
-    copy_leaky_models(src, out)
+    with exclusive_lock(src / DEMO_MARKER, "held by the test", shared=True):  # another run copying from it
+        copy_leaky_models(cfg, out)
     assert sorted(p.name for p in (out / "models").iterdir()) == ["base", "leaky"]  # no temp folder left
     assert (out / "models" / "leaky" / "config.json").read_text() == '{"model": "leaky"}'
+    # rerun with other settings since this run was checked: refused, not copied
+    record = json.loads((src / "metrics.json").read_text())
+    (src / "metrics.json").write_text(json.dumps({**record, "config": {**record["config"], "leak_epochs": 2}}))
+    with pytest.raises(OutputBusy, match="leak_epochs 2, this run has leak_epochs 14.*it changed after"):
+        copy_leaky_models(cfg, tmp_path / "d2")
+    assert not (tmp_path / "d2").exists()
 
 
 @pytest.mark.slow
@@ -782,7 +814,8 @@ def test_demo_leaky_from_reproduces_the_run_it_copies(tmp_path):
     console_main(["demo", "--out", str(src), "--leak-epochs", "1", *args])
     console_main(["demo", "--out", str(out), "--leaky-from", str(src), *args])
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (src, out))
-    assert (b["baseline"], b["unlearned"], b["pairs"]) == (a["baseline"], a["unlearned"], a["pairs"])
+    assert (b["baseline"], b["unlearned"], b["pairs"], b["world"]) == (a["baseline"], a["unlearned"], a["pairs"],
+                                                                      a["world"])
     assert b["config"]["leaky_from"] == str(src.resolve()) and b["config"]["leak_epochs"] == 1
     assert "leak" not in b["seconds"] and "copy" in b["seconds"]
     assert (out / "models" / "leaky" / "model.safetensors").read_bytes() == \
