@@ -62,6 +62,8 @@ class TinySpec:
         if (self.hidden_size // self.num_attention_heads) % 2:  # rotary embeddings rotate pairs of dimensions
             raise ValueError(f"hidden_size / num_attention_heads = {self.hidden_size // self.num_attention_heads} "
                              "must be even (rotary position embeddings)")
+        if not -(2**63) <= self.seed < 2**64:  # torch.manual_seed's range; past it, an overflow traceback
+            raise ValueError(f"seed must be in [{-(2**63)}, {2**64 - 1}] (torch's seed range), got {self.seed}")
 
 
 #: The ~12M-parameter shape the benchmarks measure (large enough that the model, not

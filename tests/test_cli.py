@@ -665,7 +665,8 @@ def test_console_build_tiny(tmp_path, capsys):
     # (the messages name the flags, not TinySpec's fields: CLI audit)
     for args, match in ((["--hidden-size", "130"], "--hidden-size (130) must be a multiple of num_attention_heads (4)"),
                         (["--hidden-size", "-4"], "sizes must be >= 1, got --hidden-size=-4"),
-                        (["--layers", "0"], "sizes must be >= 1, got --layers=0")):
+                        (["--layers", "0"], "sizes must be >= 1, got --layers=0"),
+                        (["--seed", str(2**64)], f"--seed must be in [{-(2**63)}, {2**64 - 1}]")):
         with pytest.raises(SystemExit) as e:
             console_main(["build-tiny", "--out", str(tmp_path / "bad"), *args])
         assert e.value.code == 2 and match in capsys.readouterr().err, args
