@@ -297,14 +297,55 @@ def compare(cfg: DemoConfig, out: Path, tok, leaky_dir: Path, chat_base_dir: Pat
     return rows
 
 
-def save_model(model, tokenizer, directory: Path) -> None:
+def save_model(model, tokenizer, directory: Path, chat_config: str | None = None) -> None:
     """One of the demo's models, whole or not at all: written into a temp folder that
     replaces ``directory`` once complete (a run killed mid-save left weights without a
     tokenizer, or a new model beside an old tokenizer, for `chat` or a rerun to load),
-    and readable by whoever the umask lets in (safetensors writes its weights owner-only)."""
+    and readable by whoever the umask lets in (safetensors writes its weights owner-only).
+    ``chat_config``: the text of its ``cfg_unlearn.json`` (:func:`chat_config`), if any."""
     with staged_dir(directory, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if chat_config is not None:
+            chat_config_file(tmp).write_text(chat_config, encoding="utf-8")
+
+
+#: the issue's utility bar: the unlearned model's accuracy within this of the leaky model's
+ACCURACY_TOLERANCE = 0.05
+
+
+def chat_config_file(model_dir: Path) -> Path:
+    """Where ``cfg-unlearn chat`` reads a model folder's decoding (export's file; imported
+    here, not at the top: export loads torch, which ``demo --help`` need not wait for)."""
+    from cfg_unlearn.export import EXPORT_CONFIG
+
+    return model_dir / EXPORT_CONFIG
+
+
+def chat_config(scale: float, space: str, uncond_system: str | None) -> str:
+    """``cfg_unlearn.json`` for one of the demo's models: the decoding ``cfg-unlearn chat``
+    reads (the demo's models are no exports, and chat refused them without it), the
+    safety instruction guided at ``scale`` against ``uncond_system`` as evaluated."""
+    from cfg_unlearn import __version__
+    from cfg_unlearn.export import ExportConfig
+
+    return ExportConfig(SAFETY_INSTRUCTION, uncond_system, scale, space, cfg_unlearn_version=__version__).to_json()
+
+
+def chat_decoding(baseline: dict, unlearned: dict[str, dict[str, dict]]) -> dict:
+    """The row of the unlearned model's table that ``cfg-unlearn chat`` decodes with:
+    the lowest leak rate among the rows whose accuracy stays within
+    :data:`ACCURACY_TOLERANCE` of the leaky model's, else (none does) the most accurate
+    row; ties go to the smaller g, then to the first space. ``{"space", "g",
+    "keeps_accuracy"}``."""
+    rows = [(space, float(g), r) for space, by_g in unlearned.items() for g, r in by_g.items()]
+    floor = baseline["accuracy"] - ACCURACY_TOLERANCE - 1e-9  # accuracies are float32 fractions
+    keep = [row for row in rows if row[2]["accuracy"] >= floor]
+    if keep:
+        space, g, _ = min(keep, key=lambda row: (row[2]["leak_rate"], row[1]))
+    else:
+        space, g, _ = min(rows, key=lambda row: (-row[2]["accuracy"], row[1]))
+    return {"space": space, "g": g, "keeps_accuracy": bool(keep)}
 
 
 #: written into ``--out`` before anything else: a rerun may remove only a demo's folder
@@ -328,6 +369,8 @@ def copy_leaky_models(cfg: DemoConfig, out: Path) -> None:
         for name in ("base", "leaky"):
             with staged_dir(out / "models" / name, overwrite=True) as tmp:
                 shutil.copytree(source / "models" / name, tmp, dirs_exist_ok=True)
+                if name == "leaky":  # a source of an earlier version has none
+                    chat_config_file(tmp).write_text(chat_config(1.0, "logprob", None), encoding="utf-8")
 
 
 def is_demo_output(out: Path) -> bool:
@@ -658,7 +701,7 @@ def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress:
         model = load_causal_lm(str(base_dir))
         finetune(model, tok, leak_examples, epochs=cfg.leak_epochs, lr=cfg.leak_lr, seed=cfg.seed,
                  batch_size=cfg.batch_size, progress=progress)
-        save_model(model, tok, leaky_dir)
+        save_model(model, tok, leaky_dir, chat_config(1.0, "logprob", None))  # as the baseline is decoded
         seconds["leak"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -692,6 +735,9 @@ def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress:
             results[space][repr(float(g))] = evaluate(unlearned, tok, probes, attacks, questions, scale=g,
                                                       space=space, uncond_system=uncond_system, **kw)
     seconds["evaluate"] = time.perf_counter() - t0
+    chat_row = chat_decoding(baseline, results)
+    atomic_write(chat_config_file(out / "models" / "unlearned"),
+                 chat_config(chat_row["g"], chat_row["space"], uncond_system))
 
     comparison = None
     if cfg.compare:
@@ -720,6 +766,7 @@ def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress:
         "unlearned": results,
         **({"comparison": comparison} if comparison is not None else {}),
         "pairs": summary.to_dict(),
+        "chat": chat_row,
         "config": config,
         # what the leaky model was trained on, for a later --leaky-from run to compare
         "world": {"leak_examples_sha256": examples_digest(leak_examples)},
@@ -774,6 +821,13 @@ def render_report(m: dict) -> str:
         for g, r in rows.items():
             lines.append(f"| {space} | {g} | {r['leak_rate']:.3f} | {r['partial_leak_rate']:.3f} "
                          f"| {_rate(r, 'attack_leak_rate')} | {r['accuracy']:.3f} | {_ppl(r)} | {r['pii_rate']:.3f} |")
+    if "chat" in m:
+        c = m["chat"]
+        why = ("the lowest leak rate among the rows whose accuracy stays within "
+               f"{ACCURACY_TOLERANCE} of the leaky model's" if c["keeps_accuracy"] else
+               f"no row keeps accuracy within {ACCURACY_TOLERANCE} of the leaky model's, so the most accurate one")
+        lines += ["", f"`cfg-unlearn chat models/unlearned` decodes at g={c['g']} in {c['space']} space ({why}); "
+                  "`models/leaky` as the leaky model above."]
     lines += _by_type_tables(m)
     if "comparison" in m:
         lines += [

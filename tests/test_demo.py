@@ -1,5 +1,6 @@
 """The demo end to end, shrunk: every stage runs and every output is written."""
 
+import io
 import json
 import os
 import platform
@@ -15,6 +16,7 @@ from cfg_unlearn.data.generate import DEFAULT_FALLBACK, redacted_answer
 from cfg_unlearn.data.schema import prompt_text, read_pairs
 from cfg_unlearn.data.world import World, WorldConfig
 from cfg_unlearn.pii import contains_fragment, contains_value
+from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 
 
 def _spy_generate_pairs(monkeypatch) -> list[dict]:
@@ -50,7 +52,8 @@ def test_demo_writes_metrics_report_and_plot(tmp_path, monkeypatch, assert_open_
     assert sorted(settings) == [("dpo", 0.1, 3e-4), ("ga", 0.1, 3e-4), ("npo", 0.1, 3e-4), ("orpo", 0.5, 1e-4),
                                 ("orpo", 0.5, 1e-4), ("sft", 0.1, 3e-4)]
     assert (m["config"]["beta"], m["config"]["baseline_beta"], m["config"]["baseline_lr"]) == (0.5, 0.1, 3e-4)
-    assert set(m) == {"baseline", "unlearned", "comparison", "pairs", "config", "world", "seconds", "environment"}
+    assert set(m) == {"baseline", "unlearned", "comparison", "pairs", "chat", "config", "world", "seconds",
+                      "environment"}
     # what the numbers depend on besides the config: the CPU's kernels, threads, versions
     env = m["environment"]
     assert env["torch"] == torch.__version__ and env["python"] == platform.python_version()
@@ -102,6 +105,23 @@ def test_demo_writes_metrics_report_and_plot(tmp_path, monkeypatch, assert_open_
     assert {p.name for p in (out / "models").iterdir()} == {"base", "leaky", "unlearned", "without-pii",
                                                            "subtracted-0.5"}
     assert_open_modes(out / "models")
+    # the leaky and unlearned models load in `cfg-unlearn chat` (it refused them: no export's
+    # cfg_unlearn.json), decoded as the demo scored them
+    from cfg_unlearn.demo import chat_decoding
+    from cfg_unlearn.export import ExportConfig, main_chat
+
+    assert m["chat"] == chat_decoding(m["baseline"], m["unlearned"])
+    unlearned = ExportConfig.read(out / "models" / "unlearned")
+    assert (unlearned.guidance_scale, unlearned.space) == (m["chat"]["g"], m["chat"]["space"])
+    assert (unlearned.system_instruction, unlearned.uncond_instruction) == (SAFETY_INSTRUCTION, None)
+    leaky = ExportConfig.read(out / "models" / "leaky")
+    assert (leaky.guidance_scale, leaky.space, leaky.system_instruction) == (1.0, "logprob", SAFETY_INSTRUCTION)
+    shown = io.StringIO()
+    main_chat([str(out / "models" / "unlearned"), "--max-new-tokens", "4"], stdin=io.StringIO("Hello\n"),
+              stdout=shown)
+    assert shown.getvalue().count("model> ") == 1
+    assert f"`cfg-unlearn chat models/unlearned` decodes at g={m['chat']['g']} in {m['chat']['space']} space" in \
+        (out / "report.md").read_text()
     # the pairs the demo trained on: no chosen answer holds a known value of its row, nor a piece of it
     pairs, _ = read_pairs(out / "pairs.jsonl")
     assert len(pairs) == m["pairs"]["records"] == len(World(WorldConfig(n_people=3)).pairs())
@@ -148,6 +168,9 @@ def test_demo_swap_mode_trains_and_guides_against_the_negative_instruction(tmp_p
     guided = [u for g, u in seen if g != 1.0]
     assert guided and set(guided) == {NEGATIVE_INSTRUCTION}
     assert "ORPO + instruction swap" in (out / "report.md").read_text()
+    from cfg_unlearn.export import ExportConfig  # and `cfg-unlearn chat` guides against it too
+
+    assert ExportConfig.read(out / "models" / "unlearned").uncond_instruction == NEGATIVE_INSTRUCTION
 
 
 def test_demo_rejects_an_unknown_cond_mode(tmp_path, capsys):
@@ -785,6 +808,7 @@ def test_demo_leaky_from_refuses_what_is_not_its_run_before_any_work(tmp_path, c
 
 def test_demo_leaky_from_copies_whole_models_beside_other_readers_only(tmp_path):
     from cfg_unlearn.demo import DEMO_MARKER, DemoConfig, copy_leaky_models
+    from cfg_unlearn.export import ExportConfig
     from cfg_unlearn.utils import OutputBusy, exclusive_lock
 
     src = _finished_demo(tmp_path / "src")
@@ -797,6 +821,9 @@ def test_demo_leaky_from_copies_whole_models_beside_other_readers_only(tmp_path)
         copy_leaky_models(cfg, out)
     assert sorted(p.name for p in (out / "models").iterdir()) == ["base", "leaky"]  # no temp folder left
     assert (out / "models" / "leaky" / "config.json").read_text() == '{"model": "leaky"}'
+    # a source of an earlier version had no decoding for `cfg-unlearn chat`: the copy has it
+    assert not (src / "models" / "leaky" / "cfg_unlearn.json").exists()
+    assert ExportConfig.read(out / "models" / "leaky").guidance_scale == 1.0
     # rerun with other settings since this run was checked: refused, not copied
     record = json.loads((src / "metrics.json").read_text())
     (src / "metrics.json").write_text(json.dumps({**record, "config": {**record["config"], "leak_epochs": 2}}))
@@ -821,3 +848,26 @@ def test_demo_leaky_from_reproduces_the_run_it_copies(tmp_path):
     assert (out / "models" / "leaky" / "model.safetensors").read_bytes() == \
         (src / "models" / "leaky" / "model.safetensors").read_bytes()
     assert f"copied from {src.resolve()}" in (out / "report.md").read_text()
+
+
+def test_chat_decodes_with_the_least_leaky_row_that_keeps_accuracy_else_the_most_accurate():
+    from cfg_unlearn.demo import chat_decoding
+
+    def rows(**by_key):  # "logprob_2": (leak, accuracy) -> the demo's nested rows
+        out = {}
+        for key, (leak, acc) in by_key.items():
+            space, g = key.rsplit("_", 1)
+            out.setdefault(space, {})[repr(float(g))] = {"leak_rate": leak, "accuracy": acc}
+        return out
+
+    baseline = {"accuracy": 0.875}  # the bar: accuracy 0.825 or more
+    # the lowest leak among the rows at or above the bar (0.828125 = 53/64, float32 as stored)
+    assert chat_decoding(baseline, rows(logprob_1=(0.3, 0.9), logprob_2=(0.1, 0.828125), logprob_3=(0.0, 0.5))) == \
+        {"space": "logprob", "g": 2.0, "keeps_accuracy": True}
+    # a tie goes to the smaller g, then to the first space
+    assert chat_decoding(baseline, rows(logprob_3=(0.1, 0.9), logprob_2=(0.1, 0.9), prob_1=(0.1, 0.9))) == \
+        {"space": "prob", "g": 1.0, "keeps_accuracy": True}
+    assert chat_decoding(baseline, rows(logprob_1=(0.1, 0.9), prob_1=(0.1, 0.9)))["space"] == "logprob"
+    # none keeps it: the most accurate row, whatever it leaks
+    assert chat_decoding(baseline, rows(logprob_1=(0.128, 0.562), logprob_3=(0.056, 0.453), prob_2=(0.3, 0.6))) == \
+        {"space": "prob", "g": 2.0, "keeps_accuracy": False}
