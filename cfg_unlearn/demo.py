@@ -297,17 +297,17 @@ def compare(cfg: DemoConfig, out: Path, tok, leaky_dir: Path, chat_base_dir: Pat
     return rows
 
 
-def save_model(model, tokenizer, directory: Path, chat_config: str | None = None) -> None:
+def save_model(model, tokenizer, directory: Path, decoding: str | None = None) -> None:
     """One of the demo's models, whole or not at all: written into a temp folder that
     replaces ``directory`` once complete (a run killed mid-save left weights without a
     tokenizer, or a new model beside an old tokenizer, for `chat` or a rerun to load),
     and readable by whoever the umask lets in (safetensors writes its weights owner-only).
-    ``chat_config``: the text of its ``cfg_unlearn.json`` (:func:`chat_config`), if any."""
+    ``decoding``: the text of its ``cfg_unlearn.json`` (:func:`chat_config`), if any."""
     with staged_dir(directory, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if chat_config is not None:
-            chat_config_file(tmp).write_text(chat_config, encoding="utf-8")
+        if decoding is not None:
+            chat_config_file(tmp).write_text(decoding, encoding="utf-8")
 
 
 #: the issue's utility bar: the unlearned model's accuracy within this of the leaky model's
@@ -826,8 +826,9 @@ def render_report(m: dict) -> str:
         why = ("the lowest leak rate among the rows whose accuracy stays within "
                f"{ACCURACY_TOLERANCE} of the leaky model's" if c["keeps_accuracy"] else
                f"no row keeps accuracy within {ACCURACY_TOLERANCE} of the leaky model's, so the most accurate one")
-        lines += ["", f"`cfg-unlearn chat models/unlearned` decodes at g={c['g']} in {c['space']} space ({why}); "
-                  "`models/leaky` as the leaky model above."]
+        models = Path(m["config"]["out"]) / "models"
+        lines += ["", f"`cfg-unlearn chat {models / 'unlearned'}` decodes at g={c['g']} in {c['space']} space ({why}); "
+                  f"`cfg-unlearn chat {models / 'leaky'}` as the leaky model above."]
     lines += _by_type_tables(m)
     if "comparison" in m:
         lines += [

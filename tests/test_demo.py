@@ -120,8 +120,8 @@ def test_demo_writes_metrics_report_and_plot(tmp_path, monkeypatch, assert_open_
     main_chat([str(out / "models" / "unlearned"), "--max-new-tokens", "4"], stdin=io.StringIO("Hello\n"),
               stdout=shown)
     assert shown.getvalue().count("model> ") == 1
-    assert f"`cfg-unlearn chat models/unlearned` decodes at g={m['chat']['g']} in {m['chat']['space']} space" in \
-        (out / "report.md").read_text()
+    assert f"`cfg-unlearn chat {out / 'models' / 'unlearned'}` decodes at g={m['chat']['g']} in " \
+        f"{m['chat']['space']} space" in (out / "report.md").read_text()
     # the pairs the demo trained on: no chosen answer holds a known value of its row, nor a piece of it
     pairs, _ = read_pairs(out / "pairs.jsonl")
     assert len(pairs) == m["pairs"]["records"] == len(World(WorldConfig(n_people=3)).pairs())
