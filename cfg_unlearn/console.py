@@ -349,7 +349,7 @@ COMMANDS_HELP = """\
   fit/validate       train or score with a YAML config (same as `python train.py ...`)
   generate           write PII-free replacement pairs for forget data with a model
   export             a checkpoint -> a merged Hugging Face model + tokenizer + cfg_unlearn.json
-  chat               chat with an exported model, decoded with classifier-free guidance
+  chat               chat with an exported model (or the demo's), decoded with classifier-free guidance
   subtract           model subtraction: base - alpha * (finetuned - base), tensor by tensor
   saft               score and filter PII-bearing samples from a data set (SAFT)
   build-tiny         build the offline tiny tokenizer + model into a directory"""

@@ -27,6 +27,7 @@ import math
 import os
 import random
 import secrets
+import shlex
 import shutil
 import sys
 import time
@@ -339,7 +340,7 @@ def chat_decoding(baseline: dict, unlearned: dict[str, dict[str, dict]]) -> dict
     row; ties go to the smaller g, then to the first space. ``{"space", "g",
     "keeps_accuracy"}``."""
     rows = [(space, float(g), r) for space, by_g in unlearned.items() for g, r in by_g.items()]
-    floor = baseline["accuracy"] - ACCURACY_TOLERANCE - 1e-9  # accuracies are float32 fractions
+    floor = baseline["accuracy"] - ACCURACY_TOLERANCE - 1e-6  # accuracies are float32 fractions: 0.95 - 0.9 < 0.05
     keep = [row for row in rows if row[2]["accuracy"] >= floor]
     if keep:
         space, g, _ = min(keep, key=lambda row: (row[2]["leak_rate"], row[1]))
@@ -735,6 +736,9 @@ def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress:
             results[space][repr(float(g))] = evaluate(unlearned, tok, probes, attacks, questions, scale=g,
                                                       space=space, uncond_system=uncond_system, **kw)
     seconds["evaluate"] = time.perf_counter() - t0
+    # the unlearned model's decoding is known only now, minutes after it was saved: a first
+    # run stopped in between leaves the model without one (chat says what is missing); a
+    # stopped rerun puts the previous run's models back whole
     chat_row = chat_decoding(baseline, results)
     atomic_write(chat_config_file(out / "models" / "unlearned"),
                  chat_config(chat_row["g"], chat_row["space"], uncond_system))
@@ -826,9 +830,10 @@ def render_report(m: dict) -> str:
         why = ("the lowest leak rate among the rows whose accuracy stays within "
                f"{ACCURACY_TOLERANCE} of the leaky model's" if c["keeps_accuracy"] else
                f"no row keeps accuracy within {ACCURACY_TOLERANCE} of the leaky model's, so the most accurate one")
-        models = Path(m["config"]["out"]) / "models"
-        lines += ["", f"`cfg-unlearn chat {models / 'unlearned'}` decodes at g={c['g']} in {c['space']} space ({why}); "
-                  f"`cfg-unlearn chat {models / 'leaky'}` as the leaky model above."]
+        models = Path(m["config"]["out"]).expanduser().resolve() / "models"  # pasted from any folder
+        lines += ["", f"`cfg-unlearn chat {shlex.quote(str(models / 'unlearned'))}` decodes at g={c['g']} in "
+                  f"{c['space']} space ({why}); `cfg-unlearn chat {shlex.quote(str(models / 'leaky'))}` as the leaky "
+                  "model above."]
     lines += _by_type_tables(m)
     if "comparison" in m:
         lines += [

@@ -26,7 +26,8 @@ Everything is written into a temp directory next to ``DIR`` and renamed into pla
 (:func:`cfg_unlearn.utils.publish_dir`), so a failed export leaves nothing behind and
 an existing export is replaced only by a complete one (``--overwrite``).
 
-``cfg-unlearn chat DIR`` is a small REPL over an export: it keeps the conversation and
+``cfg-unlearn chat DIR`` is a small REPL over an export (or a demo's ``models/leaky`` or
+``models/unlearned``, which carry the same ``cfg_unlearn.json``): it keeps the conversation and
 decodes each answer with :func:`cfg_unlearn.guidance.generate` under the exported
 instructions and scale. ``/reset`` clears the history, ``/quit`` (or end of input) exits.
 """
@@ -103,7 +104,9 @@ class ExportConfig:
             raise FileNotFoundError(f"{export_dir} is not a directory")
         path = export_dir / EXPORT_CONFIG
         if not path.is_file():
-            raise ValueError(f"{export_dir} has no {EXPORT_CONFIG}: not a directory written by `cfg-unlearn export`")
+            raise ValueError(f"{export_dir} has no {EXPORT_CONFIG}: not a directory written by `cfg-unlearn export` "
+                             "(nor a demo's models/leaky or models/unlearned of this version, written once the demo "
+                             "has finished)")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -675,10 +678,11 @@ def main_export(argv: list[str] | None = None) -> None:
 def build_chat_parser() -> argparse.ArgumentParser:
     p = command_parser(
         prog="cfg-unlearn chat",
-        description="Chat with a model written by `cfg-unlearn export`, decoded with classifier-free guidance "
-        f"under its cfg_unlearn.json. {HELP}.",
+        description="Chat with a model written by `cfg-unlearn export` (or a demo's models/leaky or "
+        "models/unlearned), decoded with classifier-free guidance under its cfg_unlearn.json. "
+        f"{HELP}.",
     )
-    p.add_argument("dir", help="directory written by cfg-unlearn export")
+    p.add_argument("dir", help="directory written by cfg-unlearn export, or a demo's models/unlearned")
     p.add_argument("--guidance-scale", type=float, default=None, help="override the exported guidance scale")
     p.add_argument("--space", choices=SPACES, default=None, help="override the exported guidance space")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer at most (default %(default)s)")

@@ -395,11 +395,17 @@ def is_weight_file(name: str) -> bool:
 def copy_non_weight_files(src: Path, dst: Path) -> tuple[list[str], list[str]]:
     """Copy the base's config, generation config, tokenizer files, README, ... (every
     top-level regular file that is not a weight file) into ``dst``. Subdirectories are
-    skipped (e.g. Llama's ``original/`` holds a second copy of the base weights).
+    skipped (e.g. Llama's ``original/`` holds a second copy of the base weights), and so
+    is an export's decoding (``cfg_unlearn.json``): it describes the base, and `chat` would
+    take the subtracted model for an export guided as the base was meant to be.
     Returns (copied, skipped) names."""
+    from cfg_unlearn.export import EXPORT_CONFIG
+
     copied, skipped = [], []
     for p in sorted(src.iterdir()):
-        if p.is_file() and not is_weight_file(p.name):
+        if p.name == EXPORT_CONFIG:
+            skipped.append(p.name)
+        elif p.is_file() and not is_weight_file(p.name):
             shutil.copy2(p, dst / p.name)  # follows symlinks (HF cache snapshots)
             copied.append(p.name)
         elif not is_weight_file(p.name):
@@ -489,7 +495,8 @@ def subtract_models(
     with staged_dir(out, overwrite) as tmp:
         copied, skipped = copy_non_weight_files(base_dir, tmp)
         if skipped:
-            log.warning("not copied from %s (not a top-level file): %s", base_dir, ", ".join(skipped))
+            log.warning("not copied from %s (folders, and an export's decoding, which describes the base): %s",
+                        base_dir, ", ".join(skipped))
         bar = tqdm(total=len(base.tensors), desc="subtract", unit="tensor", disable=not progress)
         with ExitStack() as stack, bar:
             ft_handles = {file: stack.enter_context(safe_open(str(finetuned_dir / file), framework="pt"))

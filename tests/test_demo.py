@@ -868,6 +868,9 @@ def test_chat_decodes_with_the_least_leaky_row_that_keeps_accuracy_else_the_most
     assert chat_decoding(baseline, rows(logprob_3=(0.1, 0.9), logprob_2=(0.1, 0.9), prob_1=(0.1, 0.9))) == \
         {"space": "prob", "g": 1.0, "keeps_accuracy": True}
     assert chat_decoding(baseline, rows(logprob_1=(0.1, 0.9), prob_1=(0.1, 0.9)))["space"] == "logprob"
+    # exactly at the bar in float32, as metrics hold them (0.95 - 0.9 is 0.04999995 there)
+    as_stored = [float(torch.tensor(x, dtype=torch.float32)) for x in (19 / 20, 18 / 20)]
+    assert chat_decoding({"accuracy": as_stored[0]}, rows(logprob_1=(0.1, as_stored[1])))["keeps_accuracy"]
     # none keeps it: the most accurate row, whatever it leaks
     assert chat_decoding(baseline, rows(logprob_1=(0.128, 0.562), logprob_3=(0.056, 0.453), prob_2=(0.3, 0.6))) == \
         {"space": "prob", "g": 2.0, "keeps_accuracy": False}

@@ -434,3 +434,16 @@ def test_streaming_writer_round_trips_every_dtype(tmp_path):
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     save_file({k: t.contiguous() for k, t in tensors.items()}, str(path))
     return path
+
+
+def test_an_exports_decoding_is_not_copied_from_the_base(tiny_model_dir, ft_dir, tmp_path):
+    """A demo's leaky model (or an export) as the base carries a cfg_unlearn.json: copied,
+    `chat` took the subtracted model for an export meant to be guided as the base was."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "cfg_unlearn.json").write_text("{}")
+    subtract_models(base, ft_dir, tmp_path / "out", alpha=0.5, progress=False)
+    assert not (tmp_path / "out" / "cfg_unlearn.json").exists()
+    assert (tmp_path / "out" / "config.json").read_bytes() == (base / "config.json").read_bytes()
