@@ -2,6 +2,7 @@
 and every model is the tiny one built from the synthetic world."""
 
 import os
+import signal
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -9,6 +10,13 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+
+# The Ctrl-C tests raise SIGINT and expect Python's KeyboardInterrupt. A process started in
+# the background by a shell without job control (`cmd &` in a script, as some CI runners
+# and nohup wrappers do) inherits SIGINT ignored, and Python then installs no handler:
+# four of those tests failed so ("DID NOT RAISE KeyboardInterrupt").
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
