@@ -313,6 +313,9 @@ def save_model(model, tokenizer, directory: Path, decoding: str | None = None) -
 
 #: the issue's utility bar: the unlearned model's accuracy within this of the leaky model's
 ACCURACY_TOLERANCE = 0.05
+#: how the leaky model is scored (metrics.json's baseline) and so how `chat` decodes it:
+#: at g=1 guidance has no unconditioned branch
+BASELINE_DECODING = {"scale": 1.0, "space": "logprob"}
 
 
 def chat_config_file(model_dir: Path) -> Path:
@@ -371,7 +374,8 @@ def copy_leaky_models(cfg: DemoConfig, out: Path) -> None:
             with staged_dir(out / "models" / name, overwrite=True) as tmp:
                 shutil.copytree(source / "models" / name, tmp, dirs_exist_ok=True)
                 if name == "leaky":  # a source of an earlier version has none
-                    chat_config_file(tmp).write_text(chat_config(1.0, "logprob", None), encoding="utf-8")
+                    chat_config_file(tmp).write_text(chat_config(**BASELINE_DECODING, uncond_system=None),
+                                                     encoding="utf-8")
 
 
 def is_demo_output(out: Path) -> bool:
@@ -702,7 +706,7 @@ def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress:
         model = load_causal_lm(str(base_dir))
         finetune(model, tok, leak_examples, epochs=cfg.leak_epochs, lr=cfg.leak_lr, seed=cfg.seed,
                  batch_size=cfg.batch_size, progress=progress)
-        save_model(model, tok, leaky_dir, chat_config(1.0, "logprob", None))  # as the baseline is decoded
+        save_model(model, tok, leaky_dir, chat_config(**BASELINE_DECODING, uncond_system=None))
         seconds["leak"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -725,7 +729,7 @@ def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress:
     attacks = subsample(attack_probes(read_challenge(scrubbed, pii), tok), cfg.max_attacks, seed=cfg.seed)
     probes, questions = world.probe_records(), world.qa_records()
     kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=64)
-    baseline = evaluate(model, tok, probes, attacks, questions, scale=1.0, space="logprob", **kw)
+    baseline = evaluate(model, tok, probes, attacks, questions, **BASELINE_DECODING, **kw)
     results: dict[str, dict[str, dict[str, float]]] = {}
     for space in cfg.spaces:
         results[space] = {}
