@@ -74,6 +74,8 @@ class UnlearnCLI(LightningCLI):
         have been given on purpose (``--model.beta 0.1`` against a checkpoint trained at
         0.5), and which ones were typed cannot be told from the parsed config."""
         sub = self.config.get("subcommand")
+        if sub:  # before Lightning's torch.load of it (every rank sees the same file)
+            check_ckpt_path(self.config[sub].get("ckpt_path"))
         before = _flat(self.config[sub].get("model")) if sub else {}
         super()._parse_ckpt_path()
         if not before:
@@ -173,7 +175,8 @@ def check_ckpt_path(ckpt: Any, strategy: Any = None) -> None:
     (Lightning's own error is a traceback). Names Lightning resolves itself (``last``,
     ``best``, ``hpc``, ``registry...``) and remote URLs are left to it. A directory is a
     checkpoint only when sharded, and then only for a ``strategy`` that loads shards
-    (Lightning's load of a directory is a traceback after the model has loaded)."""
+    (Lightning's load of a directory is a traceback after the model has loaded). A file
+    must be one ``torch.save`` wrote, whole."""
     if not ckpt or ckpt in ("last", "best", "hpc") or str(ckpt).startswith("registry") or "://" in str(ckpt):
         return
     path = os.path.expanduser(str(ckpt))  # fsspec, which loads it, expands "~"
@@ -193,6 +196,22 @@ def check_ckpt_path(ckpt: Any, strategy: Any = None) -> None:
             raise ConfigError(f"--ckpt_path {ckpt} is a sharded checkpoint: load it with the sharding strategy "
                               f"it was saved with (this run uses {type(strategy).__name__}), or make one file of an "
                               "FSDP one with `cfg-unlearn export`")
+    elif not _torch_save_file(path):
+        # torch.load's own error is a traceback that advises weights_only=False, which
+        # would not help and would run the file's code
+        raise ConfigError(f"--ckpt_path {ckpt}: not a checkpoint torch can read (no complete zip archive: a file cut "
+                          "short by a full disk or a killed copy, or another format, such as a model's "
+                          ".safetensors); give a .ckpt that Lightning saved")
+
+
+def _torch_save_file(path: str) -> bool:
+    """Whether ``path`` has the layout of a ``torch.save`` file: a zip archive with its
+    central directory (every torch since 1.6), or a pickle (the legacy format)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        legacy = f.read(1) == b"\x80"  # a pickle's PROTO opcode
+    return legacy or zipfile.is_zipfile(path)
 
 
 def _loads_sharded(strategy) -> bool:

@@ -4,6 +4,7 @@ downloading a model), and the tiny config trains end to end with a rising margin
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -525,6 +526,13 @@ def test_a_failed_run_leaves_no_run_directory_and_a_missing_checkpoint_is_one_li
             train_main([sub, *args[1:], f"--ckpt_path={tmp_path / 'nope.ckpt'}"])
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert e.value.code == 2 and err == f"train.py: error: --ckpt_path {tmp_path / 'nope.ckpt'}: no such checkpoint"
+    (tmp_path / "junk.ckpt").write_text("garbage\n")  # was a torch traceback advising weights_only=False
+    for sub in ("fit", "validate"):
+        with pytest.raises(SystemExit) as e:
+            train_main([sub, *args[1:], f"--ckpt_path={tmp_path / 'junk.ckpt'}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1
+        assert err[0].startswith(f"train.py: error: --ckpt_path {tmp_path / 'junk.ckpt'}: not a checkpoint torch can read")
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["version_0"]
     # "~" in --ckpt_path is the home folder (Lightning's fsspec loading expands it); a
     # resume without a CSV logger leaves a metrics.csv of the user's alone
@@ -724,7 +732,36 @@ def test_a_checkpoint_directory_is_refused_unless_sharded_for_a_sharding_strateg
     (deepspeed / "latest").write_text("checkpoint")
     with pytest.raises(ConfigError, match="is a sharded checkpoint"):
         check_ckpt_path(str(deepspeed), SingleDeviceStrategy("cpu"))
+    torch.save({"state_dict": {}}, folder / "last.ckpt")
     check_ckpt_path(str(folder / "last.ckpt"), SingleDeviceStrategy("cpu"))
+
+
+def test_a_file_torch_cannot_read_is_refused_as_a_checkpoint(tmp_path):
+    """A user review: garbage, a .safetensors file or a checkpoint cut short were a torch
+    traceback advising weights_only=False; now one line naming the flag and the file."""
+    import pickle
+
+    from cfg_unlearn.cli import check_ckpt_path
+    from cfg_unlearn.utils import ConfigError
+
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(64)}, "epoch": 1}, good)
+    check_ckpt_path(str(good))
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save({"epoch": 1}, legacy, _use_new_zipfile_serialization=False)
+    check_ckpt_path(str(legacy))
+    assert legacy.read_bytes()[:1] == pickle.PROTO  # the legacy layout the check lets through
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(good.read_bytes()[:-100])
+    garbage = tmp_path / "junk.ckpt"
+    garbage.write_text("garbage\n")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + b" " * 14)
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    for bad in (cut, garbage, weights, empty):
+        with pytest.raises(ConfigError, match=rf"--ckpt_path {re.escape(str(bad))}: not a checkpoint torch can read"):
+            check_ckpt_path(str(bad))
 
 
 def test_a_resume_may_use_a_taken_run_folder_only_with_that_runs_checkpoint(tmp_path):
