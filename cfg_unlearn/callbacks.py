@@ -722,11 +722,14 @@ def refuse_taken_run_dir(path: str | Path, taken: list[str], stage: str = "fit")
     """The error for a run directory that :func:`previous_run_files` found taken; only a
     ``fit`` can resume into it (a ``validate`` given ``--ckpt_path`` was told to add it)."""
     if taken:
+        resumable = stage == "fit" and any(t != "config.yaml" for t in taken)
         raise ConfigError(
             f"{path} holds another run ({', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}); "
             "writing there would replace it. Pick a new --trainer.logger.init_args.version (or let the "
-            "logger choose one)" + (", remove the directory, or resume that run with --ckpt_path" if stage == "fit"
-                                    else " or remove the directory"))
+            "logger choose one)" + (", remove the directory, or resume that run with --ckpt_path" if resumable
+                                    else " or remove the directory" + (
+                                        " (it holds no checkpoint to resume: that run stopped before its first)"
+                                        if stage == "fit" else "")))
 
 
 def previous_run_files(path: str | Path) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import signal
 import sys
 import warnings
@@ -28,6 +29,7 @@ from cfg_unlearn.callbacks import (
 from cfg_unlearn.checkpointing import install_checkpointing
 # console_main: the entry point that launchers of installs before console.py import from here
 from cfg_unlearn.console import (  # noqa: F401
+    NOT_STARTED,
     TRAINER_SUBCOMMANDS,
     console_main,
     lightning_interrupted,
@@ -146,6 +148,7 @@ class UnlearnCLI(LightningCLI):
                     refuse_taken_run_dir(path, previous_run_files(path), subcommand)
             if resumes_here and trainer.is_global_zero:
                 keep_csv_metrics(trainer)
+            _RUNNING["trainer"] = trainer  # what train_main's stop message reads the checkpoints of
             super()._run_subcommand(subcommand)
         except BaseException:
             if not existed and trainer.is_global_zero:
@@ -248,6 +251,12 @@ def check_last_checkpoint(trainer, subcommand: str, run_path: str) -> None:
             if os.path.isdir(folder):
                 others += [os.path.join(folder, n) for n in os.listdir(folder)
                            if _is_last_checkpoint(n) and os.path.exists(os.path.join(folder, n))]
+    if os.path.isfile(os.path.join(run_path, "config.yaml")):
+        # a pinned version folder of an earlier run that saved none (stopped before its first)
+        elsewhere = f" (the latest last checkpoint of another run: {max(others, key=os.path.getmtime)})" if others else ""
+        raise ConfigError(f"--ckpt_path last: {run_path} holds an earlier run but no last checkpoint of it (it stopped "
+                          f"before saving one): remove that folder to start the run anew, or pass a checkpoint's path "
+                          f"to --ckpt_path{elsewhere}")
     if others:
         latest = max(others, key=os.path.getmtime)
         raise ConfigError(f"--ckpt_path last: this run's folder {run_path} holds no last checkpoint (each run gets a "
@@ -536,6 +545,32 @@ def check_config_files(argv: list[str]) -> None:
             continue
 
 
+#: the trainer of the subcommand train_main runs, for its stop message
+_RUNNING: dict[str, Any] = {}
+
+
+def saved_checkpoints_note(trainer: Any) -> str:
+    """The end of a stopped fit's message: where its latest checkpoint is, to resume
+    from, or that it saved none (a fit stopped before its first checkpoint was told its
+    checkpoints were kept, and resuming found none). ``trainer`` None: it never started."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    if trainer is None:
+        return NOT_STARTED
+    files: list[str] = []
+    for cb in trainer.callbacks:
+        folder = getattr(cb, "dirpath", None)
+        if isinstance(cb, OnExceptionCheckpoint):
+            files.append(cb.ckpt_path)
+        elif folder and "://" not in str(folder) and os.path.isdir(folder):
+            files += [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".ckpt")]
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+        return "; no checkpoint was saved before it"
+    latest = max(files, key=os.path.getmtime)
+    return f"; the checkpoints saved before it are kept (resume with --ckpt_path {shlex.quote(latest)})"
+
+
 def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
     """``python train.py ...`` (and ``cfg-unlearn fit|validate``): :func:`cli_main`, with
     a malformed data row, a missing model or a setting that cannot work reported as one
@@ -552,10 +587,10 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
 
     def stopped(said: str, signum: int) -> None:
         fit = "fit" in (sys.argv[1:2] if args is None else args[:1])
-        sys.stderr.write(said + ("; the checkpoints saved before it are kept (resume with --ckpt_path)\n" if fit
-                                 else "\n"))
+        sys.stderr.write(said + (saved_checkpoints_note(_RUNNING.get("trainer")) if fit else "") + "\n")
         raise SystemExit(128 + signum) from None
 
+    _RUNNING.clear()
     try:
         if args is not None and args == sys.argv[1:]:
             args = None  # `cfg-unlearn fit ...`: the command line itself (Lightning warns when given both)
@@ -569,6 +604,8 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
         if not lightning_interrupted(e):
             raise
         stopped(f"{prog}: interrupted", signal.SIGINT)  # it exited 1, as a failed run does
+    except KeyboardInterrupt:  # before Lightning's loop (parsing, loading the model): a traceback
+        stopped(f"{prog}: interrupted", signal.SIGINT)
     except ours as e:
         sys.stderr.write(f"{prog}: error: {e}\n")
         raise SystemExit(2) from None

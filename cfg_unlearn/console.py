@@ -355,6 +355,10 @@ COMMANDS_HELP = """\
   build-tiny         build the offline tiny tokenizer + model into a directory"""
 
 
+#: the end of the message of a fit stopped before Lightning's loop
+NOT_STARTED = "; it had not started training, so no checkpoint was saved"
+
+
 def console_main(argv: list[str] | None = None) -> None:
     """``cfg-unlearn <demo|fit|validate|generate|export|chat|subtract|saft|build-tiny> ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -370,8 +374,11 @@ def console_main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     cmd, rest = argv[0], argv[1:]
     if cmd in TRAINER_SUBCOMMANDS:  # Lightning stops a fit at a step's end on SIGTERM: train_main
-        from cfg_unlearn.cli import train_main
-
+        try:
+            from cfg_unlearn.cli import train_main
+        except KeyboardInterrupt:  # importing Lightning takes seconds: one line, not a traceback
+            sys.stderr.write(f"cfg-unlearn {cmd}: interrupted{NOT_STARTED if cmd == 'fit' else ''}\n")
+            sys.exit(128 + signal.SIGINT)
         train_main([cmd, *rest], prog=f"cfg-unlearn {cmd}")
         return
     commands = ("build-tiny", "generate", "demo", *COMMAND_ENTRY_POINTS)

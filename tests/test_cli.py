@@ -575,6 +575,27 @@ def test_ckpt_path_last_names_the_last_checkpoint_of_another_version(tiny_model_
     # pinned to its own folder, `last` resumes it
     train_main(["fit", *args, "--trainer.logger.init_args.version=0", "--trainer.max_steps=2", "--ckpt_path=last"])
     assert torch.load(last, weights_only=False)["global_step"] == 2
+    # a user review: a pinned run stopped before its first checkpoint (its folder holds
+    # its config.yaml and metrics only) was told to pin the version it had pinned, and
+    # its rerun to resume with --ckpt_path; both now say it holds no checkpoint
+    stopped = tmp_path / "tiny" / "version_18"
+    stopped.mkdir()
+    (stopped / "config.yaml").write_text("model: {}\n")
+    (stopped / "metrics.csv").write_text("step\n")
+    pinned = [*args, "--trainer.logger.init_args.version=18", "--trainer.max_steps=1"]
+    with pytest.raises(SystemExit) as e:
+        train_main(["fit", *pinned, "--ckpt_path=last"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err == (
+        f"train.py: error: --ckpt_path last: {stopped} holds an earlier run but no last checkpoint of it (it stopped "
+        "before saving one): remove that folder to start the run anew, or pass a checkpoint's path to --ckpt_path "
+        f"(the latest last checkpoint of another run: {last})"), err
+    with pytest.raises(SystemExit) as e:
+        train_main(["fit", *pinned])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.endswith("or remove the directory (it holds no checkpoint to resume: that run "
+                                              "stopped before its first)"), err
+    assert sorted(p.name for p in stopped.iterdir()) == ["config.yaml", "metrics.csv"]
     # not counted as a last checkpoint: a link to a deleted file (it was a traceback), a
     # temp file of a killed save; and without a logger there are no version folders to search
     links = tmp_path / "links" / "tiny" / "version_0" / "checkpoints"
@@ -824,18 +845,57 @@ def _lightning_ctrl_c(args):  # what Lightning's _call_and_handle_interrupt does
     (_lightning_sigterm, 143, "stopped by SIGTERM at the end of a step"),
     (_lightning_ctrl_c, 130, "interrupted"),
 ], ids=["sigterm", "ctrl-c"])
-def test_a_stopped_fit_exits_with_the_signals_status_not_0_or_1(monkeypatch, capsys, stop, code, said):
+@pytest.mark.parametrize("saved", [True, False], ids=["saved", "none-saved"])
+def test_a_stopped_fit_exits_with_the_signals_status_not_0_or_1(tmp_path, monkeypatch, capsys, stop, code, said,
+                                                               saved):
     """Lightning ends the step and raises SIGTERMException, a SystemExit with no code: a
     fit a scheduler stopped exited 0, as if finished, and `fit && export` went on. After
-    a Ctrl-C Lightning exits 1, as a failed run does (CLI audit)."""
+    a Ctrl-C Lightning exits 1, as a failed run does (CLI audit). The message names the
+    checkpoint to resume from; a user review: a fit stopped before its first checkpoint
+    was told "the checkpoints saved before it are kept", and there were none."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
     import cfg_unlearn.cli as cli
 
-    monkeypatch.setattr(cli, "cli_main", stop)
+    folder = tmp_path / "run dir" / "checkpoints"
+    folder.mkdir(parents=True)
+    if saved:
+        (folder / "step=20.ckpt").write_bytes(b"x")
+        os.utime(folder / "step=20.ckpt", (1, 1))
+        (folder / "last.ckpt").write_bytes(b"x")
+    (folder / "notes.txt").write_text("not a checkpoint")
+    trainer = SimpleNamespace(callbacks=[LearningRateMonitor(), ModelCheckpoint(dirpath=str(folder))])
+
+    def running(args):  # as UnlearnCLI._run_subcommand does before Lightning's loop
+        cli._RUNNING["trainer"] = trainer
+        stop(args)
+
+    monkeypatch.setattr(cli, "cli_main", running)
     with pytest.raises(SystemExit) as e:
         train_main(["fit"])
     assert e.value.code == code
-    assert capsys.readouterr().err == (f"train.py: {said}; the checkpoints saved before it are kept (resume with "
-                                       "--ckpt_path)\n")
+    note = (f"the checkpoints saved before it are kept (resume with --ckpt_path '{folder / 'last.ckpt'}')" if saved
+            else "no checkpoint was saved before it")
+    assert capsys.readouterr().err == f"train.py: {said}; {note}\n"
+
+
+@pytest.mark.parametrize("sub", ["fit", "validate"])
+def test_ctrl_c_before_lightnings_loop_is_one_line(monkeypatch, capsys, sub):
+    """A user review: Ctrl-C in the first seconds (parsing the config, loading the model)
+    was a 60-line KeyboardInterrupt traceback through jsonargparse."""
+    import cfg_unlearn.cli as cli
+
+    def parsing(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cli_main", parsing)
+    with pytest.raises(SystemExit) as e:
+        train_main([sub])
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "train.py: interrupted" + (
+        "; it had not started training, so no checkpoint was saved" if sub == "fit" else "") + "\n"
 
 
 def test_sigterm_cleans_up_like_ctrl_c_in_the_other_commands(tmp_path, monkeypatch):
