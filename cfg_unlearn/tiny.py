@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -197,6 +198,9 @@ def resolve_pretrained(name_or_path: str) -> str:
             if os.path.ismount(path):  # a rename cannot replace a mount point (a Docker volume, say)
                 raise ConfigError(f"{name_or_path}: {path} is a mount point; the tiny model is built beside its "
                                   "target and renamed into place, so give a directory inside it")
+            # said, so that a mistyped tiny: path is seen building a new, untrained model
+            print(f"{name_or_path}: no model in {path.resolve()} yet; building a new tiny one there (random weights)",
+                  file=sys.stderr, flush=True)
             build_tiny(path)  # renamed onto an empty directory as onto a missing one
     return str(path)
 

@@ -121,7 +121,7 @@ def test_text_round_trips_through_tokenizer(tok):
 # ------------------------------------------------------------------ resolve_pretrained
 
 
-def test_resolve_does_not_rebuild(tiny_dir, monkeypatch):
+def test_resolve_does_not_rebuild(tiny_dir, monkeypatch, capsys):
     cfg = tiny_dir / "config.json"
     before = (cfg.stat().st_mtime_ns, (tiny_dir / "model.safetensors").stat().st_mtime_ns)
 
@@ -132,6 +132,7 @@ def test_resolve_does_not_rebuild(tiny_dir, monkeypatch):
     assert resolve_pretrained(f"tiny:{tiny_dir}") == str(tiny_dir)
     after = (cfg.stat().st_mtime_ns, (tiny_dir / "model.safetensors").stat().st_mtime_ns)
     assert after == before
+    assert capsys.readouterr().err == ""  # nothing said when there is nothing to build
 
 
 def test_resolve_refuses_nonempty_dir_without_config(tmp_path, monkeypatch):
@@ -149,13 +150,16 @@ def test_resolve_refuses_nonempty_dir_without_config(tmp_path, monkeypatch):
     assert (d / "notes.txt").read_text() == "mine"
 
 
-def test_resolve_builds_into_empty_existing_dir(tmp_path, monkeypatch):
+def test_resolve_builds_into_empty_existing_dir(tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(tiny, "build_tiny", lambda p: calls.append(Path(p)))
     d = tmp_path / "empty"
     d.mkdir()
     assert resolve_pretrained(f"tiny:{d}") == str(d)
     assert calls == [d]
+    # a user review: a mistyped tiny: path built and trained a new model without a word
+    assert capsys.readouterr().err == (f"tiny:{d}: no model in {d.resolve()} yet; building a new tiny one there "
+                                       "(random weights)\n")
     # left in place: the build's rename replaces an empty directory (removing it first
     # raced with other ranks doing the same, and failed on a mount point)
     assert d.is_dir()
