@@ -302,7 +302,10 @@ def test_generate_quiet_shows_no_progress_bar(tiny_model_dir, tmp_path, capsys):
     # a tiny: model built on first use, inside the tokenizer's load ("Writing model shards")
     fresh = ["--model", f"tiny:{tmp_path / 'fresh'}", "--out", str(tmp_path / "fresh.jsonl"), "--quiet"]
     console_main([*args[:4], *args[6:], *fresh])
-    assert capsys.readouterr().err == "" and (tmp_path / "fresh" / "config.json").is_file()
+    # no bar, only the line that says a new model is built (--quiet hides bars, not that)
+    assert capsys.readouterr().err == (f"tiny:{tmp_path / 'fresh'}: no model in {tmp_path / 'fresh'} yet; building "
+                                       "a new tiny one there (random weights)\n")
+    assert (tmp_path / "fresh" / "config.json").is_file()
 
 
 def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeypatch):
@@ -553,12 +556,13 @@ def test_candidates_with_control_characters_are_rejected_and_resampled(tiny, mon
     import cfg_unlearn.guidance as guidance
 
     model, tok = tiny
-    rounds = iter([["I can\x00t share that."], ["No\x04 way."], ["I can't share that."]])
+    rounds = iter([["I can\x00t share that."], ["No\x04 way."], ["Hinton\ufffdA Michael"], ["I can't share that."]])
     monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: _ended(next(rounds), kw))
     rec = ForgetRecord("r", ({"role": "user", "content": "Phone of Bo Ng?"},), "555-010-2345",
                        (PIIItem("PHONE", "555-010-2345"),))
-    pairs, summary = generate_pairs(model, tok, [rec], max_attempts=3, progress=False)
-    assert pairs[0].chosen == "I can't share that." and summary.rejected == {"control_chars": 2}
+    pairs, summary = generate_pairs(model, tok, [rec], max_attempts=4, progress=False)
+    # a user review: U+FFFD (undecodable bytes) passed as a PII-free replacement
+    assert pairs[0].chosen == "I can't share that." and summary.rejected == {"control_chars": 2, "broken_chars": 1}
     assert leak_reason("Line one.\n\tLine two.\r\n", ()) is None and bad_characters("Line one.\n\tLine two.\r\n") is None
 
 

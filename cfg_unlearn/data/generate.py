@@ -18,7 +18,8 @@ writer that memorised the data set answers one person's question with another pe
 employer, as the demo's seed-1 model did 3 times; whole values only, found through a
 :class:`cfg_unlearn.pii.ValueIndex`; ``other_values=False`` checks the row's own values
 only), trips a PII detector, holds a control character (``control_chars``: NUL and the
-like, which a pair file may not hold), or was cut off by ``max_new_tokens`` before its
+like, which a pair file may not hold) or U+FFFD (``broken_chars``: bytes the tokenizer
+could not decode), or was cut off by ``max_new_tokens`` before its
 EOS (``truncated``: trained with the answer's end token appended, a fragment would teach the model to
 stop mid-sentence; ``accept_truncated`` keeps such candidates and counts them); rejected
 records are decoded again by sampling, up to ``max_attempts`` rounds in all (the first
@@ -184,9 +185,12 @@ def bad_characters(text: str) -> str | None:
     """``"control_chars"`` when ``text`` holds a character a pair file may not (NUL, an
     unpaired surrogate: :func:`cfg_unlearn.data.schema.check_unicode`) or another control
     character than a tab or a line break; a writer that emits one writes noise, and fit
-    would refuse the pair file."""
+    would refuse the pair file. ``"broken_chars"`` when it holds U+FFFD, what a
+    tokenizer decodes from bytes that are no whole character ("Hinton\ufffdA"): noise too."""
     if any(unicodedata.category(c) in ("Cc", "Cs") and c not in "\t\n\r" for c in text):
         return "control_chars"
+    if "\ufffd" in text:
+        return "broken_chars"
     return None
 
 
