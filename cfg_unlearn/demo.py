@@ -730,6 +730,9 @@ def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress:
     probes, questions = world.probe_records(), world.qa_records()
     kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=64)
     baseline = evaluate(model, tok, probes, attacks, questions, **BASELINE_DECODING, **kw)
+    weak = weak_leak_note(baseline)
+    if weak:  # said now, not only at the report's top minutes later
+        print(f"cfg-unlearn demo: warning: {weak}", file=sys.stderr, flush=True)
     results: dict[str, dict[str, dict[str, float]]] = {}
     for space in cfg.spaces:
         results[space] = {}
@@ -791,6 +794,21 @@ def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress:
     return metrics
 
 
+#: the demo's bar for the model to fix (issue 4): leaking on fewer of the probes, it has
+#: too little to unlearn for the table to show the method
+LEAKY_BAR = 0.5
+
+
+def weak_leak_note(baseline: dict) -> str | None:
+    """What to say when the leaky model does not leak enough (a short --leak-epochs, a
+    small world), or None."""
+    if baseline["leak_rate"] >= LEAKY_BAR:
+        return None
+    return (f"the leaky model leaks on only {baseline['leak_rate']:.3f} of the probes (the demo's bar is {LEAKY_BAR}): "
+            "there is little to unlearn, so the unlearned rows say little about the method; train it longer "
+            "(--leak-epochs)")
+
+
 def _rate(row: dict, key: str) -> str:
     """A rate with three decimals, or "n/a" where it was not measured (no attack probes)."""
     return f"{row[key]:.3f}" if row.get(key) is not None else "n/a"
@@ -817,6 +835,7 @@ def render_report(m: dict) -> str:
                                             else "."),
         *([f"(The leaky model and its tokenizer were copied from {m['config']['leaky_from']}.)"]
           if m["config"].get("leaky_from") else []),
+        *([f"**Warning:** {weak_leak_note(b)}."] if weak_leak_note(b) else []),
         "",
         f"Unlearned: {METHOD_LABEL[mode]} (probability {m['config']['cond_dropout']} per sample), guided against "
         + ("the negative instruction." if mode == "swap" else "the blanked instruction."),

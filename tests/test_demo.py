@@ -621,6 +621,21 @@ def test_report_tables_leak_rates_per_type_and_skips_them_for_older_metrics():
     assert "per PII type" not in demo.render_report(m)
 
 
+def test_report_warns_when_the_leaky_model_leaks_below_the_bar():
+    """A user review: `demo --people 4 --leak-epochs 1` gave a leaky model at leak rate
+    0.000 and a table of unlearned rows with nothing to compare against, without a word."""
+    import cfg_unlearn.demo as demo
+
+    row = {"leak_rate": 0.0, "partial_leak_rate": 0.0, "accuracy": 0.5, "pii_rate": 0.0}
+    m = {"baseline": {**row, "n_leak_probes": 24, "n_attack_probes": 0, "n_qa": 4},
+         "unlearned": {"logprob": {"1.0": row}}, "config": {"cond_dropout": 0.3}, "seconds": {"total": 1.0}}
+    warning = ("**Warning:** the leaky model leaks on only 0.000 of the probes (the demo's bar is 0.5): there is "
+               "little to unlearn, so the unlearned rows say little about the method; train it longer (--leak-epochs).")
+    assert warning in demo.render_report(m).splitlines()
+    m["baseline"]["leak_rate"] = 0.5  # at the bar: no warning
+    assert "Warning" not in demo.render_report(m)
+
+
 def test_demo_whose_failed_run_cannot_be_removed_keeps_the_previous_run_whole(tmp_path, monkeypatch, capsys):
     """On Windows a file the failed run still maps cannot be deleted: restoring raised a
     PermissionError over the Ctrl-C (a traceback, exit 1) with models/ half deleted. The
