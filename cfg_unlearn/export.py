@@ -506,11 +506,36 @@ def _export_file(ckpt_path: Path, out: Path, source: Path, g: float, space: str,
 # ----------------------------------------------------------------------------- chat
 
 
-def load_export(export_dir: str | os.PathLike, *, dtype: str | None = "auto", device: str = "cpu"):
-    """``(model, tokenizer, ExportConfig)`` of an export directory, the model in eval mode."""
+def chat_settings(model_dir: str | os.PathLike, system: str | None = None,
+                  uncond_system: str | None = None) -> ExportConfig:
+    """How ``cfg-unlearn chat`` decodes ``model_dir``: its ``cfg_unlearn.json``, with the
+    instructions given here in place of its own (``''``: none). A folder without one (a
+    ``subtract`` output, any causal LM's folder) needs ``system`` and decodes at g=1 (no
+    guidance: nothing says the model learnt an unconditioned branch) unless the caller
+    overrides the scale."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir() or (model_dir / EXPORT_CONFIG).is_file():
+        config = ExportConfig.read(model_dir)
+    elif system is None:
+        try:
+            config = ExportConfig.read(model_dir)
+        except ValueError as e:  # what is missing, and the way to chat such a folder
+            raise ValueError(f"{e}; to chat it anyway, give the instruction to condition on with --system "
+                             "('' = none)") from None
+    else:
+        config = ExportConfig(system_instruction=None, uncond_instruction=None, guidance_scale=1.0)
+    given = {k: _blank_to_none(v) for k, v in (("system_instruction", system), ("uncond_instruction", uncond_system))
+             if v is not None}
+    return replace(config, **given)
+
+
+def load_export(export_dir: str | os.PathLike, *, dtype: str | None = "auto", device: str = "cpu",
+                config: ExportConfig | None = None):
+    """``(model, tokenizer, ExportConfig)`` of an export directory, the model in eval mode
+    (``config``: decode under this one rather than the directory's)."""
     from cfg_unlearn.models import load_causal_lm, load_tokenizer
 
-    config = ExportConfig.read(export_dir)
+    config = ExportConfig.read(export_dir) if config is None else config
     tokenizer = load_tokenizer(str(export_dir))
     model = load_causal_lm(str(export_dir), dtype=dtype).to(device).eval()
     return model, tokenizer, config
@@ -685,6 +710,12 @@ def build_chat_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="directory written by cfg-unlearn export, or a demo's models/unlearned")
     p.add_argument("--guidance-scale", type=float, default=None, help="override the exported guidance scale")
     p.add_argument("--space", choices=SPACES, default=None, help="override the exported guidance space")
+    p.add_argument("--system", default=None,
+                   help="the instruction to condition on, in place of the exported one ('' = none); with it, a "
+                   "folder without cfg_unlearn.json (a `cfg-unlearn subtract` output, any causal LM's folder) "
+                   "chats too, at guidance 1 unless --guidance-scale says otherwise")
+    p.add_argument("--uncond-system", default=None,
+                   help="the unconditioned branch's instruction, in place of the exported one ('' = blank)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer at most (default %(default)s)")
     p.add_argument("--sample", action="store_true",
                    help="sample instead of greedy decoding (implied by --temperature or --top-p)")
@@ -717,7 +748,8 @@ def main_chat(argv: list[str] | None = None, stdin: IO[str] | None = None, stdou
         if a.guidance_scale is not None:
             check_guidance(a.guidance_scale, a.space or DEFAULT_SPACE)
         check_device(a.device)
-        model, tokenizer, config = load_export(a.dir, dtype=a.dtype, device=a.device)
+        config = chat_settings(a.dir, a.system, a.uncond_system)
+        model, tokenizer, config = load_export(a.dir, dtype=a.dtype, device=a.device, config=config)
         for instruction in (config.system_instruction, config.uncond_instruction):
             check_template(tokenizer, instruction)
         limit = context_limit(model)

@@ -736,6 +736,32 @@ def test_main_chat_end_to_end_on_the_export(exported):
     assert f"guidance 2 (logprob); instruction {TRAINED_SYSTEM!r}, unconditioned no system message" in out.getvalue()
 
 
+def test_main_chat_takes_the_instructions_from_the_command_line(exported, tiny_model_dir, capsys):
+    """A user review: a `subtract` output (no cfg_unlearn.json) could not be chatted at
+    all. --system conditions on another instruction, and lets a folder without the file
+    chat, undecided guidance then being none (g=1)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ask = "What is the e-mail of Ann Lee?"
+    out = io.StringIO()
+    main_chat([str(tiny_model_dir), "--system", "Be brief.", "--max-new-tokens", "6", "--device", "cpu"],
+              stdin=io.StringIO(f"{ask}\n/quit\n"), stdout=out)
+    hf, tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+    want = generate(hf, tok, [[{"role": "user", "content": ask}]], system="Be brief.", guidance_scale=1.0,
+                    max_new_tokens=6)[0]
+    assert "guidance 1 (logprob); instruction 'Be brief.', unconditioned no system message" in out.getvalue()
+    assert f"model> {want}\n" in out.getvalue()
+    # on an export: the given instructions replace its own, its scale stays
+    out = io.StringIO()
+    main_chat([str(exported.dir), "--system", "", "--uncond-system", "Say anything.", "--max-new-tokens", "4",
+               "--device", "cpu"], stdin=io.StringIO("/quit\n"), stdout=out)
+    assert "guidance 2 (logprob); instruction None, unconditioned 'Say anything.'" in out.getvalue()
+    with pytest.raises(SystemExit) as e:  # without --system, the refusal names it
+        main_chat([str(tiny_model_dir), "--uncond-system", "x"], stdin=io.StringIO(""), stdout=io.StringIO())
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no cfg_unlearn.json" in err and "give the instruction to condition on with --system" in err
+
+
 def test_main_chat_refuses_max_new_tokens_beyond_the_context(exported, capsys):
     """It used to start, then refuse every message as "too long for the context"."""
     with pytest.raises(SystemExit) as e:
