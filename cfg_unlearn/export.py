@@ -683,6 +683,10 @@ def main_export(argv: list[str] | None = None) -> None:
     """``cfg-unlearn export ...``: bad inputs exit with status 2 and a one-line message."""
     p = build_export_parser()
     a = p.parse_args(argv)
+    # imported before the root logger gets a handler, Lightning prints its lines through its
+    # own, once; imported after (with the checkpoint), each line came twice, once as "INFO: ..."
+    import lightning.pytorch  # noqa: F401
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         with hf_progress_bars_off(a.quiet):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import sys
 import types
 from pathlib import Path
 
@@ -760,6 +762,20 @@ def test_main_chat_takes_the_instructions_from_the_command_line(exported, tiny_m
         main_chat([str(tiny_model_dir), "--uncond-system", "x"], stdin=io.StringIO(""), stdout=io.StringIO())
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no cfg_unlearn.json" in err and "give the instruction to condition on with --system" in err
+
+
+def test_the_export_command_prints_each_lightning_line_once(trained, tmp_path):
+    """A user review: `cfg-unlearn export` printed "model ...: 0.89M parameters" twice,
+    once as "INFO: ...": Lightning, imported after the root logger got its handler, sent
+    its lines to both. A process of its own: the order of imports is what is tested."""
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-m", "cfg_unlearn.console", "export", "--ckpt", str(trained.ckpt),
+                          "--out", str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr
+    lines = [ln for ln in run.stderr.splitlines() if "parameters" in ln]
+    assert len(lines) == 1 and lines[0].startswith("model "), run.stderr
 
 
 def test_main_chat_refuses_max_new_tokens_beyond_the_context(exported, capsys):
