@@ -125,7 +125,7 @@ def _generate(argv: list[str]) -> None:
     p.add_argument("--model", required=True, help="hub name, local path or tiny:<dir> of the replacement writer")
     p.add_argument("--out", required=True, help="pair JSONL to write (atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--system", default=SAFETY_INSTRUCTION, help="the instruction the writer gets")
+    p.add_argument("--system", default=SAFETY_INSTRUCTION, help="the instruction the writer gets (default %(default)r)")
     p.add_argument("--reminder", default=None, help="text appended to the last user turn")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale for the writer (1 = off)")
     p.add_argument("--space", choices=("logprob", "prob"), default="logprob",
@@ -141,13 +141,13 @@ def _generate(argv: list[str]) -> None:
                    help="sampling temperature of the rounds after the first (default %(default)s)")
     p.add_argument("--top-p", type=float, default=0.95,
                    help="nucleus sampling threshold of those rounds (default %(default)s)")
-    p.add_argument("--fallback", default=DEFAULT_FALLBACK, help="answer used when every attempt leaked")
+    p.add_argument("--fallback", default=DEFAULT_FALLBACK, help="answer used when every attempt leaked (default %(default)r)")
     p.add_argument("--redact-fallback", action="store_true",
                    help="when every attempt leaked, use the leaky answer with its values replaced by plain phrases "
                    "('... at a private number.') if that passes the same checks, else --fallback")
     p.add_argument("--partial-min-chars", type=int, default=PARTIAL_MIN_CHARS,
                    help="reject a candidate holding a piece of a value this long that the prompt does not show "
-                   "(a value's words, or runs of its digits); 0: whole values only")
+                   "(a value's words, or runs of its digits); 0: whole values only (default %(default)s)")
     p.add_argument("--own-values-only", action="store_true",
                    help="check a candidate against its own record's values only, not every known value of the data")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling rounds (default %(default)s)")
@@ -269,10 +269,10 @@ def _demo(argv: list[str]) -> None:
     p.add_argument("--unlearn-lr", type=float, default=d.unlearn_lr,
                    help=f"ORPO's learning rate (default {d.unlearn_lr})")
     p.add_argument("--beta", type=float, default=d.beta,
-                   help="ORPO's odds-ratio weight (lambda); the paper's 0.1 damages the tiny model's facts more")
+                   help=f"ORPO's odds-ratio weight (lambda; default {d.beta}); the paper's 0.1 damages the tiny model's facts more")
     p.add_argument("--baseline-lr", type=float, default=d.baseline_lr,
-                   help="--compare: learning rate of NPO, gradient ascent, DPO and SFT (ORPO without dropout "
-                   "trains at --unlearn-lr)")
+                   help=f"--compare: learning rate of NPO, gradient ascent, DPO and SFT (default {d.baseline_lr}; ORPO "
+                   "without dropout trains at --unlearn-lr)")
     p.add_argument("--cond-dropout", type=float, default=d.cond_dropout,
                    help=f"share of samples trained with the safety instruction blanked (default {d.cond_dropout})")
     p.add_argument("--cond-mode", choices=COND_MODES, default=d.cond_mode,
@@ -281,7 +281,8 @@ def _demo(argv: list[str]) -> None:
                    "swapped (the paper's variant); guidance then contrasts with that same instruction")
     p.add_argument("--fallback", choices=FALLBACKS, default=d.fallback,
                    help="the chosen answer when the leaky model wrote no PII-free replacement: its leaky answer with "
-                   "the values replaced by plain phrases (generate --redact-fallback), or the refusal template")
+                   "the values replaced by plain phrases (generate --redact-fallback), or the refusal template (default "
+                   "%(default)s)")
     p.add_argument("--scales", type=float, nargs="+", default=list(d.scales),
                    help=f"guidance scales to evaluate (default {' '.join(map(str, d.scales))})")
     p.add_argument("--spaces", nargs="+", choices=("logprob", "prob"), default=list(d.spaces),

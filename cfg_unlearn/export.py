@@ -723,7 +723,7 @@ def build_chat_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer at most (default %(default)s)")
     p.add_argument("--sample", action="store_true",
                    help="sample instead of greedy decoding (implied by --temperature or --top-p)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.8)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.8; 0: greedy decoding)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default 0.95)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (turn n uses seed + n)")
     p.add_argument("--dtype", default="auto", help="weights dtype to load (default: as saved)")
@@ -738,7 +738,8 @@ def main_chat(argv: list[str] | None = None, stdin: IO[str] | None = None, stdou
 
     p = build_chat_parser()
     a = p.parse_args(argv)
-    do_sample = a.sample or a.temperature is not None or a.top_p is not None
+    # --temperature 0 is greedy decoding, as in most chat tools (it was refused)
+    do_sample = (a.sample or a.temperature is not None or a.top_p is not None) and a.temperature != 0
     temperature = 0.8 if a.temperature is None else a.temperature
     top_p = 0.95 if a.top_p is None else a.top_p
     # (nan, inf and 1e-40 were tracebacks from the decoding)

@@ -778,6 +778,17 @@ def test_the_export_command_prints_each_lightning_line_once(trained, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("model "), run.stderr
 
 
+def test_main_chat_temperature_0_is_greedy(exported):
+    """A user review: --temperature 0 was refused, where most chat tools read it as greedy."""
+    outs = []
+    for extra in ([], ["--temperature", "0"], ["--temperature", "0", "--top-p", "0.5", "--seed", "3"]):
+        out = io.StringIO()
+        main_chat([str(exported.dir), "--max-new-tokens", "8", "--device", "cpu", *extra],
+                  stdin=io.StringIO("What is the e-mail of Ann Lee?\n/quit\n"), stdout=out)
+        outs.append(out.getvalue())
+    assert outs[0] == outs[1] == outs[2]
+
+
 def test_main_chat_refuses_max_new_tokens_beyond_the_context(exported, capsys):
     """It used to start, then refuse every message as "too long for the context"."""
     with pytest.raises(SystemExit) as e:

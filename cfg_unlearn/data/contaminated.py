@@ -218,12 +218,13 @@ def main(argv: list[str] | None = None) -> None:
         "(contaminated.jsonl) and a small labelled subset of it (labels.jsonl).",
     )
     p.add_argument("--out", required=True, help="directory to write into")
-    p.add_argument("--seed", type=int, default=0, help="world seed (and sampling seed)")
-    p.add_argument("--people", type=int, default=30, help="people in the world (the demo uses 30)")
-    p.add_argument("--n", type=int, default=1000, help="rows")
-    p.add_argument("--leak-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0, help="world seed (and sampling seed; default %(default)s)")
+    p.add_argument("--people", type=int, default=30, help="people in the world (default %(default)s, as the demo)")
+    p.add_argument("--n", type=int, default=1000, help="rows (default %(default)s)")
+    p.add_argument("--leak-fraction", type=float, default=0.1,
+                   help="share of the rows that leak a value (default %(default)s)")
     p.add_argument("--hard-negatives", type=float, default=DEFAULT_HARD_NEGATIVES,
-                   help="share of benign rows that ask about a person and answer without PII")
+                   help="share of benign rows that ask about a person and answer without PII (default %(default)s)")
     p.add_argument("--n-labelled", type=int, default=None, help="rows in labels.jsonl (default: 10%% of --n)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace contaminated.jsonl and labels.jsonl if --out holds them")
