@@ -107,6 +107,16 @@ def test_bad_challenge_files_name_file_line_and_field(tmp_path):
     assert "Ann" not in str(exc.value)
     with pytest.raises(PairFormatError, match=r"x-scrubbed-data.jsonl:1: field 'messages': expected the conversation"):
         read_challenge(*_write(tmp_path, [{"idx": 0, "messages": []}], [MAP]))
+    # a user review: the two files given the other way round said only "expected the conversation"
+    scrubbed, pii = _write(tmp_path, [ROW], [MAP])
+    with pytest.raises(PairFormatError, match=r"x-pii.jsonl:1: field 'messages': expected the conversation as a "
+                                              r"non-empty string; this line is a PII map .* are the two files "
+                                              r"swapped\?") as exc:
+        read_challenge(pii, scrubbed)
+    assert "Ann" not in str(exc.value)
+    with pytest.raises(PairFormatError) as exc:  # no hint for another object
+        read_challenge(*_write(tmp_path, [{"idx": 0, "text": "hi"}], [MAP]))
+    assert "swapped" not in str(exc.value)
     with pytest.raises(PairFormatError, match="before the first 'role: ' line") as exc:
         parse_messages("Ann Lee 363-56-5181\nuser: hi")
     assert "Ann" not in str(exc.value) and "5181" not in str(exc.value)  # located, not quoted

@@ -131,7 +131,11 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
         if not isinstance(obj, dict):
             raise not_an_object(src, n, obj)
         if not isinstance(obj.get("messages"), str) or not obj["messages"].strip():
-            raise PairFormatError(src, n, "messages", "expected the conversation as a non-empty string")
+            # a PII map where the conversation should be: the two files given the other way round
+            swapped = "messages" not in obj and obj and all(_KEY.fullmatch(str(k)) for k in obj)
+            raise PairFormatError(src, n, "messages", "expected the conversation as a non-empty string" + (
+                f"; this line is a PII map (placeholder -> value): are the two files swapped? The scrubbed "
+                f"conversations come first, then their PII" if swapped else ""))
         check_unicode(obj["messages"], src, n, "messages")
         idx = obj.get("idx", n - 1)
         if not isinstance(idx, int) or isinstance(idx, bool):
