@@ -615,6 +615,12 @@ def test_asked_for_validation_does_not_vanish(tiny_name, tmp_path, world_pairs, 
     dm = make_dm(tiny_name, train_file=str(tmp_path / "one.jsonl"), val_fraction=0.25)
     assert dm.val_dataset is None
     assert any("val_fraction=0.25 holds out nothing" in str(w.message) for w in recwarn)
+    # a user review: an empty pair file got this warning ("one conversation") before its error
+    recwarn.clear()
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no training pairs"):
+        make_dm(tiny_name, train_file=str(tmp_path / "empty.jsonl"), val_fraction=0.25)
+    assert not any("holds out nothing" in str(w.message) for w in recwarn)
 
 
 def test_train_file_skip_mode(tiny_name, tmp_path, world_pairs, caplog):

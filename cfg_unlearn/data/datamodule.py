@@ -539,10 +539,11 @@ class PairDataModule(L.LightningDataModule):
             check_disjoint(records, val, self.val_file)
             return records, val
         train, val = split_by_group(records, self.val_fraction, self.seed)
-        if self.val_fraction > 0 and not val:
-            rank_zero_warn(f"data.val_fraction={self.val_fraction} holds out nothing: the training pairs come from "
-                           "one conversation (group), and the split is by conversation. No validation runs (no val/* "
-                           "metrics); give data.val_file, or groups")
+        if self.val_fraction > 0 and not val and records:  # (no records at all is an error of its own, later)
+            rank_zero_warn(f"data.val_fraction={self.val_fraction} holds out nothing: the training pairs form one "
+                           "conversation (one group, or rows whose prompts repeat each other's exchanges, which stay "
+                           "together), and the split is by conversation. No validation runs (no val/* metrics); give "
+                           "data.val_file, or groups")
         return train, val
 
     def encode(self, records: list[PairRecord], stats: EncodeStats) -> PairDataset:
