@@ -722,7 +722,7 @@ def refuse_taken_run_dir(path: str | Path, taken: list[str], stage: str = "fit")
     """The error for a run directory that :func:`previous_run_files` found taken; only a
     ``fit`` can resume into it (a ``validate`` given ``--ckpt_path`` was told to add it)."""
     if taken:
-        resumable = stage == "fit" and any(t != "config.yaml" for t in taken)
+        resumable = stage == "fit" and any(t.endswith(".ckpt") for t in taken)  # not a killed save's temp file
         raise ConfigError(
             f"{path} holds another run ({', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}); "
             "writing there would replace it. Pick a new --trainer.logger.init_args.version (or let the "

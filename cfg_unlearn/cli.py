@@ -148,7 +148,8 @@ class UnlearnCLI(LightningCLI):
                     refuse_taken_run_dir(path, previous_run_files(path), subcommand)
             if resumes_here and trainer.is_global_zero:
                 keep_csv_metrics(trainer)
-            _RUNNING["trainer"] = trainer  # what train_main's stop message reads the checkpoints of
+            # what train_main's stop message reads the checkpoints of
+            _RUNNING.update(trainer=trainer, ckpt_path=ckpt)
             super()._run_subcommand(subcommand)
         except BaseException:
             if not existed and trainer.is_global_zero:
@@ -252,11 +253,17 @@ def check_last_checkpoint(trainer, subcommand: str, run_path: str) -> None:
                 others += [os.path.join(folder, n) for n in os.listdir(folder)
                            if _is_last_checkpoint(n) and os.path.exists(os.path.join(folder, n))]
     if os.path.isfile(os.path.join(run_path, "config.yaml")):
-        # a pinned version folder of an earlier run that saved none (stopped before its first)
+        # a pinned version folder of an earlier run without a last checkpoint: it kept
+        # others (save_last off), or stopped before its first
+        folders = {str(cb.dirpath) for cb in checkpoints if cb.dirpath} | {os.path.join(run_path, "checkpoints")}
+        kept = [os.path.join(f, n) for f in folders if os.path.isdir(f) for n in os.listdir(f) if n.endswith(".ckpt")]
+        if kept:
+            raise ConfigError(f"--ckpt_path last: {run_path} holds an earlier run's checkpoints but no last one: pass "
+                              f"one of them to --ckpt_path (the latest is {max(kept, key=os.path.getmtime)})")
         elsewhere = f" (the latest last checkpoint of another run: {max(others, key=os.path.getmtime)})" if others else ""
-        raise ConfigError(f"--ckpt_path last: {run_path} holds an earlier run but no last checkpoint of it (it stopped "
-                          f"before saving one): remove that folder to start the run anew, or pass a checkpoint's path "
-                          f"to --ckpt_path{elsewhere}")
+        anew = "remove that folder to start the run anew, or " if subcommand == "fit" else ""
+        raise ConfigError(f"--ckpt_path last: {run_path} holds an earlier run but no checkpoint of it (it stopped "
+                          f"before saving one): {anew}pass a checkpoint's path to --ckpt_path{elsewhere}")
     if others:
         latest = max(others, key=os.path.getmtime)
         raise ConfigError(f"--ckpt_path last: this run's folder {run_path} holds no last checkpoint (each run gets a "
@@ -549,26 +556,30 @@ def check_config_files(argv: list[str]) -> None:
 _RUNNING: dict[str, Any] = {}
 
 
-def saved_checkpoints_note(trainer: Any) -> str:
+def saved_checkpoints_note(trainer: Any, resumed_from: str | None = None) -> str:
     """The end of a stopped fit's message: where its latest checkpoint is, to resume
     from, or that it saved none (a fit stopped before its first checkpoint was told its
-    checkpoints were kept, and resuming found none). ``trainer`` None: it never started."""
-    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+    checkpoints were kept, and resuming found none). What the checkpoint callbacks
+    themselves recorded, so that another run's files in a shared ``dirpath`` are not
+    named; a sharded checkpoint is a directory. ``resumed_from``: the fit's
+    ``--ckpt_path``, named when it saved none since. ``trainer`` None: it never started."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
     if trainer is None:
         return NOT_STARTED
-    files: list[str] = []
+    saved: list[str] = []
     for cb in trainer.callbacks:
-        folder = getattr(cb, "dirpath", None)
         if isinstance(cb, OnExceptionCheckpoint):
-            files.append(cb.ckpt_path)
-        elif folder and "://" not in str(folder) and os.path.isdir(folder):
-            files += [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".ckpt")]
-    files = [f for f in files if os.path.isfile(f)]
-    if not files:
-        return "; no checkpoint was saved before it"
-    latest = max(files, key=os.path.getmtime)
-    return f"; the checkpoints saved before it are kept (resume with --ckpt_path {shlex.quote(latest)})"
+            saved.append(cb.ckpt_path)
+        elif isinstance(cb, ModelCheckpoint):
+            saved += [cb.last_model_path, cb.best_model_path, *cb.best_k_models]
+    saved = [f for f in saved if f and "://" not in str(f) and os.path.exists(f)]
+    if saved:
+        latest = max(saved, key=os.path.getmtime)
+        return f"; the checkpoints saved before it are kept (resume with --ckpt_path {shlex.quote(str(latest))})"
+    if resumed_from:
+        return f"; it saved no checkpoint since it resumed from {resumed_from}"
+    return "; no checkpoint was saved before it"
 
 
 def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
@@ -587,7 +598,8 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
 
     def stopped(said: str, signum: int) -> None:
         fit = "fit" in (sys.argv[1:2] if args is None else args[:1])
-        sys.stderr.write(said + (saved_checkpoints_note(_RUNNING.get("trainer")) if fit else "") + "\n")
+        note = saved_checkpoints_note(_RUNNING.get("trainer"), _RUNNING.get("ckpt_path")) if fit else ""
+        sys.stderr.write(said + note + "\n")
         raise SystemExit(128 + signum) from None
 
     _RUNNING.clear()

@@ -587,15 +587,34 @@ def test_ckpt_path_last_names_the_last_checkpoint_of_another_version(tiny_model_
         train_main(["fit", *pinned, "--ckpt_path=last"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2 and err == (
-        f"train.py: error: --ckpt_path last: {stopped} holds an earlier run but no last checkpoint of it (it stopped "
+        f"train.py: error: --ckpt_path last: {stopped} holds an earlier run but no checkpoint of it (it stopped "
         "before saving one): remove that folder to start the run anew, or pass a checkpoint's path to --ckpt_path "
         f"(the latest last checkpoint of another run: {last})"), err
+    with pytest.raises(SystemExit) as e:  # validate: nothing to start anew
+        train_main(["validate", *pinned[:-1], "--ckpt_path=last"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "(it stopped before saving one): pass a checkpoint's path" in err, err
     with pytest.raises(SystemExit) as e:
         train_main(["fit", *pinned])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2 and err.endswith("or remove the directory (it holds no checkpoint to resume: that run "
                                               "stopped before its first)"), err
     assert sorted(p.name for p in stopped.iterdir()) == ["config.yaml", "metrics.csv"]
+    # a review: a finished run with save_last off keeps other checkpoints; "remove that
+    # folder" would have deleted them
+    (stopped / "checkpoints").mkdir()
+    (stopped / "checkpoints" / "epoch=2-step=36.ckpt").write_bytes(last.read_bytes())
+    with pytest.raises(SystemExit) as e:
+        train_main(["fit", *pinned, "--ckpt_path=last"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err == (
+        f"train.py: error: --ckpt_path last: {stopped} holds an earlier run's checkpoints but no last one: pass one "
+        f"of them to --ckpt_path (the latest is {stopped / 'checkpoints' / 'epoch=2-step=36.ckpt'})"), err
+    (stopped / "checkpoints" / "epoch=2-step=36.ckpt").unlink()
+    (stopped / "checkpoints" / ".last.ckpt.0123.tmp").write_bytes(b"")  # a killed save's: nothing to resume
+    with pytest.raises(SystemExit) as e:
+        train_main(["fit", *pinned])
+    assert "(it holds no checkpoint to resume" in capsys.readouterr().err
     # not counted as a last checkpoint: a link to a deleted file (it was a traceback), a
     # temp file of a killed save; and without a logger there are no version folders to search
     links = tmp_path / "links" / "tiny" / "version_0" / "checkpoints"
@@ -845,14 +864,16 @@ def _lightning_ctrl_c(args):  # what Lightning's _call_and_handle_interrupt does
     (_lightning_sigterm, 143, "stopped by SIGTERM at the end of a step"),
     (_lightning_ctrl_c, 130, "interrupted"),
 ], ids=["sigterm", "ctrl-c"])
-@pytest.mark.parametrize("saved", [True, False], ids=["saved", "none-saved"])
+@pytest.mark.parametrize("saved", ["file", "sharded", "none", "resumed"])
 def test_a_stopped_fit_exits_with_the_signals_status_not_0_or_1(tmp_path, monkeypatch, capsys, stop, code, said,
                                                                saved):
     """Lightning ends the step and raises SIGTERMException, a SystemExit with no code: a
     fit a scheduler stopped exited 0, as if finished, and `fit && export` went on. After
     a Ctrl-C Lightning exits 1, as a failed run does (CLI audit). The message names the
     checkpoint to resume from; a user review: a fit stopped before its first checkpoint
-    was told "the checkpoints saved before it are kept", and there were none."""
+    was told "the checkpoints saved before it are kept", and there were none. Named from
+    what the callbacks recorded (a review: another run's newer file in a shared dirpath
+    was named, and an FSDP run's sharded checkpoint, a directory, was not)."""
     from types import SimpleNamespace
 
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -861,23 +882,31 @@ def test_a_stopped_fit_exits_with_the_signals_status_not_0_or_1(tmp_path, monkey
 
     folder = tmp_path / "run dir" / "checkpoints"
     folder.mkdir(parents=True)
-    if saved:
+    (folder / "other-run.ckpt").write_bytes(b"x")  # newer than this run's, not this run's
+    cb = ModelCheckpoint(dirpath=str(folder))
+    last = folder / "last.ckpt"
+    if saved in ("file", "sharded"):
         (folder / "step=20.ckpt").write_bytes(b"x")
         os.utime(folder / "step=20.ckpt", (1, 1))
-        (folder / "last.ckpt").write_bytes(b"x")
-    (folder / "notes.txt").write_text("not a checkpoint")
-    trainer = SimpleNamespace(callbacks=[LearningRateMonitor(), ModelCheckpoint(dirpath=str(folder))])
+        if saved == "file":
+            last.write_bytes(b"x")
+        else:
+            (last / "shard").mkdir(parents=True)
+        os.utime(last, (2, 2))
+        cb.last_model_path, cb.best_k_models = str(last), {str(folder / "step=20.ckpt"): torch.tensor(1.0)}
+    trainer = SimpleNamespace(callbacks=[LearningRateMonitor(), cb])
 
     def running(args):  # as UnlearnCLI._run_subcommand does before Lightning's loop
-        cli._RUNNING["trainer"] = trainer
+        cli._RUNNING.update(trainer=trainer, ckpt_path="old/last.ckpt" if saved == "resumed" else None)
         stop(args)
 
     monkeypatch.setattr(cli, "cli_main", running)
     with pytest.raises(SystemExit) as e:
         train_main(["fit"])
     assert e.value.code == code
-    note = (f"the checkpoints saved before it are kept (resume with --ckpt_path '{folder / 'last.ckpt'}')" if saved
-            else "no checkpoint was saved before it")
+    note = {"none": "no checkpoint was saved before it",
+            "resumed": "it saved no checkpoint since it resumed from old/last.ckpt"}.get(
+        saved, f"the checkpoints saved before it are kept (resume with --ckpt_path '{last}')")
     assert capsys.readouterr().err == f"train.py: {said}; {note}\n"
 
 
