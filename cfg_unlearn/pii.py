@@ -402,6 +402,27 @@ def _has_word(text: str, word: str) -> bool:
     return re.search(rf"(?<![^\W_]){_word_regex(word)}(?![^\W_])", text, re.IGNORECASE) is not None
 
 
+def _generic_words(value: str, kind: str) -> set[str]:
+    """The words of ``value`` (casefolded) that are its type's generic designators here
+    (:data:`GENERIC_VALUE_WORDS`). In a comma-separated part made of designators only,
+    the first one names the place or firm ("State Street", "9 Lane Road", "Partners
+    Group") and stays a piece, unless a number follows it ("Suite 300", "Unit 4")."""
+    listed = GENERIC_VALUE_WORDS.get(GENERIC_WORDS_OF_TYPE.get(kind.replace("-", "_"), ""))
+    if not listed:
+        return set()
+    out: set[str] = set()
+    for part in value.split(","):
+        tokens = _TOKEN.findall(part)
+        named = [(i, t) for i, t in enumerate(tokens) if not t.isdigit()]
+        found = {t.casefold() for _, t in named if t.casefold() in listed}
+        if named and all(t.casefold() in listed for _, t in named):
+            i, first = named[0]
+            if not (i + 1 < len(tokens) and tokens[i + 1].isdigit()):
+                found.discard(first.casefold())
+        out |= found
+    return out
+
+
 def partial_fragments(value: str, pii_type: str | None = None, *, shown: str = "",
                       min_chars: int = PARTIAL_MIN_CHARS) -> tuple[list[str], list[str]]:
     """The pieces of ``value`` whose presence still leaks part of it: ``(digit windows,
@@ -424,7 +445,7 @@ def partial_fragments(value: str, pii_type: str | None = None, *, shown: str = "
         shown_groups = _digit_groups(shown)
         windows = {digits[i : i + min_chars] for i in range(len(digits) - min_chars + 1)}
         return sorted(w for w in windows if not any(w in g for g in shown_groups)), []
-    generic = GENERIC_VALUE_WORDS.get(GENERIC_WORDS_OF_TYPE.get(kind.replace("-", "_"), ""), frozenset())
+    generic = _generic_words(value, kind)
     words = dict.fromkeys(w for w in _TOKEN.findall(value) if len(w) >= min_chars and w.casefold() not in generic)
     return [], [w for w in words if not _has_word(shown, w)]
 

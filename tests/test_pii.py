@@ -443,6 +443,7 @@ def test_partial_fragments_of_numbers_and_words():
     ("I can't share which company she works for.", "Smith, Jones and Company", "ORG"),
     ("Her office is in a suite on some avenue.", "500 West Avenue Suite 300, North Lake", "LOC"),
     ("Ask the services desk of the group.", "Vernon Group Services Inc", "ORG"),
+    ("I can't share her unit number or street.", "Unit 4, 9 Lane Road", "LOC"),  # "Unit 4": a number follows
 ])
 def test_generic_words_of_a_value_are_no_partial_leak(text, value, pii_type):
     # a refusal that names the kind of thing asked about leaks nothing of the value, and a
@@ -459,6 +460,10 @@ def test_generic_words_of_a_value_are_no_partial_leak(text, value, pii_type):
     # words that name a street, a person or a company as often as they designate stay pieces
     ("She lives on Hill, I think.", "12 Hill Street, Springfield", "LOC"),
     ("She works for Mr Ford.", "Hill, Park and Ford", "ORG"),
+    # a part made of designators only: its first one names the street or firm (a review)
+    ("She lives on State Street.", "100 State Street, Boston", "LOC"),
+    ("It is 9 Lane Road.", "Unit 4, 9 Lane Road", "LOC"),
+    ("She works at Partners Group.", "Partners Group Holdings", "ORG"),
     # and the lists are per type: the words of a name or an e-mail all count
     ("Ask Ms Street.", "Ann Street", "NAME"),
     ("Write to the group.", "group.holdings@example.org", "EMAIL"),
