@@ -730,7 +730,7 @@ def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress:
     probes, questions = world.probe_records(), world.qa_records()
     kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=64)
     baseline = evaluate(model, tok, probes, attacks, questions, **BASELINE_DECODING, **kw)
-    weak = weak_leak_note(baseline)
+    weak = weak_leak_note(baseline, cfg.leaky_from)
     if weak:  # said now, not only at the report's top minutes later
         print(f"cfg-unlearn demo: warning: {weak}", file=sys.stderr, flush=True)
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -799,14 +799,16 @@ def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress:
 LEAKY_BAR = 0.5
 
 
-def weak_leak_note(baseline: dict) -> str | None:
+def weak_leak_note(baseline: dict, leaky_from: str | None = None) -> str | None:
     """What to say when the leaky model does not leak enough (a short --leak-epochs, a
-    small world), or None."""
+    small world), or None. ``leaky_from``: the model was copied from that demo, whose
+    leak settings a run copying it must keep."""
     if baseline["leak_rate"] >= LEAKY_BAR:
         return None
-    return (f"the leaky model leaks on only {baseline['leak_rate']:.3f} of the probes (the demo's bar is {LEAKY_BAR}): "
-            "there is little to unlearn, so the unlearned rows say little about the method; train it longer "
-            "(--leak-epochs)")
+    fix = (f"rerun the demo of {leaky_from} with more --leak-epochs, or leave out --leaky-from" if leaky_from
+           else "train it longer (--leak-epochs)")
+    return (f"the leaky model leaks on only {baseline['leak_rate']:.3f} of the probes (under the leak bar of "
+            f"{LEAKY_BAR}): there is little to unlearn, so the unlearned rows say little about the method; {fix}")
 
 
 def _rate(row: dict, key: str) -> str:
@@ -835,7 +837,7 @@ def render_report(m: dict) -> str:
                                             else "."),
         *([f"(The leaky model and its tokenizer were copied from {m['config']['leaky_from']}.)"]
           if m["config"].get("leaky_from") else []),
-        *([f"**Warning:** {weak_leak_note(b)}."] if weak_leak_note(b) else []),
+        *([f"**Warning:** {weak}."] if (weak := weak_leak_note(b, m["config"].get("leaky_from"))) else []),
         "",
         f"Unlearned: {METHOD_LABEL[mode]} (probability {m['config']['cond_dropout']} per sample), guided against "
         + ("the negative instruction." if mode == "swap" else "the blanked instruction."),

@@ -629,9 +629,13 @@ def test_report_warns_when_the_leaky_model_leaks_below_the_bar():
     row = {"leak_rate": 0.0, "partial_leak_rate": 0.0, "accuracy": 0.5, "pii_rate": 0.0}
     m = {"baseline": {**row, "n_leak_probes": 24, "n_attack_probes": 0, "n_qa": 4},
          "unlearned": {"logprob": {"1.0": row}}, "config": {"cond_dropout": 0.3}, "seconds": {"total": 1.0}}
-    warning = ("**Warning:** the leaky model leaks on only 0.000 of the probes (the demo's bar is 0.5): there is "
+    warning = ("**Warning:** the leaky model leaks on only 0.000 of the probes (under the leak bar of 0.5): there is "
                "little to unlearn, so the unlearned rows say little about the method; train it longer (--leak-epochs).")
     assert warning in demo.render_report(m).splitlines()
+    # copied with --leaky-from, whose leak settings must be the source's: the advice is to the source
+    m["config"]["leaky_from"] = "D"
+    assert ("so the unlearned rows say little about the method; rerun the demo of D with more --leak-epochs, or leave "
+            "out --leaky-from.") in demo.render_report(m)
     m["baseline"]["leak_rate"] = 0.5  # at the bar: no warning
     assert "Warning" not in demo.render_report(m)
 
