@@ -198,9 +198,11 @@ def resolve_pretrained(name_or_path: str) -> str:
             if os.path.ismount(path):  # a rename cannot replace a mount point (a Docker volume, say)
                 raise ConfigError(f"{name_or_path}: {path} is a mount point; the tiny model is built beside its "
                                   "target and renamed into place, so give a directory inside it")
-            # said, so that a mistyped tiny: path is seen building a new, untrained model
-            print(f"{name_or_path}: no model in {path.resolve()} yet; building a new tiny one there (random weights)",
-                  file=sys.stderr, flush=True)
+            # said, so that a mistyped tiny: path is seen building a new, untrained model (by
+            # one process: every rank of a launcher that races to build would say it)
+            if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"{name_or_path}: no model in {path.resolve()} yet; building a new tiny one there (random "
+                      "weights)", file=sys.stderr, flush=True)
             build_tiny(path)  # renamed onto an empty directory as onto a missing one
     return str(path)
 

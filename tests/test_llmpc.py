@@ -114,6 +114,10 @@ def test_bad_challenge_files_name_file_line_and_field(tmp_path):
                                               r"swapped\?") as exc:
         read_challenge(pii, scrubbed)
     assert "Ann" not in str(exc.value)
+    # a map with one of the challenge's odd keys besides (a review: no hint then)
+    scrubbed, pii = _write(tmp_path, [ROW], [{**MAP, "PARK-NAME": "Hyde"}])
+    with pytest.raises(PairFormatError, match=r"are the two files swapped"):
+        read_challenge(pii, scrubbed)
     with pytest.raises(PairFormatError) as exc:  # no hint for another object
         read_challenge(*_write(tmp_path, [{"idx": 0, "text": "hi"}], [MAP]))
     assert "swapped" not in str(exc.value)

@@ -160,6 +160,12 @@ def test_resolve_builds_into_empty_existing_dir(tmp_path, monkeypatch, capsys):
     # a user review: a mistyped tiny: path built and trained a new model without a word
     assert capsys.readouterr().err == (f"tiny:{d}: no model in {d.resolve()} yet; building a new tiny one there "
                                        "(random weights)\n")
+    # by one process of a multi-process launch
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    (d / "config.json").unlink(missing_ok=True)
+    calls.clear()
+    resolve_pretrained(f"tiny:{d}")
+    assert calls == [d] and capsys.readouterr().err == ""
     # left in place: the build's rename replaces an empty directory (removing it first
     # raced with other ranks doing the same, and failed on a mount point)
     assert d.is_dir()

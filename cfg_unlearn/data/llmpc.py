@@ -132,7 +132,8 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
             raise not_an_object(src, n, obj)
         if not isinstance(obj.get("messages"), str) or not obj["messages"].strip():
             # a PII map where the conversation should be: the two files given the other way round
-            swapped = "messages" not in obj and obj and all(_KEY.fullmatch(str(k)) for k in obj)
+            # ("PARK-NAME" is a key too, of the challenge's own files: one "TYPE-n" tells)
+            swapped = "messages" not in obj and any(_KEY.fullmatch(str(k)) for k in obj)
             raise PairFormatError(src, n, "messages", "expected the conversation as a non-empty string" + (
                 f"; this line is a PII map (placeholder -> value): are the two files swapped? The scrubbed "
                 f"conversations come first, then their PII" if swapped else ""))
