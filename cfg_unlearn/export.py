@@ -35,6 +35,7 @@ instructions and scale. ``/reset`` clears the history, ``/quit`` (or end of inpu
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
@@ -685,8 +686,7 @@ def main_export(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     # imported before the root logger gets a handler, Lightning prints its lines through its
     # own, once; imported after (with the checkpoint), each line came twice, once as "INFO: ..."
-    import lightning.pytorch  # noqa: F401
-
+    importlib.import_module("lightning.pytorch")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         with hf_progress_bars_off(a.quiet):

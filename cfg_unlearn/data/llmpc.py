@@ -135,8 +135,8 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
             # ("PARK-NAME" is a key too, of the challenge's own files: one "TYPE-n" tells)
             swapped = "messages" not in obj and any(_KEY.fullmatch(str(k)) for k in obj)
             raise PairFormatError(src, n, "messages", "expected the conversation as a non-empty string" + (
-                f"; this line is a PII map (placeholder -> value): are the two files swapped? The scrubbed "
-                f"conversations come first, then their PII" if swapped else ""))
+                "; this line is a PII map (placeholder -> value): are the two files swapped? The scrubbed "
+                "conversations come first, then their PII" if swapped else ""))
         check_unicode(obj["messages"], src, n, "messages")
         idx = obj.get("idx", n - 1)
         if not isinstance(idx, int) or isinstance(idx, bool):
