@@ -7,14 +7,8 @@
 
 import sys
 
-try:
-    from cfg_unlearn.cli import train_main
-except KeyboardInterrupt:  # importing Lightning takes seconds: one line, not a traceback
-    # (written out: the package may be half imported, cfg_unlearn.console.NOT_STARTED with it)
-    fit = sys.argv[1:2] == ["fit"]
-    sys.stderr.write("train.py: interrupted" + ("; it had not started training, so no checkpoint was saved" if fit
-                                                 else "") + "\n")
-    raise SystemExit(130)
+# a light import: Lightning's, which takes seconds, happens inside, where Ctrl-C is one line
+from cfg_unlearn.console import trainer_command
 
 if __name__ == "__main__":
-    train_main()
+    trainer_command(sys.argv[1:], prog="train.py")

@@ -360,6 +360,18 @@ COMMANDS_HELP = """\
 NOT_STARTED = "; it had not started training, so no checkpoint was saved"
 
 
+def trainer_command(argv: list[str], prog: str) -> None:
+    """``fit``/``validate`` (``python train.py ...`` and ``cfg-unlearn fit ...``):
+    :func:`cfg_unlearn.cli.train_main`, imported here, where a Ctrl-C while Lightning
+    imports (seconds) is one line rather than a traceback."""
+    try:
+        from cfg_unlearn.cli import train_main
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted{NOT_STARTED if argv[:1] == ['fit'] else ''}\n")
+        sys.exit(128 + signal.SIGINT)
+    train_main(argv, prog=prog)
+
+
 def console_main(argv: list[str] | None = None) -> None:
     """``cfg-unlearn <demo|fit|validate|generate|export|chat|subtract|saft|build-tiny> ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -375,12 +387,7 @@ def console_main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     cmd, rest = argv[0], argv[1:]
     if cmd in TRAINER_SUBCOMMANDS:  # Lightning stops a fit at a step's end on SIGTERM: train_main
-        try:
-            from cfg_unlearn.cli import train_main
-        except KeyboardInterrupt:  # importing Lightning takes seconds: one line, not a traceback
-            sys.stderr.write(f"cfg-unlearn {cmd}: interrupted{NOT_STARTED if cmd == 'fit' else ''}\n")
-            sys.exit(128 + signal.SIGINT)
-        train_main([cmd, *rest], prog=f"cfg-unlearn {cmd}")
+        trainer_command([cmd, *rest], prog=f"cfg-unlearn {cmd}")
         return
     commands = ("build-tiny", "generate", "demo", *COMMAND_ENTRY_POINTS)
     if cmd not in commands:

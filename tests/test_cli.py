@@ -910,6 +910,27 @@ def test_a_stopped_fit_exits_with_the_signals_status_not_0_or_1(tmp_path, monkey
     assert capsys.readouterr().err == f"train.py: {said}; {note}\n"
 
 
+@pytest.mark.parametrize("prog", ["train.py", "cfg-unlearn fit", "cfg-unlearn validate"])
+def test_ctrl_c_while_lightning_imports_is_one_line(monkeypatch, capsys, prog):
+    """train.py and `cfg-unlearn fit|validate` import Lightning (seconds) inside
+    console.trainer_command: a Ctrl-C there was a traceback through the imports."""
+    import types
+
+    from cfg_unlearn import console
+
+    class Importing(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "cfg_unlearn.cli", Importing("cfg_unlearn.cli"))
+    sub = "validate" if prog.endswith("validate") else "fit"
+    with pytest.raises(SystemExit) as e:
+        console.trainer_command([sub], prog=prog)
+    assert e.value.code == 130
+    assert capsys.readouterr().err == f"{prog}: interrupted" + (
+        "; it had not started training, so no checkpoint was saved" if sub == "fit" else "") + "\n"
+
+
 @pytest.mark.parametrize("sub", ["fit", "validate"])
 def test_ctrl_c_before_lightnings_loop_is_one_line(monkeypatch, capsys, sub):
     """A user review: Ctrl-C in the first seconds (parsing the config, loading the model)
