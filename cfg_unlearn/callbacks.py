@@ -721,15 +721,17 @@ def resumes_run(ckpt: Any, run_path: str | Path | None, trainer: L.Trainer) -> b
 def refuse_taken_run_dir(path: str | Path, taken: list[str], stage: str = "fit") -> None:
     """The error for a run directory that :func:`previous_run_files` found taken; only a
     ``fit`` can resume into it (a ``validate`` given ``--ckpt_path`` was told to add it)."""
-    if taken:
-        resumable = stage == "fit" and any(t.endswith(".ckpt") for t in taken)  # not a killed save's temp file
-        raise ConfigError(
-            f"{path} holds another run ({', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}); "
-            "writing there would replace it. Pick a new --trainer.logger.init_args.version (or let the "
-            "logger choose one)" + (", remove the directory, or resume that run with --ckpt_path" if resumable
-                                    else " or remove the directory" + (
-                                        " (it holds no checkpoint to resume: that run stopped before its first)"
-                                        if stage == "fit" else "")))
+    if not taken:
+        return
+    if stage != "fit":
+        way_out = " or remove the directory"
+    elif any(t.endswith(".ckpt") for t in taken):  # not a killed save's temp file
+        way_out = ", remove the directory, or resume that run with --ckpt_path"
+    else:
+        way_out = " or remove the directory (it holds no checkpoint to resume: that run stopped before its first)"
+    raise ConfigError(f"{path} holds another run ({', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}); "
+                      "writing there would replace it. Pick a new --trainer.logger.init_args.version (or let the "
+                      f"logger choose one){way_out}")
 
 
 def previous_run_files(path: str | Path) -> list[str]:
