@@ -515,16 +515,16 @@ def chat_settings(model_dir: str | os.PathLike, system: str | None = None,
     guidance: nothing says the model learnt an unconditioned branch) unless the caller
     overrides the scale."""
     model_dir = Path(model_dir)
-    if not model_dir.is_dir() or (model_dir / EXPORT_CONFIG).is_file():
-        config = ExportConfig.read(model_dir)
-    elif system is None:
+    if system is not None and model_dir.is_dir() and not (model_dir / EXPORT_CONFIG).is_file():
+        config = ExportConfig(system_instruction=None, uncond_instruction=None, guidance_scale=1.0)
+    else:
         try:
             config = ExportConfig.read(model_dir)
-        except ValueError as e:  # what is missing, and the way to chat such a folder
+        except ValueError as e:
+            if (model_dir / EXPORT_CONFIG).is_file():  # a file that is wrong: its own error
+                raise
             raise ValueError(f"{e}; to chat it anyway, give the instruction to condition on with --system "
                              "('' = none)") from None
-    else:
-        config = ExportConfig(system_instruction=None, uncond_instruction=None, guidance_scale=1.0)
     given = {k: _blank_to_none(v) for k, v in (("system_instruction", system), ("uncond_instruction", uncond_system))
              if v is not None}
     return replace(config, **given)
