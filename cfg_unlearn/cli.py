@@ -4,13 +4,15 @@ as ``cfg-unlearn fit|validate`` by the console script (:mod:`cfg_unlearn.console
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import re
 import shlex
 import signal
 import sys
 import warnings
 
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
@@ -60,6 +62,8 @@ class UnlearnCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser, args) -> None:
+        # jsonargparse names a bad key of a config file without the file or its line
+        explain_parse_errors(parser, sys.argv[1:] if args is None else args if isinstance(args, list) else [])
         super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
         seed = (self.config[sub] if sub else self.config).get("seed_everything")
@@ -519,12 +523,11 @@ def _check_config_encoding(path: str) -> None:
                           "not UTF-8, so it would be misread; run with PYTHONUTF8=1 (or python -X utf8)")
 
 
-def check_config_files(argv: list[str]) -> None:
-    """Read every ``--config``/``-c`` file as YAML first, so a syntax error names the file
-    (jsonargparse reads the text and names it ``<unicode string>``). A value that is not
-    a file is left to jsonargparse (it also takes inline YAML and reports missing files)."""
-    import yaml
-
+def config_file_args(argv: list[str]) -> list[str]:
+    """The ``--config``/``-c`` values of ``argv`` that are files, in order. A value that is
+    not a file is jsonargparse's (it also takes inline YAML, of any length, and reports
+    missing files)."""
+    paths = []
     for i, arg in enumerate(argv):
         if arg in ("--config", "-c") and i + 1 < len(argv):
             path = argv[i + 1]
@@ -532,8 +535,17 @@ def check_config_files(argv: list[str]) -> None:
             path = arg.split("=", 1)[1]
         else:
             continue
-        if not os.path.isfile(path):  # inline YAML text (any length) is jsonargparse's
-            continue
+        if os.path.isfile(path):
+            paths.append(path)
+    return paths
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Read every ``--config``/``-c`` file as YAML first, so a syntax error names the file
+    (jsonargparse reads the text and names it ``<unicode string>``)."""
+    import yaml
+
+    for path in config_file_args(argv):
         _check_config_encoding(path)
         try:
             with open(path, encoding="utf-8") as fh:
@@ -550,6 +562,165 @@ def check_config_files(argv: list[str]) -> None:
             raise ConfigError(f"--config {path}: not valid YAML: {e}") from None
         except OSError:  # unreadable: jsonargparse says so
             continue
+
+
+#: jsonargparse's messages for a key no setting has; the key is the last group
+_UNKNOWN_KEY = (
+    re.compile(r"^Subcommand '[^']+' does not accept option '(?P<key>[^']+)'"),
+    re.compile(r"^Group '(?P<group>[^']+)' does not accept option '(?P<key>[^']+)'"),
+    re.compile(r"^Option '(?P<key>[^']+)' is not accepted before subcommand"),
+)
+#: a value it refused ("Parser key "trainer.max_epochs": Expected a <class 'int'> ...")
+_PARSER_KEY = re.compile(r'^Parser key "(?P<key>[^"]+)":')
+#: ... or an argument its class does not take (an optimizer's ``lrr``)
+_CLASS_OPTION = re.compile(r"Option '(?P<key>[^']+)' is not accepted")
+_CLASS_PATH = re.compile(r"class_path='(?P<path>[\w.]+)'")
+_GIVEN_VALUE = re.compile(r"^\s*Given value: (?P<value>.*)$", re.MULTILINE)
+_UNRECOGNIZED = re.compile(r"^unrecognized arguments: (?P<args>.+)$")
+
+
+def explain_parse_error(message: str, argv: list[str], settings: Collection[str]) -> str:
+    """jsonargparse's parse error with what it leaves out: the config file and line that
+    set the key it names, and the nearest setting to a misspelt one (``settings``: the
+    parser's keys, as ``trainer.max_epochs``). A key the command line gives is not
+    looked up in the files: the command line's value is the one refused."""
+    first = message.partition("\n")[0]
+    m = _UNRECOGNIZED.match(first)
+    if m:
+        hints = []
+        for arg in m["args"].split():
+            flag = arg.split("=", 1)[0]
+            close = difflib.get_close_matches(flag[2:], settings, n=1) if flag.startswith("--") else []
+            hints += [f"--{close[0]} for {flag}"] if close else []
+        return f"{message} (did you mean {', '.join(hints)}?)" if hints else message
+    for pattern in _UNKNOWN_KEY:
+        m = pattern.match(first)
+        if m:
+            key = f"{m['group']}.{m['key']}" if "group" in m.groupdict() else m["key"]
+            close = difflib.get_close_matches(key, settings, n=1)
+            found = [where for where in [_set_in_config(argv, key)] if where]
+            found += [f"did you mean '{close[0]}'?"] if close else []
+            return f"{message} ({'; '.join(found)})" if found else message
+    m = _PARSER_KEY.match(first)
+    if not m or _refused_from_command_line(argv, m["key"], message):
+        return message
+    option = _CLASS_OPTION.search(message)
+    shown = _GIVEN_VALUE.search(message)
+    where = _set_in_config(argv, m["key"], option["key"] if option else None, shown["value"] if shown else None)
+    close = _close_init_arg(option["key"], message) if option else None
+    lines = [f"  Set by {where}"] if where else []
+    lines += [f"  Did you mean '{close}'?"] if close else []
+    return "\n".join([message, *lines])
+
+
+def _refused_from_command_line(argv: list[str], key: str, message: str) -> bool:
+    """Whether the value refused is the command line's ``--key``: jsonargparse checks each
+    config file as it loads it, so a file's bad value is refused even where the command
+    line gives the key too; its message shows the value ("Given value: three")."""
+    given = [argv[i + 1] if a == f"--{key}" and i + 1 < len(argv) else a.split("=", 1)[1]
+             for i, a in enumerate(argv) if a == f"--{key}" or a.startswith((f"--{key}=", f"--{key}."))]
+    shown = _GIVEN_VALUE.search(message)
+    return bool(given) and (shown is None or shown["value"] in given)
+
+
+def _set_in_config(argv: list[str], key: str, child: str | None = None, value: str | None = None) -> str | None:
+    """``--config FILE:LINE`` where a config file sets ``key`` (or, with ``child``, an
+    argument of that name anywhere below it), at its top level or under the
+    subcommand's name (a config given before the subcommand): of the files that set it,
+    the last whose value reads ``value`` (the one refused), else the last; None if none."""
+    import yaml
+
+    sub = next((a for a in argv if a in TRAINER_SUBCOMMANDS), None)
+    paths = [key.split(".")] + ([[sub, *key.split(".")]] if sub else [])
+    sets = []
+    for path in config_file_args(argv):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                root = yaml.compose(fh, Loader=yaml.SafeLoader)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        for parts in paths:
+            found = _yaml_key(root, parts)
+            if found is not None and child is not None:
+                found = _yaml_descendant_key(found[1], child)
+            if found is not None:
+                sets.append((path, *found))
+    same = [s for s in sets if isinstance(s[2], yaml.ScalarNode) and s[2].value == value]
+    if not sets:
+        return None
+    path, k, _ = (same or sets)[-1]
+    return f"--config {path}:{k.start_mark.line + 1}"
+
+
+def _yaml_key(node: Any, parts: list[str]) -> tuple[Any, Any] | None:
+    """The (key, value) nodes of the dotted key ``parts`` in a composed YAML mapping,
+    nested (``trainer: {max_epochs: 3}``) or dotted (``trainer.max_epochs: 3``)."""
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    for k, v in node.value:
+        if not isinstance(k, yaml.ScalarNode):
+            continue
+        head = str(k.value).split(".")
+        if parts[: len(head)] == head:
+            if len(head) == len(parts):
+                return k, v
+            found = _yaml_key(v, parts[len(head):])
+            if found is not None:
+                return found
+    return None
+
+
+def _yaml_descendant_key(node: Any, name: str) -> tuple[Any, Any] | None:
+    """The first mapping key ``name`` at any depth below ``node`` (an ``init_args``
+    argument, or one given in jsonargparse's shorthand without ``init_args``)."""
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == name:
+                return k, v
+        children = [v for _, v in node.value]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    else:
+        return None
+    for child in children:
+        found = _yaml_descendant_key(child, name)
+        if found is not None:
+            return found
+    return None
+
+
+def _close_init_arg(name: str, message: str) -> str | None:
+    """The nearest argument of the class the message names (``torch.optim.AdamW``)."""
+    import importlib
+    import inspect
+
+    m = _CLASS_PATH.search(message)
+    if not m:
+        return None
+    module, _, attr = m["path"].rpartition(".")
+    try:
+        params = inspect.signature(getattr(importlib.import_module(module), attr)).parameters
+    except Exception:  # noqa: BLE001 - a hint only: any failure to import or inspect means no hint
+        return None
+    close = difflib.get_close_matches(name, list(params), n=1)
+    return close[0] if close else None
+
+
+def explain_parse_errors(parser: Any, argv: list[str]) -> None:
+    """Make ``parser`` and its subcommands' parsers report errors through
+    :func:`explain_parse_error` (jsonargparse then prints the usage and exits as before)."""
+    action = getattr(parser, "_subcommands_action", None)
+    subparsers = list(getattr(action, "_name_parser_map", {}).values()) if action is not None else []
+    settings = sorted({a.dest for p in (parser, *subparsers) for a in p._actions if "." in a.dest})
+    for p in (parser, *subparsers):
+        def error(message: str, ex: Exception | None = None, _report=p.error) -> None:
+            _report(explain_parse_error(message, argv, settings), ex)
+
+        p.error = error
 
 
 #: the trainer of the subcommand train_main runs, for its stop message

@@ -430,6 +430,63 @@ def test_a_config_that_is_not_yaml_names_its_file_and_line(tmp_path, capsys, fla
     assert "(line 3, column 12)" in err and "<unicode string>" not in err
 
 
+def _parse_error(capsys, args: list[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        train_main(args)
+    assert e.value.code == 2
+    return capsys.readouterr().err.rpartition("error: ")[2].strip()
+
+
+@pytest.mark.parametrize("text,line", [("trainer:\n  max_steps: 3\n  max_epoch: 2\n", 3),
+                                       ("trainer.max_epoch: 2\n", 1)], ids=["nested", "dotted"])
+def test_a_misspelt_config_key_names_its_file_line_and_the_setting_meant(tmp_path, capsys, text, line):
+    """jsonargparse said "Subcommand 'fit' does not accept option 'trainer.max_epoch'",
+    naming neither the file nor the line among the user's stacked configs."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(text)
+    err = _parse_error(capsys, ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--config", str(mine)])
+    assert err == (f"Subcommand 'fit' does not accept option 'trainer.max_epoch' "
+                   f"(--config {mine}:{line}; did you mean 'trainer.max_epochs'?)"), err
+
+
+def test_a_misspelt_key_of_a_config_given_before_the_subcommand_is_found_under_it(tmp_path, capsys):
+    mine = tmp_path / "root.yaml"
+    mine.write_text("fit:\n  model:\n    betaa: 2\n")
+    err = _parse_error(capsys, ["--config", str(mine), "fit", "--config", str(ROOT / "configs/tiny.yaml")])
+    assert err.endswith(f"'model.betaa' (--config {mine}:3; did you mean 'model.beta'?)"), err
+
+
+def test_a_bad_config_value_names_the_file_that_set_it_not_the_command_line(tmp_path, capsys):
+    """jsonargparse checks each config as it loads it: the file's "three" is refused even
+    where the command line gives the key too, and a later file's good value is not it."""
+    bad, good = tmp_path / "bad.yaml", tmp_path / "good.yaml"
+    bad.write_text("trainer:\n  max_epochs: three\n")
+    good.write_text("trainer:\n  max_epochs: 4\n")
+    base = ["fit", "--config", str(ROOT / "configs/tiny.yaml")]
+    for extra in ([], ["--config", str(good)], ["--trainer.max_epochs=5"]):
+        err = _parse_error(capsys, [*base, "--config", str(bad), *extra])
+        assert err.startswith('Parser key "trainer.max_epochs":'), err
+        assert err.endswith(f"Given value: three\n  Set by --config {bad}:2"), err
+    # the command line's own bad value: no file is blamed
+    err = _parse_error(capsys, [*base, "--config", str(good), "--trainer.max_epochs", "x"])
+    assert err.endswith("Given value: x"), err
+
+
+def test_a_misspelt_class_argument_in_a_config_names_its_line_and_the_argument_meant(tmp_path, capsys):
+    mine = tmp_path / "opt.yaml"
+    mine.write_text("model:\n  optimizer:\n    class_path: torch.optim.AdamW\n    init_args:\n      lrr: 0.001\n")
+    err = _parse_error(capsys, ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--config", str(mine)])
+    assert err.startswith('Parser key "model.optimizer":') and "Option 'lrr' is not accepted" in err, err
+    assert err.endswith(f"\n  Set by --config {mine}:5\n  Did you mean 'lr'?"), err
+
+
+def test_a_misspelt_flag_gets_the_nearest_setting(capsys):
+    err = _parse_error(capsys, ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.max_epoch=3",
+                                "--nothing_like_it=1"])
+    assert err == ("unrecognized arguments: --trainer.max_epoch=3 --nothing_like_it=1 "
+                   "(did you mean --trainer.max_epochs for --trainer.max_epoch?)"), err
+
+
 def test_train_py_reports_a_bad_pair_row_in_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     """A malformed row is `file:line: field` on stderr with exit status 2, not a
