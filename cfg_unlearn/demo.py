@@ -238,10 +238,18 @@ def unlearn(cfg: DemoConfig, leaky_dir: Path, pairs_file: Path, log_dir: Path, *
                            optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
     data = PairDataModule(tokenizer=str(leaky_dir), train_file=str(pairs_file), val_fraction=0.0,
                           batch_size=cfg.batch_size, seed=cfg.seed, uncond_system_prompt=uncond_instruction(cond_mode))
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=cfg.unlearn_epochs,
-                        logger=CSVLogger(log_dir.parent, log_dir.name, version=version), callbacks=callbacks,
-                        enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
-                        deterministic=True, log_every_n_steps=5, limit_val_batches=0)
+    # the demo runs on the CPU by design: Lightning's "GPU available: False, used: False"
+    # and "TPU available" lines, printed between the stages' own, tell its user nothing
+    device_info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = device_info.level
+    device_info.setLevel(logging.WARNING)
+    try:
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=cfg.unlearn_epochs,
+                            logger=CSVLogger(log_dir.parent, log_dir.name, version=version), callbacks=callbacks,
+                            enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+                            deterministic=True, log_every_n_steps=5, limit_val_batches=0)
+    finally:
+        device_info.setLevel(level)
     # Lightning writes its bar to stdout; the demo's other bars (tqdm, transformers) and
     # its messages go to stderr, so `demo > log` kept this one's carriage returns alone
     with contextlib.redirect_stdout(sys.stderr):
