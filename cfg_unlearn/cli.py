@@ -748,6 +748,10 @@ def saved_checkpoints_note(trainer: Any, resumed_from: str | None = None) -> str
     if saved:
         latest = max(saved, key=os.path.getmtime)
         return f"; the checkpoints saved before it are kept (resume with --ckpt_path {shlex.quote(str(latest))})"
+    if resumed_from in ("last", "best", "hpc", "registry"):
+        # a name, not a file: the one Lightning resolved it to, once the fit got that far
+        # (with none found, Lightning started the fit afresh: it resumed from nothing)
+        resumed_from = getattr(trainer, "ckpt_path", None)
     if resumed_from:
         return f"; it saved no checkpoint since it resumed from {resumed_from}"
     return "; no checkpoint was saved before it"

@@ -921,7 +921,7 @@ def _lightning_ctrl_c(args):  # what Lightning's _call_and_handle_interrupt does
     (_lightning_sigterm, 143, "stopped by SIGTERM at the end of a step"),
     (_lightning_ctrl_c, 130, "interrupted"),
 ], ids=["sigterm", "ctrl-c"])
-@pytest.mark.parametrize("saved", ["file", "sharded", "none", "resumed"])
+@pytest.mark.parametrize("saved", ["file", "sharded", "none", "resumed", "resumed-last", "last-not-found"])
 def test_a_stopped_fit_exits_with_the_signals_status_not_0_or_1(tmp_path, monkeypatch, capsys, stop, code, said,
                                                                saved):
     """Lightning ends the step and raises SIGTERMException, a SystemExit with no code: a
@@ -951,18 +951,23 @@ def test_a_stopped_fit_exits_with_the_signals_status_not_0_or_1(tmp_path, monkey
             (last / "shard").mkdir(parents=True)
         os.utime(last, (2, 2))
         cb.last_model_path, cb.best_k_models = str(last), {str(folder / "step=20.ckpt"): torch.tensor(1.0)}
-    trainer = SimpleNamespace(callbacks=[LearningRateMonitor(), cb])
+    # `--ckpt_path last`: Lightning's trainer.ckpt_path is the file it resolved that to,
+    # or None where it found none and started afresh (the note said "resumed from last")
+    trainer = SimpleNamespace(callbacks=[LearningRateMonitor(), cb],
+                              ckpt_path="old/last.ckpt" if saved != "last-not-found" else None)
+    given = {"resumed": "old/last.ckpt", "resumed-last": "last", "last-not-found": "last"}.get(saved)
 
     def running(args):  # as UnlearnCLI._run_subcommand does before Lightning's loop
-        cli._RUNNING.update(trainer=trainer, ckpt_path="old/last.ckpt" if saved == "resumed" else None)
+        cli._RUNNING.update(trainer=trainer, ckpt_path=given)
         stop(args)
 
     monkeypatch.setattr(cli, "cli_main", running)
     with pytest.raises(SystemExit) as e:
         train_main(["fit"])
     assert e.value.code == code
-    note = {"none": "no checkpoint was saved before it",
-            "resumed": "it saved no checkpoint since it resumed from old/last.ckpt"}.get(
+    note = {"none": "no checkpoint was saved before it", "last-not-found": "no checkpoint was saved before it",
+            "resumed": "it saved no checkpoint since it resumed from old/last.ckpt",
+            "resumed-last": "it saved no checkpoint since it resumed from old/last.ckpt"}.get(
         saved, f"the checkpoints saved before it are kept (resume with --ckpt_path '{last}')")
     assert capsys.readouterr().err == f"train.py: {said}; {note}\n"
 
