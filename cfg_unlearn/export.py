@@ -654,7 +654,8 @@ def build_export_parser() -> argparse.ArgumentParser:
         "(LoRA adapters merged, safetensors, tokenizer) plus cfg_unlearn.json: the instructions, guidance "
         "scale and space to decode it with (read by `cfg-unlearn chat`). Written atomically.",
     )
-    p.add_argument("--ckpt", required=True,
+    # --ckpt_path as train.py names it, so a path copied from a fit's command line works
+    p.add_argument("--ckpt", "--ckpt-path", "--ckpt_path", required=True,
                    help="Lightning checkpoint of UnlearnModule: a .ckpt file, or a sharded FSDP checkpoint directory")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--guidance-scale", type=float, default=None,

@@ -331,6 +331,13 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, make, match, capsys):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("flag", ["--ckpt", "--ckpt-path", "--ckpt_path"])
+def test_the_checkpoint_flag_takes_train_pys_name_too(flag):
+    from cfg_unlearn.export import build_export_parser
+
+    assert build_export_parser().parse_args([flag, "runs/x/last.ckpt", "--out", "m"]).ckpt == "runs/x/last.ckpt"
+
+
 def _sharded(directory: Path, tensors: dict | None, meta: dict | None) -> Path:
     """A torch.distributed checkpoint laid out as Lightning's FSDP strategy writes one
     with ``state_dict_type="sharded"``: the tensors under ``model`` (one process here),
