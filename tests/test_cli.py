@@ -89,6 +89,17 @@ def test_console_script_version(flag, capsys):
     assert e.value.code == 0 and capsys.readouterr().out == f"cfg-unlearn {__version__}\n"
 
 
+def test_python_dash_m_runs_the_console_script():
+    from cfg_unlearn import __version__
+
+    run = subprocess.run([sys.executable, "-m", "cfg_unlearn", "--version"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert (run.returncode, run.stdout) == (0, f"cfg-unlearn {__version__}\n"), run.stderr
+    run = subprocess.run([sys.executable, "-m", "cfg_unlearn", "frobnicate"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert run.returncode == 2 and "unknown command 'frobnicate'" in run.stderr
+
+
 def test_ctrl_c_is_one_line_and_exit_130_in_every_command(monkeypatch, capsys):
     """CLI audit: Ctrl-C in generate or saft printed a KeyboardInterrupt traceback from
     inside the model's forward; a fit went through Lightning's graceful shutdown and
