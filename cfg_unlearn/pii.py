@@ -242,8 +242,14 @@ class ValueIndex:
     pattern allows only non-digits between its digits); any other value must have its
     first word begin a word of the text (its pattern starts at a word start, and the
     next word may follow with no separator), a date also its year as a word (its numeric
-    forms). Against 13,812 values a text costs 0.6 ms,
-    50x less than searching every value's pattern (``benchmarks/value_index.py``)."""
+    forms). Those keys are short (a value's first digits, its first word's first letters),
+    so a candidate is checked once more before its pattern is compiled (0.1 to 2 ms): a
+    number's whole digit string must be among the text's digits, a word value's whole
+    first word must begin a word of the text and each of its words be in the text
+    (folded as the keys are), and the text must hold what every form of a date holds: its
+    year's last two digits and its day among its digits, and its month as a number or
+    the month name's first three letters. ``benchmarks/value_index.py`` times it against
+    searching every value's pattern."""
 
     DIGIT_KEY = 4
     WORD_KEY = 3
@@ -258,14 +264,26 @@ class ValueIndex:
         # never a candidate (compiling one costs 0.1 to 2 ms)
         self._patterns: dict[PIIItem, re.Pattern] = {}
         self._order = {item: k for k, item in enumerate(self.items)}
+        # the whole of what the keys hold the start of: a number's digit string, a word
+        # value's words (folded as the keys are); for a date, whose other forms have other
+        # words, what every form holds: (year's last two digits, day, month, month's name[:3])
+        self._whole_digits: dict[PIIItem, str] = {}
+        self._whole_words: dict[PIIItem, tuple[str, ...]] = {}
+        self._whole_date: dict[PIIItem, tuple[str, str, str, str]] = {}
         for item in self.items:
             numeric, parts = _value_parts(item.value, item.type)
             if numeric:
                 self._numbers.setdefault("".join(parts)[: self.DIGIT_KEY], []).append(item)
+                self._whole_digits[item] = "".join(parts)
             elif parts:
                 keys = {self._word_key(parts[0])}
                 date = date_parts(item.value) if item.type.upper() == "DATE" else None
-                if date is not None:
+                if date is None:
+                    self._whole_words[item] = tuple(self._word_form(p) for p in parts)
+                else:
+                    # (its forms hold the year whole or in two digits: "5" for year 5)
+                    y, m, d = date
+                    self._whole_date[item] = (str(y)[-2:], str(d), str(m), _MONTHS[m - 1][:3])
                     # its named forms start a word with the month's name; its numeric forms
                     # hold the year as a word of its own, in four digits or two, or are one
                     # eight-digit word (compact_dates)
@@ -277,10 +295,14 @@ class ValueIndex:
 
     @classmethod
     def _word_key(cls, word: str) -> str:
+        return cls._word_form(word)[: cls.WORD_KEY]
+
+    @classmethod
+    def _word_form(cls, word: str) -> str:
         # "0*5": a digit word's leading zeros are optional, on either side
         if word.isdigit() and word.strip("0"):
             word = word.lstrip("0")
-        return cls._sharp_s_folded(word)[: cls.WORD_KEY]
+        return cls._sharp_s_folded(word)
 
     @staticmethod
     def _sharp_s_folded(word: str) -> str:
@@ -301,13 +323,29 @@ class ValueIndex:
         digits = "".join(c for c in text if c.isdigit())  # as _value_parts reads a value's digits
         for i in range(len(digits) - self.DIGIT_KEY + 1):
             tried.update(dict.fromkeys(self._numbers.get(digits[i : i + self.DIGIT_KEY], ())))
+        words: set[str] = set()  # the text's words, folded as the keys are
         for word in _TOKEN.findall(text):
             for w in {word, word.lstrip("0") if word[:1].isdigit() else word}:
+                words.add(self._sharp_s_folded(w))
                 for n in range(1, self.WORD_KEY + 1):
                     tried.update(dict.fromkeys(self._words.get(self._sharp_s_folded(w)[:n], ())))
             if len(word) in (2, 4, 8) and word.isascii() and word.isdigit():  # a year, or a compact date
                 tried.update(dict.fromkeys(self._years.get(word, ())))
-        return sorted((it for it in tried if self.pattern(it).search(text)), key=self._order.__getitem__)
+
+        folded = self._sharp_s_folded(text)
+
+        def whole(item: PIIItem) -> bool:
+            number = self._whole_digits.get(item)
+            if number is not None:
+                return number in digits
+            forms = self._whole_words.get(item)
+            if forms is not None:
+                return all(f in folded for f in forms[1:]) and any(w.startswith(forms[0]) for w in words)
+            year, day, month, month_name = self._whole_date[item]
+            return year in digits and day in digits and (month in digits or month_name in folded)
+
+        return sorted((it for it in tried if whole(it) and self.pattern(it).search(text)),
+                      key=self._order.__getitem__)
 
     def pattern(self, item: PIIItem) -> re.Pattern:
         """``value_pattern`` of an indexed item, compiled once per index."""

@@ -575,6 +575,32 @@ def test_value_index_finds_exactly_what_contains_value_finds():
     assert index.find("Nothing personal here, 1990 and 2020.") == []
 
 
+@pytest.mark.parametrize("value", ["October 03, 1976", "September 9, 2005", "3rd Feb 1957", "1990-12-25",
+                                   "May 05, 2009"])
+def test_value_index_finds_a_date_in_every_form_its_pattern_takes(value):
+    """The index checks a candidate's year, day and month before compiling its pattern
+    (2,000 people's birth dates were compiled for every phone number in a text): every
+    form the pattern finds must pass that check."""
+    y, m, d = pii.date_parts(value)
+    month = pii._MONTHS[m - 1]
+    y2 = f"{y % 100:02d}"
+    forms = [value, f"{month} {d}, {y}", f"{month[:3]} {d} {y}", f"{d} {month} {y}", f"{d}th of {month} {y}",
+             f"{month[:3]} {d} '{y2}", f"{month[:3]} {d}th, {y2}", f"{d:02d}-{month[:3]}-{y2}",
+             f"{month[:3]}.{d}.{y2}", f"{y}-{m:02d}-{d:02d}", f"{y}/{m}/{d}", f"{m}/{d}/{y}", f"{d}.{m}.{y2}",
+             *pii.compact_dates(y, m, d), f"{month}{d}{y}".upper(), f"{month.upper()} {d:02d}, {y}"]
+    if m == 9:
+        forms.append(f"Sept {d}, {y}")
+    item = PIIItem("DATE", value)
+    index = pii.ValueIndex([item])
+    found = 0
+    for form in forms:
+        for text in (form, f"Born {form}, call (555) 010-2345.", f"ID 4471{form}x"):
+            if pii.contains_value(text, value, "DATE"):
+                found += 1
+                assert index.find(text) == [item], (form, text)
+    assert found >= 2 * len(forms)  # the forms are ones the pattern takes, in running text at least
+
+
 @pytest.mark.parametrize("value, text", [
     ("Işık", "ışık"),  # re.IGNORECASE takes dotless ı as i; lower() does not
     ("Ας Μπε", "ΑΣ ΜΠΕ"),  # final sigma ς: Σ lower-cases to σ
