@@ -575,15 +575,19 @@ _PARSER_KEY = re.compile(r'^Parser key "(?P<key>[^"]+)":')
 #: ... or an argument its class does not take (an optimizer's ``lrr``)
 _CLASS_OPTION = re.compile(r"Option '(?P<key>[^']+)' is not accepted")
 _CLASS_PATH = re.compile(r"class_path='(?P<path>[\w.]+)'")
-_GIVEN_VALUE = re.compile(r"^\s*Given value: (?P<value>.*)$", re.MULTILINE)
+_GIVEN_VALUE = re.compile(r"^\s*Given value: (?P<value>.*?)(?:\. Got value: .*)?$", re.MULTILINE)
 _UNRECOGNIZED = re.compile(r"^unrecognized arguments: (?P<args>.+)$")
 
 
 def explain_parse_error(message: str, argv: list[str], settings: Collection[str]) -> str:
     """jsonargparse's parse error with what it leaves out: the config file and line that
     set the key it names, and the nearest setting to a misspelt one (``settings``: the
-    parser's keys, as ``trainer.max_epochs``). A key the command line gives is not
-    looked up in the files: the command line's value is the one refused."""
+    parser's keys, as ``trainer.max_epochs``). jsonargparse checks each config file as it
+    loads it, so a file's bad value is refused even where the command line gives the
+    key too: a file is named where its value is the one the message shows, or where the
+    command line does not give the key."""
+    import yaml
+
     first = message.partition("\n")[0]
     m = _UNRECOGNIZED.match(first)
     if m:
@@ -595,39 +599,46 @@ def explain_parse_error(message: str, argv: list[str], settings: Collection[str]
         return f"{message} (did you mean {', '.join(hints)}?)" if hints else message
     for pattern in _UNKNOWN_KEY:
         m = pattern.match(first)
-        if m:
+        if m:  # a key no setting has: on the command line that is "unrecognized arguments"
             key = f"{m['group']}.{m['key']}" if "group" in m.groupdict() else m["key"]
             close = difflib.get_close_matches(key, settings, n=1)
-            found = [where for where in [_set_in_config(argv, key)] if where]
+            found = [_config_line(*s[:2]) for s in _file_settings(argv, key)[-1:]]
             found += [f"did you mean '{close[0]}'?"] if close else []
             return f"{message} ({'; '.join(found)})" if found else message
     m = _PARSER_KEY.match(first)
-    if not m or _refused_from_command_line(argv, m["key"], message):
+    if not m:
         return message
     option = _CLASS_OPTION.search(message)
     shown = _GIVEN_VALUE.search(message)
-    where = _set_in_config(argv, m["key"], option["key"] if option else None, shown["value"] if shown else None)
+    sets = _file_settings(argv, m["key"], option["key"] if option else None)
+    same = [s for s in sets if isinstance(s[2], yaml.ScalarNode) and shown and s[2].value == shown["value"]]
+    if not same and not _given_on_command_line(argv, m["key"], option["key"] if option else None):
+        same = sets
     close = _close_init_arg(option["key"], message) if option else None
-    lines = [f"  Set by {where}"] if where else []
+    lines = [f"  Set by {_config_line(*same[-1][:2])}"] if same else []
     lines += [f"  Did you mean '{close}'?"] if close else []
     return "\n".join([message, *lines])
 
 
-def _refused_from_command_line(argv: list[str], key: str, message: str) -> bool:
-    """Whether the value refused is the command line's ``--key``: jsonargparse checks each
-    config file as it loads it, so a file's bad value is refused even where the command
-    line gives the key too; its message shows the value ("Given value: three")."""
-    given = [argv[i + 1] if a == f"--{key}" and i + 1 < len(argv) else a.split("=", 1)[1]
-             for i, a in enumerate(argv) if a == f"--{key}" or a.startswith((f"--{key}=", f"--{key}."))]
-    shown = _GIVEN_VALUE.search(message)
-    return bool(given) and (shown is None or shown["value"] in given)
+def _given_on_command_line(argv: list[str], key: str, child: str | None = None) -> bool:
+    """Whether ``argv`` gives ``--key`` (``--key V``, ``--key=V``) or one below it
+    (``--key.sub V``), with ``child``: one of that name below it."""
+    for arg in argv:
+        flag = arg.partition("=")[0]
+        if flag == f"--{key}" or flag.startswith(f"--{key}."):
+            if child is None or flag.endswith(f".{child}") or flag == f"--{key}":
+                return True
+    return False
 
 
-def _set_in_config(argv: list[str], key: str, child: str | None = None, value: str | None = None) -> str | None:
-    """``--config FILE:LINE`` where a config file sets ``key`` (or, with ``child``, an
-    argument of that name anywhere below it), at its top level or under the
-    subcommand's name (a config given before the subcommand): of the files that set it,
-    the last whose value reads ``value`` (the one refused), else the last; None if none."""
+def _config_line(path: str, key_node: Any) -> str:
+    return f"--config {path}:{key_node.start_mark.line + 1}"
+
+
+def _file_settings(argv: list[str], key: str, child: str | None = None) -> list[tuple[str, Any, Any]]:
+    """``(file, key node, value node)`` of each ``--config`` file that sets ``key`` (or,
+    with ``child``, an argument of that name anywhere below it), in the order given, at
+    its top level or under the subcommand's name (a config given before the subcommand)."""
     import yaml
 
     sub = next((a for a in argv if a in TRAINER_SUBCOMMANDS), None)
@@ -645,11 +656,7 @@ def _set_in_config(argv: list[str], key: str, child: str | None = None, value: s
                 found = _yaml_descendant_key(found[1], child)
             if found is not None:
                 sets.append((path, *found))
-    same = [s for s in sets if isinstance(s[2], yaml.ScalarNode) and s[2].value == value]
-    if not sets:
-        return None
-    path, k, _ = (same or sets)[-1]
-    return f"--config {path}:{k.start_mark.line + 1}"
+    return sets
 
 
 def _yaml_key(node: Any, parts: list[str]) -> tuple[Any, Any] | None:
@@ -718,7 +725,11 @@ def explain_parse_errors(parser: Any, argv: list[str]) -> None:
     settings = sorted({a.dest for p in (parser, *subparsers) for a in p._actions if "." in a.dest})
     for p in (parser, *subparsers):
         def error(message: str, ex: Exception | None = None, _report=p.error) -> None:
-            _report(explain_parse_error(message, argv, settings), ex)
+            try:
+                message = explain_parse_error(message, argv, settings)
+            except Exception:  # noqa: BLE001 - a hint, never a traceback in place of the usage error
+                pass
+            _report(message, ex)
 
         p.error = error
 

@@ -491,6 +491,20 @@ def test_a_misspelt_class_argument_in_a_config_names_its_line_and_the_argument_m
     assert err.endswith(f"\n  Set by --config {mine}:5\n  Did you mean 'lr'?"), err
 
 
+@pytest.mark.parametrize("args,hint", [
+    (["--model.optimizer.init_args.lrr", "0.1"], "\n  Did you mean 'lr'?"),
+    (["--model.optimizer.init_args.lr", "abc"], "Given value: abc. Got value: Namespace(class_path='torch.optim.AdamW', "
+                                                "init_args=Namespace(lr='abc'))"),
+    (["--data.world.seeds", "1"], "Given value: NestedArg(key='seeds', val='1')"),
+], ids=["class-argument-typo", "class-argument-value", "nested-typo"])
+def test_a_bad_nested_flag_is_a_usage_error_that_blames_no_file(capsys, args, hint):
+    """A user review: `--model.lora.rank 8` (a nested flag, its value after a space)
+    crashed the error's explanation with an IndexError, 80 lines of traceback and exit
+    status 1; the config file that sets the same section is not what was refused."""
+    err = _parse_error(capsys, ["fit", "--config", str(ROOT / "configs/tiny.yaml"), *args])
+    assert err.endswith(hint) and "Set by" not in err, err
+
+
 def test_a_misspelt_flag_gets_the_nearest_setting(capsys):
     err = _parse_error(capsys, ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.max_epoch=3",
                                 "--nothing_like_it=1"])
