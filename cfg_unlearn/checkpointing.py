@@ -549,6 +549,10 @@ class ExactResume(Callback):
         p = self._pending_for(loader)
         if p is not None and p["epoch_done"] and not _reuses_iterator(loader):
             self._restore_generators(loader, p["generators"])
+            # a loader without a generator (the data module's) draws that base seed from
+            # the global RNG: restored at the first batch, after it, every dropout mask of
+            # the resumed run was one draw off the uninterrupted run's (LoRA's dropout)
+            self._restore_pending_rng()
 
     def _pending_for(self, loader: DataLoader) -> dict[str, Any] | None:
         p = self._pending
@@ -725,8 +729,14 @@ class ExactResume(Callback):
 
     def on_train_batch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule", batch: Any,
                              batch_idx: int) -> None:
+        self._restore_pending_rng()
+
+    def _restore_pending_rng(self) -> None:
+        """The checkpoint's RNG states, once: at the resumed iterator's creation after an
+        epoch's end, else at the first resumed batch (a mid-epoch state is a step's end)."""
         rng, self._pending_rng = self._pending_rng, None
-        if rng is None:
+        trainer = self._trainer
+        if rng is None or trainer is None:
             return
         if len(rng) != trainer.world_size:
             self._warn_once(f"the checkpoint has RNG states of {len(rng)} processes, this run has "

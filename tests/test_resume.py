@@ -694,9 +694,9 @@ class _DropoutNet(L.LightningModule):
     """A model whose steps use the global RNG (dropout) and a loader shuffled by a
     ``torch.Generator`` (the common ``DataLoader(shuffle=True, generator=g)``)."""
 
-    def __init__(self, num_workers: int):
+    def __init__(self, num_workers: int, generator: bool = True):
         super().__init__()
-        self.num_workers = num_workers
+        self.num_workers, self.generator = num_workers, generator
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 1))
         self.seen: list[list[int]] = []
 
@@ -709,16 +709,19 @@ class _DropoutNet(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
     def train_dataloader(self):
-        g = torch.Generator().manual_seed(1234)
         x = torch.linspace(-1, 1, 22 * 8).view(22, 8)
         ds = TensorDataset(x, x.sum(1, keepdim=True).sin(), torch.arange(22))
+        if not self.generator:  # as the data module's: its iterator's base seed comes from the global RNG
+            return DataLoader(ds, batch_size=4, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        g = torch.Generator().manual_seed(1234)
         return DataLoader(ds, batch_size=4, shuffle=True, generator=g, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
 
-def _fit_dropout(root: Path, num_workers: int, kill_at: int | None = None, ckpt_path: str | None = None):
+def _fit_dropout(root: Path, num_workers: int, kill_at: int | None = None, ckpt_path: str | None = None,
+                 generator: bool = True):
     L.seed_everything(0, verbose=False)
-    model = _DropoutNet(num_workers)
+    model = _DropoutNet(num_workers, generator)
     callbacks = [ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0, every_n_train_steps=1)]
     if kill_at is not None:
         callbacks.append(_KillAt(kill_at))
@@ -733,12 +736,16 @@ def _fit_dropout(root: Path, num_workers: int, kill_at: int | None = None, ckpt_
 
 
 @pytest.mark.parametrize("num_workers", [0, 2], ids=["in-process", "2-persistent-workers"])
-def test_generator_shuffled_loader_and_dropout_resume_exactly(tmp_path, num_workers):
-    full = _fit_dropout(tmp_path / "full", num_workers)
+@pytest.mark.parametrize("generator", [True, False], ids=["generator-shuffled", "no-generator"])
+def test_generator_shuffled_loader_and_dropout_resume_exactly(tmp_path, num_workers, generator):
+    """A user review: a LoRA run (dropout 0.01) resumed from an end-of-epoch checkpoint
+    ended 0.006 off the uninterrupted run: the data module's loader has no generator, so
+    its new iterator drew its base seed from the global RNG before that was restored."""
+    full = _fit_dropout(tmp_path / "full", num_workers, generator=generator)
     for kill_at in (9, 12):  # mid-epoch 1; end of epoch 1 (saved after its last batch)
         root = tmp_path / f"kill{kill_at}"
-        _fit_dropout(root, num_workers, kill_at=kill_at)
-        resumed = _fit_dropout(root, num_workers, ckpt_path=str(root / "last.ckpt"))
+        _fit_dropout(root, num_workers, kill_at=kill_at, generator=generator)
+        resumed = _fit_dropout(root, num_workers, ckpt_path=str(root / "last.ckpt"), generator=generator)
         assert resumed.seen == full.seen[kill_at:], kill_at
         for k, v in full.state_dict().items():
             assert torch.equal(resumed.state_dict()[k], v), (kill_at, k)
