@@ -171,11 +171,24 @@ class UnlearnCLI(LightningCLI):
             # the CPU, `devices: 0`, an unknown strategy name) are setting errors, not crashes
             raise ConfigError(f"trainer: {e}") from e
         install_checkpointing(trainer)  # atomic checkpoint writes + exact mid-epoch resume
+        warn_uploaded_checkpoints(trainer)
         evaluator = self._get(self.config_init, "eval")
         if evaluator is not None:
             # first, so its metrics are logged before checkpoint callbacks read them
             trainer.callbacks.insert(0, evaluator)
         return trainer
+
+
+def warn_uploaded_checkpoints(trainer: Any) -> None:
+    """A WandbLogger with ``log_model`` on uploads the run's checkpoints as W&B
+    artifacts: the model before or during unlearning, whose weights can reproduce the
+    PII being removed. An opt-in (the preset keeps it off), so a warning, as
+    ``redact_samples: false`` gets."""
+    for lg in trainer.loggers:
+        if type(lg).__name__ == "WandbLogger" and getattr(lg, "_log_model", False):
+            rank_zero_warn(f"trainer.logger: WandbLogger(log_model={lg._log_model!r}) uploads the checkpoints as W&B "
+                           "artifacts; their weights are the model before or during unlearning and can reproduce "
+                           "the PII being removed (set log_model: false unless that W&B project may hold the data)")
 
 
 def check_ckpt_path(ckpt: Any, strategy: Any = None) -> None:
@@ -810,6 +823,14 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
     except TrainingDiverged as e:  # not a usage error: the run went wrong
         sys.stderr.write(f"{prog}: error: {e}\n")
         raise SystemExit(1) from None
+    except Exception as e:
+        # W&B's own refusals (no API key, a bad one) when the logger starts: a traceback
+        # through Lightning's loops, for what is a setting to fix before the run
+        if type(e).__module__.startswith("wandb.errors") and type(e).__name__ in ("UsageError", "AuthenticationError"):
+            sys.stderr.write(f"{prog}: error: W&B: {e} (or log without an account: WANDB_MODE=offline, then "
+                             "`wandb sync` the run folder; WANDB_MODE=disabled turns it off)\n")
+            raise SystemExit(2) from None
+        raise
     except ValueError as e:
         # jsonargparse re-raises an error of a class it instantiates for an Optional[...]
         # argument (--eval) as "Does not validate against any of the Union subtypes ...",

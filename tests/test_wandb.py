@@ -152,6 +152,38 @@ def test_a_disabled_wandb_run_does_not_stop_training(tmp_path, tiny_model_dir):
     assert (config.parent / "checkpoints" / "last.ckpt").is_file()
     assert not (tmp_path / "wandb").exists()  # nothing of W&B was written
 
+def test_wandb_without_an_api_key_is_one_line_and_leaves_no_run_folder(tmp_path, tiny_model_dir):
+    """A user review: the W&B preset online with no key gave W&B's UsageError as a
+    53-line traceback, exit 1. No network: the key is missing before W&B connects, and
+    its base URL is the discard port."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({k: v for k, v in offline_env(tmp_path).items() if k != "WANDB_MODE"})
+    env.update(HOME=str(tmp_path / "home"), NETRC=str(tmp_path / "home" / ".netrc"))  # no stored login
+    (tmp_path / "home").mkdir()
+    run = subprocess.run(
+        [sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml", "--config", "configs/wandb.yaml",
+         f"--model.model=tiny:{tiny_model_dir}", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+         "--trainer.max_steps=1", "--trainer.enable_progress_bar=false", "--eval=null",
+         f"--data.world.n_people={N_PEOPLE}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 2 and last.startswith("train.py: error: W&B: No API key configured"), run.stderr[-3000:]
+    assert "WANDB_MODE=offline" in last and "Traceback" not in run.stderr
+    assert not (tmp_path / "runs").exists()  # a run that failed before logging leaves no folder
+
+
+def test_log_model_on_warns_that_checkpoints_hold_the_pii(tmp_path, monkeypatch):
+    from cfg_unlearn.cli import cli_main
+
+    for k, v in offline_env(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    with pytest.warns(UserWarning, match=r"log_model=True\) uploads the checkpoints as W&B artifacts; their "
+                                         r"weights .* can reproduce the PII"):
+        cli_main(["--config", str(ROOT / "configs/tiny.yaml"), "--config", str(ROOT / "configs/wandb.yaml"),
+                  f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.log_model=true"],
+                 run=False)
+
+
 # ------------------------------------------------------------------ end to end through train.py
 
 
