@@ -22,6 +22,7 @@ Design notes (why it looks like this):
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import re
@@ -253,17 +254,31 @@ def check_lora_targets(model, targets: list[str] | str) -> None:
     if targets == "all-linear":  # peft's own choice: never the output head, never an embedding
         return
     names = [n for n, _ in model.named_modules()]
-    if isinstance(targets, str):  # peft's rule for a string: a regex the full name matches
+    regex = isinstance(targets, str)
+    if regex:  # peft's rule for a string: a regex the full name matches
         matches = lambda name, t: re.fullmatch(t, name) is not None  # noqa: E731
         targets = [targets]
     else:
         matches = _matches
     missing = [t for t in targets if not any(matches(n, t) for n in names)]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                         if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
+        linear_modules = [n for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+        linear = sorted({n.rsplit(".", 1)[-1] for n in linear_modules})
+        if regex:
+            # a single name written as a string ("q_proj") is a regex that must match a
+            # module's full name, and matches none
+            (target,) = targets
+            meant = (f"; for that layer in every block give a list, [{target}]" if target in linear
+                     else "; did you mean 'all-linear'?" if difflib.get_close_matches(target, ["all-linear"], n=1)
+                     else "")
+            raise ConfigError(f"lora.target_modules {target!r}: a string is a regex over full module names (peft's "
+                              f"rule), and it matches none (they read like {linear_modules[0]!r}){meant}; or give "
+                              f"a list of layer names from {linear}")
+        hints = [f"{t!r} -> {close[0]!r}" for t in missing for close in [difflib.get_close_matches(t, linear, n=1)]
+                 if close]
         raise ConfigError(f"lora.target_modules {missing} name no module of the model; its linear layers are "
-                          f"{linear}")
+                          f"{linear}" + (f" (did you mean {', '.join(hints)}?)" if hints else ""))
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if emb is not None and head is not None and emb.weight is head.weight:
         by_id = {id(m): n for n, m in model.named_modules()}

@@ -1093,11 +1093,17 @@ def test_every_lora_target_must_name_a_module(tiny_setup):
     spec, _ = tiny_setup
     m = UnlearnModule(model=spec, lora={"r": 4, "target_modules": ["q_prj", "v_proj"]})
     with pytest.raises(ConfigError, match=r"lora.target_modules \['q_prj'\] name no module of the model; its "
-                                          r"linear layers are \[.*'q_proj'.*\]"):
+                                          r"linear layers are \[.*'q_proj'.*\] \(did you mean 'q_prj' -> 'q_proj'\?\)"):
         m.configure_model()
-    # a string is peft's regex over full names: it must match one ("q_proj" alone matches none)
-    with pytest.raises(ConfigError, match=r"lora.target_modules \['q_proj'\] name no module"):
+    # a string is peft's regex over full names: it must match one ("q_proj" alone matches
+    # none). A user review: the error printed it as the list ['q_proj'], which reads as
+    # the very name its list of layers shows
+    with pytest.raises(ConfigError, match=r"lora.target_modules 'q_proj': a string is a regex over full module names "
+                                          r"\(peft's rule\), and it matches none \(they read like 'model.layers.0."
+                                          r"self_attn.q_proj'\); for that layer in every block give a list, \[q_proj\]"):
         UnlearnModule(model=spec, lora={"r": 4, "target_modules": "q_proj"}).configure_model()
+    with pytest.raises(ConfigError, match=r"matches none .*; did you mean 'all-linear'\?; or give a list"):
+        UnlearnModule(model=spec, lora={"r": 4, "target_modules": "all_linear"}).configure_model()
     regex = UnlearnModule(model=spec, lora={"r": 4, "target_modules": r".*\.(q_proj|v_proj)"})
     regex.configure_model()
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in regex.model.named_parameters() if "lora_A" in n}
