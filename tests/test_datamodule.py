@@ -994,3 +994,20 @@ def test_answers_are_written_as_the_template_writes_them(tiny_name, trims):
     assert _scored_answers(tiny_name, tok, answers) == [tok(w, add_special_tokens=False)["input_ids"] + [end]
                                                         for w in written]
     assert answer_encoder(tok)(answers[1]) == tok(written[1], add_special_tokens=False)["input_ids"] + [end]
+
+
+def test_data_with_neither_pairs_nor_world_says_what_a_run_config_is(capsys):
+    """A user review: the W&B preset given alone (it sets no data) said only "got
+    neither"; the preset is meant to be stacked after a run config."""
+    from pathlib import Path
+
+    from cfg_unlearn.cli import train_main
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "wandb.yaml"
+    with pytest.raises(SystemExit) as e:
+        train_main(["fit", "--config", str(preset), "--model.model=tiny:unused"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.strip().endswith("(got neither: a run config such as configs/tiny.yaml sets one; a logger preset such as "
+                                "configs/wandb.yaml is stacked after one, --config configs/tiny.yaml --config "
+                                "configs/wandb.yaml)"), err

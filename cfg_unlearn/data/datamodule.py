@@ -457,7 +457,9 @@ class PairDataModule(L.LightningDataModule):
         super().__init__()
         if (train_file is None) == (world is None):
             hint = (" (got both: with a config that sets data.world, such as configs/tiny.yaml, pass "
-                    "--data.world null beside --data.train_file)" if world is not None else " (got neither)")
+                    "--data.world null beside --data.train_file)" if world is not None else
+                    " (got neither: a run config such as configs/tiny.yaml sets one; a logger preset such as "
+                    "configs/wandb.yaml is stacked after one, --config configs/tiny.yaml --config configs/wandb.yaml)")
             raise ConfigError(f"PairDataModule needs exactly one of `train_file` or `world`{hint}")
         if nll_span not in ("response", "prompt_response"):
             raise ConfigError(f"nll_span must be 'response' or 'prompt_response', got {nll_span!r}")
