@@ -39,7 +39,8 @@ from cfg_unlearn.console import (  # noqa: F401
 )
 from cfg_unlearn.data.datamodule import PairDataModule
 from cfg_unlearn.module import UnlearnModule
-from cfg_unlearn.utils import ConfigError, TrainingDiverged, nearest_existing
+from cfg_unlearn.utils import (NOT_TORCH_SAVE, ConfigError, TrainingDiverged, checkpoints_in, is_torch_save_file,
+                               nearest_existing)
 
 
 class UnlearnCLI(LightningCLI):
@@ -210,29 +211,15 @@ def check_ckpt_path(ckpt: Any, strategy: Any = None) -> None:
         sharded = (any(os.path.isfile(os.path.join(path, n)) for n in (DCP_METADATA, LIGHTNING_SHARDED_META, "latest"))
                    or os.path.isdir(os.path.join(path, "checkpoint")))
         if not sharded:
-            inside = sorted(n for n in os.listdir(path) if n.endswith(".ckpt"))[:3]
+            inside = checkpoints_in(path)
             raise ConfigError(f"--ckpt_path {ckpt} is a directory, not a checkpoint" + (
-                f" (it holds {', '.join(inside)}: give one of them)" if inside else ""))
+                f" (give one of its checkpoints: {', '.join(inside)})" if inside else ""))
         if strategy is not None and not _loads_sharded(strategy):
             raise ConfigError(f"--ckpt_path {ckpt} is a sharded checkpoint: load it with the sharding strategy "
                               f"it was saved with (this run uses {type(strategy).__name__}), or make one file of an "
                               "FSDP one with `cfg-unlearn export`")
-    elif not _torch_save_file(path):
-        # torch.load's own error is a traceback that advises weights_only=False, which
-        # would not help and would run the file's code
-        raise ConfigError(f"--ckpt_path {ckpt}: not a checkpoint torch can read (no complete zip archive: a file cut "
-                          "short by a full disk or a killed copy, or another format, such as a model's "
-                          ".safetensors); give a .ckpt that Lightning saved")
-
-
-def _torch_save_file(path: str) -> bool:
-    """Whether ``path`` has the layout of a ``torch.save`` file: a zip archive with its
-    central directory (every torch since 1.6), or a pickle (the legacy format)."""
-    import zipfile
-
-    with open(path, "rb") as f:
-        legacy = f.read(1) == b"\x80"  # a pickle's PROTO opcode
-    return legacy or zipfile.is_zipfile(path)
+    elif not is_torch_save_file(path):
+        raise ConfigError(f"--ckpt_path {ckpt}: {NOT_TORCH_SAVE}")
 
 
 def _loads_sharded(strategy) -> bool:

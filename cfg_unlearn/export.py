@@ -52,7 +52,8 @@ import torch
 from cfg_unlearn.guidance import MIN_TEMPERATURE, SPACES, check_guidance, encode_prompts, generate
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION, check_template
 from cfg_unlearn.tiny import TINY_SCHEME, absolute_model_name
-from cfg_unlearn.utils import check_out_dir, command_parser, exit_with_error, hf_progress_bars_off, staged_dir
+from cfg_unlearn.utils import (NOT_TORCH_SAVE, check_out_dir, checkpoints_in, command_parser, exit_with_error,
+                               hf_progress_bars_off, is_torch_save_file, staged_dir)
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,11 @@ class ExportConfig:
         """Read and check ``export_dir/cfg_unlearn.json``."""
         export_dir = Path(export_dir)
         if not export_dir.is_dir():
-            raise FileNotFoundError(f"{export_dir} is not a directory")
+            hint = ""
+            if export_dir.is_file() and export_dir.suffix == ".ckpt":  # chat takes a model folder
+                hint = (f" but a checkpoint: make a model of it first, `cfg-unlearn export --ckpt {export_dir} "
+                        "--out DIR`, then chat with DIR")
+            raise FileNotFoundError(f"{export_dir} is not a directory{hint}")
         path = export_dir / EXPORT_CONFIG
         if not path.is_file():
             raise ValueError(f"{export_dir} has no {EXPORT_CONFIG}: not a directory written by `cfg-unlearn export` "
@@ -153,11 +158,17 @@ def read_checkpoint(path: str | os.PathLike, name: str | os.PathLike | None = No
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {shown} not found")
     if path.is_dir():
+        inside = checkpoints_in(path)
+        if inside:  # a run's folder or its checkpoints folder
+            raise ValueError(f"checkpoint {shown} is a directory, not a checkpoint: give one of its checkpoints: "
+                             f"{', '.join(inside)}")
         raise ValueError(
             f"checkpoint {shown} is a directory but not a torch.distributed (FSDP) sharded checkpoint "
             f"(no {DCP_METADATA} file): a DeepSpeed checkpoint must first be consolidated into one file "
             "with DeepSpeed's zero_to_fp32.py"
         )
+    if not is_torch_save_file(path):
+        raise ValueError(f"checkpoint {shown}: {NOT_TORCH_SAVE}")
     from cfg_unlearn.checkpointing import load_checkpoint_file  # Lightning: on use, not for chat or --help
 
     try:
@@ -745,7 +756,8 @@ def main_chat(argv: list[str] | None = None, stdin: IO[str] | None = None, stdou
     top_p = 0.95 if a.top_p is None else a.top_p
     # (nan, inf and 1e-40 were tracebacks from the decoding)
     if do_sample and not (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE):
-        p.error(f"--temperature must be a finite number >= {MIN_TEMPERATURE:g}, got {temperature}")
+        p.error(f"--temperature must be a finite number >= {MIN_TEMPERATURE:g}, or 0 for greedy decoding, "
+                f"got {temperature}")
     if not 0 < top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {top_p}")
     if a.max_new_tokens < 1:

@@ -458,6 +458,36 @@ def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return a.resolve() == b.resolve()
 
 
+def is_torch_save_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` has the layout of a ``torch.save`` file: a zip archive with its
+    central directory (every torch since 1.6), or a pickle (the legacy format). Checked
+    before ``torch.load``, whose error for anything else (a file cut short, a
+    ``.safetensors``, a YAML) is a traceback that advises ``weights_only=False``, which
+    would not help and would run the file's code."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        legacy = f.read(1) == b"\x80"  # a pickle's PROTO opcode
+    return legacy or zipfile.is_zipfile(path)
+
+
+#: why a file :func:`is_torch_save_file` refuses is no checkpoint
+NOT_TORCH_SAVE = ("not a checkpoint torch can read (no complete zip archive: a file cut short by a full disk or a "
+                  "killed copy, or another format, such as a model's .safetensors); give a .ckpt that Lightning saved")
+
+
+def checkpoints_in(directory: str | os.PathLike, limit: int = 3) -> list[str]:
+    """The first ``limit`` ``.ckpt`` files of a directory given where a checkpoint file
+    belongs, or of its ``checkpoints`` folder (a run folder), as paths to give instead."""
+    d = Path(directory)
+    for folder in (d, d / "checkpoints"):
+        with contextlib.suppress(OSError):
+            found = sorted(p.name for p in folder.iterdir() if p.name.endswith(".ckpt"))
+            if found:
+                return [str(folder / n) for n in found[:limit]]
+    return []
+
+
 def is_model_dir(path: Path) -> bool:
     """Whether ``path`` looks like a model folder, the only kind of folder ``--overwrite``
     replaces whole: an export (``cfg_unlearn.json``), or a model's or adapter's config with

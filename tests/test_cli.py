@@ -841,8 +841,11 @@ def test_a_checkpoint_directory_is_refused_unless_sharded_for_a_sharding_strateg
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     (folder / "last.ckpt").write_bytes(b"")
-    with pytest.raises(ConfigError, match=r"is a directory, not a checkpoint \(it holds last.ckpt: give one of them\)"):
+    with pytest.raises(ConfigError, match=r"is a directory, not a checkpoint \(give one of its checkpoints: "
+                                          + re.escape(str(folder / "last.ckpt")) + r"\)"):
         check_ckpt_path(str(folder))
+    with pytest.raises(ConfigError, match=r"\(give one of its checkpoints: " + re.escape(str(folder / "last.ckpt"))):
+        check_ckpt_path(str(tmp_path))  # the run's folder: its checkpoints folder's
     sharded = tmp_path / "sharded.ckpt"
     sharded.mkdir()
     (sharded / ".metadata").write_bytes(b"")

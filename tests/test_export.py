@@ -311,7 +311,13 @@ def _save(path: Path, obj) -> Path:
 @pytest.mark.parametrize("make,match", [
     (lambda d: d / "missing.ckpt", "not found"),
     (lambda d: (d / "shards").mkdir() or d / "shards", "is a directory but not a torch.distributed"),
-    (lambda d: (d / "notes.ckpt").write_text("hello") and d / "notes.ckpt", "not a readable PyTorch Lightning"),
+    (lambda d: (d / "runs" / "checkpoints").mkdir(parents=True) or _save(d / "runs" / "checkpoints" / "last.ckpt", {})
+     and d / "runs", "is a directory, not a checkpoint: give one of its checkpoints: .*runs/checkpoints/last.ckpt"),
+    # torch's own error advised weights_only=False: unsafe, and no help for a YAML
+    (lambda d: (d / "config.yaml").write_text("model: x\n") and d / "config.yaml",
+     r"config.yaml: not a checkpoint torch can read \(no complete zip archive"),
+    (lambda d: _save(d / "cut.ckpt", {"w": torch.zeros(2)}).write_bytes((d / "cut.ckpt").read_bytes()[:-30])
+     and d / "cut.ckpt", "not a checkpoint torch can read"),
     (lambda d: _save(d / "sd.ckpt", {"weight": torch.zeros(2)}), "no 'state_dict'"),
     (lambda d: _save(d / "other.ckpt", {"state_dict": {"model.w": torch.zeros(2)},
                                          "hyper_parameters": {"_class_path": "x.OtherModule", "model": "m"}}),
@@ -320,7 +326,7 @@ def _save(path: Path, obj) -> Path:
      "name no 'model'"),
     (lambda d: _save(d / "noweights.ckpt", {"state_dict": {}, "hyper_parameters": {"model": "m"}}),
      "no 'model.\\*' weights"),
-], ids=["missing", "directory", "text", "state-dict-only", "other-module", "no-model-hparam", "no-weights"])
+], ids=["missing", "directory", "run-folder", "yaml", "cut-short", "state-dict-only", "other-module", "no-model-hparam", "no-weights"])
 def test_bad_checkpoints_are_clear_errors(tmp_path, make, match, capsys):
     path = make(tmp_path)
     with pytest.raises((ValueError, FileNotFoundError), match=match):
@@ -811,7 +817,8 @@ def test_main_chat_refuses_a_temperature_that_cannot_sample(exported, capsys, te
     with pytest.raises(SystemExit) as e:
         main_chat([str(exported.dir), "--temperature", temperature, "--device", "cpu"], stdin=io.StringIO("hi\n"),
                   stdout=io.StringIO())
-    assert e.value.code == 2 and "--temperature must be a finite number >= 0.0001" in capsys.readouterr().err
+    assert e.value.code == 2 and "--temperature must be a finite number >= 0.0001, or 0 for greedy decoding" in \
+        capsys.readouterr().err
 
 
 def test_main_chat_rejects_a_directory_that_is_not_an_export(tiny_model_dir, tmp_path, capsys):
@@ -821,6 +828,14 @@ def test_main_chat_rejects_a_directory_that_is_not_an_export(tiny_model_dir, tmp
     with pytest.raises(SystemExit) as e:
         main_chat([str(tmp_path / "nope")], stdin=io.StringIO(""), stdout=io.StringIO())
     assert e.value.code == 2 and "not a directory" in capsys.readouterr().err
+    # a user review: a checkpoint given to chat said only "is not a directory"
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        main_chat([str(ckpt)], stdin=io.StringIO(""), stdout=io.StringIO())
+    assert e.value.code == 2 and (f"{ckpt} is not a directory but a checkpoint: make a model of it first, "
+                                  f"`cfg-unlearn export --ckpt {ckpt} --out DIR`, then chat with DIR") in \
+        capsys.readouterr().err
     # a device this machine cannot use is said in words (it was an AssertionError from torch)
     with pytest.raises(SystemExit) as e:
         main_chat([str(tiny_model_dir), "--device", "tpu9"], stdin=io.StringIO(""), stdout=io.StringIO())
