@@ -615,17 +615,24 @@ def chat_loop(
 
     if banner:
         write(f"cfg-unlearn chat: {replace(config, guidance_scale=g, space=space).describe()}\n{HELP}\n")
+    # piped input (`chat DIR < questions.txt`) gets no prompt before each read, where the
+    # "you> " prompts ran into the answers' line ("you> you> model> ..."); each line is
+    # echoed after its prompt instead, so the output reads as the conversation
+    interactive = _isatty(input_stream)
     history: list[dict[str, str]] = []
     turn = 0
     while True:
-        write("you> ")
+        if interactive:
+            write("you> ")
         line = input_stream.readline()
         if not line:  # end of input
-            write("\n")
+            write("\n" if interactive else "")
             break
         text = line.strip()
         if not text:
             continue
+        if not interactive:
+            write(f"you> {text}\n")
         if text in COMMANDS_QUIT:
             break
         if text == "/reset":
@@ -653,6 +660,13 @@ def chat_loop(
         history = messages + [{"role": "assistant", "content": answer}]
         turn += 1
     return history
+
+
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no such method, or a closed stream
+        return False
 
 
 # ----------------------------------------------------------------------------- command lines
@@ -741,6 +755,7 @@ def build_chat_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="weights dtype to load (default: as saved)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the model runs (default here: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (transformers' loading bar)")
     return p
 
 
@@ -767,7 +782,8 @@ def main_chat(argv: list[str] | None = None, stdin: IO[str] | None = None, stdou
             check_guidance(a.guidance_scale, a.space or DEFAULT_SPACE)
         check_device(a.device)
         config = chat_settings(a.dir, a.system, a.uncond_system)
-        model, tokenizer, config = load_export(a.dir, dtype=a.dtype, device=a.device, config=config)
+        with hf_progress_bars_off(a.quiet):
+            model, tokenizer, config = load_export(a.dir, dtype=a.dtype, device=a.device, config=config)
         for instruction in (config.system_instruction, config.uncond_instruction):
             check_template(tokenizer, instruction)
         limit = context_limit(model)

@@ -737,6 +737,34 @@ def test_chat_loop_overrides_eof_and_context_trimming(exported, trained, monkeyp
     assert len(spy.calls) == 3 and "too long" in out.getvalue()
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_chat_prompts_a_terminal_and_echoes_piped_lines(exported, trained, monkeypatch):
+    """A user review: piped questions printed "you> model> ..." on one line, every prompt
+    written before a read that echoed nothing."""
+    monkeypatch.setattr(ex, "generate", SpyGenerate())
+    piped = io.StringIO()
+    chat_loop(None, trained.tokenizer, exported.config, input_stream=io.StringIO("hello\n\nagain\n"),
+              output_stream=piped, max_new_tokens=8, banner=False)
+    assert piped.getvalue() == "you> hello\nmodel> answer 1\nyou> again\nmodel> answer 2\n"
+    typed = io.StringIO()
+    chat_loop(None, trained.tokenizer, exported.config, input_stream=_Terminal("hello\n"), output_stream=typed,
+              max_new_tokens=8, banner=False)
+    assert typed.getvalue() == "you> model> answer 3\nyou> \n"  # the terminal shows what was typed after "you> "
+
+
+def test_main_chat_quiet_has_no_loading_bar(exported, capfd):
+    main_chat([str(exported.dir), "--max-new-tokens", "2", "--device", "cpu"], stdin=io.StringIO(""),
+              stdout=io.StringIO())
+    assert "Loading" in capfd.readouterr().err  # transformers' bar, which --quiet leaves out
+    main_chat([str(exported.dir), "--max-new-tokens", "2", "--device", "cpu", "--quiet"], stdin=io.StringIO(""),
+              stdout=io.StringIO())
+    assert "Loading" not in capfd.readouterr().err
+
+
 def test_main_chat_end_to_end_on_the_export(exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
