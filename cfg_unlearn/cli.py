@@ -810,14 +810,6 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
     except TrainingDiverged as e:  # not a usage error: the run went wrong
         sys.stderr.write(f"{prog}: error: {e}\n")
         raise SystemExit(1) from None
-    except Exception as e:
-        # W&B's own refusals (no API key, a bad one) when the logger starts: a traceback
-        # through Lightning's loops, for what is a setting to fix before the run
-        if type(e).__module__.startswith("wandb.errors") and type(e).__name__ in ("UsageError", "AuthenticationError"):
-            sys.stderr.write(f"{prog}: error: W&B: {e} (or log without an account: WANDB_MODE=offline, then "
-                             "`wandb sync` the run folder; WANDB_MODE=disabled turns it off)\n")
-            raise SystemExit(2) from None
-        raise
     except ValueError as e:
         # jsonargparse re-raises an error of a class it instantiates for an Optional[...]
         # argument (--eval) as "Does not validate against any of the Union subtypes ...",
@@ -829,6 +821,14 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
             raise
         sys.stderr.write(f"{prog}: error: {cause}\n")
         raise SystemExit(2) from None
+    except Exception as e:  # after ValueError's clause, which it would take
+        # W&B's own refusals (no API key, a bad one) when the logger starts: a traceback
+        # through Lightning's loops, for what is a setting to fix before the run
+        if type(e).__module__.startswith("wandb.errors") and type(e).__name__ in ("UsageError", "AuthenticationError"):
+            sys.stderr.write(f"{prog}: error: W&B: {e} (or log without an account: WANDB_MODE=offline, then "
+                             "`wandb sync` the run folder; WANDB_MODE=disabled turns it off)\n")
+            raise SystemExit(2) from None
+        raise
 
 
 if __name__ == "__main__":  # python -m cfg_unlearn.cli ...: the console script (cfg_unlearn.console)
