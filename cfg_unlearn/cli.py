@@ -3,6 +3,7 @@ as ``cfg-unlearn fit|validate`` by the console script (:mod:`cfg_unlearn.console
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import os
@@ -192,6 +193,12 @@ def warn_uploaded_checkpoints(trainer: Any) -> None:
                            "the PII being removed (set log_model: false unless that W&B project may hold the data)")
 
 
+def lightning_resolves(ckpt: Any) -> bool:
+    """Whether ``--ckpt_path`` is a name Lightning resolves to a file itself (``last``,
+    ``best``, ``hpc``, ``registry[:...]``), not a path."""
+    return str(ckpt) in ("last", "best", "hpc") or str(ckpt).startswith("registry")
+
+
 def check_ckpt_path(ckpt: Any, strategy: Any = None) -> None:
     """A local ``--ckpt_path`` that does not exist is one line, before the trainer runs
     (Lightning's own error is a traceback). Names Lightning resolves itself (``last``,
@@ -199,7 +206,7 @@ def check_ckpt_path(ckpt: Any, strategy: Any = None) -> None:
     checkpoint only when sharded, and then only for a ``strategy`` that loads shards
     (Lightning's load of a directory is a traceback after the model has loaded). A file
     must be one ``torch.save`` wrote, whole."""
-    if not ckpt or ckpt in ("last", "best", "hpc") or str(ckpt).startswith("registry") or "://" in str(ckpt):
+    if not ckpt or lightning_resolves(ckpt) or "://" in str(ckpt):
         return
     path = os.path.expanduser(str(ckpt))  # fsspec, which loads it, expands "~"
     if not os.path.exists(path):
@@ -602,7 +609,8 @@ def explain_parse_error(message: str, argv: list[str], settings: Collection[str]
         if m:  # a key no setting has: on the command line that is "unrecognized arguments"
             key = f"{m['group']}.{m['key']}" if "group" in m.groupdict() else m["key"]
             close = difflib.get_close_matches(key, settings, n=1)
-            found = [_config_line(*s[:2]) for s in _file_settings(argv, key)[-1:]]
+            found = [", ".join(_config_line(*s[:2]) for s in _file_settings(argv, key))]
+            found = [f for f in found if f]
             found += [f"did you mean '{close[0]}'?"] if close else []
             return f"{message} ({'; '.join(found)})" if found else message
     m = _PARSER_KEY.match(first)
@@ -610,21 +618,27 @@ def explain_parse_error(message: str, argv: list[str], settings: Collection[str]
         return message
     option = _CLASS_OPTION.search(message)
     shown = _GIVEN_VALUE.search(message)
-    sets = _file_settings(argv, m["key"], option["key"] if option else None)
+    child = option["key"] if option else None
+    sets = _file_settings(argv, m["key"], child)
     same = [s for s in sets if isinstance(s[2], yaml.ScalarNode) and shown and s[2].value == shown["value"]]
-    if not same and not _given_on_command_line(argv, m["key"], option["key"] if option else None):
+    # without a file whose value is the one shown, a file is named only where nothing else
+    # can have given it: not the command line, not a --config of inline YAML
+    inline = len(config_file_args(argv)) < sum(a in ("--config", "-c") or a.startswith("--config=") for a in argv)
+    if not same and not inline and not _given_on_command_line(argv, m["key"], child):
         same = sets
     close = _close_init_arg(option["key"], message) if option else None
-    lines = [f"  Set by {_config_line(*same[-1][:2])}"] if same else []
+    # jsonargparse refuses a file's value as it loads the file: the first one that sets it
+    lines = [f"  Set by {_config_line(*same[0][:2])}"] if same else []
     lines += [f"  Did you mean '{close}'?"] if close else []
     return "\n".join([message, *lines])
 
 
 def _given_on_command_line(argv: list[str], key: str, child: str | None = None) -> bool:
-    """Whether ``argv`` gives ``--key`` (``--key V``, ``--key=V``) or one below it
-    (``--key.sub V``), with ``child``: one of that name below it."""
+    """Whether ``argv`` gives ``--key`` (``--key V``, ``--key=V``, jsonargparse's
+    appending ``--key+=V``) or one below it (``--key.sub V``), with ``child``: one of
+    that name below it."""
     for arg in argv:
-        flag = arg.partition("=")[0]
+        flag = arg.partition("=")[0].removesuffix("+")
         if flag == f"--{key}" or flag.startswith(f"--{key}."):
             if child is None or flag.endswith(f".{child}") or flag == f"--{key}":
                 return True
@@ -722,7 +736,11 @@ def explain_parse_errors(parser: Any, argv: list[str]) -> None:
     :func:`explain_parse_error` (jsonargparse then prints the usage and exits as before)."""
     action = getattr(parser, "_subcommands_action", None)
     subparsers = list(getattr(action, "_name_parser_map", {}).values()) if action is not None else []
-    settings = sorted({a.dest for p in (parser, *subparsers) for a in p._actions if "." in a.dest})
+    # the settings a misspelt key may have meant: the subcommands' (trainer.max_epochs,
+    # seed_everything, ckpt_path), not the parsers' own options
+    own = {"help", "config", "print_config", "subcommand"}
+    settings = sorted({a.dest for p in subparsers or [parser] for a in p._actions
+                       if a.dest not in own and not a.dest.startswith("_") and a.dest != argparse.SUPPRESS})
     for p in (parser, *subparsers):
         def error(message: str, ex: Exception | None = None, _report=p.error) -> None:
             try:
@@ -759,7 +777,7 @@ def saved_checkpoints_note(trainer: Any, resumed_from: str | None = None) -> str
     if saved:
         latest = max(saved, key=os.path.getmtime)
         return f"; the checkpoints saved before it are kept (resume with --ckpt_path {shlex.quote(str(latest))})"
-    if resumed_from in ("last", "best", "hpc", "registry"):
+    if resumed_from and lightning_resolves(resumed_from):
         # a name, not a file: the one Lightning resolved it to, once the fit got that far
         # (with none found, Lightning started the fit afresh: it resumed from nothing)
         resumed_from = getattr(trainer, "ckpt_path", None)

@@ -272,9 +272,10 @@ def check_lora_targets(model, targets: list[str] | str) -> None:
             meant = (f"; for that layer in every block give a list, [{target}]" if target in linear
                      else "; did you mean 'all-linear'?" if difflib.get_close_matches(target, ["all-linear"], n=1)
                      else "")
+            example = f" (they read like {linear_modules[0]!r})" if linear_modules else ""
             raise ConfigError(f"lora.target_modules {target!r}: a string is a regex over full module names (peft's "
-                              f"rule), and it matches none (they read like {linear_modules[0]!r}){meant}; or give "
-                              f"a list of layer names from {linear}")
+                              f"rule), and it matches none{example}{meant}; or give a list of layer names from "
+                              f"{linear}")
         hints = [f"{t!r} -> {close[0]!r}" for t in missing for close in [difflib.get_close_matches(t, linear, n=1)]
                  if close]
         raise ConfigError(f"lora.target_modules {missing} name no module of the model; its linear layers are "

@@ -496,13 +496,29 @@ def test_a_misspelt_class_argument_in_a_config_names_its_line_and_the_argument_m
     (["--model.optimizer.init_args.lr", "abc"], "Given value: abc. Got value: Namespace(class_path='torch.optim.AdamW', "
                                                 "init_args=Namespace(lr='abc'))"),
     (["--data.world.seeds", "1"], "Given value: NestedArg(key='seeds', val='1')"),
-], ids=["class-argument-typo", "class-argument-value", "nested-typo"])
+    # jsonargparse's appending form, and a --config of inline YAML: not tiny.yaml's doing
+    (["--trainer.callbacks+=NoSuchCallback"], "Given value: NoSuchCallback"),
+    (["--config", "{trainer: {max_epochs: x}}"], "Given value: x"),
+], ids=["class-argument-typo", "class-argument-value", "nested-typo", "appended", "inline-yaml"])
 def test_a_bad_nested_flag_is_a_usage_error_that_blames_no_file(capsys, args, hint):
     """A user review: `--model.lora.rank 8` (a nested flag, its value after a space)
     crashed the error's explanation with an IndexError, 80 lines of traceback and exit
     status 1; the config file that sets the same section is not what was refused."""
     err = _parse_error(capsys, ["fit", "--config", str(ROOT / "configs/tiny.yaml"), *args])
     assert err.endswith(hint) and "Set by" not in err, err
+
+
+def test_every_config_file_that_sets_an_unknown_key_is_named_and_top_level_keys_are_meant_too(tmp_path, capsys):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("trainer:\n  max_epoch: 2\n")
+    b.write_text("seed_everything: 1\ntrainer:\n  max_epoch: 3\n")
+    err = _parse_error(capsys, ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--config", str(a), "--config", str(b)])
+    assert err.endswith(f"(--config {a}:2, --config {b}:3; did you mean 'trainer.max_epochs'?)"), err
+    b.write_text("seed_everythin: 1\n")
+    err = _parse_error(capsys, ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--config", str(b)])
+    assert err.endswith(f"'seed_everythin' (--config {b}:1; did you mean 'seed_everything'?)"), err
+    err = _parse_error(capsys, ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--ckpt_pth=x"])
+    assert err == "unrecognized arguments: --ckpt_pth=x (did you mean --ckpt_path for --ckpt_pth?)", err
 
 
 def test_a_misspelt_flag_gets_the_nearest_setting(capsys):

@@ -1104,6 +1104,11 @@ def test_every_lora_target_must_name_a_module(tiny_setup):
         UnlearnModule(model=spec, lora={"r": 4, "target_modules": "q_proj"}).configure_model()
     with pytest.raises(ConfigError, match=r"matches none .*; did you mean 'all-linear'\?; or give a list"):
         UnlearnModule(model=spec, lora={"r": 4, "target_modules": "all_linear"}).configure_model()
+    from cfg_unlearn.module import check_lora_targets
+
+    # a model with no linear layer to show as an example (a review: an IndexError)
+    with pytest.raises(ConfigError, match=r"'q_proj': a string is a regex .* matches none; or give a list"):
+        check_lora_targets(torch.nn.Sequential(torch.nn.Embedding(4, 4)), "q_proj")
     regex = UnlearnModule(model=spec, lora={"r": 4, "target_modules": r".*\.(q_proj|v_proj)"})
     regex.configure_model()
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in regex.model.named_parameters() if "lora_A" in n}
