@@ -609,9 +609,8 @@ def explain_parse_error(message: str, argv: list[str], settings: Collection[str]
         if m:  # a key no setting has: on the command line that is "unrecognized arguments"
             key = f"{m['group']}.{m['key']}" if "group" in m.groupdict() else m["key"]
             close = difflib.get_close_matches(key, settings, n=1)
-            found = [", ".join(_config_line(*s[:2]) for s in _file_settings(argv, key))]
-            found = [f for f in found if f]
-            found += [f"did you mean '{close[0]}'?"] if close else []
+            files = ", ".join(_config_line(*s[:2]) for s in _file_settings(argv, key))
+            found = ([files] if files else []) + ([f"did you mean '{close[0]}'?"] if close else [])
             return f"{message} ({'; '.join(found)})" if found else message
     m = _PARSER_KEY.match(first)
     if not m:
