@@ -530,21 +530,22 @@ def _check_config_encoding(path: str) -> None:
                           "not UTF-8, so it would be misread; run with PYTHONUTF8=1 (or python -X utf8)")
 
 
+def config_args(argv: list[str]) -> list[str]:
+    """The ``--config``/``-c`` values of ``argv``, in order: files, or inline YAML."""
+    values = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            values.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            values.append(arg.split("=", 1)[1])
+    return values
+
+
 def config_file_args(argv: list[str]) -> list[str]:
     """The ``--config``/``-c`` values of ``argv`` that are files, in order. A value that is
     not a file is jsonargparse's (it also takes inline YAML, of any length, and reports
     missing files)."""
-    paths = []
-    for i, arg in enumerate(argv):
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        else:
-            continue
-        if os.path.isfile(path):
-            paths.append(path)
-    return paths
+    return [path for path in config_args(argv) if os.path.isfile(path)]
 
 
 def check_config_files(argv: list[str]) -> None:
@@ -622,7 +623,7 @@ def explain_parse_error(message: str, argv: list[str], settings: Collection[str]
     same = [s for s in sets if isinstance(s[2], yaml.ScalarNode) and shown and s[2].value == shown["value"]]
     # without a file whose value is the one shown, a file is named only where nothing else
     # can have given it: not the command line, not a --config of inline YAML
-    inline = len(config_file_args(argv)) < sum(a in ("--config", "-c") or a.startswith("--config=") for a in argv)
+    inline = any(not os.path.isfile(value) for value in config_args(argv))
     if not same and not inline and not _given_on_command_line(argv, m["key"], child):
         same = sets
     close = _close_init_arg(option["key"], message) if option else None

@@ -326,9 +326,10 @@ class ValueIndex:
         words: set[str] = set()  # the text's words, folded as the keys are
         for word in _TOKEN.findall(text):
             for w in {word, word.lstrip("0") if word[:1].isdigit() else word}:
-                words.add(self._sharp_s_folded(w))
+                folded_word = self._sharp_s_folded(w)
+                words.add(folded_word)
                 for n in range(1, self.WORD_KEY + 1):
-                    tried.update(dict.fromkeys(self._words.get(self._sharp_s_folded(w)[:n], ())))
+                    tried.update(dict.fromkeys(self._words.get(folded_word[:n], ())))
             if len(word) in (2, 4, 8) and word.isascii() and word.isdigit():  # a year, or a compact date
                 tried.update(dict.fromkeys(self._years.get(word, ())))
 
