@@ -43,6 +43,7 @@ import os
 import sys
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO, Any
@@ -596,13 +597,18 @@ def chat_loop(
     top_p: float = 1.0,
     seed: int = 0,
     banner: bool = True,
+    prompts: Sequence[str] | None = None,
 ) -> list[dict[str, str]]:
     """Read user lines from ``input_stream`` and write answers to ``output_stream``
     until ``/quit``/``/exit`` or end of input. Each answer is decoded by
     :func:`~cfg_unlearn.guidance.generate` on the whole conversation so far, under the
     export's instructions and ``guidance_scale``/``space`` (None: the export's).
     ``/reset`` clears the conversation; the oldest exchanges are dropped when the
-    conversation outgrows the model's context. Returns the final conversation."""
+    conversation outgrows the model's context. Returns the final conversation.
+
+    ``prompts`` (``chat --prompt``): the user turns of one conversation, in place of the
+    stream, each sent as it is (newlines and a leading ``/`` included), and only the
+    answers written, one after each, for scripts to read."""
     g = config.guidance_scale if guidance_scale is None else float(guidance_scale)
     space = config.space if space is None else space
     check_guidance(g, space)
@@ -613,50 +619,65 @@ def chat_loop(
         output_stream.write(text)
         output_stream.flush()
 
-    if banner:
+    one_shot = prompts is not None
+    if banner and not one_shot:
         write(f"cfg-unlearn chat: {replace(config, guidance_scale=g, space=space).describe()}\n{HELP}\n")
     # piped input (`chat DIR < questions.txt`) gets no prompt before each read, where the
     # "you> " prompts ran into the answers' line ("you> you> model> ..."); each line is
     # echoed after its prompt instead, so the output reads as the conversation
-    interactive = _isatty(input_stream)
+    interactive = not one_shot and _isatty(input_stream)
+    pending = iter(prompts or ())
     history: list[dict[str, str]] = []
     turn = 0
     while True:
-        if interactive:
-            write("you> ")
-        line = input_stream.readline()
-        if not line:  # end of input
-            write("\n" if interactive else "")
-            break
-        text = line.strip()
-        if not text:
-            continue
-        if not interactive:
-            write(f"you> {text}\n")
-        if text in COMMANDS_QUIT:
-            break
-        if text == "/reset":
-            history = []
-            write("(conversation cleared)\n")
-            continue
-        if text == "/help":
-            write(HELP + "\n")
-            continue
+        if one_shot:
+            text = next(pending, None)
+            if text is None:
+                break
+            text = text.strip()
+        else:
+            if interactive:
+                write("you> ")
+            line = input_stream.readline()
+            if not line:  # end of input
+                write("\n" if interactive else "")
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if not interactive:
+                write(f"you> {text}\n")
+            if text in COMMANDS_QUIT:
+                break
+            if text == "/reset":
+                history = []
+                write("(conversation cleared)\n")
+                continue
+            if text == "/help":
+                write(HELP + "\n")
+                continue
         messages, dropped = _fit_context(
             model, tokenizer, history + [{"role": "user", "content": text}], system=config.system_instruction,
             uncond_system=config.uncond_instruction, guided=g != 1, max_new_tokens=max_new_tokens,
         )
         if messages is None:
+            if one_shot:  # a script's prompt unanswered must not pass for an empty answer
+                raise ValueError(f"--prompt {turn + 1} is too long for the model's context "
+                                 f"(with --max-new-tokens {max_new_tokens})")
             write("(that message is too long for the model's context; not sent)\n")
             continue
-        if dropped:
-            write(f"(dropped the {dropped} oldest exchange{'s' if dropped > 1 else ''} to fit the context)\n")
+        if dropped:  # with --prompt on stderr, so that stdout holds the answers only
+            note = f"(dropped the {dropped} oldest exchange{'s' if dropped > 1 else ''} to fit the context)\n"
+            if one_shot:
+                sys.stderr.write(note)
+            else:
+                write(note)
         answer = generate(
             model, tokenizer, [messages], system=config.system_instruction, uncond_system=config.uncond_instruction,
             guidance_scale=g, space=space, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_p=top_p, seed=(seed + turn) if do_sample else None,
         )[0]
-        write(f"model> {answer}\n")
+        write(f"{answer}\n" if one_shot else f"model> {answer}\n")
         history = messages + [{"role": "assistant", "content": answer}]
         turn += 1
     return history
@@ -756,6 +777,9 @@ def build_chat_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the model runs (default here: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (transformers' loading bar)")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="answer TEXT and exit, printing only the answer (for scripts); repeat it for the turns "
+                   "of one conversation. Standard input is not read")
     return p
 
 
@@ -777,6 +801,9 @@ def main_chat(argv: list[str] | None = None, stdin: IO[str] | None = None, stdou
         p.error(f"--top-p must be in (0, 1], got {top_p}")
     if a.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    for i, prompt in enumerate(a.prompt or (), 1):
+        if not prompt.strip():
+            p.error(f"--prompt {i} is empty")
     try:
         if a.guidance_scale is not None:
             check_guidance(a.guidance_scale, a.space or DEFAULT_SPACE)
@@ -796,8 +823,10 @@ def main_chat(argv: list[str] | None = None, stdin: IO[str] | None = None, stdou
         chat_loop(
             model, tokenizer, config, input_stream=stdin or sys.stdin, output_stream=stdout or sys.stdout,
             guidance_scale=a.guidance_scale, space=a.space, max_new_tokens=a.max_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_p=top_p, seed=a.seed,
+            temperature=temperature, top_p=top_p, seed=a.seed, prompts=a.prompt,
         )
+    except ValueError as e:  # a --prompt beyond the context
+        exit_with_error(p, str(e))
     except KeyboardInterrupt:
         (stdout or sys.stdout).write("\n")
 

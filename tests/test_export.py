@@ -756,6 +756,48 @@ def test_chat_prompts_a_terminal_and_echoes_piped_lines(exported, trained, monke
     assert typed.getvalue() == "you> model> answer 3\nyou> \n"  # the terminal shows what was typed after "you> "
 
 
+def test_chat_prompts_answer_one_conversation_and_print_the_answers_only(exported, trained, monkeypatch):
+    """A user review: chat had no one-shot mode for scripts. --prompt's texts are the
+    turns of one conversation, sent as they are (a newline or a leading '/' included),
+    and stdout holds only the answers; the stream is not read."""
+    spy = SpyGenerate()
+    monkeypatch.setattr(ex, "generate", spy)
+    out = io.StringIO()
+    history = chat_loop(None, trained.tokenizer, exported.config, input_stream=io.StringIO("never read\n"),
+                        output_stream=out, max_new_tokens=8, prompts=["Hello\nthere", "/reset"])
+    user = lambda t: {"role": "user", "content": t}  # noqa: E731
+    assert [c[0] for c in spy.calls] == [[[user("Hello\nthere")]],
+                                         [[user("Hello\nthere"), {"role": "assistant", "content": "answer 1"},
+                                           user("/reset")]]]
+    assert out.getvalue() == "answer 1\nanswer 2\n" and len(history) == 4
+    # a prompt the context cannot hold is an error, not a missing answer
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=80))
+    with pytest.raises(ValueError, match="--prompt 1 is too long"):
+        chat_loop(fake, trained.tokenizer, exported.config, input_stream=io.StringIO(""), output_stream=out,
+                  max_new_tokens=16, prompts=["x " * 200])
+
+
+def test_main_chat_prompt_end_to_end_and_its_errors(exported, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ask = "What is the e-mail of Ann Lee?"
+    out = io.StringIO()
+    main_chat([str(exported.dir), "--max-new-tokens", "8", "--device", "cpu", "--quiet", "--prompt", ask],
+              stdin=io.StringIO("/quit\n"), stdout=out)
+    hf = AutoModelForCausalLM.from_pretrained(exported.dir).eval()
+    tok = AutoTokenizer.from_pretrained(exported.dir)
+    want = generate(hf, tok, [[{"role": "user", "content": ask}]], system=TRAINED_SYSTEM, guidance_scale=2.0,
+                    max_new_tokens=8)[0]
+    assert out.getvalue() == f"{want}\n"  # no banner, no "model> "
+    with pytest.raises(SystemExit) as e:
+        main_chat([str(exported.dir), "--prompt", "hi", "--prompt", " "], stdin=io.StringIO(""), stdout=out)
+    assert e.value.code == 2 and "--prompt 2 is empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main_chat([str(exported.dir), "--device", "cpu", "--quiet", "--max-new-tokens", "16", "--prompt",
+                   "x " * 5000], stdin=io.StringIO(""), stdout=io.StringIO())
+    assert e.value.code == 2 and "--prompt 1 is too long" in capsys.readouterr().err
+
+
 def test_main_chat_quiet_has_no_loading_bar(exported, capfd):
     main_chat([str(exported.dir), "--max-new-tokens", "2", "--device", "cpu"], stdin=io.StringIO(""),
               stdout=io.StringIO())
