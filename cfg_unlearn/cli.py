@@ -174,6 +174,7 @@ class UnlearnCLI(LightningCLI):
             raise ConfigError(f"trainer: {e}") from e
         install_checkpointing(trainer)  # atomic checkpoint writes + exact mid-epoch resume
         warn_uploaded_checkpoints(trainer)
+        drop_unset_wandb_anonymous(trainer)
         evaluator = self._get(self.config_init, "eval")
         if evaluator is not None:
             # first, so its metrics are logged before checkpoint callbacks read them
@@ -191,6 +192,18 @@ def warn_uploaded_checkpoints(trainer: Any) -> None:
             rank_zero_warn(f"trainer.logger: WandbLogger(log_model={lg._log_model!r}) uploads the checkpoints as W&B "
                            "artifacts; their weights are the model before or during unlearning and can reproduce "
                            "the PII being removed (set log_model: false unless that W&B project may hold the data)")
+
+
+def drop_unset_wandb_anonymous(trainer: Any) -> None:
+    """Lightning's WandbLogger passes ``anonymous=None`` to ``wandb.init`` when it was
+    not set, and W&B (0.31) warns that the setting has no effect whenever it is
+    passed at all: "The anonymous setting has no effect" on every run. Left out unless
+    the user set it, so that line says something when it appears. Before the run starts
+    (the logger creates it on first use)."""
+    for lg in trainer.loggers:
+        init = getattr(lg, "_wandb_init", None) if type(lg).__name__ == "WandbLogger" else None
+        if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
+            del init["anonymous"]
 
 
 def lightning_resolves(ckpt: Any) -> bool:

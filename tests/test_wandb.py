@@ -184,6 +184,35 @@ def test_log_model_on_warns_that_checkpoints_hold_the_pii(tmp_path, monkeypatch)
                  run=False)
 
 
+def test_wandb_runs_do_not_warn_about_an_anonymous_setting_nobody_set(tmp_path):
+    """A user review: every W&B run printed "The anonymous setting has no effect":
+    Lightning passes anonymous=None to wandb.init, and W&B warns whenever it is passed.
+    In a subprocess: W&B keeps its settings (WANDB_SILENT among them) per process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(offline_env(tmp_path))
+    del env["WANDB_SILENT"]  # W&B's warnings are what this test reads
+    script = (
+        "import sys\n"
+        "from cfg_unlearn.cli import cli_main\n"
+        "logger = cli_main(sys.argv[1:], run=False).trainer.logger\n"
+        "print('anonymous' in logger._wandb_init, logger._wandb_init.get('anonymous'))\n"
+        "run = logger.experiment\n"  # wandb.init, offline
+        "print(run.settings.mode)\n"
+        "run.finish()\n"
+    )
+    base = [sys.executable, "-c", script, "--config", "configs/tiny.yaml", "--config", "configs/wandb.yaml",
+            f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    run = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["False", "None", "offline"]
+    assert "offline" in run.stderr and "anonymous setting" not in run.stderr  # W&B spoke, but not of that
+    # set on purpose, it is passed on (and W&B's warning then says something)
+    chosen = subprocess.run(base + ["--trainer.logger.init_args.anonymous=true"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert chosen.returncode == 0, chosen.stderr[-3000:]
+    assert chosen.stdout.split() == ["True", "allow", "offline"] and "anonymous setting" in chosen.stderr
+
+
 # ------------------------------------------------------------------ end to end through train.py
 
 
