@@ -246,6 +246,23 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
+# a group of plain alternatives, as in peft's idiom ".*\.(q_proj|v_proj)": no nested group
+_WORD_ALTERNATIVES = re.compile(r"\((?:\?:)?([\w.]+(?:\|[\w.]+)+)\)")
+
+
+def dead_regex_alternatives(pattern: str, names: list[str]) -> list[str]:
+    """The alternatives of ``pattern``'s groups of plain names (``(q_proj|vproj)``) that
+    no module name matches with the group fixed to that alternative: a typo in one of
+    them leaves that layer unadapted while the others match, which peft does not see."""
+    dead = []
+    for group in _WORD_ALTERNATIVES.finditer(pattern):
+        for alternative in group.group(1).split("|"):
+            fixed = re.compile(pattern[:group.start()] + f"({alternative})" + pattern[group.end():])
+            if not any(fixed.fullmatch(n) for n in names):
+                dead.append(alternative)
+    return dead
+
+
 def check_lora_targets(model, targets: list[str] | str) -> None:
     """Every listed target must name a module of ``model`` (peft refuses only when none
     does, so a typo left one name unadapted, silently), and none may be the input or
@@ -261,25 +278,35 @@ def check_lora_targets(model, targets: list[str] | str) -> None:
     else:
         matches = _matches
     missing = [t for t in targets if not any(matches(n, t) for n in names)]
-    if missing:
-        linear_modules = [n for n, m in model.named_modules()
-                          if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
-        linear = sorted({n.rsplit(".", 1)[-1] for n in linear_modules})
-        if regex:
-            # a single name written as a string ("q_proj") is a regex that must match a
-            # module's full name, and matches none
-            (target,) = targets
-            meant = (f"; for that layer in every block give a list, [{target}]" if target in linear
-                     else "; did you mean 'all-linear'?" if difflib.get_close_matches(target, ["all-linear"], n=1)
-                     else "")
-            example = f" (they read like {linear_modules[0]!r})" if linear_modules else ""
-            raise ConfigError(f"lora.target_modules {target!r}: a string is a regex over full module names (peft's "
-                              f"rule), and it matches none{example}{meant}; or give a list of layer names from "
-                              f"{linear}")
-        hints = [f"{t!r} -> {close[0]!r}" for t in missing for close in [difflib.get_close_matches(t, linear, n=1)]
+    linear_modules = [n for n, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+    linear = sorted({n.rsplit(".", 1)[-1] for n in linear_modules})
+
+    def nearest(wrong: list[str]) -> str:
+        hints = [f"{t!r} -> {close[0]!r}" for t in wrong for close in [difflib.get_close_matches(t, linear, n=1)]
                  if close]
+        return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+    if missing and regex:
+        # a single name written as a string ("q_proj") is a regex that must match a
+        # module's full name, and matches none
+        (target,) = targets
+        meant = (f"; for that layer in every block give a list, [{target}]" if target in linear
+                 else "; did you mean 'all-linear'?" if difflib.get_close_matches(target, ["all-linear"], n=1)
+                 else "")
+        example = f" (they read like {linear_modules[0]!r})" if linear_modules else ""
+        raise ConfigError(f"lora.target_modules {target!r}: a string is a regex over full module names (peft's "
+                          f"rule), and it matches none{example}{meant}; or give a list of layer names from "
+                          f"{linear}")
+    if missing:
         raise ConfigError(f"lora.target_modules {missing} name no module of the model; its linear layers are "
-                          f"{linear}" + (f" (did you mean {', '.join(hints)}?)" if hints else ""))
+                          f"{linear}{nearest(missing)}")
+    dead = dead_regex_alternatives(targets[0], names) if regex else []
+    if dead:  # the regex as written: repr doubled its backslashes
+        raise ConfigError(f"lora.target_modules '{targets[0]}': {', '.join(map(repr, dead))} "
+                          f"match{'' if len(dead) > 1 else 'es'} no module with the rest of the regex, so "
+                          f"{'those layers' if len(dead) > 1 else 'that layer'} would stay unadapted; the linear "
+                          f"layers are {linear}{nearest(dead)}")
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if emb is not None and head is not None and emb.weight is head.weight:
         by_id = {id(m): n for n, m in model.named_modules()}

@@ -1113,6 +1113,25 @@ def test_every_lora_target_must_name_a_module(tiny_setup):
     regex.configure_model()
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in regex.model.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj", "v_proj"}
+    # a review: a typo inside the regex's alternatives trained only the layers the others
+    # matched, silently (peft raises only when the whole regex matches nothing)
+    with pytest.raises(ConfigError, match=r"lora.target_modules '\.\*\\\.\(q_proj\|vproj\)': 'vproj' matches no "
+                                          r"module with the rest of the regex, so that layer would stay unadapted; "
+                                          r"the linear layers are \[.*\] \(did you mean 'vproj' -> 'v_proj'\?\)"):
+        UnlearnModule(model=spec, lora={"r": 4, "target_modules": r".*\.(q_proj|vproj)"}).configure_model()
+
+
+def test_dead_regex_alternatives_fixes_one_group_at_a_time():
+    from cfg_unlearn.module import dead_regex_alternatives
+
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"]
+    assert dead_regex_alternatives(r".*\.(q_proj|up_proj)", names) == []
+    assert dead_regex_alternatives(r".*\.(?:q_proj|k_proj|up_proj)", names) == ["k_proj"]
+    # two groups: each alternative must match with the other group as written
+    assert dead_regex_alternatives(r"model\.layers\.(0|1|2)\.(self_attn\.q_proj|mlp\.up_proj)", names) == ["2"]
+    # what is not a group of plain alternatives is not split (nor a single name)
+    assert dead_regex_alternatives(r".*\.(q_\w+|nothing)", names) == []
+    assert dead_regex_alternatives(r".*\.(q_proj)", names) == []
 
 
 def test_lora_on_a_tied_embedding_is_refused(tiny_model_dir, tmp_path):
