@@ -494,7 +494,10 @@ class UnlearnModule(L.LightningModule):
         self.model.train()
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.model.parameters())
-        rank_zero_info(f"model {self.model_name}: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable")
+        # which ones: read by `export` too, where a bare "0.07M trainable" puzzled a reviewer
+        adapters = f" (LoRA adapters, r={self.lora.r})" if self.lora is not None else ""
+        rank_zero_info(f"model {self.model_name}: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable"
+                       f"{adapters}")
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

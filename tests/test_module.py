@@ -1,5 +1,6 @@
 """UnlearnModule: the conditioning hook, the one-forward ORPO step, optimizer wiring."""
 
+import logging
 import math
 import warnings
 
@@ -410,7 +411,7 @@ def test_precomputed_reference_keeps_train_and_val_pairs_apart_when_ids_collide(
 # ------------------------------------------------------------------ LoRA
 
 
-def test_lora_trains_only_adapters_and_is_its_own_npo_reference(tiny_model_dir, tmp_path):
+def test_lora_trains_only_adapters_and_is_its_own_npo_reference(tiny_model_dir, tmp_path, caplog):
     """LoRA: only adapter weights are trainable and move; the base is untouched; NPO uses
     the adapters-off model as reference (no copy), so its first loss is (2/beta) ln 2
     (LoRA's B starts at zero) and after training the adapters-off log-probs are exactly
@@ -420,9 +421,12 @@ def test_lora_trains_only_adapters_and_is_its_own_npo_reference(tiny_model_dir, 
     dm.setup("fit")
     m = UnlearnModule(model=spec, objective="npo", lora=LoraSettings(r=4, alpha=8),
                       optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
-    m.configure_model()
+    with caplog.at_level(logging.INFO):
+        m.configure_model()
     trainable = [n for n, p in m.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+    n_trainable = sum(p.numel() for p in m.model.parameters() if p.requires_grad)
+    assert f"{n_trainable / 1e6:.2f}M trainable (LoRA adapters, r=4)" in caplog.text  # says which ones
     before = {n: p.detach().clone() for n, p in m.model.named_parameters()}
     batch = next(iter(dm.train_dataloader()))
     x = apply_conditioning(batch, torch.zeros(4, dtype=torch.bool))
