@@ -208,6 +208,13 @@ class GuidanceEval(Callback):
         if self.probes_file or self.qa_file:
             self.probes = read_eval_records(self.probes_file, "probe")[0] if self.probes_file else []
             self.questions = read_eval_records(self.qa_file, "qa")[0] if self.qa_file else []
+            # a file given but empty would turn its half of the evaluation off without a word
+            # (a review: no leak_rate was logged, exit 0)
+            for setting, path, records, what in (("probes_file", self.probes_file, self.probes, "leak probes"),
+                                                 ("qa_file", self.qa_file, self.questions, "questions")):
+                if path and not records:
+                    raise ConfigError(f"eval.{setting} {path}: holds no {what}; leave {setting} out to evaluate "
+                                      "without them")
             self.known = list(dict.fromkeys(p for r in self.probes for p in (*r.pii, *r.context_pii)))
         else:
             config = self.world or getattr(datamodule, "world", None)

@@ -137,6 +137,14 @@ def test_probe_and_question_files(tmp_path):
         qa.write_text(json.dumps({"id": "q1", "prompt": "Capital?", "answer": "Paris", "reference": bad}) + "\n")
         with pytest.raises(PairFormatError, match=f"qa.jsonl:1: field 'reference': {why}"):
             GuidanceEval(qa_file=str(qa)).load_eval_sets()
+    # a review: an empty probes file turned the leak measurement off without a word
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match=r"eval.probes_file .*empty.jsonl: holds no leak probes; leave probes_file "
+                                          r"out to evaluate without them"):
+        GuidanceEval(probes_file=str(empty)).load_eval_sets()
+    with pytest.raises(ConfigError, match=r"eval.qa_file .*empty.jsonl: holds no questions"):
+        GuidanceEval(qa_file=str(empty)).load_eval_sets()
 
 
 def test_a_pii_type_that_reads_as_personal_data_is_refused(tmp_path):
