@@ -4,6 +4,7 @@ as ``cfg-unlearn fit|validate`` by the console script (:mod:`cfg_unlearn.console
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -595,7 +596,8 @@ _UNKNOWN_KEY = (
 _PARSER_KEY = re.compile(r'^Parser key "(?P<key>[^"]+)":')
 #: ... or an argument its class does not take (an optimizer's ``lrr``)
 _CLASS_OPTION = re.compile(r"Option '(?P<key>[^']+)' is not accepted")
-_CLASS_PATH = re.compile(r"class_path='(?P<path>[\w.]+)'")
+#: (``Namespace(class_path='...')`` in a value, ``given class_path '...'`` in a Union's error)
+_CLASS_PATH = re.compile(r"class_path[= ]'(?P<path>[\w.]+)'")
 _GIVEN_VALUE = re.compile(r"^\s*Given value: (?P<value>.*?)(?:\. Got value: .*)?$", re.MULTILINE)
 _UNRECOGNIZED = re.compile(r"^unrecognized arguments: (?P<args>.+)$")
 
@@ -754,10 +756,14 @@ def explain_parse_errors(parser: Any, argv: list[str]) -> None:
     own = {"help", "config", "print_config", "subcommand"}
     settings = sorted({a.dest for p in subparsers or [parser] for a in p._actions
                        if a.dest not in own and not a.dest.startswith("_") and a.dest != argparse.SUPPRESS})
+    # jsonargparse parses a config file from inside the file's folder: a relative --config
+    # path read from there named another file, or none (a review: no file was named)
+    cwd = os.getcwd()
     for p in (parser, *subparsers):
         def error(message: str, ex: Exception | None = None, _report=p.error) -> None:
             try:
-                message = explain_parse_error(message, argv, settings)
+                with contextlib.chdir(cwd):
+                    message = explain_parse_error(message, argv, settings)
             except Exception:  # noqa: BLE001 - a hint, never a traceback in place of the usage error
                 pass
             _report(message, ex)

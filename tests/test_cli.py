@@ -491,11 +491,25 @@ def test_a_misspelt_class_argument_in_a_config_names_its_line_and_the_argument_m
     assert err.endswith(f"\n  Set by --config {mine}:5\n  Did you mean 'lr'?"), err
 
 
+def test_a_misspelt_eval_argument_in_a_relative_config_names_its_file_and_the_argument_meant(
+        tmp_path, capsys, monkeypatch):
+    """A review: `eval: {probe_file: ...}` in a --config given by a relative path got
+    neither hint. jsonargparse parses a config from inside its folder, where the relative
+    path named nothing; and a Union's error spells the class `class_path '...'`."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mine.yaml").write_text("trainer:\n  max_epochs: 1\neval:\n  probe_file: p.jsonl\n")
+    monkeypatch.chdir(tmp_path)
+    err = _parse_error(capsys, ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--config", "sub/mine.yaml"])
+    assert err.startswith('Parser key "eval":') and "Option 'probe_file' is not accepted" in err, err
+    assert err.endswith("\n  Set by --config sub/mine.yaml:4\n  Did you mean 'probes_file'?"), err
+
+
 @pytest.mark.parametrize("args,hint", [
     (["--model.optimizer.init_args.lrr", "0.1"], "\n  Did you mean 'lr'?"),
     (["--model.optimizer.init_args.lr", "abc"], "Given value: abc. Got value: Namespace(class_path='torch.optim.AdamW', "
                                                 "init_args=Namespace(lr='abc'))"),
-    (["--data.world.seeds", "1"], "Given value: NestedArg(key='seeds', val='1')"),
+    # a Union's error names the class as "class_path '...'": its argument meant is named too
+    (["--data.world.seeds", "1"], "Given value: NestedArg(key='seeds', val='1')\n  Did you mean 'seed'?"),
     # jsonargparse's appending form, and a --config of inline YAML: not tiny.yaml's doing
     (["--trainer.callbacks+=NoSuchCallback"], "Given value: NoSuchCallback"),
     (["--config", "{trainer: {max_epochs: x}}"], "Given value: x"),
