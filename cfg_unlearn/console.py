@@ -200,7 +200,8 @@ def _generate(argv: list[str]) -> None:
     except PairFormatError as e:
         exit_with_error(p, str(e))
     if not records:
-        exit_with_error(p, "the forget data holds no leaky assistant turn")
+        source = a.forget or " and ".join(a.challenge)
+        exit_with_error(p, f"{source}: the forget data holds no leaky assistant turn (one with a pii value)")
     try:
         check_fallback(a.fallback, (v for r in records for v in (*r.pii, *r.known)))
     except ValueError as e:
@@ -235,6 +236,8 @@ def _generate(argv: list[str]) -> None:
     write_pairs(a.out, pairs)
     print(summary.line())
     print(json.dumps(summary.to_dict()))
+    if summary.warning():
+        print(f"cfg-unlearn generate: warning: {summary.warning()}", file=sys.stderr)
     print(f"wrote {len(pairs)} pairs to {a.out}")
 
 

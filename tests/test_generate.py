@@ -296,15 +296,18 @@ def test_generate_quiet_shows_no_progress_bar(tiny_model_dir, tmp_path, capsys):
     assert "decode g=1" in capsys.readouterr().err  # the bars this test would miss, there by default
     console_main([*args, "--out", str(tmp_path / "quiet.jsonl"), "--quiet"])
     printed = capsys.readouterr()
-    assert printed.err == "" and "wrote " in printed.out
+    # no bar; the untrained model writes no usable replacement, which --quiet does not hide
+    warned = "cfg-unlearn generate: warning: all 12 chosen answers are the fallback template"
+    assert printed.err.startswith(warned) and printed.err.count("\n") == 1 and "wrote " in printed.out
     assert (tmp_path / "quiet.jsonl").read_bytes() == (tmp_path / "loud.jsonl").read_bytes()
     assert hf_logging.is_progress_bar_enabled()  # put back for the caller
     # a tiny: model built on first use, inside the tokenizer's load ("Writing model shards")
     fresh = ["--model", f"tiny:{tmp_path / 'fresh'}", "--out", str(tmp_path / "fresh.jsonl"), "--quiet"]
     console_main([*args[:4], *args[6:], *fresh])
     # no bar, only the line that says a new model is built (--quiet hides bars, not that)
-    assert capsys.readouterr().err == (f"tiny:{tmp_path / 'fresh'}: no model in {tmp_path / 'fresh'} yet; building "
-                                       "a new tiny one there (random weights)\n")
+    err = capsys.readouterr().err
+    assert err.startswith(f"tiny:{tmp_path / 'fresh'}: no model in {tmp_path / 'fresh'} yet; building a new tiny one "
+                          f"there (random weights)\n{warned}") and err.count("\n") == 2
     assert (tmp_path / "fresh" / "config.json").is_file()
 
 
@@ -323,6 +326,11 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeyp
         console_main(["generate", "--forget", str(tmp_path / "missing.jsonl"), "--model", f"tiny:{tiny_model_dir}",
                       "--out", str(tmp_path / "x.jsonl")])
     assert "missing.jsonl: cannot open" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(SystemExit):
+        console_main(["generate", "--forget", str(tmp_path / "empty.jsonl"), "--model", f"tiny:{tiny_model_dir}",
+                      "--out", str(tmp_path / "x.jsonl")])
+    assert f"{tmp_path / 'empty.jsonl'}: the forget data holds no leaky assistant turn" in capsys.readouterr().err
     # refused before the model loads: an --out that exists, is an input, a directory or in
     # no directory, and settings that would fail or waste the run later
     before = pii.read_text()
@@ -337,7 +345,7 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeyp
         (["--out", str(tmp_path / "p.jsonl"), "--max-new-tokens", "0"], "error: --max-new-tokens must be >= 1"),  # flags, not fields
         (["--out", str(tmp_path / "p.jsonl"), "--top-p", "5"], "error: --top-p must be in (0, 1]"),
         (["--out", str(tmp_path / "p.jsonl"), "--fallback", ""], "fallback answer is no usable replacement (empty)"),
-        (["--out", str(tmp_path / "p.jsonl"), "--fallback", "mail a@b.co"], "no usable replacement (detected_pii)"),
+        (["--out", str(tmp_path / "p.jsonl"), "--fallback", "mail a@b.co"], "no usable replacement (detected_pii)\n"),
         (["--out", str(tmp_path / "p.jsonl"), "--dtype", "bogus"], "unknown dtype 'bogus'"),
         (["--out", str(tmp_path / "p.jsonl"), "--device", "tpu9"], "unknown device 'tpu9'"),
         *([(["--out", str(tmp_path / "p.jsonl"), "--device", "cuda"], "no usable CUDA GPU")]
@@ -472,6 +480,28 @@ def test_forget_reader_refuses_what_the_pair_reader_refuses_and_counts_what_it_c
         f"2 leaky assistant turn(s) follow no user turn and give no pair (a pair's prompt ends with a user turn): "
         f"{path}:1 (messages[0]), {path}:1 (messages[3])"]
     assert not any("bob@example.com" in r.getMessage() for r in caplog.records)
+    # a listed value no message holds (a review: a typo of the e-mail the answer held went
+    # through without a word, the real one then neither unlearned nor redacted): said
+    caplog.clear()
+    typo = {"id": "d", "messages": [ask, leak, {"role": "user", "content": "Mail?"},
+                                    {"role": "assistant", "content": "bob@example.org"}], "pii": pii}
+    with caplog.at_level("WARNING"):
+        assert [r.id for r in read_forget_conversations(rows(orphan, typo))] == ["c-t2", "d-t1"]
+    assert [r.getMessage() for r in caplog.records if "appear in no message" in r.getMessage()] == [
+        f"1 pii value(s) appear in no message of their conversation (a typo of the value the answer holds? that one "
+        f"is then neither unlearned nor redacted from logs): {path}:2 pii[1]"]
+
+
+def test_a_run_where_every_record_got_the_fallback_template_warns():
+    """A review: 19 of 19 records on the fallback template were written without a word;
+    training on one answer for every question broke the demo model's ordinary answers."""
+    from cfg_unlearn.data.generate import GenerateSummary
+
+    assert GenerateSummary(records=19, fallback=19).warning().startswith(
+        "all 19 chosen answers are the fallback template")
+    assert GenerateSummary(records=19, fallback=18, accepted_first=1).warning() is None
+    assert GenerateSummary(records=19, redacted=19).warning() is None  # each its own answer, redacted
+    assert GenerateSummary().warning() is None
 
 
 def test_cut_off_candidates_are_rejected_and_counted(tiny, monkeypatch):

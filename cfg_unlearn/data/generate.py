@@ -41,6 +41,7 @@ where every assistant turn that contains one of the listed values becomes a reco
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -75,6 +76,8 @@ from cfg_unlearn.pii import (
 )
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 
+log = logging.getLogger(__name__)
+
 DEFAULT_FALLBACK = "I'm sorry, but I can't share personal information about anyone."
 
 #: What a redacted fallback says in place of a value, by PII type: words that keep the
@@ -107,6 +110,7 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
     out: list[ForgetRecord] = []
     first_line: dict[str, int] = {}
     orphans: list[str] = []
+    absent: list[str] = []
     for line, obj in iter_json_objects(path):
         if "messages" not in obj:
             raise PairFormatError(src, line, "messages", "missing required field")
@@ -127,6 +131,11 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
         for i, m in enumerate(msgs):
             if m["role"] == "system":  # the pair file would hold a prompt that `fit` refuses
                 raise PairFormatError(src, line, f"messages[{i + lead}].role", "a system message is only allowed first")
+        # a listed value that no message holds is likely a typo of the one the answer holds,
+        # which is then neither a target nor redacted from logs (a review); said, not refused:
+        # a row may list more of its person's values for the candidates to be checked against
+        absent += [f"{src}:{line} pii[{i}]" for i, p in enumerate(pii)
+                   if not any(contains_value(m["content"], p.value, p.type) for m in msgs)]
         leaky_turns = 0
         for t, msg in enumerate(msgs):
             leaked = tuple(p for p in pii if contains_value(msg["content"], p.value, p.type))
@@ -141,6 +150,11 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
         if not leaky_turns:
             raise PairFormatError(src, line, "messages", "no assistant turn contains any of the listed PII values")
     warn_orphan_turns(orphans)
+    if absent:
+        more = f", ... ({len(absent) - 5} more)" if len(absent) > 5 else ""
+        log.warning("%d pii value(s) appear in no message of their conversation (a typo of the value the answer "
+                    "holds? that one is then neither unlearned nor redacted from logs): %s%s", len(absent),
+                    ", ".join(absent[:5]), more)
     return out
 
 
@@ -168,7 +182,10 @@ def check_fallback(fallback: str, values: Iterable[PIIItem] = ()) -> None:
     empty, no control character, no detector hit, none of the data's known ``values``
     (whole values: it is the same text for every row; which value is not shown, it is
     PII), and no ``{field}``, which would be trained as literal text."""
-    bad = leak_reason(fallback, (), partial_min_chars=0) or bad_characters(fallback)
+    leak = leak_reason(fallback, (), partial_min_chars=0)
+    if leak:  # not echoed: what a detector found is PII, and this error goes to the console
+        raise ValueError(f"the fallback answer is no usable replacement ({leak})")
+    bad = bad_characters(fallback)
     if bad:
         raise ValueError(f"the fallback answer is no usable replacement ({bad}): {fallback!r}")
     known = [p for p in dict.fromkeys(values) if contains_value(fallback, p.value, p.type)]
@@ -245,6 +262,16 @@ class GenerateSummary:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def warning(self) -> str | None:
+        """What a run whose every record got the fallback template should say: its pairs
+        teach one answer to every question, which on the demo's model broke ordinary
+        answers into pieces of it (benchmarks/demo_levers.md)."""
+        if self.records and self.fallback == self.records:
+            return (f"all {self.records} chosen answers are the fallback template: the writer produced no usable "
+                    "replacement, so training teaches that one answer to every question; check --model and "
+                    "--system, or use --redact-fallback")
+        return None
 
 
 def round_seed(seed: int, attempt: int, max_attempts: int) -> int:
