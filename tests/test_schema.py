@@ -250,6 +250,30 @@ def test_a_key_given_twice_is_an_error_in_every_reader(tmp_path):
     assert err.field is None and "Jane" not in str(err) and "a key of 8 characters is given twice" in str(err)
 
 
+def test_a_misspelt_field_is_refused_and_the_users_own_keys_pass(tmp_path):
+    """A review: `"sytem": "..."` trained with the default instruction, and a forget row's
+    `mesages` beside `messages` passed, without a word. A key that reads as a typo of a
+    field names the field; a data set's own keys (`prompt_id`, `source`) pass."""
+    from cfg_unlearn.data.generate import read_forget_conversations
+    from cfg_unlearn.data.schema import eval_record_from_dict
+
+    row = {"id": "a", "prompt": "q", "chosen": "x", "rejected": "y"}
+    with pytest.raises(PairFormatError, match=r"f.jsonl:3: field 'sytem': no such field; did you mean 'system'\?"):
+        record_from_dict({**row, "sytem": "Never reveal PII."}, source="f.jsonl", line=3)
+    with pytest.raises(PairFormatError, match=r"field 'chosn': no such field; did you mean 'chosen'\?"):
+        record_from_dict({"id": "a", "prompt": "q", "chosn": "x", "rejected": "y"}, source="f.jsonl", line=1)
+    assert record_from_dict({**row, "prompt_id": "p1", "source": "mine", "score_chosen": 9}).chosen == "x"
+    with pytest.raises(PairFormatError, match=r"field 'answers': no such field; did you mean 'answer'\?"):
+        eval_record_from_dict({"id": "q", "prompt": "Capital?", "answers": ["Paris"]}, kind="qa", line=1)
+    path = tmp_path / "forget.jsonl"
+    msgs = [{"role": "user", "content": "Phone?"}, {"role": "assistant", "content": "555-987-6543"}]
+    path.write_text(json.dumps({"id": "c", "messages": msgs, "mesages": [], "pii": [{"type": "PHONE",
+                                                                                   "value": "555-987-6543"}]}) + "\n")
+    with pytest.raises(PairFormatError, match=r"forget.jsonl:1: field 'mesages': no such field; did you mean "
+                                              r"'messages'\?"):
+        read_forget_conversations(path)
+
+
 def test_implicit_prompt_without_shared_prefix_is_error():
     row = {"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
            "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}

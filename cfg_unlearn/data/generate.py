@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 
 from cfg_unlearn.data.schema import (
     DEFAULT_MAX_CHARS,
+    FORGET_FIELDS,
     ForgetRecord,
     PairFormatError,
     PairRecord,
@@ -60,6 +61,7 @@ from cfg_unlearn.data.schema import (
     _pii_field,
     _record_id,
     _text,
+    check_misspelt_fields,
     iter_json_objects,
     note_first_line,
     user_text,
@@ -112,6 +114,7 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
     orphans: list[str] = []
     absent: list[str] = []
     for line, obj in iter_json_objects(path):
+        check_misspelt_fields(obj, FORGET_FIELDS, src, line)
         if "messages" not in obj:
             raise PairFormatError(src, line, "messages", "missing required field")
         msgs = _messages(obj["messages"], src, line, "messages", DEFAULT_MAX_CHARS)

@@ -356,6 +356,25 @@ def _system_and_turns(
     return system, prompt_msgs
 
 
+#: the fields each row kind reads; other keys are the user's own (a data set's metadata)
+PAIR_FIELDS = ("id", "prompt", "system", "chosen", "rejected", "pii", "group")
+EVAL_FIELDS = ("id", "prompt", "system", "pii", "context_pii", "answer", "reference")
+FORGET_FIELDS = ("id", "messages", "system", "pii")
+
+
+def check_misspelt_fields(obj: dict, fields: Iterable[str], src: str, line: int | None) -> None:
+    """Refuse a key that reads as a typo of a field (``sytem``, ``mesages``): ignored like
+    any other extra key, the row trained without what it meant, silently (a review).
+    Keys far from every field (``prompt_id``, ``source``, ``score_chosen``) are the user's
+    own and pass."""
+    fields = tuple(fields)
+    for key in obj:
+        if isinstance(key, str) and key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)
+            if close:
+                raise PairFormatError(src, line, key, f"no such field; did you mean '{close[0]}'?")
+
+
 def _record_id(obj: dict, src: str, line: int | None) -> str:
     rid = obj.get("id")
     if rid is None:
@@ -401,6 +420,7 @@ def record_from_dict(
     src = source
     if not isinstance(obj, dict):
         raise not_an_object(src, line, obj)
+    check_misspelt_fields(obj, PAIR_FIELDS, src, line)
     for key in ("chosen", "rejected"):
         if key not in obj:
             raise PairFormatError(src, line, key, "missing required field")
@@ -453,6 +473,7 @@ def eval_record_from_dict(
     src = source
     if not isinstance(obj, dict):
         raise not_an_object(src, line, obj)
+    check_misspelt_fields(obj, EVAL_FIELDS, src, line)
     if "prompt" not in obj:
         raise PairFormatError(src, line, "prompt", "missing required field")
     system, prompt_msgs = _system_and_turns(obj, _prompt_field(obj, src, line, max_chars), src, line, max_chars)
