@@ -500,8 +500,17 @@ def test_nonexistent_file(tmp_path):
     path = tmp_path / "missing.jsonl"
     for mode in ("raise", "skip"):
         err = _read_error(path, on_error=mode)
-        assert str(err).startswith(f"{path}: cannot open")
+        assert str(err) == f"{path}: cannot open: No such file or directory"
         assert err.line is None
+
+
+def test_a_missing_relative_path_says_where_relative_paths_start(tmp_path, monkeypatch):
+    """A review: a config's `../data/pairs.jsonl`, run from another folder, said only
+    'cannot open: No such file or directory'."""
+    monkeypatch.chdir(tmp_path)
+    err = _read_error(Path("../data/pairs.jsonl"))
+    assert str(err) == (f"../data/pairs.jsonl: cannot open: No such file or directory (relative paths start at "
+                        f"the working directory {tmp_path})")
 
 
 def test_directory_instead_of_file(tmp_path):

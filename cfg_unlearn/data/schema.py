@@ -573,7 +573,11 @@ def iter_raw_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes, bool]]
     try:
         fh = open(path, "rb")
     except OSError as e:
-        raise PairFormatError(str(path), None, None, f"cannot open: {e.strerror}") from None
+        # a config's relative path is read from where the command runs, not from the
+        # config's folder (a review: run from another folder, the message did not say)
+        where = (f" (relative paths start at the working directory {Path.cwd()})"
+                 if isinstance(e, FileNotFoundError) and not Path(path).is_absolute() else "")
+        raise PairFormatError(str(path), None, None, f"cannot open: {e.strerror}{where}") from None
     with fh:
         lineno = 0
         while raw := fh.readline(MAX_LINE_BYTES + 1):
