@@ -654,15 +654,22 @@ def test_suspect_pairs_are_counted_and_located_without_their_text(tiny_name, tmp
                       pii=(PIIItem("NAME", "Ann Lee"), PIIItem("ORG", "Tran-Reed")))
     path = tmp_path / "p.jsonl"
     write_pairs(path, recs)
+    # the leak is a bad row (a review: it was only a warning, and the fit trained it)
+    with pytest.raises(ConfigError) as err:
+        make_dm(tiny_name, train_file=str(path), val_fraction=0.0)
+    assert str(err.value) == (f"1 of 5 pairs have a chosen answer holding one of the row's own pii values, so "
+                              f"training would reward the leak: {path}:4; fix those rows (the chosen answer must be "
+                              "PII-free), or skip them with data.on_error: skip")
     with pytest.warns(UserWarning) as got:
-        dm = make_dm(tiny_name, train_file=str(path), val_fraction=0.0)
+        dm = make_dm(tiny_name, train_file=str(path), val_fraction=0.0, on_error="skip")
     text = [str(w.message) for w in got]
-    assert f"1 of 5 pairs have chosen == rejected (nothing to prefer; NLL trains the leaky answer): {path}:2" in text
+    assert f"1 of 4 pairs have chosen == rejected (nothing to prefer; NLL trains the leaky answer): {path}:2" in text
     leak = [t for t in text if "own pii values" in t]
-    assert leak == [f"1 of 5 pairs have a chosen answer holding one of the row's own pii values "
-                    f"(training rewards the leak): {path}:4"]
+    assert leak == [f"1 of 5 pairs have a chosen answer holding one of the row's own pii values, so training would "
+                    f"reward the leak: {path}:4; skipped (on_error: skip)"]
     assert not any(value in t or recs[1].rejected in t for t in text)
-    assert (dm.stats["identical_pairs"], dm.stats["chosen_leaks"], dm.stats["train_pairs"]) == (1, 1, 5)
+    assert (dm.stats["identical_pairs"], dm.stats["chosen_leaks"], dm.stats["train_pairs"]) == (1, 1, 4)
+    assert dm.stats["skipped_rows"] == 1
 
 
 def test_world_pairs_are_not_suspect(dm):

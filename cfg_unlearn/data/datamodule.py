@@ -62,26 +62,34 @@ class EncodeStats:
     too_long: list[str] = field(default_factory=list)
 
 
-def audit_pairs(records: Sequence[PairRecord]) -> dict[str, list[str]]:
-    """Pairs that teach nothing or the wrong thing, by where they are (``file:line`` or
-    id, never their text, which holds PII): ``identical`` (chosen == rejected: the
+def audit_pairs(records: Sequence[PairRecord]) -> dict[str, list[PairRecord]]:
+    """Pairs that teach nothing or the wrong thing: ``identical`` (chosen == rejected: the
     odds-ratio and DPO terms are constant, NLL trains the leaky answer) and
     ``chosen_leaks`` (the chosen answer holds one of the row's own ``pii`` values that
     the user's turns do not show, so training rewards the leak; repeating the name the
     user asked about is no leak)."""
-    out: dict[str, list[str]] = {"identical": [], "chosen_leaks": []}
+    out: dict[str, list[PairRecord]] = {"identical": [], "chosen_leaks": []}
     for rec in records:
-        where = rec.source or f"id {rec.id!r}"
         if rec.chosen.strip() == rec.rejected.strip():
-            out["identical"].append(where)
+            out["identical"].append(rec)
             continue
         # the index compiles a value's pattern only when the chosen answer holds a sign of
         # it: most rows compile nothing (contains_value on every value compiled each one,
         # 0.9 ms a row past value_pattern's cache: minutes per setup on a large file)
         found = ValueIndex(rec.pii).find(rec.chosen)
         if found and any(not contains_value(user_text(rec.prompt), p.value, p.type) for p in found):
-            out["chosen_leaks"].append(where)
+            out["chosen_leaks"].append(rec)
     return out
+
+
+def where_pair(rec: PairRecord) -> str:
+    """A pair named by its ``file:line`` (or id), never by its text, which holds PII."""
+    return rec.source or f"id {rec.id!r}"
+
+
+def named_places(records: Sequence[PairRecord]) -> str:
+    """The first five pairs' :func:`where_pair`, for a message."""
+    return ", ".join(map(where_pair, records[:5])) + (", ..." if len(records) > 5 else "")
 
 
 def label_sequence(prompt_ids: list[int], answer_ids: list[int], *, nll_on_prompt: bool,
@@ -615,11 +623,13 @@ class PairDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(resolve_pretrained(self.tokenizer_source()))
         train, val = self.load_records()
+        suspect = audit_pairs(train + val)
+        train, val = self._drop_chosen_leaks(train, val, suspect["chosen_leaks"])
         if not train:
             source = (f"the pair file {self.train_file} is empty or every row was skipped" if self.train_file
                       else f"the world ({self.world}) makes none")
             raise ConfigError(f"no training pairs: {source}")
-        self._warn_suspect_pairs(train + val)
+        self._warn_suspect_pairs(train + val, suspect["identical"])
         # for UnlearnModule.on_fit_start: a run that conditions (dropout) on none of them
         self.stats["train_records"] = len(train)
         self.stats["train_same_prompts"] = sum(map(self._one_prompt, train))
@@ -668,31 +678,45 @@ class PairDataModule(L.LightningDataModule):
         compare a prompt with itself."""
         return (rec.system or self.system_prompt or "").strip() == (self.uncond_system_prompt or "").strip()
 
-    def _warn_suspect_pairs(self, records: list[PairRecord]) -> None:
-        found = audit_pairs(records)
-        self.stats.update(identical_pairs=len(found["identical"]), chosen_leaks=len(found["chosen_leaks"]))
-        what = {
-            "identical": "have chosen == rejected (nothing to prefer; NLL trains the leaky answer)",
-            "chosen_leaks": "have a chosen answer holding one of the row's own pii values (training rewards the leak)",
-        }
+    def _drop_chosen_leaks(self, train: list[PairRecord], val: list[PairRecord], leaks: list[PairRecord],
+                           ) -> tuple[list[PairRecord], list[PairRecord]]:
+        """A pair whose chosen answer holds the row's own PII value (``leaks``, of
+        :func:`audit_pairs`) trains the model to say it: a bad row (a review: it was a
+        warning, and the fit trained it), refused, or with ``on_error: skip`` skipped and
+        counted."""
+        self.stats["chosen_leaks"] = len(leaks)
+        if not leaks:
+            return train, val
+        what = (f"{len(leaks)} of {len(train) + len(val)} pairs have a chosen answer holding one of the row's own "
+                f"pii values, so training would reward the leak: {named_places(leaks)}")
+        if self.on_error != "skip":
+            raise ConfigError(f"{what}; fix those rows (the chosen answer must be PII-free), or skip them with "
+                              "data.on_error: skip")
+        rank_zero_warn(f"{what}; skipped (on_error: skip)")
+        self.stats["skipped_rows"] = self.stats.get("skipped_rows", 0) + len(leaks)
+        dropped = {id(r) for r in leaks}
+        return [r for r in train if id(r) not in dropped], [r for r in val if id(r) not in dropped]
+
+    def _warn_suspect_pairs(self, records: list[PairRecord], identical: list[PairRecord]) -> None:
+        found = {"identical": identical}
+        self.stats["identical_pairs"] = len(identical)
+        what = {"identical": "have chosen == rejected (nothing to prefer; NLL trains the leaky answer)"}
         # A row's own system message is its conditioning instruction (the documented rule),
         # so the model learns guidance on that text; a generic one ("You are a helpful
         # assistant", common in TRL-style data) then never trains the instruction that
         # decoding conditions on.
-        found["own_system"] = [r.source or f"id {r.id!r}" for r in records
-                               if r.system and r.system != self.system_prompt]
+        found["own_system"] = [r for r in records if r.system and r.system != self.system_prompt]
         self.stats["own_system"] = len(found["own_system"])
         what["own_system"] = ("carry their own system message, which replaces data.system_prompt as their "
                               "conditioning instruction: guidance learns that message, while GuidanceEval "
                               "decodes with data.system_prompt (or a probe's own system message) and chat and "
                               "export with --system; drop it from the rows to train on data.system_prompt")
-        found["same_prompts"] = [r.source or f"id {r.id!r}" for r in records if self._one_prompt(r)]
+        found["same_prompts"] = [r for r in records if self._one_prompt(r)]
         what["same_prompts"] = ("have the same conditioned and unconditioned prompt (their system message is "
                                 "data.uncond_system_prompt's text, or blank): dropout and guidance learn nothing there")
-        for key, places in found.items():
-            if places:
-                shown = ", ".join(places[:5]) + (", ..." if len(places) > 5 else "")
-                rank_zero_warn(f"{len(places)} of {len(records)} pairs {what[key]}: {shown}")
+        for key, suspect in found.items():
+            if suspect:
+                rank_zero_warn(f"{len(suspect)} of {len(records)} pairs {what[key]}: {named_places(suspect)}")
 
     # -------------------------------------------------------------------- loaders
 
