@@ -4,7 +4,6 @@ as ``cfg-unlearn fit|validate`` by the console script (:mod:`cfg_unlearn.console
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import difflib
 import os
@@ -761,11 +760,14 @@ def explain_parse_errors(parser: Any, argv: list[str]) -> None:
     cwd = os.getcwd()
     for p in (parser, *subparsers):
         def error(message: str, ex: Exception | None = None, _report=p.error) -> None:
-            try:
-                with contextlib.chdir(cwd):
-                    message = explain_parse_error(message, argv, settings)
+            here = os.getcwd()
+            try:  # (not contextlib.chdir: Python 3.11's, and 3.10 is supported)
+                os.chdir(cwd)
+                message = explain_parse_error(message, argv, settings)
             except Exception:  # noqa: BLE001 - a hint, never a traceback in place of the usage error
                 pass
+            finally:
+                os.chdir(here)
             _report(message, ex)
 
         p.error = error
