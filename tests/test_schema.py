@@ -262,6 +262,10 @@ def test_a_misspelt_field_is_refused_and_the_users_own_keys_pass(tmp_path):
         record_from_dict({**row, "sytem": "Never reveal PII."}, source="f.jsonl", line=3)
     with pytest.raises(PairFormatError, match=r"field 'chosn': no such field; did you mean 'chosen'\?"):
         record_from_dict({"id": "a", "prompt": "q", "chosn": "x", "rejected": "y"}, source="f.jsonl", line=1)
+    # case aside (a review: "System" passed, "Rejected" did not), and every field the row reads
+    for key, meant in (("System", "system"), ("PII", "pii"), ("context_pi", "context_pii")):
+        with pytest.raises(PairFormatError, match=f"field '{key}': no such field; did you mean '{meant}'"):
+            record_from_dict({**row, key: "x"}, source="f.jsonl", line=1)
     assert record_from_dict({**row, "prompt_id": "p1", "source": "mine", "score_chosen": 9}).chosen == "x"
     with pytest.raises(PairFormatError, match=r"field 'answers': no such field; did you mean 'answer'\?"):
         eval_record_from_dict({"id": "q", "prompt": "Capital?", "answers": ["Paris"]}, kind="qa", line=1)

@@ -357,7 +357,7 @@ def _system_and_turns(
 
 
 #: the fields each row kind reads; other keys are the user's own (a data set's metadata)
-PAIR_FIELDS = ("id", "prompt", "system", "chosen", "rejected", "pii", "group")
+PAIR_FIELDS = ("id", "prompt", "system", "chosen", "rejected", "pii", "context_pii", "group")
 EVAL_FIELDS = ("id", "prompt", "system", "pii", "context_pii", "answer", "reference")
 FORGET_FIELDS = ("id", "messages", "system", "pii")
 
@@ -370,7 +370,8 @@ def check_misspelt_fields(obj: dict, fields: Iterable[str], src: str, line: int 
     fields = tuple(fields)
     for key in obj:
         if isinstance(key, str) and key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)
+            # case aside ("System", "PII" read as fields): compared in lower case
+            close = difflib.get_close_matches(key.lower(), fields, n=1, cutoff=0.85)
             if close:
                 raise PairFormatError(src, line, key, f"no such field; did you mean '{close[0]}'?")
 
