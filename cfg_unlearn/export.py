@@ -582,6 +582,10 @@ def _fit_context(model, tokenizer, messages: list[dict[str, str]], *, system, un
         dropped += 1
 
 
+class PromptTooLong(ValueError):
+    """A ``chat --prompt`` that the model's context cannot hold."""
+
+
 def chat_loop(
     model: torch.nn.Module,
     tokenizer,
@@ -607,8 +611,9 @@ def chat_loop(
     conversation outgrows the model's context. Returns the final conversation.
 
     ``prompts`` (``chat --prompt``): the user turns of one conversation, in place of the
-    stream, each sent as it is (newlines and a leading ``/`` included), and only the
-    answers written, one after each, for scripts to read."""
+    stream, each sent as it is but for surrounding whitespace (newlines inside and a
+    leading ``/`` included), and only the answers written, one after each, for scripts to
+    read; one the context cannot hold raises :class:`PromptTooLong`."""
     g = config.guidance_scale if guidance_scale is None else float(guidance_scale)
     space = config.space if space is None else space
     check_guidance(g, space)
@@ -662,8 +667,8 @@ def chat_loop(
         )
         if messages is None:
             if one_shot:  # a script's prompt unanswered must not pass for an empty answer
-                raise ValueError(f"--prompt {turn + 1} is too long for the model's context "
-                                 f"(with --max-new-tokens {max_new_tokens})")
+                raise PromptTooLong(f"--prompt {turn + 1} is too long for the model's context "
+                                    f"(with --max-new-tokens {max_new_tokens})")
             write("(that message is too long for the model's context; not sent)\n")
             continue
         if dropped:  # with --prompt on stderr, so that stdout holds the answers only
@@ -825,8 +830,10 @@ def main_chat(argv: list[str] | None = None, stdin: IO[str] | None = None, stdou
             guidance_scale=a.guidance_scale, space=a.space, max_new_tokens=a.max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_p=top_p, seed=a.seed, prompts=a.prompt,
         )
-    except ValueError as e:  # a --prompt beyond the context
+    except PromptTooLong as e:
         exit_with_error(p, str(e))
     except KeyboardInterrupt:
+        if a.prompt:  # a script's run cut short: no newline that reads as an empty answer
+            sys.exit(130)
         (stdout or sys.stdout).write("\n")
 

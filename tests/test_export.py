@@ -772,7 +772,7 @@ def test_chat_prompts_answer_one_conversation_and_print_the_answers_only(exporte
     assert out.getvalue() == "answer 1\nanswer 2\n" and len(history) == 4
     # a prompt the context cannot hold is an error, not a missing answer
     fake = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=80))
-    with pytest.raises(ValueError, match="--prompt 1 is too long"):
+    with pytest.raises(ex.PromptTooLong, match="--prompt 1 is too long"):
         chat_loop(fake, trained.tokenizer, exported.config, input_stream=io.StringIO(""), output_stream=out,
                   max_new_tokens=16, prompts=["x " * 200])
 
@@ -796,6 +796,17 @@ def test_main_chat_prompt_end_to_end_and_its_errors(exported, capsys):
         main_chat([str(exported.dir), "--device", "cpu", "--quiet", "--max-new-tokens", "16", "--prompt",
                    "x " * 5000], stdin=io.StringIO(""), stdout=io.StringIO())
     assert e.value.code == 2 and "--prompt 1 is too long" in capsys.readouterr().err
+    # Ctrl-C: exit 130 and nothing on stdout that reads as an empty answer (a review)
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ex, "chat_loop", interrupted)
+        with pytest.raises(SystemExit) as e:
+            main_chat([str(exported.dir), "--device", "cpu", "--quiet", "--prompt", "hi"], stdin=io.StringIO(""),
+                      stdout=out)
+    assert e.value.code == 130 and out.getvalue() == ""
 
 
 def test_main_chat_quiet_has_no_loading_bar(exported, capfd):
