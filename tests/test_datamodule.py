@@ -670,6 +670,13 @@ def test_suspect_pairs_are_counted_and_located_without_their_text(tiny_name, tmp
     assert not any(value in t or recs[1].rejected in t for t in text)
     assert (dm.stats["identical_pairs"], dm.stats["chosen_leaks"], dm.stats["train_pairs"]) == (1, 1, 4)
     assert dm.stats["skipped_rows"] == 1
+    # a val_file every pair of which is skipped is refused, as an empty one is (a review)
+    val = tmp_path / "val.jsonl"
+    write_pairs(val, [replace(recs[3], id="v1")])
+    train_only = tmp_path / "train.jsonl"
+    write_pairs(train_only, [recs[0]])  # another conversation than the val pair's
+    with pytest.raises(ConfigError, match=f"no validation pairs: every pair of {val} was skipped"):
+        make_dm(tiny_name, train_file=str(train_only), val_file=str(val), on_error="skip")
 
 
 def test_world_pairs_are_not_suspect(dm):

@@ -695,7 +695,10 @@ class PairDataModule(L.LightningDataModule):
         rank_zero_warn(f"{what}; skipped (on_error: skip)")
         self.stats["skipped_rows"] = self.stats.get("skipped_rows", 0) + len(leaks)
         dropped = {id(r) for r in leaks}
-        return [r for r in train if id(r) not in dropped], [r for r in val if id(r) not in dropped]
+        train, kept_val = [r for r in train if id(r) not in dropped], [r for r in val if id(r) not in dropped]
+        if self.val_file and not kept_val:  # as load_records refuses an empty val_file
+            raise ConfigError(f"no validation pairs: every pair of {self.val_file} was skipped")
+        return train, kept_val
 
     def _warn_suspect_pairs(self, records: list[PairRecord], identical: list[PairRecord]) -> None:
         found = {"identical": identical}
