@@ -487,9 +487,14 @@ def test_forget_reader_refuses_what_the_pair_reader_refuses_and_counts_what_it_c
                                     {"role": "assistant", "content": "bob@example.org"}], "pii": pii}
     with caplog.at_level("WARNING"):
         assert [r.id for r in read_forget_conversations(rows(orphan, typo))] == ["c-t2", "d-t1"]
-    assert [r.getMessage() for r in caplog.records if "appear in no message" in r.getMessage()] == [
-        f"1 pii value(s) appear in no message of their conversation (a typo of the value the answer holds? that one "
-        f"is then neither unlearned nor redacted from logs): {path}:2 pii[1]"]
+    assert [r.getMessage() for r in caplog.records if "appear nowhere" in r.getMessage()] == [
+        f"1 pii value(s) appear nowhere in their conversation: listed for the candidates to be checked against, or a "
+        f"typo of a value the answer holds (which is then neither unlearned nor redacted from logs)? {path}:2 pii[1]"]
+    # a value its system message holds is somewhere (a review)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        read_forget_conversations(rows({**typo, "system": "Bob's e-mail is bob@example.com."}))
+    assert not [r for r in caplog.records if "appear nowhere" in r.getMessage()]
 
 
 def test_a_run_where_every_record_got_the_fallback_template_warns():

@@ -134,11 +134,12 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
         for i, m in enumerate(msgs):
             if m["role"] == "system":  # the pair file would hold a prompt that `fit` refuses
                 raise PairFormatError(src, line, f"messages[{i + lead}].role", "a system message is only allowed first")
-        # a listed value that no message holds is likely a typo of the one the answer holds,
-        # which is then neither a target nor redacted from logs (a review); said, not refused:
-        # a row may list more of its person's values for the candidates to be checked against
+        # a listed value that no text of the row holds may be a typo of the one the answer
+        # holds, which is then neither a target nor redacted from logs (a review); said, not
+        # refused: a row may list more of its person's values for candidates to be checked on
+        texts = [m["content"] for m in msgs] + ([system] if system else [])
         absent += [f"{src}:{line} pii[{i}]" for i, p in enumerate(pii)
-                   if not any(contains_value(m["content"], p.value, p.type) for m in msgs)]
+                   if not any(contains_value(t, p.value, p.type) for t in texts)]
         leaky_turns = 0
         for t, msg in enumerate(msgs):
             leaked = tuple(p for p in pii if contains_value(msg["content"], p.value, p.type))
@@ -155,9 +156,9 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
     warn_orphan_turns(orphans)
     if absent:
         more = f", ... ({len(absent) - 5} more)" if len(absent) > 5 else ""
-        log.warning("%d pii value(s) appear in no message of their conversation (a typo of the value the answer "
-                    "holds? that one is then neither unlearned nor redacted from logs): %s%s", len(absent),
-                    ", ".join(absent[:5]), more)
+        log.warning("%d pii value(s) appear nowhere in their conversation: listed for the candidates to be "
+                    "checked against, or a typo of a value the answer holds (which is then neither unlearned nor "
+                    "redacted from logs)? %s%s", len(absent), ", ".join(absent[:5]), more)
     return out
 
 
@@ -272,8 +273,8 @@ class GenerateSummary:
         answers into pieces of it (benchmarks/demo_levers.md)."""
         if self.records and self.fallback == self.records:
             return (f"all {self.records} chosen answers are the fallback template: the writer produced no usable "
-                    "replacement, so training teaches that one answer to every question; check --model and "
-                    "--system, or use --redact-fallback")
+                    "replacement (nor, with --redact-fallback, a usable redaction), so training teaches that one "
+                    "answer to every question; check --model and --system")
         return None
 
 
