@@ -257,7 +257,7 @@ def dead_regex_alternatives(pattern: str, names: list[str]) -> list[str]:
     dead = []
     for group in _WORD_ALTERNATIVES.finditer(pattern):
         for alternative in group.group(1).split("|"):
-            fixed = re.compile(pattern[:group.start()] + f"({alternative})" + pattern[group.end():])
+            fixed = re.compile(pattern[:group.start()] + f"(?:{alternative})" + pattern[group.end():])
             if not any(fixed.fullmatch(n) for n in names):
                 dead.append(alternative)
     return dead
@@ -302,11 +302,17 @@ def check_lora_targets(model, targets: list[str] | str) -> None:
         raise ConfigError(f"lora.target_modules {missing} name no module of the model; its linear layers are "
                           f"{linear}{nearest(missing)}")
     dead = dead_regex_alternatives(targets[0], names) if regex else []
-    if dead:  # the regex as written: repr doubled its backslashes
-        raise ConfigError(f"lora.target_modules '{targets[0]}': {', '.join(map(repr, dead))} "
-                          f"match{'' if len(dead) > 1 else 'es'} no module with the rest of the regex, so "
-                          f"{'those layers' if len(dead) > 1 else 'that layer'} would stay unadapted; the linear "
-                          f"layers are {linear}{nearest(dead)}")
+    # a dead name close to a layer's is a typo (refused); another may be meant for another
+    # architecture (`(q_proj|c_attn)` in a config shared by Llama and GPT-2): said only
+    typos = [t for t in dead if difflib.get_close_matches(t, linear, n=1)]
+    if typos:  # the regex as written: repr doubled its backslashes
+        raise ConfigError(f"lora.target_modules '{targets[0]}': {', '.join(map(repr, typos))} "
+                          f"match{'' if len(typos) > 1 else 'es'} no module with the rest of the regex, so "
+                          f"{'those layers' if len(typos) > 1 else 'that layer'} would stay unadapted; the linear "
+                          f"layers are {linear}{nearest(typos)}")
+    if dead:
+        rank_zero_warn(f"lora.target_modules '{targets[0]}': {', '.join(map(repr, dead))} match no module of this "
+                       "model (names of another architecture?); the adapters go where the rest of the regex matches")
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if emb is not None and head is not None and emb.weight is head.weight:
         by_id = {id(m): n for n, m in model.named_modules()}

@@ -1123,6 +1123,10 @@ def test_every_lora_target_must_name_a_module(tiny_setup):
                                           r"module with the rest of the regex, so that layer would stay unadapted; "
                                           r"the linear layers are \[.*\] \(did you mean 'vproj' -> 'v_proj'\?\)"):
         UnlearnModule(model=spec, lora={"r": 4, "target_modules": r".*\.(q_proj|vproj)"}).configure_model()
+    # a name of another architecture (a config shared with GPT-2) is said, not refused (a review)
+    shared = UnlearnModule(model=spec, lora={"r": 4, "target_modules": r".*\.(q_proj|v_proj|c_attn)"})
+    with pytest.warns(UserWarning, match=r"'c_attn' match no module of this model \(names of another architecture"):
+        shared.configure_model()
 
 
 def test_dead_regex_alternatives_fixes_one_group_at_a_time():
