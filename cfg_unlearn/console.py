@@ -236,8 +236,9 @@ def _generate(argv: list[str]) -> None:
     write_pairs(a.out, pairs)
     print(summary.line())
     print(json.dumps(summary.to_dict()))
-    if summary.warning():
-        print(f"cfg-unlearn generate: warning: {summary.warning()}", file=sys.stderr)
+    warning = summary.warning()
+    if warning:
+        print(f"cfg-unlearn generate: warning: {warning}", file=sys.stderr)
     print(f"wrote {len(pairs)} pairs to {a.out}")
 
 

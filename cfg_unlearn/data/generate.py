@@ -62,6 +62,7 @@ from cfg_unlearn.data.schema import (
     _record_id,
     _text,
     check_misspelt_fields,
+    first_places,
     iter_json_objects,
     note_first_line,
     user_text,
@@ -137,12 +138,13 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
         # a listed value that no text of the row holds may be a typo of the one the answer
         # holds, which is then neither a target nor redacted from logs (a review); said, not
         # refused: a row may list more of its person's values for candidates to be checked on
-        texts = [m["content"] for m in msgs] + ([system] if system else [])
-        absent += [f"{src}:{line} pii[{i}]" for i, p in enumerate(pii)
-                   if not any(contains_value(t, p.value, p.type) for t in texts)]
+        # (each message's values are found once, for this check and the leaky turns below)
+        held = [tuple(p for p in pii if contains_value(m["content"], p.value, p.type)) for m in msgs]
+        somewhere = {p for h in held for p in h}
+        somewhere |= {p for p in pii if system and contains_value(system, p.value, p.type)}
+        absent += [f"{src}:{line} pii[{i}]" for i, p in enumerate(pii) if p not in somewhere]
         leaky_turns = 0
-        for t, msg in enumerate(msgs):
-            leaked = tuple(p for p in pii if contains_value(msg["content"], p.value, p.type))
+        for t, (msg, leaked) in enumerate(zip(msgs, held)):
             if msg["role"] != "assistant" or not leaked:
                 continue
             leaky_turns += 1
@@ -155,10 +157,9 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
             raise PairFormatError(src, line, "messages", "no assistant turn contains any of the listed PII values")
     warn_orphan_turns(orphans)
     if absent:
-        more = f", ... ({len(absent) - 5} more)" if len(absent) > 5 else ""
         log.warning("%d pii value(s) appear nowhere in their conversation: listed for the candidates to be "
                     "checked against, or a typo of a value the answer holds (which is then neither unlearned nor "
-                    "redacted from logs)? %s%s", len(absent), ", ".join(absent[:5]), more)
+                    "redacted from logs)? %s", len(absent), first_places(absent))
     return out
 
 

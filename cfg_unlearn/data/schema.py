@@ -128,14 +128,18 @@ def user_text(messages: tuple[dict[str, str], ...] | list[dict[str, str]]) -> st
     return "\n".join(m["content"] for m in messages if m["role"] == "user")
 
 
+def first_places(where: list[str]) -> str:
+    """The first five of ``where`` (``file:line`` places) and how many more, for a warning."""
+    return ", ".join(where[:5]) + (f", ... ({len(where) - 5} more)" if len(where) > 5 else "")
+
+
 def warn_orphan_turns(where: list[str]) -> None:
     """Leaky assistant turns that follow no user turn (a conversation's first turn, or an
     assistant turn after another) give no record, since a pair's prompt ends with a user
     turn: say how many and where, rather than drop them unseen."""
     if where:
-        more = f", ... ({len(where) - 5} more)" if len(where) > 5 else ""
         log.warning("%d leaky assistant turn(s) follow no user turn and give no pair (a pair's prompt ends with "
-                    "a user turn): %s%s", len(where), ", ".join(where[:5]), more)
+                    "a user turn): %s", len(where), first_places(where))
 
 
 @dataclass(frozen=True)
