@@ -17,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from cfg_unlearn.utils import (ConfigError, OutputBusy, Terminated, check_writable_file, command_parser,
+from cfg_unlearn.utils import (ConfigError, OutputBusy, Terminated, atomic_write, check_writable_file, command_parser,
                                exit_with_error, hf_progress_bars_off, sigterm_raises)
 
 #: LightningCLI's subcommands kept: the module scores pairs only in training and
@@ -124,7 +124,9 @@ def _generate(argv: list[str]) -> None:
                      help="LLM-PC *-scrubbed-data.jsonl and *-pii.jsonl")
     p.add_argument("--model", required=True, help="hub name, local path or tiny:<dir> of the replacement writer")
     p.add_argument("--out", required=True, help="pair JSONL to write (atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and --summary-json) if it exists")
+    p.add_argument("--summary-json", default=None, metavar="PATH",
+                   help="also write the summary's counts as JSON to PATH (atomically), for scripts")
     p.add_argument("--system", default=SAFETY_INSTRUCTION, help="the instruction the writer gets (default %(default)r)")
     p.add_argument("--reminder", default=None, help="text appended to the last user turn")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale for the writer (1 = off)")
@@ -160,22 +162,29 @@ def _generate(argv: list[str]) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # everything that can be checked without the model, before it loads and decodes for minutes
-    out = Path(a.out)
+    outputs = {"--out": Path(a.out)}
+    if a.summary_json:
+        outputs["--summary-json"] = Path(a.summary_json)
+    what = {"--out": "pairs", "--summary-json": "summary"}
+    for flag, out in outputs.items():
+        try:
+            out.exists()
+        except OSError as e:  # a name longer than the file system takes
+            p.error(f"{flag} {out}: {e.strerror}")
+        for src in [a.forget] if a.forget else a.challenge:
+            if out.resolve() == Path(src).resolve():
+                p.error(f"{flag} {out} is one of the inputs; write the {what[flag]} elsewhere")
+        if out.is_dir():
+            p.error(f"{flag} {out} is a directory; give the path of the file to write")
+        if not out.parent.is_dir():
+            p.error(f"{flag} {out}: the directory {out.parent} does not exist")
+        if out.exists() and not a.overwrite:
+            p.error(f"{flag} {out} exists; pass --overwrite to replace it")
+    if len(outputs) == 2 and outputs["--out"].resolve() == outputs["--summary-json"].resolve():
+        p.error("--summary-json names the --out file; give the summary a file of its own")
     try:
-        out.exists()
-    except OSError as e:  # a name longer than the file system takes
-        p.error(f"--out {a.out}: {e.strerror}")
-    for src in [a.forget] if a.forget else a.challenge:
-        if out.resolve() == Path(src).resolve():
-            p.error(f"--out {a.out} is one of the inputs; write the pairs elsewhere")
-    if out.is_dir():
-        p.error(f"--out {a.out} is a directory; give the path of the pair file to write")
-    if not out.parent.is_dir():
-        p.error(f"--out {a.out}: the directory {out.parent} does not exist")
-    if out.exists() and not a.overwrite:
-        p.error(f"--out {a.out} exists; pass --overwrite to replace it")
-    try:
-        check_writable_file(out)  # the pairs are written after all the decoding
+        for flag, out in outputs.items():  # both are written after all the decoding
+            check_writable_file(out, flag)
         check_generate_settings(guidance_scale=a.guidance_scale, space=a.space, max_new_tokens=a.max_new_tokens,
                                 max_attempts=a.max_attempts, temperature=a.temperature, top_p=a.top_p,
                                 partial_min_chars=a.partial_min_chars, batch_size=a.batch_size, seed=a.seed)
@@ -234,12 +243,13 @@ def _generate(argv: list[str]) -> None:
     except PairFormatError as e:  # checked above; kept for a record that only the model's own checks refuse
         exit_with_error(p, str(e))
     write_pairs(a.out, pairs)
+    if a.summary_json:  # for scripts; stdout stays lines for people
+        atomic_write(a.summary_json, json.dumps(summary.to_dict(), indent=1) + "\n")
     print(summary.line())
-    print(json.dumps(summary.to_dict()))
     warning = summary.warning()
     if warning:
         print(f"cfg-unlearn generate: warning: {warning}", file=sys.stderr)
-    print(f"wrote {len(pairs)} pairs to {a.out}")
+    print(f"wrote {len(pairs)} pairs to {a.out}" + (f" and the summary to {a.summary_json}" if a.summary_json else ""))
 
 
 def _demo(argv: list[str]) -> None:

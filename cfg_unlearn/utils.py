@@ -398,16 +398,17 @@ def signals_held() -> Iterator[None]:
                     signal.raise_signal(signum)
 
 
-def check_writable_file(path: str | os.PathLike) -> None:
+def check_writable_file(path: str | os.PathLike, flag: str = "--out") -> None:
     """Refuse, before any work, an output file that :func:`atomic_open` could not write:
     its temp file is made where it would be (same directory, same name) and removed at
     once. A read-only folder, one the user may not write to, or a name too long for the file
-    system, then fails before minutes of decoding, not after. The folder must exist."""
+    system, then fails before minutes of decoding, not after. The folder must exist.
+    ``flag``: the option that named the file, for the message."""
     path = Path(path)
     try:
         fd, tmp = _temp_beside(path)
     except OSError as e:
-        raise ValueError(f"--out {path}: cannot write there: {e.strerror}") from None
+        raise ValueError(f"{flag} {path}: cannot write there: {e.strerror}") from None
     os.close(fd)
     os.unlink(tmp)
 

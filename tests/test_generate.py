@@ -315,12 +315,18 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeyp
     world = World(WorldConfig(n_people=2))
     scrubbed, pii = world.write_challenge(tmp_path)
     out = tmp_path / "pairs.jsonl"
+    summary_file = tmp_path / "summary.json"
     console_main(["generate", "--challenge", str(scrubbed), str(pii), "--model", f"tiny:{tiny_model_dir}",
-                  "--out", str(out), "--max-new-tokens", "8", "--device", "cpu"])
+                  "--out", str(out), "--max-new-tokens", "8", "--device", "cpu", "--summary-json", str(summary_file)])
     pairs, _ = read_pairs(out)
     assert len(pairs) == sum(len(c.attributes) for c in world.conversations)
     printed = capsys.readouterr().out
-    assert f"wrote {len(pairs)} pairs" in printed and '"records": ' in printed
+    # stdout is for people (no JSON line among them); the counts go to --summary-json
+    assert printed.startswith(f"{len(pairs)} records: ") and "{" not in printed
+    assert printed.endswith(f"wrote {len(pairs)} pairs to {out} and the summary to {summary_file}\n")
+    summary = json.loads(summary_file.read_text())
+    assert summary["records"] == len(pairs) == summary["accepted_first"] + summary["accepted_resampled"] + \
+        summary["redacted"] + summary["fallback"]
     assert not list(tmp_path.glob(".pairs.jsonl.*"))  # no temp file left behind
     with pytest.raises(SystemExit):
         console_main(["generate", "--forget", str(tmp_path / "missing.jsonl"), "--model", f"tiny:{tiny_model_dir}",
@@ -338,6 +344,14 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeyp
     for args, message in (
         (["--out", str(out)], "exists; pass --overwrite"),
         (["--out", str(pii), "--overwrite"], "is one of the inputs"),
+        (["--out", str(tmp_path / "p.jsonl"), "--summary-json", str(summary_file)], "--summary-json "
+         f"{summary_file} exists; pass --overwrite"),
+        (["--out", str(tmp_path / "p.jsonl"), "--summary-json", str(pii)], f"--summary-json {pii} is one of the "
+         "inputs; write the summary elsewhere"),
+        (["--out", str(tmp_path / "p.jsonl"), "--summary-json", str(tmp_path / "p.jsonl")], "--summary-json names "
+         "the --out file"),
+        (["--out", str(tmp_path / "p.jsonl"), "--summary-json", str(tmp_path / "nodir" / "s.json")],
+         f"--summary-json {tmp_path / 'nodir' / 's.json'}: the directory"),
         (["--out", str(tmp_path)], "is a directory"),
         (["--out", str(tmp_path / "nodir" / "p.jsonl")], "does not exist"),
         (["--out", str(tmp_path / "p.jsonl"), "--temperature", "-1"], "error: --temperature must be a finite number > 0"),
@@ -367,8 +381,8 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeyp
     monkeypatch.setattr(guidance, "generate", lambda m, t, prompts, **kw: _ended(["Mail x@y.co"] * len(prompts), kw))
     console_main(["generate", "--challenge", str(scrubbed), str(pii), "--model", f"tiny:{tiny_model_dir}",
                   "--out", str(out), "--max-new-tokens", "8", "--device", "cpu", "--max-attempts", "1",
-                  "--redact-fallback", "--overwrite"])
-    summary = json.loads(capsys.readouterr().out.splitlines()[1])
+                  "--redact-fallback", "--overwrite", "--summary-json", str(tmp_path / "s.json")])
+    summary = json.loads((tmp_path / "s.json").read_text())
     redacted = [p for p in read_pairs(out)[0] if "a private " in p.chosen]
     assert summary["redacted"] == len(redacted) > 0 and summary["rejected"] == {"detected_pii": len(pairs)}
     # every value is redacted but the name the user's question shows, which may stay
@@ -382,8 +396,9 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeyp
     runs = {}
     for flag in ([], ["--own-values-only"]):
         console_main(["generate", "--challenge", str(scrubbed), str(pii), "--model", f"tiny:{tiny_model_dir}",
-                      "--out", str(out), "--device", "cpu", "--max-attempts", "1", "--overwrite", *flag])
-        runs[bool(flag)] = json.loads(capsys.readouterr().out.splitlines()[1])
+                      "--out", str(out), "--device", "cpu", "--max-attempts", "1", "--overwrite", *flag,
+                      "--summary-json", str(tmp_path / "s.json")])
+        runs[bool(flag)] = json.loads((tmp_path / "s.json").read_text())
     assert runs[False]["rejected"].get("other_pii", 0) > 0 and "other_pii" not in runs[True]["rejected"]
     # (a record whose earlier turns show the employer may repeat it either way)
     assert runs[True]["accepted_first"] == runs[False]["accepted_first"] + runs[False]["rejected"]["other_pii"]
