@@ -43,6 +43,9 @@ def quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"jsonargparse.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # the empty list PairDataModule.val_dataloader returns when a fit has no validation pairs
+    # (data.val_fraction: 0); GuidanceEval says so in words ("this fit runs no validation")
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
     # rank_zero_info logs through the logger of whichever of fabric / pytorch was imported last
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_NO_ADVERTISEMENT)  # a filter is added once, however often called
