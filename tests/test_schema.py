@@ -278,6 +278,28 @@ def test_a_misspelt_field_is_refused_and_the_users_own_keys_pass(tmp_path):
         read_forget_conversations(path)
 
 
+def test_a_file_of_the_other_kind_says_what_it_is(tmp_path):
+    """A user review: pairs given to `generate --forget` (its own output fed back) said
+    only "field 'messages': missing required field"; forget conversations given as
+    training pairs, "field 'chosen': missing ...". Each names what the row reads as."""
+    from cfg_unlearn.data.generate import read_forget_conversations
+
+    msgs = [{"role": "user", "content": "Phone?"}, {"role": "assistant", "content": "555-987-6543"}]
+    conversation = {"id": "c", "messages": msgs, "pii": [{"type": "PHONE", "value": "555-987-6543"}]}
+    pair = {"id": "a", "prompt": "Phone?", "chosen": "I can't share it.", "rejected": "555-987-6543"}
+    with pytest.raises(PairFormatError, match=r"p.jsonl:2: field 'chosen': missing required field \(the row reads as "
+                                              r"a forget conversation, .*`cfg-unlearn generate --forget FILE`"):
+        record_from_dict(conversation, source="p.jsonl", line=2)
+    path = tmp_path / "forget.jsonl"
+    path.write_text(json.dumps(pair) + "\n")
+    with pytest.raises(PairFormatError, match=r"forget.jsonl:1: field 'messages': missing required field \(the row "
+                                              r"reads as a pair, prompt/chosen/rejected"):
+        read_forget_conversations(path)
+    # a row of neither kind keeps the plain message
+    with pytest.raises(PairFormatError, match=r"field 'chosen': missing required field$"):
+        record_from_dict({"id": "a", "prompt": "q"}, source="p.jsonl", line=1)
+
+
 def test_implicit_prompt_without_shared_prefix_is_error():
     row = {"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
            "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}

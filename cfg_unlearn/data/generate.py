@@ -117,7 +117,11 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
     for line, obj in iter_json_objects(path):
         check_misspelt_fields(obj, FORGET_FIELDS, src, line)
         if "messages" not in obj:
-            raise PairFormatError(src, line, "messages", "missing required field")
+            why = "missing required field"
+            if "chosen" in obj or "rejected" in obj:  # the output of generate given back as its input
+                why += (" (the row reads as a pair, prompt/chosen/rejected: what generate writes and fit trains on; "
+                        "forget data is conversations, {id, messages, pii})")
+            raise PairFormatError(src, line, "messages", why)
         msgs = _messages(obj["messages"], src, line, "messages", DEFAULT_MAX_CHARS)
         pii = _pii_field(obj, src, line, DEFAULT_MAX_CHARS)
         if not pii:

@@ -428,7 +428,11 @@ def record_from_dict(
     check_misspelt_fields(obj, PAIR_FIELDS, src, line)
     for key in ("chosen", "rejected"):
         if key not in obj:
-            raise PairFormatError(src, line, key, "missing required field")
+            why = "missing required field"
+            if "messages" in obj:  # forget data given where pairs belong
+                why += (" (the row reads as a forget conversation, {id, messages, pii}: `cfg-unlearn generate "
+                        "--forget FILE` turns those into pairs)")
+            raise PairFormatError(src, line, key, why)
     if "prompt" not in obj:
         if not (isinstance(obj["chosen"], list) and isinstance(obj["rejected"], list)):
             raise PairFormatError(src, line, "prompt", "missing required field")
