@@ -514,6 +514,85 @@ def contains_value_or_fragment(text: str, value: str, pii_type: str | None = Non
         min_chars > 0 and contains_fragment(text, value, pii_type, shown=shown, min_chars=min_chars))
 
 
+class PieceIndex:
+    """The pieces (:func:`partial_fragments`) of a whole data set's values that the values
+    of one person alone hold, found in a text by lookup: such a piece points at that
+    person ("Smithfurt", the street "Kelly Neck" without its number, four digits of one
+    phone number, the first name in one person's name and e-mail), while one that
+    several people's values share (a month, a common surname, a year two people were
+    born in) says nothing about any of them. ``profiles`` are the values known to be one
+    person's: those a record lists together; records that share a value are taken as one
+    person too (so two people who share an employer make one profile, whose pieces count
+    as one person's: stricter, never laxer). :meth:`find` returns the values whose
+    one-person pieces a text holds, the pieces ``shown`` holds left out (the name the
+    user asked about). It matches as :func:`contains_fragment` does: a digit window
+    inside a number of the text however it is separated, a word as a whole word, case
+    and "ß"/"ss" aside."""
+
+    def __init__(self, profiles: Iterable[Iterable[PIIItem]], min_chars: int = PARTIAL_MIN_CHARS):
+        self.min_chars = min_chars
+        parent: dict[str, str] = {}  # union-find over values, by their key
+
+        def root(key: str) -> str:
+            while parent[key] != key:
+                parent[key] = parent[parent[key]]
+                key = parent[key]
+            return key
+
+        holders: dict[tuple[str, str], dict[str, PIIItem]] = {}
+        for profile in profiles:
+            keys = []
+            for item in profile:
+                key = self._value_key(item)
+                keys.append(key)
+                if key in parent:
+                    continue
+                parent[key] = key
+                windows, words = partial_fragments(item.value, item.type, min_chars=min_chars)
+                for piece in [("digits", w) for w in windows] + [("word", ValueIndex._sharp_s_folded(w))
+                                                                 for w in words]:
+                    holders.setdefault(piece, {}).setdefault(key, item)
+            for key in keys[1:]:
+                parent[root(key)] = root(keys[0])
+        #: piece -> the values (by key) that hold it, for the pieces of one profile only
+        self._unique = {piece: values for piece, values in holders.items()
+                        if len({root(key) for key in values}) == 1}
+
+    @staticmethod
+    def _value_key(item: PIIItem) -> str:
+        return ValueIndex._sharp_s_folded(nfkc(item.value))
+
+    def __len__(self) -> int:
+        return len(self._unique)
+
+    def find(self, text: str, *, shown: str = "", exclude: Iterable[PIIItem] = ()) -> list[PIIItem]:
+        """The values whose one-person pieces ``text`` holds and ``shown`` does not (one
+        item per piece found), but for pieces that a value of ``exclude`` holds too
+        (whatever its type): a record's own values, whose pieces are its own business."""
+        if self.min_chars < 1:
+            return []
+        excluded = {self._value_key(item) for item in exclude}
+        text, shown = nfkc(text), nfkc(shown)
+        n = self.min_chars
+        shown_groups = _digit_groups(shown)
+        found: dict[PIIItem, None] = {}
+
+        def add(values: dict[str, PIIItem] | None) -> None:
+            if values is not None and excluded.isdisjoint(values):
+                found[next(iter(values.values()))] = None
+
+        for group in _digit_groups(text):
+            for i in range(len(group) - n + 1):
+                window = group[i : i + n]
+                if not any(window in g for g in shown_groups):
+                    add(self._unique.get(("digits", window)))
+        for word in dict.fromkeys(_TOKEN.findall(text)):
+            values = self._unique.get(("word", ValueIndex._sharp_s_folded(word)))
+            if values is not None and not _has_word(shown, word):
+                add(values)
+        return list(found)
+
+
 def _value_spans(text: str, items: Iterable[PIIItem], index: ValueIndex | None = None) -> list[Span]:
     """Every match of every item, overlaps included: an item's own matches too ("Lee
     Lee" twice in "Lee Lee Lee"; ``finditer`` would give the first only). ``index``:

@@ -232,6 +232,44 @@ def test_another_records_value_is_a_leak_unless_the_prompt_shows_it(tiny, monkey
     assert own_only[0].chosen == memorised and summary.rejected == {"known_pii": 1}
 
 
+def test_a_piece_of_another_persons_value_is_a_leak(tiny, monkeypatch):
+    """A user review: pieces were checked against the row's own values only, so a writer
+    that answered with another person's street and town without the house number ("Dan
+    Brown lives at Davis Island, Smithfurt.", the demo's seed-0 writer, accepted into its
+    pairs) passed. A piece that one person's values alone hold is ``other_partial_pii``;
+    one that several people's values share (a month) is no one's."""
+    import cfg_unlearn.guidance as guidance
+
+    model, tok = tiny
+    ask = lambda q: ({"role": "user", "content": q},)  # noqa: E731
+    ann = (PIIItem("NAME", "Ann Lee"), PIIItem("LOC", "332 Davis Island, Smithfurt"), PIIItem("DATE", "May 01, 1990"))
+    bo = (PIIItem("NAME", "Bo Ng"), PIIItem("LOC", "9 Oak Road, Lake Mario"), PIIItem("DATE", "March 20, 1971"))
+    cy = (PIIItem("NAME", "Cy Fox"), PIIItem("DATE", "March 02, 1985"))
+    records = [ForgetRecord("ann", ask("Where does Ann Lee live?"), "Ann Lee lives at 332 Davis Island, Smithfurt.",
+                            (ann[1],), known=ann),
+               ForgetRecord("bo", ask("Where does Bo Ng live?"), "Bo Ng lives at 9 Oak Road, Lake Mario.", (bo[1],),
+                            known=bo),
+               ForgetRecord("cy", ask("When was Cy Fox born?"), "Cy Fox was born on March 02, 1985.", (cy[1],),
+                            known=cy)]
+    answers = {"Bo Ng": "Bo Ng lives at Davis Island, Smithfurt.", "Ann Lee": "Ann Lee was born in March.",
+               "Cy Fox": "Cy Fox was born in 1971."}
+
+    def writer(m, t, prompts, do_sample=False, **kw):
+        texts = [answers[next(n for n in answers if n in str(p))] for p in prompts]
+        return _ended(["I can't share that."] * len(prompts) if do_sample else texts, kw)
+
+    monkeypatch.setattr(guidance, "generate", writer)
+    pairs, summary = generate_pairs(model, tok, records, max_attempts=2, progress=False)
+    # "March" is two people's month, so no one's piece; Bo's year and Ann's street are one person's
+    assert [p.chosen for p in pairs] == ["Ann Lee was born in March.", "I can't share that.", "I can't share that."]
+    assert summary.rejected == {"other_partial_pii": 2}
+    # the row-only check, and whole values only, let it through as before
+    for kw in ({"other_values": False}, {"partial_min_chars": 0}):
+        pairs, summary = generate_pairs(model, tok, records, max_attempts=2, progress=False, **kw)
+        assert [p.chosen for p in pairs] == [answers[n] for n in ("Ann Lee", "Bo Ng", "Cy Fox")], kw
+        assert not summary.rejected, kw
+
+
 def test_redacted_answer_replaces_each_value_by_its_type_phrase():
     phone, mail = PIIItem("PHONE", "(555) 010-2345"), PIIItem("EMAIL", "ann.lee@example.com")
     assert (redacted_answer("Call Ann Lee at 555-010-2345 or write to Ann.Lee@example.com.", (phone, mail))

@@ -8,6 +8,7 @@ from cfg_unlearn.data.schema import PIIItem
 from cfg_unlearn.pii import (
     DETECTOR_TYPES,
     NERDetector,
+    PieceIndex,
     Redactor,
     Span,
     contains_value,
@@ -827,3 +828,28 @@ def test_redaction_of_a_letter_with_a_mark_nfkc_cannot_compose():
     normalised it again found nothing, and the name stayed)."""
     assert redact("Lẹ́ Smith", [PIIItem("COMPANY", "Le Smith")]) == "[COMPANY]"
     assert redact("Wife: Adẹ́ Bello", [PIIItem("NAME", "Ade Bello")]) == "Wife: [NAME]"
+
+
+def test_piece_index_finds_the_pieces_of_one_persons_values_only():
+    """What generate's ``other_partial_pii`` looks up: a piece one person's values alone
+    hold points at that person; one several people's values share is no one's."""
+    ann = (PIIItem("NAME", "Vanessa Gonzalez"), PIIItem("EMAIL", "vanessa.gonzalez46@hotmail.com"),
+           PIIItem("LOC", "94568 Kelly Neck, North Kyle"), PIIItem("PHONE", "(487) 647-5938"),
+           PIIItem("DATE", "October 03, 1976"))
+    bo = (PIIItem("NAME", "Bo Kelly"), PIIItem("LOC", "12 Oak Road, North Kyle"), PIIItem("DATE", "October 05, 1980"))
+    # a second record of Ann's that shares one value with the first: the same person
+    index = PieceIndex([ann[:3], ann[2:], bo])
+    found = lambda text, **kw: [item.value for item in index.find(text, **kw)]  # noqa: E731
+    assert found("He lives on Neck Lane.") == [ann[2].value]  # a word, whole, any case
+    assert found("She is Vanessa.") == [ann[0].value]  # in her name and her e-mail: one person's still
+    assert found("Call 47-59 38.") == [ann[3].value]  # four digits of the number, however separated
+    assert found("Born in 1976.") == [ann[4].value]
+    # shared by two people (a surname and a street word, a town, a month): no one's piece
+    assert found("Kelly from North Kyle, born in October.") == []
+    assert found("Necklace, 4875.") == []  # a word inside another, digits of no window
+    # what the prompt shows may be repeated, and a record's own values are excluded
+    assert found("Vanessa lives on Neck Lane.", shown="Where does Vanessa live?") == [ann[2].value]
+    assert found("Vanessa lives on Neck Lane.", exclude=ann[2:3]) == [ann[0].value]
+    assert PieceIndex([ann], min_chars=0).find("Vanessa, Neck, 4759") == []
+    # generic designators are no piece (partial_fragments' rule)
+    assert found("12 Oak Road") == [] and found("Oak Road") == []

@@ -15,9 +15,12 @@ turns do not show (``partial_pii``: four digits of an SSN, the year or month of 
 date, a street or company word; :func:`cfg_unlearn.pii.contains_fragment`), contains a
 known value of *any other* record that the user's turns do not show (``other_pii``: a
 writer that memorised the data set answers one person's question with another person's
-employer, as the demo's seed-1 model did 3 times; whole values only, found through a
-:class:`cfg_unlearn.pii.ValueIndex`; ``other_values=False`` checks the row's own values
-only), trips a PII detector, holds a control character (``control_chars``: NUL and the
+employer, as the demo's seed-1 model did 3 times; found through a
+:class:`cfg_unlearn.pii.ValueIndex`), contains a piece of another record's value that
+one person's values alone hold (``other_partial_pii``: another person's street and
+town without the house number, four digits of their phone; a piece several people's
+values share, a month or a common surname, is no one's: :class:`cfg_unlearn.pii.PieceIndex`;
+``other_values=False`` checks the row's own values only), trips a PII detector, holds a control character (``control_chars``: NUL and the
 like, which a pair file may not hold) or U+FFFD (``broken_chars``: bytes the tokenizer
 could not decode), or was cut off by ``max_new_tokens`` before its
 EOS (``truncated``: trained with the answer's end token appended, a fragment would teach the model to
@@ -70,6 +73,7 @@ from cfg_unlearn.data.schema import (
 )
 from cfg_unlearn.pii import (
     PARTIAL_MIN_CHARS,
+    PieceIndex,
     ValueIndex,
     contains_fragment,
     contains_value,
@@ -416,7 +420,10 @@ def generate_pairs(
     forbidden = [forbidden_values(r) for r in records]
     shown = [user_text(r.prompt) for r in records]
 
-    index = ValueIndex(p for r in records for p in (*r.pii, *r.known)) if other_values else None
+    index = pieces = None
+    if other_values:
+        index = ValueIndex(p for r in records for p in (*r.pii, *r.known))
+        pieces = PieceIndex(((*r.pii, *r.known) for r in records), min_chars=partial_min_chars)
 
     def reason(i: int, text: str) -> str | None:
         """One check for record ``i``'s candidates and its redacted fallback alike."""
@@ -427,6 +434,9 @@ def generate_pairs(
         if why is None and index is not None:
             if any(not contains_value(shown[i], p.value, p.type) for p in index.find(text)):
                 return "other_pii"
+            # pieces of its own values were looked for above (partial_pii)
+            if pieces.find(text, shown=shown[i], exclude=(*records[i].pii, *records[i].known)):
+                return "other_partial_pii"
         return why
 
     guided = guidance_scale != 1.0
