@@ -57,8 +57,8 @@ from cfg_unlearn.pii import (
 )
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
 from cfg_unlearn.strategies import forward_outside_step
-from cfg_unlearn.utils import (ConfigError, TrainingDiverged, atomic_write, dataclass_from, eval_mode, nearest_existing,
-                               same_path)
+from cfg_unlearn.utils import (ConfigError, TrainingDiverged, atomic_write, check_input_file, dataclass_from, eval_mode,
+                               nearest_existing, same_path)
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,8 @@ class GuidanceEval(Callback):
     def load_eval_sets(self, datamodule: Any = None) -> None:
         self._own_ids = set()  # the ids the synthetic world made (no personal data in them)
         if self.probes_file or self.qa_file:
+            check_input_file("eval.probes_file", self.probes_file)
+            check_input_file("eval.qa_file", self.qa_file)
             self.probes = read_eval_records(self.probes_file, "probe")[0] if self.probes_file else []
             self.questions = read_eval_records(self.qa_file, "qa")[0] if self.qa_file else []
             # a file given but empty would turn its half of the evaluation off without a word

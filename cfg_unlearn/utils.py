@@ -155,6 +155,21 @@ def nearest_existing(path: str | None) -> str | None:
     return path
 
 
+def check_input_file(setting: str, path: str | os.PathLike | None) -> None:
+    """Refuse a data file that a setting names and that does not exist, naming the
+    setting (the data module and GuidanceEval call it in ``setup``, before the model
+    loads): a run's saved
+    ``config.yaml`` keeps its paths as given, so ``validate --config run/config.yaml``
+    from another folder looked for them there and said only "cannot open". A relative
+    path's message says where it was looked for. A path that exists but is no readable
+    file is left to the reader, which says why."""
+    if path is None or os.path.exists(path):
+        return
+    where = "" if os.path.isabs(path) else (f" (relative paths start at the working directory {os.getcwd()}, "
+                                            "not at the config file's folder)")
+    raise ConfigError(f"{setting}: no such file: {os.fspath(path)}{where}")
+
+
 def exit_with_error(parser, message: str) -> NoReturn:
     """A command's error about its input (a bad row, a missing model), exit status 2, in
     argparse's own form ``<prog>: error: <message>`` but without the usage lines: the

@@ -4,6 +4,7 @@ raising PairFormatError with file:line and field."""
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -537,6 +538,29 @@ def test_a_missing_relative_path_says_where_relative_paths_start(tmp_path, monke
     err = _read_error(Path("../data/pairs.jsonl"))
     assert str(err) == (f"../data/pairs.jsonl: cannot open: No such file or directory (relative paths start at "
                         f"the working directory {tmp_path})")
+
+
+def test_a_missing_data_file_is_refused_naming_its_setting(tmp_path, monkeypatch):
+    """A review: a run's config.yaml keeps its paths as given, so `validate --config
+    run/config.yaml` from another folder failed at setup, after the model loaded, with
+    the file's name but not the setting. Each data setting is checked when the run is
+    set up (before the model loads), and named."""
+    from cfg_unlearn.callbacks import GuidanceEval
+    from cfg_unlearn.data.datamodule import PairDataModule
+    from cfg_unlearn.utils import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pairs.jsonl").write_text("")
+    where = f"(relative paths start at the working directory {tmp_path}, not at the config file's folder)"
+    with pytest.raises(ConfigError, match=re.escape(f"data.train_file: no such file: run/pairs.jsonl {where}")):
+        PairDataModule(tokenizer="unused", train_file="run/pairs.jsonl").load_records()
+    with pytest.raises(ConfigError, match=re.escape(f"data.val_file: no such file: {tmp_path / 'v.jsonl'}") + "$"):
+        PairDataModule(tokenizer="unused", train_file="pairs.jsonl", val_file=str(tmp_path / "v.jsonl")).load_records()
+    for setting in ("probes_file", "qa_file"):
+        with pytest.raises(ConfigError, match=re.escape(f"eval.{setting}: no such file: q.jsonl {where}")):
+            GuidanceEval(**{setting: "q.jsonl"}).load_eval_sets()
+    # found from here: read (empty, which setup then refuses for that)
+    assert PairDataModule(tokenizer="unused", train_file="pairs.jsonl").load_records() == ([], [])
 
 
 def test_directory_instead_of_file(tmp_path):

@@ -41,7 +41,7 @@ from cfg_unlearn.models import load_tokenizer
 from cfg_unlearn.pii import ValueIndex, contains_value
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION, answer_encoder, answer_end_ids, render_prompt
 from cfg_unlearn.tiny import resolve_pretrained
-from cfg_unlearn.utils import ConfigError, dataclass_from
+from cfg_unlearn.utils import ConfigError, check_input_file, dataclass_from
 
 log = logging.getLogger(__name__)
 # the data module's hyperparameters (saved in every checkpoint) may hold a WorldConfig:
@@ -527,6 +527,8 @@ class PairDataModule(L.LightningDataModule):
         resolve_pretrained(self.tokenizer_source())
 
     def load_records(self) -> tuple[list[PairRecord], list[PairRecord]]:
+        check_input_file("data.train_file", self.train_file)
+        check_input_file("data.val_file", self.val_file)
         if self.world is not None:
             world = World(self.world)
             records = world.pairs()
