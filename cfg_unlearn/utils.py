@@ -166,7 +166,8 @@ def check_input_file(setting: str, path: str | os.PathLike | None) -> None:
     if path is None or os.path.exists(path):
         return
     where = "" if os.path.isabs(path) else (f" (relative paths start at the working directory {os.getcwd()}, "
-                                            "not at the config file's folder)")
+                                            "not at the config file's folder; a run's config.yaml names the folder "
+                                            "it was launched from on its first line)")
     raise ConfigError(f"{setting}: no such file: {os.fspath(path)}{where}")
 
 

@@ -1155,6 +1155,9 @@ def test_config_yaml_is_written_in_utf8_whatever_the_locale(tmp_path, monkeypatc
     monkeypatch.undo()
     (saved,) = tmp_path.glob("tiny/version_*/config.yaml")
     assert yaml.safe_load(saved.read_text(encoding="utf-8"))["data"]["system_prompt"] == instruction
+    # it says where its relative paths start (the folder the run was launched from)
+    assert saved.read_text(encoding="utf-8").startswith(f"# launched from {os.getcwd()}: relative paths below "
+                                                        "start there\n")
 
 
 class _Payload:

@@ -551,7 +551,8 @@ def test_a_missing_data_file_is_refused_naming_its_setting(tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pairs.jsonl").write_text("")
-    where = f"(relative paths start at the working directory {tmp_path}, not at the config file's folder)"
+    where = (f"(relative paths start at the working directory {tmp_path}, not at the config file's folder; a run's "
+             "config.yaml names the folder it was launched from on its first line)")
     with pytest.raises(ConfigError, match=re.escape(f"data.train_file: no such file: run/pairs.jsonl {where}")):
         PairDataModule(tokenizer="unused", train_file="run/pairs.jsonl").load_records()
     with pytest.raises(ConfigError, match=re.escape(f"data.val_file: no such file: {tmp_path / 'v.jsonl'}") + "$"):
