@@ -784,17 +784,21 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
                 else:  # UTF-8 and whole: parser.save wrote in the locale's encoding (cp1252 on Windows:
                     # a Cyrillic instruction failed and left an empty file; a German one was written so
                     # that the run's own config.yaml was then refused as not UTF-8)
-                    # relative paths in it (data files, tiny: models) start at the folder the run was
-                    # launched from, which the file does not otherwise record (a review: `validate
-                    # --config run/config.yaml` from elsewhere found none of them)
-                    header = f"# launched from {os.getcwd()}: relative paths below start there\n"
-                    atomic_write(target, header + self.parser.dump(self.config, skip_unset=False))
+                    atomic_write(target, self.resolved_config())
             self.save_config(trainer, pl_module, stage)
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
+    def resolved_config(self) -> str:
+        """The resolved config as YAML, under a first line that says which folder the run
+        was launched from: relative paths in it (data files, ``tiny:`` models) start there,
+        which the file did not otherwise record (a review: ``validate --config
+        run/config.yaml`` from elsewhere found none of them)."""
+        header = f"# launched from {os.getcwd()}: relative paths below start there\n"
+        return header + self.parser.dump(self.config, skip_unset=False)
+
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        log_resolved_config(trainer, self.parser.dump(self.config, skip_unset=False))
+        log_resolved_config(trainer, self.resolved_config())
 
 
 class ProgressEval(Callback):
