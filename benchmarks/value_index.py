@@ -9,7 +9,8 @@ the same synthetic world's values and the same answer-like texts (a name, one of
 values, a phone that is nobody's) and must return the same items. The script prints,
 for each, the one-off cost (the index's first pass over the texts, which compiles the
 patterns they point to; the loop's compiling of every pattern) and the time per text
-once compiled, with the ratios of both.
+once compiled, with the ratios of both; then the cost of the other check, pieces of one
+person's values (:class:`cfg_unlearn.pii.PieceIndex`), beside the value index's.
 
     python benchmarks/value_index.py [--people 2000] [--texts 200] [--peer-texts 50]
 
@@ -27,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cfg_unlearn.data.world import World, WorldConfig  # noqa: E402
-from cfg_unlearn.pii import ValueIndex, value_pattern  # noqa: E402
+from cfg_unlearn.pii import PieceIndex, ValueIndex, value_pattern  # noqa: E402
 
 
 def main() -> None:
@@ -69,6 +70,18 @@ def main() -> None:
           f"{per_peer * 1e3:.1f} ms ({len(peer)} texts); ratio {per_peer / per_index:.0f}x")
     print(f"all {len(texts)} texts from scratch: index {first_pass:.2f} s, value-by-value {peer_total:.2f} s "
           f"(estimated from its {len(peer)}); ratio {peer_total / first_pass:.1f}x; same items found")
+    # generate's other check, pieces of one person's values (other_partial_pii), looked up
+    # in a dictionary: its cost beside the whole-value index's, on the same texts
+    records = world.forget_records()
+    t0 = time.perf_counter()
+    pieces = PieceIndex((*r.pii, *r.known) for r in records)
+    pieces_build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for t in texts:
+        pieces.find(t)
+    per_pieces = (time.perf_counter() - t0) / len(texts)
+    print(f"pieces of one person's values: {len(pieces)} pieces of {len(records)} records' values indexed in "
+          f"{pieces_build:.2f} s; {per_pieces * 1e3:.3f} ms per text, {per_pieces / per_index:.2f}x the value index's")
 
 
 if __name__ == "__main__":

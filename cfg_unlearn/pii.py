@@ -514,49 +514,73 @@ def contains_value_or_fragment(text: str, value: str, pii_type: str | None = Non
         min_chars > 0 and contains_fragment(text, value, pii_type, shown=shown, min_chars=min_chars))
 
 
+def _common_value_words() -> frozenset[str]:
+    """Words that values share in general and that point at no one on their own, however
+    few values of a data set hold them: the month names, and the street designators and
+    town prefixes of US addresses (Faker's en_US lists, which the synthetic world draws
+    from: "Alley", "Loop", "Island", "Village", "North", "Lake"). For
+    :class:`PieceIndex` only: a person's own values keep them as pieces
+    (:data:`GENERIC_VALUE_WORDS`), since a piece of the asked-for value is news even when
+    it is an ordinary word."""
+    from faker.providers.address.en_US import Provider as Address
+
+    words = {*_MONTHS, *(w.casefold() for w in (*Address.street_suffixes, *Address.city_prefixes))}
+    return frozenset(words | {w + "s" for w in words if not w.endswith("s")})
+
+
+def _identifies_a_person(item: PIIItem) -> bool:
+    """A value that, listed by two records, makes them one person's: a name, an e-mail
+    address, a number (phone, ID, card). A town, a date or an employer two records share
+    may be two people's."""
+    return is_name_type(item.type) or "@" in item.value or is_numeric_value(item.value)
+
+
 class PieceIndex:
     """The pieces (:func:`partial_fragments`) of a whole data set's values that the values
     of one person alone hold, found in a text by lookup: such a piece points at that
-    person ("Smithfurt", the street "Kelly Neck" without its number, four digits of one
-    phone number, the first name in one person's name and e-mail), while one that
-    several people's values share (a month, a common surname, a year two people were
-    born in) says nothing about any of them. ``profiles`` are the values known to be one
-    person's: those a record lists together; records that share a value are taken as one
-    person too (so two people who share an employer make one profile, whose pieces count
-    as one person's: stricter, never laxer). :meth:`find` returns the values whose
-    one-person pieces a text holds, the pieces ``shown`` holds left out (the name the
-    user asked about). It matches as :func:`contains_fragment` does: a digit window
-    inside a number of the text however it is separated, a word as a whole word, case
-    and "ß"/"ss" aside."""
+    person ("Smithfurt", a street name without its number, four digits of one phone
+    number, the first name in one person's name and e-mail), while one that several
+    people's values share (a common surname, a year two people were born in) says
+    nothing about any of them, nor do month names and address designators
+    (:func:`_common_value_words`). ``profiles`` are the values of each record (one
+    conversation's people); records that list the same name, e-mail address or number
+    are one person's too, records that share only a town, a date or an employer are not.
+    :meth:`find` returns the values whose one-person pieces a text holds, the pieces
+    ``shown`` holds left out (the name the user asked about). It matches as
+    :func:`contains_fragment` does: a digit window inside a number of the text however
+    it is separated, a word as a whole word, case and "ß"/"ss" aside."""
 
     def __init__(self, profiles: Iterable[Iterable[PIIItem]], min_chars: int = PARTIAL_MIN_CHARS):
         self.min_chars = min_chars
-        parent: dict[str, str] = {}  # union-find over values, by their key
+        common = _common_value_words()
+        parent: dict[tuple[str, object], tuple[str, object]] = {}  # union-find over records and values
 
-        def root(key: str) -> str:
-            while parent[key] != key:
-                parent[key] = parent[parent[key]]
-                key = parent[key]
-            return key
+        def root(node: tuple[str, object]) -> tuple[str, object]:
+            parent.setdefault(node, node)
+            while parent[node] != node:
+                parent[node] = parent[parent[node]]
+                node = parent[node]
+            return node
 
-        holders: dict[tuple[str, str], dict[str, PIIItem]] = {}
-        for profile in profiles:
-            keys = []
+        # piece -> the records that hold it, and the values (by key) that do
+        records_of: dict[tuple[str, str], set[int]] = {}
+        values_of: dict[tuple[str, str], dict[str, PIIItem]] = {}
+        pieces_of: dict[PIIItem, list[tuple[str, str]]] = {}  # per (type, value): "a@b" as EMAIL or not
+        for r, profile in enumerate(profiles):
             for item in profile:
-                key = self._value_key(item)
-                keys.append(key)
-                if key in parent:
-                    continue
-                parent[key] = key
-                windows, words = partial_fragments(item.value, item.type, min_chars=min_chars)
-                for piece in [("digits", w) for w in windows] + [("word", ValueIndex._sharp_s_folded(w))
-                                                                 for w in words]:
-                    holders.setdefault(piece, {}).setdefault(key, item)
-            for key in keys[1:]:
-                parent[root(key)] = root(keys[0])
-        #: piece -> the values (by key) that hold it, for the pieces of one profile only
-        self._unique = {piece: values for piece, values in holders.items()
-                        if len({root(key) for key in values}) == 1}
+                if item not in pieces_of:
+                    windows, words = partial_fragments(item.value, item.type, min_chars=min_chars)
+                    folded = (ValueIndex._sharp_s_folded(w) for w in words)
+                    pieces_of[item] = [("digits", w) for w in windows] + [("word", w) for w in folded
+                                                                          if w not in common]
+                for piece in pieces_of[item]:
+                    records_of.setdefault(piece, set()).add(r)
+                    values_of.setdefault(piece, {}).setdefault(self._value_key(item), item)
+                if _identifies_a_person(item):
+                    parent[root(("value", self._value_key(item)))] = root(("record", r))
+        #: piece -> the values (by key) that hold it, for the pieces of one person only
+        self._unique = {piece: values_of[piece] for piece, records in records_of.items()
+                        if len({root(("record", r)) for r in records}) == 1}
 
     @staticmethod
     def _value_key(item: PIIItem) -> str:
