@@ -17,8 +17,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from cfg_unlearn.utils import (ConfigError, OutputBusy, Terminated, atomic_write, check_writable_file, command_parser,
-                               exit_with_error, hf_progress_bars_off, sigterm_raises)
+from cfg_unlearn.utils import (ConfigError, OutputBusy, Terminated, atomic_write_files, check_writable_file,
+                               command_parser, exit_with_error, hf_progress_bars_off, sigterm_raises)
 
 #: LightningCLI's subcommands kept: the module scores pairs only in training and
 #: validation steps (``validate`` is the scoring run, GuidanceEval included), so ``test``
@@ -45,7 +45,8 @@ def quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # the empty list PairDataModule.val_dataloader returns when a fit has no validation pairs
     # (data.val_fraction: 0); GuidanceEval says so in words ("this fit runs no validation")
-    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
+    # (anchored: Lightning's "..., but local rank has zero length" about uneven shards stays)
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero\. Please make sure")
     # rank_zero_info logs through the logger of whichever of fabric / pytorch was imported last
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_NO_ADVERTISEMENT)  # a filter is added once, however often called
@@ -110,8 +111,9 @@ def _generate(argv: list[str]) -> None:
         encode_writer_prompts,
         generate_pairs,
         read_forget_conversations,
+        record_pieces,
     )
-    from cfg_unlearn.data.schema import PairFormatError, write_pairs
+    from cfg_unlearn.data.schema import PairFormatError, pairs_jsonl
     from cfg_unlearn.models import check_device, load_causal_lm, load_tokenizer, parse_dtype
     from cfg_unlearn.pii import PARTIAL_MIN_CHARS
     from cfg_unlearn.prompts import SAFETY_INSTRUCTION, check_template
@@ -152,7 +154,8 @@ def _generate(argv: list[str]) -> None:
                    "('... at a private number.') if that passes the same checks, else --fallback")
     p.add_argument("--partial-min-chars", type=int, default=PARTIAL_MIN_CHARS,
                    help="reject a candidate holding a piece of a value this long that the prompt does not show "
-                   "(a value's words, or runs of its digits); 0: whole values only (default %(default)s)")
+                   "(a value's words, or runs of its digits), of its own record's values or of one other person's; "
+                   "0: whole values only (default %(default)s)")
     p.add_argument("--own-values-only", action="store_true",
                    help="check a candidate against its own record's values only, not every known value of the data")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling rounds (default %(default)s)")
@@ -165,9 +168,10 @@ def _generate(argv: list[str]) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # everything that can be checked without the model, before it loads and decodes for minutes
-    outputs = {"--out": Path(a.out)}
-    if a.summary_json:
-        outputs["--summary-json"] = Path(a.summary_json)
+    given = {"--out": a.out, "--summary-json": a.summary_json}
+    if "" in given.values():  # Path("") is the working folder
+        p.error(f"{next(f for f, v in given.items() if v == '')} needs a file path")
+    outputs = {flag: Path(path) for flag, path in given.items() if path is not None}
     what = {"--out": "pairs", "--summary-json": "summary"}
     for flag, out in outputs.items():
         try:
@@ -215,7 +219,8 @@ def _generate(argv: list[str]) -> None:
         source = a.forget or " and ".join(a.challenge)
         exit_with_error(p, f"{source}: the forget data holds no leaky assistant turn (one with a pii value)")
     try:
-        check_fallback(a.fallback, (v for r in records for v in (*r.pii, *r.known)))
+        check_fallback(a.fallback, (v for r in records for v in (*r.pii, *r.known)),
+                       None if a.own_values_only else record_pieces(records, a.partial_min_chars))
     except ValueError as e:
         p.error(str(e))
     try:  # every prompt through the chat template before the model loads
@@ -245,14 +250,19 @@ def _generate(argv: list[str]) -> None:
         )
     except PairFormatError as e:  # checked above; kept for a record that only the model's own checks refuse
         exit_with_error(p, str(e))
-    write_pairs(a.out, pairs)
-    if a.summary_json:  # for scripts; stdout stays lines for people
-        atomic_write(a.summary_json, json.dumps(summary.to_dict(), indent=1) + "\n")
+    files = [(a.out, pairs_jsonl(pairs))]
+    if a.summary_json is not None:  # for scripts; stdout stays lines for people
+        files.append((a.summary_json, json.dumps(summary.to_dict(), indent=1) + "\n"))
+    try:  # both or neither: a failed summary left new pairs beside an old summary
+        atomic_write_files(files)
+    except OSError as e:
+        exit_with_error(p, f"writing {' and '.join(str(f) for f, _ in files)}: {e}")
     print(summary.line())
     warning = summary.warning()
     if warning:
         print(f"cfg-unlearn generate: warning: {warning}", file=sys.stderr)
-    print(f"wrote {len(pairs)} pairs to {a.out}" + (f" and the summary to {a.summary_json}" if a.summary_json else ""))
+    also = f" and the summary to {a.summary_json}" if a.summary_json is not None else ""
+    print(f"wrote {len(pairs)} pairs to {a.out}{also}")
 
 
 def _demo(argv: list[str]) -> None:

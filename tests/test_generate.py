@@ -237,22 +237,22 @@ def test_a_piece_of_another_persons_value_is_a_leak(tiny, monkeypatch):
     that answered with another person's street and town without the house number ("Dan
     Brown lives at Davis Island, Smithfurt.", the demo's seed-0 writer, accepted into its
     pairs) passed. A piece that one person's values alone hold is ``other_partial_pii``;
-    one that several people's values share (a month) is no one's."""
+    one that several people's values share (a surname) is no one's."""
     import cfg_unlearn.guidance as guidance
 
     model, tok = tiny
     ask = lambda q: ({"role": "user", "content": q},)  # noqa: E731
     ann = (PIIItem("NAME", "Ann Lee"), PIIItem("LOC", "332 Davis Island, Smithfurt"), PIIItem("DATE", "May 01, 1990"))
-    bo = (PIIItem("NAME", "Bo Ng"), PIIItem("LOC", "9 Oak Road, Lake Mario"), PIIItem("DATE", "March 20, 1971"))
-    cy = (PIIItem("NAME", "Cy Fox"), PIIItem("DATE", "March 02, 1985"))
+    bo = (PIIItem("NAME", "Bo Walker"), PIIItem("LOC", "9 Oak Road, Lake Mario"), PIIItem("DATE", "March 20, 1971"))
+    cy = (PIIItem("NAME", "Cy Walker"), PIIItem("DATE", "March 02, 1985"))
     records = [ForgetRecord("ann", ask("Where does Ann Lee live?"), "Ann Lee lives at 332 Davis Island, Smithfurt.",
                             (ann[1],), known=ann),
-               ForgetRecord("bo", ask("Where does Bo Ng live?"), "Bo Ng lives at 9 Oak Road, Lake Mario.", (bo[1],),
+               ForgetRecord("bo", ask("Where does Bo Walker live?"), "Bo Walker lives at 9 Oak Road, Lake Mario.", (bo[1],),
                             known=bo),
-               ForgetRecord("cy", ask("When was Cy Fox born?"), "Cy Fox was born on March 02, 1985.", (cy[1],),
+               ForgetRecord("cy", ask("When was Cy Walker born?"), "Cy Walker was born on March 02, 1985.", (cy[1],),
                             known=cy)]
-    answers = {"Bo Ng": "Bo Ng lives at Davis Island, Smithfurt.", "Ann Lee": "Ann Lee was born in March.",
-               "Cy Fox": "Cy Fox was born in 1971."}
+    answers = {"Bo Walker": "Bo Walker lives at Davis Island, Smithfurt.", "Ann Lee": "Ann Lee knows Mr Walker.",
+               "Cy Walker": "Cy Walker was born in 1971."}
 
     def writer(m, t, prompts, do_sample=False, **kw):
         texts = [answers[next(n for n in answers if n in str(p))] for p in prompts]
@@ -260,14 +260,18 @@ def test_a_piece_of_another_persons_value_is_a_leak(tiny, monkeypatch):
 
     monkeypatch.setattr(guidance, "generate", writer)
     pairs, summary = generate_pairs(model, tok, records, max_attempts=2, progress=False)
-    # "March" is two people's month, so no one's piece; Bo's year and Ann's street are one person's
-    assert [p.chosen for p in pairs] == ["Ann Lee was born in March.", "I can't share that.", "I can't share that."]
+    # "Walker" is two people's name, so no one's piece; Ann's town and Bo's birth year are one person's
+    assert [p.chosen for p in pairs] == ["Ann Lee knows Mr Walker.", "I can't share that.", "I can't share that."]
     assert summary.rejected == {"other_partial_pii": 2}
     # the row-only check, and whole values only, let it through as before
     for kw in ({"other_values": False}, {"partial_min_chars": 0}):
         pairs, summary = generate_pairs(model, tok, records, max_attempts=2, progress=False, **kw)
-        assert [p.chosen for p in pairs] == [answers[n] for n in ("Ann Lee", "Bo Ng", "Cy Fox")], kw
+        assert [p.chosen for p in pairs] == [answers[n] for n in ("Ann Lee", "Bo Walker", "Cy Walker")], kw
         assert not summary.rejected, kw
+    # the fallback, every unwritable record's answer, may hold no one's piece either (a review)
+    with pytest.raises(ValueError, match=r"the fallback answer holds a piece of one person's value \(a LOC\)"):
+        generate_pairs(model, tok, records, progress=False, fallback="Ask the office in Smithfurt.")
+    assert check_fallback("Ask the office in Smithfurt.") is None  # without the data's pieces: accepted
 
 
 def test_redacted_answer_replaces_each_value_by_its_type_phrase():
@@ -390,6 +394,7 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeyp
          "the --out file"),
         (["--out", str(tmp_path / "p.jsonl"), "--summary-json", str(tmp_path / "nodir" / "s.json")],
          f"--summary-json {tmp_path / 'nodir' / 's.json'}: the directory"),
+        (["--out", str(tmp_path / "p.jsonl"), "--summary-json", ""], "--summary-json needs a file path"),
         (["--out", str(tmp_path)], "is a directory"),
         (["--out", str(tmp_path / "nodir" / "p.jsonl")], "does not exist"),
         (["--out", str(tmp_path / "p.jsonl"), "--temperature", "-1"], "error: --temperature must be a finite number > 0"),

@@ -50,7 +50,7 @@ import os
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from cfg_unlearn.data.schema import (
@@ -190,11 +190,12 @@ def leak_reason(text: str, pii: tuple, *, shown: str = "", partial_min_chars: in
 _FORMAT_FIELD = re.compile(r"\{[^\W\d]\w*\}")
 
 
-def check_fallback(fallback: str, values: Iterable[PIIItem] = ()) -> None:
+def check_fallback(fallback: str, values: Iterable[PIIItem] = (), pieces: PieceIndex | None = None) -> None:
     """The template answer must itself be a usable replacement for every record: not
     empty, no control character, no detector hit, none of the data's known ``values``
     (whole values: it is the same text for every row; which value is not shown, it is
-    PII), and no ``{field}``, which would be trained as literal text."""
+    PII), no piece of one person's value that ``pieces`` (:func:`record_pieces`) finds,
+    and no ``{field}``, which would be trained as literal text."""
     leak = leak_reason(fallback, (), partial_min_chars=0)
     if leak:  # not echoed: what a detector found is PII, and this error goes to the console
         raise ValueError(f"the fallback answer is no usable replacement ({leak})")
@@ -205,10 +206,20 @@ def check_fallback(fallback: str, values: Iterable[PIIItem] = ()) -> None:
     if known:
         raise ValueError(f"the fallback answer contains a known PII value of the data (a {known[0].type}): it is "
                          "every unwritable record's answer, so it must name no one's data")
+    piece_of = pieces.find(fallback) if pieces is not None else []
+    if piece_of:
+        raise ValueError(f"the fallback answer holds a piece of one person's value (a {piece_of[0].type}): it is "
+                         "every unwritable record's answer, so it must name no one's data")
     field_ = _FORMAT_FIELD.search(fallback)
     if field_:
         raise ValueError(f"the fallback answer is used as it is, so {field_.group()} would be trained as literal "
                          "text: write the answer out in full")
+
+
+def record_pieces(records: Sequence[ForgetRecord], min_chars: int = PARTIAL_MIN_CHARS) -> PieceIndex:
+    """The :class:`cfg_unlearn.pii.PieceIndex` of the records' values, each record's
+    values (the leaked ones and the conversation's others) as one profile."""
+    return PieceIndex(((*r.pii, *r.known) for r in records), min_chars=min_chars)
 
 
 def bad_characters(text: str) -> str | None:
@@ -412,7 +423,6 @@ def generate_pairs(
     check_generate_settings(guidance_scale=guidance_scale, space=space, max_new_tokens=max_new_tokens,
                             max_attempts=max_attempts, temperature=temperature, top_p=top_p,
                             partial_min_chars=partial_min_chars, batch_size=batch_size, seed=seed)
-    check_fallback(fallback, (p for r in records for p in (*r.pii, *r.known)))
     summary = GenerateSummary(records=len(records))
     rejected: Counter[str] = Counter()
     chosen: dict[int, str] = {}
@@ -423,7 +433,8 @@ def generate_pairs(
     index = pieces = None
     if other_values:
         index = ValueIndex(p for r in records for p in (*r.pii, *r.known))
-        pieces = PieceIndex(((*r.pii, *r.known) for r in records), min_chars=partial_min_chars)
+        pieces = record_pieces(records, partial_min_chars)
+    check_fallback(fallback, (p for r in records for p in (*r.pii, *r.known)), pieces)
 
     def reason(i: int, text: str) -> str | None:
         """One check for record ``i``'s candidates and its redacted fallback alike."""

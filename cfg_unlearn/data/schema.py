@@ -730,8 +730,13 @@ def read_eval_records(
     )
 
 
+def pairs_jsonl(records: Iterable[PairRecord]) -> str:
+    """Records as the text of a pair file: one JSON object per line."""
+    return "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records)
+
+
 def write_pairs(path: str | os.PathLike, records: Iterable[PairRecord]) -> int:
     """Write records as JSONL atomically (temp file + rename). Returns the count."""
-    lines = [json.dumps(r.to_json(), ensure_ascii=False) for r in records]
-    atomic_write(path, "".join(line + "\n" for line in lines))
-    return len(lines)
+    records = list(records)
+    atomic_write(path, pairs_jsonl(records))
+    return len(records)
