@@ -781,6 +781,8 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
                 target = os.path.join(path, self.config_filename)
                 if self.multifile:  # one file per sub-config given as a file: jsonargparse's own writer
                     self.parser.save(self.config, target, skip_unset=False, overwrite=True, multifile=True)
+                    with open(target, "rb") as fh:  # (in whatever encoding it wrote)
+                        atomic_write(target, self.launch_line().encode() + fh.read())
                 else:  # UTF-8 and whole: parser.save wrote in the locale's encoding (cp1252 on Windows:
                     # a Cyrillic instruction failed and left an empty file; a German one was written so
                     # that the run's own config.yaml was then refused as not UTF-8)
@@ -794,8 +796,15 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
         was launched from: relative paths in it (data files, ``tiny:`` models) start there,
         which the file did not otherwise record (a review: ``validate --config
         run/config.yaml`` from elsewhere found none of them)."""
-        header = f"# launched from {os.getcwd()}: relative paths below start there\n"
-        return header + self.parser.dump(self.config, skip_unset=False)
+        return self.launch_line() + self.parser.dump(self.config, skip_unset=False)
+
+    @staticmethod
+    def launch_line() -> str:
+        # a folder name's undecodable bytes escaped (a surrogate cannot be written as UTF-8), and
+        # a line break in it too (the rest of the name would be read as YAML)
+        folder = os.fsencode(os.getcwd()).decode("utf-8", "backslashreplace")
+        folder = folder.replace("\n", "\\n").replace("\r", "\\r")
+        return f"# launched from {folder}: relative paths below start there\n"
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         log_resolved_config(trainer, self.resolved_config())

@@ -163,7 +163,7 @@ def check_input_file(setting: str, path: str | os.PathLike | None) -> None:
     from another folder looked for them there and said only "cannot open". A relative
     path's message says where it was looked for. A path that exists but is no readable
     file is left to the reader, which says why."""
-    if path is None or os.path.exists(path):
+    if not path or os.path.exists(path):  # "" reads as unset, as the callers read it
         return
     where = "" if os.path.isabs(path) else (f" (relative paths start at the working directory {os.getcwd()}, "
                                             "not at the config file's folder; a run's config.yaml names the folder "

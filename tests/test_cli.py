@@ -1160,6 +1160,39 @@ def test_config_yaml_is_written_in_utf8_whatever_the_locale(tmp_path, monkeypatc
                                                         "start there\n")
 
 
+def test_multifile_config_yaml_has_the_launch_line_too(tmp_path):
+    import yaml
+
+    from cfg_unlearn.callbacks import LoggerSaveConfigCallback
+
+    cli = cli_main(["--config", str(ROOT / "configs/tiny.yaml"), f"--trainer.logger.init_args.save_dir={tmp_path}"],
+                   run=False)
+    LoggerSaveConfigCallback(cli.parser, cli.config, overwrite=True, multifile=True).setup(cli.trainer, cli.model,
+                                                                                          "fit")
+    (saved,) = tmp_path.glob("tiny/version_*/config.yaml")
+    text = saved.read_text(encoding="utf-8")
+    assert text.startswith(f"# launched from {os.getcwd()}: relative paths below start there\n")
+    assert yaml.safe_load(text)["model"]["beta"] == 0.1
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="folder names of undecodable bytes are POSIX's")
+def test_config_yaml_launch_line_survives_any_folder_name(tmp_path, monkeypatch):
+    """A review: a folder whose name is not UTF-8 made the launch line unwritable
+    (UnicodeEncodeError in setup), and a line break in the name turned the rest of it
+    into YAML."""
+    import yaml
+
+    from cfg_unlearn.callbacks import LoggerSaveConfigCallback
+
+    odd = os.fsencode(tmp_path) + b"/caf\xe9\nkey: 1"
+    os.makedirs(odd)
+    monkeypatch.chdir(odd)
+    line = LoggerSaveConfigCallback.launch_line()
+    assert line.count("\n") == 1 and line.endswith(": relative paths below start there\n")
+    line.encode("utf-8")  # writable
+    assert yaml.safe_load(line + "model: {}\n") == {"model": {}}
+
+
 class _Payload:
     """What a planted checkpoint could hold: unpickling it calls a function (here one
     that creates a file)."""

@@ -560,8 +560,8 @@ def test_a_missing_data_file_is_refused_naming_its_setting(tmp_path, monkeypatch
     for setting in ("probes_file", "qa_file"):
         with pytest.raises(ConfigError, match=re.escape(f"eval.{setting}: no such file: q.jsonl {where}")):
             GuidanceEval(**{setting: "q.jsonl"}).load_eval_sets()
-    # found from here: read (empty, which setup then refuses for that)
-    assert PairDataModule(tokenizer="unused", train_file="pairs.jsonl").load_records() == ([], [])
+    # found from here: read (empty, which setup then refuses for that); an empty setting is unset
+    assert PairDataModule(tokenizer="unused", train_file="pairs.jsonl", val_file="").load_records() == ([], [])
 
 
 def test_directory_instead_of_file(tmp_path):
