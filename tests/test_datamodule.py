@@ -646,7 +646,10 @@ def test_suspect_pairs_are_counted_and_located_without_their_text(tiny_name, tmp
 
     recs = list(world_pairs.values())[:5]
     value = recs[3].pii[0].value
+    # a leaky answer left unchanged is a leak too (a user review: it was only the
+    # chosen == rejected warning, and the fit trained it); the same answer with no value is not
     recs[1] = replace(recs[1], chosen=recs[1].rejected)
+    recs[2] = replace(recs[2], chosen="I can't say.", rejected="I can't say.")
     recs[3] = replace(recs[3], chosen=f"Sure, it is {value}.")
     # repeating the name the user asked about (a challenge answer's NAME value) is no leak
     recs[4] = replace(recs[4], prompt=({"role": "user", "content": "Who employs Ann Lee?"},),
@@ -657,19 +660,19 @@ def test_suspect_pairs_are_counted_and_located_without_their_text(tiny_name, tmp
     # the leak is a bad row (a review: it was only a warning, and the fit trained it)
     with pytest.raises(ConfigError) as err:
         make_dm(tiny_name, train_file=str(path), val_fraction=0.0)
-    assert str(err.value) == (f"1 of 5 pairs have a chosen answer holding one of the row's own pii values, so "
-                              f"training would reward the leak: {path}:4; fix those rows (the chosen answer must be "
-                              "PII-free), or skip them with data.on_error: skip")
+    assert str(err.value) == (f"2 of 5 pairs have a chosen answer holding one of the row's own pii values, so "
+                              f"training would reward the leak: {path}:2, {path}:4; fix those rows (the chosen answer "
+                              "must be PII-free), or skip them with data.on_error: skip")
     with pytest.warns(UserWarning) as got:
         dm = make_dm(tiny_name, train_file=str(path), val_fraction=0.0, on_error="skip")
     text = [str(w.message) for w in got]
-    assert f"1 of 4 pairs have chosen == rejected (nothing to prefer; NLL trains the leaky answer): {path}:2" in text
+    assert f"1 of 3 pairs have chosen == rejected (nothing to prefer; NLL trains the answer as it is): {path}:3" in text
     leak = [t for t in text if "own pii values" in t]
-    assert leak == [f"1 of 5 pairs have a chosen answer holding one of the row's own pii values, so training would "
-                    f"reward the leak: {path}:4; skipped (on_error: skip)"]
+    assert leak == [f"2 of 5 pairs have a chosen answer holding one of the row's own pii values, so training would "
+                    f"reward the leak: {path}:2, {path}:4; skipped (on_error: skip)"]
     assert not any(value in t or recs[1].rejected in t for t in text)
-    assert (dm.stats["identical_pairs"], dm.stats["chosen_leaks"], dm.stats["train_pairs"]) == (1, 1, 4)
-    assert dm.stats["skipped_rows"] == 1
+    assert (dm.stats["identical_pairs"], dm.stats["chosen_leaks"], dm.stats["train_pairs"]) == (1, 2, 3)
+    assert dm.stats["skipped_rows"] == 2
     # a val_file every pair of which is skipped is refused, as an empty one is (a review)
     val = tmp_path / "val.jsonl"
     write_pairs(val, [replace(recs[3], id="v1")])

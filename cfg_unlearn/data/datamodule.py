@@ -63,22 +63,23 @@ class EncodeStats:
 
 
 def audit_pairs(records: Sequence[PairRecord]) -> dict[str, list[PairRecord]]:
-    """Pairs that teach nothing or the wrong thing: ``identical`` (chosen == rejected: the
-    odds-ratio and DPO terms are constant, NLL trains the leaky answer) and
-    ``chosen_leaks`` (the chosen answer holds one of the row's own ``pii`` values that
-    the user's turns do not show, so training rewards the leak; repeating the name the
-    user asked about is no leak)."""
+    """Pairs that teach nothing or the wrong thing: ``chosen_leaks`` (the chosen answer
+    holds one of the row's own ``pii`` values that the user's turns do not show, so
+    training rewards the leak; repeating the name the user asked about is no leak; an
+    unchanged leaky answer is one) and ``identical`` (chosen == rejected, leaking nothing:
+    the odds-ratio and DPO terms are constant, NLL trains the answer as it is)."""
     out: dict[str, list[PairRecord]] = {"identical": [], "chosen_leaks": []}
     for rec in records:
-        if rec.chosen.strip() == rec.rejected.strip():
-            out["identical"].append(rec)
-            continue
         # the index compiles a value's pattern only when the chosen answer holds a sign of
         # it: most rows compile nothing (contains_value on every value compiled each one,
         # 0.9 ms a row past value_pattern's cache: minutes per setup on a large file)
         found = ValueIndex(rec.pii).find(rec.chosen)
         if found and any(not contains_value(user_text(rec.prompt), p.value, p.type) for p in found):
+            # first: a leaky answer left unchanged (chosen == rejected) is a leak trained
+            # outright, not only a pair that teaches nothing (a user review: it was warned of)
             out["chosen_leaks"].append(rec)
+        elif rec.chosen.strip() == rec.rejected.strip():
+            out["identical"].append(rec)
     return out
 
 
@@ -705,7 +706,7 @@ class PairDataModule(L.LightningDataModule):
     def _warn_suspect_pairs(self, records: list[PairRecord], identical: list[PairRecord]) -> None:
         found = {"identical": identical}
         self.stats["identical_pairs"] = len(identical)
-        what = {"identical": "have chosen == rejected (nothing to prefer; NLL trains the leaky answer)"}
+        what = {"identical": "have chosen == rejected (nothing to prefer; NLL trains the answer as it is)"}
         # A row's own system message is its conditioning instruction (the documented rule),
         # so the model learns guidance on that text; a generic one ("You are a helpful
         # assistant", common in TRL-style data) then never trains the instruction that
