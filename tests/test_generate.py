@@ -269,7 +269,7 @@ def test_a_piece_of_another_persons_value_is_a_leak(tiny, monkeypatch):
         assert [p.chosen for p in pairs] == [answers[n] for n in ("Ann Lee", "Bo Walker", "Cy Walker")], kw
         assert not summary.rejected, kw
     # the fallback, every unwritable record's answer, may hold no one's piece either (a review)
-    with pytest.raises(ValueError, match=r"the fallback answer holds a piece of one person's value \(a LOC\)"):
+    with pytest.raises(ValueError, match=r"the fallback answer holds a piece of one person's value \(type LOC\)"):
         generate_pairs(model, tok, records, progress=False, fallback="Ask the office in Smithfurt.")
     assert check_fallback("Ask the office in Smithfurt.") is None  # without the data's pieces: accepted
 
@@ -667,7 +667,7 @@ def test_the_fallback_may_name_no_known_value_and_is_never_formatted(tiny):
     loc = PIIItem("LOC", "12 Oak Street, Springfield")
     rec = ForgetRecord("r", ({"role": "user", "content": "Where does Bo Ng live?"},), "At 12 Oak Street, Springfield.",
                        (loc,))
-    with pytest.raises(ValueError, match=r"contains a known PII value of the data \(a LOC\)") as exc:
+    with pytest.raises(ValueError, match=r"contains a known PII value of the data \(type LOC\)") as exc:
         generate_pairs(model, tok, [rec], fallback="Ask at 12 Oak Street, Springfield.", progress=False)
     assert "Oak" not in str(exc.value).split("(a LOC)")[1]  # the value itself is not repeated
     with pytest.raises(ValueError, match=r"\{name\} would be trained as literal text"):
@@ -730,7 +730,7 @@ def test_console_generate_refuses_what_would_fail_after_decoding(tiny_model_dir,
         (["--model", f"tiny:{tiny_model_dir}", "--out", str(tmp_path / "p.jsonl"), "--max-new-tokens", "5000"],
          "max_new_tokens=5000 leaves no room for a prompt"),
         (["--model", f"tiny:{tiny_model_dir}", "--out", str(tmp_path / "p.jsonl"),
-          "--fallback", f"Ask {world.people[0].name}."], "contains a known PII value of the data (a NAME)"),
+          "--fallback", f"Ask {world.people[0].name}."], "contains a known PII value of the data (type NAME)"),
     ):
         with pytest.raises(SystemExit) as exc:
             console_main([*base, *args])

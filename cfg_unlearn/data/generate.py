@@ -204,11 +204,11 @@ def check_fallback(fallback: str, values: Iterable[PIIItem] = (), pieces: PieceI
         raise ValueError(f"the fallback answer is no usable replacement ({bad}): {fallback!r}")
     known = [p for p in dict.fromkeys(values) if contains_value(fallback, p.value, p.type)]
     if known:
-        raise ValueError(f"the fallback answer contains a known PII value of the data (a {known[0].type}): it is "
+        raise ValueError(f"the fallback answer contains a known PII value of the data (type {known[0].type}): it is "
                          "every unwritable record's answer, so it must name no one's data")
     piece_of = pieces.find(fallback) if pieces is not None else []
     if piece_of:
-        raise ValueError(f"the fallback answer holds a piece of one person's value (a {piece_of[0].type}): it is "
+        raise ValueError(f"the fallback answer holds a piece of one person's value (type {piece_of[0].type}): it is "
                          "every unwritable record's answer, so it must name no one's data")
     field_ = _FORMAT_FIELD.search(fallback)
     if field_:
