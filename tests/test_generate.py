@@ -669,7 +669,7 @@ def test_the_fallback_may_name_no_known_value_and_is_never_formatted(tiny):
                        (loc,))
     with pytest.raises(ValueError, match=r"contains a known PII value of the data \(type LOC\)") as exc:
         generate_pairs(model, tok, [rec], fallback="Ask at 12 Oak Street, Springfield.", progress=False)
-    assert "Oak" not in str(exc.value).split("(a LOC)")[1]  # the value itself is not repeated
+    assert "Oak" not in str(exc.value).split("(type LOC)")[1]  # the value itself is not repeated
     with pytest.raises(ValueError, match=r"\{name\} would be trained as literal text"):
         generate_pairs(model, tok, [rec], fallback="I can't share {name}'s address.", progress=False)
     check_fallback("I can't share that {}.")  # braces without a field name are plain text
