@@ -112,7 +112,7 @@ def _value_parts(value: str, pii_type: str | None) -> tuple[bool, list[str]]:
     """How :func:`value_pattern` reads a value: ``(True, its digits)`` for a number (a
     phone's extension and its own country code left out), else ``(False, its words)``."""
     value = nfkc(value)
-    kind = (pii_type or "").upper()
+    kind = canonical_type(pii_type)
     is_phone = kind == "PHONE"
     if is_phone:
         value = _PHONE_EXT.sub("", value)
@@ -223,13 +223,13 @@ def value_pattern(value: str, pii_type: str | None = None) -> re.Pattern:
     (a DATE also in its other forms: :func:`_date_forms`)."""
     numeric, parts = _value_parts(value, pii_type)
     if numeric:
-        lead = _PHONE_CC if (pii_type or "").upper() == "PHONE" else ""
+        lead = _PHONE_CC if canonical_type(pii_type) == "PHONE" else ""
         # the optional "+" and "(" belong to the number, so redaction leaves none behind
         return re.compile(rf"(?<![\d+]){lead}\+?\(?{_DIGIT_SEP.join(parts)}(?!\d)")
     if not parts:
         return _NEVER
     body = r"[\W_]*".join(_token_regex(t) for t in parts)
-    if (pii_type or "").upper() == "DATE":
+    if canonical_type(pii_type) == "DATE":
         body = "|".join([body, *_date_forms(value)])
     return re.compile(rf"(?<![^\W_])(?:{body})(?![^\W_])", re.IGNORECASE)
 
@@ -277,7 +277,7 @@ class ValueIndex:
                 self._whole_digits[item] = "".join(parts)
             elif parts:
                 keys = {self._word_key(parts[0])}
-                date = date_parts(item.value) if item.type.upper() == "DATE" else None
+                date = date_parts(item.value) if canonical_type(item.type) == "DATE" else None
                 if date is None:
                     self._whole_words[item] = tuple(self._word_form(p) for p in parts)
                 else:
@@ -429,6 +429,33 @@ GENERIC_WORDS_OF_TYPE = {
     **dict.fromkeys(("ORG", "ORGANIZATION", "ORGANISATION", "COMPANY", "EMPLOYER"), "company"),
 }
 
+#: other labels of the types that are matched in their own ways (a date's other written
+#: forms, a phone's optional country code and extension, an e-mail's local part), and
+#: that redaction names: a data set's "DOB" is a date, "PHONE_NUMBER" a phone
+TYPE_ALIASES = {
+    **dict.fromkeys(("DATE", "DOB", "BIRTHDATE", "BIRTH_DATE", "DATE_OF_BIRTH", "BIRTHDAY"), "DATE"),
+    **dict.fromkeys(("PHONE", "PHONE_NUMBER", "PHONE_NUM", "TELEPHONE", "TEL", "MOBILE", "CELL", "CELL_PHONE"),
+                    "PHONE"),
+    **dict.fromkeys(("EMAIL", "EMAIL_ADDRESS", "E_MAIL"), "EMAIL"),
+    **dict.fromkeys(("SSN", "SOCIAL_SECURITY_NUMBER", "ID", "ID_NUM", "ID_NUMBER", "NATIONAL_ID"), "SSN"),
+    **dict.fromkeys(("URL", "URL_PERSONAL", "WEBSITE"), "URL"),
+    **dict.fromkeys(("IP", "IP_ADDRESS"), "IP"),
+}
+
+
+def canonical_type(pii_type: str | None) -> str:
+    """The type a label stands for here (any case, "-" read as "_"): a name type
+    (:data:`NAME_TYPES`) is ``NAME``, an address or company label
+    (:data:`GENERIC_WORDS_OF_TYPE`) ``LOC`` or ``ORG``, an alias of
+    :data:`TYPE_ALIASES` its type; any other label is itself, upper-cased."""
+    kind = (pii_type or "").upper().replace("-", "_")
+    if is_name_type(kind):
+        return "NAME"
+    generic = GENERIC_WORDS_OF_TYPE.get(kind)
+    if generic is not None:
+        return "LOC" if generic == "address" else "ORG"
+    return TYPE_ALIASES.get(kind, kind)
+
 _DIGIT_RUN = re.compile(rf"\d(?:{_DIGIT_SEP}\d)*")
 
 
@@ -474,7 +501,7 @@ def partial_fragments(value: str, pii_type: str | None = None, *, shown: str = "
     if min_chars < 1:
         return [], []
     value, shown = nfkc(value), nfkc(shown)
-    kind = (pii_type or "").upper()
+    kind = canonical_type(pii_type)
     if kind == "PHONE":
         value = _PHONE_EXT.sub("", value)  # "x89" is not part of the number
     elif kind == "EMAIL" and "@" in value:
@@ -790,8 +817,8 @@ def redaction_items(items: Iterable[PIIItem]) -> list[PIIItem]:
     out = []
     for item in items:
         out.append(item)
-        kind = item.type.upper()
-        if is_name_type(kind):
+        kind = canonical_type(item.type)
+        if kind == "NAME":
             out += [PIIItem(item.type, w) for w in _TOKEN.findall(nfkc(item.value)) if len(w) >= 2]
         elif kind == "EMAIL" and "@" in item.value:
             local = nfkc(item.value).split("@", 1)[0]

@@ -281,6 +281,11 @@ def test_redacted_answer_replaces_each_value_by_its_type_phrase():
     # a type without a phrase of its own, and text holding no value (left as is)
     assert redacted_answer("Plate AB-123-CD.", (PIIItem("VEHICLE_ID", "AB-123-CD"),)) == "Plate private information."
     assert redacted_answer("It is unlisted.", (phone,)) == "It is unlisted."
+    # the labels a data set gives its types take their type's phrase (a user review: "She
+    # lives at private information.")
+    assert (redacted_answer("At 1 Main St since 3/14/88, with Acme Corp.", (
+        PIIItem("ADDRESS", "1 Main St"), PIIItem("DOB", "March 14, 1988"), PIIItem("EMPLOYER", "Acme Corp")))
+        == "At a private address since a private date, with a private employer.")
     # nothing replaced: the text comes back as given, not in NFKC form ("…" stays), so a
     # caller sees that redaction changed nothing
     assert redacted_answer("Ann Lee’s number… is unlisted.", (phone,)) == "Ann Lee’s number… is unlisted."

@@ -9,6 +9,7 @@ from cfg_unlearn.pii import (
     DETECTOR_TYPES,
     NERDetector,
     PieceIndex,
+    canonical_type,
     Redactor,
     Span,
     contains_value,
@@ -871,3 +872,16 @@ def test_piece_index_joins_records_only_through_values_that_identify_a_person():
     index = PieceIndex([(PIIItem("NAME", "Ann Kelly"), mail), (PIIItem("NAME", "Ann W"), mail),
                         (PIIItem("NAME", "Bo Fox"),)])
     assert [item.value for item in index.find("Ask Mr Kelly.")] == ["Ann Kelly"]
+
+
+def test_common_type_labels_are_matched_as_their_type():
+    """A user review: a birth date labelled DOB was matched word by word only, so
+    "3/14/88" passed generate's check, the leak rate and the sample tables' redaction;
+    ADDRESS and EMPLOYER values were redacted as "private information"."""
+    assert [canonical_type(t) for t in ("dob", "Date-Of-Birth", "PHONE_NUMBER", "first_name", "ADDRESS", "Employer",
+                                        "email_address", "IBAN", None)] == [
+        "DATE", "DATE", "PHONE", "NAME", "LOC", "ORG", "EMAIL", "IBAN", ""]
+    for label in ("DATE", "DOB", "birthdate"):
+        assert contains_value("She was born on 3/14/88.", "March 14, 1988", label), label
+    assert not contains_value("She was born on 3/14/88.", "March 14, 1988", "EVENT")  # words only
+    assert contains_value("Call +1 415 555 0192 x12.", "(415) 555-0192", "PHONE_NUMBER")

@@ -75,6 +75,7 @@ from cfg_unlearn.pii import (
     PARTIAL_MIN_CHARS,
     PieceIndex,
     ValueIndex,
+    canonical_type,
     contains_fragment,
     contains_value,
     detect_pii,
@@ -107,7 +108,8 @@ REDACTION_PHRASES = {
     "URL": "a private link",
     "IP": "a private IP address",
 }
-#: the phrase for a type :data:`REDACTION_PHRASES` does not list
+#: the phrase for a type :data:`REDACTION_PHRASES` does not list (labels are read through
+#: :func:`cfg_unlearn.pii.canonical_type`: "ADDRESS" takes LOC's, "DOB" DATE's)
 DEFAULT_REDACTION_PHRASE = "private information"
 
 
@@ -257,7 +259,7 @@ def redacted_answer(text: str, values: tuple) -> str:
         return text
     text = nfkc(text)
     for span in spans:
-        out += [text[pos : span.start], REDACTION_PHRASES.get(span.type.upper(), DEFAULT_REDACTION_PHRASE)]
+        out += [text[pos : span.start], REDACTION_PHRASES.get(canonical_type(span.type), DEFAULT_REDACTION_PHRASE)]
         pos = span.end
     return "".join(out) + text[pos:]
 
