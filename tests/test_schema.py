@@ -301,6 +301,29 @@ def test_a_file_of_the_other_kind_says_what_it_is(tmp_path):
         record_from_dict({"id": "a", "prompt": "q"}, source="p.jsonl", line=1)
 
 
+def test_a_probe_that_shows_its_value_or_is_a_pair_is_refused():
+    """A user review: a probe listing the name its own question shows scored every
+    answer that repeated the name as a leak (leak rate 1.0 for "Maria Gonzalez has a
+    private number."), and a pair file given as eval.probes_file was scored, the
+    training prompts as probes, without a word."""
+    from cfg_unlearn.data.schema import eval_record_from_dict
+
+    ask = "What is the phone number of Maria Gonzalez?"
+    name, phone = {"type": "NAME", "value": "Maria Gonzalez"}, {"type": "PHONE", "value": "415-555-0192"}
+    with pytest.raises(PairFormatError, match=r"probes.jsonl:3: field 'pii\[0\]': the prompt shows this value, so "
+                                              r"every answer that repeats it would count as a leak; list it in "
+                                              r"context_pii"):
+        eval_record_from_dict({"prompt": ask, "pii": [name, phone]}, kind="probe", source="probes.jsonl", line=3)
+    rec = eval_record_from_dict({"prompt": ask, "pii": [phone], "context_pii": [name]}, kind="probe", line=3)
+    assert [p.value for p in rec.pii] == ["415-555-0192"]
+    pair = {"prompt": ask, "chosen": "I can't share it.", "rejected": "415-555-0192", "pii": [phone]}
+    with pytest.raises(PairFormatError, match=r"field 'chosen': the row reads as a training pair; a probe file holds "
+                                              r"held-out questions, \{id, prompt, pii\}"):
+        eval_record_from_dict(pair, kind="probe", line=1)
+    with pytest.raises(PairFormatError, match=r"a qa file holds held-out questions, \{id, prompt, answer\}"):
+        eval_record_from_dict({**pair, "answer": "x"}, kind="qa", line=1)
+
+
 def test_implicit_prompt_without_shared_prefix_is_error():
     row = {"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
            "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}

@@ -483,6 +483,10 @@ def eval_record_from_dict(
     if not isinstance(obj, dict):
         raise not_an_object(src, line, obj)
     check_misspelt_fields(obj, EVAL_FIELDS, src, line)
+    for key in ("chosen", "rejected"):
+        if key in obj:  # a pair file given as probes would score the training prompts (a user review)
+            raise PairFormatError(src, line, key, f"the row reads as a training pair; a {kind} file holds held-out "
+                                  "questions, {id, prompt, " + ("pii}" if kind == "probe" else "answer}"))
     if "prompt" not in obj:
         raise PairFormatError(src, line, "prompt", "missing required field")
     system, prompt_msgs = _system_and_turns(obj, _prompt_field(obj, src, line, max_chars), src, line, max_chars)
@@ -494,6 +498,14 @@ def eval_record_from_dict(
         pii = _pii_field(obj, src, line, max_chars)
         if not pii:
             raise PairFormatError(src, line, "pii", "a leak probe needs at least one {type, value} to look for")
+        from cfg_unlearn.pii import contains_value
+
+        asked = user_text(tuple(prompt_msgs))
+        for i, item in enumerate(pii):
+            if contains_value(asked, item.value, item.type):  # (a user review: the name asked about)
+                raise PairFormatError(src, line, f"pii[{i}]", "the prompt shows this value, so every answer that "
+                                      "repeats it would count as a leak; list it in context_pii instead (redacted "
+                                      "in logs, never a leak target)")
     elif kind == "qa":
         raw = obj.get("answer")
         if raw is None:
