@@ -633,6 +633,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, PairF
         if not text.strip():
             yield lineno, None, None
             continue
+        text = text.rstrip("\r\n")  # (parsed with it, an unclosed row's error was "line 2 column 1")
         try:
             obj = json.loads(text, object_pairs_hook=_unique_keys)
             # JSON null is a row that is no object, not a blank line (it was skipped
@@ -652,8 +653,10 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, PairF
             # some messages end in "at" ("Invalid control character at"): say it once
             msg = e.msg.removesuffix(" at")
             hint = _first_line_hint(raw) if lineno == 1 else ""
+            if not hint and e.pos >= len(text.rstrip()):  # (a file-wide guess says more)
+                hint = " (the line ends there: a closing } or ] or \" missing?)"
             yield lineno, None, PairFormatError(src, lineno, None,
-                                                f"invalid JSON: {msg} at column {e.colno}{hint}")
+                                                f"invalid JSON: {msg} at column {e.pos + 1}{hint}")
         except (ValueError, RecursionError) as e:
             # e.g. an integer literal over Python's digit limit, or absurdly deep nesting
             yield lineno, None, PairFormatError(src, lineno, None, f"invalid JSON: {str(e)[:120]}")
