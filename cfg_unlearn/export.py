@@ -444,7 +444,8 @@ def export_checkpoint(
 
     ``system`` / ``uncond_system``: None keeps the checkpoint's (its data module's)
     instructions; an empty string blanks one. ``guidance_scale`` / ``space``: None
-    gives 2.0 / ``logprob``. ``base_model``: the model the checkpoint was trained from,
+    gives 2.0 (1.0 for a checkpoint trained with ``cond_dropout`` 0, which has no
+    unconditioned branch to guide against) / ``logprob``. ``base_model``: the model the checkpoint was trained from,
     where its recorded path no longer resolves (see :func:`base_model_name`).
     ``trust_remote_code``: a checkpoint trained with ``model.trust_remote_code`` is
     refused unless this is set (rebuilding it runs its model folder's code, and a
@@ -452,9 +453,9 @@ def export_checkpoint(
     decoding config.
     """
     ckpt_path, out = Path(ckpt_path), Path(out_dir)
-    g = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale)
+    g = None if guidance_scale is None else float(guidance_scale)  # None: decided by the checkpoint
     space = DEFAULT_SPACE if space is None else space
-    check_guidance(g, space)
+    check_guidance(DEFAULT_GUIDANCE_SCALE if g is None else g, space)
     from cfg_unlearn.models import parse_dtype
 
     parse_dtype(dtype)  # these checks come before the (slow) load
@@ -471,7 +472,7 @@ def export_checkpoint(
                         trust_remote_code)
 
 
-def _export_file(ckpt_path: Path, out: Path, source: Path, g: float, space: str, system: str | None,
+def _export_file(ckpt_path: Path, out: Path, source: Path, g: float | None, space: str, system: str | None,
                  uncond_system: str | None, dtype: str | None, overwrite: bool,
                  base_model: str | None = None, trust_remote_code: bool = False) -> tuple[Path, ExportConfig]:
     """:func:`export_checkpoint` of one checkpoint file; ``source`` is what the user gave."""
@@ -483,6 +484,13 @@ def _export_file(ckpt_path: Path, out: Path, source: Path, g: float, space: str,
     if ckpt["hyper_parameters"].get("trust_remote_code") and not trust_remote_code:
         raise ValueError(f"{source} " + remote_code_refusal(ckpt["hyper_parameters"]["model"], "pass --trust-remote-code"))
     trained_system, trained_uncond = checkpoint_instructions(ckpt)
+    if g is None:
+        # a model trained without conditioning dropout never learned the unconditioned
+        # branch that guidance pushes away from (a user review: its export recorded g=2)
+        g = DEFAULT_GUIDANCE_SCALE if ckpt["hyper_parameters"].get("cond_dropout", 0) > 0 else 1.0
+        if g == 1.0:
+            log.warning("%s was trained with model.cond_dropout 0 (no unconditioned branch): the export records "
+                        "guidance scale 1 (off); pass --guidance-scale to record another", source)
     config = ExportConfig(
         system_instruction=trained_system if system is None else _blank_to_none(system),
         uncond_instruction=trained_uncond if uncond_system is None else _blank_to_none(uncond_system),
@@ -710,7 +718,8 @@ def build_export_parser() -> argparse.ArgumentParser:
                    help="Lightning checkpoint of UnlearnModule: a .ckpt file, or a sharded FSDP checkpoint directory")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--guidance-scale", type=float, default=None,
-                   help=f"guidance scale recorded for decoding (default: {DEFAULT_GUIDANCE_SCALE:g})")
+                   help=f"guidance scale recorded for decoding (default: {DEFAULT_GUIDANCE_SCALE:g}, or 1 for a "
+                   "model trained with model.cond_dropout 0)")
     p.add_argument("--space", choices=SPACES, default=None, help=f"guidance space (default: {DEFAULT_SPACE})")
     p.add_argument("--system", default=None,
                    help="conditioning instruction (default: the checkpoint's data.system_prompt, else "

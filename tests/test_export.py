@@ -59,7 +59,8 @@ def trained(tiny_model_dir, tmp_path_factory):
     spec = f"tiny:{tiny_model_dir}"
     dm = PairDataModule(tokenizer=spec, world=WorldConfig(seed=0, n_people=4), batch_size=4,
                         system_prompt=TRAINED_SYSTEM)
-    module = UnlearnModule(model=spec, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    # with conditioning dropout, as the method trains: the export then records guidance 2
+    module = UnlearnModule(model=spec, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), cond_dropout=0.3)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", default_root_dir=root, enable_checkpointing=True,
                         logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
@@ -181,6 +182,21 @@ def test_cfg_unlearn_json_records_the_trained_instructions(trained, exported):
     }
     assert ExportConfig.read(exported.dir) == exported.config
     assert json.loads((exported.dir / "config.json").read_text())["use_cache"] is True
+
+
+def test_a_model_trained_without_conditioning_dropout_exports_without_guidance(trained, tmp_path, caplog):
+    """A user review: a checkpoint trained with cond_dropout 0 (no unconditioned branch to
+    guide against) exported with guidance 2 recorded, so chat decoded it guided."""
+    ckpt = torch.load(trained.ckpt, map_location="cpu", weights_only=False)
+    ckpt["hyper_parameters"]["cond_dropout"] = 0.0
+    plain = tmp_path / "plain.ckpt"
+    torch.save(ckpt, plain)
+    with caplog.at_level("WARNING"):
+        _, config = export_checkpoint(plain, tmp_path / "out")
+    assert config.guidance_scale == 1.0
+    assert "trained with model.cond_dropout 0 (no unconditioned branch)" in caplog.text
+    _, config = export_checkpoint(plain, tmp_path / "out2", guidance_scale=3)  # asked for: recorded
+    assert config.guidance_scale == 3.0
 
 
 def test_export_quiet_shows_no_progress_bar(trained, tmp_path, capsys):
