@@ -217,7 +217,10 @@ def _generate(argv: list[str]) -> None:
         exit_with_error(p, str(e))
     if not records:
         source = a.forget or " and ".join(a.challenge)
-        exit_with_error(p, f"{source}: the forget data holds no leaky assistant turn (one with a pii value)")
+        with open(a.forget or a.challenge[0], "rb") as fh:  # (read whole above: it opens)
+            blank = not any(line.strip() for line in fh)
+        exit_with_error(p, f"{source}: " + ("the file is empty" if blank else
+                                           "the forget data holds no leaky assistant turn (one with a pii value)"))
     try:
         check_fallback(a.fallback, (v for r in records for v in (*r.pii, *r.known)),
                        None if a.own_values_only else record_pieces(records, a.partial_min_chars))

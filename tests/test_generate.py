@@ -383,7 +383,15 @@ def test_console_generate_writes_pairs(tiny_model_dir, tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit):
         console_main(["generate", "--forget", str(tmp_path / "empty.jsonl"), "--model", f"tiny:{tiny_model_dir}",
                       "--out", str(tmp_path / "x.jsonl")])
-    assert f"{tmp_path / 'empty.jsonl'}: the forget data holds no leaky assistant turn" in capsys.readouterr().err
+    assert f"{tmp_path / 'empty.jsonl'}: the file is empty\n" in capsys.readouterr().err
+    # rows, but every leaky turn an orphan (no user turn before it): no record either
+    (tmp_path / "orphans.jsonl").write_text(json.dumps({"id": "o", "messages": [
+        {"role": "assistant", "content": "Mail bo@example.com."}], "pii": [{"type": "EMAIL",
+                                                                            "value": "bo@example.com"}]}) + "\n")
+    with pytest.raises(SystemExit):
+        console_main(["generate", "--forget", str(tmp_path / "orphans.jsonl"), "--model", f"tiny:{tiny_model_dir}",
+                      "--out", str(tmp_path / "x.jsonl")])
+    assert "orphans.jsonl: the forget data holds no leaky assistant turn" in capsys.readouterr().err
     # refused before the model loads: an --out that exists, is an input, a directory or in
     # no directory, and settings that would fail or waste the run later
     before = pii.read_text()
