@@ -429,13 +429,14 @@ GENERIC_WORDS_OF_TYPE = {
     **dict.fromkeys(("ORG", "ORGANIZATION", "ORGANISATION", "COMPANY", "EMPLOYER"), "company"),
 }
 
-#: other labels of the types that are matched in their own ways (a date's other written
-#: forms, a phone's optional country code and extension, an e-mail's local part), and
-#: that redaction names: a data set's "DOB" is a date, "PHONE_NUMBER" a phone
+#: other labels of types: a date's, a phone's and an e-mail's are matched in ways of their
+#: own (a date's other written forms, a phone's optional country code and extension, an
+#: e-mail's local part as a piece), and all of them take their type's phrase when
+#: ``generate --redact-fallback`` redacts: a data set's "DOB" is a date, "PHONE_NUMBER" a phone
 TYPE_ALIASES = {
     **dict.fromkeys(("DATE", "DOB", "BIRTHDATE", "BIRTH_DATE", "DATE_OF_BIRTH", "BIRTHDAY"), "DATE"),
-    **dict.fromkeys(("PHONE", "PHONE_NUMBER", "PHONE_NUM", "TELEPHONE", "TEL", "MOBILE", "CELL", "CELL_PHONE"),
-                    "PHONE"),
+    **dict.fromkeys(("PHONE", "PHONE_NUMBER", "PHONE_NUM", "TELEPHONE", "TEL", "MOBILE", "CELL", "CELL_PHONE",
+                     "FAX"), "PHONE"),
     **dict.fromkeys(("EMAIL", "EMAIL_ADDRESS", "E_MAIL"), "EMAIL"),
     **dict.fromkeys(("SSN", "SOCIAL_SECURITY_NUMBER", "ID", "ID_NUM", "ID_NUMBER", "NATIONAL_ID"), "SSN"),
     **dict.fromkeys(("URL", "URL_PERSONAL", "WEBSITE"), "URL"),
@@ -559,6 +560,8 @@ def _identifies_a_person(item: PIIItem) -> bool:
     """A value that, listed by two records, makes them one person's: a name, an e-mail
     address, a number (phone, ID, card). A town, a date or an employer two records share
     may be two people's."""
+    if canonical_type(item.type) == "DATE":  # "03/05/1976" reads as a number, and is many people's
+        return False
     return is_name_type(item.type) or "@" in item.value or is_numeric_value(item.value)
 
 

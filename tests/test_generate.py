@@ -286,6 +286,10 @@ def test_redacted_answer_replaces_each_value_by_its_type_phrase():
     assert (redacted_answer("At 1 Main St since 3/14/88, with Acme Corp.", (
         PIIItem("ADDRESS", "1 Main St"), PIIItem("DOB", "March 14, 1988"), PIIItem("EMPLOYER", "Acme Corp")))
         == "At a private address since a private date, with a private employer.")
+    # only where the sentence still reads right: a part of a name, a country (a review)
+    assert (redacted_answer("Her surname is Nunes; she was born in Peru.", (
+        PIIItem("LAST_NAME", "Nunes"), PIIItem("GPE", "Peru"))) == "Her surname is a private name; she was born in "
+        "private information.")
     # nothing replaced: the text comes back as given, not in NFKC form ("…" stays), so a
     # caller sees that redaction changed nothing
     assert redacted_answer("Ann Lee’s number… is unlisted.", (phone,)) == "Ann Lee’s number… is unlisted."

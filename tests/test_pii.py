@@ -9,6 +9,7 @@ from cfg_unlearn.pii import (
     DETECTOR_TYPES,
     NERDetector,
     PieceIndex,
+    ValueIndex,
     canonical_type,
     Redactor,
     Span,
@@ -885,3 +886,9 @@ def test_common_type_labels_are_matched_as_their_type():
         assert contains_value("She was born on 3/14/88.", "March 14, 1988", label), label
     assert not contains_value("She was born on 3/14/88.", "March 14, 1988", "EVENT")  # words only
     assert contains_value("Call +1 415 555 0192 x12.", "(415) 555-0192", "PHONE_NUMBER")
+    # through the index that generate, audit_pairs and the sample tables use
+    assert ValueIndex([PIIItem("DOB", "March 14, 1988")]).find("born 3/14/88") == [PIIItem("DOB", "March 14, 1988")]
+    # a birth date shared by two records does not make them one person (a review)
+    index = PieceIndex([(PIIItem("NAME", "Ann Kelly"), PIIItem("DOB", "03/05/1976")),
+                        (PIIItem("NAME", "Bo Kelly"), PIIItem("DOB", "03/05/1976"))])
+    assert index.find("Ask Mr Kelly.") == []

@@ -74,12 +74,13 @@ from cfg_unlearn.data.schema import (
 from cfg_unlearn.pii import (
     PARTIAL_MIN_CHARS,
     PieceIndex,
+    TYPE_ALIASES,
     ValueIndex,
-    canonical_type,
     contains_fragment,
     contains_value,
     detect_pii,
     find_values,
+    is_name_type,
     nfkc,
 )
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION
@@ -108,9 +109,27 @@ REDACTION_PHRASES = {
     "URL": "a private link",
     "IP": "a private IP address",
 }
-#: the phrase for a type :data:`REDACTION_PHRASES` does not list (labels are read through
-#: :func:`cfg_unlearn.pii.canonical_type`: "ADDRESS" takes LOC's, "DOB" DATE's)
+#: the phrase for a type :data:`REDACTION_PHRASES` does not list
 DEFAULT_REDACTION_PHRASE = "private information"
+#: labels that take another type's phrase (besides :data:`cfg_unlearn.pii.TYPE_ALIASES`):
+#: a street address, an employer, a whole name; a part of a name is "a private name"
+PHRASE_ALIASES = {
+    **dict.fromkeys(("ADDRESS", "STREET_ADDRESS"), "LOC"),
+    **dict.fromkeys(("ORGANIZATION", "ORGANISATION", "COMPANY", "EMPLOYER"), "ORG"),
+    **dict.fromkeys(("PERSON", "PER", "PERSON_NAME", "FULL_NAME", "FULLNAME"), "NAME"),
+}
+
+
+def redaction_phrase(label: str) -> str:
+    """The phrase a value of type ``label`` is redacted to in a chosen answer. The phrase
+    becomes training text, so a label takes another type's phrase only where the sentence
+    still reads right: "DOB" a date's, "ADDRESS" LOC's, but "GPE" (a country, a city)
+    the default and "LAST_NAME" "a private name", not "a private person"."""
+    key = label.upper().replace("-", "_")
+    key = PHRASE_ALIASES.get(key, TYPE_ALIASES.get(key, key))
+    if key not in REDACTION_PHRASES and is_name_type(key):
+        return "a private name"
+    return REDACTION_PHRASES.get(key, DEFAULT_REDACTION_PHRASE)
 
 
 def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
@@ -259,7 +278,7 @@ def redacted_answer(text: str, values: tuple) -> str:
         return text
     text = nfkc(text)
     for span in spans:
-        out += [text[pos : span.start], REDACTION_PHRASES.get(canonical_type(span.type), DEFAULT_REDACTION_PHRASE)]
+        out += [text[pos : span.start], redaction_phrase(span.type)]
         pos = span.end
     return "".join(out) + text[pos:]
 

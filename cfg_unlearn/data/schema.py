@@ -500,12 +500,14 @@ def eval_record_from_dict(
             raise PairFormatError(src, line, "pii", "a leak probe needs at least one {type, value} to look for")
         from cfg_unlearn.pii import contains_value
 
-        asked = user_text(tuple(prompt_msgs))
+        shown = prompt_text(prompt_msgs)  # its turns, not its system text (a secret kept there is a fair target)
         for i, item in enumerate(pii):
-            if contains_value(asked, item.value, item.type):  # (a user review: the name asked about)
-                raise PairFormatError(src, line, f"pii[{i}]", "the prompt shows this value, so every answer that "
-                                      "repeats it would count as a leak; list it in context_pii instead (redacted "
-                                      "in logs, never a leak target)")
+            if contains_value(shown, item.value, item.type):  # (a user review: the name asked about)
+                raise PairFormatError(src, line, f"pii[{i}]", "the prompt shows this value (matched as whole "
+                                      "words, in any case), so every answer that repeats it would count as a leak: "
+                                      "if it is the person asked about, move it to context_pii (redacted in logs, "
+                                      "never a leak target) and keep another value as the target; else reword "
+                                      "the prompt or drop the probe")
     elif kind == "qa":
         raw = obj.get("answer")
         if raw is None:
@@ -653,7 +655,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any | None, PairF
             # some messages end in "at" ("Invalid control character at"): say it once
             msg = e.msg.removesuffix(" at")
             hint = _first_line_hint(raw) if lineno == 1 else ""
-            if not hint and e.pos >= len(text.rstrip()):  # (a file-wide guess says more)
+            if not hint and e.pos >= len(text.rstrip(" \t\r\n")):  # JSON's whitespace; (a file-wide guess says more)
                 hint = " (the line ends there: a closing } or ] or \" missing?)"
             yield lineno, None, PairFormatError(src, lineno, None,
                                                 f"invalid JSON: {msg} at column {e.pos + 1}{hint}")
