@@ -21,6 +21,7 @@ value and every detector hit is replaced, overlapping spans are merged.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import re
 import unicodedata
@@ -542,6 +543,7 @@ def contains_value_or_fragment(text: str, value: str, pii_type: str | None = Non
         min_chars > 0 and contains_fragment(text, value, pii_type, shown=shown, min_chars=min_chars))
 
 
+@functools.cache  # a constant: each PieceIndex (generate builds two) read Faker's lists again
 def _common_value_words() -> frozenset[str]:
     """Words that values share in general and that point at no one on their own, however
     few values of a data set hold them: the month names, and the street designators and
@@ -560,9 +562,10 @@ def _identifies_a_person(item: PIIItem) -> bool:
     """A value that, listed by two records, makes them one person's: a name, an e-mail
     address, a number (phone, ID, card). A town, a date or an employer two records share
     may be two people's."""
-    if canonical_type(item.type) == "DATE":  # "03/05/1976" reads as a number, and is many people's
+    kind = canonical_type(item.type)
+    if kind == "DATE":  # "03/05/1976" reads as a number, and is many people's
         return False
-    return is_name_type(item.type) or "@" in item.value or is_numeric_value(item.value)
+    return kind == "NAME" or "@" in item.value or is_numeric_value(item.value)
 
 
 class PieceIndex:

@@ -451,11 +451,12 @@ def generate_pairs(
     forbidden = [forbidden_values(r) for r in records]
     shown = [user_text(r.prompt) for r in records]
 
+    values = [p for r in records for p in (*r.pii, *r.known)]
     index = pieces = None
     if other_values:
-        index = ValueIndex(p for r in records for p in (*r.pii, *r.known))
+        index = ValueIndex(values)
         pieces = record_pieces(records, partial_min_chars)
-    check_fallback(fallback, (p for r in records for p in (*r.pii, *r.known)), pieces)
+    check_fallback(fallback, values, pieces)
 
     def reason(i: int, text: str) -> str | None:
         """One check for record ``i``'s candidates and its redacted fallback alike."""
