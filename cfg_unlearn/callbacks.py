@@ -535,7 +535,8 @@ class GuidanceEval(Callback):
         parts = []
         for space, g in self.runs():
             cells = [f"{name} {results[metric_key(name, g, space)]:.3f}"
-                     for name in ("leak_rate", "accuracy", "perplexity", "pii_rate") if metric_key(name, g, space) in results]
+                     for name in ("leak_rate", "partial_leak_rate", "accuracy", "perplexity", "pii_rate")
+                     if metric_key(name, g, space) in results]
             parts.append(f"{space}@g={g:g}: " + ", ".join(cells))
         where = f"of the checkpoint at training step {step}" if of_checkpoint else f"step {step}"
         return f"GuidanceEval {where} ({results['eval/seconds']:.1f} s): " + " | ".join(parts)

@@ -814,3 +814,17 @@ def test_a_save_dir_under_home_is_one_folder(tmp_path, monkeypatch):
     claim_run_version(trainer)
     assert planned_run_dir(trainer) == str(tmp_path / "home" / "runs" / "tiny" / "version_0")
     assert (tmp_path / "home" / "runs" / "tiny" / "version_0").is_dir() and not (tmp_path / "~").exists()
+
+
+def test_the_console_line_has_every_rate_the_dashboard_has():
+    """A user review: the per-evaluation line left out partial_leak_rate (pieces of a value:
+    an e-mail's local part, a phone's last digits), which the dashboard and the report have."""
+    ev = GuidanceEval(scales=[1, 2])
+    results = {"eval/seconds": 1.5}
+    for g, values in ((1, (0.5, 0.25, 0.75, 1.2, 0.125)), (2, (0.0, 0.125, 0.5, 1.5, 0.0))):
+        for name, v in zip(("leak_rate", "partial_leak_rate", "accuracy", "perplexity", "pii_rate"), values):
+            results[metric_key(name, g, "logprob")] = v
+    assert ev.summary(results, 7) == (
+        "GuidanceEval step 7 (1.5 s): logprob@g=1: leak_rate 0.500, partial_leak_rate 0.250, accuracy 0.750, "
+        "perplexity 1.200, pii_rate 0.125 | logprob@g=2: leak_rate 0.000, partial_leak_rate 0.125, accuracy 0.500, "
+        "perplexity 1.500, pii_rate 0.000")
