@@ -41,7 +41,7 @@ from cfg_unlearn.console import (  # noqa: F401
 from cfg_unlearn.data.datamodule import PairDataModule
 from cfg_unlearn.module import UnlearnModule
 from cfg_unlearn.utils import (NOT_TORCH_SAVE, ConfigError, TrainingDiverged, checkpoints_in, is_torch_save_file,
-                               nearest_existing)
+                               nearest_existing, short_usage)
 
 
 class UnlearnCLI(LightningCLI):
@@ -503,8 +503,10 @@ def _flat(ns: Any) -> dict[str, Any]:
     return dict(ns.items()) if isinstance(ns, Namespace) else {}
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> UnlearnCLI:
-    """Entry point of ``train.py``. ``args`` (for tests) replaces ``sys.argv[1:]``."""
+def cli_main(args: list[str] | None = None, run: bool = True, prog: str | None = None) -> UnlearnCLI:
+    """Entry point of ``train.py``. ``args`` (for tests) replaces ``sys.argv[1:]``; ``prog``
+    names the command in usage errors (argparse's default, the script's file name, is
+    ``__main__.py`` under ``python -m cfg_unlearn``)."""
     quiet_third_party_warnings()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork
     return UnlearnCLI(
@@ -516,7 +518,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> UnlearnCLI:
         seed_everything_default=0,
         # no abbreviated flags: `--seed 3` was taken as --seed_everything, and an
         # abbreviation that works today breaks when a setting with the same prefix is added
-        parser_kwargs={"allow_abbrev": False},
+        parser_kwargs={"allow_abbrev": False, **({"prog": prog} if prog else {})},
         args=args,
         run=run,
     )
@@ -758,19 +760,37 @@ def explain_parse_errors(parser: Any, argv: list[str]) -> None:
     # jsonargparse parses a config file from inside the file's folder: a relative --config
     # path read from there named another file, or none (a review: no file was named)
     cwd = os.getcwd()
+    explained: set[str] = set()  # a subcommand's error is raised again through its parent's
     for p in (parser, *subparsers):
-        def error(message: str, ex: Exception | None = None, _report=p.error) -> None:
+        def error(message: str, ex: Exception | None = None, _report=p.error, p=p) -> None:
             here = os.getcwd()
             try:  # (not contextlib.chdir: Python 3.11's, and 3.10 is supported)
                 os.chdir(cwd)
-                message = explain_parse_error(message, argv, settings)
+                if message not in explained:
+                    message = explain_parse_error(message, argv, settings)
+                    explained.add(message)
             except Exception:  # noqa: BLE001 - a hint, never a traceback in place of the usage error
                 pass
             finally:
                 os.chdir(here)
-            _report(message, ex)
+            if not p.exit_on_error or _jsonargparse_debug():  # an error it catches, or a traceback asked for
+                _report(message, ex)
+            # the error first and one usage line: jsonargparse prints the usage of every
+            # setting (70 lines), then a tip, then the line that says what is wrong
+            prog = (getattr(ex, "subcommand_parser", None) or p).prog.replace(" [options]", "")
+            sys.stderr.write(f"{prog}: error: {message}\n{short_usage(prog)}")
+            raise SystemExit(2)
 
         p.error = error
+
+
+def _jsonargparse_debug() -> bool:
+    """JSONARGPARSE_DEBUG: jsonargparse raises its errors with their traceback."""
+    try:
+        from jsonargparse._common import debug_mode_active
+    except ImportError:  # a private name: without it, the variable as jsonargparse documents it
+        return bool(os.environ.get("JSONARGPARSE_DEBUG"))
+    return debug_mode_active()
 
 
 #: the trainer of the subcommand train_main runs, for its stop message
@@ -832,7 +852,7 @@ def train_main(args: list[str] | None = None, prog: str = "train.py") -> None:
         if args is not None and args == sys.argv[1:]:
             args = None  # `cfg-unlearn fit ...`: the command line itself (Lightning warns when given both)
         check_config_files(sys.argv[1:] if args is None else args)
-        cli_main(args)
+        cli_main(args, prog=prog.split(" ")[0])  # "cfg-unlearn fit": the subcommand's parser adds "fit"
     except SIGTERMException:
         # Lightning ends the step, then raises this: a SystemExit with no code, so a fit a
         # scheduler stopped exited 0, as if finished (`fit && export` shipped it)

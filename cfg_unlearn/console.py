@@ -18,7 +18,8 @@ import warnings
 from pathlib import Path
 
 from cfg_unlearn.utils import (ConfigError, OutputBusy, Terminated, atomic_write_files, check_writable_file,
-                               command_parser, exit_with_error, hf_progress_bars_off, sigterm_raises)
+                               command_parser, console_logging, exit_with_error, hf_progress_bars_off,
+                               our_warnings_as_lines, sigterm_raises)
 
 #: LightningCLI's subcommands kept: the module scores pairs only in training and
 #: validation steps (``validate`` is the scoring run, GuidanceEval included), so ``test``
@@ -38,6 +39,7 @@ _NO_ADVERTISEMENT = _NoAdvertisement()
 
 
 def quiet_third_party_warnings() -> None:
+    our_warnings_as_lines()
     # Deprecation chatter from inside jsonargparse/Lightning is not actionable by users.
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jsonargparse.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"jsonargparse.*")
@@ -166,7 +168,7 @@ def _generate(argv: list[str]) -> None:
                    help="where the writer runs (default here: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console_logging(logging.INFO)
     # everything that can be checked without the model, before it loads and decodes for minutes
     given = {"--out": a.out, "--summary-json": a.summary_json}
     if "" in given.values():  # Path("") is the working folder
@@ -405,6 +407,7 @@ def trainer_command(argv: list[str], prog: str) -> None:
 def console_main(argv: list[str] | None = None) -> None:
     """``cfg-unlearn <demo|fit|validate|generate|export|chat|subtract|saft|build-tiny> ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
+    our_warnings_as_lines()
     usage = "usage: cfg-unlearn {demo,fit,validate,generate,export,chat,subtract,saft,build-tiny} [options]   (-h after a command for its help)"
     if not argv or argv[0] in ("-h", "--help"):
         # no command at all is a usage error (exit 2): to stderr, like argparse's

@@ -53,8 +53,8 @@ import torch
 from cfg_unlearn.guidance import MIN_TEMPERATURE, SPACES, check_guidance, encode_prompts, generate
 from cfg_unlearn.prompts import SAFETY_INSTRUCTION, check_template
 from cfg_unlearn.tiny import TINY_SCHEME, absolute_model_name
-from cfg_unlearn.utils import (NOT_TORCH_SAVE, check_out_dir, checkpoints_in, command_parser, exit_with_error,
-                               hf_progress_bars_off, is_torch_save_file, staged_dir)
+from cfg_unlearn.utils import (NOT_TORCH_SAVE, check_out_dir, checkpoints_in, command_parser, console_logging,
+                               exit_with_error, hf_progress_bars_off, is_torch_save_file, staged_dir)
 
 log = logging.getLogger(__name__)
 
@@ -748,7 +748,7 @@ def main_export(argv: list[str] | None = None) -> None:
     # imported before the root logger gets a handler, Lightning prints its lines through its
     # own, once; imported after (with the checkpoint), each line came twice, once as "INFO: ..."
     importlib.import_module("lightning.pytorch")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console_logging(logging.INFO)
     try:
         with hf_progress_bars_off(a.quiet):
             out, config = export_checkpoint(

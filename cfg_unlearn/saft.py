@@ -88,8 +88,8 @@ from cfg_unlearn.data.schema import (
     record_from_dict,
 )
 from cfg_unlearn.prompts import render_chat
-from cfg_unlearn.utils import (atomic_write_files, check_out_dir, check_writable_file, command_parser, eval_mode,
-                               exit_with_error, hf_progress_bars_off)
+from cfg_unlearn.utils import (atomic_write_files, check_out_dir, check_writable_file, command_parser,
+                               console_logging, eval_mode, exit_with_error, hf_progress_bars_off)
 
 log = logging.getLogger(__name__)
 
@@ -1060,7 +1060,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = build_parser()
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    console_logging(logging.WARNING)
     for name, val in (("--batch-size", a.batch_size), ("--max-length", a.max_length)):
         if val < 1:
             p.error(f"{name} must be >= 1")

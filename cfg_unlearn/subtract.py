@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from cfg_unlearn.tiny import resolve_pretrained
-from cfg_unlearn.utils import check_out_dir, command_parser, exit_with_error, staged_dir
+from cfg_unlearn.utils import check_out_dir, command_parser, console_logging, exit_with_error, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -538,7 +538,7 @@ def main(argv: list[str] | None = None) -> None:
     one-line message, not a traceback."""
     p = build_parser()
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console_logging(logging.INFO)
     try:
         summary = subtract_models(a.base, a.finetuned, a.out, alpha=a.alpha, overwrite=a.overwrite,
                                   progress=not a.quiet)

@@ -140,11 +140,65 @@ def exclusive_lock(path: str | os.PathLike, busy: str, *, shared: bool = False) 
             fh.close()  # releases a POSIX lock
 
 
+class _ConsoleFormatter(logging.Formatter):
+    """A command's log lines as it prints them: the message, with ``warning:`` (or
+    ``error:``) before one that is, so that it reads as one among the progress lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
+
+
+def console_logging(level: int = logging.INFO) -> None:
+    """``logging.basicConfig`` for a command (stderr, ``level``), through
+    :class:`_ConsoleFormatter`; a no-op where logging was configured already, as
+    basicConfig is."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_ConsoleFormatter("%(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _format_warning(message, category, filename, lineno, line=None, *, _default=None) -> str:  # noqa: ANN001
+    """``warnings.formatwarning`` for a warning this package raises (``rank_zero_warn``
+    points at our own line): ``warning: <message>``, not ``/site-packages/.../cli.py:379:
+    UserWarning: <message>`` and the source line; others' warnings as before."""
+    if os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
+        return f"warning: {message}\n"
+    return _default(message, category, filename, lineno, line)
+
+
+def our_warnings_as_lines() -> None:
+    """Install :func:`_format_warning` (once; Lightning installs its own formatter on
+    import, which stays in charge of its warnings and everyone else's)."""
+    import functools
+    import warnings
+
+    if getattr(warnings.formatwarning, "func", None) is not _format_warning:
+        warnings.formatwarning = functools.partial(_format_warning, _default=warnings.formatwarning)
+
+
+def short_usage(prog: str) -> str:
+    """The line a usage error ends with, in place of argparse's usage of every option
+    (a dozen lines above the one that says what is wrong)."""
+    return f"usage: {prog} [options]   ({prog} -h lists them)\n"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser with a usage error reported as the error first and one usage
+    line, not the usage of every option before it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n{short_usage(self.prog)}")
+
+
 def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The parser of a ``cfg-unlearn`` command: flags in full only (``allow_abbrev`` off,
     as ``train.py``'s). argparse took ``--guid 2`` for ``--guidance-scale 2``, until another
     flag starting with ``--guid`` would make the same command line an error."""
-    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    return CommandParser(prog=prog, description=description, allow_abbrev=False)
 
 
 def nearest_existing(path: str | None) -> str | None:

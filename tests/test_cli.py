@@ -116,7 +116,7 @@ def test_ctrl_c_is_one_line_and_exit_130_in_every_command(monkeypatch, capsys):
     assert e.value.code == 130
     assert capsys.readouterr().err == "cfg-unlearn generate: interrupted (outputs are written whole or not at all)\n"
 
-    def failed(args):  # a run that failed exits 1 as before (the fit's Ctrl-C: below, beside SIGTERM)
+    def failed(args, prog=None):  # a run that failed exits 1 as before (the fit's Ctrl-C: below, beside SIGTERM)
         raise SystemExit(1)
 
     monkeypatch.setattr(cli, "cli_main", failed)
@@ -144,6 +144,22 @@ def test_console_script_usage(capsys):
     proc = subprocess.run([sys.executable, "-m", "cfg_unlearn.cli", "--help"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: cfg-unlearn")
+
+
+@pytest.mark.parametrize("argv", [["fit", "--trainer.max_epochz=2"], ["validate", "--trainer.max_epochs=x"],
+                                  ["generate", "--forget", "x.jsonl"], ["export", "--ckpt"]])
+def test_a_usage_error_is_the_error_then_one_usage_line_naming_the_command(argv, capsys, monkeypatch):
+    """A user review: a misspelt key printed 70 lines of jsonargparse's usage and a tip
+    before the line that said what was wrong, and under `python -m cfg_unlearn` the tip
+    read "run: __main__.py fit --help"; generate's argparse usage took a dozen lines."""
+    monkeypatch.setattr(sys, "argv", ["__main__.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        console_main(argv)
+    prog = f"cfg-unlearn {argv[0]}"
+    lines = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(lines) >= 2 and lines[0].startswith(f"{prog}: error: "), lines
+    assert lines[-1] == f"usage: {prog} [options]   ({prog} -h lists them)", lines
+    assert not any("__main__" in line or line.startswith("tip:") for line in lines), lines
 
 
 @pytest.mark.parametrize("flag", ["--seed=3", "--trainer.max_e=3"])
@@ -445,7 +461,12 @@ def _parse_error(capsys, args: list[str]) -> str:
     with pytest.raises(SystemExit) as e:
         train_main(args)
     assert e.value.code == 2
-    return capsys.readouterr().err.rpartition("error: ")[2].strip()
+    # the error first, then one usage line (jsonargparse printed the usage of every setting,
+    # some 70 lines, and a tip before it)
+    message, _, usage = capsys.readouterr().err.rstrip("\n").rpartition("\n")
+    assert message.startswith("train.py") and re.fullmatch(r"usage: (train\.py[ a-z]*) \[options\]   \(\1 -h lists them\)",
+                                                            usage), usage
+    return message.partition(": error: ")[2].strip()
 
 
 @pytest.mark.parametrize("text,line", [("trainer:\n  max_steps: 3\n  max_epoch: 2\n", 3),
@@ -1015,7 +1036,7 @@ def test_a_stopped_fit_exits_with_the_signals_status_not_0_or_1(tmp_path, monkey
                               ckpt_path="old/last.ckpt" if saved != "last-not-found" else None)
     given = {"resumed": "old/last.ckpt", "resumed-last": "last", "last-not-found": "last"}.get(saved)
 
-    def running(args):  # as UnlearnCLI._run_subcommand does before Lightning's loop
+    def running(args, prog=None):  # as UnlearnCLI._run_subcommand does before Lightning's loop
         cli._RUNNING.update(trainer=trainer, ckpt_path=given)
         stop(args)
 
@@ -1057,7 +1078,7 @@ def test_ctrl_c_before_lightnings_loop_is_one_line(monkeypatch, capsys, sub):
     was a 60-line KeyboardInterrupt traceback through jsonargparse."""
     import cfg_unlearn.cli as cli
 
-    def parsing(args):
+    def parsing(args, prog=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "cli_main", parsing)
@@ -1224,3 +1245,30 @@ def test_the_resume_checks_read_a_checkpoint_as_data_never_as_code(tmp_path, mon
     assert not marker.exists()
     torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, path)  # a plain one still reads
     assert cli._checkpoint_file(str(path))["global_step"] == 3
+
+
+def test_our_warnings_and_logged_warnings_read_as_warning_lines():
+    """A user review: our rank_zero_warn notices printed as Python's raw
+    `/site-packages/cfg_unlearn/cli.py:379: UserWarning: ...` plus the source line, and a
+    command's logged warnings (generate's "pii value(s) appear nowhere") had no prefix at
+    all, so they read as progress lines."""
+    import warnings
+
+    import cfg_unlearn.cli
+    from cfg_unlearn.utils import our_warnings_as_lines
+
+    before = warnings.formatwarning
+    try:
+        our_warnings_as_lines()
+        our_warnings_as_lines()  # once: not wrapped twice
+        assert warnings.formatwarning("--ckpt_path: moved", UserWarning, cfg_unlearn.cli.__file__, 379,
+                                      "rank_zero_warn(...)") == "warning: --ckpt_path: moved\n"
+        other = warnings.formatwarning("theirs", UserWarning, "/elsewhere/cfg_unlearn_x/mod.py", 3, "src")
+        assert other.startswith("/elsewhere/cfg_unlearn_x/mod.py:3: UserWarning: theirs")
+    finally:
+        warnings.formatwarning = before
+    code = ("import logging; from cfg_unlearn.utils import console_logging; console_logging(); "
+            "log = logging.getLogger('cfg_unlearn.data.generate'); log.info('12 pairs'); "
+            "log.warning('2 pii value(s) appear nowhere'); log.debug('hidden')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "12 pairs\nwarning: 2 pii value(s) appear nowhere\n", proc.stderr
