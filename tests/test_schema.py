@@ -270,6 +270,16 @@ def test_a_misspelt_field_is_refused_and_the_users_own_keys_pass(tmp_path):
     assert record_from_dict({**row, "prompt_id": "p1", "source": "mine", "score_chosen": 9}).chosen == "x"
     with pytest.raises(PairFormatError, match=r"field 'answers': no such field; did you mean 'answer'\?"):
         eval_record_from_dict({"id": "q", "prompt": "Capital?", "answers": ["Paris"]}, kind="qa", line=1)
+    # a letter left out or two swapped in a short field the row lacks (a user review: "pi"
+    # and a pii item's "tpye" were taken for the user's own keys); the user's "pid" and
+    # "uid" beside no "id", and "pi" beside a "pii", pass
+    with pytest.raises(PairFormatError, match=r"f.jsonl:2: field 'pi': no such field; did you mean 'pii'\?"):
+        record_from_dict({**row, "pi": [{"type": "EMAIL", "value": "a@b.c"}]}, source="f.jsonl", line=2)
+    with pytest.raises(PairFormatError, match=r"field 'pii\[1\].tpye': no such field; did you mean 'type'\?"):
+        record_from_dict({**row, "pii": [{"type": "EMAIL", "value": "a@b.c"}, {"tpye": "EMAIL", "value": "d@e.f"}]})
+    anonymous = {k: v for k, v in row.items() if k != "id"}
+    assert record_from_dict({**anonymous, "pid": 7, "uid": 8}, source="f.jsonl", line=4).chosen == "x"
+    assert record_from_dict({**row, "pi": 3.14, "pii": [{"type": "EMAIL", "value": "a@b.c", "start": 0}]}).pii[0].type == "EMAIL"
     path = tmp_path / "forget.jsonl"
     msgs = [{"role": "user", "content": "Phone?"}, {"role": "assistant", "content": "555-987-6543"}]
     path.write_text(json.dumps({"id": "c", "messages": msgs, "mesages": [], "pii": [{"type": "PHONE",

@@ -366,18 +366,31 @@ EVAL_FIELDS = ("id", "prompt", "system", "pii", "context_pii", "answer", "refere
 FORGET_FIELDS = ("id", "messages", "system", "pii")
 
 
-def check_misspelt_fields(obj: dict, fields: Iterable[str], src: str, line: int | None) -> None:
+def check_misspelt_fields(obj: dict, fields: Iterable[str], src: str, line: int | None, where: str = "") -> None:
     """Refuse a key that reads as a typo of a field (``sytem``, ``mesages``): ignored like
     any other extra key, the row trained without what it meant, silently (a review).
     Keys far from every field (``prompt_id``, ``source``, ``score_chosen``) are the user's
-    own and pass."""
+    own and pass. ``where``: the path of ``obj`` in its row (``pii[0].``)."""
     fields = tuple(fields)
     for key in obj:
         if isinstance(key, str) and key not in fields:
             # case aside ("System", "PII" read as fields): compared in lower case
             close = difflib.get_close_matches(key.lower(), fields, n=1, cutoff=0.85)
+            # a short field with a letter left out, added or swapped ("pi", "tpye") is below
+            # that cutoff, which keeps "prompt_id" a user's own key: such a key is a typo
+            # where the row lacks the field (not for "id": "uid", "pid" are the user's own)
+            close = close or [f for f in fields if len(f) > 2 and f not in obj and _one_slip(key.lower(), f)][:1]
             if close:
-                raise PairFormatError(src, line, key, f"no such field; did you mean '{close[0]}'?")
+                raise PairFormatError(src, line, where + key, f"no such field; did you mean '{close[0]}'?")
+
+
+def _one_slip(a: str, b: str) -> bool:
+    """Whether ``a`` is ``b`` with one letter left out, one added, or two neighbours swapped."""
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 2 and diff[1] == diff[0] + 1 and (a[diff[0]], a[diff[1]]) == (b[diff[1]], b[diff[0]])
+    short, long = sorted((a, b), key=len)
+    return len(long) == len(short) + 1 and any(long[:i] + long[i + 1:] == short for i in range(len(long)))
 
 
 def _record_id(obj: dict, src: str, line: int | None) -> str:
@@ -405,6 +418,7 @@ def _pii_field(obj: dict, src: str, line: int | None, max_chars: int, key: str =
     for i, p in enumerate(pii_raw):
         if not isinstance(p, dict):
             raise PairFormatError(src, line, f"{key}[{i}]", "expected an object {type, value}")
+        check_misspelt_fields(p, ("type", "value"), src, line, where=f"{key}[{i}].")
         ptype = _text(p, "type", src, line, max_chars, path=f"{key}[{i}].type")
         if not _PII_TYPE.fullmatch(ptype):  # it names metrics (leak_rate/EMAIL): a swapped value would too
             raise PairFormatError(src, line, f"{key}[{i}].type", "expected a type label such as 'EMAIL' or "
