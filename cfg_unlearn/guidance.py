@@ -248,7 +248,7 @@ def _prefill_pair(model, cond, uncond, max_len: int, extra: dict) -> tuple[objec
         model(input_ids=i, attention_mask=m, position_ids=_position_ids(m), use_cache=True, **extra)
         for i, m in (cond, uncond)
     ]
-    caches = [o.past_key_values for o in outs]
+    caches = [output_cache(o) for o in outs]
     layers = [getattr(c, "layers", None) for c in caches]
     if any(ls is None or not all(hasattr(layer, "keys") for layer in ls) for ls in layers):
         return None, None
@@ -268,8 +268,34 @@ def _prefill_pair(model, cond, uncond, max_len: int, extra: dict) -> tuple[objec
     return merged, torch.cat([outs[0].logits[:, -1], outs[1].logits[:, -1]])
 
 
+def cache_argument(model) -> str:
+    """The name ``model``'s forward takes its KV cache by: ``cache`` since transformers
+    renamed ``past_key_values`` (5.2x; the old name warns on every decode and goes in
+    5.40), ``past_key_values`` before it. From the forward's own signature (a PEFT
+    model's base, whose forward it calls), else from the installed transformers' output
+    class (a wrapper whose forward takes ``**kwargs``, FSDP's)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def output_cache(out) -> object:
+    """A forward's KV cache, under the name its transformers gives it (see
+    :func:`cache_argument`; asking a new output for ``past_key_values`` warns)."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def _checked_cache(out) -> object:
-    cache = getattr(out, "past_key_values", None)
+    cache = output_cache(out)
     if cache is None:
         raise ValueError(
             "the model returned no KV cache (past_key_values): cfg_decode needs a transformers causal LM "
@@ -337,6 +363,7 @@ def cfg_decode(
         device=device,
     )
     extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    kv = cache_argument(model)
     if guided:
         u_ids, u_mask = uncond_input_ids.to(device), uncond_attention_mask.to(device)
         if u_ids.shape[0] != b:
@@ -352,13 +379,12 @@ def cfg_decode(
         pos = _position_ids(mask)
         if cache is None:  # the model's cache cannot be merged: prefill both sides at once
             cache = _preallocated_cache(model, length + max_new_tokens)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                        **extra)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{kv: cache}, use_cache=True, **extra)
             cache, logits = _checked_cache(out), out.logits[:, -1]
     else:
         pos = _position_ids(mask)
         cache = _preallocated_cache(model, ids.shape[1] + max_new_tokens)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, **extra)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{kv: cache}, use_cache=True, **extra)
         cache, logits = _checked_cache(out), out.logits[:, -1]
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     new_tokens = []
@@ -387,8 +413,8 @@ def cfg_decode(
         feed = torch.cat([nxt, nxt]) if guided else nxt
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         pos = pos[:, -1:] + 1
-        out = model(input_ids=feed[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        out = model(input_ids=feed[:, None], attention_mask=mask, position_ids=pos, **{kv: cache}, use_cache=True)
+        cache, logits = output_cache(out), out.logits[:, -1]
     return torch.stack(new_tokens, dim=1) if new_tokens else ids.new_zeros((b, 0))
 
 

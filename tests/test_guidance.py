@@ -278,6 +278,29 @@ def test_g1_equals_plain_greedy_generate(tiny, prompts):
 
 
 @pytest.mark.parametrize("g", [1.0, 2.0])
+def test_the_kv_cache_goes_by_the_name_the_model_takes(tiny, prompts, g):
+    """transformers 5.2x renamed the KV cache argument and output past_key_values ->
+    cache: every decode warned "`past_key_values` is deprecated and will be removed in
+    version 5.40.0" (generate's console, the demo's), and 5.40 would stop reading it. The
+    engine passes and reads the cache under the name the model's forward takes, with the
+    same tokens as transformers' own generate."""
+    import inspect
+    import warnings
+
+    from cfg_unlearn.guidance import cache_argument
+
+    model, tok = tiny
+    taken = inspect.signature(model.forward).parameters
+    assert cache_argument(model) == ("cache" if "cache" in taken else "past_key_values")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = generate(model, tok, prompts[:3], system=SAFETY_INSTRUCTION, guidance_scale=g, max_new_tokens=8)
+    assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
+    if g == 1.0:
+        assert ours == [_hf_generate(model, tok, p, n=8) for p in encode_prompts(tok, prompts[:3], system=SAFETY_INSTRUCTION)]
+
+
+@pytest.mark.parametrize("g", [1.0, 2.0])
 def test_fp32_weights_decode_under_bf16_autocast(tiny, prompts, g):
     """GuidanceEval decodes inside the precision plugin's autocast (fp32 weights,
     ``bf16-mixed``): keys leave the rotary embedding in float32 and values in bfloat16,
