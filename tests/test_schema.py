@@ -4,6 +4,7 @@ raising PairFormatError with file:line and field."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import os
 from pathlib import Path
@@ -309,6 +310,40 @@ def test_a_file_of_the_other_kind_says_what_it_is(tmp_path):
     # a row of neither kind keeps the plain message
     with pytest.raises(PairFormatError, match=r"field 'chosen': missing required field$"):
         record_from_dict({"id": "a", "prompt": "q"}, source="p.jsonl", line=1)
+
+
+def test_the_challenge_files_and_forget_conversations_given_to_the_other_flag_say_so(tmp_path, caplog):
+    """A user review: the challenge's scrubbed file given to `generate --forget` said
+    "expected a non-empty list of {role, content} messages" and its PII map "messages:
+    missing required field"; forget conversations given to --challenge got only a row
+    count error. Each names the flag that reads it. A PII-map key whose placeholder the
+    conversation lacks (nothing is built for it) is counted in a warning."""
+    from cfg_unlearn.data.generate import read_forget_conversations
+    from cfg_unlearn.data.llmpc import read_challenge
+
+    scrubbed, pmap, forget = tmp_path / "s.jsonl", tmp_path / "p.jsonl", tmp_path / "f.jsonl"
+    scrubbed.write_text(json.dumps({"idx": 0, "messages": "user: Who?\nassistant: I am [NAME-1]."}) + "\n")
+    pmap.write_text(json.dumps({"NAME-1": "Ann Lee", "EMAIL-1": "ann@lee.org"}) + "\n")
+    msgs = [{"role": "user", "content": "Phone?"}, {"role": "assistant", "content": "555-987-6543"}]
+    forget.write_text("\n".join(json.dumps({"id": f"c{i}", "messages": msgs, "pii": [{"type": "PHONE",
+                                                                                     "value": "555-987-6543"}]})
+                                for i in range(2)) + "\n")
+    with pytest.raises(PairFormatError, match=r"s.jsonl:1: field 'messages': this row reads as the LLM Privacy "
+                                              r"Challenge's scrubbed data .*--challenge SCRUBBED PII"):
+        read_forget_conversations(scrubbed)
+    with pytest.raises(PairFormatError, match=r"p.jsonl:1: field 'messages': this row reads as an LLM Privacy "
+                                              r"Challenge PII map .*after its scrubbed file, --challenge SCRUBBED PII"):
+        read_forget_conversations(pmap)
+    for files, bad in (((forget, pmap), "f.jsonl"), ((scrubbed, forget), "f.jsonl")):
+        with pytest.raises(PairFormatError, match=rf"{bad}:1: field 'messages': a list of messages: this row reads "
+                                                  r"as a forget conversation, .*pass such a file with --forget"):
+            read_challenge(*files)
+    with caplog.at_level(logging.WARNING):
+        rows = read_challenge(scrubbed, pmap)
+    assert rows[0].pii == {"NAME-1": "Ann Lee", "EMAIL-1": "ann@lee.org"}
+    said = [r.getMessage() for r in caplog.records if "no placeholder" in r.getMessage()]
+    assert said == [f"1 PII key(s) of {pmap} have no placeholder in their conversation, first on line 1: no probe "
+                    "or pair is built for them (is a key mistyped, or are the two files out of step?)"]
 
 
 def test_a_probe_that_shows_its_value_or_is_a_pair_is_refused():

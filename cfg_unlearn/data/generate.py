@@ -53,6 +53,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from cfg_unlearn.data.llmpc import challenge_row_kind
 from cfg_unlearn.data.schema import (
     DEFAULT_MAX_CHARS,
     FORGET_FIELDS,
@@ -140,6 +141,9 @@ def read_forget_conversations(path: str | os.PathLike) -> list[ForgetRecord]:
     orphans: list[str] = []
     absent: list[str] = []
     for line, obj in iter_json_objects(path):
+        challenge = challenge_row_kind(obj)
+        if challenge:
+            raise PairFormatError(src, line, "messages", challenge)
         check_misspelt_fields(obj, FORGET_FIELDS, src, line)
         if "messages" not in obj:
             why = "missing required field"

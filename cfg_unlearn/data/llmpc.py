@@ -100,10 +100,35 @@ class ChallengeRow:
     source: str = ""
 
 
+def challenge_row_kind(obj: object) -> str | None:
+    """What a row of another reader's file is, if it is one of the challenge's: a hint
+    for ``generate --forget`` given the challenge's files (a user review: a scrubbed
+    row was "expected a non-empty list of {role, content} messages", a PII map's
+    "messages: missing required field")."""
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get("messages"), str):
+        return ("this row reads as the LLM Privacy Challenge's scrubbed data ('role: content' lines with [TYPE-n] "
+                "placeholders): pass it with its PII file, --challenge SCRUBBED PII")
+    if "messages" not in obj and any(_KEY.fullmatch(str(k)) for k in obj):
+        return ("this row reads as an LLM Privacy Challenge PII map (placeholder -> value): pass it after its "
+                "scrubbed file, --challenge SCRUBBED PII")
+    return None
+
+
 def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike) -> list[ChallengeRow]:
     """Read and validate a scrubbed-data file and its PII file (same number of lines)."""
     scrubbed = [(n, obj, err) for n, obj, err in iter_jsonl(scrubbed_path) if obj is not None or err is not None]
     maps = [(n, obj, err) for n, obj, err in iter_jsonl(pii_path) if obj is not None or err is not None]
+    # forget conversations (a list of messages) given as either file: said before the
+    # files' row counts are compared, which is all the user saw (a user review)
+    for path, rows in ((scrubbed_path, scrubbed), (pii_path, maps)):
+        n, obj, _ = rows[0] if rows else (None, None, None)
+        msgs = obj.get("messages") if isinstance(obj, dict) else None
+        if isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m for m in msgs):
+            raise PairFormatError(str(path), n, "messages", "a list of messages: this row reads as a forget "
+                                  "conversation, {id, messages, pii}; pass such a file with --forget (--challenge "
+                                  "reads the challenge's scrubbed file and its PII file)")
     if len(scrubbed) != len(maps):
         raise PairFormatError(
             str(pii_path), None, None,
@@ -123,6 +148,7 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
     first_line: dict[int, int] = {}
     odd, n_odd = None, 0  # rows with placeholder-like tokens that are not placeholders
     odd_keys, odd_key_line = 0, None  # keys that are not "TYPE-n"
+    unused, unused_line = 0, None  # keys whose placeholder the conversation does not hold
     for (n, obj, err), (m, pmap, perr) in zip(scrubbed, maps):
         for e in (err, perr):
             if e is not None:
@@ -168,6 +194,8 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
             raise PairFormatError(
                 src, n, "messages", f"placeholder(s) {', '.join(f'[{k}]' for k in missing)} have no value on line {m} "
                 f"of {pii_path}: line i of both files must describe one conversation")
+        absent = [k for k in pmap if f"[{k}]" not in obj["messages"]]
+        unused, unused_line = unused + len(absent), unused_line or (m if absent else None)
         rows.append(ChallengeRow(idx, obj["messages"], dict(pmap), f"{src}:{n}"))
         if _lookalikes(obj["messages"], {pii_type(k) for k in pmap}, pmap):
             odd, n_odd = odd or n, n_odd + 1
@@ -175,6 +203,12 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
         log.warning("%d PII key(s) of %s are not 'TYPE-n' (upper-case type, a hyphen, a number), first on line %d: "
                     "their '[key]' is filled in like any placeholder, their type is the key's leading word, and no "
                     "attack probe is built for them (as the challenge's baseline skips them)", odd_keys, pii_path, odd_key_line)
+    if unused:
+        # nothing to attack or unlearn for them: a map of another line (files out of step
+        # by one with the same keys pass the placeholder check) or a key mistyped
+        log.warning("%d PII key(s) of %s have no placeholder in their conversation, first on line %d: no probe or "
+                    "pair is built for them (is a key mistyped, or are the two files out of step?)",
+                    unused, pii_path, unused_line)
     if n_odd:
         # "[name-1]", "[NAME 1]": no value is looked up for them, so they stay literal text
         # in the prompts and the "leaky" answers
