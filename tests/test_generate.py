@@ -787,3 +787,20 @@ def test_pairs_carry_the_conversations_other_values_for_redaction(tiny, tiny_mod
     dm = PairDataModule(tokenizer=f"tiny:{tiny_model_dir}", train_file=str(out), val_fraction=0.0)
     dm.setup("fit")
     assert set(dm.known_pii()) == {p for r in records for p in r.known}  # what the logs redact
+
+
+def test_the_readmes_forget_conversation_reads_as_one_record_per_leaky_turn(tmp_path):
+    """The README's example line of `conversations.jsonl` is what `generate --forget`
+    reads: one record, its answer leaking both listed values."""
+    import re
+    from pathlib import Path
+
+    from cfg_unlearn.data.generate import read_forget_conversations
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (line,) = [b for b in re.findall(r"```json\n(.*?)```", readme, re.S) if '"messages"' in b and '"pii"' in b]
+    path = tmp_path / "conversations.jsonl"
+    path.write_text(line, encoding="utf-8")
+    (record,) = read_forget_conversations(path)
+    assert [p.value for p in record.pii] == ["415-555-0192", "ann.lee@example.org"]
+    assert all(p.value in record.rejected for p in record.pii) and record.prompt[-1]["role"] == "user"
