@@ -276,7 +276,16 @@ def cache_argument(model) -> str:
     class (a wrapper whose forward takes ``**kwargs``, FSDP's)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = model
+    # through the wrappers whose forward takes **kwargs (DDP's and FSDP's module,
+    # torch.compile's _orig_mod) to the model that reads the argument
+    for _ in range(8):
+        nxt = next((getattr(inner, a) for a in ("module", "_fsdp_wrapped_module", "_orig_mod")
+                    if isinstance(getattr(inner, a, None), torch.nn.Module)), None)
+        if nxt is None:
+            break
+        inner = nxt
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     try:
         params = inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):

@@ -180,10 +180,10 @@ def our_warnings_as_lines() -> None:
         warnings.formatwarning = functools.partial(_format_warning, _default=warnings.formatwarning)
 
 
-def short_usage(prog: str) -> str:
+def short_usage(prog: str, positionals: Sequence[str] = ()) -> str:
     """The line a usage error ends with, in place of argparse's usage of every option
     (a dozen lines above the one that says what is wrong)."""
-    return f"usage: {prog} [options]   ({prog} -h lists them)\n"
+    return f"usage: {' '.join([prog, '[options]', *positionals])}   ({prog} -h lists them)\n"
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -191,7 +191,9 @@ class CommandParser(argparse.ArgumentParser):
     line, not the usage of every option before it."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n{short_usage(self.prog)}")
+        # positionals shown: "the following arguments are required: dir" does not say it is no --dir
+        shown = [a.metavar or a.dest.upper() for a in self._actions if not a.option_strings]
+        self.exit(2, f"{self.prog}: error: {message}\n{short_usage(self.prog, shown)}")
 
 
 def command_parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -292,6 +292,20 @@ def test_the_kv_cache_goes_by_the_name_the_model_takes(tiny, prompts, g):
     model, tok = tiny
     taken = inspect.signature(model.forward).parameters
     assert cache_argument(model) == ("cache" if "cache" in taken else "past_key_values")
+
+    class Wrapper(torch.nn.Module):  # as DDP and FSDP wrap a model: forward(*args, **kwargs)
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    inner = SimpleNamespace(forward=lambda input_ids, past_key_values=None: None)
+    assert cache_argument(Wrapper(model)) == cache_argument(model)
+    old_style = Wrapper(torch.nn.Module())
+    old_style.module.forward = inner.forward  # a remote-code model that still reads past_key_values
+    assert cache_argument(old_style) == "past_key_values"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ours = generate(model, tok, prompts[:3], system=SAFETY_INSTRUCTION, guidance_scale=g, max_new_tokens=8)

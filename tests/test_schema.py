@@ -281,6 +281,11 @@ def test_a_misspelt_field_is_refused_and_the_users_own_keys_pass(tmp_path):
     anonymous = {k: v for k, v in row.items() if k != "id"}
     assert record_from_dict({**anonymous, "pid": 7, "uid": 8}, source="f.jsonl", line=4).chosen == "x"
     assert record_from_dict({**row, "pi": 3.14, "pii": [{"type": "EMAIL", "value": "a@b.c", "start": 0}]}).pii[0].type == "EMAIL"
+    # a complete item's own keys pass, however near a field (a review: "values" beside "value")
+    extra = {"type": "EMAIL", "value": "a@b.c", "values": ["A@B.C"], "types": ["EMAIL"], "value_": 1}
+    assert record_from_dict({**row, "pii": [extra]}).pii[0].value == "a@b.c"
+    with pytest.raises(PairFormatError, match=r"field 'pii\[0\].values': no such field; did you mean 'value'\?"):
+        record_from_dict({**row, "pii": [{"type": "EMAIL", "values": "a@b.c"}]})
     path = tmp_path / "forget.jsonl"
     msgs = [{"role": "user", "content": "Phone?"}, {"role": "assistant", "content": "555-987-6543"}]
     path.write_text(json.dumps({"id": "c", "messages": msgs, "mesages": [], "pii": [{"type": "PHONE",
@@ -344,6 +349,14 @@ def test_the_challenge_files_and_forget_conversations_given_to_the_other_flag_sa
     said = [r.getMessage() for r in caplog.records if "no placeholder" in r.getMessage()]
     assert said == [f"1 PII key(s) of {pmap} have no placeholder in their conversation, first on line 1: no probe "
                     "or pair is built for them (is a key mistyped, or are the two files out of step?)"]
+    # a key the text spells otherwise has the look-alike warning only (a review: both said, the
+    # second one wrongly blaming the key or the files' order)
+    scrubbed.write_text(json.dumps({"idx": 0, "messages": "user: Who?\nassistant: [NAME 1], at [EMAIL-1]."}) + "\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        read_challenge(scrubbed, pmap)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "look like placeholders" in said[0], said
 
 
 def test_a_probe_that_shows_its_value_or_is_a_pair_is_refused():

@@ -194,7 +194,9 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
             raise PairFormatError(
                 src, n, "messages", f"placeholder(s) {', '.join(f'[{k}]' for k in missing)} have no value on line {m} "
                 f"of {pii_path}: line i of both files must describe one conversation")
-        absent = [k for k in pmap if f"[{k}]" not in obj["messages"]]
+        # (a key the text spells otherwise, "[NAME 1]", has the look-alike warning below)
+        spelt = {_squashed(m.group(0)) for m in _PLACEHOLDER_LIKE.finditer(obj["messages"])}
+        absent = [k for k in pmap if f"[{k}]" not in obj["messages"] and _squashed(f"[{k}]") not in spelt]
         unused, unused_line = unused + len(absent), unused_line or (m if absent else None)
         rows.append(ChallengeRow(idx, obj["messages"], dict(pmap), f"{src}:{n}"))
         if _lookalikes(obj["messages"], {pii_type(k) for k in pmap}, pmap):
@@ -216,6 +218,11 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
                     "'[TYPE-n]' (upper-case type, a hyphen, a number), first on line %d: they are kept as "
                     "literal text, with no value filled in", n_odd, scrubbed_path, odd)
     return rows
+
+
+def _squashed(token: str) -> str:
+    """A placeholder-like token without case or separators: "[name 1]" -> "NAME1"."""
+    return re.sub(r"[-_ \[\]]", "", token).upper()
 
 
 def _lookalikes(text: str, own_types: set[str], keys: dict[str, str] | None = None) -> list[str]:

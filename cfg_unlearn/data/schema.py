@@ -370,12 +370,15 @@ def check_misspelt_fields(obj: dict, fields: Iterable[str], src: str, line: int 
     """Refuse a key that reads as a typo of a field (``sytem``, ``mesages``): ignored like
     any other extra key, the row trained without what it meant, silently (a review).
     Keys far from every field (``prompt_id``, ``source``, ``score_chosen``) are the user's
-    own and pass. ``where``: the path of ``obj`` in its row (``pii[0].``)."""
+    own and pass. ``where``: the path of ``obj`` in its row (``pii[0].``); inside a row
+    (a pii item), only a key whose field is missing is a typo: ``{"type", "value",
+    "values": [...]}`` is complete, its ``values`` the user's own."""
     fields = tuple(fields)
     for key in obj:
         if isinstance(key, str) and key not in fields:
             # case aside ("System", "PII" read as fields): compared in lower case
-            close = difflib.get_close_matches(key.lower(), fields, n=1, cutoff=0.85)
+            close = difflib.get_close_matches(key.lower(), [f for f in fields if not where or f not in obj],
+                                              n=1, cutoff=0.85)
             # a short field with a letter left out, added or swapped ("pi", "tpye") is below
             # that cutoff, which keeps "prompt_id" a user's own key: such a key is a typo
             # where the row lacks the field (not for "id": "uid", "pid" are the user's own)
