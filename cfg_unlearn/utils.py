@@ -166,7 +166,9 @@ def _format_warning(message, category, filename, lineno, line=None, *, _default=
     points at our own line): ``warning: <message>``, not ``/site-packages/.../cli.py:379:
     UserWarning: <message>`` and the source line; others' warnings as before."""
     if os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
-        return f"warning: {message}\n"
+        # another package's warning about a call of ours (a FutureWarning whose stacklevel
+        # points here) keeps its category: it is theirs, not a notice of ours
+        return f"warning: {message}\n" if category is UserWarning else f"warning: {category.__name__}: {message}\n"
     return _default(message, category, filename, lineno, line)
 
 

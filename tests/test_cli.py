@@ -1265,6 +1265,8 @@ def test_our_warnings_and_logged_warnings_read_as_warning_lines():
         our_warnings_as_lines()  # once: not wrapped twice
         assert warnings.formatwarning("--ckpt_path: moved", UserWarning, cfg_unlearn.cli.__file__, 379,
                                       "rank_zero_warn(...)") == "warning: --ckpt_path: moved\n"
+        assert warnings.formatwarning("`x` is deprecated", FutureWarning, cfg_unlearn.cli.__file__, 9,
+                                      "x()") == "warning: FutureWarning: `x` is deprecated\n"
         other = warnings.formatwarning("theirs", UserWarning, "/elsewhere/cfg_unlearn_x/mod.py", 3, "src")
         assert other.startswith("/elsewhere/cfg_unlearn_x/mod.py:3: UserWarning: theirs")
     finally:
