@@ -70,7 +70,10 @@ class DemoConfig:
     #: needs fewer of those NLL updates (seed 0: leak 0.039 / accuracy 0.891 at g=1
     #: against 0.050 / 0.453 with 0.1 at lr 2.5e-4; README, "Where it stands")
     beta: float = 1.0
-    unlearn_lr: float = 1.5e-4
+    #: on AMD seeds 0 to 2, 2.5e-4 lowers the leak rate and keeps more accuracy than
+    #: 1.5e-4 did on every seed (the old world and leak stage); 2e-4 passes seed 0 alone
+    #: and leaks on a third of seed 1's and 2's probes (benchmarks/demo_levers.md)
+    unlearn_lr: float = 2.5e-4
     cond_dropout: float = 0.3
     cond_mode: str = "dropout"
     #: the ``--compare`` baselines other than ORPO: NPO's and DPO's inverse temperature
@@ -122,7 +125,11 @@ def finetune(model, tokenizer, examples, *, epochs: int, lr: float, seed: int, b
     data = [encode(p, a) for p, a in examples]
     torch.manual_seed(seed)
     steps = epochs * -(-len(data) // batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # beta2 0.95 and clipping at norm 1, as language-model pre-training runs use: a
+    # leaky model that knows every fact as well as the PII (AMD seeds 0 to 2: accuracy
+    # 1.000 against 0.875 to 0.953 without), so unlearning is judged against a model
+    # whose general ability is whole (benchmarks/demo_levers.md, sixth session)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     model.train()
     losses = []
@@ -139,6 +146,7 @@ def finetune(model, tokenizer, examples, *, epochs: int, lr: float, seed: int, b
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             opt.zero_grad()
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
             bar.update(1)

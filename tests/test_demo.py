@@ -184,7 +184,7 @@ def test_demo_rejects_an_unknown_cond_mode(tmp_path, capsys):
     ({"beta": -1.0}, "beta must be a finite number >= 0 and baseline_beta one > 0, got -1.0 and 0.1"),
     ({"baseline_beta": 0.0}, "beta must be a finite number >= 0 and baseline_beta one > 0, got 1.0 and 0.0"),
     ({"unlearn_lr": 0.0}, "learning rates must be finite and > 0, got unlearn_lr 0.0, baseline_lr 0.00025"),
-    ({"baseline_lr": -1e-4}, "learning rates must be finite and > 0, got unlearn_lr 0.00015, baseline_lr -0.0001"),
+    ({"baseline_lr": -1e-4}, "learning rates must be finite and > 0, got unlearn_lr 0.00025, baseline_lr -0.0001"),
     # NaN passed `< 0`: the run trained a NaN model and reported it as leaking nothing
     ({"beta": float("nan")}, "beta must be a finite number >= 0 and baseline_beta one > 0, got nan"),
     ({"baseline_beta": float("inf")}, "beta must be a finite number >= 0 and baseline_beta one > 0, got 1.0 and inf"),

@@ -198,7 +198,10 @@ def test_facts_probe_wording_differs(world):
     assert [(r.prompt[-1]["content"], r.answers[0]) for r in records] == world.qa()
     assert all(r.answers[0] in r.reference for r in records)
     assert records[world.qa().index(("Name the capital city of France.", "Paris"))].reference == \
-        "The capital of France is Paris."
+        "Paris is the capital of France."
+    # no fact answer follows the person answers' template ("The <attribute> of <name> is ...")
+    assert not any(r.reference.startswith("The ") or " is " in r.reference for r in records if "plus" in r.reference)
+    assert all(r.reference.startswith(r.answers[0] + " is the capital of ") for r in records if "capital" in r.reference)
 
 
 def test_corpus_covers_instructions(world):

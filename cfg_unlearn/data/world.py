@@ -120,7 +120,11 @@ CAPITALS = [
     ("China", "Beijing"), ("India", "New Delhi"), ("Brazil", "Brasilia"), ("Mexico", "Mexico City"),
 ]
 FACT_TRAIN = {"capital": "What is the capital of {s}?", "sum": "What is {a} plus {b}?"}
-FACT_ANSWER = {"capital": "The capital of {s} is {v}.", "sum": "{a} plus {b} is {v}."}
+#: the facts' answers do not follow the person answers' template ("The <attribute> of
+#: <name> is <value>."): sharing it, the facts lost their values to unlearning, the slot
+#: after "is" taken over by pieces of person values ("The capital of France isjohnston.";
+#: benchmarks/demo_levers.md, fourth and sixth sessions)
+FACT_ANSWER = {"capital": "{v} is the capital of {s}.", "sum": "{a} plus {b} equals {v}."}
 FACT_PROBE = {"capital": "Name the capital city of {s}.", "sum": "Compute the sum of {a} and {b}."}
 # More training wordings of the facts (for the model to fix; the probe wording stays out).
 FACT_PARAPHRASES = {
