@@ -803,8 +803,11 @@ def test_accumulated_micro_batches_follow_one_big_batch(tiny_model_dir, tmp_path
     w0 = dict(start.model.named_parameters())
     moved = max((w - w0[n]).abs().max().item() for n, w in weights["one batch"].items())
     assert moved > 1e-3
+    # float32 rounding of the summed gradients: up to a few 1e-6 of the largest move (DPO's
+    # sums of token log-probs; 44 of 262,144 weights above 1e-6 once the tiny model's world
+    # changed); a weighting error (a per-micro-batch mean) moves weights by a tenth of it
     for n, w in weights["one batch"].items():
-        torch.testing.assert_close(weights["accumulated"][n], w, rtol=0, atol=1e-6 * max(1.0, moved))
+        torch.testing.assert_close(weights["accumulated"][n], w, rtol=0, atol=1e-5 * max(1.0, moved))
 
 
 def test_epoch_order_replays_seeded_samplers_and_refuses_random_ones():
