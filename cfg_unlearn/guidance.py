@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -169,12 +169,27 @@ def _position_ids(mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill_(mask == 0, 1)
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+def _forward_parameters(model: torch.nn.Module) -> Mapping[str, inspect.Parameter]:
+    """The parameters of the forward that reads ``model``'s keyword arguments: through
+    the wrappers whose forward takes ``**kwargs`` (DDP's and FSDP's ``module``,
+    torch.compile's ``_orig_mod``), and from a PEFT model to its base, whose forward it
+    calls; empty where no signature can be read."""
+    inner = model
+    for _ in range(8):
+        nxt = next((getattr(inner, a) for a in ("module", "_fsdp_wrapped_module", "_orig_mod")
+                    if isinstance(getattr(inner, a, None), torch.nn.Module)), None)
+        if nxt is None:
+            break
+        inner = nxt
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
+        return inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):
-        return False
+        return {}
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in _forward_parameters(model)
 
 
 def _uses_alibi(config) -> bool:
@@ -271,25 +286,12 @@ def _prefill_pair(model, cond, uncond, max_len: int, extra: dict) -> tuple[objec
 def cache_argument(model) -> str:
     """The name ``model``'s forward takes its KV cache by: ``cache`` since transformers
     renamed ``past_key_values`` (5.2x; the old name warns on every decode and goes in
-    5.40), ``past_key_values`` before it. From the forward's own signature (a PEFT
-    model's base, whose forward it calls), else from the installed transformers' output
-    class (a wrapper whose forward takes ``**kwargs``, FSDP's)."""
+    5.40), ``past_key_values`` before it. From the signature of the forward that reads
+    it (:func:`_forward_parameters`), else from the installed transformers' output class
+    (a forward that takes ``**kwargs`` only)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    inner = model
-    # through the wrappers whose forward takes **kwargs (DDP's and FSDP's module,
-    # torch.compile's _orig_mod) to the model that reads the argument
-    for _ in range(8):
-        nxt = next((getattr(inner, a) for a in ("module", "_fsdp_wrapped_module", "_orig_mod")
-                    if isinstance(getattr(inner, a, None), torch.nn.Module)), None)
-        if nxt is None:
-            break
-        inner = nxt
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    try:
-        params = inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
+    params = _forward_parameters(model)
     for name in ("cache", "past_key_values"):
         if name in params:
             return name

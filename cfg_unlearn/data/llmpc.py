@@ -100,6 +100,12 @@ class ChallengeRow:
     source: str = ""
 
 
+def _is_pii_map(obj: dict) -> bool:
+    """A row that reads as a PII map: no ``messages``, and a ``TYPE-n`` key ("PARK-NAME"
+    is a key too, of the challenge's own files: one ``TYPE-n`` tells)."""
+    return "messages" not in obj and any(_KEY.fullmatch(str(k)) for k in obj)
+
+
 def challenge_row_kind(obj: object) -> str | None:
     """What a row of another reader's file is, if it is one of the challenge's: a hint
     for ``generate --forget`` given the challenge's files (a user review: a scrubbed
@@ -110,7 +116,7 @@ def challenge_row_kind(obj: object) -> str | None:
     if isinstance(obj.get("messages"), str):
         return ("this row reads as the LLM Privacy Challenge's scrubbed data ('role: content' lines with [TYPE-n] "
                 "placeholders): pass it with its PII file, --challenge SCRUBBED PII")
-    if "messages" not in obj and any(_KEY.fullmatch(str(k)) for k in obj):
+    if _is_pii_map(obj):
         return ("this row reads as an LLM Privacy Challenge PII map (placeholder -> value): pass it after its "
                 "scrubbed file, --challenge SCRUBBED PII")
     return None
@@ -158,8 +164,7 @@ def read_challenge(scrubbed_path: str | os.PathLike, pii_path: str | os.PathLike
             raise not_an_object(src, n, obj)
         if not isinstance(obj.get("messages"), str) or not obj["messages"].strip():
             # a PII map where the conversation should be: the two files given the other way round
-            # ("PARK-NAME" is a key too, of the challenge's own files: one "TYPE-n" tells)
-            swapped = "messages" not in obj and any(_KEY.fullmatch(str(k)) for k in obj)
+            swapped = _is_pii_map(obj)
             raise PairFormatError(src, n, "messages", "expected the conversation as a non-empty string" + (
                 "; this line is a PII map (placeholder -> value): are the two files swapped? The scrubbed "
                 "conversations come first, then their PII" if swapped else ""))
