@@ -301,7 +301,7 @@ def _demo(argv: list[str]) -> None:
     p.add_argument("--unlearn-lr", type=float, default=d.unlearn_lr,
                    help=f"ORPO's learning rate (default {d.unlearn_lr})")
     p.add_argument("--beta", type=float, default=d.beta,
-                   help=f"ORPO's odds-ratio weight (lambda; default {d.beta}); the paper's 0.1 damages the tiny model's facts more")
+                   help=f"ORPO's odds-ratio weight (lambda; default {d.beta}, the paper's)")
     p.add_argument("--baseline-lr", type=float, default=d.baseline_lr,
                    help=f"--compare: learning rate of NPO, gradient ascent, DPO and SFT (default {d.baseline_lr}; ORPO "
                    "without dropout trains at --unlearn-lr)")

@@ -64,12 +64,12 @@ class DemoConfig:
     leak_epochs: int = 14
     leak_lr: float = 3e-3
     unlearn_epochs: int = 3
-    #: ORPO's odds-ratio weight (lambda) is 1, not the paper's 0.1: on this tiny model the
-    #: NLL of the redacted answers ("... is a private employer") spilled into the answer
-    #: template the facts then shared ("The capital of Egypt is a a a"), and a heavier
-    #: odds-ratio term needs fewer of those NLL updates (seed 0 of that world: leak 0.039 /
-    #: accuracy 0.891 at g=1 against 0.050 / 0.453 with 0.1; README, "ORPO's weight")
-    beta: float = 1.0
+    #: ORPO's odds-ratio weight (lambda): the paper's 0.1. On the world before the facts
+    #: left the person answers' template, 1 kept more of the facts (the NLL of the redacted
+    #: answers spilled into that shared template, "The capital of Egypt is a a a"); on
+    #: today's world 0.1 keeps more accuracy on every AMD run (seed 0: leak 0.006 /
+    #: accuracy 1.000 at g=1 against 0.011 / 0.922 with 1; README, "ORPO's weight")
+    beta: float = 0.1
     #: on AMD seeds 0 to 2, 2.5e-4 lowers the leak rate and keeps more accuracy than
     #: 1.5e-4 did on every seed (the old world and leak stage); 2e-4 passes seed 0 alone
     #: and leaks on a third of seed 1's and 2's probes (benchmarks/demo_levers.md)

@@ -182,12 +182,12 @@ def test_demo_rejects_an_unknown_cond_mode(tmp_path, capsys):
 @pytest.mark.parametrize("kwargs, match", [
     ({"fallback": "refuse"}, "fallback must be 'redacted' or 'template', got 'refuse'"),
     ({"beta": -1.0}, "beta must be a finite number >= 0 and baseline_beta one > 0, got -1.0 and 0.1"),
-    ({"baseline_beta": 0.0}, "beta must be a finite number >= 0 and baseline_beta one > 0, got 1.0 and 0.0"),
+    ({"baseline_beta": 0.0}, "beta must be a finite number >= 0 and baseline_beta one > 0, got 0.1 and 0.0"),
     ({"unlearn_lr": 0.0}, "learning rates must be finite and > 0, got unlearn_lr 0.0, baseline_lr 0.00025"),
     ({"baseline_lr": -1e-4}, "learning rates must be finite and > 0, got unlearn_lr 0.00025, baseline_lr -0.0001"),
     # NaN passed `< 0`: the run trained a NaN model and reported it as leaking nothing
     ({"beta": float("nan")}, "beta must be a finite number >= 0 and baseline_beta one > 0, got nan"),
-    ({"baseline_beta": float("inf")}, "beta must be a finite number >= 0 and baseline_beta one > 0, got 1.0 and inf"),
+    ({"baseline_beta": float("inf")}, "beta must be a finite number >= 0 and baseline_beta one > 0, got 0.1 and inf"),
     ({"unlearn_lr": float("nan")}, "learning rates must be finite and > 0, got unlearn_lr nan"),
     # seed_everything refused these after the fine-tune and the pairs
     ({"seed": -1}, "seed must be in [0, 4294967295], got -1"),
