@@ -97,6 +97,27 @@ def shard(items: list, rank: int, world_size: int) -> tuple[list, int]:
     return mine + [items[0]] * (per_rank - len(mine)), len(mine)
 
 
+def log_at_step(trainer, results: dict[str, float]) -> None:
+    """``results`` straight to the loggers at this exact step (``self.log`` from a batch
+    hook would repeat the value at later steps, or drop it between ``log_every_n_steps``,
+    and on_train_end allows none), and into callback_metrics so that ModelCheckpoint /
+    EarlyStopping (ordered after the callback) can monitor it."""
+    for logger in trainer.loggers:  # with the epoch, as Lightning adds it to what it logs
+        logger.log_metrics({**results, "epoch": trainer.current_epoch}, step=trainer.global_step)
+    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in results.items()})
+
+
+def fit_tokenizer(trainer, pl_module, loaded=None):
+    """The tokenizer a callback decodes with: the data module's (already loaded, linked to
+    the model's name), else ``loaded`` (one this function gave before), else the model's own."""
+    tok = getattr(trainer.datamodule, "tokenizer", None) or loaded
+    if tok is None:
+        from cfg_unlearn.models import load_tokenizer
+
+        tok = load_tokenizer(pl_module.model_name)
+    return tok
+
+
 class GuidanceEval(Callback):
     """Leak rate, PII rate and accuracy per guidance scale, during fit and in ``validate``;
     and, for questions with a ``reference`` answer, its perplexity under the same guidance.
@@ -341,7 +362,7 @@ class GuidanceEval(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n, step = self.every_n_train_steps, trainer.global_step
         if n and step > 0 and step % n == 0 and (self._last is None or self._last[0] != step):
-            self._log_at_step(trainer, self._evaluate_or_save(trainer, pl_module))
+            log_at_step(trainer, self._evaluate_or_save(trainer, pl_module))
 
     def on_train_end(self, trainer, pl_module) -> None:
         # a fit that stops mid-epoch (max_steps, max_time) gets no final validation: the
@@ -350,7 +371,7 @@ class GuidanceEval(Callback):
         if (self.on_validation or self.every_n_train_steps) and step > 0 and (
                 self._last is None or self._last[0] != step):
             rank_zero_info(f"GuidanceEval: the fit ended at step {step} with no evaluation there; scoring it")
-            self._log_at_step(trainer, self._evaluate_or_save(trainer, pl_module))
+            log_at_step(trainer, self._evaluate_or_save(trainer, pl_module))
 
     def _evaluate_or_save(self, trainer, pl_module) -> dict[str, float]:
         """:meth:`evaluate`; if it fails during a fit (out of memory), every checkpoint
@@ -371,15 +392,6 @@ class GuidanceEval(Callback):
                                "saved (it would wait for the other ranks, which wait in the decoding)")
             raise
 
-    @staticmethod
-    def _log_at_step(trainer, results: dict[str, float]) -> None:
-        # straight to the loggers at this exact step (self.log from a batch hook would
-        # repeat the value at later steps, and on_train_end allows none), and into
-        # callback_metrics so that ModelCheckpoint / EarlyStopping (ordered after this
-        # callback) can monitor it
-        for logger in trainer.loggers:  # with the epoch, as Lightning adds it to what it logs
-            logger.log_metrics({**results, "epoch": trainer.current_epoch}, step=trainer.global_step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in results.items()})
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not self.on_validation or trainer.sanity_checking:
@@ -414,7 +426,7 @@ class GuidanceEval(Callback):
             results = self._evaluate_or_save(trainer, pl_module)
             if fitting:  # to the loggers at global_step, like every other evaluation and its
                 # sample table (during a fit Lightning logs validation values one step earlier)
-                self._log_at_step(trainer, results)
+                log_at_step(trainer, results)
         # through Lightning: callback_metrics for monitors, and (validate) the loggers at
         # its step and the metrics trainer.validate returns. The values are already reduced
         # and equal on every rank; sync_dist averages equal numbers and keeps Lightning's
@@ -424,12 +436,9 @@ class GuidanceEval(Callback):
     # ------------------------------------------------------------------ evaluation
 
     def _tokenizer(self, trainer, pl_module):
-        # the data module's (already loaded, linked to the model's name), else the model's own
-        tok = getattr(trainer.datamodule, "tokenizer", None) or self._own_tokenizer
-        if tok is None:
-            from cfg_unlearn.models import load_tokenizer
-
-            tok = self._own_tokenizer = load_tokenizer(pl_module.model_name)
+        tok = fit_tokenizer(trainer, pl_module, self._own_tokenizer)
+        if tok is not getattr(trainer.datamodule, "tokenizer", None):
+            self._own_tokenizer = tok
         return tok
 
     def _messages(self, rec: EvalRecord) -> list[dict[str, str]]:
@@ -831,3 +840,88 @@ class ProgressEval(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._record(trainer, pl_module)
+
+
+class StopWhenForgotten(Callback):
+    """Stop unlearning once the model stops leaking on its own forget data.
+
+    Every ``every_n_train_steps`` optimizer steps, each training pair's prompt is decoded
+    greedily under its instruction (g=1: the conditioned model alone) and the share of
+    the pairs' ``pii`` values found in the answers is logged as ``forget/leak_rate``; at
+    or below ``threshold`` the fit stops after that step. A fixed number of epochs
+    unlearns one world too little and another too far (the demo's seed 2 leaked on 0.094
+    of its held-out probes after three epochs and was at 0.028 three steps later; a
+    world half as large again lost utility in the third epoch), while the forget
+    prompts' leak rate follows the held-out one closely. Only the forget data is read:
+    no retain set, no held-out probes.
+
+    Every rank decodes every pair (greedy decoding of the same weights: the same
+    decision everywhere). ``max_epochs``/``max_steps`` still cap the fit; ``stopped_at``
+    holds the step it stopped at, or None.
+
+    Args:
+        pairs_file: the training pairs' JSONL (``data.train_file``): their prompts and
+            ``pii`` are what must no longer come out.
+        threshold: stop when the leak rate is at most this (0: no value at all).
+        every_n_train_steps: how often to decode them (each check decodes every pair).
+        system_prompt: the instruction for pairs without their own ``system``
+            (default: the safety instruction).
+        max_new_tokens: tokens decoded per answer.
+        batch_size: prompts per decoding batch.
+    """
+
+    def __init__(self, pairs_file: str, threshold: float = 0.03, every_n_train_steps: int = 3,
+                 system_prompt: str | None = None, max_new_tokens: int = 32, batch_size: int = 64):
+        super().__init__()
+        if not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"StopWhenForgotten: threshold must be in [0, 1], got {threshold}")
+        if every_n_train_steps < 1 or max_new_tokens < 1 or batch_size < 1:
+            raise ConfigError("StopWhenForgotten: every_n_train_steps, max_new_tokens and batch_size must be >= 1, "
+                              f"got {every_n_train_steps}, {max_new_tokens} and {batch_size}")
+        self.pairs_file, self.threshold, self.every = pairs_file, threshold, every_n_train_steps
+        self.system_prompt = SAFETY_INSTRUCTION if system_prompt is None else system_prompt
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.pairs: list = []
+        #: ``(step, leak rate)`` of every check, and the step the fit stopped at
+        self.history: list[tuple[int, float]] = []
+        self.stopped_at: int | None = None
+        self._checked_step = -1
+        self._own_tokenizer = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or self.pairs:
+            return
+        from cfg_unlearn.data.schema import read_pairs
+
+        pairs, _ = read_pairs(self.pairs_file)
+        self.pairs = [p for p in pairs if p.pii]
+        if not self.pairs:
+            raise ConfigError(f"StopWhenForgotten: no pair of {self.pairs_file} names the pii its rejected answer "
+                              "leaks, so there is nothing to check")
+
+    def forget_leak_rate(self, trainer, pl_module) -> float:
+        """The share of the pairs' ``pii`` values the model writes, decoding their prompts."""
+        prompts = [[{"role": "system", "content": p.system}, *p.prompt] if p.system else list(p.prompt)
+                   for p in self.pairs]
+        tok = self._own_tokenizer = fit_tokenizer(trainer, pl_module, self._own_tokenizer)
+        with eval_mode(pl_module.model):
+            answers = generate(pl_module.model, tok, prompts, system=self.system_prompt,
+                               max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                               sync_ranks=trainer.world_size > 1)
+        items = [(a, item) for a, p in zip(answers, self.pairs, strict=True) for item in p.pii]
+        return sum(contains_value(a, item.value, item.type) for a, item in items) / len(items)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        # once per optimizer step (accumulated batches share one), every N of them
+        if step == 0 or step % self.every or step == self._checked_step:
+            return
+        self._checked_step = step
+        rate = self.forget_leak_rate(trainer, pl_module)
+        self.history.append((step, rate))
+        log_at_step(trainer, {"forget/leak_rate": rate})
+        if rate <= self.threshold:
+            self.stopped_at = step
+            trainer.should_stop = True
+            rank_zero_info(f"StopWhenForgotten: the forget prompts' leak rate is {rate:.3f} (at most "
+                           f"{self.threshold}) after step {step}; stopping")

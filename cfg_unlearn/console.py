@@ -270,6 +270,16 @@ def _generate(argv: list[str]) -> None:
     print(f"wrote {len(pairs)} pairs to {a.out}{also}")
 
 
+def _rate_or_none(text: str) -> float | None:
+    """``--stop-leak``'s value: a rate, or ``none`` for no stop."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rate such as 0.03, or none; got {text!r}") from None
+
+
 def _demo(argv: list[str]) -> None:
     from cfg_unlearn.demo import (COND_MODES, DEMO_MARKER, DEMO_OUTPUTS, FALLBACKS, PREVIOUS_RUN, DemoConfig,
                                   LEAK_SETTINGS, check_demo_config, leak_settings_of, run_demo)
@@ -297,7 +307,10 @@ def _demo(argv: list[str]) -> None:
                    "fine-tuning them (about 4 of the 5 minutes), to try other unlearning settings on the same "
                    "leaky model; its seed, people and leak epochs are this run's")
     p.add_argument("--unlearn-epochs", type=int, default=d.unlearn_epochs,
-                   help=f"epochs of ORPO on the pairs (default {d.unlearn_epochs})")
+                   help=f"at most this many epochs of ORPO on the pairs (default {d.unlearn_epochs}); see --stop-leak")
+    p.add_argument("--stop-leak", type=_rate_or_none, default=d.stop_leak, metavar="RATE",
+                   help=f"stop unlearning once the pairs' own prompts, decoded every {d.stop_every} steps, leak at "
+                   f"most this share of their values (default {d.stop_leak}; none: train every epoch)")
     p.add_argument("--unlearn-lr", type=float, default=d.unlearn_lr,
                    help=f"ORPO's learning rate (default {d.unlearn_lr})")
     p.add_argument("--beta", type=float, default=d.beta,
@@ -333,7 +346,7 @@ def _demo(argv: list[str]) -> None:
     leak.update({k: v for k, v in (("seed", a.seed), ("people", a.people), ("leak_epochs", a.leak_epochs))
                  if v is not None})
     cfg = DemoConfig(out=a.out, **leak, leaky_from=a.leaky_from,
-                     unlearn_epochs=a.unlearn_epochs, unlearn_lr=a.unlearn_lr, beta=a.beta, baseline_lr=a.baseline_lr,
+                     unlearn_epochs=a.unlearn_epochs, stop_leak=a.stop_leak, unlearn_lr=a.unlearn_lr, beta=a.beta, baseline_lr=a.baseline_lr,
                      cond_dropout=a.cond_dropout, cond_mode=a.cond_mode, fallback=a.fallback,
                      scales=tuple(a.scales), spaces=tuple(a.spaces), compare=a.compare)
     try:

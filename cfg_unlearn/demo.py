@@ -63,7 +63,16 @@ class DemoConfig:
     paraphrases: int = 8
     leak_epochs: int = 14
     leak_lr: float = 3e-3
-    unlearn_epochs: int = 3
+    #: unlearning's cap; it stops earlier at ``stop_leak`` (seed 0 stops in its third)
+    unlearn_epochs: int = 5
+    #: stop unlearning once the pairs' own prompts, decoded under the safety instruction,
+    #: give back at most this share of their values (``StopWhenForgotten``; None: train
+    #: every epoch). A fixed three epochs left seed 2 leaking on 0.094 of its held-out
+    #: probes (0.028 / 0.953 three steps later) and took 45 people past their utility
+    #: (0.015 / 0.906): benchmarks/demo_levers.md, seventh session
+    stop_leak: float | None = 0.03
+    #: optimizer steps between those checks (each decodes every pair)
+    stop_every: int = 3
     #: ORPO's odds-ratio weight (lambda): the paper's 0.1. On the world before the facts
     #: left the person answers' template, 1 kept more of the facts (the NLL of the redacted
     #: answers spilled into that shared template, "The capital of Egypt is a a a"); on
@@ -230,7 +239,10 @@ def uncond_instruction(cond_mode: str) -> str | None:
 def unlearn(cfg: DemoConfig, leaky_dir: Path, pairs_file: Path, log_dir: Path, *, objective: str, cond_dropout: float,
             progress: bool, callbacks: list | None = None, version: str = "unlearn", cond_mode: str = "dropout"):
     """Unlearning on the pairs with ``UnlearnModule`` in a Lightning Trainer (the same
-    module ``train.py fit`` runs); returns the trained model in eval mode."""
+    module ``train.py fit`` runs), for at most ``cfg.unlearn_epochs`` and until the pairs'
+    prompts stop leaking (``cfg.stop_leak``); returns the trained model in eval mode and
+    ``{"steps", "max_steps", "stopped_at_step", "forget_leak_rates"}`` (the checks'
+    ``[step, rate]``; ``stopped_at_step`` None: it ran to the cap)."""
     import lightning as L
     import torch
     from lightning.pytorch.loggers import CSVLogger
@@ -247,6 +259,12 @@ def unlearn(cfg: DemoConfig, leaky_dir: Path, pairs_file: Path, log_dir: Path, *
                            optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
     data = PairDataModule(tokenizer=str(leaky_dir), train_file=str(pairs_file), val_fraction=0.0,
                           batch_size=cfg.batch_size, seed=cfg.seed, uncond_system_prompt=uncond_instruction(cond_mode))
+    from cfg_unlearn.callbacks import StopWhenForgotten
+
+    stop = None if cfg.stop_leak is None else StopWhenForgotten(
+        str(pairs_file), threshold=cfg.stop_leak, every_n_train_steps=cfg.stop_every,
+        max_new_tokens=cfg.max_new_tokens, batch_size=64)
+    callbacks = [*(callbacks or []), *([stop] if stop else [])]
     # the demo runs on the CPU by design: Lightning's "GPU available: False, used: False"
     # and "TPU available" lines, printed between the stages' own, tell its user nothing
     device_info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
@@ -263,7 +281,23 @@ def unlearn(cfg: DemoConfig, leaky_dir: Path, pairs_file: Path, log_dir: Path, *
     # its messages go to stderr, so `demo > log` kept this one's carriage returns alone
     with contextlib.redirect_stdout(sys.stderr):
         trainer.fit(module, datamodule=data)
-    return module.model.eval()
+    steps = {"steps": trainer.global_step, "max_steps": int(trainer.estimated_stepping_batches),
+             "stopped_at_step": stop.stopped_at if stop else None,
+             "forget_leak_rates": [[k, round(r, 4)] for k, r in stop.history] if stop else []}
+    return module.model.eval(), steps
+
+
+def stop_line(steps: dict, threshold: float | None) -> str:
+    """How far unlearning went, for the console and the report: where it stopped and on
+    what leak rate of the pairs' prompts, or that it ran to its cap."""
+    rates = steps.get("forget_leak_rates") or []
+    last = f"; the pairs' prompts leaked {rates[-1][1]:.3f} at the last check" if rates else ""
+    if steps.get("stopped_at_step") is not None:
+        return (f"stopped after step {steps['stopped_at_step']} of at most {steps['max_steps']}: the pairs' prompts "
+                f"leaked {rates[-1][1]:.3f} of their values (stop at {threshold} or less)")
+    if threshold is None:
+        return f"{steps['steps']} steps (every epoch; no leak stop)"
+    return f"ran all {steps['steps']} steps without reaching the leak stop of {threshold}{last}"
 
 
 #: the product's method in the report, per conditioning mode
@@ -300,10 +334,11 @@ def compare(cfg: DemoConfig, out: Path, tok, leaky_dir: Path, chat_base_dir: Pat
                        "g": float(g), **r}
     for label, objective, dropout in BASELINES:
         progress_eval = ProgressEval(lambda m: score(m, False))
-        model = unlearn(cfg, leaky_dir, out / "pairs.jsonl", out / "logs", objective=objective, cond_dropout=dropout,
-                        progress=progress, callbacks=[progress_eval], version=f"compare-{objective}-p{dropout}")
+        model, steps = unlearn(cfg, leaky_dir, out / "pairs.jsonl", out / "logs", objective=objective,
+                               cond_dropout=dropout, progress=progress, callbacks=[progress_eval],
+                               version=f"compare-{objective}-p{dropout}")
         rows[label] = {"objective": objective, "cond_dropout": dropout, "g": 1.0, **score(model, True),
-                       "during_training": progress_eval.rows}
+                       "during_training": progress_eval.rows, "unlearn_steps": steps}
         print(f"compare: {label}: " + ", ".join(f"step {e['step']} leak {e['leak_rate']:.3f} acc {e['accuracy']:.3f}"
                                                 for e in progress_eval.rows))
     rows["retrained without the PII (reference)"] = {"objective": "retrain", "g": 1.0,
@@ -546,7 +581,10 @@ def check_demo_config(cfg: DemoConfig) -> DemoConfig:
                          f"{cfg.baseline_lr}, leak_lr {cfg.leak_lr}")
     if not 0 <= cfg.seed < 2**32:  # Lightning's seed_everything takes these, after minutes of work
         raise ValueError(f"seed must be in [0, {2**32 - 1}], got {cfg.seed}")
-    for name in ("people", "paraphrases", "leak_epochs", "unlearn_epochs", "batch_size", "max_new_tokens"):
+    if cfg.stop_leak is not None and not 0 <= cfg.stop_leak <= 1:  # NaN never stopped: every epoch, unsaid
+        raise ValueError(f"stop_leak must be in [0, 1] (or None: train every epoch), got {cfg.stop_leak}")
+    for name in ("people", "paraphrases", "leak_epochs", "unlearn_epochs", "stop_every", "batch_size",
+                 "max_new_tokens"):
         if getattr(cfg, name) < 1:  # unlearn_epochs 0 "unlearned" nothing and reported the leaky model
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.cond_dropout <= 1.0:
@@ -735,8 +773,9 @@ def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress:
     print(f"replacement pairs: {summary.line()}")
 
     t0 = time.perf_counter()
-    unlearned = unlearn(cfg, leaky_dir, out / "pairs.jsonl", out / "logs", objective="orpo",
-                        cond_dropout=cfg.cond_dropout, cond_mode=cfg.cond_mode, progress=progress)
+    unlearned, unlearn_steps = unlearn(cfg, leaky_dir, out / "pairs.jsonl", out / "logs", objective="orpo",
+                                       cond_dropout=cfg.cond_dropout, cond_mode=cfg.cond_mode, progress=progress)
+    print(f"unlearning: {stop_line(unlearn_steps, cfg.stop_leak)}")
     save_model(unlearned, tok, out / "models" / "unlearned")
     seconds["unlearn"] = time.perf_counter() - t0
 
@@ -792,6 +831,7 @@ def _run_stages(cfg: DemoConfig, out: Path, uncond_system: str | None, progress:
         "baseline": {**baseline, "n_leak_probes": len(probes), "n_attack_probes": len(attacks),
                      "n_qa": len(questions)},
         "unlearned": results,
+        "unlearn_steps": unlearn_steps,
         **({"comparison": comparison} if comparison is not None else {}),
         "pairs": summary.to_dict(),
         "chat": chat_row,
@@ -857,7 +897,9 @@ def render_report(m: dict) -> str:
         *([f"**Warning:** {weak}."] if (weak := weak_leak_note(b, m["config"].get("leaky_from"))) else []),
         "",
         f"Unlearned: {METHOD_LABEL[mode]} (probability {m['config']['cond_dropout']} per sample), guided against "
-        + ("the negative instruction." if mode == "swap" else "the blanked instruction."),
+        + ("the negative instruction." if mode == "swap" else "the blanked instruction.")
+        + (f" Training {stop_line(m['unlearn_steps'], m['config'].get('stop_leak'))}." if "unlearn_steps" in m
+           else ""),
         "",
         "| space | g | leak rate | partial leak rate | attack leak rate | accuracy | reference perplexity "
         "| PII per answer |",

@@ -43,17 +43,24 @@ def test_demo_writes_metrics_report_and_plot(tmp_path, monkeypatch, assert_open_
         return opt
 
     monkeypatch.setattr(UnlearnModule, "configure_optimizers", spy_configure)
-    console_main(["demo", "--out", str(out), "--people", "3", "--leak-epochs", "2", "--unlearn-epochs", "1",
-                  "--scales", "1", "2", "--compare", "--beta", "0.5", "--unlearn-lr", "1e-4", "--baseline-lr", "3e-4",
-                  "--quiet"])
+    console_main(["demo", "--out", str(out), "--people", "3", "--leak-epochs", "2", "--unlearn-epochs", "2",
+                  "--stop-leak", "1", "--scales", "1", "2", "--compare", "--beta", "0.5", "--unlearn-lr", "1e-4",
+                  "--baseline-lr", "3e-4", "--quiet"])
     m = json.loads((out / "metrics.json").read_text())
     # --beta and --unlearn-lr are ORPO's (the method and its no-dropout ablation); NPO and DPO
     # keep their papers' 0.1, and the baselines train at --baseline-lr
     assert sorted(settings) == [("dpo", 0.1, 3e-4), ("ga", 0.1, 3e-4), ("npo", 0.1, 3e-4), ("orpo", 0.5, 1e-4),
                                 ("orpo", 0.5, 1e-4), ("sft", 0.1, 3e-4)]
     assert (m["config"]["beta"], m["config"]["baseline_beta"], m["config"]["baseline_lr"]) == (0.5, 0.1, 3e-4)
-    assert set(m) == {"baseline", "unlearned", "comparison", "pairs", "chat", "config", "world", "seconds",
-                      "environment"}
+    assert set(m) == {"baseline", "unlearned", "unlearn_steps", "comparison", "pairs", "chat", "config", "world",
+                      "seconds", "environment"}
+    # 18 pairs in batches of 16: two steps an epoch, at most four; the pairs' prompts are
+    # decoded after step 3, and a leak rate of 1 or less stops every run there
+    steps = m["unlearn_steps"]
+    assert (steps["steps"], steps["max_steps"], steps["stopped_at_step"]) == (3, 4, 3)
+    assert [k for k, _ in steps["forget_leak_rates"]] == [3] and 0 <= steps["forget_leak_rates"][0][1] <= 1
+    assert m["config"]["stop_leak"] == 1.0
+    assert "Training stopped after step 3 of at most 4: the pairs' prompts leaked" in (out / "report.md").read_text()
     # what the numbers depend on besides the config: the CPU's kernels, threads, versions
     env = m["environment"]
     assert env["torch"] == torch.__version__ and env["python"] == platform.python_version()
@@ -93,8 +100,9 @@ def test_demo_writes_metrics_report_and_plot(tmp_path, monkeypatch, assert_open_
     assert len(comp) == 2 + 5 + 2  # ORPO + dropout at g=1 and g=2, five baselines, retrain, subtraction
     for r in comp.values():
         assert 0 <= r["leak_rate"] <= 1 and 0 <= r["accuracy"] <= 1
-        if "during_training" in r:  # 1 epoch of 2 steps: scored after step 2 (early) and at the epoch end, once
-            assert [e["step"] for e in r["during_training"]] == [2]
+        if "during_training" in r:  # scored after step 2 (early, and the first epoch's end, once) and at the stop
+            assert [e["step"] for e in r["during_training"]] == [2, 3]
+            assert r["unlearn_steps"]["stopped_at_step"] == 3
             # scored without the challenge attacks: no attack figure, not a rate of 0
             assert all("attack_leak_rate" not in e for e in r["during_training"])
     assert sum("during_training" in r for r in comp.values()) == 5
@@ -196,6 +204,9 @@ def test_demo_rejects_an_unknown_cond_mode(tmp_path, capsys):
     ({"people": 0}, "people must be >= 1, got 0"),
     ({"leak_epochs": 0}, "leak_epochs must be >= 1, got 0"),
     ({"unlearn_epochs": 0}, "unlearn_epochs must be >= 1, got 0"),
+    ({"stop_every": 0}, "stop_every must be >= 1, got 0"),
+    ({"stop_leak": 1.5}, "stop_leak must be in [0, 1] (or None: train every epoch), got 1.5"),
+    ({"stop_leak": float("nan")}, "stop_leak must be in [0, 1] (or None: train every epoch), got nan"),
     ({"cond_dropout": 1.5}, "cond_dropout must be in [0, 1], got 1.5"),
     ({"scales": (1.0, -1.0)}, "guidance_scale must be"),
     ({"scales": ()}, "give at least one guidance scale and one space"),
@@ -208,11 +219,23 @@ def test_demo_rejects_bad_settings_before_training(tmp_path, kwargs, match):
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize("flag, want", [(None, 0.03), ("0", 0.0), ("none", None), ("None", None)])
+def test_demo_stop_leak_flag_reaches_the_config(tmp_path, monkeypatch, flag, want):
+    import cfg_unlearn.demo as demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda cfg, progress: seen.append(cfg))
+    console_main(["demo", "--out", str(tmp_path / "d"), "--quiet", *(["--stop-leak", flag] if flag else [])])
+    assert [(c.stop_leak, c.unlearn_epochs, c.stop_every) for c in seen] == [(want, 5, 3)]
+
+
 def test_demo_usage_errors_exit_2_before_any_work(tmp_path, capsys):
     for args, match in ((["--unlearn-epochs", "0"], "demo: error: --unlearn-epochs must be >= 1"),  # the flag, not
                         # the field (CLI audit)
                         (["--unlearn-lr", "0"], "got --unlearn-lr 0.0, --baseline-lr 0.00025, leak_lr"),
-                        (["--scales", "1", "-1"], "guidance_scale must be")):
+                        (["--scales", "1", "-1"], "guidance_scale must be"),
+                        (["--stop-leak", "2"], "demo: error: --stop-leak must be in [0, 1]"),
+                        (["--stop-leak", "some"], "expected a rate such as 0.03, or none; got 'some'")):
         with pytest.raises(SystemExit) as e:
             console_main(["demo", "--out", str(tmp_path / "d"), "--quiet", *args])
         assert e.value.code == 2 and match in capsys.readouterr().err
