@@ -56,6 +56,21 @@ def test_objective_is_a_config_field(objective, tmp_path):
         cli_main(["--config", str(ROOT / "configs/tiny.yaml"), "--model.objective", "nop"], run=False)
 
 
+def test_stop_when_forgotten_is_a_trainer_callback_of_a_config(tmp_path):
+    from cfg_unlearn.callbacks import StopWhenForgotten
+
+    (tmp_path / "stop.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: cfg_unlearn.callbacks.StopWhenForgotten\n"
+        "      init_args: {pairs_file: pairs.jsonl, threshold: 0.05, every_n_train_steps: 4}\n")
+    cli = cli_main(["--config", str(ROOT / "configs/tiny.yaml"), "--config", str(tmp_path / "stop.yaml"),
+                    "--trainer.default_root_dir", str(tmp_path)], run=False)
+    stops = [c for c in cli.trainer.callbacks if isinstance(c, StopWhenForgotten)]
+    assert [(c.pairs_file, c.threshold, c.every, c.max_new_tokens) for c in stops] == [("pairs.jsonl", 0.05, 4, 32)]
+    with pytest.raises(ValueError, match=r"StopWhenForgotten: threshold must be in \[0, 1\], got 2.0"):
+        cli_main(["--config", str(ROOT / "configs/tiny.yaml"), "--config", str(tmp_path / "stop.yaml"),
+                  "--trainer.callbacks.init_args.threshold", "2"], run=False)
+
+
 def test_print_config_round_trips(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--print_config"])
