@@ -392,7 +392,6 @@ class GuidanceEval(Callback):
                                "saved (it would wait for the other ranks, which wait in the decoding)")
             raise
 
-
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not self.on_validation or trainer.sanity_checking:
             return
@@ -850,14 +849,17 @@ class StopWhenForgotten(Callback):
     the pairs' ``pii`` values found in the answers is logged as ``forget/leak_rate``; at
     or below ``threshold`` the fit stops after that step. A fixed number of epochs
     unlearns one world too little and another too far (the demo's seed 2 leaked on 0.094
-    of its held-out probes after three epochs and was at 0.028 three steps later; a
+    of its held-out probes after three epochs and was at 0.028 six steps later; a
     world half as large again lost utility in the third epoch), while the forget
     prompts' leak rate follows the held-out one closely. Only the forget data is read:
     no retain set, no held-out probes.
 
-    Every rank decodes every pair (greedy decoding of the same weights: the same
-    decision everywhere). ``max_epochs``/``max_steps`` still cap the fit; ``stopped_at``
-    holds the step it stopped at, or None.
+    Every rank decodes every pair, and the ranks stop together only when all of them
+    measure the threshold (greedy decoding of the same weights agrees; a rank that
+    differs keeps every rank training rather than leave one behind). ``max_epochs``/
+    ``max_steps`` still cap the fit, and Lightning does not stop before ``min_steps``/
+    ``min_epochs``; ``stopped_at`` holds the step the stop was asked at, or None, and
+    ``history`` every check, both of the latest fit.
 
     Args:
         pairs_file: the training pairs' JSONL (``data.train_file``): their prompts and
@@ -865,7 +867,8 @@ class StopWhenForgotten(Callback):
         threshold: stop when the leak rate is at most this (0: no value at all).
         every_n_train_steps: how often to decode them (each check decodes every pair).
         system_prompt: the instruction for pairs without their own ``system``
-            (default: the safety instruction).
+            (default: the data module's ``system_prompt``, as training renders them,
+            else the safety instruction).
         max_new_tokens: tokens decoded per answer.
         batch_size: prompts per decoding batch.
     """
@@ -879,7 +882,7 @@ class StopWhenForgotten(Callback):
             raise ConfigError("StopWhenForgotten: every_n_train_steps, max_new_tokens and batch_size must be >= 1, "
                               f"got {every_n_train_steps}, {max_new_tokens} and {batch_size}")
         self.pairs_file, self.threshold, self.every = pairs_file, threshold, every_n_train_steps
-        self.system_prompt = SAFETY_INSTRUCTION if system_prompt is None else system_prompt
+        self.system_prompt = system_prompt
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.pairs: list = []
         #: ``(step, leak rate)`` of every check, and the step the fit stopped at
@@ -889,23 +892,33 @@ class StopWhenForgotten(Callback):
         self._own_tokenizer = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit" or self.pairs:
+        if stage != "fit":
+            return
+        # a callback reused for another fit reports that fit alone, with its tokenizer
+        self.history, self.stopped_at, self._checked_step, self._own_tokenizer = [], None, -1, None
+        if self.pairs:
             return
         from cfg_unlearn.data.schema import read_pairs
 
+        check_input_file("StopWhenForgotten.pairs_file", self.pairs_file)
         pairs, _ = read_pairs(self.pairs_file)
         self.pairs = [p for p in pairs if p.pii]
         if not self.pairs:
             raise ConfigError(f"StopWhenForgotten: no pair of {self.pairs_file} names the pii its rejected answer "
                               "leaks, so there is nothing to check")
 
+    def _instruction(self, trainer) -> str:
+        if self.system_prompt is not None:
+            return self.system_prompt
+        return getattr(trainer.datamodule, "system_prompt", None) or SAFETY_INSTRUCTION
+
     def forget_leak_rate(self, trainer, pl_module) -> float:
         """The share of the pairs' ``pii`` values the model writes, decoding their prompts."""
         prompts = [[{"role": "system", "content": p.system}, *p.prompt] if p.system else list(p.prompt)
                    for p in self.pairs]
         tok = self._own_tokenizer = fit_tokenizer(trainer, pl_module, self._own_tokenizer)
-        with eval_mode(pl_module.model):
-            answers = generate(pl_module.model, tok, prompts, system=self.system_prompt,
+        with eval_mode(pl_module.model), forward_outside_step(trainer.strategy):
+            answers = generate(pl_module.model, tok, prompts, system=self._instruction(trainer),
                                max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
                                sync_ranks=trainer.world_size > 1)
         items = [(a, item) for a, p in zip(answers, self.pairs, strict=True) for item in p.pii]
@@ -920,7 +933,7 @@ class StopWhenForgotten(Callback):
         rate = self.forget_leak_rate(trainer, pl_module)
         self.history.append((step, rate))
         log_at_step(trainer, {"forget/leak_rate": rate})
-        if rate <= self.threshold:
+        if trainer.strategy.reduce_boolean_decision(rate <= self.threshold, all=True):
             self.stopped_at = step
             trainer.should_stop = True
             rank_zero_info(f"StopWhenForgotten: the forget prompts' leak rate is {rate:.3f} (at most "

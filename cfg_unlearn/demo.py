@@ -68,7 +68,7 @@ class DemoConfig:
     #: stop unlearning once the pairs' own prompts, decoded under the safety instruction,
     #: give back at most this share of their values (``StopWhenForgotten``; None: train
     #: every epoch). A fixed three epochs left seed 2 leaking on 0.094 of its held-out
-    #: probes (0.028 / 0.953 three steps later) and took 45 people past their utility
+    #: probes (0.028 / 0.953 six steps later) and took 45 people past their utility
     #: (0.015 / 0.906): benchmarks/demo_levers.md, seventh session
     stop_leak: float | None = 0.03
     #: optimizer steps between those checks (each decodes every pair)

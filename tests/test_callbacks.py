@@ -864,12 +864,13 @@ def _stub_answers(monkeypatch, answer_of):
     return calls
 
 
-def _fit_with_stop(tmp_path, tiny_model_dir, stop, max_steps=6):
+def _fit_with_stop(tmp_path, tiny_model_dir, stop, max_steps=6, data=None, **trainer_kw):
     model = UnlearnModule(model=f"tiny:{tiny_model_dir}")
     dm = PairDataModule(tokenizer=f"tiny:{tiny_model_dir}", train_file=stop.pairs_file, val_fraction=0.0,
-                        batch_size=1)
-    trainer = _trainer(tmp_path, [stop], max_steps=max_steps, limit_val_batches=0)
+                        batch_size=1, **(data or {}))
+    trainer = _trainer(tmp_path, [stop], max_steps=max_steps, limit_val_batches=0, **trainer_kw)
     trainer.fit(model, datamodule=dm)
+    assert model.model.training  # a check decodes in eval mode and leaves training as it was
     return trainer
 
 
@@ -919,6 +920,25 @@ def test_stop_when_forgotten_runs_to_the_cap_while_the_pairs_leak(tiny_model_dir
     assert [float(r["forget/leak_rate"]) for r in metrics if r.get("forget/leak_rate")] == [1.0, 1.0]
 
 
+def test_stop_when_forgotten_checks_once_per_optimizer_step_and_follows_the_data_instruction(
+        tiny_model_dir, tmp_path, monkeypatch):
+    from cfg_unlearn.callbacks import StopWhenForgotten
+
+    pairs = _forget_pairs_file(tmp_path / "pairs.jsonl")
+    calls = _stub_answers(monkeypatch, lambda p: "I cannot say.")
+    stop = StopWhenForgotten(str(pairs), threshold=0.0, every_n_train_steps=2)
+    # two batches per optimizer step: checks after steps 2 and 4, once each, though two
+    # batches end at each of those steps; the data module's own instruction, as trained
+    trainer = _fit_with_stop(tmp_path, tiny_model_dir, stop, max_steps=4, data={"system_prompt": "Be discreet."},
+                             accumulate_grad_batches=2)
+    assert stop.history == [(2, 0.0)] and stop.stopped_at == 2 and trainer.global_step == 2
+    assert [c["system"] for c in calls] == ["Be discreet."]
+    # the same callback in a second fit reports that fit alone
+    _stub_answers(monkeypatch, lambda p: "Tran-Reed, 12 Oak Street")
+    _fit_with_stop(tmp_path / "again", tiny_model_dir, stop, max_steps=4, accumulate_grad_batches=2)
+    assert stop.history == [(2, 0.5), (4, 0.5)] and stop.stopped_at is None
+
+
 def test_stop_when_forgotten_refuses_bad_settings_and_pairs_without_pii(tmp_path):
     from cfg_unlearn.callbacks import StopWhenForgotten
 
@@ -932,3 +952,5 @@ def test_stop_when_forgotten_refuses_bad_settings_and_pairs_without_pii(tmp_path
                                 "rejected": "Go away."}) + "\n")
     with pytest.raises(ConfigError, match="no pair of .*bare.jsonl names the pii"):
         StopWhenForgotten(str(bare)).setup(None, None, "fit")
+    with pytest.raises(ConfigError, match="StopWhenForgotten.pairs_file: .*missing.jsonl"):
+        StopWhenForgotten(str(tmp_path / "missing.jsonl")).setup(None, None, "fit")
