@@ -901,7 +901,14 @@ class StopWhenForgotten(Callback):
         from cfg_unlearn.data.schema import read_pairs
 
         check_input_file("StopWhenForgotten.pairs_file", self.pairs_file)
-        pairs, _ = read_pairs(self.pairs_file)
+        # read as the data module reads its pairs: a row it skips (on_error: skip) is no
+        # error here either, and is counted
+        dm = getattr(trainer, "datamodule", None)
+        pairs, stats = read_pairs(self.pairs_file, **{k: getattr(dm, k) for k in ("max_chars", "on_error")
+                                                      if hasattr(dm, k)})
+        if stats.skipped:
+            rank_zero_warn(f"StopWhenForgotten: {stats.skipped} row(s) of {self.pairs_file} skipped as the data "
+                           "module skips them; their prompts are not checked")
         self.pairs = [p for p in pairs if p.pii]
         if not self.pairs:
             raise ConfigError(f"StopWhenForgotten: no pair of {self.pairs_file} names the pii its rejected answer "

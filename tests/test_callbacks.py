@@ -954,3 +954,15 @@ def test_stop_when_forgotten_refuses_bad_settings_and_pairs_without_pii(tmp_path
         StopWhenForgotten(str(bare)).setup(None, None, "fit")
     with pytest.raises(ConfigError, match="StopWhenForgotten.pairs_file: .*missing.jsonl"):
         StopWhenForgotten(str(tmp_path / "missing.jsonl")).setup(None, None, "fit")
+    # a bad row is an error as the data module's reader makes it, or skipped and counted
+    # where the data module skips bad rows
+    from types import SimpleNamespace
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(_forget_pairs_file(tmp_path / "good.jsonl").read_text() + "{not json\n")
+    with pytest.raises(PairFormatError, match="bad.jsonl:4"):
+        StopWhenForgotten(str(bad)).setup(SimpleNamespace(datamodule=None), None, "fit")
+    stop = StopWhenForgotten(str(bad))
+    with pytest.warns(UserWarning, match=r"1 row\(s\) of .*bad.jsonl skipped"):
+        stop.setup(SimpleNamespace(datamodule=SimpleNamespace(on_error="skip", max_chars=10_000)), None, "fit")
+    assert [p.id for p in stop.pairs] == ["a", "b", "c"]
