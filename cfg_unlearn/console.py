@@ -346,7 +346,8 @@ def _demo(argv: list[str]) -> None:
     leak.update({k: v for k, v in (("seed", a.seed), ("people", a.people), ("leak_epochs", a.leak_epochs))
                  if v is not None})
     cfg = DemoConfig(out=a.out, **leak, leaky_from=a.leaky_from,
-                     unlearn_epochs=a.unlearn_epochs, stop_leak=a.stop_leak, unlearn_lr=a.unlearn_lr, beta=a.beta, baseline_lr=a.baseline_lr,
+                     unlearn_epochs=a.unlearn_epochs, stop_leak=a.stop_leak, unlearn_lr=a.unlearn_lr, beta=a.beta,
+                     baseline_lr=a.baseline_lr,
                      cond_dropout=a.cond_dropout, cond_mode=a.cond_mode, fallback=a.fallback,
                      scales=tuple(a.scales), spaces=tuple(a.spaces), compare=a.compare)
     try:

@@ -296,7 +296,7 @@ def stop_line(steps: dict, threshold: float | None) -> str:
         return (f"stopped after step {steps['stopped_at_step']} of at most {steps['max_steps']}: the pairs' prompts "
                 f"leaked {rates[-1][1]:.3f} of their values (stop at {threshold} or less)")
     if threshold is None:
-        return f"{steps['steps']} steps (every epoch; no leak stop)"
+        return f"ran all {steps['steps']} steps (no leak stop)"
     return f"ran all {steps['steps']} steps without reaching the leak stop of {threshold}{last}"
 
 

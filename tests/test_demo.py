@@ -219,6 +219,18 @@ def test_demo_rejects_bad_settings_before_training(tmp_path, kwargs, match):
     assert not (tmp_path / "d").exists()
 
 
+def test_stop_line_says_where_unlearning_stopped_or_that_it_ran_to_the_cap():
+    from cfg_unlearn.demo import stop_line
+
+    stopped = {"steps": 42, "max_steps": 60, "stopped_at_step": 42, "forget_leak_rates": [[39, 0.0389], [42, 0.0278]]}
+    assert stop_line(stopped, 0.03) == ("stopped after step 42 of at most 60: the pairs' prompts leaked 0.028 of "
+                                        "their values (stop at 0.03 or less)")
+    ran = {"steps": 60, "max_steps": 60, "stopped_at_step": None, "forget_leak_rates": [[57, 0.1], [60, 0.05]]}
+    assert stop_line(ran, 0.03) == ("ran all 60 steps without reaching the leak stop of 0.03; the pairs' prompts "
+                                    "leaked 0.050 at the last check")
+    assert stop_line({**ran, "forget_leak_rates": []}, None) == "ran all 60 steps (no leak stop)"
+
+
 @pytest.mark.parametrize("flag, want", [(None, 0.03), ("0", 0.0), ("none", None), ("None", None)])
 def test_demo_stop_leak_flag_reaches_the_config(tmp_path, monkeypatch, flag, want):
     import cfg_unlearn.demo as demo
