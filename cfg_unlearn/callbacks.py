@@ -928,8 +928,11 @@ class StopWhenForgotten(Callback):
             answers = generate(pl_module.model, tok, prompts, system=self._instruction(trainer),
                                max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
                                sync_ranks=trainer.world_size > 1)
-        items = [(a, item) for a, p in zip(answers, self.pairs, strict=True) for item in p.pii]
-        return sum(contains_value(a, item.value, item.type) for a, item in items) / len(items)
+        # the held-out leak rate's own metric, counted here alone (every rank holds all
+        # pairs); the ratio of its counts in float64, so that 9 of 180 is 0.05, not float32's 0.05000000075
+        leak = LeakRate(sync_on_compute=False)
+        leak.update(answers, [p.pii for p in self.pairs])
+        return int(leak.hits.sum()) / int(leak.totals.sum())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

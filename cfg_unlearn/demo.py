@@ -247,6 +247,7 @@ def unlearn(cfg: DemoConfig, leaky_dir: Path, pairs_file: Path, log_dir: Path, *
     import torch
     from lightning.pytorch.loggers import CSVLogger
 
+    from cfg_unlearn.callbacks import StopWhenForgotten
     from cfg_unlearn.data.datamodule import PairDataModule
     from cfg_unlearn.module import UnlearnModule
 
@@ -259,8 +260,6 @@ def unlearn(cfg: DemoConfig, leaky_dir: Path, pairs_file: Path, log_dir: Path, *
                            optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
     data = PairDataModule(tokenizer=str(leaky_dir), train_file=str(pairs_file), val_fraction=0.0,
                           batch_size=cfg.batch_size, seed=cfg.seed, uncond_system_prompt=uncond_instruction(cond_mode))
-    from cfg_unlearn.callbacks import StopWhenForgotten
-
     stop = None if cfg.stop_leak is None else StopWhenForgotten(
         str(pairs_file), threshold=cfg.stop_leak, every_n_train_steps=cfg.stop_every,
         max_new_tokens=cfg.max_new_tokens, batch_size=64)
