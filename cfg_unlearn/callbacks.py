@@ -854,18 +854,19 @@ class StopWhenForgotten(Callback):
     prompts' leak rate follows the held-out one closely. Only the forget data is read:
     no retain set, no held-out probes.
 
-    Every rank decodes every pair, and the ranks stop together only when all of them
-    measure the threshold (greedy decoding of the same weights agrees; a rank that
-    differs keeps every rank training rather than leave one behind). ``max_epochs``/
-    ``max_steps`` still cap the fit, and Lightning does not stop before ``min_steps``/
-    ``min_epochs``; ``stopped_at`` holds the step the stop was asked at, or None, and
-    ``history`` every check, both of the latest fit.
+    Under DDP/FSDP each rank decodes its shard of the pairs and the counts are summed
+    over the ranks, so every rank measures the same rate and they stop together.
+    ``max_epochs``/``max_steps`` still cap the fit, and Lightning does not stop before
+    ``min_steps``/``min_epochs``; ``stopped_at`` holds the step the stop was asked at, or
+    None, and ``history`` every check, both of the latest fit and both saved in its
+    checkpoints, so that a resumed fit keeps the checks made before it.
 
     Args:
         pairs_file: the training pairs' JSONL (``data.train_file``): their prompts and
             ``pii`` are what must no longer come out.
         threshold: stop when the leak rate is at most this (0: no value at all).
-        every_n_train_steps: how often to decode them (each check decodes every pair).
+        every_n_train_steps: how often to decode them (each check decodes every pair, the
+            ranks a shard each).
         system_prompt: the instruction for pairs without their own ``system``
             (default: the data module's ``system_prompt``, as training renders them,
             else the safety instruction).
@@ -919,20 +920,37 @@ class StopWhenForgotten(Callback):
             return self.system_prompt
         return getattr(trainer.datamodule, "system_prompt", None) or SAFETY_INSTRUCTION
 
+    @property
+    def state_key(self) -> str:
+        # two of them in one trainer (two files, or two thresholds) keep their own records
+        return self._generate_state_key(pairs_file=self.pairs_file, threshold=self.threshold, every=self.every)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [list(check) for check in self.history], "stopped_at": self.stopped_at}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores a checkpoint after setup(), which cleared the record
+        self.history = [(int(step), float(rate)) for step, rate in state_dict.get("history", [])]
+        self.stopped_at = state_dict.get("stopped_at")
+
     def forget_leak_rate(self, trainer, pl_module) -> float:
-        """The share of the pairs' ``pii`` values the model writes, decoding their prompts."""
+        """The share of the pairs' ``pii`` values the model writes, decoding their prompts
+        (this rank's shard; the counts summed over ranks, a collective)."""
+        mine, n_real = shard(self.pairs, trainer.global_rank, trainer.world_size)
         prompts = [[{"role": "system", "content": p.system}, *p.prompt] if p.system else list(p.prompt)
-                   for p in self.pairs]
+                   for p in mine]
         tok = self._own_tokenizer = fit_tokenizer(trainer, pl_module, self._own_tokenizer)
         with eval_mode(pl_module.model), forward_outside_step(trainer.strategy):
             answers = generate(pl_module.model, tok, prompts, system=self._instruction(trainer),
                                max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
                                sync_ranks=trainer.world_size > 1)
-        # the held-out leak rate's own metric, counted here alone (every rank holds all
-        # pairs); the ratio of its counts in float64, so that 9 of 180 is 0.05, not float32's 0.05000000075
-        leak = LeakRate(sync_on_compute=False)
-        leak.update(answers, [p.pii for p in self.pairs])
-        return int(leak.hits.sum()) / int(leak.totals.sum())
+        # the held-out leak rate's own metric, on the model's device (NCCL reduces CUDA
+        # tensors), the shard's padding rows left out; the ratio of the summed counts in
+        # float64, so that 9 of 180 is 0.05, not float32's 0.05000000075
+        leak = LeakRate(sync_on_compute=False).to(pl_module.device)
+        leak.update(answers[:n_real], [p.pii for p in mine[:n_real]])
+        with leak.sync_context(should_sync=trainer.world_size > 1):
+            return int(leak.hits.sum()) / int(leak.totals.sum())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

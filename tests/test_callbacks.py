@@ -864,12 +864,13 @@ def _stub_answers(monkeypatch, answer_of):
     return calls
 
 
-def _fit_with_stop(tmp_path, tiny_model_dir, stop, max_steps=6, data=None, **trainer_kw):
+def _fit_with_stop(tmp_path, tiny_model_dir, stop, max_steps=6, data=None, callbacks_extra=(), ckpt_path=None,
+                   **trainer_kw):
     model = UnlearnModule(model=f"tiny:{tiny_model_dir}")
     dm = PairDataModule(tokenizer=f"tiny:{tiny_model_dir}", train_file=stop.pairs_file, val_fraction=0.0,
                         batch_size=1, **(data or {}))
-    trainer = _trainer(tmp_path, [stop], max_steps=max_steps, limit_val_batches=0, **trainer_kw)
-    trainer.fit(model, datamodule=dm)
+    trainer = _trainer(tmp_path, [stop, *callbacks_extra], max_steps=max_steps, limit_val_batches=0, **trainer_kw)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     assert model.model.training  # a check decodes in eval mode and leaves training as it was
     return trainer
 
@@ -966,3 +967,70 @@ def test_stop_when_forgotten_refuses_bad_settings_and_pairs_without_pii(tmp_path
     with pytest.warns(UserWarning, match=r"1 row\(s\) of .*bad.jsonl skipped"):
         stop.setup(SimpleNamespace(datamodule=SimpleNamespace(on_error="skip", max_chars=10_000)), None, "fit")
     assert [p.id for p in stop.pairs] == ["a", "b", "c"]
+
+
+def _leaks_by_prompt(prompt):
+    """Answers that leak 3 of the forget file's 4 values: the address, the e-mail (not the
+    phone) and the employer. Rank 0 of two holds pairs a and c (2 of 2 values), rank 1
+    pair b (1 of 2) plus a repeat of a that only pads its shard."""
+    text = prompt[-1]["content"]
+    return {"live": "12 Oak Street", "e-mail": "ann.lee@mail.com", "employs": "Tran-Reed"}[
+        next(k for k in ("live", "e-mail", "employs") if k in text)]
+
+
+def _stop_worker(rank: int, port: int, pairs: str, model_dir: str, results) -> None:
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    import cfg_unlearn.callbacks as callbacks
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        seen = []
+        callbacks.generate = lambda model, tok, prompts, **kw: seen.extend(prompts) or list(map(_leaks_by_prompt,
+                                                                                                   prompts))
+        stop = callbacks.StopWhenForgotten(pairs)
+        stop.setup(SimpleNamespace(datamodule=None), None, "fit")
+        trainer = SimpleNamespace(global_rank=rank, world_size=2, datamodule=None,
+                                  strategy=SingleDeviceStrategy(device=torch.device("cpu")))
+        module = SimpleNamespace(model=torch.nn.Linear(1, 1), device=torch.device("cpu"), model_name=model_dir)
+        results[rank] = (stop.forget_leak_rate(trainer, module), [p[-1]["content"] for p in seen])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_stop_when_forgotten_shards_the_pairs_over_ranks_and_sums_their_counts(tiny_model_dir, tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.test_guidance import _free_port
+
+    pairs = str(_forget_pairs_file(tmp_path / "pairs.jsonl"))
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_stop_worker, args=(_free_port(), pairs, str(tiny_model_dir), results), nprocs=2, join=True)
+        (rate0, seen0), (rate1, seen1) = results[0], results[1]
+    # 3 of the 4 values on both ranks, as one process counts them; not a rank's own share
+    # (2/2, 1/2) nor the padding repeat counted (4/5)
+    assert rate0 == rate1 == 0.75
+    assert seen0 == ["Where does Ann Lee live?", "Who employs Bo Kim?"]
+    assert seen1 == ["Ann Lee's e-mail and phone?", "Where does Ann Lee live?"]
+
+
+def test_stop_when_forgotten_keeps_its_checks_in_the_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    from cfg_unlearn.callbacks import StopWhenForgotten
+
+    pairs = str(_forget_pairs_file(tmp_path / "pairs.jsonl"))
+    _stub_answers(monkeypatch, _leaks_by_prompt)
+    first = StopWhenForgotten(pairs, threshold=0.0, every_n_train_steps=2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _fit_with_stop(tmp_path, tiny_model_dir, first, max_steps=4, callbacks_extra=[ckpt], enable_checkpointing=True)
+    assert first.history == [(2, 0.75), (4, 0.75)]
+    # a resumed fit with a new callback: the checks before the checkpoint, then its own
+    resumed = StopWhenForgotten(pairs, threshold=0.0, every_n_train_steps=2)
+    _fit_with_stop(tmp_path / "again", tiny_model_dir, resumed, max_steps=6, ckpt_path=str(tmp_path / "ckpt/last.ckpt"))
+    assert resumed.history == [(2, 0.75), (4, 0.75), (6, 0.75)] and resumed.stopped_at is None
+    # two of them in one trainer keep apart in a checkpoint
+    assert first.state_key != StopWhenForgotten(pairs, threshold=0.1).state_key
