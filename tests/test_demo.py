@@ -231,6 +231,18 @@ def test_stop_line_says_where_unlearning_stopped_or_that_it_ran_to_the_cap():
     assert stop_line({**ran, "forget_leak_rates": []}, None) == "ran all 60 steps (no leak stop)"
 
 
+def test_the_retrain_without_the_pii_gets_the_leak_stages_number_of_steps():
+    from cfg_unlearn.demo import matched_epochs
+
+    # the demo's 30-person world: 14 epochs of 1952 examples in batches of 16 are 14 x 122
+    # = 1708 steps; the 512 facts take 32 a epoch, so 53 epochs (1696 steps), not 14 (448)
+    assert matched_epochs(14, 1952, 512, 16) == 53
+    assert matched_epochs(14, 512, 512, 16) == 14
+    assert matched_epochs(1, 16, 1000, 16) == 1  # never zero epochs
+    with pytest.raises(ValueError, match="positive counts"):
+        matched_epochs(14, 1952, 0, 16)
+
+
 @pytest.mark.parametrize("flag, want", [(None, 0.03), ("0", 0.0), ("none", None), ("None", None)])
 def test_demo_stop_leak_flag_reaches_the_config(tmp_path, monkeypatch, flag, want):
     import cfg_unlearn.demo as demo
