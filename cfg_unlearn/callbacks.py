@@ -857,9 +857,11 @@ class StopWhenForgotten(Callback):
     Under DDP/FSDP each rank decodes its shard of the pairs and the counts are summed
     over the ranks, so every rank measures the same rate and they stop together.
     ``max_epochs``/``max_steps`` still cap the fit, and Lightning does not stop before
-    ``min_steps``/``min_epochs``; ``stopped_at`` holds the step the stop was asked at, or
-    None, and ``history`` every check, both of the latest fit and both saved in its
-    checkpoints, so that a resumed fit keeps the checks made before it.
+    ``min_steps``/``min_epochs``; ``stopped_at`` holds the step the latest fit stopped
+    at, or None, and ``history`` that fit's every check. ``history`` is saved in the
+    checkpoints, so a resumed fit keeps the checks made before it (Lightning matches the
+    saved state by ``pairs_file``, ``threshold`` and ``every_n_train_steps``); a resumed
+    fit that trains on past an earlier stop has ``stopped_at`` None until it stops again.
 
     Args:
         pairs_file: the training pairs' JSONL (``data.train_file``): their prompts and
@@ -891,8 +893,11 @@ class StopWhenForgotten(Callback):
         self.stopped_at: int | None = None
         self._checked_step = -1
         self._own_tokenizer = None
+        #: a checkpoint's ``history``, kept until its fit starts (see load_state_dict)
+        self._restored: list[tuple[int, float]] | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self._restored = None  # a validate's checkpoint is not the next fit's
         if stage != "fit":
             return
         # a callback reused for another fit reports that fit alone, with its tokenizer
@@ -926,12 +931,19 @@ class StopWhenForgotten(Callback):
         return self._generate_state_key(pairs_file=self.pairs_file, threshold=self.threshold, every=self.every)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [list(check) for check in self.history], "stopped_at": self.stopped_at}
+        return {"history": [list(check) for check in self.history]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Lightning restores a checkpoint after setup(), which cleared the record
-        self.history = [(int(step), float(rate)) for step, rate in state_dict.get("history", [])]
-        self.stopped_at = state_dict.get("stopped_at")
+        # taken up when a fit starts: validate and test restore callbacks too, and their
+        # checkpoint's record must not replace the latest fit's
+        self._restored = [(int(step), float(rate)) for step, rate in state_dict.get("history", [])]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._restored is not None:
+            self.history, self._restored = self._restored, None
+            # the checkpoint's step was checked: its other accumulated batches, which a
+            # resume replays, must not check it again
+            self._checked_step = self.history[-1][0] if self.history else -1
 
     def forget_leak_rate(self, trainer, pl_module) -> float:
         """The share of the pairs' ``pii`` values the model writes, decoding their prompts

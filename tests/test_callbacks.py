@@ -1022,15 +1022,26 @@ def test_stop_when_forgotten_shards_the_pairs_over_ranks_and_sums_their_counts(t
 def test_stop_when_forgotten_keeps_its_checks_in_the_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     from cfg_unlearn.callbacks import StopWhenForgotten
 
-    pairs = str(_forget_pairs_file(tmp_path / "pairs.jsonl"))
+    three = _forget_pairs_file(tmp_path / "three.jsonl").read_text()
+    pairs = tmp_path / "pairs.jsonl"  # six pairs, three steps an epoch of two batches each
+    pairs.write_text(three + three.replace('"id": "', '"id": "again-'))
+    pairs = str(pairs)
     _stub_answers(monkeypatch, _leaks_by_prompt)
+    # the checkpoint after step 4, the first of epoch 2: the resumed fit's first batch
+    # ends still at step 4 (its second batch makes step 5)
     first = StopWhenForgotten(pairs, threshold=0.0, every_n_train_steps=2)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    _fit_with_stop(tmp_path, tiny_model_dir, first, max_steps=4, callbacks_extra=[ckpt], enable_checkpointing=True)
+    _fit_with_stop(tmp_path, tiny_model_dir, first, max_steps=4, callbacks_extra=[ckpt], enable_checkpointing=True,
+                   accumulate_grad_batches=2)
     assert first.history == [(2, 0.75), (4, 0.75)]
-    # a resumed fit with a new callback: the checks before the checkpoint, then its own
+    # a resumed fit with a new callback: the checks before the checkpoint, then its own,
+    # the checkpoint's step not checked again
     resumed = StopWhenForgotten(pairs, threshold=0.0, every_n_train_steps=2)
-    _fit_with_stop(tmp_path / "again", tiny_model_dir, resumed, max_steps=6, ckpt_path=str(tmp_path / "ckpt/last.ckpt"))
+    last = str(tmp_path / "ckpt/last.ckpt")
+    _fit_with_stop(tmp_path / "again", tiny_model_dir, resumed, max_steps=6, ckpt_path=last, accumulate_grad_batches=2)
     assert resumed.history == [(2, 0.75), (4, 0.75), (6, 0.75)] and resumed.stopped_at is None
-    # two of them in one trainer keep apart in a checkpoint
-    assert first.state_key != StopWhenForgotten(pairs, threshold=0.1).state_key
+    # a validate of that older checkpoint leaves the latest fit's record as it was
+    dm = PairDataModule(tokenizer=f"tiny:{tiny_model_dir}", train_file=pairs, val_fraction=0.5, batch_size=1)
+    _trainer(tmp_path / "val", [resumed]).validate(UnlearnModule(model=f"tiny:{tiny_model_dir}"), datamodule=dm,
+                                                   ckpt_path=last)
+    assert resumed.history == [(2, 0.75), (4, 0.75), (6, 0.75)]
