@@ -43,6 +43,11 @@ def test_demo_writes_metrics_report_and_plot(tmp_path, monkeypatch, assert_open_
         return opt
 
     monkeypatch.setattr(UnlearnModule, "configure_optimizers", spy_configure)
+    import cfg_unlearn.demo as demo
+
+    finetunes, real_finetune = [], demo.finetune
+    monkeypatch.setattr(demo, "finetune", lambda *a, **kw: finetunes.append((kw.get("desc"), kw["epochs"]))
+                        or real_finetune(*a, **kw))
     console_main(["demo", "--out", str(out), "--people", "3", "--leak-epochs", "2", "--unlearn-epochs", "2",
                   "--stop-leak", "1", "--scales", "1", "2", "--compare", "--beta", "0.5", "--unlearn-lr", "1e-4",
                   "--baseline-lr", "3e-4", "--quiet"])
@@ -109,6 +114,9 @@ def test_demo_writes_metrics_report_and_plot(tmp_path, monkeypatch, assert_open_
     assert "| gradient ascent | 1.0 |" in (out / "report.md").read_text()
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "models" / "without-pii" / "config.json").exists()  # subtraction's base
+    # the retrain takes the leak stage's steps: 2 epochs of 656 examples are 2 x 41 = 82
+    # steps, and the 512 facts' 32 a epoch make that 3 epochs (96 steps), not 2
+    assert finetunes == [(None, 2), ("fine-tune without the PII", 3)]
     # every model readable as the umask allows (safetensors writes its weights 0600)
     assert {p.name for p in (out / "models").iterdir()} == {"base", "leaky", "unlearned", "without-pii",
                                                            "subtracted-0.5"}
